@@ -1,0 +1,523 @@
+//! Streaming decoder. Every error names the byte offset where it was found and what was expected;
+//! a trace cut short (a killed process) yields [`DecodeError::Truncated`], which callers report as a
+//! warning after using everything read before it.
+
+use std::fmt;
+use std::io::{self, Read};
+
+use crate::encode::{Header, Module};
+use crate::{tag, ExitKind, MAGIC, MAX_RECORD_LEN, PREAMBLE_LEN, RECORD_HEADER_LEN, VERSION};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The source failed to read.
+    Io { offset: u64, error: String },
+    /// The first bytes are not the trace magic.
+    NotATrace { found: Vec<u8> },
+    /// Written by a newer leakhunt.
+    UnsupportedVersion { found: u32, supported: u32 },
+    /// The data ends inside a record (or inside the preamble).
+    Truncated { offset: u64, what: String },
+    /// A record's content contradicts the format.
+    Corrupt { offset: u64, what: String },
+}
+
+impl DecodeError {
+    /// Whether everything before the error is trustworthy and the error only cut the tail off.
+    pub fn is_truncation(&self) -> bool {
+        matches!(self, DecodeError::Truncated { .. })
+    }
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Io { offset, error } => write!(f, "read error at byte offset {offset}: {error}"),
+            DecodeError::NotATrace { found } => write!(
+                f,
+                "not a leakhunt trace: expected magic {:?} at byte offset 0, found {:?}",
+                String::from_utf8_lossy(&MAGIC),
+                String::from_utf8_lossy(found)
+            ),
+            DecodeError::UnsupportedVersion { found, supported } => write!(
+                f,
+                "trace format version {found} at byte offset 8 is newer than this leakhunt reads (up to {supported}); upgrade leakhunt"
+            ),
+            DecodeError::Truncated { offset, what } => {
+                write!(f, "trace truncated at byte offset {offset}: {what}")
+            }
+            DecodeError::Corrupt { offset, what } => {
+                write!(f, "corrupt trace at byte offset {offset}: {what}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// One decoded record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Header(Header),
+    Module(Module),
+    ModuleUnload {
+        id: u32,
+        gen: u32,
+    },
+    /// Slots of one thread's ring, decoded with [`crate::slot::SlotIter`]; `offset` is where the
+    /// slots start in the trace (for error messages).
+    Batch {
+        tid: u32,
+        offset: u64,
+        slots: Vec<u8>,
+    },
+    Exit(ExitKind),
+    Stats(Vec<(u32, u64)>),
+    Warning(String),
+    /// A record this version does not know; skipped.
+    Unknown {
+        tag: u16,
+        len: u32,
+    },
+}
+
+/// Reads records from a byte stream.
+pub struct Reader<R> {
+    src: R,
+    offset: u64,
+    started: bool,
+    version: u32,
+}
+
+/// Cursor over one payload, with offset-carrying errors.
+struct Payload<'a> {
+    data: &'a [u8],
+    pos: usize,
+    base: u64,
+    tag: &'static str,
+}
+
+impl<'a> Payload<'a> {
+    fn err(&self, what: impl Into<String>) -> DecodeError {
+        DecodeError::Corrupt {
+            offset: self.base + self.pos as u64,
+            what: format!("{} record: {}", self.tag, what.into()),
+        }
+    }
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], DecodeError> {
+        if self.data.len() - self.pos < n {
+            return Err(self.err(format!(
+                "expected {n} bytes of {what}, the record has {} left",
+                self.data.len() - self.pos
+            )));
+        }
+        let s = &self.data[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self, what: &str) -> Result<u8, DecodeError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, DecodeError> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn i32(&mut self, what: &str) -> Result<i32, DecodeError> {
+        Ok(self.u32(what)? as i32)
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, DecodeError> {
+        let b = self.take(8, what)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn bytes(&mut self, what: &str) -> Result<&'a [u8], DecodeError> {
+        let n = self.u32(what)? as usize;
+        self.take(n, what)
+    }
+    fn string(&mut self, what: &str) -> Result<String, DecodeError> {
+        Ok(String::from_utf8_lossy(self.bytes(what)?).into_owned())
+    }
+    /// A count of items of at least `min_item` bytes each, checked against the bytes left.
+    fn count(&mut self, min_item: usize, what: &str) -> Result<usize, DecodeError> {
+        let at = self.pos;
+        let n = self.u32(what)? as usize;
+        if n.saturating_mul(min_item) > self.data.len() - self.pos {
+            self.pos = at;
+            return Err(self.err(format!("{what} count {n} exceeds the record")));
+        }
+        Ok(n)
+    }
+}
+
+impl<R: Read> Reader<R> {
+    pub fn new(src: R) -> Reader<R> {
+        Reader {
+            src,
+            offset: 0,
+            started: false,
+            version: 0,
+        }
+    }
+
+    /// Bytes consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Version read from the preamble (0 before the first record).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Fills `buf` completely; returns how many bytes were read before EOF if it could not.
+    fn fill(&mut self, buf: &mut [u8]) -> Result<usize, DecodeError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.src.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(DecodeError::Io {
+                        offset: self.offset + got as u64,
+                        error: e.to_string(),
+                    })
+                }
+            }
+        }
+        self.offset += got as u64;
+        Ok(got)
+    }
+
+    fn preamble(&mut self) -> Result<(), DecodeError> {
+        let mut p = [0u8; PREAMBLE_LEN];
+        let got = self.fill(&mut p)?;
+        if got < 8 || p[..8] != MAGIC {
+            if got < 8 && MAGIC.starts_with(&p[..got]) {
+                return Err(DecodeError::Truncated {
+                    offset: got as u64,
+                    what: format!("expected the {PREAMBLE_LEN}-byte preamble, found {got} bytes"),
+                });
+            }
+            return Err(DecodeError::NotATrace {
+                found: p[..got.min(8)].to_vec(),
+            });
+        }
+        if got < PREAMBLE_LEN {
+            return Err(DecodeError::Truncated {
+                offset: got as u64,
+                what: format!("expected the {PREAMBLE_LEN}-byte preamble, found {got} bytes"),
+            });
+        }
+        let version = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
+        if version == 0 || version > VERSION {
+            return Err(DecodeError::UnsupportedVersion {
+                found: version,
+                supported: VERSION,
+            });
+        }
+        self.version = version;
+        Ok(())
+    }
+
+    /// The next record; `Ok(None)` at a clean end of the stream.
+    pub fn next_record(&mut self) -> Result<Option<Record>, DecodeError> {
+        if !self.started {
+            self.started = true;
+            self.preamble()?;
+        }
+        let start = self.offset;
+        let mut h = [0u8; RECORD_HEADER_LEN];
+        let got = self.fill(&mut h)?;
+        if got == 0 {
+            return Ok(None);
+        }
+        if got < RECORD_HEADER_LEN {
+            return Err(DecodeError::Truncated {
+                offset: start,
+                what: format!(
+                    "expected an {RECORD_HEADER_LEN}-byte record header, found {got} bytes"
+                ),
+            });
+        }
+        let tag = u16::from_le_bytes([h[0], h[1]]);
+        let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        if len > MAX_RECORD_LEN {
+            return Err(DecodeError::Corrupt {
+                offset: start,
+                what: format!(
+                    "record tag {tag} claims {len} bytes, more than the {MAX_RECORD_LEN} allowed"
+                ),
+            });
+        }
+        let mut payload = vec![0u8; len as usize];
+        let got = self.fill(&mut payload)?;
+        if got < len as usize {
+            return Err(DecodeError::Truncated {
+                offset: start,
+                what: format!("record tag {tag} needs {len} payload bytes, only {got} present"),
+            });
+        }
+        let base = start + RECORD_HEADER_LEN as u64;
+        decode_payload(tag, payload, base).map(Some)
+    }
+}
+
+fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeError> {
+    let name = match t {
+        tag::HEADER => "header",
+        tag::MODULE => "module",
+        tag::MODULE_UNLOAD => "module-unload",
+        tag::BATCH => "batch",
+        tag::EXIT => "exit",
+        tag::STATS => "stats",
+        tag::WARNING => "warning",
+        _ => {
+            return Ok(Record::Unknown {
+                tag: t,
+                len: payload.len() as u32,
+            })
+        }
+    };
+    if t == tag::BATCH {
+        if payload.len() < 8 || (payload.len() - 8) % crate::slot::SLOT_LEN != 0 {
+            return Err(DecodeError::Corrupt {
+                offset: base,
+                what: format!(
+                    "batch record of {} bytes is not an 8-byte header plus whole 32-byte slots",
+                    payload.len()
+                ),
+            });
+        }
+        let tid = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+        let mut slots = payload;
+        slots.drain(..8);
+        return Ok(Record::Batch {
+            tid,
+            offset: base + 8,
+            slots,
+        });
+    }
+    let mut p = Payload {
+        data: &payload,
+        pos: 0,
+        base,
+        tag: name,
+    };
+    let rec = match t {
+        tag::HEADER => {
+            let pointer_size = p.u8("pointer size")?;
+            let little_endian = p.u8("endianness")? == 1;
+            let arch = p.string("architecture")?;
+            let pid = p.u32("pid")?;
+            let ppid = p.u32("ppid")?;
+            let start_realtime_ns = p.u64("start time")?;
+            let start_monotonic_ns = p.u64("monotonic start")?;
+            let exe = p.string("executable")?;
+            let n = p.count(4, "argv")?;
+            let mut argv = Vec::with_capacity(n);
+            for _ in 0..n {
+                argv.push(p.string("argv entry")?);
+            }
+            let max_frames = p.u32("max frames")?;
+            if pointer_size != 8 || !little_endian {
+                return Err(p.err(format!(
+                    "pointer size {pointer_size}, {} endian: only 64-bit little-endian traces are supported",
+                    if little_endian { "little" } else { "big" }
+                )));
+            }
+            Record::Header(Header {
+                arch,
+                pointer_size,
+                little_endian,
+                pid,
+                ppid,
+                start_realtime_ns,
+                start_monotonic_ns,
+                exe,
+                argv,
+                max_frames,
+            })
+        }
+        tag::MODULE => {
+            let id = p.u32("id")?;
+            let gen = p.u32("generation")?;
+            let bias = p.u64("bias")?;
+            let path = p.string("path")?;
+            let build_id = p.bytes("build id")?.to_vec();
+            let n = p.count(16, "range")?;
+            let mut ranges = Vec::with_capacity(n);
+            for _ in 0..n {
+                let s = p.u64("range start")?;
+                let e = p.u64("range end")?;
+                if e < s {
+                    return Err(p.err(format!("range end {e:#x} below start {s:#x}")));
+                }
+                ranges.push((s, e));
+            }
+            Record::Module(Module {
+                id,
+                gen,
+                bias,
+                path,
+                build_id,
+                ranges,
+            })
+        }
+        tag::MODULE_UNLOAD => Record::ModuleUnload {
+            id: p.u32("id")?,
+            gen: p.u32("generation")?,
+        },
+        tag::EXIT => {
+            let kind = p.u8("exit kind")?;
+            let v = p.i32("exit value")?;
+            match kind {
+                0 => Record::Exit(ExitKind::Code(v)),
+                1 => Record::Exit(ExitKind::Signal(v)),
+                k => return Err(p.err(format!("unknown exit kind {k}"))),
+            }
+        }
+        tag::STATS => {
+            let n = p.count(12, "stat")?;
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                v.push((p.u32("stat key")?, p.u64("stat value")?));
+            }
+            Record::Stats(v)
+        }
+        tag::WARNING => Record::Warning(p.string("text")?),
+        _ => unreachable!("tags filtered above"),
+    };
+    Ok(rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode;
+
+    fn sample() -> Vec<u8> {
+        let mut out = encode::preamble().to_vec();
+        encode::header(
+            &Header {
+                arch: "x86_64".into(),
+                pointer_size: 8,
+                little_endian: true,
+                pid: 42,
+                ppid: 1,
+                start_realtime_ns: 5,
+                start_monotonic_ns: 6,
+                exe: "/bin/true".into(),
+                argv: vec!["true".into(), "x".into()],
+                max_frames: 64,
+            },
+            &mut out,
+        );
+        encode::module(
+            &Module {
+                id: 0,
+                gen: 1,
+                bias: 0x5000,
+                path: "/bin/true".into(),
+                build_id: vec![1, 2, 3],
+                ranges: vec![(0x6000, 0x7000)],
+            },
+            &mut out,
+        );
+        let slot = crate::slot::nop(0);
+        encode::batch_header(9, slot.len(), &mut out);
+        out.extend_from_slice(&slot);
+        encode::exit(ExitKind::Signal(11), &mut out);
+        out
+    }
+
+    fn all(data: &[u8]) -> (Vec<Record>, Option<DecodeError>) {
+        let mut r = Reader::new(data);
+        let mut v = Vec::new();
+        loop {
+            match r.next_record() {
+                Ok(Some(rec)) => v.push(rec),
+                Ok(None) => return (v, None),
+                Err(e) => return (v, Some(e)),
+            }
+        }
+    }
+
+    #[test]
+    fn roundtrip() {
+        let (recs, err) = all(&sample());
+        assert_eq!(err, None);
+        assert_eq!(recs.len(), 4);
+        assert!(matches!(&recs[0], Record::Header(h) if h.pid == 42 && h.argv == ["true", "x"]));
+        assert!(matches!(&recs[2], Record::Batch { tid: 9, slots, .. } if slots.len() == 32));
+        assert_eq!(recs[3], Record::Exit(ExitKind::Signal(11)));
+    }
+
+    #[test]
+    fn every_truncation_keeps_the_prefix_and_names_the_offset() {
+        let data = sample();
+        for cut in 0..data.len() {
+            let (recs, err) = all(&data[..cut]);
+            if cut == 0 {
+                assert!(
+                    matches!(err, Some(DecodeError::Truncated { offset: 0, .. })),
+                    "{err:?}"
+                );
+                continue;
+            }
+            match err {
+                None => assert!(recs.len() < 4 || cut == data.len()),
+                Some(e) => assert!(e.is_truncation(), "cut {cut}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn newer_version_and_bad_magic() {
+        let mut data = sample();
+        data[8] = 2;
+        let (_, err) = all(&data);
+        assert_eq!(
+            err,
+            Some(DecodeError::UnsupportedVersion {
+                found: 2,
+                supported: 1
+            })
+        );
+        let (_, err) = all(b"ELF\x7f and more bytes here");
+        assert!(matches!(err, Some(DecodeError::NotATrace { .. })));
+        assert!(err.unwrap().to_string().contains("not a leakhunt trace"));
+    }
+
+    #[test]
+    fn unknown_records_are_skipped() {
+        let mut data = encode::preamble().to_vec();
+        encode::frame_header(999, 3, &mut data);
+        data.extend_from_slice(&[1, 2, 3]);
+        encode::exit(ExitKind::Code(3), &mut data);
+        let (recs, err) = all(&data);
+        assert_eq!(err, None);
+        assert_eq!(
+            recs,
+            vec![
+                Record::Unknown { tag: 999, len: 3 },
+                Record::Exit(ExitKind::Code(3))
+            ]
+        );
+    }
+
+    #[test]
+    fn huge_counts_are_corruption_not_allocation() {
+        let mut data = encode::preamble().to_vec();
+        let mut r = encode::RecordBuf::new();
+        r.u32(u32::MAX);
+        r.finish_into(tag::STATS, &mut data);
+        let (_, err) = all(&data);
+        assert!(
+            matches!(err, Some(DecodeError::Corrupt { offset: 24, .. })),
+            "{err:?}"
+        );
+    }
+}

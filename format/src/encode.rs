@@ -1,0 +1,163 @@
+//! Encoding of top-level records. Used by the preload's writer thread (never by a hook), so it
+//! may allocate.
+
+use crate::{tag, ExitKind, MAGIC, RECORD_HEADER_LEN, VERSION};
+
+/// The 16-byte file preamble.
+pub fn preamble() -> [u8; 16] {
+    let mut p = [0u8; 16];
+    p[..8].copy_from_slice(&MAGIC);
+    p[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    p
+}
+
+/// Builds one record's payload, then frames it.
+#[derive(Default)]
+pub struct RecordBuf {
+    buf: Vec<u8>,
+}
+
+impl RecordBuf {
+    pub fn new() -> RecordBuf {
+        RecordBuf { buf: Vec::new() }
+    }
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.buf.push(v);
+        self
+    }
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn i32(&mut self, v: i32) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Length-prefixed (`u32`) bytes.
+    pub fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.u32(v.len() as u32);
+        self.buf.extend_from_slice(v);
+        self
+    }
+    pub fn raw(&mut self, v: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(v);
+        self
+    }
+    /// Appends the framed record (`tag`, flags 0, length, payload) to `out` and clears self.
+    pub fn finish_into(&mut self, tag: u16, out: &mut Vec<u8>) {
+        frame_header(tag, self.buf.len(), out);
+        out.extend_from_slice(&self.buf);
+        self.buf.clear();
+    }
+}
+
+/// Appends a record frame header for a payload of `len` bytes.
+pub fn frame_header(tag: u16, len: usize, out: &mut Vec<u8>) {
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    h[..2].copy_from_slice(&tag.to_le_bytes());
+    h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    out.extend_from_slice(&h);
+}
+
+/// Process description written first in every trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub arch: String,
+    pub pointer_size: u8,
+    pub little_endian: bool,
+    pub pid: u32,
+    pub ppid: u32,
+    /// Wall-clock start, nanoseconds since the Unix epoch.
+    pub start_realtime_ns: u64,
+    /// CLOCK_MONOTONIC at start, nanoseconds; later time stamps use this clock.
+    pub start_monotonic_ns: u64,
+    pub exe: String,
+    pub argv: Vec<String>,
+    pub max_frames: u32,
+}
+
+pub fn header(h: &Header, out: &mut Vec<u8>) {
+    let mut r = RecordBuf::new();
+    r.u8(h.pointer_size)
+        .u8(h.little_endian as u8)
+        .bytes(h.arch.as_bytes())
+        .u32(h.pid)
+        .u32(h.ppid)
+        .u64(h.start_realtime_ns)
+        .u64(h.start_monotonic_ns)
+        .bytes(h.exe.as_bytes())
+        .u32(h.argv.len() as u32);
+    for a in &h.argv {
+        r.bytes(a.as_bytes());
+    }
+    r.u32(h.max_frames);
+    r.finish_into(tag::HEADER, out);
+}
+
+/// One loaded module (executable, shared library, vDSO).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Module {
+    /// Index, unique within the trace.
+    pub id: u32,
+    /// Module generation at which it was loaded.
+    pub gen: u32,
+    /// Load bias: runtime address minus ELF virtual address.
+    pub bias: u64,
+    pub path: String,
+    pub build_id: Vec<u8>,
+    /// Runtime address ranges `[start, end)` of its executable PT_LOAD segments.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+pub fn module(m: &Module, out: &mut Vec<u8>) {
+    let mut r = RecordBuf::new();
+    r.u32(m.id)
+        .u32(m.gen)
+        .u64(m.bias)
+        .bytes(m.path.as_bytes())
+        .bytes(&m.build_id)
+        .u32(m.ranges.len() as u32);
+    for (s, e) in &m.ranges {
+        r.u64(*s).u64(*e);
+    }
+    r.finish_into(tag::MODULE, out);
+}
+
+pub fn module_unload(id: u32, gen: u32, out: &mut Vec<u8>) {
+    let mut r = RecordBuf::new();
+    r.u32(id).u32(gen).finish_into(tag::MODULE_UNLOAD, out);
+}
+
+/// Frame header of a batch whose slots (`slots_len` bytes) the caller appends itself.
+pub fn batch_header(tid: u32, slots_len: usize, out: &mut Vec<u8>) {
+    frame_header(tag::BATCH, 8 + slots_len, out);
+    out.extend_from_slice(&tid.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+}
+
+pub fn exit(kind: ExitKind, out: &mut Vec<u8>) {
+    let mut r = RecordBuf::new();
+    match kind {
+        ExitKind::Code(c) => r.u8(0).i32(c),
+        ExitKind::Signal(s) => r.u8(1).i32(s),
+    };
+    r.finish_into(tag::EXIT, out);
+}
+
+pub fn stats(pairs: &[(u32, u64)], out: &mut Vec<u8>) {
+    let mut r = RecordBuf::new();
+    r.u32(pairs.len() as u32);
+    for (k, v) in pairs {
+        r.u32(*k).u64(*v);
+    }
+    r.finish_into(tag::STATS, out);
+}
+
+pub fn warning(text: &str, out: &mut Vec<u8>) {
+    let mut r = RecordBuf::new();
+    r.bytes(text.as_bytes()).finish_into(tag::WARNING, out);
+}

@@ -1,0 +1,179 @@
+//! The leakhunt trace format, version 1. The normative description is `FORMAT.md` beside this
+//! crate; this module is its implementation, shared by the writer (the preload library) and the
+//! reader (the CLI).
+//!
+//! A trace is `MAGIC`, a little-endian `u32` version and a `u32` of zero, then framed records:
+//! `u16 tag, u16 flags, u32 len, payload[len]`. Readers skip tags they do not know. Allocation
+//! events travel inside `Batch` records as fixed 32-byte slots (see [`slot`]).
+#![forbid(unsafe_code)]
+
+pub mod decode;
+pub mod encode;
+pub mod slot;
+
+pub use decode::{DecodeError, Reader, Record};
+
+/// First eight bytes of every trace.
+pub const MAGIC: [u8; 8] = *b"LKHUNTTR";
+/// The version this crate writes and the newest it reads.
+pub const VERSION: u32 = 1;
+/// Size of the file preamble: magic, version, reserved word.
+pub const PREAMBLE_LEN: usize = 16;
+/// Size of a record's frame header: tag, flags, payload length.
+pub const RECORD_HEADER_LEN: usize = 8;
+/// Largest payload a reader accepts; larger lengths are corruption.
+pub const MAX_RECORD_LEN: u32 = 64 << 20;
+
+/// Record tags.
+pub mod tag {
+    pub const HEADER: u16 = 1;
+    pub const MODULE: u16 = 2;
+    pub const MODULE_UNLOAD: u16 = 3;
+    pub const BATCH: u16 = 4;
+    pub const EXIT: u16 = 5;
+    pub const STATS: u16 = 6;
+    pub const WARNING: u16 = 7;
+}
+
+/// Keys of the `Stats` record (a list of key/value pairs, so new counters need no new version).
+pub mod stat {
+    /// Events the tracer could not deliver (output failed, ring abandoned).
+    pub const EVENTS_LOST: u32 = 1;
+    /// Times a thread waited because its ring was full (back-pressure).
+    pub const RING_WAITS: u32 = 2;
+    /// Allocations served while the tracer could not record them (reentrant calls from inside
+    /// the tracer itself or from a signal handler interrupting a hook).
+    pub const UNTRACKED_ALLOCS: u32 = 3;
+    /// Bytes handed out by the bootstrap allocator before the real allocator was resolved.
+    pub const BOOTSTRAP_BYTES: u32 = 4;
+    /// Threads that registered a ring.
+    pub const THREADS: u32 = 5;
+}
+
+/// How the process ended, as recorded by the tracer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitKind {
+    /// `exit(code)` / return from main / `_exit(code)`.
+    Code(i32),
+    /// Killed by this signal (the tracer saw it in its fatal-signal handler).
+    Signal(i32),
+}
+
+/// Why an unwind stopped. Stored in each stack record; the report counts allocations per reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum StopReason {
+    /// Reached the outermost frame (return address undefined, or zero).
+    End = 0,
+    /// Hit the `--max-frames` limit: the stack is truncated.
+    MaxDepth = 1,
+    /// The return address lies in a module without unwind information for it.
+    NoUnwindInfo = 2,
+    /// The return address lies in no known module.
+    UnknownAddress = 3,
+    /// The computed frame was outside the thread's stack or did not move up.
+    BadFrame = 4,
+    /// The unwind rule for this address is one the unwinder does not evaluate.
+    UnsupportedRule = 5,
+}
+
+impl StopReason {
+    pub fn from_u8(v: u8) -> Option<StopReason> {
+        Some(match v {
+            0 => StopReason::End,
+            1 => StopReason::MaxDepth,
+            2 => StopReason::NoUnwindInfo,
+            3 => StopReason::UnknownAddress,
+            4 => StopReason::BadFrame,
+            5 => StopReason::UnsupportedRule,
+            _ => return None,
+        })
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            StopReason::End => "complete",
+            StopReason::MaxDepth => "truncated at the frame limit",
+            StopReason::NoUnwindInfo => "stopped: no unwind info for an address",
+            StopReason::UnknownAddress => "stopped: address in no known module",
+            StopReason::BadFrame => "stopped: frame outside the thread stack",
+            StopReason::UnsupportedRule => "stopped: unsupported unwind rule",
+        }
+    }
+}
+
+/// The allocation entry point that produced a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum AllocFn {
+    Malloc = 0,
+    Calloc = 1,
+    Realloc = 2,
+    Memalign = 3,
+    PosixMemalign = 4,
+    AlignedAlloc = 5,
+    Valloc = 6,
+    Pvalloc = 7,
+    New = 8,
+    NewArray = 9,
+    Reallocarray = 10,
+}
+
+impl AllocFn {
+    pub fn from_u8(v: u8) -> Option<AllocFn> {
+        use AllocFn::*;
+        Some(match v {
+            0 => Malloc,
+            1 => Calloc,
+            2 => Realloc,
+            3 => Memalign,
+            4 => PosixMemalign,
+            5 => AlignedAlloc,
+            6 => Valloc,
+            7 => Pvalloc,
+            8 => New,
+            9 => NewArray,
+            10 => Reallocarray,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        use AllocFn::*;
+        match self {
+            Malloc => "malloc",
+            Calloc => "calloc",
+            Realloc => "realloc",
+            Memalign => "memalign",
+            PosixMemalign => "posix_memalign",
+            AlignedAlloc => "aligned_alloc",
+            Valloc => "valloc",
+            Pvalloc => "pvalloc",
+            New => "operator new",
+            NewArray => "operator new[]",
+            Reallocarray => "reallocarray",
+        }
+    }
+}
+
+/// The deallocation entry point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FreeFn {
+    Free = 0,
+    Delete = 1,
+    DeleteArray = 2,
+    Realloc = 3,
+}
+
+impl FreeFn {
+    pub fn from_u8(v: u8) -> Option<FreeFn> {
+        Some(match v {
+            0 => FreeFn::Free,
+            1 => FreeFn::Delete,
+            2 => FreeFn::DeleteArray,
+            3 => FreeFn::Realloc,
+            _ => return None,
+        })
+    }
+}

@@ -1,0 +1,287 @@
+//! Fixed 32-byte slots: what a hook writes into its thread's ring and what a `Batch` record
+//! carries. All fields little-endian. Encoding functions here never allocate (the preload calls
+//! them on its hot path).
+//!
+//! | kind | bytes 0..8 | 8..16 | 16..24 | 24..32 |
+//! |---|---|---|---|---|
+//! | `ALLOC` | kind, alloc fn, 0, 0, stack id u32 | seq | address | size |
+//! | `FREE` | kind, free fn, 0 ... | seq | address | 0 |
+//! | `NOP` | kind, 0 ... | seq | 0 | 0 |
+//! | `STACK` | kind, stop reason, frame count u16, stack id u32 | module generation u32, 0 | 0 | 0 |
+//!
+//! A `STACK` slot is followed by `ceil(frames / 4)` slots of four `u64` return addresses,
+//! innermost first. Sequence numbers are dense per process: every number from 0 up is used by
+//! exactly one `ALLOC`, `FREE` or `NOP`, which lets a reader detect lost events exactly.
+
+use crate::{AllocFn, FreeFn, StopReason};
+
+pub const SLOT_LEN: usize = 32;
+pub type Slot = [u8; SLOT_LEN];
+
+pub const KIND_ALLOC: u8 = 1;
+pub const KIND_FREE: u8 = 2;
+pub const KIND_NOP: u8 = 3;
+pub const KIND_STACK: u8 = 16;
+
+/// Frames per continuation slot of a stack record.
+pub const FRAMES_PER_SLOT: usize = SLOT_LEN / 8;
+
+/// Number of slots a stack of `frames` frames occupies, header included.
+pub const fn stack_slots(frames: usize) -> usize {
+    1 + frames.div_ceil(FRAMES_PER_SLOT)
+}
+
+#[inline]
+fn put_u32(s: &mut Slot, at: usize, v: u32) {
+    s[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+#[inline]
+fn put_u64(s: &mut Slot, at: usize, v: u64) {
+    s[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+#[inline]
+fn get_u32(s: &Slot, at: usize) -> u32 {
+    u32::from_le_bytes([s[at], s[at + 1], s[at + 2], s[at + 3]])
+}
+
+#[inline]
+fn get_u64(s: &Slot, at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&s[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+#[inline]
+pub fn alloc(f: AllocFn, stack: u32, seq: u64, addr: u64, size: u64) -> Slot {
+    let mut s = [0u8; SLOT_LEN];
+    s[0] = KIND_ALLOC;
+    s[1] = f as u8;
+    put_u32(&mut s, 4, stack);
+    put_u64(&mut s, 8, seq);
+    put_u64(&mut s, 16, addr);
+    put_u64(&mut s, 24, size);
+    s
+}
+
+#[inline]
+pub fn free(f: FreeFn, seq: u64, addr: u64) -> Slot {
+    let mut s = [0u8; SLOT_LEN];
+    s[0] = KIND_FREE;
+    s[1] = f as u8;
+    put_u64(&mut s, 8, seq);
+    put_u64(&mut s, 16, addr);
+    s
+}
+
+#[inline]
+pub fn nop(seq: u64) -> Slot {
+    let mut s = [0u8; SLOT_LEN];
+    s[0] = KIND_NOP;
+    put_u64(&mut s, 8, seq);
+    s
+}
+
+#[inline]
+pub fn stack_header(id: u32, gen: u32, reason: StopReason, frames: u16) -> Slot {
+    let mut s = [0u8; SLOT_LEN];
+    s[0] = KIND_STACK;
+    s[1] = reason as u8;
+    s[2..4].copy_from_slice(&frames.to_le_bytes());
+    put_u32(&mut s, 4, id);
+    put_u32(&mut s, 8, gen);
+    s
+}
+
+/// The continuation slot holding frames `chunk[0..4]` (missing ones are zero).
+#[inline]
+pub fn frames(chunk: &[u64]) -> Slot {
+    let mut s = [0u8; SLOT_LEN];
+    for (i, f) in chunk.iter().take(FRAMES_PER_SLOT).enumerate() {
+        put_u64(&mut s, i * 8, *f);
+    }
+    s
+}
+
+/// A decoded slot record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotRecord {
+    Alloc {
+        func: AllocFn,
+        stack: u32,
+        seq: u64,
+        addr: u64,
+        size: u64,
+    },
+    Free {
+        func: FreeFn,
+        seq: u64,
+        addr: u64,
+    },
+    Nop {
+        seq: u64,
+    },
+    Stack {
+        id: u32,
+        gen: u32,
+        reason: StopReason,
+        frames: Vec<u64>,
+    },
+}
+
+/// Why a slot sequence could not be decoded; `at` is the byte offset inside the batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotError {
+    pub at: usize,
+    pub what: String,
+}
+
+/// Iterates the slot records of one batch payload (after its 8-byte batch header).
+pub struct SlotIter<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> SlotIter<'a> {
+    pub fn new(data: &'a [u8]) -> SlotIter<'a> {
+        SlotIter { data, pos: 0 }
+    }
+
+    fn slot(&self, at: usize) -> Option<Slot> {
+        let b = self.data.get(at..at + SLOT_LEN)?;
+        let mut s = [0u8; SLOT_LEN];
+        s.copy_from_slice(b);
+        Some(s)
+    }
+}
+
+impl Iterator for SlotIter<'_> {
+    type Item = Result<SlotRecord, SlotError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.data.len() {
+            return None;
+        }
+        let at = self.pos;
+        let Some(s) = self.slot(at) else {
+            self.pos = self.data.len();
+            return Some(Err(SlotError {
+                at,
+                what: format!("partial slot of {} bytes", self.data.len() - at),
+            }));
+        };
+        self.pos += SLOT_LEN;
+        let bad = |what: String| Some(Err(SlotError { at, what }));
+        match s[0] {
+            KIND_ALLOC => match AllocFn::from_u8(s[1]) {
+                Some(func) => Some(Ok(SlotRecord::Alloc {
+                    func,
+                    stack: get_u32(&s, 4),
+                    seq: get_u64(&s, 8),
+                    addr: get_u64(&s, 16),
+                    size: get_u64(&s, 24),
+                })),
+                None => bad(format!("unknown allocation function {}", s[1])),
+            },
+            KIND_FREE => match FreeFn::from_u8(s[1]) {
+                Some(func) => Some(Ok(SlotRecord::Free {
+                    func,
+                    seq: get_u64(&s, 8),
+                    addr: get_u64(&s, 16),
+                })),
+                None => bad(format!("unknown free function {}", s[1])),
+            },
+            KIND_NOP => Some(Ok(SlotRecord::Nop {
+                seq: get_u64(&s, 8),
+            })),
+            KIND_STACK => {
+                let Some(reason) = StopReason::from_u8(s[1]) else {
+                    return bad(format!("unknown unwind stop reason {}", s[1]));
+                };
+                let n = u16::from_le_bytes([s[2], s[3]]) as usize;
+                let need = stack_slots(n) - 1;
+                let end = self.pos + need * SLOT_LEN;
+                if end > self.data.len() {
+                    self.pos = self.data.len();
+                    return bad(format!(
+                        "stack record of {n} frames needs {need} more slots, batch ends first"
+                    ));
+                }
+                let mut frames = Vec::with_capacity(n);
+                for i in 0..n {
+                    let off = self.pos + i * 8;
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&self.data[off..off + 8]);
+                    frames.push(u64::from_le_bytes(b));
+                }
+                self.pos = end;
+                Some(Ok(SlotRecord::Stack {
+                    id: get_u32(&s, 4),
+                    gen: get_u32(&s, 8),
+                    reason,
+                    frames,
+                }))
+            }
+            k => bad(format!("unknown slot kind {k}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_every_kind() {
+        let frames_in: Vec<u64> = (1..=6).map(|i| 0x1000 * i).collect();
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&stack_header(7, 3, StopReason::MaxDepth, 6));
+        for c in frames_in.chunks(FRAMES_PER_SLOT) {
+            buf.extend_from_slice(&frames(c));
+        }
+        buf.extend_from_slice(&alloc(AllocFn::Calloc, 7, 10, 0xdead0, 48));
+        buf.extend_from_slice(&free(FreeFn::Delete, 11, 0xdead0));
+        buf.extend_from_slice(&nop(12));
+        let got: Vec<_> = SlotIter::new(&buf).collect::<Result<_, _>>().unwrap();
+        assert_eq!(
+            got,
+            vec![
+                SlotRecord::Stack {
+                    id: 7,
+                    gen: 3,
+                    reason: StopReason::MaxDepth,
+                    frames: frames_in
+                },
+                SlotRecord::Alloc {
+                    func: AllocFn::Calloc,
+                    stack: 7,
+                    seq: 10,
+                    addr: 0xdead0,
+                    size: 48
+                },
+                SlotRecord::Free {
+                    func: FreeFn::Delete,
+                    seq: 11,
+                    addr: 0xdead0
+                },
+                SlotRecord::Nop { seq: 12 },
+            ]
+        );
+        assert_eq!(stack_slots(6), 3);
+        assert_eq!(stack_slots(0), 1);
+    }
+
+    #[test]
+    fn truncated_stack_is_an_error_with_offset() {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&nop(0));
+        buf.extend_from_slice(&stack_header(1, 0, StopReason::End, 9));
+        buf.extend_from_slice(&frames(&[1, 2, 3, 4]));
+        let got: Vec<_> = SlotIter::new(&buf).collect();
+        assert_eq!(got.len(), 2);
+        let err = got[1].clone().unwrap_err();
+        assert_eq!(err.at, 32);
+        assert!(err.what.contains("9 frames"), "{}", err.what);
+    }
+}
