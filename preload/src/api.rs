@@ -1,0 +1,334 @@
+//! Every symbol this library exports, and nothing else: thin shims that forward to the real
+//! function and hand the outcome to one tracer call. Marked `no_mangle` only outside unit tests,
+//! so the crate's own tests do not trace themselves.
+//!
+//! Exported: malloc free calloc realloc reallocarray posix_memalign aligned_alloc memalign
+//! valloc pvalloc malloc_usable_size; C++ operator new/new[]/delete/delete[] (plain, nothrow,
+//! sized, aligned); dlopen dlclose; exit _exit _Exit; sigaction signal;
+//! leakhunt_version (for `leakhunt` to check the library it preloads).
+
+use core::ffi::{c_char, c_int, c_void, CStr};
+use core::sync::atomic::AtomicPtr;
+
+use leakhunt_format::{AllocFn, FreeFn};
+
+use crate::{modules, real, signals, tracer};
+
+#[inline(always)]
+unsafe fn alloc_shim(f: AllocFn, size: usize, call: impl FnOnce() -> *mut c_void) -> *mut c_void {
+    let g = tracer::enter();
+    let p = call();
+    if let Some(g) = &g {
+        if !p.is_null() {
+            tracer::on_alloc(g, f, p, size);
+        }
+    }
+    p
+}
+
+#[inline(always)]
+unsafe fn free_shim(f: FreeFn, p: *mut c_void, call: impl FnOnce()) {
+    if !p.is_null() && !real::is_bootstrap(p) {
+        if let Some(g) = tracer::enter() {
+            tracer::on_free(&g, f, p);
+            g.forwarding(call);
+            return;
+        }
+    }
+    call()
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
+    // SAFETY: forwarding the caller's contract.
+    unsafe { alloc_shim(AllocFn::Malloc, size, || real::malloc(size)) }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn free(p: *mut c_void) {
+    // SAFETY: forwarding the caller's contract.
+    unsafe { free_shim(FreeFn::Free, p, || real::free(p)) }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
+    // SAFETY: forwarding the caller's contract. On overflow calloc fails and nothing is recorded.
+    unsafe {
+        alloc_shim(AllocFn::Calloc, n.wrapping_mul(size), || {
+            real::calloc(n, size)
+        })
+    }
+}
+
+#[inline(always)]
+unsafe fn realloc_shim(
+    f: AllocFn,
+    p: *mut c_void,
+    size: usize,
+    call: impl FnOnce() -> *mut c_void,
+) -> *mut c_void {
+    if p.is_null() || real::is_bootstrap(p) {
+        // SAFETY: forwarding; a bootstrap block was never recorded, so this is a new allocation.
+        return unsafe { alloc_shim(f, size, call) };
+    }
+    let Some(g) = tracer::enter() else {
+        return call();
+    };
+    // The free's number is taken before the real call: once realloc releases `p`, another
+    // thread may get it back, and its allocation must sort after this free.
+    let seq = tracer::take_seq();
+    let q = g.forwarding(call);
+    tracer::on_realloc(&g, seq, p, q, size, f);
+    q
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+    // SAFETY: forwarding the caller's contract.
+    unsafe { realloc_shim(AllocFn::Realloc, p, size, || real::realloc(p, size)) }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
+    let Some(total) = n.checked_mul(size) else {
+        // SAFETY: overflow: libc fails with ENOMEM and leaves `p` alone; nothing to record.
+        return unsafe { real::reallocarray(p, n, size) };
+    };
+    // SAFETY: forwarding the caller's contract.
+    unsafe {
+        realloc_shim(AllocFn::Reallocarray, p, total, || {
+            real::reallocarray(p, n, size)
+        })
+    }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
+    let g = tracer::enter();
+    // SAFETY: forwarding the caller's contract.
+    let rc = unsafe { real::posix_memalign(out, align, size) };
+    if let Some(g) = &g {
+        // SAFETY: on success libc wrote the block's address to `out`.
+        if rc == 0 && unsafe { !(*out).is_null() } {
+            tracer::on_alloc(g, AllocFn::PosixMemalign, unsafe { *out }, size);
+        }
+    }
+    rc
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+    // SAFETY: forwarding the caller's contract.
+    unsafe {
+        alloc_shim(AllocFn::AlignedAlloc, size, || {
+            real::aligned_alloc(align, size)
+        })
+    }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
+    // SAFETY: forwarding the caller's contract.
+    unsafe { alloc_shim(AllocFn::Memalign, size, || real::memalign(align, size)) }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
+    // SAFETY: forwarding the caller's contract.
+    unsafe { alloc_shim(AllocFn::Valloc, size, || real::valloc(size)) }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
+    let page = 4096usize;
+    let rounded = if size == 0 {
+        page
+    } else {
+        size.next_multiple_of(page)
+    };
+    // SAFETY: forwarding the caller's contract; pvalloc hands out whole pages.
+    unsafe { alloc_shim(AllocFn::Pvalloc, rounded, || real::pvalloc(size)) }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
+    // SAFETY: forwarding the caller's contract.
+    unsafe { real::usable_size(p) }
+}
+
+// ---- C++ operators -------------------------------------------------------------------------
+// They are interposed directly (as valgrind does) so the recorded stack starts at the program's
+// `new` expression; the real operator runs with nested malloc/free passed through unrecorded.
+// `C-unwind`: std::bad_alloc may propagate through these frames.
+
+macro_rules! cxx_new {
+    ($name:ident, $f:expr, ($($arg:ident : $ty:ty),*), $size:ident) => {
+        #[cfg_attr(not(test), no_mangle)]
+        pub unsafe extern "C-unwind" fn $name($($arg: $ty),*) -> *mut c_void {
+            static REAL: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+            let sym = CStr::from_bytes_with_nul(concat!(stringify!($name), "\0").as_bytes());
+            let f = real::next_symbol(&REAL, sym.unwrap_or(c"_Znwm"));
+            let call = || {
+                if f.is_null() {
+                    // No C++ runtime below us: behave like a non-throwing new.
+                    // SAFETY: plain malloc.
+                    return unsafe { real::malloc($size.max(1)) };
+                }
+                // SAFETY: `f` is the next definition of this very operator, same signature.
+                unsafe {
+                    core::mem::transmute::<*mut c_void, unsafe extern "C-unwind" fn($($ty),*) -> *mut c_void>(f)($($arg),*)
+                }
+            };
+            let g = tracer::enter();
+            let p = match &g {
+                Some(g) => g.forwarding(call),
+                None => call(),
+            };
+            if let Some(g) = &g {
+                if !p.is_null() {
+                    tracer::on_alloc(g, $f, p, $size);
+                }
+            }
+            p
+        }
+    };
+}
+
+macro_rules! cxx_delete {
+    ($name:ident, $f:expr, ($p:ident : $pty:ty $(, $arg:ident : $ty:ty)*)) => {
+        #[cfg_attr(not(test), no_mangle)]
+        pub unsafe extern "C-unwind" fn $name($p: $pty $(, $arg: $ty)*) {
+            static REAL: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+            let sym = CStr::from_bytes_with_nul(concat!(stringify!($name), "\0").as_bytes());
+            let f = real::next_symbol(&REAL, sym.unwrap_or(c"_ZdlPv"));
+            let call = || {
+                if f.is_null() {
+                    // SAFETY: without a C++ runtime the block came from our malloc fallback.
+                    return unsafe { real::free($p) };
+                }
+                // SAFETY: `f` is the next definition of this very operator, same signature.
+                unsafe {
+                    core::mem::transmute::<*mut c_void, unsafe extern "C-unwind" fn($pty $(, $ty)*)>(f)($p $(, $arg)*)
+                }
+            };
+            // SAFETY: forwarding the caller's contract.
+            unsafe { free_shim($f, $p, call) }
+        }
+    };
+}
+
+type Nothrow = *const c_void;
+
+cxx_new!(_Znwm, AllocFn::New, (size: usize), size);
+cxx_new!(_Znam, AllocFn::NewArray, (size: usize), size);
+cxx_new!(_ZnwmRKSt9nothrow_t, AllocFn::New, (size: usize, nt: Nothrow), size);
+cxx_new!(_ZnamRKSt9nothrow_t, AllocFn::NewArray, (size: usize, nt: Nothrow), size);
+cxx_new!(_ZnwmSt11align_val_t, AllocFn::New, (size: usize, al: usize), size);
+cxx_new!(_ZnamSt11align_val_t, AllocFn::NewArray, (size: usize, al: usize), size);
+cxx_new!(_ZnwmSt11align_val_tRKSt9nothrow_t, AllocFn::New, (size: usize, al: usize, nt: Nothrow), size);
+cxx_new!(_ZnamSt11align_val_tRKSt9nothrow_t, AllocFn::NewArray, (size: usize, al: usize, nt: Nothrow), size);
+
+cxx_delete!(_ZdlPv, FreeFn::Delete, (p: *mut c_void));
+cxx_delete!(_ZdaPv, FreeFn::DeleteArray, (p: *mut c_void));
+cxx_delete!(_ZdlPvm, FreeFn::Delete, (p: *mut c_void, size: usize));
+cxx_delete!(_ZdaPvm, FreeFn::DeleteArray, (p: *mut c_void, size: usize));
+cxx_delete!(_ZdlPvRKSt9nothrow_t, FreeFn::Delete, (p: *mut c_void, nt: Nothrow));
+cxx_delete!(_ZdaPvRKSt9nothrow_t, FreeFn::DeleteArray, (p: *mut c_void, nt: Nothrow));
+cxx_delete!(_ZdlPvSt11align_val_t, FreeFn::Delete, (p: *mut c_void, al: usize));
+cxx_delete!(_ZdaPvSt11align_val_t, FreeFn::DeleteArray, (p: *mut c_void, al: usize));
+cxx_delete!(_ZdlPvmSt11align_val_t, FreeFn::Delete, (p: *mut c_void, size: usize, al: usize));
+cxx_delete!(_ZdaPvmSt11align_val_t, FreeFn::DeleteArray, (p: *mut c_void, size: usize, al: usize));
+cxx_delete!(_ZdlPvSt11align_val_tRKSt9nothrow_t, FreeFn::Delete, (p: *mut c_void, al: usize, nt: Nothrow));
+cxx_delete!(_ZdaPvSt11align_val_tRKSt9nothrow_t, FreeFn::DeleteArray, (p: *mut c_void, al: usize, nt: Nothrow));
+
+// ---- modules, exit, signals ----------------------------------------------------------------
+
+static REAL_DLOPEN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_DLCLOSE: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_EXIT: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_UEXIT: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_UUEXIT: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+fn modules_changed() {
+    if let Some(_g) = tracer::enter() {
+        if modules::rescan() {
+            crate::out::flush();
+        }
+    }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn dlopen(file: *const c_char, mode: c_int) -> *mut c_void {
+    let f = real::next_symbol(&REAL_DLOPEN, c"dlopen");
+    if f.is_null() {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: libc's dlopen, same signature, arguments forwarded.
+    let h = unsafe {
+        core::mem::transmute::<*mut c_void, unsafe extern "C" fn(*const c_char, c_int) -> *mut c_void>(
+            f,
+        )(file, mode)
+    };
+    modules_changed();
+    h
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn dlclose(h: *mut c_void) -> c_int {
+    let f = real::next_symbol(&REAL_DLCLOSE, c"dlclose");
+    if f.is_null() {
+        return -1;
+    }
+    // SAFETY: libc's dlclose, same signature.
+    let rc = unsafe {
+        core::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut c_void) -> c_int>(f)(h)
+    };
+    modules_changed();
+    rc
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn exit(code: c_int) -> ! {
+    tracer::note_exit_code(code);
+    let f = real::next_symbol(&REAL_EXIT, c"exit");
+    // SAFETY: libc's exit, same signature; it does not return.
+    unsafe { core::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int) -> !>(f)(code) }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn _exit(code: c_int) -> ! {
+    tracer::on_underscore_exit(code);
+    let f = real::next_symbol(&REAL_UEXIT, c"_exit");
+    // SAFETY: libc's _exit, same signature; it does not return.
+    unsafe { core::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int) -> !>(f)(code) }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn _Exit(code: c_int) -> ! {
+    tracer::on_underscore_exit(code);
+    let f = real::next_symbol(&REAL_UUEXIT, c"_Exit");
+    // SAFETY: libc's _Exit, same signature; it does not return.
+    unsafe { core::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int) -> !>(f)(code) }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
+    // SAFETY: forwarding the caller's contract.
+    unsafe { signals::sigaction(sig, act, old) }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn signal(sig: c_int, h: libc::sighandler_t) -> libc::sighandler_t {
+    // SAFETY: forwarding the caller's contract.
+    unsafe { signals::signal(sig, h) }
+}
+
+/// Trace format version this library writes; `leakhunt run` checks it before preloading.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn leakhunt_version() -> u32 {
+    leakhunt_format::VERSION
+}

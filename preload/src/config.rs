@@ -1,0 +1,83 @@
+//! Settings from the environment, read once at initialisation with `getenv` (which does not
+//! allocate). `leakhunt run` sets them; with the preload alone they are optional.
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `LEAKHUNT_SOCKET` | Unix socket of a `leakhunt run` to stream to | unset: write a file |
+//! | `LEAKHUNT_OUT` | trace file path (`%p` = pid) | `leakhunt.<pid>.trace` |
+//! | `LEAKHUNT_MAX_FRAMES` | frames kept per stack, 1-256 | 64 |
+//! | `LEAKHUNT_TRACE_CHILDREN` | `1`: trace fork children and exec'd programs | `0` |
+
+use core::ffi::CStr;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+/// Paths are copied out of the environment: the program may change it later.
+pub struct Config {
+    socket: [u8; 256],
+    out: [u8; 4096],
+    pub max_frames: usize,
+    pub trace_children: bool,
+}
+
+static mut CONFIG: Config = Config {
+    socket: [0; 256],
+    out: [0; 4096],
+    max_frames: 64,
+    trace_children: false,
+};
+
+fn copy_into(dst: &mut [u8], src: Option<&CStr>) {
+    if let Some(s) = src {
+        let b = s.to_bytes();
+        let n = b.len().min(dst.len() - 1);
+        dst[..n].copy_from_slice(&b[..n]);
+        dst[n] = 0;
+    }
+}
+
+fn as_cstr(b: &[u8]) -> Option<&CStr> {
+    CStr::from_bytes_until_nul(b).ok().filter(|s| !s.is_empty())
+}
+static LOADED: AtomicBool = AtomicBool::new(false);
+
+fn env(name: &CStr) -> Option<&'static CStr> {
+    // SAFETY: getenv with a NUL-terminated name; the result is read at once, before the program's
+    // main runs.
+    let p = unsafe { libc::getenv(name.as_ptr()) };
+    // SAFETY: a non-null getenv result is a NUL-terminated string.
+    (!p.is_null())
+        .then(|| unsafe { CStr::from_ptr(p) })
+        .filter(|s| !s.is_empty())
+}
+
+/// Reads the environment. Called once by `tracer::init_core` before anything records.
+pub fn load() {
+    let max_frames = env(c"LEAKHUNT_MAX_FRAMES")
+        .and_then(|s| s.to_str().ok()?.parse::<usize>().ok())
+        .map(|n| n.clamp(1, crate::unwind::MAX_FRAMES_CAP))
+        .unwrap_or(64);
+    let trace_children = env(c"LEAKHUNT_TRACE_CHILDREN").is_some_and(|s| s.to_bytes() == b"1");
+    // SAFETY: written once before LOADED is set; read-only afterwards.
+    unsafe {
+        let c = &mut *core::ptr::addr_of_mut!(CONFIG);
+        copy_into(&mut c.socket, env(c"LEAKHUNT_SOCKET"));
+        copy_into(&mut c.out, env(c"LEAKHUNT_OUT"));
+        c.max_frames = max_frames;
+        c.trace_children = trace_children;
+    }
+    LOADED.store(true, Ordering::Release);
+}
+
+pub fn get() -> &'static Config {
+    // SAFETY: CONFIG is only written by `load`, before LOADED is published.
+    unsafe { &*core::ptr::addr_of!(CONFIG) }
+}
+
+impl Config {
+    pub fn socket(&self) -> Option<&CStr> {
+        as_cstr(&self.socket)
+    }
+    pub fn out_path(&self) -> Option<&CStr> {
+        as_cstr(&self.out)
+    }
+}

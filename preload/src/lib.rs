@@ -1,0 +1,34 @@
+//! `libleakhunt.so`: preload it into a program to record every allocation and free, with the
+//! allocation's stack, into a trace (a file, or a socket to `leakhunt run`).
+//!
+//! The boundary: `api` holds every exported symbol (thin shims); `tracer` is the core they call;
+//! `unsafe` is confined to these modules and each block says why it holds. See DESIGN notes in
+//! `tracer` for the hot-path contract.
+
+mod api;
+mod config;
+mod dedup;
+mod env;
+mod modules;
+mod out;
+mod real;
+mod ring;
+mod signals;
+mod sys;
+mod tls;
+mod tracer;
+mod unwind;
+
+#[cfg(not(test))]
+#[global_allocator]
+static ALLOC: real::RealAlloc = real::RealAlloc;
+
+#[cfg(not(test))]
+#[used]
+#[link_section = ".init_array"]
+static CONSTRUCTOR: extern "C" fn() = tracer::constructor;
+
+#[cfg(not(test))]
+#[used]
+#[link_section = ".fini_array"]
+static DESTRUCTOR: extern "C" fn() = tracer::destructor;

@@ -1,0 +1,469 @@
+//! The trace output: a file (preload alone) or a Unix socket to `leakhunt run`. All writing
+//! happens under `LOCK` by whoever flushes: the writer thread every few milliseconds, a hook whose
+//! ring is full, and the exit, `_exit`, fork and fatal-signal paths. Flushing never allocates
+//! (records are pre-encoded or built on the stack), so it is safe from a signal handler.
+//!
+//! If the output fails (CLI gone, disk full), the user is told once on stderr, recording stops and
+//! the program runs on.
+
+extern crate alloc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+
+use leakhunt_format::{encode, stat, tag, ExitKind, RECORD_HEADER_LEN};
+
+use crate::modules::{self, Change};
+use crate::ring::{self, FREE, ORPHAN};
+use crate::sys::{self, SpinLock};
+use crate::{config, tracer};
+
+pub static LOCK: SpinLock = SpinLock::new();
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const FAILED: u8 = 2;
+/// Not tracing this process (untraced fork child).
+const OFF: u8 = 3;
+
+static STATE: AtomicU8 = AtomicU8::new(CLOSED);
+pub static EVENTS_LOST: AtomicU64 = AtomicU64::new(0);
+pub static RING_WAITS: AtomicU64 = AtomicU64::new(0);
+/// After the library's destructor: every hook flushes its own event at once.
+pub static FINAL: AtomicBool = AtomicBool::new(false);
+
+const BUF_LEN: usize = 2 << 20;
+
+/// State behind `LOCK`.
+struct Out {
+    fd: i32,
+    socket: bool,
+    buf: *mut u8,
+    len: usize,
+    /// Entries of `modules::LOG` already written.
+    modules_sent: usize,
+}
+
+static mut OUT: Out = Out {
+    fd: -1,
+    socket: false,
+    buf: core::ptr::null_mut(),
+    len: 0,
+    modules_sent: 0,
+};
+
+/// Pre-encoded header record, built by `tracer::init` (needs allocation, done outside flushes).
+pub static mut HEADER: Vec<u8> = Vec::new();
+
+fn out() -> &'static mut Out {
+    // SAFETY: callers hold LOCK (documented on each caller), which serialises all access.
+    unsafe { &mut *core::ptr::addr_of_mut!(OUT) }
+}
+
+fn write_all(fd: i32, socket: bool, mut data: &[u8]) -> Result<(), i32> {
+    while !data.is_empty() {
+        // SAFETY: `data` is a valid readable slice; MSG_NOSIGNAL keeps a dead peer from raising
+        // SIGPIPE in the program.
+        let n = unsafe {
+            if socket {
+                libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL)
+            } else {
+                libc::write(fd, data.as_ptr().cast(), data.len())
+            }
+        };
+        if n < 0 {
+            // SAFETY: errno is thread-local.
+            let e = unsafe { *libc::__errno_location() };
+            if e == libc::EINTR || e == libc::EAGAIN {
+                continue;
+            }
+            return Err(e);
+        }
+        data = &data[n as usize..];
+    }
+    Ok(())
+}
+
+fn fail(errno: i32, what: &str) {
+    if STATE.swap(FAILED, Ordering::AcqRel) != FAILED {
+        let mut msg = [0u8; 200];
+        let s = fmt_err(&mut msg, what, errno);
+        sys::diag(s);
+    }
+    tracer::disable();
+    let o = out();
+    if o.fd >= 0 {
+        // SAFETY: closing our own descriptor.
+        unsafe { libc::close(o.fd) };
+        o.fd = -1;
+    }
+}
+
+fn fmt_err<'a>(buf: &'a mut [u8; 200], what: &str, errno: i32) -> &'a str {
+    let mut n = 0;
+    let mut push = |b: &[u8]| {
+        let k = b.len().min(200 - n);
+        buf[n..n + k].copy_from_slice(&b[..k]);
+        n += k;
+    };
+    push(what.as_bytes());
+    push(b" (errno ");
+    let mut d = [0u8; 12];
+    let mut i = d.len();
+    let mut v = errno.unsigned_abs();
+    loop {
+        i -= 1;
+        d[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    push(&d[i..]);
+    push(b"); recording stopped, the program continues untraced");
+    core::str::from_utf8(&buf[..n]).unwrap_or("trace output failed")
+}
+
+/// Opens the output if it is not open yet. Caller holds LOCK.
+fn ensure_open() -> bool {
+    match STATE.load(Ordering::Acquire) {
+        OPEN => return true,
+        FAILED | OFF => return false,
+        _ => {}
+    }
+    let o = out();
+    if o.buf.is_null() {
+        o.buf = sys::mmap_anon(BUF_LEN);
+        if o.buf.is_null() {
+            fail(libc::ENOMEM, "cannot map the trace buffer");
+            return false;
+        }
+    }
+    let cfg = config::get();
+    let fd = if let Some(sock) = cfg.socket() {
+        // SAFETY: plain socket syscalls on a sockaddr_un we fill completely.
+        unsafe {
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                fail(
+                    *libc::__errno_location(),
+                    "cannot create a socket to leakhunt",
+                );
+                return false;
+            }
+            let mut addr: libc::sockaddr_un = core::mem::zeroed();
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            let p = sock.to_bytes();
+            let n = p.len().min(addr.sun_path.len() - 1);
+            for (d, s) in addr.sun_path.iter_mut().zip(&p[..n]) {
+                *d = *s as libc::c_char;
+            }
+            let len = core::mem::size_of::<libc::sa_family_t>() + n + 1;
+            if libc::connect(
+                fd,
+                &addr as *const _ as *const libc::sockaddr,
+                len as libc::socklen_t,
+            ) != 0
+            {
+                let e = *libc::__errno_location();
+                libc::close(fd);
+                fail(e, "cannot connect to the leakhunt CLI");
+                return false;
+            }
+            o.socket = true;
+            fd
+        }
+    } else {
+        let mut path = [0u8; 4200];
+        let fd = open_trace_file(&mut path, cfg);
+        if fd < 0 {
+            // SAFETY: errno is thread-local.
+            fail(
+                unsafe { *libc::__errno_location() },
+                "cannot create the trace file",
+            );
+            return false;
+        }
+        fd
+    };
+    // Move the descriptor out of the range programs commonly reuse or close.
+    // SAFETY: fcntl on our own descriptor.
+    let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 500) };
+    o.fd = if high >= 0 {
+        // SAFETY: closing the original, now duplicated.
+        unsafe { libc::close(fd) };
+        high
+    } else {
+        fd
+    };
+    o.len = 0;
+    o.modules_sent = 0;
+    STATE.store(OPEN, Ordering::Release);
+    push(&encode::preamble());
+    // SAFETY: HEADER is written once by init before any flush and read-only afterwards.
+    let header = unsafe { &*core::ptr::addr_of!(HEADER) };
+    push(header);
+    true
+}
+
+/// Creates `LEAKHUNT_OUT` (with `%p` replaced by the pid) or `leakhunt.<pid>.trace`, O_EXCL and
+/// mode 0600; if the name exists, `<name>.<pid>` is tried.
+fn open_trace_file(path: &mut [u8; 4200], cfg: &config::Config) -> i32 {
+    // SAFETY: getpid cannot fail.
+    let pid = unsafe { libc::getpid() } as u32;
+    let mut n = 0;
+    fn put(path: &mut [u8; 4200], b: &[u8], n: &mut usize) {
+        let k = b.len().min(path.len() - 1 - *n);
+        path[*n..*n + k].copy_from_slice(&b[..k]);
+        *n += k;
+    }
+    let mut digits = [0u8; 10];
+    let pid_s = fmt_u32(&mut digits, pid);
+    match cfg.out_path() {
+        Some(p) => {
+            let b = p.to_bytes();
+            let mut i = 0;
+            while i < b.len() {
+                if b[i] == b'%' && b.get(i + 1) == Some(&b'p') {
+                    put(path, pid_s, &mut n);
+                    i += 2;
+                } else {
+                    put(path, &b[i..i + 1], &mut n);
+                    i += 1;
+                }
+            }
+        }
+        None => {
+            put(path, b"leakhunt.", &mut n);
+            put(path, pid_s, &mut n);
+            put(path, b".trace", &mut n);
+        }
+    }
+    let open = |p: &[u8; 4200]| {
+        // SAFETY: `p` is NUL-terminated (the byte after the name is still zero).
+        unsafe {
+            libc::open(
+                p.as_ptr().cast(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                0o600,
+            )
+        }
+    };
+    path[n] = 0;
+    let fd = open(path);
+    // SAFETY: errno is thread-local.
+    if fd < 0 && unsafe { *libc::__errno_location() } == libc::EEXIST {
+        put(path, b".", &mut n);
+        put(path, pid_s, &mut n);
+        path[n] = 0;
+        return open(path);
+    }
+    fd
+}
+
+fn fmt_u32(buf: &mut [u8; 10], mut v: u32) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// Appends bytes to the output buffer, writing it out when full. Caller holds LOCK.
+fn push(data: &[u8]) {
+    let o = out();
+    if STATE.load(Ordering::Relaxed) != OPEN {
+        return;
+    }
+    if o.len + data.len() > BUF_LEN {
+        write_buf();
+        if data.len() > BUF_LEN {
+            if let Err(e) = write_all(o.fd, o.socket, data) {
+                fail(e, "cannot write the trace");
+            }
+            return;
+        }
+    }
+    // SAFETY: `o.buf` maps BUF_LEN bytes and `o.len + data.len() <= BUF_LEN`.
+    unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), o.buf.add(o.len), data.len()) };
+    o.len += data.len();
+}
+
+fn write_buf() {
+    let o = out();
+    if o.len == 0 || STATE.load(Ordering::Relaxed) != OPEN {
+        o.len = 0;
+        return;
+    }
+    // SAFETY: the first `o.len` bytes of the buffer are initialised.
+    let data = unsafe { core::slice::from_raw_parts(o.buf, o.len) };
+    let r = write_all(o.fd, o.socket, data);
+    o.len = 0;
+    if let Err(e) = r {
+        fail(e, "cannot write the trace");
+    }
+}
+
+/// Writes module changes not yet sent. Caller holds LOCK. Gives up (to be retried by the next
+/// flush) when this thread holds the modules lock, i.e. was interrupted inside a rescan.
+fn send_modules() {
+    let Some(_m) = modules::LOCK.try_lock_for(100) else {
+        return;
+    };
+    // SAFETY: LOG is guarded by modules::LOCK, which we hold.
+    let log = unsafe { &*core::ptr::addr_of!(modules::LOG) };
+    let o = out();
+    while o.modules_sent < log.len() {
+        match &log[o.modules_sent] {
+            Change::Load(m) => push(&m.record),
+            Change::Unload { id, gen } => {
+                let mut r = [0u8; RECORD_HEADER_LEN + 8];
+                r[..2].copy_from_slice(&tag::MODULE_UNLOAD.to_le_bytes());
+                r[4..8].copy_from_slice(&8u32.to_le_bytes());
+                r[8..12].copy_from_slice(&id.to_le_bytes());
+                r[12..16].copy_from_slice(&gen.to_le_bytes());
+                push(&r);
+            }
+        }
+        o.modules_sent += 1;
+    }
+}
+
+/// Drains every ring into the output. Caller holds LOCK.
+fn drain_all() {
+    let open = STATE.load(Ordering::Relaxed) == OPEN;
+    ring::for_each(|r| {
+        let tid = r.tid.load(Ordering::Relaxed);
+        let n = r.drain(|a, b| {
+            if !open {
+                return;
+            }
+            let mut h = [0u8; RECORD_HEADER_LEN + 8];
+            h[..2].copy_from_slice(&tag::BATCH.to_le_bytes());
+            h[4..8].copy_from_slice(&((8 + a.len() + b.len()) as u32).to_le_bytes());
+            h[8..12].copy_from_slice(&tid.to_le_bytes());
+            push(&h);
+            push(a);
+            push(b);
+        });
+        if !open && n > 0 {
+            EVENTS_LOST.fetch_add(n, Ordering::Relaxed);
+        }
+        if r.state.load(Ordering::Acquire) == ORPHAN && r.space() == ring::RING_SLOTS {
+            r.state.store(FREE, Ordering::Release);
+        }
+    });
+}
+
+/// Flushes everything recorded so far. Blocks on LOCK.
+pub fn flush() {
+    let _l = LOCK.lock();
+    flush_locked();
+}
+
+fn flush_locked() {
+    if STATE.load(Ordering::Acquire) == OFF {
+        return;
+    }
+    ensure_open();
+    send_modules();
+    drain_all();
+    write_buf();
+}
+
+/// Called by a hook whose ring lacks space: flush if the lock is free, else let the holder work.
+pub fn make_room() {
+    RING_WAITS.fetch_add(1, Ordering::Relaxed);
+    match LOCK.try_lock_for(1) {
+        Some(_l) => flush_locked(),
+        None => {
+            ring::WAKE.store(1, Ordering::Release);
+            sys::futex_wake(&ring::WAKE);
+            sys::yield_now();
+        }
+    }
+}
+
+fn stats_record(buf: &mut [u8; 128]) -> &[u8] {
+    let pairs = [
+        (stat::EVENTS_LOST, EVENTS_LOST.load(Ordering::Relaxed)),
+        (stat::RING_WAITS, RING_WAITS.load(Ordering::Relaxed)),
+        (stat::UNTRACKED_ALLOCS, tracer::untracked()),
+        (stat::BOOTSTRAP_BYTES, crate::real::bootstrap_bytes()),
+        (
+            stat::THREADS,
+            ring::RING_COUNT.load(Ordering::Relaxed) as u64,
+        ),
+    ];
+    let len = 4 + pairs.len() * 12;
+    buf[..2].copy_from_slice(&tag::STATS.to_le_bytes());
+    buf[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    buf[8..12].copy_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        let at = 12 + i * 12;
+        buf[at..at + 4].copy_from_slice(&k.to_le_bytes());
+        buf[at + 4..at + 12].copy_from_slice(&v.to_le_bytes());
+    }
+    &buf[..RECORD_HEADER_LEN + len]
+}
+
+fn exit_record(kind: ExitKind) -> [u8; RECORD_HEADER_LEN + 5] {
+    let mut r = [0u8; RECORD_HEADER_LEN + 5];
+    r[..2].copy_from_slice(&tag::EXIT.to_le_bytes());
+    r[4..8].copy_from_slice(&5u32.to_le_bytes());
+    let (k, v) = match kind {
+        ExitKind::Code(c) => (0u8, c),
+        ExitKind::Signal(s) => (1u8, s),
+    };
+    r[8] = k;
+    r[9..13].copy_from_slice(&v.to_le_bytes());
+    r
+}
+
+/// Flushes everything and appends the statistics and, if known, how the process ends. From a
+/// signal handler (`in_signal`), gives up rather than wait on a lock this thread may hold.
+pub fn finish(exit: Option<ExitKind>, in_signal: bool) {
+    let guard = if in_signal {
+        LOCK.try_lock_for(2000)
+    } else {
+        Some(LOCK.lock())
+    };
+    let Some(_l) = guard else { return };
+    flush_locked();
+    let mut sb = [0u8; 128];
+    push(stats_record(&mut sb));
+    if let Some(k) = exit {
+        push(&exit_record(k));
+    }
+    write_buf();
+}
+
+/// In a fork child: forget the parent's output and unsent events; open a new trace lazily if
+/// children are traced, else stop for good. The child has one thread; LOCK was taken by the
+/// prepare handler in the parent and is reset here.
+pub fn after_fork_child(trace: bool) {
+    let o = out();
+    if o.fd >= 0 {
+        // SAFETY: closing the inherited copy of our own descriptor.
+        unsafe { libc::close(o.fd) };
+    }
+    o.fd = -1;
+    o.len = 0;
+    o.modules_sent = 0;
+    ring::for_each(|r| {
+        r.clear();
+        if r.state.load(Ordering::Relaxed) != FREE {
+            r.state.store(ORPHAN, Ordering::Relaxed);
+        }
+    });
+    STATE.store(if trace { CLOSED } else { OFF }, Ordering::Release);
+    LOCK.reset();
+}
+
+pub fn is_off() -> bool {
+    STATE.load(Ordering::Relaxed) >= FAILED
+}

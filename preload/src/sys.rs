@@ -1,0 +1,165 @@
+//! Raw system calls and the diagnostics channel. Nothing here allocates or takes a lock.
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+/// Writes `leakhunt: <msg>\n` to stderr with one `write(2)`.
+pub fn diag(msg: &str) {
+    let mut buf = [0u8; 512];
+    let mut n = 0;
+    for part in [b"leakhunt: ".as_slice(), msg.as_bytes(), b"\n"] {
+        let take = part.len().min(buf.len() - n);
+        buf[n..n + take].copy_from_slice(&part[..take]);
+        n += take;
+    }
+    // SAFETY: `buf[..n]` is initialised memory we own; write(2) only reads it.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), n);
+    }
+}
+
+/// Anonymous private mapping of `len` bytes, zero-filled; null on failure.
+pub fn mmap_anon(len: usize) -> *mut u8 {
+    // SAFETY: an anonymous mapping with no address hint touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        core::ptr::null_mut()
+    } else {
+        p.cast()
+    }
+}
+
+pub fn gettid() -> u32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as u32 }
+}
+
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+pub fn realtime_ns() -> u64 {
+    clock_ns(libc::CLOCK_REALTIME)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Sleeps until `word` is woken or no longer `expected`, at most `timeout_ms`.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout_ms: u64) {
+    let ts = libc::timespec {
+        tv_sec: (timeout_ms / 1000) as libc::time_t,
+        tv_nsec: ((timeout_ms % 1000) * 1_000_000) as libc::c_long,
+    };
+    // SAFETY: `word` is a live, aligned u32 for the duration of the call; `ts` is valid.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            &ts as *const libc::timespec,
+        );
+    }
+}
+
+pub fn futex_wake(word: &AtomicU32) {
+    // SAFETY: `word` is a live, aligned u32; FUTEX_WAKE only reads its address.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            1,
+        );
+    }
+}
+
+pub fn yield_now() {
+    // SAFETY: sched_yield has no preconditions.
+    unsafe { libc::sched_yield() };
+}
+
+/// A spin lock for tracer-internal state. Holders never call into a hooked function while
+/// holding it (they hold the reentrancy guard), so a hook can never wait on itself; `owner` lets a
+/// signal handler see that its own thread already holds it.
+pub struct SpinLock {
+    owner: AtomicU32,
+}
+
+impl SpinLock {
+    pub const fn new() -> SpinLock {
+        SpinLock {
+            owner: AtomicU32::new(0),
+        }
+    }
+
+    pub fn lock(&self) -> SpinGuard<'_> {
+        let me = gettid();
+        let mut spins = 0u32;
+        while self
+            .owner
+            .compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            spins += 1;
+            if spins > 64 {
+                yield_now();
+            } else {
+                core::hint::spin_loop();
+            }
+        }
+        SpinGuard { lock: self }
+    }
+
+    /// Like `lock`, but gives up when this thread already holds it or after `tries` yields.
+    pub fn try_lock_for(&self, tries: u32) -> Option<SpinGuard<'_>> {
+        let me = gettid();
+        for _ in 0..tries {
+            match self
+                .owner
+                .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(SpinGuard { lock: self }),
+                Err(o) if o == me => return None,
+                Err(_) => yield_now(),
+            }
+        }
+        None
+    }
+
+    /// Forcibly releases the lock (after fork, in the child, where the owner no longer exists).
+    pub fn reset(&self) {
+        self.owner.store(0, Ordering::Release);
+    }
+
+    /// Takes the lock without a guard object (fork prepare); pair with `reset`.
+    pub fn acquire_raw(&self) {
+        core::mem::forget(self.lock());
+    }
+}
+
+pub struct SpinGuard<'a> {
+    lock: &'a SpinLock,
+}
+
+impl Drop for SpinGuard<'_> {
+    fn drop(&mut self) {
+        self.lock.owner.store(0, Ordering::Release);
+    }
+}

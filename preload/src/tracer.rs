@@ -1,0 +1,475 @@
+//! The tracer core behind the hooks: initialisation, per-thread set-up, recording one event, the
+//! writer thread, fork and exit.
+//!
+//! Hot-path contract (`on_alloc`, `on_free` and what they call): no allocation through the hooked
+//! allocator (only the real one, on a rule-cache miss), no stdio, no lock that another hook holds
+//! while waiting: the rings are single-producer, the stack table is lock-free, and the only lock a
+//! hook may wait for is the output lock, whose holders never wait for a hook.
+
+extern crate alloc;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ffi::c_void;
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+use leakhunt_format::slot::{self, Slot, FRAMES_PER_SLOT};
+use leakhunt_format::{encode, AllocFn, ExitKind, FreeFn, StopReason};
+
+use crate::tls::{Guard, ThreadState, LIFE_ACTIVE, LIFE_EXITING, LIFE_NEW};
+use crate::{config, dedup, modules, out, real, ring, sys, unwind};
+
+const UNINIT: u8 = 0;
+const INITIALISING: u8 = 1;
+const READY: u8 = 2;
+const DISABLED: u8 = 3;
+
+static STATE: AtomicU8 = AtomicU8::new(UNINIT);
+/// Dense, process-wide event sequence (see the format's slot docs).
+static SEQ: AtomicU64 = AtomicU64::new(0);
+static mut THREAD_KEY: libc::pthread_key_t = 0;
+
+pub fn untracked() -> u64 {
+    crate::tls::UNTRACKED.load(Ordering::Relaxed)
+}
+
+pub fn disable() {
+    STATE.store(DISABLED, Ordering::Release);
+}
+
+/// Enters the tracer for one hook call, or `None` when the event must not be recorded (tracer
+/// off, not yet initialised, or this thread is already inside it).
+#[inline(always)]
+pub fn enter() -> Option<Guard> {
+    if STATE.load(Ordering::Acquire) != READY {
+        return enter_slow();
+    }
+    Guard::enter()
+}
+
+#[cold]
+fn enter_slow() -> Option<Guard> {
+    match STATE.load(Ordering::Acquire) {
+        READY => Guard::enter(),
+        UNINIT => {
+            if !real::ensure() {
+                return None;
+            }
+            let g = Guard::enter()?;
+            if STATE
+                .compare_exchange(UNINIT, INITIALISING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                init_core();
+                STATE.store(READY, Ordering::Release);
+                Some(g)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Everything recording needs, done once by the first hook (or the constructor): the real
+/// allocator, settings, the stack table, the module table and the trace header. Caller holds a
+/// guard, so allocations here go untraced.
+fn init_core() {
+    config::load();
+    if !dedup::reset() {
+        sys::diag("cannot map the stack table; the program runs untraced");
+        STATE.store(DISABLED, Ordering::Release);
+        return;
+    }
+    modules::rescan();
+    // SAFETY: creating a key with a destructor that only touches the exiting thread's own state.
+    unsafe { libc::pthread_key_create(core::ptr::addr_of_mut!(THREAD_KEY), Some(thread_exit)) };
+    build_header();
+}
+
+fn read_file(path: &core::ffi::CStr) -> Vec<u8> {
+    let mut v = Vec::new();
+    // SAFETY: open/read/close on a buffer we own.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return v;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+            if n <= 0 {
+                break;
+            }
+            v.extend_from_slice(&buf[..n as usize]);
+        }
+        libc::close(fd);
+    }
+    v
+}
+
+fn build_header() {
+    let argv: Vec<String> = read_file(c"/proc/self/cmdline")
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    let exe = modules::current()
+        .and_then(|t| t.modules.first())
+        .map(|m| m.path.clone())
+        .unwrap_or_default();
+    let h = encode::Header {
+        arch: String::from("x86_64"),
+        pointer_size: 8,
+        little_endian: true,
+        // SAFETY: getpid/getppid cannot fail.
+        pid: unsafe { libc::getpid() } as u32,
+        // SAFETY: as above.
+        ppid: unsafe { libc::getppid() } as u32,
+        start_realtime_ns: sys::realtime_ns(),
+        start_monotonic_ns: sys::monotonic_ns(),
+        exe,
+        argv,
+        max_frames: config::get().max_frames as u32,
+    };
+    let mut v = Vec::new();
+    encode::header(&h, &mut v);
+    // SAFETY: HEADER is written here, before any flush can read it (flushes need READY or the
+    // constructor, both after this), and after fork in a child with one thread.
+    unsafe { *core::ptr::addr_of_mut!(out::HEADER) = v };
+}
+
+/// The thread's ring, set up on its first event.
+#[inline]
+fn thread_ring(ts: &mut ThreadState) -> Option<&'static ring::Ring> {
+    if ts.ring.is_null() {
+        if ts.life == LIFE_NEW {
+            ts.tid = sys::gettid();
+            ts.stack_hi = stack_top();
+            ts.life = LIFE_ACTIVE;
+        }
+        ts.ring = ring::acquire(ts.tid);
+        if ts.ring.is_null() {
+            return None;
+        }
+        if ts.life == LIFE_ACTIVE {
+            // SAFETY: associates a non-null value with our key so its destructor runs at thread
+            // exit; may allocate (second-level key storage), which the guard keeps untraced.
+            unsafe { libc::pthread_setspecific(THREAD_KEY, 1 as *const c_void) };
+        }
+    }
+    // SAFETY: rings are never unmapped.
+    Some(unsafe { &*ts.ring })
+}
+
+/// Highest address of this thread's stack.
+fn stack_top() -> usize {
+    // SAFETY: pthread_getattr_np fills `attr` for the calling thread; it may allocate (guarded).
+    unsafe {
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
+            return 0;
+        }
+        let mut addr: *mut c_void = core::ptr::null_mut();
+        let mut size = 0usize;
+        let rc = libc::pthread_attr_getstack(&attr, &mut addr, &mut size);
+        libc::pthread_attr_destroy(&mut attr);
+        if rc != 0 {
+            return 0;
+        }
+        addr as usize + size
+    }
+}
+
+/// pthread key destructor: the thread is exiting. Its ring is handed back (drained later);
+/// events after this point still get recorded, each through a ring taken and released at once.
+unsafe extern "C" fn thread_exit(_v: *mut c_void) {
+    let Some(g) = Guard::enter() else { return };
+    let ts = g.ts();
+    ts.life = LIFE_EXITING;
+    release_ring(ts);
+}
+
+fn release_ring(ts: &mut ThreadState) {
+    if !ts.ring.is_null() {
+        // SAFETY: our own ring; the owner gives it up.
+        unsafe { (*ts.ring).state.store(ring::ORPHAN, Ordering::Release) };
+        ts.ring = core::ptr::null_mut();
+    }
+}
+
+/// Waits until the ring has `n` free slots.
+#[inline]
+fn reserve(r: &ring::Ring, n: usize) {
+    while r.space() < n as u64 {
+        out::make_room();
+    }
+}
+
+#[inline]
+fn after_publish(ts: &mut ThreadState) {
+    if ts.life == LIFE_EXITING {
+        release_ring(ts);
+    }
+    if out::FINAL.load(Ordering::Relaxed) {
+        out::flush();
+    }
+}
+
+/// Captures the stack and interns it; returns (id, stack slots to send first: 0 if known).
+#[inline]
+fn stack_for(ts: &mut ThreadState, r: &ring::Ring) -> (u32, usize, usize, StopReason) {
+    // SAFETY: the scratch belongs to the ring this thread owns.
+    let s = unsafe { &mut *r.scratch };
+    let (n, reason) = unwind::capture(s, config::get().max_frames, ts.stack_hi);
+    let ugen = modules::GEN.load(Ordering::Relaxed);
+    let meta = n as u64 | (reason as u64) << 16 | (ugen as u64) << 32;
+    if s.prev_id != 0 && s.prev_meta == meta && s.prev[..n] == s.frames[..n] {
+        return (s.prev_id, 0, n, reason);
+    }
+    let (id, new) = dedup::intern(&s.frames[..n], meta);
+    s.prev[..n].copy_from_slice(&s.frames[..n]);
+    s.prev_meta = meta;
+    s.prev_id = id;
+    (id, if new { slot::stack_slots(n) } else { 0 }, n, reason)
+}
+
+/// Fills stack record slots `i` (0 = header) for the frames in the scratch.
+#[inline]
+fn stack_slot(r: &ring::Ring, id: u32, n: usize, reason: StopReason, i: usize, out: &mut Slot) {
+    // SAFETY: the scratch belongs to the ring this thread owns.
+    let s = unsafe { &*r.scratch };
+    if i == 0 {
+        let gen = (s.prev_meta >> 32) as u32;
+        *out = slot::stack_header(id, gen, reason, n as u16);
+    } else {
+        let from = (i - 1) * FRAMES_PER_SLOT;
+        *out = slot::frames(&s.frames[from..n.min(from + FRAMES_PER_SLOT)]);
+    }
+}
+
+/// Records an allocation that the real allocator just returned.
+#[inline]
+pub fn on_alloc(g: &Guard, f: AllocFn, p: *mut c_void, size: usize) {
+    let ts = g.ts();
+    let Some(r) = thread_ring(ts) else { return };
+    let (id, stack_slots, n, reason) = stack_for(ts, r);
+    let total = stack_slots + 1;
+    reserve(r, total);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    r.publish(total, |i, s| {
+        if i < stack_slots {
+            stack_slot(r, id, n, reason, i, s);
+        } else {
+            *s = slot::alloc(f, id, seq, p as u64, size as u64);
+        }
+    });
+    after_publish(ts);
+}
+
+/// Records a free; called before the real free, so its sequence number precedes any reuse.
+#[inline]
+pub fn on_free(g: &Guard, f: FreeFn, p: *mut c_void) {
+    let ts = g.ts();
+    let Some(r) = thread_ring(ts) else { return };
+    reserve(r, 1);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    r.publish(1, |_, s| *s = slot::free(f, seq, p as u64));
+    after_publish(ts);
+}
+
+/// A sequence number taken before a `realloc` of a live block; `on_realloc` uses it afterwards.
+#[inline]
+pub fn take_seq() -> u64 {
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Records the outcome of `realloc(old, size) = new` whose free sequence number was taken before
+/// the call: success is a free of `old` and an allocation of `new`; `realloc(p, 0)` freeing `p`
+/// is a free; a failure leaves `old` alone and spends the number on a no-op.
+pub fn on_realloc(
+    g: &Guard,
+    free_seq: u64,
+    old: *mut c_void,
+    new: *mut c_void,
+    size: usize,
+    f: AllocFn,
+) {
+    let ts = g.ts();
+    let Some(r) = thread_ring(ts) else {
+        abandon_seq(free_seq);
+        return;
+    };
+    let freed = !new.is_null() || size == 0;
+    if new.is_null() {
+        reserve(r, 1);
+        r.publish(1, |_, s| {
+            *s = if freed {
+                slot::free(FreeFn::Realloc, free_seq, old as u64)
+            } else {
+                slot::nop(free_seq)
+            }
+        });
+        after_publish(ts);
+        return;
+    }
+    let (id, stack_slots, n, reason) = stack_for(ts, r);
+    let total = stack_slots + 2;
+    reserve(r, total);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    r.publish(total, |i, s| {
+        if i == 0 {
+            *s = slot::free(FreeFn::Realloc, free_seq, old as u64);
+        } else if i <= stack_slots {
+            stack_slot(r, id, n, reason, i - 1, s);
+        } else {
+            *s = slot::alloc(f, id, seq, new as u64, size as u64);
+        }
+    });
+    after_publish(ts);
+}
+
+/// A realloc whose free number was taken but whose event cannot be published (no ring): the
+/// reader sees the gap, and the statistics say why.
+fn abandon_seq(_seq: u64) {
+    out::EVENTS_LOST.fetch_add(1, Ordering::Relaxed);
+}
+
+// ---- writer thread -------------------------------------------------------------------------
+
+extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
+    Guard::mark_internal();
+    // SAFETY: blocking every signal in this thread only; the program's signals go to its threads.
+    unsafe {
+        let mut all: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, core::ptr::null_mut());
+    }
+    loop {
+        sys::futex_wait(&ring::WAKE, 0, 20);
+        ring::WAKE.store(0, Ordering::Release);
+        if out::is_off() {
+            // Nothing to write to any more; keep draining so producers never wait forever.
+            out::flush();
+            sys::futex_wait(&ring::WAKE, 0, 200);
+            continue;
+        }
+        out::flush();
+    }
+}
+
+fn start_writer() {
+    // SAFETY: a detached thread with our own start routine; its first act is to mark itself
+    // internal, so its own allocations (pthread's, glibc's) are never traced.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        libc::pthread_attr_setstacksize(&mut attr, 256 * 1024);
+        let mut t: libc::pthread_t = 0;
+        if libc::pthread_create(&mut t, &attr, writer_main, core::ptr::null_mut()) != 0 {
+            sys::diag(
+                "cannot start the writer thread; events are flushed by the program's threads",
+            );
+        }
+        libc::pthread_attr_destroy(&mut attr);
+    }
+}
+
+// ---- process life cycle --------------------------------------------------------------------
+
+extern "C" fn fork_prepare() {
+    if let Some(g) = Guard::enter() {
+        core::mem::forget(g);
+    }
+    out::LOCK.acquire_raw();
+    modules::LOCK.acquire_raw();
+}
+
+extern "C" fn fork_parent() {
+    modules::LOCK.reset();
+    out::LOCK.reset();
+    // SAFETY: this thread's own TLS; undoes the guard taken in prepare.
+    unsafe { (*crate::tls::state()).depth = 0 };
+}
+
+extern "C" fn fork_child() {
+    modules::LOCK.reset();
+    let trace = config::get().trace_children && STATE.load(Ordering::Acquire) == READY;
+    out::after_fork_child(trace);
+    let ts = crate::tls::state();
+    // SAFETY: the child has one thread; its TLS is ours to reset.
+    unsafe {
+        (*ts).ring = core::ptr::null_mut();
+        (*ts).tid = sys::gettid();
+    }
+    if trace {
+        SEQ.store(0, Ordering::Relaxed);
+        if !dedup::reset() {
+            disable();
+        }
+        build_header();
+        start_writer();
+    } else {
+        disable();
+    }
+    // SAFETY: as above.
+    unsafe { (*ts).depth = 0 };
+}
+
+/// The library constructor: initialise (if no hook did yet), open the output, start the writer,
+/// hook fork and the fatal signals, and keep children untraced unless asked.
+pub extern "C" fn constructor() {
+    if STATE.load(Ordering::Acquire) == UNINIT {
+        drop(enter_slow());
+    }
+    if STATE.load(Ordering::Acquire) != READY {
+        return;
+    }
+    let Some(_g) = Guard::enter() else { return };
+    // SAFETY: registering plain C callbacks.
+    unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+    if !config::get().trace_children {
+        crate::env::remove_self_from_ld_preload();
+    }
+    out::flush();
+    if out::is_off() {
+        return;
+    }
+    crate::signals::install();
+    start_writer();
+}
+
+static EXIT_CODE: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// `exit(code)` seen: remember the code for the exit record.
+pub fn note_exit_code(code: i32) {
+    EXIT_CODE.store(code as u32 as u64, Ordering::Relaxed);
+}
+
+/// The library destructor (late in exit): flush, write statistics and the exit code if known,
+/// and from now on flush every event at once.
+pub extern "C" fn destructor() {
+    if STATE.load(Ordering::Acquire) != READY {
+        return;
+    }
+    let code = EXIT_CODE.load(Ordering::Relaxed);
+    let exit = (code != u64::MAX).then_some(ExitKind::Code(code as u32 as i32));
+    out::finish(exit, false);
+    out::FINAL.store(true, Ordering::Release);
+}
+
+/// `_exit(code)`: nothing else runs after it.
+pub fn on_underscore_exit(code: i32) {
+    if STATE.load(Ordering::Acquire) != READY {
+        return;
+    }
+    out::finish(Some(ExitKind::Code(code)), false);
+}
+
+/// A fatal signal is about to kill the process.
+pub fn on_fatal_signal(sig: i32) {
+    if STATE.load(Ordering::Acquire) != READY {
+        return;
+    }
+    out::finish(Some(ExitKind::Signal(sig)), true);
+}
