@@ -250,10 +250,12 @@ static REAL_UEXIT: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static REAL_UUEXIT: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 
 fn modules_changed() {
-    if let Some(_g) = tracer::enter() {
-        if modules::rescan() {
-            crate::out::flush();
-        }
+    if let Some(g) = tracer::enter() {
+        g.forwarding(|| {
+            if modules::rescan() {
+                crate::out::flush();
+            }
+        });
     }
 }
 

@@ -7,6 +7,7 @@
 //! | `LEAKHUNT_OUT` | trace file path (`%p` = pid) | `leakhunt.<pid>.trace` |
 //! | `LEAKHUNT_MAX_FRAMES` | frames kept per stack, 1-256 | 64 |
 //! | `LEAKHUNT_TRACE_CHILDREN` | `1`: trace fork children and exec'd programs | `0` |
+//! | `LEAKHUNT_FREERES` | `0`: do not ask libc/libstdc++ to free their internal buffers at exit | `1` |
 
 use core::ffi::CStr;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,7 @@ pub struct Config {
     out: [u8; 4096],
     pub max_frames: usize,
     pub trace_children: bool,
+    pub freeres: bool,
 }
 
 static mut CONFIG: Config = Config {
@@ -24,6 +26,7 @@ static mut CONFIG: Config = Config {
     out: [0; 4096],
     max_frames: 64,
     trace_children: false,
+    freeres: true,
 };
 
 fn copy_into(dst: &mut [u8], src: Option<&CStr>) {
@@ -64,6 +67,7 @@ pub fn load() {
         copy_into(&mut c.out, env(c"LEAKHUNT_OUT"));
         c.max_frames = max_frames;
         c.trace_children = trace_children;
+        c.freeres = !env(c"LEAKHUNT_FREERES").is_some_and(|s| s.to_bytes() == b"0");
     }
     LOADED.store(true, Ordering::Release);
 }

@@ -142,19 +142,22 @@ fn build_header() {
 #[inline]
 fn thread_ring(ts: &mut ThreadState) -> Option<&'static ring::Ring> {
     if ts.ring.is_null() {
+        // What follows may call the allocator (pthread internals): pass those calls through.
+        ts.depth = 2;
         if ts.life == LIFE_NEW {
             ts.tid = sys::gettid();
             ts.stack_hi = stack_top();
             ts.life = LIFE_ACTIVE;
         }
         ts.ring = ring::acquire(ts.tid);
+        if !ts.ring.is_null() && ts.life == LIFE_ACTIVE {
+            // SAFETY: associates a non-null value with our key so its destructor runs at thread
+            // exit; may allocate (second-level key storage), which depth 2 passes through.
+            unsafe { libc::pthread_setspecific(THREAD_KEY, 1 as *const c_void) };
+        }
+        ts.depth = 1;
         if ts.ring.is_null() {
             return None;
-        }
-        if ts.life == LIFE_ACTIVE {
-            // SAFETY: associates a non-null value with our key so its destructor runs at thread
-            // exit; may allocate (second-level key storage), which the guard keeps untraced.
-            unsafe { libc::pthread_setspecific(THREAD_KEY, 1 as *const c_void) };
         }
     }
     // SAFETY: rings are never unmapped.
@@ -379,6 +382,9 @@ fn start_writer() {
 
 extern "C" fn fork_prepare() {
     if let Some(g) = Guard::enter() {
+        // Held across fork (depth 2: pass-through), released by the parent and child handlers.
+        // SAFETY: this thread's own TLS.
+        unsafe { (*crate::tls::state()).depth = 2 };
         core::mem::forget(g);
     }
     out::LOCK.acquire_raw();
@@ -425,18 +431,20 @@ pub extern "C" fn constructor() {
     if STATE.load(Ordering::Acquire) != READY {
         return;
     }
-    let Some(_g) = Guard::enter() else { return };
-    // SAFETY: registering plain C callbacks.
-    unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
-    if !config::get().trace_children {
-        crate::env::remove_self_from_ld_preload();
-    }
-    out::flush();
-    if out::is_off() {
-        return;
-    }
-    crate::signals::install();
-    start_writer();
+    let Some(g) = Guard::enter() else { return };
+    g.forwarding(|| {
+        // SAFETY: registering plain C callbacks.
+        unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+        if !config::get().trace_children {
+            crate::env::remove_self_from_ld_preload();
+        }
+        out::flush();
+        if out::is_off() {
+            return;
+        }
+        crate::signals::install();
+        start_writer();
+    });
 }
 
 static EXIT_CODE: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -452,10 +460,39 @@ pub extern "C" fn destructor() {
     if STATE.load(Ordering::Acquire) != READY {
         return;
     }
+    if config::get().freeres {
+        run_freeres();
+    }
     let code = EXIT_CODE.load(Ordering::Relaxed);
     let exit = (code != u64::MAX).then_some(ExitKind::Code(code as u32 as i32));
     out::finish(exit, false);
     out::FINAL.store(true, Ordering::Release);
+}
+
+/// Asks libstdc++ and libc to free their internal buffers (the emergency exception pool, stdio
+/// buffers, locale data), as valgrind does at exit, so that they do not read as leaks. Their frees
+/// are recorded like any other.
+fn run_freeres() {
+    type Freeres = unsafe extern "C" fn();
+    let mut fns: [Option<Freeres>; 2] = [None, None];
+    if let Some(g) = Guard::enter() {
+        g.forwarding(|| {
+            for (slot, name) in fns
+                .iter_mut()
+                .zip([c"_ZN9__gnu_cxx9__freeresEv", c"__libc_freeres"])
+            {
+                // SAFETY: dlsym with a NUL-terminated name in the global scope.
+                let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+                // SAFETY: both symbols are `void f(void)`.
+                *slot = (!p.is_null())
+                    .then(|| unsafe { core::mem::transmute::<*mut c_void, Freeres>(p) });
+            }
+        });
+    }
+    for f in fns.into_iter().flatten() {
+        // SAFETY: the libraries' own clean-up entry points, called once at exit as valgrind does.
+        unsafe { f() };
+    }
 }
 
 /// `_exit(code)`: nothing else runs after it.

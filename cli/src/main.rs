@@ -1,0 +1,184 @@
+//! `leakhunt`: run a program under the preload library and report what it never freed, or
+//! report on a trace written earlier by the library alone.
+#![forbid(unsafe_code)]
+
+mod process;
+mod report;
+mod run;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use leakhunt_symbolizer::Symbolizer;
+
+use crate::process::Process;
+use crate::report::Report;
+
+#[derive(Parser)]
+#[command(
+    name = "leakhunt",
+    version,
+    about = "Find memory leaks in native programs (C, C++, Rust)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run PROGRAM with leakhunt's preload library and report the blocks it never freed.
+    Run(RunArgs),
+    /// Report on trace files written by the preload library alone (LD_PRELOAD=libleakhunt.so).
+    Report(ReportArgs),
+    /// Print a trace's records (for debugging leakhunt itself).
+    #[command(hide = true)]
+    Dump { trace: PathBuf },
+}
+
+#[derive(Args, Clone)]
+pub struct Output {
+    /// Also write the report as JSON to FILE ("-" for stdout).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Exit with N instead of the program's status when leaks are found.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..))]
+    error_exitcode: Option<u8>,
+    /// Print only processes with leaks or warnings.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Keep the trace in TRACE (children's traces go to TRACE.<pid>).
+    #[arg(long, short = 'o', value_name = "TRACE")]
+    output: Option<PathBuf>,
+    /// Frames kept per allocation stack (1-256).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=256))]
+    max_frames: u32,
+    /// Also trace forked children and programs started with exec.
+    #[arg(long)]
+    trace_children: bool,
+    /// Do not ask libc and libstdc++ to free their internal buffers at exit (as valgrind does).
+    #[arg(long)]
+    no_freeres: bool,
+    /// The preload library (default: libleakhunt.so next to this executable, or $LEAKHUNT_PRELOAD).
+    #[arg(long, value_name = "PATH")]
+    preload: Option<PathBuf>,
+    #[command(flatten)]
+    out: Output,
+    /// The program and its arguments.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "PROGRAM"
+    )]
+    command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// Trace files.
+    #[arg(required = true)]
+    traces: Vec<PathBuf>,
+    #[command(flatten)]
+    out: Output,
+}
+
+/// Prints the reports (text to `text_to`, JSON where asked) and says whether leaks were found.
+pub fn emit(report: &Report, out: &Output, text_to_stderr: bool) -> Result<bool> {
+    let mut text = String::new();
+    for p in &report.processes {
+        if out.quiet && p.leaks.is_empty() && p.warnings.is_empty() {
+            continue;
+        }
+        report::render_text(p, &mut text);
+    }
+    let res = if text_to_stderr {
+        std::io::stderr().write_all(text.as_bytes())
+    } else {
+        std::io::stdout().write_all(text.as_bytes())
+    };
+    if let Err(e) = res {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e).context("writing the report");
+        }
+    }
+    if let Some(path) = &out.json {
+        let json = serde_json::to_string_pretty(report)?;
+        if path.as_os_str() == "-" {
+            println!("{json}");
+        } else {
+            std::fs::write(path, json + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(report.has_leaks())
+}
+
+fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
+    let mut sym = Symbolizer::new();
+    let mut procs = Vec::new();
+    for t in &a.traces {
+        let f =
+            std::fs::File::open(t).with_context(|| format!("cannot open trace {}", t.display()))?;
+        let (p, err) = Process::read_stream(f);
+        if let Some(e) = err {
+            bail!("{}: {e}", t.display());
+        }
+        if p.header.is_none() {
+            match &p.truncated {
+                Some(why) => bail!("{}: {why}; no process header was recorded", t.display()),
+                None => bail!("{}: the trace holds no process header", t.display()),
+            }
+        }
+        procs.push(report::build(&p, None, &mut sym));
+    }
+    for w in sym.warnings() {
+        eprintln!("leakhunt: warning: {w}");
+    }
+    let leaks = emit(&Report::new(procs), &a.out, false)?;
+    Ok(match (leaks, a.out.error_exitcode) {
+        (true, Some(n)) => ExitCode::from(n),
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+fn dump(path: &PathBuf) -> Result<ExitCode> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut r = leakhunt_format::Reader::new(std::io::BufReader::new(f));
+    loop {
+        match r.next_record() {
+            Ok(Some(leakhunt_format::Record::Batch { tid, offset, slots })) => {
+                println!("batch tid={tid} at {offset}: {} slots", slots.len() / 32);
+                for s in leakhunt_format::slot::SlotIter::new(&slots) {
+                    println!("  {s:?}");
+                }
+            }
+            Ok(Some(rec)) => println!("{rec:?}"),
+            Ok(None) => return Ok(ExitCode::SUCCESS),
+            Err(e) => bail!("{}: {e}", path.display()),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match &cli.cmd {
+        Cmd::Run(a) => run::run(a),
+        Cmd::Report(a) => report_cmd(a),
+        Cmd::Dump { trace } => dump(trace),
+    };
+    match r {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("leakhunt: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! One traced process, rebuilt from its trace stream: events merged across threads in sequence
+//! order, the live set, the stack and module tables, and how the stream and the process ended.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+
+use leakhunt_format::encode::{Header, Module};
+use leakhunt_format::slot::{SlotIter, SlotRecord};
+use leakhunt_format::{stat, DecodeError, ExitKind, Reader, Record, StopReason};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Live {
+    pub size: u64,
+    pub stack: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Stack {
+    pub gen: u32,
+    pub reason: StopReason,
+    pub frames: Vec<u64>,
+}
+
+#[derive(Clone, Debug)]
+enum Ev {
+    Alloc { addr: u64, size: u64, stack: u32 },
+    Free { addr: u64 },
+    Nop,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Totals {
+    pub allocs: u64,
+    pub frees: u64,
+    pub bytes_allocated: u64,
+    /// Frees of blocks the trace never saw allocated (allocated before tracing began).
+    pub unknown_frees: u64,
+    /// Allocations returning an address that was still live: only possible if a free was lost.
+    pub reused_live: u64,
+}
+
+/// A loaded module and the generation range in which it was loaded.
+#[derive(Clone, Debug)]
+pub struct ModuleEntry {
+    pub module: Module,
+    pub unload_gen: Option<u32>,
+}
+
+#[derive(Default)]
+pub struct Process {
+    pub header: Option<Header>,
+    pub modules: Vec<ModuleEntry>,
+    pub stacks: HashMap<u32, Stack>,
+    pub live: HashMap<u64, Live>,
+    pub totals: Totals,
+    pub exit: Option<ExitKind>,
+    pub stats: HashMap<u32, u64>,
+    pub warnings: Vec<String>,
+    /// Set when the stream ended inside a record (the process was killed, or the file cut).
+    pub truncated: Option<String>,
+    /// Sequence numbers never received: events lost in transit.
+    pub gaps: u64,
+    /// Allocation events per stack id (for unwind-quality figures).
+    pub allocs_by_stack: HashMap<u32, u64>,
+    next_seq: u64,
+    pending: BTreeMap<u64, Ev>,
+    records: u64,
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.header.as_ref().map_or(0, |h| h.pid)
+    }
+
+    /// Reads a whole stream. A truncated tail is kept as a warning; any other decode error is
+    /// returned (after everything before it was applied).
+    pub fn read_stream(src: impl Read) -> (Process, Option<DecodeError>) {
+        let mut p = Process::default();
+        let mut r = Reader::new(std::io::BufReader::with_capacity(1 << 20, src));
+        let err = loop {
+            match r.next_record() {
+                Ok(Some(rec)) => {
+                    if let Err(e) = p.apply(rec) {
+                        break Some(e);
+                    }
+                }
+                Ok(None) => break None,
+                Err(e) if e.is_truncation() => {
+                    p.truncated = Some(e.to_string());
+                    break None;
+                }
+                Err(e) => break Some(e),
+            }
+        };
+        p.finish();
+        (p, err)
+    }
+
+    pub fn apply(&mut self, rec: Record) -> Result<(), DecodeError> {
+        self.records += 1;
+        match rec {
+            Record::Header(h) => {
+                if self.header.is_some() {
+                    self.warnings
+                        .push("a second header record was ignored".into());
+                } else {
+                    self.header = Some(h);
+                }
+            }
+            Record::Module(m) => {
+                let id = m.id as usize;
+                if self.modules.len() <= id {
+                    self.modules.resize_with(id + 1, || ModuleEntry {
+                        module: Module {
+                            id: u32::MAX,
+                            gen: 0,
+                            bias: 0,
+                            path: String::new(),
+                            build_id: vec![],
+                            ranges: vec![],
+                        },
+                        unload_gen: None,
+                    });
+                }
+                self.modules[id] = ModuleEntry {
+                    module: m,
+                    unload_gen: None,
+                };
+            }
+            Record::ModuleUnload { id, gen } => {
+                if let Some(m) = self.modules.get_mut(id as usize) {
+                    m.unload_gen = Some(gen);
+                }
+            }
+            Record::Batch { offset, slots, .. } => {
+                for (i, s) in SlotIter::new(&slots).enumerate() {
+                    let s = s.map_err(|e| DecodeError::Corrupt {
+                        offset: offset + e.at as u64,
+                        what: format!("batch slot {i}: {}", e.what),
+                    })?;
+                    match s {
+                        SlotRecord::Stack {
+                            id,
+                            gen,
+                            reason,
+                            frames,
+                        } => {
+                            self.stacks.insert(
+                                id,
+                                Stack {
+                                    gen,
+                                    reason,
+                                    frames,
+                                },
+                            );
+                        }
+                        SlotRecord::Alloc {
+                            stack,
+                            seq,
+                            addr,
+                            size,
+                            ..
+                        } => self.event(seq, Ev::Alloc { addr, size, stack }, offset)?,
+                        SlotRecord::Free { seq, addr, .. } => {
+                            self.event(seq, Ev::Free { addr }, offset)?
+                        }
+                        SlotRecord::Nop { seq } => self.event(seq, Ev::Nop, offset)?,
+                    }
+                }
+            }
+            Record::Exit(k) => self.exit = Some(k),
+            Record::Stats(v) => self.stats.extend(v),
+            Record::Warning(w) => self.warnings.push(w),
+            Record::Unknown { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Buffers an event until every lower sequence number has been applied.
+    fn event(&mut self, seq: u64, ev: Ev, offset: u64) -> Result<(), DecodeError> {
+        if seq < self.next_seq || self.pending.contains_key(&seq) {
+            return Err(DecodeError::Corrupt {
+                offset,
+                what: format!("event sequence number {seq} appears twice"),
+            });
+        }
+        if seq == self.next_seq {
+            self.apply_event(ev);
+            self.next_seq += 1;
+            while let Some(ev) = self.pending.remove(&self.next_seq) {
+                self.apply_event(ev);
+                self.next_seq += 1;
+            }
+        } else {
+            self.pending.insert(seq, ev);
+        }
+        Ok(())
+    }
+
+    fn apply_event(&mut self, ev: Ev) {
+        match ev {
+            Ev::Alloc {
+                addr, size, stack, ..
+            } => {
+                self.totals.allocs += 1;
+                self.totals.bytes_allocated += size;
+                *self.allocs_by_stack.entry(stack).or_default() += 1;
+                if self.live.insert(addr, Live { size, stack }).is_some() {
+                    self.totals.reused_live += 1;
+                }
+            }
+            Ev::Free { addr } => {
+                self.totals.frees += 1;
+                if self.live.remove(&addr).is_none() {
+                    self.totals.unknown_frees += 1;
+                }
+            }
+            Ev::Nop => {}
+        }
+    }
+
+    /// End of stream: apply what is still waiting, counting the sequence numbers that never came.
+    pub fn finish(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        for (seq, ev) in pending {
+            self.gaps += seq - self.next_seq;
+            self.apply_event(ev);
+            self.next_seq = seq + 1;
+        }
+    }
+
+    pub fn events_lost(&self) -> u64 {
+        self.gaps
+            .max(self.stats.get(&stat::EVENTS_LOST).copied().unwrap_or(0))
+    }
+
+    /// The module loaded at generation `gen` that contains `addr`.
+    pub fn module_at(&self, addr: u64, gen: u32) -> Option<&Module> {
+        self.modules
+            .iter()
+            .filter(|m| m.module.id != u32::MAX)
+            .filter(|m| m.module.gen <= gen && m.unload_gen.is_none_or(|u| u > gen))
+            .map(|m| &m.module)
+            .find(|m| m.ranges.iter().any(|&(s, e)| addr >= s && addr < e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leakhunt_format::{encode, slot, AllocFn};
+
+    fn stream(batches: &[(u32, Vec<slot::Slot>)]) -> Vec<u8> {
+        let mut out = encode::preamble().to_vec();
+        for (tid, slots) in batches {
+            encode::batch_header(*tid, slots.len() * 32, &mut out);
+            for s in slots {
+                out.extend_from_slice(s);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn free_and_reuse_across_threads_is_ordered_by_sequence() {
+        // Thread 2 frees 0x10 (seq 1) and thread 3 gets 0x10 back (seq 2), but thread 3's batch
+        // arrives first: the block must stay live.
+        let data = stream(&[
+            (1, vec![slot::alloc(AllocFn::Malloc, 0, 0, 0x10, 8)]),
+            (3, vec![slot::alloc(AllocFn::Malloc, 0, 2, 0x10, 16)]),
+            (2, vec![slot::free(leakhunt_format::FreeFn::Free, 1, 0x10)]),
+        ]);
+        let (p, err) = Process::read_stream(&data[..]);
+        assert!(err.is_none());
+        assert_eq!(p.live.len(), 1);
+        assert_eq!(p.live[&0x10].size, 16);
+        assert_eq!((p.totals.allocs, p.totals.frees, p.gaps), (2, 1, 0));
+    }
+
+    #[test]
+    fn missing_sequence_numbers_are_counted_as_lost() {
+        let data = stream(&[(
+            1,
+            vec![slot::alloc(AllocFn::Malloc, 0, 0, 0x10, 8), slot::nop(3)],
+        )]);
+        let (p, _) = Process::read_stream(&data[..]);
+        assert_eq!(p.gaps, 2);
+        assert_eq!(p.events_lost(), 2);
+    }
+
+    #[test]
+    fn duplicate_sequence_is_corruption() {
+        let data = stream(&[(1, vec![slot::nop(0), slot::nop(0)])]);
+        let (_, err) = Process::read_stream(&data[..]);
+        assert!(err.unwrap().to_string().contains("appears twice"));
+    }
+}

@@ -1,0 +1,425 @@
+//! The exit report: blocks still live at exit grouped by allocation stack, symbolized, with the
+//! heap summary, unwind quality and lost events; rendered as text (valgrind-like) or JSON.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+
+use leakhunt_format::{ExitKind, StopReason};
+use leakhunt_symbolizer::Symbolizer;
+use serde::Serialize;
+
+use crate::process::Process;
+
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub module: Option<String>,
+    /// Offset in the module's ELF address space of the return address.
+    pub offset: u64,
+    /// Runtime return address.
+    pub address: u64,
+    pub inlined: bool,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Leak {
+    pub kind: &'static str,
+    pub bytes: u64,
+    pub blocks: u64,
+    pub stack: Vec<Frame>,
+    /// Why this stack's unwind stopped, when it did not reach the outermost frame.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unwind: Option<&'static str>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Summary {
+    pub in_use_at_exit_bytes: u64,
+    pub in_use_at_exit_blocks: u64,
+    pub allocs: u64,
+    pub frees: u64,
+    pub bytes_allocated: u64,
+    pub events_lost: u64,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Unwind {
+    /// Allocations whose stack is known.
+    pub allocations: u64,
+    pub complete: u64,
+    pub truncated: u64,
+    /// Allocations whose unwind stopped early, by reason.
+    pub stopped_early: BTreeMap<String, u64>,
+    /// Allocations whose stack record never arrived.
+    pub missing: u64,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct ProcReport {
+    pub pid: u32,
+    pub ppid: u32,
+    pub argv: Vec<String>,
+    pub exe: String,
+    pub exit: Option<Exit>,
+    pub summary: Summary,
+    pub unwind: Unwind,
+    pub leaks: Vec<Leak>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Report {
+    pub format: &'static str,
+    pub version: u32,
+    pub processes: Vec<ProcReport>,
+}
+
+impl Report {
+    pub fn new(processes: Vec<ProcReport>) -> Report {
+        Report {
+            format: "leakhunt-report",
+            version: 1,
+            processes,
+        }
+    }
+
+    pub fn has_leaks(&self) -> bool {
+        self.processes.iter().any(|p| !p.leaks.is_empty())
+    }
+}
+
+pub fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        5 => "SIGTRAP",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        10 => "SIGUSR1",
+        11 => "SIGSEGV",
+        12 => "SIGUSR2",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        _ => return format!("signal {sig}"),
+    };
+    name.to_string()
+}
+
+/// Callsite identity of one frame: module (path, build-id) and offset, or a bare address.
+type FrameKey = (Option<(String, Vec<u8>)>, u64);
+
+/// Builds the report of one process. `exit` (from waitpid, when we ran it) wins over the trace's.
+pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcReport {
+    let h = p.header.as_ref();
+    // Group live blocks by stack id, then stacks by callsite (ids differ across module reloads).
+    let mut by_stack: HashMap<u32, (u64, u64)> = HashMap::new();
+    for l in p.live.values() {
+        let e = by_stack.entry(l.stack).or_default();
+        e.0 += l.size;
+        e.1 += 1;
+    }
+    let mut groups: HashMap<Vec<FrameKey>, (u64, u64, u32)> = HashMap::new();
+    for (&id, &(bytes, blocks)) in &by_stack {
+        let key: Vec<FrameKey> = match p.stacks.get(&id) {
+            Some(s) => s
+                .frames
+                .iter()
+                .map(|&a| match p.module_at(a, s.gen) {
+                    Some(m) => (Some((m.path.clone(), m.build_id.clone())), a - m.bias),
+                    None => (None, a),
+                })
+                .collect(),
+            None => vec![(None, u64::from(id) << 32)],
+        };
+        let g = groups.entry(key).or_insert((0, 0, id));
+        g.0 += bytes;
+        g.1 += blocks;
+    }
+    let mut leaks: Vec<Leak> = groups
+        .into_iter()
+        .map(|(key, (bytes, blocks, id))| {
+            let stack = p.stacks.get(&id);
+            let mut frames = Vec::new();
+            for (i, (m, off)) in key.iter().enumerate() {
+                let address = stack.map_or(0, |s| s.frames[i]);
+                match m {
+                    Some((path, bid)) => {
+                        let syms = sym.symbolize(path, bid, off.saturating_sub(1));
+                        if syms.is_empty() {
+                            frames.push(Frame {
+                                function: None,
+                                file: None,
+                                line: None,
+                                module: Some(path.clone()),
+                                offset: *off,
+                                address,
+                                inlined: false,
+                            });
+                        }
+                        for s in syms {
+                            frames.push(Frame {
+                                function: s.function,
+                                file: s.file,
+                                line: s.line,
+                                module: Some(path.clone()),
+                                offset: *off,
+                                address,
+                                inlined: s.inlined,
+                            });
+                        }
+                    }
+                    None => frames.push(Frame {
+                        function: None,
+                        file: None,
+                        line: None,
+                        module: None,
+                        offset: *off,
+                        address,
+                        inlined: false,
+                    }),
+                }
+            }
+            // Like valgrind, hide what lies below main (libc start-up code).
+            if let Some(i) = frames
+                .iter()
+                .position(|f| f.function.as_deref() == Some("main") && !f.inlined)
+            {
+                frames.truncate(i + 1);
+            }
+            let unwind =
+                stack.and_then(|s| (s.reason != StopReason::End).then(|| s.reason.describe()));
+            Leak {
+                kind: "unfreed",
+                bytes,
+                blocks,
+                stack: frames,
+                unwind,
+            }
+        })
+        .collect();
+    leaks.sort_by(|a, b| {
+        b.bytes
+            .cmp(&a.bytes)
+            .then(b.blocks.cmp(&a.blocks))
+            .then_with(|| {
+                let fa: Vec<_> = a
+                    .stack
+                    .iter()
+                    .map(|f| (&f.function, &f.file, f.line))
+                    .collect();
+                let fb: Vec<_> = b
+                    .stack
+                    .iter()
+                    .map(|f| (&f.function, &f.file, f.line))
+                    .collect();
+                fa.cmp(&fb)
+            })
+    });
+
+    let mut unwind = Unwind {
+        allocations: 0,
+        complete: 0,
+        truncated: 0,
+        stopped_early: BTreeMap::new(),
+        missing: 0,
+    };
+    for (id, n) in &p.allocs_by_stack {
+        match p.stacks.get(id) {
+            None => unwind.missing += n,
+            Some(s) => {
+                unwind.allocations += n;
+                match s.reason {
+                    StopReason::End => unwind.complete += n,
+                    StopReason::MaxDepth => unwind.truncated += n,
+                    r => {
+                        *unwind
+                            .stopped_early
+                            .entry(r.describe().to_string())
+                            .or_default() += n
+                    }
+                }
+            }
+        }
+    }
+
+    let mut warnings = p.warnings.clone();
+    if let Some(t) = &p.truncated {
+        warnings.push(format!(
+            "{t}; the report covers the events before that point"
+        ));
+    }
+    if p.totals.reused_live > 0 {
+        warnings.push(format!(
+            "{} allocations returned an address that was still live: frees were lost, figures are uncertain",
+            p.totals.reused_live
+        ));
+    }
+    let lost = p.events_lost();
+    if lost > 0 {
+        warnings.push(format!(
+            "{lost} events were lost: the figures below are uncertain"
+        ));
+    }
+    if let Some(&u) = p.stats.get(&leakhunt_format::stat::UNTRACKED_ALLOCS) {
+        if u > 0 {
+            warnings.push(format!(
+                "{u} allocator calls made from inside leakhunt's own hook (a signal handler) were not recorded"
+            ));
+        }
+    }
+    let exit = exit.or(p.exit).map(|e| match e {
+        ExitKind::Code(c) => Exit::Code(c),
+        ExitKind::Signal(s) => Exit::Signal(s),
+    });
+    ProcReport {
+        pid: p.pid(),
+        ppid: h.map_or(0, |h| h.ppid),
+        argv: h.map_or_else(Vec::new, |h| h.argv.clone()),
+        exe: h.map_or_else(String::new, |h| h.exe.clone()),
+        exit,
+        summary: Summary {
+            in_use_at_exit_bytes: p.live.values().map(|l| l.size).sum(),
+            in_use_at_exit_blocks: p.live.len() as u64,
+            allocs: p.totals.allocs,
+            frees: p.totals.frees,
+            bytes_allocated: p.totals.bytes_allocated,
+            events_lost: lost,
+        },
+        unwind,
+        leaks,
+        warnings,
+    }
+}
+
+fn basename(p: &str) -> &str {
+    p.rsplit('/').next().unwrap_or(p)
+}
+
+fn plural(n: u64, one: &str) -> String {
+    if n == 1 {
+        format!("{n} {one}")
+    } else {
+        format!("{n} {one}s")
+    }
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub fn render_frame(f: &Frame) -> String {
+    let func = f.function.as_deref().unwrap_or("???");
+    let loc = match (&f.file, f.line) {
+        (Some(file), Some(line)) => format!(" ({}:{line})", basename(file)),
+        _ => match &f.module {
+            Some(m) => format!(" (in {m}+{:#x})", f.offset),
+            None => String::new(),
+        },
+    };
+    let inl = if f.inlined { " [inlined]" } else { "" };
+    format!("{:#x}: {func}{loc}{inl}", f.address)
+}
+
+/// Text report of one process, valgrind-style (`==PID==` prefix on every line).
+pub fn render_text(r: &ProcReport, out: &mut String) {
+    let pfx = format!("=={}==", r.pid);
+    let mut line = |s: &str| {
+        let _ = writeln!(out, "{pfx} {s}");
+    };
+    line(&format!("leakhunt: {}", r.argv.join(" ")));
+    line("");
+    let total = r.leaks.len();
+    for (i, l) in r.leaks.iter().enumerate() {
+        line(&format!(
+            "{} bytes in {} are unfreed at exit (record {} of {total})",
+            thousands(l.bytes),
+            plural(l.blocks, "block"),
+            i + 1
+        ));
+        for (j, f) in l.stack.iter().enumerate() {
+            line(&format!(
+                "   {} {}",
+                if j == 0 { "at" } else { "by" },
+                render_frame(f)
+            ));
+        }
+        if l.stack.is_empty() {
+            line("   (no stack: the allocation came straight from outside any known module)");
+        }
+        if let Some(u) = l.unwind {
+            line(&format!("   (stack {u})"));
+        }
+        line("");
+    }
+    let s = &r.summary;
+    line("HEAP SUMMARY:");
+    line(&format!(
+        "    in use at exit: {} bytes in {}",
+        thousands(s.in_use_at_exit_bytes),
+        plural(s.in_use_at_exit_blocks, "block")
+    ));
+    line(&format!(
+        "  total heap usage: {} allocs, {} frees, {} bytes allocated",
+        thousands(s.allocs),
+        thousands(s.frees),
+        thousands(s.bytes_allocated)
+    ));
+    line("");
+    if total == 0 {
+        line("All heap blocks were freed -- no leaks are possible");
+    } else {
+        line(&format!(
+            "LEAK SUMMARY: {} bytes in {} unfreed, in {} records",
+            thousands(s.in_use_at_exit_bytes),
+            plural(s.in_use_at_exit_blocks, "block"),
+            total
+        ));
+    }
+    let u = &r.unwind;
+    let stopped: u64 = u.stopped_early.values().sum();
+    line(&format!(
+        "UNWIND QUALITY: {} allocations: {} complete stacks, {} truncated at the frame limit, {} stopped early{}",
+        thousands(u.allocations),
+        thousands(u.complete),
+        thousands(u.truncated),
+        thousands(stopped),
+        if u.missing > 0 { format!(", {} without a stack record", u.missing) } else { String::new() }
+    ));
+    for (why, n) in &u.stopped_early {
+        line(&format!("    {}: {why}", thousands(*n)));
+    }
+    line(&format!("EVENTS LOST: {}", s.events_lost));
+    match &r.exit {
+        Some(Exit::Code(c)) => line(&format!("process exited with code {c}")),
+        Some(Exit::Signal(sig)) => line(&format!(
+            "process was killed by {} ({sig})",
+            signal_name(*sig)
+        )),
+        None => line("process end not recorded (the trace stops without an exit record)"),
+    }
+    for w in &r.warnings {
+        line(&format!("warning: {w}"));
+    }
+}

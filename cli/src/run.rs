@@ -1,0 +1,286 @@
+//! `leakhunt run`: start the program with the preload library, stream every traced process's
+//! events over a Unix socket in a private directory, and report when the program has exited.
+//! The program's stdin, stdout and stderr are its own; the report goes to stderr; the exit status
+//! is the program's (a death by signal is re-raised), or `--error-exitcode` when leaks are found.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use leakhunt_format::{DecodeError, ExitKind};
+use leakhunt_symbolizer::Symbolizer;
+
+use crate::process::Process;
+use crate::report::{self, Report};
+use crate::RunArgs;
+
+const LIB: &str = "libleakhunt.so";
+
+/// The preload library: `--preload`, `$LEAKHUNT_PRELOAD`, or next to this executable.
+fn find_preload(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        if !p.is_file() {
+            bail!("--preload {}: no such file", p.display());
+        }
+        return Ok(std::fs::canonicalize(p)?);
+    }
+    if let Some(p) = std::env::var_os("LEAKHUNT_PRELOAD") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("LEAKHUNT_PRELOAD={}: no such file", p.display());
+        }
+        return Ok(std::fs::canonicalize(p)?);
+    }
+    let exe = std::env::current_exe().context("cannot locate the leakhunt executable")?;
+    let p = exe.with_file_name(LIB);
+    if !p.is_file() {
+        bail!(
+            "cannot find {LIB} next to {} (build it with `cargo build --release`, or pass --preload PATH)",
+            exe.display()
+        );
+    }
+    Ok(p)
+}
+
+fn private_dir() -> Result<PathBuf> {
+    let base = std::env::temp_dir();
+    for i in 0..100u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let d = base.join(format!("leakhunt-{}-{nanos:x}-{i}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+            Ok(()) => return Ok(d),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", d.display())),
+        }
+    }
+    bail!("cannot create a private directory in {}", base.display())
+}
+
+/// Copies what it reads to a file (`--output`).
+struct Tee<R> {
+    inner: R,
+    file: Option<File>,
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(f) = &mut self.file {
+            if f.write_all(&buf[..n]).is_err() {
+                eprintln!(
+                    "leakhunt: warning: cannot write the --output trace; the report is unaffected"
+                );
+                self.file = None;
+            }
+        }
+        Ok(n)
+    }
+}
+
+struct Stream {
+    process: Process,
+    error: Option<DecodeError>,
+    tee: Option<PathBuf>,
+}
+
+fn serve(
+    listener: UnixListener,
+    output: Option<PathBuf>,
+    stop: Arc<AtomicBool>,
+    active: Arc<AtomicUsize>,
+    tx: crossbeam_channel::Sender<Stream>,
+) {
+    let mut n = 0u32;
+    let mut quiet_since = Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                n += 1;
+                quiet_since = Instant::now();
+                let _ = conn.set_nonblocking(false);
+                active.fetch_add(1, Ordering::SeqCst);
+                let tee = output.as_ref().map(|o| {
+                    let mut s = o.as_os_str().to_owned();
+                    s.push(format!(".partial-{n}"));
+                    PathBuf::from(s)
+                });
+                let file = tee.as_ref().and_then(|p| match File::create(p) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        eprintln!("leakhunt: warning: cannot create {}: {e}", p.display());
+                        None
+                    }
+                });
+                let (tx, active) = (tx.clone(), active.clone());
+                std::thread::spawn(move || {
+                    let (process, error) = Process::read_stream(Tee { inner: conn, file });
+                    let _ = tx.send(Stream {
+                        process,
+                        error,
+                        tee,
+                    });
+                    active.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // After the program exits, wait for open streams, then a short grace period for
+                // children that connect late.
+                if stop.load(Ordering::SeqCst) && active.load(Ordering::SeqCst) == 0 {
+                    if quiet_since.elapsed() > Duration::from_millis(200) {
+                        return;
+                    }
+                } else if active.load(Ordering::SeqCst) > 0 {
+                    quiet_since = Instant::now();
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => {
+                eprintln!("leakhunt: error: accepting trace connections: {e}");
+                return;
+            }
+        }
+    }
+}
+
+pub fn run(a: &RunArgs) -> Result<ExitCode> {
+    let lib = find_preload(a.preload.as_deref())?;
+    let dir = private_dir()?;
+    let sock = dir.join("trace.sock");
+    let listener = UnixListener::bind(&sock)
+        .with_context(|| format!("cannot listen on {}", sock.display()))?;
+    listener.set_nonblocking(true)?;
+
+    let mut preload = lib.as_os_str().to_owned();
+    if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
+        preload.push(":");
+        preload.push(old);
+    }
+    let program = &a.command[0];
+    let mut cmd = Command::new(program);
+    cmd.args(&a.command[1..])
+        .env("LD_PRELOAD", preload)
+        .env("LEAKHUNT_SOCKET", &sock)
+        .env("LEAKHUNT_MAX_FRAMES", a.max_frames.to_string())
+        .env(
+            "LEAKHUNT_TRACE_CHILDREN",
+            if a.trace_children { "1" } else { "0" },
+        )
+        .env("LEAKHUNT_FREERES", if a.no_freeres { "0" } else { "1" })
+        .env_remove("LEAKHUNT_OUT");
+
+    // Ctrl-C and Ctrl-\ reach the program through the terminal's process group: leakhunt only
+    // survives them to report. SIGTERM and SIGHUP sent to leakhunt are passed on.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGQUIT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ])?;
+
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            eprintln!("leakhunt: cannot run {}: {e}", program.to_string_lossy());
+            return Ok(ExitCode::from(
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    127
+                } else {
+                    126
+                },
+            ));
+        }
+    };
+    let child_pid = child.id();
+    let sig_handle = signals.handle();
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            if sig == signal_hook::consts::SIGTERM || sig == signal_hook::consts::SIGHUP {
+                let _ = Command::new("kill")
+                    .arg(format!("-{sig}"))
+                    .arg(child_pid.to_string())
+                    .status();
+            }
+        }
+    });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let active = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let server = {
+        let (stop, active, output) = (stop.clone(), active.clone(), a.output.clone());
+        std::thread::spawn(move || serve(listener, output, stop, active, tx))
+    };
+    let status = child.wait().context("waiting for the program")?;
+    stop.store(true, Ordering::SeqCst);
+    let _ = server.join();
+    sig_handle.close();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let mut streams: Vec<Stream> = rx.try_iter().collect();
+    streams.sort_by_key(|s| (s.process.pid() != child_pid, s.process.pid()));
+    let mut sym = Symbolizer::new();
+    let mut procs = Vec::new();
+    let main_exit = match (status.code(), status.signal()) {
+        (Some(c), _) => Some(ExitKind::Code(c)),
+        (None, Some(s)) => Some(ExitKind::Signal(s)),
+        _ => None,
+    };
+    for s in &streams {
+        if let Some(e) = &s.error {
+            eprintln!(
+                "leakhunt: warning: trace of pid {}: {e}; the report covers what came before",
+                s.process.pid()
+            );
+        }
+        if let (Some(out), Some(tee)) = (&a.output, &s.tee) {
+            let dest = if s.process.pid() == child_pid {
+                out.clone()
+            } else {
+                let mut o = out.as_os_str().to_owned();
+                o.push(format!(".{}", s.process.pid()));
+                PathBuf::from(o)
+            };
+            if let Err(e) = std::fs::rename(tee, &dest) {
+                eprintln!(
+                    "leakhunt: warning: cannot save the trace as {}: {e}",
+                    dest.display()
+                );
+            }
+        }
+        if s.process.header.is_none() {
+            continue;
+        }
+        let exit = (s.process.pid() == child_pid)
+            .then_some(main_exit)
+            .flatten();
+        procs.push(report::build(&s.process, exit, &mut sym));
+    }
+    if !procs.iter().any(|p| p.pid == child_pid) {
+        eprintln!("leakhunt: warning: the program (pid {child_pid}) sent no trace: it may not be dynamically linked, or it exited before its first allocation");
+    }
+    for w in sym.warnings() {
+        eprintln!("leakhunt: warning: {w}");
+    }
+    let leaks = crate::emit(&Report::new(procs), &a.out, true)?;
+    if let (true, Some(n)) = (leaks, a.out.error_exitcode) {
+        return Ok(ExitCode::from(n));
+    }
+    if let Some(sig) = status.signal() {
+        let _ = std::io::stderr().flush();
+        // Die the same way, so that a shell or a CI sees the program's own death.
+        let _ = signal_hook::low_level::emulate_default_handler(sig);
+        return Ok(ExitCode::from(128 + sig as u8));
+    }
+    Ok(ExitCode::from(status.code().unwrap_or(1) as u8))
+}
