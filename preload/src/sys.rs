@@ -163,3 +163,107 @@ impl Drop for SpinGuard<'_> {
         self.lock.owner.store(0, Ordering::Release);
     }
 }
+
+/// End of the mapping in `/proc/self/maps` that contains `addr`, or 0 when none does or the file
+/// cannot be read. Raw system calls and a stack buffer only: no allocation and no lock, so it is
+/// safe where `pthread_getattr_np` is not (that function holds the thread's lock while it calls
+/// malloc, and our hook may be the one it calls).
+pub fn mapping_end(addr: usize) -> usize {
+    // SAFETY: the path is a NUL-terminated literal; the returned descriptor is ours to close.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            c"/proc/self/maps".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    } as i32;
+    if fd < 0 {
+        return 0;
+    }
+    let mut parser = MapsParser::default();
+    let mut buf = [0u8; 2048];
+    let mut found = 0;
+    loop {
+        // SAFETY: `buf` is writable for its whole length.
+        let n = unsafe { libc::syscall(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        if let Some(end) = parser.feed(&buf[..n as usize], addr) {
+            found = end;
+            break;
+        }
+    }
+    // SAFETY: closes the descriptor opened above, once.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
+    found
+}
+
+/// Streaming parser of the `start-end` prefix of each `/proc/self/maps` line; the rest of a line
+/// is skipped. Chunks may split lines anywhere.
+#[derive(Default)]
+struct MapsParser {
+    field: u8,
+    start: usize,
+    end: usize,
+}
+
+impl MapsParser {
+    fn feed(&mut self, chunk: &[u8], addr: usize) -> Option<usize> {
+        for &c in chunk {
+            match (self.field, c) {
+                (_, b'\n') => {
+                    self.field = 0;
+                    self.start = 0;
+                    self.end = 0;
+                }
+                (0, b'-') => self.field = 1,
+                (1, b' ') => {
+                    self.field = 2;
+                    if self.start <= addr && addr < self.end {
+                        return Some(self.end);
+                    }
+                }
+                (0 | 1, _) => {
+                    let d = match c {
+                        b'0'..=b'9' => c - b'0',
+                        b'a'..=b'f' => c - b'a' + 10,
+                        _ => {
+                            self.field = 2;
+                            continue;
+                        }
+                    } as usize;
+                    let v = if self.field == 0 { &mut self.start } else { &mut self.end };
+                    *v = v.wrapping_shl(4) | d;
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_parser_finds_the_mapping_across_chunk_splits() {
+        let text = b"55d0a000-55d0b000 r--p 0 08:01 1 /bin/x\n7ffd1000-7ffd3000 rw-p 0 00:00 0 [stack]\n";
+        for split in 0..text.len() {
+            let mut p = MapsParser::default();
+            let r = p.feed(&text[..split], 0x7ffd2000).or_else(|| p.feed(&text[split..], 0x7ffd2000));
+            assert_eq!(r, Some(0x7ffd3000), "split at {split}");
+        }
+        let mut p = MapsParser::default();
+        assert_eq!(p.feed(text, 0x1000), None);
+    }
+
+    #[test]
+    fn mapping_end_covers_this_threads_stack() {
+        let local = 0u8;
+        let a = &local as *const u8 as usize;
+        assert!(mapping_end(a) > a);
+    }
+}

@@ -164,23 +164,11 @@ fn thread_ring(ts: &mut ThreadState) -> Option<&'static ring::Ring> {
     Some(unsafe { &*ts.ring })
 }
 
-/// Highest address of this thread's stack.
+/// Highest address of this thread's stack: the end of the mapping holding our stack pointer.
+/// Unwinding reads stay below it, so every read is of mapped memory.
 fn stack_top() -> usize {
-    // SAFETY: pthread_getattr_np fills `attr` for the calling thread; it may allocate (guarded).
-    unsafe {
-        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
-        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
-            return 0;
-        }
-        let mut addr: *mut c_void = core::ptr::null_mut();
-        let mut size = 0usize;
-        let rc = libc::pthread_attr_getstack(&attr, &mut addr, &mut size);
-        libc::pthread_attr_destroy(&mut attr);
-        if rc != 0 {
-            return 0;
-        }
-        addr as usize + size
-    }
+    let local = 0u8;
+    sys::mapping_end(core::ptr::addr_of!(local) as usize)
 }
 
 /// pthread key destructor: the thread is exiting. Its ring is handed back (drained later);
