@@ -98,6 +98,10 @@ impl Process {
 
     pub fn apply(&mut self, rec: Record) -> Result<(), DecodeError> {
         self.records += 1;
+        if self.exit == Some(ExitKind::Exec) && !matches!(rec, Record::Stats(_)) {
+            // Recording went on after an exec announcement: that exec failed.
+            self.exit = None;
+        }
         match rec {
             Record::Header(h) => {
                 if self.header.is_some() {

@@ -61,6 +61,8 @@ pub struct Unwind {
 pub enum Exit {
     Code(i32),
     Signal(i32),
+    /// The image was replaced by exec: blocks live at that point are what the report lists.
+    Exec(bool),
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -281,9 +283,10 @@ pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcR
             ));
         }
     }
-    let exit = exit.or(p.exit).map(|e| match e {
+    let exit = p.exit.filter(|e| *e == ExitKind::Exec).or(exit).or(p.exit).map(|e| match e {
         ExitKind::Code(c) => Exit::Code(c),
         ExitKind::Signal(s) => Exit::Signal(s),
+        ExitKind::Exec => Exit::Exec(true),
     });
     ProcReport {
         pid: p.pid(),
@@ -417,6 +420,7 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
             "process was killed by {} ({sig})",
             signal_name(*sig)
         )),
+        Some(Exit::Exec(_)) => line("process replaced its image by exec (figures are at that point)"),
         None => line("process end not recorded (the trace stops without an exit record)"),
     }
     for w in &r.warnings {

@@ -228,7 +228,12 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     let _ = std::fs::remove_dir_all(&dir);
 
     let mut streams: Vec<Stream> = rx.try_iter().collect();
-    streams.sort_by_key(|s| (s.process.pid() != child_pid, s.process.pid()));
+    // The program first, then its children by pid; images of one pid (exec) in the order they ran.
+    streams.sort_by_key(|s| {
+        let start = s.process.header.as_ref().map_or(0, |h| h.start_monotonic_ns);
+        (s.process.pid() != child_pid, s.process.pid(), start)
+    });
+    let mut images: std::collections::HashMap<u32, u32> = Default::default();
     let mut sym = Symbolizer::new();
     let mut procs = Vec::new();
     let main_exit = match (status.code(), status.signal()) {
@@ -243,14 +248,18 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
                 s.process.pid()
             );
         }
+        let image = images.entry(s.process.pid()).or_insert(0);
+        *image += 1;
         if let (Some(out), Some(tee)) = (&a.output, &s.tee) {
-            let dest = if s.process.pid() == child_pid {
-                out.clone()
-            } else {
-                let mut o = out.as_os_str().to_owned();
+            // TRACE for the program, TRACE.<pid> for a child, .<n> added for the n-th image after exec.
+            let mut o = out.as_os_str().to_owned();
+            if s.process.pid() != child_pid {
                 o.push(format!(".{}", s.process.pid()));
-                PathBuf::from(o)
-            };
+            }
+            if *image > 1 {
+                o.push(format!(".{image}"));
+            }
+            let dest = PathBuf::from(o);
             if let Err(e) = std::fs::rename(tee, &dest) {
                 eprintln!(
                     "leakhunt: warning: cannot save the trace as {}: {e}",

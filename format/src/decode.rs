@@ -376,6 +376,7 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
             match kind {
                 0 => Record::Exit(ExitKind::Code(v)),
                 1 => Record::Exit(ExitKind::Signal(v)),
+                2 => Record::Exit(ExitKind::Exec),
                 k => return Err(p.err(format!("unknown exit kind {k}"))),
             }
         }

@@ -144,6 +144,7 @@ pub fn exit(kind: ExitKind, out: &mut Vec<u8>) {
     match kind {
         ExitKind::Code(c) => r.u8(0).i32(c),
         ExitKind::Signal(s) => r.u8(1).i32(s),
+        ExitKind::Exec => r.u8(2).i32(0),
     };
     r.finish_into(tag::EXIT, out);
 }

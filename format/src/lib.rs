@@ -57,6 +57,8 @@ pub enum ExitKind {
     Code(i32),
     /// Killed by this signal (the tracer saw it in its fatal-signal handler).
     Signal(i32),
+    /// The image is being replaced by exec. Void if records follow it (the exec failed).
+    Exec,
 }
 
 /// Why an unwind stopped. Stored in each stack record; the report counts allocations per reason.

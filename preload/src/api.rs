@@ -4,7 +4,8 @@
 //!
 //! Exported: malloc free calloc realloc reallocarray posix_memalign aligned_alloc memalign
 //! valloc pvalloc malloc_usable_size; C++ operator new/new[]/delete/delete[] (plain, nothrow,
-//! sized, aligned); dlopen dlclose; exit _exit _Exit; sigaction signal;
+//! sized, aligned); dlopen dlclose; exit _exit _Exit; execve execv execvp execvpe fexecve execl
+//! execlp execle; __libc_start_main (to learn main's return value); sigaction signal;
 //! leakhunt_version (for `leakhunt` to check the library it preloads).
 
 use core::ffi::{c_char, c_int, c_void, CStr};
@@ -333,4 +334,221 @@ pub unsafe extern "C" fn signal(sig: c_int, h: libc::sighandler_t) -> libc::sigh
 #[cfg_attr(not(test), no_mangle)]
 pub extern "C" fn leakhunt_version() -> u32 {
     leakhunt_format::VERSION
+}
+
+// ---- exec: flush everything recorded before the image is replaced ----
+
+static REAL_EXECVE: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_EXECV: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_EXECVP: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_EXECVPE: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_FEXECVE: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+type Argv = *const *const c_char;
+type ExecFn = unsafe extern "C" fn(*const c_char, Argv, Argv) -> c_int;
+type ExecvFn = unsafe extern "C" fn(*const c_char, Argv) -> c_int;
+
+fn no_real() -> c_int {
+    // SAFETY: errno is thread-local.
+    unsafe { *libc::__errno_location() = libc::ENOSYS };
+    -1
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn execve(path: *const c_char, argv: Argv, envp: Argv) -> c_int {
+    tracer::before_exec();
+    let env = tracer::exec_env(envp);
+    let envp = env.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
+    let f = real::next_symbol(&REAL_EXECVE, c"execve");
+    if f.is_null() {
+        return no_real();
+    }
+    // SAFETY: libc's execve, same signature; the caller's arguments pass through.
+    unsafe { core::mem::transmute::<*mut c_void, ExecFn>(f)(path, argv, envp) }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn execvpe(file: *const c_char, argv: Argv, envp: Argv) -> c_int {
+    tracer::before_exec();
+    let env = tracer::exec_env(envp);
+    let envp = env.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
+    let f = real::next_symbol(&REAL_EXECVPE, c"execvpe");
+    if f.is_null() {
+        return no_real();
+    }
+    // SAFETY: libc's execvpe, same signature.
+    unsafe { core::mem::transmute::<*mut c_void, ExecFn>(f)(file, argv, envp) }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn execv(path: *const c_char, argv: Argv) -> c_int {
+    tracer::before_exec();
+    let f = real::next_symbol(&REAL_EXECV, c"execv");
+    if f.is_null() {
+        return no_real();
+    }
+    // SAFETY: libc's execv, same signature.
+    unsafe { core::mem::transmute::<*mut c_void, ExecvFn>(f)(path, argv) }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn execvp(file: *const c_char, argv: Argv) -> c_int {
+    tracer::before_exec();
+    let f = real::next_symbol(&REAL_EXECVP, c"execvp");
+    if f.is_null() {
+        return no_real();
+    }
+    // SAFETY: libc's execvp, same signature.
+    unsafe { core::mem::transmute::<*mut c_void, ExecvFn>(f)(file, argv) }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn fexecve(fd: c_int, argv: Argv, envp: Argv) -> c_int {
+    tracer::before_exec();
+    let env = tracer::exec_env(envp);
+    let envp = env.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
+    let f = real::next_symbol(&REAL_FEXECVE, c"fexecve");
+    if f.is_null() {
+        return no_real();
+    }
+    type F = unsafe extern "C" fn(c_int, Argv, Argv) -> c_int;
+    // SAFETY: libc's fexecve, same signature.
+    unsafe { core::mem::transmute::<*mut c_void, F>(f)(fd, argv, envp) }
+}
+
+// execl, execlp and execle are variadic, which stable Rust cannot define; glibc implements them
+// with internal calls that bypass the execve above. These naked entry points spill the five
+// register arguments after the first next to each other on the stack and hand a Rust function
+// the path, that array, the caller's stack arguments and which variant was called (System V
+// x86_64: variadic pointer arguments travel exactly like fixed integer ones). The declared
+// parameters only document the ABI; the assembly reads the registers itself.
+macro_rules! execl_entry {
+    ($name:ident, $which:literal) => {
+        #[cfg_attr(not(test), no_mangle)]
+        #[unsafe(naked)]
+        pub unsafe extern "C" fn $name(_path: *const c_char, _arg0: *const c_char) -> c_int {
+            core::arch::naked_asm!(
+                "push rbp",
+                "mov rbp, rsp",
+                "push r9",
+                "push r8",
+                "push rcx",
+                "push rdx",
+                "push rsi",
+                "mov rsi, rsp",
+                "lea rdx, [rbp + 16]",
+                concat!("mov ecx, ", $which),
+                "sub rsp, 8",
+                "call {imp}",
+                "leave",
+                "ret",
+                imp = sym execl_family,
+            )
+        }
+    };
+}
+execl_entry!(execl, 0);
+execl_entry!(execlp, 1);
+execl_entry!(execle, 2);
+
+/// The body of execl (`which` 0), execlp (1) and execle (2): `regs` holds arguments 1-5 of the
+/// call, `stack` the ones after them; the list ends at a null pointer, followed (execle) by envp.
+unsafe extern "C" fn execl_family(
+    path: *const c_char,
+    regs: *const *const c_char,
+    stack: *const *const c_char,
+    which: c_int,
+) -> c_int {
+    // SAFETY: argument i of the variadic list is regs[i] for i < 5 and stack[i - 5] after; the
+    // caller's list is null-terminated (execl's contract), so no read goes past what it passed.
+    let arg = |i: usize| unsafe {
+        if i < 5 {
+            *regs.add(i)
+        } else {
+            *stack.add(i - 5)
+        }
+    };
+    let mut argv: Vec<*const c_char> = Vec::new();
+    let mut i = 0;
+    loop {
+        let a = arg(i);
+        argv.push(a);
+        i += 1;
+        if a.is_null() {
+            break;
+        }
+    }
+    // SAFETY: environ is libc's environment pointer; read once.
+    let environ = unsafe { *core::ptr::addr_of!(environ_ptr::environ) };
+    // SAFETY: forwarding to the shims above with a null-terminated argv that outlives the call.
+    unsafe {
+        match which {
+            0 => execve(path, argv.as_ptr(), environ),
+            1 => execvp(path, argv.as_ptr()),
+            _ => execve(path, argv.as_ptr(), arg(i) as Argv),
+        }
+    }
+}
+
+mod environ_ptr {
+    extern "C" {
+        pub static environ: *const *const core::ffi::c_char;
+    }
+}
+
+// ---- main's return value, which reaches exit() inside libc where no hook sees it ----
+
+static REAL_START_MAIN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+static REAL_MAIN: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+type MainFn = unsafe extern "C" fn(c_int, *mut *mut c_char, *mut *mut c_char) -> c_int;
+type StartMainFn = unsafe extern "C" fn(
+    MainFn,
+    c_int,
+    *mut *mut c_char,
+    *mut c_void,
+    *mut c_void,
+    *mut c_void,
+    *mut c_void,
+) -> c_int;
+
+unsafe extern "C" fn main_wrapper(
+    argc: c_int,
+    argv: *mut *mut c_char,
+    envp: *mut *mut c_char,
+) -> c_int {
+    let m = REAL_MAIN.load(core::sync::atomic::Ordering::Acquire);
+    // SAFETY: the program's own main, stored by __libc_start_main below before this runs.
+    let rc = unsafe { core::mem::transmute::<*mut c_void, MainFn>(m)(argc, argv, envp) };
+    tracer::note_exit_code(rc);
+    rc
+}
+
+/// Runs the program's `main` through [`main_wrapper`], so a return from main records its code in
+/// the trace even without `leakhunt run` (which also has it from waitpid).
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn __libc_start_main(
+    main: MainFn,
+    argc: c_int,
+    argv: *mut *mut c_char,
+    init: *mut c_void,
+    fini: *mut c_void,
+    rtld_fini: *mut c_void,
+    stack_end: *mut c_void,
+) -> c_int {
+    let f = real::next_symbol(&REAL_START_MAIN, c"__libc_start_main");
+    REAL_MAIN.store(main as *mut c_void, core::sync::atomic::Ordering::Release);
+    // SAFETY: glibc's __libc_start_main with the caller's arguments, main replaced by a wrapper
+    // of the same signature that calls it.
+    unsafe {
+        core::mem::transmute::<*mut c_void, StartMainFn>(f)(
+            main_wrapper,
+            argc,
+            argv,
+            init,
+            fini,
+            rtld_fini,
+            stack_end,
+        )
+    }
 }

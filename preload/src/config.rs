@@ -9,6 +9,7 @@
 //! | `LEAKHUNT_TRACE_CHILDREN` | `1`: trace fork children and exec'd programs | `0` |
 //! | `LEAKHUNT_FREERES` | `0`: do not ask libc/libstdc++ to free their internal buffers at exit | `1` |
 
+extern crate alloc;
 use core::ffi::CStr;
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -84,4 +85,18 @@ impl Config {
     pub fn out_path(&self) -> Option<&CStr> {
         as_cstr(&self.out)
     }
+}
+
+/// Decimal digits of `v`, for building environment strings.
+pub fn fmt_usize(mut v: usize) -> alloc::vec::Vec<u8> {
+    let mut d = alloc::vec::Vec::new();
+    loop {
+        d.push(b'0' + (v % 10) as u8);
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    d.reverse();
+    d
 }

@@ -50,3 +50,86 @@ pub fn remove_self_from_ld_preload() {
     // SAFETY: `v` is NUL-terminated; setenv copies it.
     unsafe { libc::setenv(c"LD_PRELOAD".as_ptr(), v.as_ptr().cast(), 1) };
 }
+
+/// With `--trace-children`, a program that execs with an environment of its own (execve, execle)
+/// would drop the variables that trace the new image. Returns that environment with `LD_PRELOAD`
+/// naming this library and every `LEAKHUNT_*` variable of ours added where missing; `None` when
+/// nothing needs adding. The strings and the array are leaked if the exec succeeds (the image is
+/// gone) and freed by the caller's drop if it fails.
+pub struct ChildEnv {
+    _strings: Vec<Vec<u8>>,
+    pub ptrs: Vec<*const core::ffi::c_char>,
+}
+
+pub fn child_env(envp: *const *const core::ffi::c_char) -> Option<ChildEnv> {
+    if envp.is_null() {
+        return None;
+    }
+    let own = own_path()?.to_bytes();
+    let mut entries: Vec<&[u8]> = Vec::new();
+    let mut i = 0;
+    loop {
+        // SAFETY: envp is a null-terminated array of NUL-terminated strings (execve's contract).
+        let p = unsafe { *envp.add(i) };
+        if p.is_null() {
+            break;
+        }
+        // SAFETY: as above.
+        entries.push(unsafe { CStr::from_ptr(p) }.to_bytes());
+        i += 1;
+    }
+    let has = |name: &[u8]| entries.iter().position(|e| e.starts_with(name) && e.get(name.len()) == Some(&b'='));
+    let mut strings: Vec<Vec<u8>> = Vec::new();
+    let mut drop_idx: Option<usize> = None;
+    match has(b"LD_PRELOAD") {
+        Some(k) => {
+            let cur = &entries[k][b"LD_PRELOAD=".len()..];
+            if !cur.split(|&b| b == b':' || b == b' ').any(|e| e == own) {
+                let mut s = b"LD_PRELOAD=".to_vec();
+                s.extend_from_slice(own);
+                s.push(b':');
+                s.extend_from_slice(cur);
+                strings.push(s);
+                drop_idx = Some(k);
+            }
+        }
+        None => {
+            let mut s = b"LD_PRELOAD=".to_vec();
+            s.extend_from_slice(own);
+            strings.push(s);
+        }
+    }
+    let cfg = crate::config::get();
+    let frames = crate::config::fmt_usize(cfg.max_frames);
+    let ours: [(&[u8], Option<&[u8]>); 5] = [
+        (b"LEAKHUNT_SOCKET", cfg.socket().map(CStr::to_bytes)),
+        (b"LEAKHUNT_OUT", cfg.out_path().map(CStr::to_bytes)),
+        (b"LEAKHUNT_MAX_FRAMES", Some(frames.as_slice())),
+        (b"LEAKHUNT_TRACE_CHILDREN", Some(b"1")),
+        (b"LEAKHUNT_FREERES", Some(if cfg.freeres { b"1" } else { b"0" })),
+    ];
+    for (name, value) in ours {
+        if let (None, Some(v)) = (has(name), value) {
+            let mut s = name.to_vec();
+            s.push(b'=');
+            s.extend_from_slice(v);
+            strings.push(s);
+        }
+    }
+    if strings.is_empty() {
+        return None;
+    }
+    for s in strings.iter_mut() {
+        s.push(0);
+    }
+    let mut ptrs: Vec<*const core::ffi::c_char> = Vec::new();
+    for (k, _) in entries.iter().enumerate() {
+        if Some(k) != drop_idx {
+            // SAFETY: k < i, inside the caller's array.
+            ptrs.push(unsafe { *envp.add(k) });
+        }
+    }
+    ptrs.extend(strings.iter().map(|s| s.as_ptr().cast()));
+    ptrs.push(core::ptr::null());
+    Some(ChildEnv { _strings: strings, ptrs })
+}

@@ -418,6 +418,7 @@ fn exit_record(kind: ExitKind) -> [u8; RECORD_HEADER_LEN + 5] {
     let (k, v) = match kind {
         ExitKind::Code(c) => (0u8, c),
         ExitKind::Signal(s) => (1u8, s),
+        ExitKind::Exec => (2u8, 0),
     };
     r[8] = k;
     r[9..13].copy_from_slice(&v.to_le_bytes());

@@ -37,6 +37,12 @@ pub fn mmap_anon(len: usize) -> *mut u8 {
     }
 }
 
+/// The calling process's pid from the kernel (libc's getpid may be stale in a vfork child).
+pub fn getpid() -> u32 {
+    // SAFETY: getpid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_getpid) as u32 }
+}
+
 pub fn gettid() -> u32 {
     // SAFETY: gettid has no arguments and cannot fail.
     unsafe { libc::syscall(libc::SYS_gettid) as u32 }

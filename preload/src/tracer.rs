@@ -10,7 +10,7 @@ extern crate alloc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use leakhunt_format::slot::{self, Slot, FRAMES_PER_SLOT};
 use leakhunt_format::{encode, AllocFn, ExitKind, FreeFn, StopReason};
@@ -122,7 +122,11 @@ fn build_header() {
         pointer_size: 8,
         little_endian: true,
         // SAFETY: getpid/getppid cannot fail.
-        pid: unsafe { libc::getpid() } as u32,
+        pid: {
+            let pid = sys::getpid();
+            PID.store(pid, Ordering::Relaxed);
+            pid
+        },
         // SAFETY: as above.
         ppid: unsafe { libc::getppid() } as u32,
         start_realtime_ns: sys::realtime_ns(),
@@ -435,6 +439,9 @@ pub extern "C" fn constructor() {
     });
 }
 
+/// This process's pid, as recorded in the trace header.
+static PID: AtomicU32 = AtomicU32::new(0);
+
 static EXIT_CODE: AtomicU64 = AtomicU64::new(u64::MAX);
 
 /// `exit(code)` seen: remember the code for the exit record.
@@ -489,6 +496,27 @@ pub fn on_underscore_exit(code: i32) {
         return;
     }
     out::finish(Some(ExitKind::Code(code)), false);
+}
+
+/// The process is about to replace its image (execve and friends): everything recorded so far goes
+/// out, closed by an exit record saying so. If the exec fails, recording simply goes on and the
+/// reader treats the record as void. A vfork child shares our memory but is another process: it
+/// must not touch the parent's rings or stream.
+pub fn before_exec() {
+    if STATE.load(Ordering::Acquire) != READY || sys::getpid() != PID.load(Ordering::Relaxed) {
+        return;
+    }
+    out::finish(Some(ExitKind::Exec), false);
+}
+
+/// The environment to exec with: the caller's, plus what traces the new image when children are
+/// traced and the caller's environment lacks it (see `env::child_env`).
+pub fn exec_env(envp: *const *const core::ffi::c_char) -> Option<crate::env::ChildEnv> {
+    if STATE.load(Ordering::Acquire) != READY || !config::get().trace_children {
+        return None;
+    }
+    let g = Guard::enter()?;
+    g.forwarding(|| crate::env::child_env(envp))
 }
 
 /// A fatal signal is about to kill the process.

@@ -133,11 +133,29 @@ impl Scratch {
             .get_or_insert_with(|| Box::new(UnwindContext::new()));
         let mut r = match cfi_rule(m, addr, ctx) {
             Some(r) => r,
+            None if in_loader_entry(addr) => none(Kind::End),
             None => none(Kind::NoInfo),
         };
         r.own = m.own;
         r
     }
+}
+
+/// The dynamic loader's entry code (`_start` / `_dl_start_user`) has no CFI: it is the outermost
+/// frame of constructors and of allocations made before `main`'s own `_start` runs, so a walk that
+/// reaches it is complete. Bytes past the entry point that count as that stub.
+const LOADER_ENTRY_STUB: u64 = 256;
+
+fn in_loader_entry(addr: u64) -> bool {
+    // SAFETY: getauxval only reads the auxiliary vector.
+    let base = unsafe { libc::getauxval(libc::AT_BASE) };
+    if base == 0 {
+        return false;
+    }
+    // SAFETY: AT_BASE is where the loader's ELF header is mapped; e_entry is the u64 at offset 24
+    // of an Elf64_Ehdr, inside its first page.
+    let entry = base + unsafe { ((base + 24) as *const u64).read_unaligned() };
+    addr >= entry && addr < entry + LOADER_ENTRY_STUB
 }
 
 fn cfi_rule(m: &ModuleInfo, addr: u64, ctx: &mut UnwindContext<usize>) -> Option<Rule> {
