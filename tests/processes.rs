@@ -1,1 +1,220 @@
-//! placeholder
+//! Processes: fork, exec, signals, real programs, and what happens when the trace cannot be
+//! written. The traced program's output and status never change.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+
+use leakhunt_tests::*;
+use serde_json::json;
+
+#[test]
+fn fork_child_is_reported_only_with_trace_children() {
+    let exe = fixture("fork.c");
+    let plain_out = plain(&exe, &[]);
+    let r = run(&exe, &[], &[]);
+    assert_eq!(r.out.stdout, plain_out.stdout);
+    assert_eq!(r.stdout(), "child exited 7\n");
+    assert_eq!(r.out.status.code(), Some(0));
+    assert_eq!(r.processes().len(), 1, "the child is not traced by default");
+    let p = r.main();
+    let l = leak_at(p, "fork.c", line_of("fork.c", "FK_PARENT"));
+    assert_eq!((l.bytes, l.blocks), (111, 1));
+    assert_eq!(leaks(p).len(), 1);
+
+    let r = run(&exe, &[], &["--trace-children"]);
+    assert_eq!(r.out.stdout, plain_out.stdout);
+    assert_eq!(r.out.status.code(), Some(0));
+    let ps = r.processes();
+    assert_eq!(ps.len(), 2, "{:#}", r.json);
+    let (parent, child) = (&ps[0], &ps[1]);
+    assert_eq!(child["ppid"], parent["pid"]);
+    assert_eq!(child["exit"], json!({"code": 7}));
+    assert_eq!(parent["exit"], json!({"code": 0}));
+    let l = leak_at(child, "fork.c", line_of("fork.c", "FK_CHILD"));
+    assert_eq!((l.bytes, l.blocks), (222, 1));
+    assert_eq!(summary(child, "allocs"), 1, "the child's report starts at the fork");
+    let l = leak_at(parent, "fork.c", line_of("fork.c", "FK_PARENT"));
+    assert_eq!((l.bytes, l.blocks), (111, 1));
+    assert_eq!(leaks(parent).len(), 1, "the parent is undisturbed by its child");
+}
+
+#[test]
+fn exec_ends_the_old_image_and_traces_the_new_one_only_with_trace_children() {
+    let exe = fixture("exec.c");
+    for how in ["execl", "execle", "execvp"] {
+        let expected = if how == "execle" { "le" } else { "-" };
+        let want = format!("child ran with 1 2 3 4 5 6 LH_TEST={expected}\n");
+        let r = run(&exe, &[how], &[]);
+        assert_eq!(r.stdout(), want, "{how}");
+        assert_eq!(r.out.status.code(), Some(0));
+        assert_eq!(r.processes().len(), 1, "{how}: the new image is not traced by default");
+        let p = r.main();
+        assert_eq!(p["exit"], json!({"exec": true}), "{how}");
+        let l = leak_at(p, "exec.c", line_of("exec.c", "EX_PARENT"));
+        assert_eq!((l.bytes, l.blocks), (123, 1), "{how}");
+        assert!(r.stderr().contains("process replaced its image by exec"), "{}", r.stderr());
+
+        let r = run(&exe, &[how], &["--trace-children"]);
+        assert_eq!(r.stdout(), want, "{how}");
+        assert_eq!(r.out.status.code(), Some(0));
+        let ps = r.processes();
+        assert_eq!(ps.len(), 2, "{how}: {:#}", r.json);
+        assert_eq!(ps[0]["pid"], ps[1]["pid"], "exec keeps the pid");
+        assert_eq!(ps[0]["exit"], json!({"exec": true}));
+        assert_eq!(ps[1]["exit"], json!({"code": 0}));
+        assert_eq!(ps[1]["argv"][1], "child");
+        let l = leak_at(&ps[1], "exec.c", line_of("exec.c", "EX_CHILD"));
+        assert_eq!((l.bytes, l.blocks), (321, 1), "{how}");
+        assert!(leaks(&ps[1]).iter().all(|l| l.bytes != 123), "{how}: images are separate");
+    }
+}
+
+#[test]
+fn sigkill_keeps_what_reached_leakhunt() {
+    let exe = fixture("exits.c");
+    let r = run(&exe, &["kill"], &[]);
+    assert_eq!(r.stdout(), "ending by kill\n");
+    assert_eq!(r.out.status.signal(), Some(9));
+    let p = r.main();
+    assert_eq!(p["exit"], json!({"signal": 9}), "leakhunt run saw the death in waitpid");
+    let big = leak_at(p, "exits.c", line_of("exits.c", "EXIT_BIG"));
+    assert_eq!((big.bytes, big.blocks), (4096, 1));
+    let small = leak_at(p, "exits.c", line_of("exits.c", "EXIT_SMALL"));
+    assert_eq!((small.bytes, small.blocks), (17, 1));
+}
+
+#[test]
+fn the_programs_own_signal_handling_is_untouched() {
+    let exe = fixture("signals.c");
+    let want = plain(&exe, &[]);
+    assert_eq!(want.status.code(), Some(9));
+    let r = run(&exe, &[], &[]);
+    assert_eq!(r.out.stdout, want.stdout);
+    assert_eq!(
+        r.stdout(),
+        "previous SIGSEGV handler is default: 1\nSIGUSR1 handled: 1\ncaught SIGSEGV\n"
+    );
+    assert_eq!(r.out.status.code(), Some(9));
+    assert_eq!(r.main()["exit"], json!({"code": 9}));
+    let l = leak_at(r.main(), "signals.c", line_of("signals.c", "SG_LEAK"));
+    assert_eq!((l.bytes, l.blocks), (64, 1));
+}
+
+/// A Debian program, by its packaged path (falling back to PATH).
+fn debian(name: &str) -> std::path::PathBuf {
+    let p = Path::new("/usr/bin").join(name);
+    assert!(p.is_file(), "{} is missing: install the Debian package (.ci/run does)", p.display());
+    p
+}
+
+fn same_as_plain(program: &Path, args: &[&str], stdin: Option<&str>) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let go = |cmd: &mut Command| {
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut i = child.stdin.take().unwrap();
+        i.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        drop(i);
+        child.wait_with_output().unwrap()
+    };
+    let a = go(&mut Command::new(program));
+    let json = std::env::temp_dir().join(format!("lh-real-{}.json", std::process::id()));
+    let b = go(Command::new(leakhunt()).args(["run", "-q", "--json"]).arg(&json).arg("--").arg(program));
+    assert_eq!(
+        String::from_utf8_lossy(&a.stdout),
+        String::from_utf8_lossy(&b.stdout),
+        "{program:?} {args:?}: stdout differs under leakhunt"
+    );
+    assert_eq!(a.status.code(), b.status.code(), "{program:?} {args:?}: status differs");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let p = &report["processes"][0];
+    assert!(summary(p, "allocs") > 50, "{program:?} was traced: {}", p["summary"]);
+    assert_eq!(summary(p, "events_lost"), 0);
+    assert_eq!(p["unwind"]["stopped_early"], json!({}), "{program:?}: every stack unwound fully");
+    assert_eq!(p["exit"], json!({"code": a.status.code().unwrap()}));
+}
+
+#[test]
+fn python3_output_and_status_unchanged() {
+    let py = debian("python3");
+    let script = "import json, collections, threading\n\
+        d = collections.Counter(str(i % 97) for i in range(200000))\n\
+        out = []\n\
+        t = [threading.Thread(target=lambda k=k: out.append(sum(range(k * 10000)))) for k in range(4)]\n\
+        [x.start() for x in t]; [x.join() for x in t]\n\
+        print(json.dumps(sorted(d.items())[:5]), sorted(out))\n\
+        raise SystemExit(3)\n";
+    same_as_plain(&py, &["-c", script], None);
+}
+
+#[test]
+fn sqlite3_output_and_status_unchanged() {
+    let sql = "create table t(a integer primary key, b text);\n\
+        with recursive c(x) as (select 1 union all select x+1 from c where x < 20000)\n\
+        insert into t select x, hex(randomblob(16)) || x from c;\n\
+        create index tb on t(b);\n\
+        select count(*), sum(a), min(length(b)), max(length(b)) from t;\n\
+        select a from t where a % 5000 = 0 order by a;\n";
+    same_as_plain(&debian("sqlite3"), &[":memory:"], Some(sql));
+}
+
+#[test]
+fn perl_output_and_status_unchanged() {
+    same_as_plain(
+        &debian("perl"),
+        &["-e", "my %h; $h{$_ % 1000} .= 'x' x ($_ % 7) for 1..100000; print scalar(keys %h), ' ', length(join('', values %h)), qq(\\n); exit 4"],
+        None,
+    );
+}
+
+#[test]
+fn git_output_and_status_unchanged() {
+    let git = debian("git");
+    same_as_plain(&git, &["hash-object", "--stdin"], Some("leakhunt\n"));
+    same_as_plain(&git, &["version"], None);
+}
+
+#[test]
+fn a_dead_cli_or_an_unwritable_trace_never_stops_the_program() {
+    let exe = fixture("many.c");
+    let want = plain(&exe, &[]);
+    // The CLI accepts, then goes away at once.
+    let dir = std::env::temp_dir().join(format!("lh-gone-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("s");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let t = std::thread::spawn(move || {
+        let (c, _) = listener.accept().unwrap();
+        drop(c);
+    });
+    let out = Command::new(&exe).env("LD_PRELOAD", preload()).env("LEAKHUNT_SOCKET", &sock).output().unwrap();
+    t.join().unwrap();
+    assert_eq!(out.stdout, want.stdout);
+    assert_eq!(out.status.code(), want.status.code());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("leakhunt:").count(), 1, "told once: {err}");
+    assert!(err.contains("the leakhunt CLI went away"), "{err}");
+    assert!(err.contains("the program continues untraced"), "{err}");
+
+    // A trace file that cannot be created.
+    let out = Command::new(&exe)
+        .env("LD_PRELOAD", preload())
+        .env("LEAKHUNT_OUT", dir.join("no/such/dir/t.trace"))
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, want.stdout);
+    assert_eq!(out.status.code(), want.status.code());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("leakhunt:").count(), 1, "told once: {err}");
+    assert!(err.contains("cannot create the trace file: no such file or directory"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -98,6 +98,24 @@ fn fail(errno: i32, what: &str) {
     }
 }
 
+/// strerror without the allocation and locale machinery, for the errors output can meet.
+fn errno_text(errno: i32) -> &'static str {
+    match errno {
+        libc::ENOSPC => "no space left on device",
+        libc::EDQUOT => "disk quota exceeded",
+        libc::EFBIG => "file too large",
+        libc::EIO => "input/output error",
+        libc::EPIPE | libc::ECONNRESET => "the leakhunt CLI went away",
+        libc::ECONNREFUSED => "the leakhunt CLI is not listening",
+        libc::ENOENT => "no such file or directory",
+        libc::EACCES | libc::EPERM => "permission denied",
+        libc::EEXIST => "file exists",
+        libc::EROFS => "read-only file system",
+        libc::EMFILE | libc::ENFILE => "too many open files",
+        _ => "error",
+    }
+}
+
 fn fmt_err<'a>(buf: &'a mut [u8; 200], what: &str, errno: i32) -> &'a str {
     let mut n = 0;
     let mut push = |b: &[u8]| {
@@ -106,6 +124,8 @@ fn fmt_err<'a>(buf: &'a mut [u8; 200], what: &str, errno: i32) -> &'a str {
         n += k;
     };
     push(what.as_bytes());
+    push(b": ");
+    push(errno_text(errno).as_bytes());
     push(b" (errno ");
     let mut d = [0u8; 12];
     let mut i = d.len();
@@ -206,7 +226,7 @@ fn ensure_open() -> bool {
 }
 
 /// Creates `LEAKHUNT_OUT` (with `%p` replaced by the pid) or `leakhunt.<pid>.trace`, O_EXCL and
-/// mode 0600; if the name exists, `<name>.<pid>` is tried.
+/// mode 0600; if the name exists, `<name>.2`, `<name>.3`, ... are tried.
 fn open_trace_file(path: &mut [u8; 4200], cfg: &config::Config) -> i32 {
     // SAFETY: getpid cannot fail.
     let pid = unsafe { libc::getpid() } as u32;
@@ -250,12 +270,19 @@ fn open_trace_file(path: &mut [u8; 4200], cfg: &config::Config) -> i32 {
     };
     path[n] = 0;
     let fd = open(path);
+    // The name is taken (an earlier image of this pid before exec, or a fixed LEAKHUNT_OUT):
+    // try `<name>.2`, `<name>.3`, ...
+    let base = n;
+    let mut fd = fd;
+    let mut k = 2u32;
     // SAFETY: errno is thread-local.
-    if fd < 0 && unsafe { *libc::__errno_location() } == libc::EEXIST {
+    while fd < 0 && unsafe { *libc::__errno_location() } == libc::EEXIST && k < 1000 {
+        n = base;
         put(path, b".", &mut n);
-        put(path, pid_s, &mut n);
+        put(path, fmt_u32(&mut digits, k), &mut n);
         path[n] = 0;
-        return open(path);
+        fd = open(path);
+        k += 1;
     }
     fd
 }
