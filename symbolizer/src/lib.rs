@@ -26,6 +26,57 @@ struct Module {
     dwarf: Option<addr2line::Loader>,
     /// Symbol-table source (the module itself).
     symbols: Option<addr2line::Loader>,
+    /// Function symbols (symtab and dynsym) sorted by address, aliases included, for choosing
+    /// the public name of a C function the way valgrind does.
+    functions: Vec<(u64, u64, String)>,
+}
+
+/// Function symbols of an ELF file: (address, size, name), sorted by address.
+fn function_symbols(obj: &object::File) -> Vec<(u64, u64, String)> {
+    use object::{ObjectSymbol, SymbolKind};
+    let mut v: Vec<(u64, u64, String)> = obj
+        .symbols()
+        .chain(obj.dynamic_symbols())
+        .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0)
+        .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_string())))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Of several names for one address, the one valgrind shows: unversioned, fewest leading
+/// underscores, then shortest, then alphabetical (`asprintf` over `___asprintf` and `_IO_asprintf`).
+fn preferred<'a>(names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    names.min_by_key(|n| {
+        (
+            n.contains('@'),
+            n.len() - n.trim_start_matches('_').len(),
+            n.len(),
+            n.to_string(),
+        )
+    })
+}
+
+impl Module {
+    /// The public alias of the C function that `dwarf_name` names at `vaddr`, if it has one.
+    fn public_name(&self, dwarf_name: &str, vaddr: u64) -> Option<&str> {
+        if dwarf_name.starts_with("_Z") || dwarf_name.starts_with("_R") {
+            return None;
+        }
+        let f = &self.functions;
+        let i = f.partition_point(|s| s.0 <= vaddr).checked_sub(1)?;
+        let start = f[i].0;
+        let at: Vec<&(u64, u64, String)> = f.iter().filter(|s| s.0 == start).collect();
+        if !at.iter().any(|s| vaddr < s.0 + s.1.max(1)) {
+            return None;
+        }
+        let bare = |n: &str| n.trim_start_matches("__GI_").trim_start_matches('_').to_string();
+        if !at.iter().any(|s| s.2 == dwarf_name || bare(&s.2) == bare(dwarf_name)) {
+            return None;
+        }
+        preferred(at.iter().map(|s| s.2.as_str()))
+    }
 }
 
 /// Symbolizer with a per-module cache.
@@ -39,22 +90,6 @@ pub struct Symbolizer {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn file_build_id(data: &[u8]) -> Option<Vec<u8>> {
-    let obj = object::File::parse(data).ok()?;
-    obj.build_id().ok().flatten().map(|b| b.to_vec())
-}
-
-fn has_dwarf(path: &Path) -> bool {
-    let Ok(data) = std::fs::read(path) else {
-        return false;
-    };
-    let Ok(obj) = object::File::parse(&*data) else {
-        return false;
-    };
-    obj.section_by_name(".debug_info")
-        .is_some_and(|s| s.size() > 0)
 }
 
 impl Symbolizer {
@@ -114,11 +149,25 @@ impl Symbolizer {
                 return Module {
                     dwarf: None,
                     symbols: None,
+                    functions: vec![],
+                };
+            }
+        };
+        let obj = match object::File::parse(&*data) {
+            Ok(o) => o,
+            Err(e) => {
+                self.warn(format!(
+                    "{path} is not a readable ELF file ({e}); its frames show as module+offset"
+                ));
+                return Module {
+                    dwarf: None,
+                    symbols: None,
+                    functions: vec![],
                 };
             }
         };
         if !build_id.is_empty() {
-            match file_build_id(&data) {
+            match obj.build_id().ok().flatten().map(<[u8]>::to_vec) {
                 Some(found) if found != build_id => {
                     self.warn(format!(
                         "build-id mismatch for {path}: expected {}, found {}; the file changed since the run, its frames show as module+offset",
@@ -128,19 +177,29 @@ impl Symbolizer {
                     return Module {
                         dwarf: None,
                         symbols: None,
+                        functions: vec![],
                     };
                 }
                 _ => {}
             }
         }
+        let functions = function_symbols(&obj);
+        let has_dwarf = obj
+            .section_by_name(".debug_info")
+            .is_some_and(|s| s.size() > 0);
+        drop(obj);
         let symbols = addr2line::Loader::new(p).ok();
-        let dwarf = if has_dwarf(p) {
+        let dwarf = if has_dwarf {
             None
         } else {
             self.debug_file(p, build_id, &data)
                 .and_then(|d| addr2line::Loader::new(d).ok())
         };
-        Module { dwarf, symbols }
+        Module {
+            dwarf,
+            symbols,
+            functions,
+        }
     }
 
     /// Frames for the instruction at `vaddr` (an address in the module's ELF address space, i.e.
@@ -179,16 +238,15 @@ impl Symbolizer {
         }
         if let Some(last) = out.last_mut() {
             last.inlined = false;
-            // glibc's DWARF names its internal aliases (`__GI___strdup`); the exported symbol at
-            // the same address is the name users know (`strdup`), and the one valgrind shows.
-            if last
+            // glibc's DWARF names internal aliases (`__GI___strdup`, `___asprintf`); the exported
+            // symbol at the same address is the name users know (`strdup`, `asprintf`), and the
+            // one valgrind shows.
+            if let Some(name) = last
                 .function
                 .as_deref()
-                .is_some_and(|f| f.starts_with("__GI_"))
+                .and_then(|f| m.public_name(f, vaddr))
             {
-                if let Some(name) = m.symbols.as_ref().and_then(|l| l.find_symbol(vaddr)) {
-                    last.function = Some(name.to_string());
-                }
+                last.function = Some(name.to_string());
             }
         }
         if out.iter().all(|f| f.function.is_none()) {
@@ -239,5 +297,18 @@ mod tests {
             "{:?}",
             s.warnings()
         );
+    }
+}
+
+#[cfg(test)]
+mod alias_tests {
+    use super::preferred;
+
+    #[test]
+    fn valgrinds_choice_among_aliases() {
+        let names = ["___asprintf", "_IO_asprintf", "asprintf", "__asprintf"];
+        assert_eq!(preferred(names.into_iter()), Some("asprintf"));
+        assert_eq!(preferred(["__strdup", "strdup"].into_iter()), Some("strdup"));
+        assert_eq!(preferred(["memcpy@GLIBC_2.2.5", "memcpy_x"].into_iter()), Some("memcpy_x"));
     }
 }

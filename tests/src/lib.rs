@@ -254,7 +254,14 @@ pub fn valgrind_definite(program: &Path, args: &[&str]) -> Vec<Leak> {
                 (get("fn").to_string(), get("file").to_string(), get("line").parse().unwrap_or(0))
             })
             .collect();
-        v.push(Leak { bytes: num("leakedbytes"), blocks: num("leakedblocks"), frames });
+        // <leakedbytes> counts the blocks this record points to as well ("137 (56 direct, 81
+        // indirect) bytes"); leakhunt reports each block under its own stack, so compare direct.
+        let text = xw.children().find(|c| c.has_tag_name("text")).and_then(|c| c.text()).unwrap_or("");
+        let direct = text
+            .split_once(" (")
+            .and_then(|(_, rest)| rest.split_once(" direct"))
+            .map(|(n, _)| n.replace(',', "").parse::<u64>().unwrap());
+        v.push(Leak { bytes: direct.unwrap_or_else(|| num("leakedbytes")), blocks: num("leakedblocks"), frames });
     }
     v
 }
