@@ -42,6 +42,9 @@ pub struct Summary {
     pub frees: u64,
     pub bytes_allocated: u64,
     pub events_lost: u64,
+    /// Frees of addresses the trace never saw allocated (blocks from before tracing began, such
+    /// as a fork child's inherited heap); counted in `frees`.
+    pub unmatched_frees: u64,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -270,6 +273,12 @@ pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcR
             p.totals.reused_live
         ));
     }
+    if p.totals.unknown_frees > 0 {
+        warnings.push(format!(
+            "{} frees of blocks allocated before tracing began (for a fork child: inherited from the parent)",
+            p.totals.unknown_frees
+        ));
+    }
     let lost = p.events_lost();
     if lost > 0 {
         warnings.push(format!(
@@ -301,6 +310,7 @@ pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcR
             frees: p.totals.frees,
             bytes_allocated: p.totals.bytes_allocated,
             events_lost: lost,
+            unmatched_frees: p.totals.unknown_frees,
         },
         unwind,
         leaks,
