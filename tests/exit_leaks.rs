@@ -16,7 +16,14 @@ fn simple_leaks_exact_bytes_blocks_and_lines() {
     let a = leak_at(p, "simple.c", line_of("simple.c", "SIMPLE_A"));
     assert_eq!((a.bytes, a.blocks), (300, 3));
     assert_eq!(frames_fn(&a), ["make_a", "main"]);
-    assert_eq!(a.frames[1], ("main".into(), "simple.c".into(), line_of("simple.c", "SIMPLE_MAIN_A")));
+    assert_eq!(
+        a.frames[1],
+        (
+            "main".into(),
+            "simple.c".into(),
+            line_of("simple.c", "SIMPLE_MAIN_A")
+        )
+    );
     let b = leak_at(p, "simple.c", line_of("simple.c", "SIMPLE_B"));
     assert_eq!((b.bytes, b.blocks), (40, 1));
     assert_eq!(frames_fn(&b), ["make_b", "helper", "main"]);
@@ -30,7 +37,12 @@ fn simple_leaks_exact_bytes_blocks_and_lines() {
     assert_eq!(p["unwind"]["stopped_early"], serde_json::json!({}));
     // Leaks are listed largest first, and the text report says so too.
     assert_eq!(leaks(p)[0].bytes, 300);
-    assert!(r.stderr().contains("300 bytes in 3 blocks are unfreed at exit (record 1 of 2)"), "{}", r.stderr());
+    assert!(
+        r.stderr()
+            .contains("300 bytes in 3 blocks are unfreed at exit (record 1 of 2)"),
+        "{}",
+        r.stderr()
+    );
     assert!(r.stderr().contains("in use at exit: 340 bytes in 4 blocks"));
 }
 
@@ -43,7 +55,9 @@ fn leak_free_program_reports_nothing() {
     assert!(leaks(p).is_empty(), "{:#?}", leaks(p));
     assert_eq!(summary(p, "in_use_at_exit_bytes"), 0);
     assert_eq!(summary(p, "allocs"), summary(p, "frees"));
-    assert!(r.stderr().contains("All heap blocks were freed -- no leaks are possible"));
+    assert!(r
+        .stderr()
+        .contains("All heap blocks were freed -- no leaks are possible"));
 }
 
 #[test]
@@ -73,7 +87,13 @@ fn every_aligned_allocator() {
     assert_eq!(r.stdout(), "1 1\n");
     let p = r.main();
     let f = "aligned.c";
-    for (m, bytes) in [("AL_POSIX", 200), ("AL_ALIGNED", 256), ("AL_MEMALIGN", 96), ("AL_VALLOC", 1000), ("AL_PVALLOC", 8192)] {
+    for (m, bytes) in [
+        ("AL_POSIX", 200),
+        ("AL_ALIGNED", 256),
+        ("AL_MEMALIGN", 96),
+        ("AL_VALLOC", 1000),
+        ("AL_PVALLOC", 8192),
+    ] {
         let l = leak_at(p, f, line_of(f, m));
         assert_eq!((l.bytes, l.blocks), (bytes, 1), "{m}");
         assert_eq!(l.frames[0].0, "main", "{m}");
@@ -93,7 +113,10 @@ fn libc_allocates_on_the_programs_behalf() {
     assert_eq!(s.frames[0].0, "strdup");
     let a = leak_at(p, f, line_of(f, "LC_ASPRINTF"));
     assert_eq!(a.blocks, 1);
-    assert_eq!(a.bytes, 10, "asprintf shrinks its buffer to the string: {a:?}");
+    assert_eq!(
+        a.bytes, 10,
+        "asprintf shrinks its buffer to the string: {a:?}"
+    );
     let g = leak_at(p, f, line_of(f, "LC_GETLINE"));
     assert_eq!((g.bytes, g.blocks), (120, 1));
     assert_eq!(g.frames[0].0, "getdelim");
@@ -110,7 +133,14 @@ fn leak_in_a_library_closed_before_exit_still_symbolizes() {
     let l = leak_at(p, "plugin.c", line_of("plugin.c", "PLUGIN_LEAK"));
     assert_eq!((l.bytes, l.blocks), (77, 1));
     assert_eq!(l.frames[0].0, "plugin_leak");
-    assert_eq!(l.frames[1], ("main".into(), "dlopen_main.c".into(), line_of("dlopen_main.c", "DL_CALL")));
+    assert_eq!(
+        l.frames[1],
+        (
+            "main".into(),
+            "dlopen_main.c".into(),
+            line_of("dlopen_main.c", "DL_CALL")
+        )
+    );
 }
 
 #[test]
@@ -122,13 +152,27 @@ fn leaks_from_four_threads_and_cross_thread_frees() {
     let line = line_of("threads.c", "TH_LEAK");
     let mut got: Vec<(u64, u64)> = leaks(p)
         .iter()
-        .filter(|l| l.frames.first().is_some_and(|f| f.0 == "worker" && f.2 == line))
+        .filter(|l| {
+            l.frames
+                .first()
+                .is_some_and(|f| f.0 == "worker" && f.2 == line)
+        })
         .map(|l| (l.bytes, l.blocks))
         .collect();
     got.sort();
     // Thread i leaks i+1 blocks of 1000+i bytes; all stacks are identical, so one record.
-    assert_eq!(got, vec![(1000 + 2 * 1001 + 3 * 1002 + 4 * 1003, 10)], "{:#?}", leaks(p));
-    assert_eq!(leaks(p).len(), 1, "the 4000 handed-off blocks are all freed: {:#?}", leaks(p));
+    assert_eq!(
+        got,
+        vec![(1000 + 2 * 1001 + 3 * 1002 + 4 * 1003, 10)],
+        "{:#?}",
+        leaks(p)
+    );
+    assert_eq!(
+        leaks(p).len(),
+        1,
+        "the 4000 handed-off blocks are all freed: {:#?}",
+        leaks(p)
+    );
     assert_eq!(summary(p, "events_lost"), 0);
 }
 
@@ -145,7 +189,11 @@ fn cxx_new_new_array_and_container_members() {
     let a = leak_at(p, f, line_of(f, "CX_NEWARR"));
     assert_eq!((a.bytes, a.blocks), (100, 1));
     let h = leak_at(p, f, line_of(f, "CX_HOLDER"));
-    assert_eq!((h.bytes, h.blocks), (56, 1), "sizeof(Holder) = vector 24 + string 32");
+    assert_eq!(
+        (h.bytes, h.blocks),
+        (56, 1),
+        "sizeof(Holder) = vector 24 + string 32"
+    );
     assert_eq!(h.frames[0].0, "make_holder");
     let v = leak_at(p, f, line_of(f, "CX_VEC"));
     assert_eq!((v.bytes, v.blocks), (40, 1));
@@ -163,10 +211,16 @@ fn rust_box_leak_and_mem_forget() {
     let f = "rust_leak.rs";
     let b = leak_at(p, f, line_of(f, "RS_BOX"));
     assert_eq!((b.bytes, b.blocks), (64, 1));
-    assert!(b.frames.iter().any(|fr| fr.0 == "rust_leak::leak_box"), "{b:#?}");
+    assert!(
+        b.frames.iter().any(|fr| fr.0 == "rust_leak::leak_box"),
+        "{b:#?}"
+    );
     let v = leak_at(p, f, line_of(f, "RS_FORGET"));
     assert_eq!((v.bytes, v.blocks), (128, 1));
-    assert!(v.frames.iter().any(|fr| fr.0 == "rust_leak::forget_vec"), "{v:#?}");
+    assert!(
+        v.frames.iter().any(|fr| fr.0 == "rust_leak::forget_vec"),
+        "{v:#?}"
+    );
 }
 
 #[test]
@@ -197,7 +251,11 @@ fn exit_by_return_exit_and_underscore_exit() {
     for (how, code) in [("return", 5), ("exit", 3), ("_exit", 4)] {
         let r = exits(how);
         assert_eq!(r.out.status.code(), Some(code), "{how}");
-        assert_eq!(r.main()["exit"], serde_json::json!({ "code": code }), "{how}");
+        assert_eq!(
+            r.main()["exit"],
+            serde_json::json!({ "code": code }),
+            "{how}"
+        );
     }
 }
 
@@ -206,9 +264,22 @@ fn abort_and_sigsegv_are_reported_and_reraised() {
     use std::os::unix::process::ExitStatusExt;
     for (how, sig) in [("abort", 6), ("segv", 11)] {
         let r = exits(how);
-        assert_eq!(r.out.status.signal(), Some(sig), "leakhunt dies of the program's signal: {how}");
-        assert_eq!(r.main()["exit"], serde_json::json!({ "signal": sig }), "{how}");
+        assert_eq!(
+            r.out.status.signal(),
+            Some(sig),
+            "leakhunt dies of the program's signal: {how}"
+        );
+        assert_eq!(
+            r.main()["exit"],
+            serde_json::json!({ "signal": sig }),
+            "{how}"
+        );
         let name = if sig == 6 { "SIGABRT" } else { "SIGSEGV" };
-        assert!(r.stderr().contains(&format!("process was killed by {name}")), "{}", r.stderr());
+        assert!(
+            r.stderr()
+                .contains(&format!("process was killed by {name}")),
+            "{}",
+            r.stderr()
+        );
     }
 }

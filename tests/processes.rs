@@ -33,10 +33,18 @@ fn fork_child_is_reported_only_with_trace_children() {
     assert_eq!(parent["exit"], json!({"code": 0}));
     let l = leak_at(child, "fork.c", line_of("fork.c", "FK_CHILD"));
     assert_eq!((l.bytes, l.blocks), (222, 1));
-    assert_eq!(summary(child, "allocs"), 1, "the child's report starts at the fork");
+    assert_eq!(
+        summary(child, "allocs"),
+        1,
+        "the child's report starts at the fork"
+    );
     let l = leak_at(parent, "fork.c", line_of("fork.c", "FK_PARENT"));
     assert_eq!((l.bytes, l.blocks), (111, 1));
-    assert_eq!(leaks(parent).len(), 1, "the parent is undisturbed by its child");
+    assert_eq!(
+        leaks(parent).len(),
+        1,
+        "the parent is undisturbed by its child"
+    );
 }
 
 #[test]
@@ -48,12 +56,20 @@ fn exec_ends_the_old_image_and_traces_the_new_one_only_with_trace_children() {
         let r = run(&exe, &[how], &[]);
         assert_eq!(r.stdout(), want, "{how}");
         assert_eq!(r.out.status.code(), Some(0));
-        assert_eq!(r.processes().len(), 1, "{how}: the new image is not traced by default");
+        assert_eq!(
+            r.processes().len(),
+            1,
+            "{how}: the new image is not traced by default"
+        );
         let p = r.main();
         assert_eq!(p["exit"], json!({"exec": true}), "{how}");
         let l = leak_at(p, "exec.c", line_of("exec.c", "EX_PARENT"));
         assert_eq!((l.bytes, l.blocks), (123, 1), "{how}");
-        assert!(r.stderr().contains("process replaced its image by exec"), "{}", r.stderr());
+        assert!(
+            r.stderr().contains("process replaced its image by exec"),
+            "{}",
+            r.stderr()
+        );
 
         let r = run(&exe, &[how], &["--trace-children"]);
         assert_eq!(r.stdout(), want, "{how}");
@@ -66,7 +82,10 @@ fn exec_ends_the_old_image_and_traces_the_new_one_only_with_trace_children() {
         assert_eq!(ps[1]["argv"][1], "child");
         let l = leak_at(&ps[1], "exec.c", line_of("exec.c", "EX_CHILD"));
         assert_eq!((l.bytes, l.blocks), (321, 1), "{how}");
-        assert!(leaks(&ps[1]).iter().all(|l| l.bytes != 123), "{how}: images are separate");
+        assert!(
+            leaks(&ps[1]).iter().all(|l| l.bytes != 123),
+            "{how}: images are separate"
+        );
     }
 }
 
@@ -77,7 +96,11 @@ fn sigkill_keeps_what_reached_leakhunt() {
     assert_eq!(r.stdout(), "ending by kill\n");
     assert_eq!(r.out.status.signal(), Some(9));
     let p = r.main();
-    assert_eq!(p["exit"], json!({"signal": 9}), "leakhunt run saw the death in waitpid");
+    assert_eq!(
+        p["exit"],
+        json!({"signal": 9}),
+        "leakhunt run saw the death in waitpid"
+    );
     let big = leak_at(p, "exits.c", line_of("exits.c", "EXIT_BIG"));
     assert_eq!((big.bytes, big.blocks), (4096, 1));
     let small = leak_at(p, "exits.c", line_of("exits.c", "EXIT_SMALL"));
@@ -104,7 +127,11 @@ fn the_programs_own_signal_handling_is_untouched() {
 /// A Debian program, by its packaged path (falling back to PATH).
 fn debian(name: &str) -> std::path::PathBuf {
     let p = Path::new("/usr/bin").join(name);
-    assert!(p.is_file(), "{} is missing: install the Debian package (.ci/run does)", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: install the Debian package (.ci/run does)",
+        p.display()
+    );
     p
 }
 
@@ -126,19 +153,35 @@ fn same_as_plain(program: &Path, args: &[&str], stdin: Option<&str>) {
     };
     let a = go(&mut Command::new(program));
     let json = std::env::temp_dir().join(format!("lh-real-{}.json", std::process::id()));
-    let b = go(Command::new(leakhunt()).args(["run", "-q", "--json"]).arg(&json).arg("--").arg(program));
+    let b = go(Command::new(leakhunt())
+        .args(["run", "-q", "--json"])
+        .arg(&json)
+        .arg("--")
+        .arg(program));
     assert_eq!(
         String::from_utf8_lossy(&a.stdout),
         String::from_utf8_lossy(&b.stdout),
         "{program:?} {args:?}: stdout differs under leakhunt"
     );
-    assert_eq!(a.status.code(), b.status.code(), "{program:?} {args:?}: status differs");
+    assert_eq!(
+        a.status.code(),
+        b.status.code(),
+        "{program:?} {args:?}: status differs"
+    );
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
     let p = &report["processes"][0];
-    assert!(summary(p, "allocs") > 50, "{program:?} was traced: {}", p["summary"]);
+    assert!(
+        summary(p, "allocs") > 50,
+        "{program:?} was traced: {}",
+        p["summary"]
+    );
     assert_eq!(summary(p, "events_lost"), 0);
-    assert_eq!(p["unwind"]["stopped_early"], json!({}), "{program:?}: every stack unwound fully");
+    assert_eq!(
+        p["unwind"]["stopped_early"],
+        json!({}),
+        "{program:?}: every stack unwound fully"
+    );
     assert_eq!(p["exit"], json!({"code": a.status.code().unwrap()}));
 }
 
@@ -196,7 +239,11 @@ fn a_dead_cli_or_an_unwritable_trace_never_stops_the_program() {
         let (c, _) = listener.accept().unwrap();
         drop(c);
     });
-    let out = Command::new(&exe).env("LD_PRELOAD", preload()).env("LEAKHUNT_SOCKET", &sock).output().unwrap();
+    let out = Command::new(&exe)
+        .env("LD_PRELOAD", preload())
+        .env("LEAKHUNT_SOCKET", &sock)
+        .output()
+        .unwrap();
     t.join().unwrap();
     assert_eq!(out.stdout, want.stdout);
     assert_eq!(out.status.code(), want.status.code());
@@ -215,6 +262,9 @@ fn a_dead_cli_or_an_unwritable_trace_never_stops_the_program() {
     assert_eq!(out.status.code(), want.status.code());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("leakhunt:").count(), 1, "told once: {err}");
-    assert!(err.contains("cannot create the trace file: no such file or directory"), "{err}");
+    assert!(
+        err.contains("cannot create the trace file: no such file or directory"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

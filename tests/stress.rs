@@ -7,11 +7,19 @@ use leakhunt_tests::*;
 fn counts(stdout: &str) -> (u64, u64, u64) {
     let w: Vec<&str> = stdout.split_whitespace().collect();
     assert_eq!((w[0], w[2], w[4]), ("allocs", "frees", "bytes"), "{stdout}");
-    (w[1].parse().unwrap(), w[3].parse().unwrap(), w[5].parse().unwrap())
+    (
+        w[1].parse().unwrap(),
+        w[3].parse().unwrap(),
+        w[5].parse().unwrap(),
+    )
 }
 
 fn totals(p: &Value) -> (u64, u64, u64) {
-    (summary(p, "allocs"), summary(p, "frees"), summary(p, "bytes_allocated"))
+    (
+        summary(p, "allocs"),
+        summary(p, "frees"),
+        summary(p, "bytes_allocated"),
+    )
 }
 
 #[test]
@@ -29,11 +37,19 @@ fn four_threads_million_ops_exact_counts() {
     assert!(pa > 2_000_000 && pa == pf, "{}", r.stdout());
     let p = r.main();
     let (la, lf, lb) = totals(p);
-    assert_eq!((la - ba, lf - bf, lb - bb), (pa, pf, pb), "leakhunt minus baseline = program");
+    assert_eq!(
+        (la - ba, lf - bf, lb - bb),
+        (pa, pf, pb),
+        "leakhunt minus baseline = program"
+    );
     assert_eq!(summary(p, "in_use_at_exit_bytes"), 0);
     assert_eq!(summary(p, "in_use_at_exit_blocks"), 0);
     assert_eq!(summary(p, "events_lost"), 0);
-    assert_eq!(summary(p, "unmatched_frees"), 0, "every free matched its allocation");
+    assert_eq!(
+        summary(p, "unmatched_frees"),
+        0,
+        "every free matched its allocation"
+    );
     assert!(leaks(p).is_empty());
     assert_eq!(p["warnings"], serde_json::json!([]));
     assert_eq!(p["unwind"]["stopped_early"], serde_json::json!({}));

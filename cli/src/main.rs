@@ -72,12 +72,7 @@ pub struct RunArgs {
     #[command(flatten)]
     out: Output,
     /// The program and its arguments.
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "PROGRAM"
-    )]
+    #[arg(required = true, trailing_var_arg = true, value_name = "PROGRAM")]
     command: Vec<std::ffi::OsString>,
 }
 

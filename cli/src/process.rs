@@ -257,10 +257,8 @@ mod tests {
     fn stream(batches: &[(u32, Vec<slot::Slot>)]) -> Vec<u8> {
         let mut out = encode::preamble().to_vec();
         for (tid, slots) in batches {
-            encode::batch_header(*tid, slots.len() * 32, &mut out);
-            for s in slots {
-                out.extend_from_slice(s);
-            }
+            let bytes: Vec<u8> = slots.iter().flatten().copied().collect();
+            encode::batch(*tid, &bytes, &mut out);
         }
         out
     }

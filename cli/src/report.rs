@@ -292,11 +292,16 @@ pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcR
             ));
         }
     }
-    let exit = p.exit.filter(|e| *e == ExitKind::Exec).or(exit).or(p.exit).map(|e| match e {
-        ExitKind::Code(c) => Exit::Code(c),
-        ExitKind::Signal(s) => Exit::Signal(s),
-        ExitKind::Exec => Exit::Exec(true),
-    });
+    let exit = p
+        .exit
+        .filter(|e| *e == ExitKind::Exec)
+        .or(exit)
+        .or(p.exit)
+        .map(|e| match e {
+            ExitKind::Code(c) => Exit::Code(c),
+            ExitKind::Signal(s) => Exit::Signal(s),
+            ExitKind::Exec => Exit::Exec(true),
+        });
     ProcReport {
         pid: p.pid(),
         ppid: h.map_or(0, |h| h.ppid),
@@ -334,7 +339,7 @@ fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -430,7 +435,9 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
             "process was killed by {} ({sig})",
             signal_name(*sig)
         )),
-        Some(Exit::Exec(_)) => line("process replaced its image by exec (figures are at that point)"),
+        Some(Exit::Exec(_)) => {
+            line("process replaced its image by exec (figures are at that point)")
+        }
         None => line("process end not recorded (the trace stops without an exit record)"),
     }
     for w in &r.warnings {

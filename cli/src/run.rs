@@ -230,7 +230,11 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     let mut streams: Vec<Stream> = rx.try_iter().collect();
     // The program first, then its children by pid; images of one pid (exec) in the order they ran.
     streams.sort_by_key(|s| {
-        let start = s.process.header.as_ref().map_or(0, |h| h.start_monotonic_ns);
+        let start = s
+            .process
+            .header
+            .as_ref()
+            .map_or(0, |h| h.start_monotonic_ns);
         (s.process.pid() != child_pid, s.process.pid(), start)
     });
     let mut images: std::collections::HashMap<u32, u32> = Default::default();

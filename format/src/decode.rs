@@ -6,7 +6,10 @@ use std::fmt;
 use std::io::{self, Read};
 
 use crate::encode::{Header, Module};
-use crate::{tag, ExitKind, MAGIC, MAX_RECORD_LEN, PREAMBLE_LEN, RECORD_HEADER_LEN, VERSION};
+use crate::{
+    record_crc, tag, ExitKind, CRC_LEN, FLAG_CRC, MAGIC, MAX_RECORD_LEN, PREAMBLE_LEN,
+    RECORD_HEADER_LEN, VERSION,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -261,6 +264,29 @@ impl<R: Read> Reader<R> {
             });
         }
         let base = start + RECORD_HEADER_LEN as u64;
+        let flags = u16::from_le_bytes([h[2], h[3]]);
+        if flags & FLAG_CRC != 0 {
+            if payload.len() < CRC_LEN {
+                return Err(DecodeError::Corrupt {
+                    offset: start,
+                    what: format!(
+                        "record tag {tag} is flagged as checksummed but has only {len} bytes"
+                    ),
+                });
+            }
+            let body = payload.len() - CRC_LEN;
+            let stored = u32::from_le_bytes(payload[body..].try_into().unwrap());
+            let computed = record_crc(&[&h, &payload[..body]]);
+            if stored != computed {
+                return Err(DecodeError::Corrupt {
+                    offset: start,
+                    what: format!(
+                        "record tag {tag} ({len} bytes) fails its checksum: stored {stored:08x}, computed {computed:08x}"
+                    ),
+                });
+            }
+            payload.truncate(body);
+        }
         decode_payload(tag, payload, base).map(Some)
     }
 }
@@ -282,7 +308,7 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         }
     };
     if t == tag::BATCH {
-        if payload.len() < 8 || (payload.len() - 8) % crate::slot::SLOT_LEN != 0 {
+        if payload.len() < 8 || !(payload.len() - 8).is_multiple_of(crate::slot::SLOT_LEN) {
             return Err(DecodeError::Corrupt {
                 offset: base,
                 what: format!(
@@ -428,8 +454,7 @@ mod tests {
             &mut out,
         );
         let slot = crate::slot::nop(0);
-        encode::batch_header(9, slot.len(), &mut out);
-        out.extend_from_slice(&slot);
+        encode::batch(9, &slot, &mut out);
         encode::exit(ExitKind::Signal(11), &mut out);
         out
     }
@@ -495,8 +520,7 @@ mod tests {
     #[test]
     fn unknown_records_are_skipped() {
         let mut data = encode::preamble().to_vec();
-        encode::frame_header(999, 3, &mut data);
-        data.extend_from_slice(&[1, 2, 3]);
+        encode::sealed(999, &[&[1, 2, 3]], &mut data);
         encode::exit(ExitKind::Code(3), &mut data);
         let (recs, err) = all(&data);
         assert_eq!(err, None);
@@ -507,6 +531,26 @@ mod tests {
                 Record::Exit(ExitKind::Code(3))
             ]
         );
+    }
+
+    #[test]
+    fn records_without_a_checksum_are_read_too() {
+        let mut data = encode::preamble().to_vec();
+        data.extend_from_slice(&[5, 0, 0, 0, 5, 0, 0, 0, 0, 3, 0, 0, 0]);
+        let (recs, err) = all(&data);
+        assert_eq!(err, None);
+        assert_eq!(recs, vec![Record::Exit(ExitKind::Code(3))]);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_caught() {
+        let data = sample();
+        for at in crate::PREAMBLE_LEN..data.len() {
+            let mut d = data.clone();
+            d[at] ^= 0x10;
+            let (recs, err) = all(&d);
+            assert!(err.is_some(), "flip at {at} went unnoticed: {recs:?}");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Encoding of top-level records. Used by the preload's writer thread (never by a hook), so it
 //! may allocate.
 
-use crate::{tag, ExitKind, MAGIC, RECORD_HEADER_LEN, VERSION};
+use crate::{record_crc, sealed_header, tag, ExitKind, MAGIC, VERSION};
 
 /// The 16-byte file preamble.
 pub fn preamble() -> [u8; 16] {
@@ -47,20 +47,24 @@ impl RecordBuf {
         self.buf.extend_from_slice(v);
         self
     }
-    /// Appends the framed record (`tag`, flags 0, length, payload) to `out` and clears self.
+    /// Appends the framed, checksummed record to `out` and clears self.
     pub fn finish_into(&mut self, tag: u16, out: &mut Vec<u8>) {
-        frame_header(tag, self.buf.len(), out);
-        out.extend_from_slice(&self.buf);
+        sealed(tag, &[&self.buf], out);
         self.buf.clear();
     }
 }
 
-/// Appends a record frame header for a payload of `len` bytes.
-pub fn frame_header(tag: u16, len: usize, out: &mut Vec<u8>) {
-    let mut h = [0u8; RECORD_HEADER_LEN];
-    h[..2].copy_from_slice(&tag.to_le_bytes());
-    h[4..8].copy_from_slice(&(len as u32).to_le_bytes());
-    out.extend_from_slice(&h);
+/// Appends a checksummed record whose body is the concatenation of `parts`.
+pub fn sealed(tag: u16, parts: &[&[u8]], out: &mut Vec<u8>) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let h = sealed_header(tag, len);
+    let mut all: Vec<&[u8]> = vec![&h];
+    all.extend_from_slice(parts);
+    let crc = record_crc(&all);
+    for p in all {
+        out.extend_from_slice(p);
+    }
+    out.extend_from_slice(&crc.to_le_bytes());
 }
 
 /// Process description written first in every trace.
@@ -132,11 +136,11 @@ pub fn module_unload(id: u32, gen: u32, out: &mut Vec<u8>) {
     r.u32(id).u32(gen).finish_into(tag::MODULE_UNLOAD, out);
 }
 
-/// Frame header of a batch whose slots (`slots_len` bytes) the caller appends itself.
-pub fn batch_header(tid: u32, slots_len: usize, out: &mut Vec<u8>) {
-    frame_header(tag::BATCH, 8 + slots_len, out);
-    out.extend_from_slice(&tid.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
+/// A batch record: the thread id, then `slots` (whole 32-byte slots).
+pub fn batch(tid: u32, slots: &[u8], out: &mut Vec<u8>) {
+    let mut head = [0u8; 8];
+    head[..4].copy_from_slice(&tid.to_le_bytes());
+    sealed(tag::BATCH, &[&head, slots], out);
 }
 
 pub fn exit(kind: ExitKind, out: &mut Vec<u8>) {

@@ -3,7 +3,8 @@
 //! reader (the CLI).
 //!
 //! A trace is `MAGIC`, a little-endian `u32` version and a `u32` of zero, then framed records:
-//! `u16 tag, u16 flags, u32 len, payload[len]`. Readers skip tags they do not know. Allocation
+//! `u16 tag, u16 flags, u32 len, payload[len]`, each sealed by a CRC-32 (flag [`FLAG_CRC`]).
+//! Readers skip tags they do not know. Allocation
 //! events travel inside `Batch` records as fixed 32-byte slots (see [`slot`]).
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,30 @@ pub const VERSION: u32 = 1;
 pub const PREAMBLE_LEN: usize = 16;
 /// Size of a record's frame header: tag, flags, payload length.
 pub const RECORD_HEADER_LEN: usize = 8;
+/// Record flag: the record's last 4 bytes are the CRC-32 (IEEE) of its frame header and of the
+/// bytes before them; `len` counts them. Every record this version writes carries it.
+pub const FLAG_CRC: u16 = 1;
+/// Bytes of a record checksum.
+pub const CRC_LEN: usize = 4;
+
+/// CRC-32 of a record's parts: the 8-byte frame header first, then the body before the checksum.
+pub fn record_crc(parts: &[&[u8]]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize()
+}
+
+/// Frame header of a checksummed record whose body (without the checksum) is `body_len` bytes.
+pub fn sealed_header(tag: u16, body_len: usize) -> [u8; RECORD_HEADER_LEN] {
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    h[..2].copy_from_slice(&tag.to_le_bytes());
+    h[2..4].copy_from_slice(&FLAG_CRC.to_le_bytes());
+    h[4..8].copy_from_slice(&((body_len + CRC_LEN) as u32).to_le_bytes());
+    h
+}
+
 /// Largest payload a reader accepts; larger lengths are corruption.
 pub const MAX_RECORD_LEN: u32 = 64 << 20;
 

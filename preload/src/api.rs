@@ -109,9 +109,12 @@ pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, siz
     // SAFETY: forwarding the caller's contract.
     let rc = unsafe { real::posix_memalign(out, align, size) };
     if let Some(g) = &g {
-        // SAFETY: on success libc wrote the block's address to `out`.
-        if rc == 0 && unsafe { !(*out).is_null() } {
-            tracer::on_alloc(g, AllocFn::PosixMemalign, unsafe { *out }, size);
+        if rc == 0 {
+            // SAFETY: on success libc wrote the block's address to `out`.
+            let p = unsafe { *out };
+            if !p.is_null() {
+                tracer::on_alloc(g, AllocFn::PosixMemalign, p, size);
+            }
         }
     }
     rc

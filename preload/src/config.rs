@@ -68,7 +68,7 @@ pub fn load() {
         copy_into(&mut c.out, env(c"LEAKHUNT_OUT"));
         c.max_frames = max_frames;
         c.trace_children = trace_children;
-        c.freeres = !env(c"LEAKHUNT_FREERES").is_some_and(|s| s.to_bytes() == b"0");
+        c.freeres = env(c"LEAKHUNT_FREERES").is_none_or(|s| s.to_bytes() != b"0");
     }
     LOADED.store(true, Ordering::Release);
 }

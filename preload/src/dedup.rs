@@ -92,36 +92,35 @@ pub fn intern(frames: &[u64], meta: u64) -> (u32, bool) {
         // SAFETY: `i < SLOTS`, inside the entries mapping.
         let e = unsafe { &*t.entries.add(i) };
         let cur = e.hash.load(Ordering::Acquire);
-        if cur == 0 {
-            if e.hash
+        if cur == 0
+            && e.hash
                 .compare_exchange(0, h, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
-            {
-                let off = t
-                    .arena_next
-                    .fetch_add(frames.len() as u64, Ordering::Relaxed);
-                if off + frames.len() as u64 > ARENA_WORDS {
-                    e.meta.store(u64::MAX, Ordering::Relaxed);
-                    e.id.store(u32::MAX, Ordering::Release);
-                    OVERFLOW.fetch_add(1, Ordering::Relaxed);
-                    return (0, false);
-                }
-                // SAFETY: `[off, off + len)` was reserved for this entry alone and is in the arena.
-                unsafe {
-                    core::ptr::copy_nonoverlapping(
-                        frames.as_ptr(),
-                        t.arena.add(off as usize),
-                        frames.len(),
-                    )
-                };
-                e.meta.store(meta, Ordering::Relaxed);
-                e.off.store(off, Ordering::Relaxed);
-                let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-                e.id.store(id, Ordering::Release);
-                return (id, true);
+        {
+            let off = t
+                .arena_next
+                .fetch_add(frames.len() as u64, Ordering::Relaxed);
+            if off + frames.len() as u64 > ARENA_WORDS {
+                e.meta.store(u64::MAX, Ordering::Relaxed);
+                e.id.store(u32::MAX, Ordering::Release);
+                OVERFLOW.fetch_add(1, Ordering::Relaxed);
+                return (0, false);
             }
-            // Lost the race for this slot: fall through and examine it.
+            // SAFETY: `[off, off + len)` was reserved for this entry alone and is in the arena.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    frames.as_ptr(),
+                    t.arena.add(off as usize),
+                    frames.len(),
+                )
+            };
+            e.meta.store(meta, Ordering::Relaxed);
+            e.off.store(off, Ordering::Relaxed);
+            let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+            e.id.store(id, Ordering::Release);
+            return (id, true);
         }
+        // Empty slot taken by another thread meanwhile, or occupied: examine it.
         if e.hash.load(Ordering::Acquire) == h {
             let mut id = e.id.load(Ordering::Acquire);
             while id == 0 {

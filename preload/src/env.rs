@@ -78,7 +78,11 @@ pub fn child_env(envp: *const *const core::ffi::c_char) -> Option<ChildEnv> {
         entries.push(unsafe { CStr::from_ptr(p) }.to_bytes());
         i += 1;
     }
-    let has = |name: &[u8]| entries.iter().position(|e| e.starts_with(name) && e.get(name.len()) == Some(&b'='));
+    let has = |name: &[u8]| {
+        entries
+            .iter()
+            .position(|e| e.starts_with(name) && e.get(name.len()) == Some(&b'='))
+    };
     let mut strings: Vec<Vec<u8>> = Vec::new();
     let mut drop_idx: Option<usize> = None;
     match has(b"LD_PRELOAD") {
@@ -106,7 +110,10 @@ pub fn child_env(envp: *const *const core::ffi::c_char) -> Option<ChildEnv> {
         (b"LEAKHUNT_OUT", cfg.out_path().map(CStr::to_bytes)),
         (b"LEAKHUNT_MAX_FRAMES", Some(frames.as_slice())),
         (b"LEAKHUNT_TRACE_CHILDREN", Some(b"1")),
-        (b"LEAKHUNT_FREERES", Some(if cfg.freeres { b"1" } else { b"0" })),
+        (
+            b"LEAKHUNT_FREERES",
+            Some(if cfg.freeres { b"1" } else { b"0" }),
+        ),
     ];
     for (name, value) in ours {
         if let (None, Some(v)) = (has(name), value) {
@@ -131,5 +138,8 @@ pub fn child_env(envp: *const *const core::ffi::c_char) -> Option<ChildEnv> {
     }
     ptrs.extend(strings.iter().map(|s| s.as_ptr().cast()));
     ptrs.push(core::ptr::null());
-    Some(ChildEnv { _strings: strings, ptrs })
+    Some(ChildEnv {
+        _strings: strings,
+        ptrs,
+    })
 }

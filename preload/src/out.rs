@@ -10,7 +10,7 @@ extern crate alloc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
-use leakhunt_format::{encode, stat, tag, ExitKind, RECORD_HEADER_LEN};
+use leakhunt_format::{encode, sealed_header, stat, tag, ExitKind};
 
 use crate::modules::{self, Change};
 use crate::ring::{self, FREE, ORPHAN};
@@ -348,12 +348,10 @@ fn send_modules() {
         match &log[o.modules_sent] {
             Change::Load(m) => push(&m.record),
             Change::Unload { id, gen } => {
-                let mut r = [0u8; RECORD_HEADER_LEN + 8];
-                r[..2].copy_from_slice(&tag::MODULE_UNLOAD.to_le_bytes());
-                r[4..8].copy_from_slice(&8u32.to_le_bytes());
-                r[8..12].copy_from_slice(&id.to_le_bytes());
-                r[12..16].copy_from_slice(&gen.to_le_bytes());
-                push(&r);
+                let mut body = [0u8; 8];
+                body[..4].copy_from_slice(&id.to_le_bytes());
+                body[4..].copy_from_slice(&gen.to_le_bytes());
+                push_sealed(tag::MODULE_UNLOAD, &[&body]);
             }
         }
         o.modules_sent += 1;
@@ -369,13 +367,9 @@ fn drain_all() {
             if !open {
                 return;
             }
-            let mut h = [0u8; RECORD_HEADER_LEN + 8];
-            h[..2].copy_from_slice(&tag::BATCH.to_le_bytes());
-            h[4..8].copy_from_slice(&((8 + a.len() + b.len()) as u32).to_le_bytes());
-            h[8..12].copy_from_slice(&tid.to_le_bytes());
-            push(&h);
-            push(a);
-            push(b);
+            let mut head = [0u8; 8];
+            head[..4].copy_from_slice(&tid.to_le_bytes());
+            push_sealed(tag::BATCH, &[&head, a, b]);
         });
         if !open && n > 0 {
             EVENTS_LOST.fetch_add(n, Ordering::Relaxed);
@@ -415,7 +409,21 @@ pub fn make_room() {
     }
 }
 
-fn stats_record(buf: &mut [u8; 128]) -> &[u8] {
+/// Appends one checksummed record whose body is the concatenation of `parts`.
+fn push_sealed(tag: u16, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let h = sealed_header(tag, len);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h);
+    push(&h);
+    for p in parts {
+        crc.update(p);
+        push(p);
+    }
+    push(&crc.finalize().to_le_bytes());
+}
+
+fn push_stats() {
     let pairs = [
         (stat::EVENTS_LOST, EVENTS_LOST.load(Ordering::Relaxed)),
         (stat::RING_WAITS, RING_WAITS.load(Ordering::Relaxed)),
@@ -426,30 +434,26 @@ fn stats_record(buf: &mut [u8; 128]) -> &[u8] {
             ring::RING_COUNT.load(Ordering::Relaxed) as u64,
         ),
     ];
-    let len = 4 + pairs.len() * 12;
-    buf[..2].copy_from_slice(&tag::STATS.to_le_bytes());
-    buf[4..8].copy_from_slice(&(len as u32).to_le_bytes());
-    buf[8..12].copy_from_slice(&(pairs.len() as u32).to_le_bytes());
+    let mut body = [0u8; 4 + 5 * 12];
+    body[..4].copy_from_slice(&(pairs.len() as u32).to_le_bytes());
     for (i, (k, v)) in pairs.iter().enumerate() {
-        let at = 12 + i * 12;
-        buf[at..at + 4].copy_from_slice(&k.to_le_bytes());
-        buf[at + 4..at + 12].copy_from_slice(&v.to_le_bytes());
+        let at = 4 + i * 12;
+        body[at..at + 4].copy_from_slice(&k.to_le_bytes());
+        body[at + 4..at + 12].copy_from_slice(&v.to_le_bytes());
     }
-    &buf[..RECORD_HEADER_LEN + len]
+    push_sealed(tag::STATS, &[&body]);
 }
 
-fn exit_record(kind: ExitKind) -> [u8; RECORD_HEADER_LEN + 5] {
-    let mut r = [0u8; RECORD_HEADER_LEN + 5];
-    r[..2].copy_from_slice(&tag::EXIT.to_le_bytes());
-    r[4..8].copy_from_slice(&5u32.to_le_bytes());
+fn push_exit(kind: ExitKind) {
     let (k, v) = match kind {
         ExitKind::Code(c) => (0u8, c),
         ExitKind::Signal(s) => (1u8, s),
         ExitKind::Exec => (2u8, 0),
     };
-    r[8] = k;
-    r[9..13].copy_from_slice(&v.to_le_bytes());
-    r
+    let mut body = [0u8; 5];
+    body[0] = k;
+    body[1..].copy_from_slice(&v.to_le_bytes());
+    push_sealed(tag::EXIT, &[&body]);
 }
 
 /// Flushes everything and appends the statistics and, if known, how the process ends. From a
@@ -462,10 +466,9 @@ pub fn finish(exit: Option<ExitKind>, in_signal: bool) {
     };
     let Some(_l) = guard else { return };
     flush_locked();
-    let mut sb = [0u8; 128];
-    push(stats_record(&mut sb));
+    push_stats();
     if let Some(k) = exit {
-        push(&exit_record(k));
+        push_exit(k);
     }
     write_buf();
 }

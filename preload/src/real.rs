@@ -212,7 +212,7 @@ pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -
         // SAFETY: forwarding the caller's contract.
         Some(f) => unsafe { f(out, align, size) },
         None => {
-            if !align.is_power_of_two() || align % core::mem::size_of::<usize>() != 0 {
+            if !align.is_power_of_two() || !align.is_multiple_of(core::mem::size_of::<usize>()) {
                 return libc::EINVAL;
             }
             let p = boot_alloc(size, align);

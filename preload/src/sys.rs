@@ -240,7 +240,11 @@ impl MapsParser {
                             continue;
                         }
                     } as usize;
-                    let v = if self.field == 0 { &mut self.start } else { &mut self.end };
+                    let v = if self.field == 0 {
+                        &mut self.start
+                    } else {
+                        &mut self.end
+                    };
                     *v = v.wrapping_shl(4) | d;
                 }
                 _ => {}
@@ -256,10 +260,13 @@ mod tests {
 
     #[test]
     fn maps_parser_finds_the_mapping_across_chunk_splits() {
-        let text = b"55d0a000-55d0b000 r--p 0 08:01 1 /bin/x\n7ffd1000-7ffd3000 rw-p 0 00:00 0 [stack]\n";
+        let text =
+            b"55d0a000-55d0b000 r--p 0 08:01 1 /bin/x\n7ffd1000-7ffd3000 rw-p 0 00:00 0 [stack]\n";
         for split in 0..text.len() {
             let mut p = MapsParser::default();
-            let r = p.feed(&text[..split], 0x7ffd2000).or_else(|| p.feed(&text[split..], 0x7ffd2000));
+            let r = p
+                .feed(&text[..split], 0x7ffd2000)
+                .or_else(|| p.feed(&text[split..], 0x7ffd2000));
             assert_eq!(r, Some(0x7ffd3000), "split at {split}");
         }
         let mut p = MapsParser::default();

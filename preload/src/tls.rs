@@ -121,6 +121,7 @@ impl Guard {
     }
 
     #[inline(always)]
+    #[allow(clippy::mut_from_ref)] // the state is per thread, reached only through this guard
     pub fn ts(&self) -> &mut ThreadState {
         // SAFETY: the guard lives on the owning thread (it is !Send) and is the only Rust-level
         // accessor while alive: nested hooks bail out on `depth` before forming a reference.

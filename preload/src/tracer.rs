@@ -157,7 +157,7 @@ fn thread_ring(ts: &mut ThreadState) -> Option<&'static ring::Ring> {
         if !ts.ring.is_null() && ts.life == LIFE_ACTIVE {
             // SAFETY: associates a non-null value with our key so its destructor runs at thread
             // exit; may allocate (second-level key storage), which depth 2 passes through.
-            unsafe { libc::pthread_setspecific(THREAD_KEY, 1 as *const c_void) };
+            unsafe { libc::pthread_setspecific(THREAD_KEY, core::ptr::dangling::<c_void>()) };
         }
         ts.depth = 1;
         if ts.ring.is_null() {

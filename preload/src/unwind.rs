@@ -244,7 +244,7 @@ pub fn capture(s: &mut Scratch, max: usize, stack_hi: usize) -> (usize, StopReas
     let hi = stack_hi as u64;
     let max = max.min(MAX_FRAMES_CAP);
     let read = |addr: u64| -> Option<u64> {
-        if addr < lo || addr.checked_add(8)? > hi || addr % 8 != 0 {
+        if addr < lo || addr.checked_add(8)? > hi || !addr.is_multiple_of(8) {
             return None;
         }
         // SAFETY: `[lo, hi)` is this thread's mapped stack (lo is our own sp, hi its top), and the

@@ -71,8 +71,15 @@ impl Module {
         if !at.iter().any(|s| vaddr < s.0 + s.1.max(1)) {
             return None;
         }
-        let bare = |n: &str| n.trim_start_matches("__GI_").trim_start_matches('_').to_string();
-        if !at.iter().any(|s| s.2 == dwarf_name || bare(&s.2) == bare(dwarf_name)) {
+        let bare = |n: &str| {
+            n.trim_start_matches("__GI_")
+                .trim_start_matches('_')
+                .to_string()
+        };
+        if !at
+            .iter()
+            .any(|s| s.2 == dwarf_name || bare(&s.2) == bare(dwarf_name))
+        {
             return None;
         }
         preferred(at.iter().map(|s| s.2.as_str()))
@@ -308,7 +315,13 @@ mod alias_tests {
     fn valgrinds_choice_among_aliases() {
         let names = ["___asprintf", "_IO_asprintf", "asprintf", "__asprintf"];
         assert_eq!(preferred(names.into_iter()), Some("asprintf"));
-        assert_eq!(preferred(["__strdup", "strdup"].into_iter()), Some("strdup"));
-        assert_eq!(preferred(["memcpy@GLIBC_2.2.5", "memcpy_x"].into_iter()), Some("memcpy_x"));
+        assert_eq!(
+            preferred(["__strdup", "strdup"].into_iter()),
+            Some("strdup")
+        );
+        assert_eq!(
+            preferred(["memcpy@GLIBC_2.2.5", "memcpy_x"].into_iter()),
+            Some("memcpy_x")
+        );
     }
 }

@@ -12,7 +12,10 @@ use std::sync::Mutex;
 pub use serde_json::Value;
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Directory holding `leakhunt` and `libleakhunt.so`.
@@ -62,8 +65,14 @@ pub const CFLAGS: &[&str] = &[
 ];
 
 fn run_ok(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Compiles `tests/fixtures/<src>` (once per test process; rebuilt when the source is newer).
@@ -73,11 +82,16 @@ pub fn fixture(src: &str) -> PathBuf {
     let stem = Path::new(src).file_stem().unwrap().to_str().unwrap();
     let ext = Path::new(src).extension().unwrap().to_str().unwrap();
     let (out, extra): (PathBuf, Vec<&str>) = match (stem, ext) {
-        ("plugin", "c") => (fixtures_out().join("libplugin.so"), vec!["-shared", "-fPIC"]),
+        ("plugin", "c") => (
+            fixtures_out().join("libplugin.so"),
+            vec!["-shared", "-fPIC"],
+        ),
         _ => (fixtures_out().join(stem), vec![]),
     };
     let fresh = |o: &Path| {
-        let (Ok(a), Ok(b)) = (std::fs::metadata(o), std::fs::metadata(&input)) else { return false };
+        let (Ok(a), Ok(b)) = (std::fs::metadata(o), std::fs::metadata(&input)) else {
+            return false;
+        };
         a.modified().unwrap() >= b.modified().unwrap()
     };
     if fresh(&out) {
@@ -86,9 +100,23 @@ pub fn fixture(src: &str) -> PathBuf {
     let tmp = out.with_extension(format!("tmp{}", std::process::id()));
     match ext {
         "c" => run_ok(
-            Command::new("gcc").args(CFLAGS).args(&extra).arg("-o").arg(&tmp).arg(&input).arg("-lpthread").arg("-ldl"),
+            Command::new("gcc")
+                .args(CFLAGS)
+                .args(&extra)
+                .arg("-o")
+                .arg(&tmp)
+                .arg(&input)
+                .arg("-lpthread")
+                .arg("-ldl"),
         ),
-        "cpp" => run_ok(Command::new("g++").args(CFLAGS).args(&extra).arg("-o").arg(&tmp).arg(&input)),
+        "cpp" => run_ok(
+            Command::new("g++")
+                .args(CFLAGS)
+                .args(&extra)
+                .arg("-o")
+                .arg(&tmp)
+                .arg(&input),
+        ),
         "rs" => run_ok(
             Command::new("rustc")
                 .args(["--edition", "2021", "-g", "-C", "opt-level=1", "-o"])
@@ -139,7 +167,14 @@ impl Run {
 fn scratch(name: &str) -> PathBuf {
     let d = workspace().join("target/test-scratch");
     std::fs::create_dir_all(&d).unwrap();
-    d.join(format!("{name}-{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""))
+    d.join(
+        format!(
+            "{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        )
+        .replace(['(', ')'], ""),
+    )
 }
 
 /// `leakhunt run [opts] --json F -- program args`.
@@ -156,10 +191,16 @@ pub fn run(program: &Path, args: &[&str], opts: &[&str]) -> Run {
         .output()
         .unwrap();
     let text = std::fs::read_to_string(&json).unwrap_or_else(|e| {
-        panic!("no JSON report ({e}); stderr:\n{}", String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "no JSON report ({e}); stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     });
     let _ = std::fs::remove_file(&json);
-    Run { out, json: serde_json::from_str(&text).unwrap() }
+    Run {
+        out,
+        json: serde_json::from_str(&text).unwrap(),
+    }
 }
 
 /// The program alone, for comparing output and status.
@@ -207,13 +248,23 @@ pub fn leaks(process: &Value) -> Vec<Leak> {
 /// The leak whose stack contains `function` at `file:line` (exactly one must).
 pub fn leak_at(process: &Value, file: &str, line: u32) -> Leak {
     let all = leaks(process);
-    let hits: Vec<&Leak> = all.iter().filter(|l| l.frames.iter().any(|f| f.1 == file && f.2 == line)).collect();
-    assert_eq!(hits.len(), 1, "expected one leak through {file}:{line}, found {}: {all:#?}", hits.len());
+    let hits: Vec<&Leak> = all
+        .iter()
+        .filter(|l| l.frames.iter().any(|f| f.1 == file && f.2 == line))
+        .collect();
+    assert_eq!(
+        hits.len(),
+        1,
+        "expected one leak through {file}:{line}, found {}: {all:#?}",
+        hits.len()
+    );
     hits[0].clone()
 }
 
 pub fn summary(process: &Value, key: &str) -> u64 {
-    process["summary"][key].as_u64().unwrap_or_else(|| panic!("summary.{key} missing: {process}"))
+    process["summary"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("summary.{key} missing: {process}"))
 }
 
 /// valgrind memcheck's definitely-lost records for a program: (bytes, blocks, frames) with
@@ -221,47 +272,85 @@ pub fn summary(process: &Value, key: &str) -> u64 {
 pub fn valgrind_definite(program: &Path, args: &[&str]) -> Vec<Leak> {
     let xml = scratch("vg.xml");
     let out = Command::new("valgrind")
-        .args(["--leak-check=full", "--xml=yes", "--child-silent-after-fork=yes"])
+        .args([
+            "--leak-check=full",
+            "--xml=yes",
+            "--child-silent-after-fork=yes",
+        ])
         .arg(format!("--xml-file={}", xml.display()))
         .arg(program)
         .args(args)
         .output()
         .expect("valgrind is installed on every machine here");
-    let text = std::fs::read_to_string(&xml)
-        .unwrap_or_else(|e| panic!("valgrind wrote no XML ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    let text = std::fs::read_to_string(&xml).unwrap_or_else(|e| {
+        panic!(
+            "valgrind wrote no XML ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
     let _ = std::fs::remove_file(&xml);
     let doc = roxmltree::Document::parse(&text).unwrap();
     let mut v = Vec::new();
     for e in doc.descendants().filter(|n| n.has_tag_name("error")) {
-        let kind = e.children().find(|c| c.has_tag_name("kind")).and_then(|k| k.text()).unwrap_or("");
+        let kind = e
+            .children()
+            .find(|c| c.has_tag_name("kind"))
+            .and_then(|k| k.text())
+            .unwrap_or("");
         if kind != "Leak_DefinitelyLost" {
             continue;
         }
         let xw = e.children().find(|c| c.has_tag_name("xwhat")).unwrap();
         let num = |tag: &str| -> u64 {
-            xw.children().find(|c| c.has_tag_name(tag)).and_then(|c| c.text()).unwrap().parse().unwrap()
+            xw.children()
+                .find(|c| c.has_tag_name(tag))
+                .and_then(|c| c.text())
+                .unwrap()
+                .parse()
+                .unwrap()
         };
         let stack = e.children().find(|c| c.has_tag_name("stack")).unwrap();
         let frames = stack
             .children()
             .filter(|c| c.has_tag_name("frame"))
             .filter(|f| {
-                let obj = f.children().find(|c| c.has_tag_name("obj")).and_then(|c| c.text()).unwrap_or("");
+                let obj = f
+                    .children()
+                    .find(|c| c.has_tag_name("obj"))
+                    .and_then(|c| c.text())
+                    .unwrap_or("");
                 !obj.contains("vgpreload")
             })
             .map(|f| {
-                let get = |t: &str| f.children().find(|c| c.has_tag_name(t)).and_then(|c| c.text()).unwrap_or("");
-                (get("fn").to_string(), get("file").to_string(), get("line").parse().unwrap_or(0))
+                let get = |t: &str| {
+                    f.children()
+                        .find(|c| c.has_tag_name(t))
+                        .and_then(|c| c.text())
+                        .unwrap_or("")
+                };
+                (
+                    get("fn").to_string(),
+                    get("file").to_string(),
+                    get("line").parse().unwrap_or(0),
+                )
             })
             .collect();
         // <leakedbytes> counts the blocks this record points to as well ("137 (56 direct, 81
         // indirect) bytes"); leakhunt reports each block under its own stack, so compare direct.
-        let text = xw.children().find(|c| c.has_tag_name("text")).and_then(|c| c.text()).unwrap_or("");
+        let text = xw
+            .children()
+            .find(|c| c.has_tag_name("text"))
+            .and_then(|c| c.text())
+            .unwrap_or("");
         let direct = text
             .split_once(" (")
             .and_then(|(_, rest)| rest.split_once(" direct"))
             .map(|(n, _)| n.replace(',', "").parse::<u64>().unwrap());
-        v.push(Leak { bytes: direct.unwrap_or_else(|| num("leakedbytes")), blocks: num("leakedblocks"), frames });
+        v.push(Leak {
+            bytes: direct.unwrap_or_else(|| num("leakedbytes")),
+            blocks: num("leakedblocks"),
+            frames,
+        });
     }
     v
 }
