@@ -1,1 +1,240 @@
-//! placeholder
+//! The CLI's contract: bad input gets a one-line error naming the problem, never a panic or wrong
+//! figures; `report` on a kept trace says what the live run said; exit statuses.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use leakhunt_tests::*;
+use serde_json::json;
+
+fn golden() -> PathBuf {
+    workspace().join("format/golden/simple.trace")
+}
+
+fn leakhunt_cmd(args: &[&str]) -> Output {
+    Command::new(leakhunt()).args(args).output().unwrap()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = workspace().join("target/test-scratch");
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(format!("cli-{}-{name}", std::process::id()))
+}
+
+fn report_json(trace: &std::path::Path) -> (Output, Value) {
+    let json = scratch(&format!(
+        "{}.json",
+        trace.file_name().unwrap().to_string_lossy()
+    ));
+    let out = leakhunt_cmd(&[
+        "report",
+        "--json",
+        json.to_str().unwrap(),
+        trace.to_str().unwrap(),
+    ]);
+    let v =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap_or_else(|e| {
+            panic!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr))
+        }))
+        .unwrap();
+    (out, v)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn golden_trace_reports_its_known_figures() {
+    let (out, v) = report_json(&golden());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let p = &v["processes"][0];
+    assert_eq!(p["pid"], 14796);
+    assert_eq!(p["exit"], json!({"code": 0}));
+    assert_eq!(
+        p["summary"],
+        json!({"in_use_at_exit_bytes": 340, "in_use_at_exit_blocks": 4, "allocs": 6, "frees": 2,
+               "bytes_allocated": 4486, "events_lost": 0, "unmatched_frees": 0})
+    );
+    let l: Vec<(u64, u64)> = leaks(p).iter().map(|l| (l.bytes, l.blocks)).collect();
+    assert_eq!(l, [(300, 3), (40, 1)]);
+    // The fixture binary of that run is not here (or was rebuilt): frames fall back to module +
+    // offset, with a warning, and the figures stand.
+    let top = &p["leaks"][0]["stack"][0];
+    assert_eq!(top["module"], "/work/main/target/fixtures/simple");
+    assert_eq!(top["offset"], 0x1162);
+}
+
+#[test]
+fn truncated_traces_report_what_they_hold_with_a_warning() {
+    let data = std::fs::read(golden()).unwrap();
+    // Cut inside the batch record (it starts at byte 783): the modules and header survive.
+    for cut in [800usize, 1000, 1400] {
+        let t = scratch(&format!("cut{cut}.trace"));
+        std::fs::write(&t, &data[..cut]).unwrap();
+        let (out, v) = report_json(&t);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let p = &v["processes"][0];
+        let w = p["warnings"].as_array().unwrap();
+        assert!(
+            w.iter().any(|w| w
+                .as_str()
+                .unwrap()
+                .contains("trace truncated at byte offset 783")),
+            "{w:?}"
+        );
+        assert_eq!(p["exit"], Value::Null, "the end was not recorded");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("process end not recorded"));
+    }
+    // Cut after the batch: the events are all there.
+    let t = scratch("cut-late.trace");
+    std::fs::write(&t, &data[..data.len() - 3]).unwrap();
+    let (_, v) = report_json(&t);
+    assert_eq!(summary(&v["processes"][0], "in_use_at_exit_bytes"), 340);
+}
+
+fn one_line_error(trace_bytes: &[u8], name: &str, want: &str) {
+    let t = scratch(name);
+    std::fs::write(&t, trace_bytes).unwrap();
+    let out = leakhunt_cmd(&["report", t.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("leakhunt: error: "), "{err}");
+    assert!(err.contains(want), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn corrupt_newer_and_foreign_input_are_clear_errors() {
+    let data = std::fs::read(golden()).unwrap();
+    let mut flipped = data.clone();
+    flipped[1000] ^= 0x40;
+    one_line_error(
+        &flipped,
+        "flip.trace",
+        "corrupt trace at byte offset 783: record tag 4",
+    );
+    let mut newer = data.clone();
+    newer[8] = 7;
+    one_line_error(
+        &newer,
+        "newer.trace",
+        "trace format version 7 at byte offset 8 is newer than this leakhunt reads (up to 1)",
+    );
+    one_line_error(
+        b"\x7fELF\x02\x01\x01\x00 not a trace",
+        "elf.trace",
+        "not a leakhunt trace: expected magic \"LKHUNTTR\" at byte offset 0",
+    );
+    one_line_error(b"", "empty.trace", "byte offset 0");
+    let out = leakhunt_cmd(&["report", "/nonexistent/x.trace"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("cannot open trace /nonexistent/x.trace"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn usage_errors_and_programs_that_cannot_start() {
+    let out = leakhunt_cmd(&["run", "--bogus", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unexpected argument '--bogus'"),
+        "{}",
+        stderr(&out)
+    );
+    let out = leakhunt_cmd(&["run", "--max-frames", "lots", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--max-frames"), "{}", stderr(&out));
+    let out = leakhunt_cmd(&["run", "--", "/nonexistent/program"]);
+    assert_eq!(out.status.code(), Some(127), "like a shell: not found");
+    assert!(
+        stderr(&out).contains("/nonexistent/program"),
+        "{}",
+        stderr(&out)
+    );
+    let out = leakhunt_cmd(&[
+        "run",
+        "--",
+        workspace().join("format/FORMAT.md").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(126), "like a shell: not executable");
+}
+
+#[test]
+fn report_of_a_kept_trace_equals_the_live_report() {
+    let exe = fixture("simple.c");
+    let trace = scratch("kept.trace");
+    let _ = std::fs::remove_file(&trace);
+    let live = run(&exe, &[], &["--output", trace.to_str().unwrap()]);
+    let (out, offline) = report_json(&trace);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        live.json, offline,
+        "offline report differs from the live one"
+    );
+    assert_eq!(summary(live.main(), "in_use_at_exit_bytes"), 340);
+}
+
+#[test]
+fn preload_alone_writes_a_private_trace_that_report_reads() {
+    let exe = fixture("simple.c");
+    let dir = scratch("alone");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(&exe)
+        .current_dir(&dir)
+        .env("LD_PRELOAD", preload())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "simple done\n");
+    assert!(
+        out.stderr.is_empty(),
+        "silent when all is well: {}",
+        stderr(&out)
+    );
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_str().unwrap().to_string();
+    assert!(
+        name.starts_with("leakhunt.") && name.ends_with(".trace"),
+        "{name}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&files[0]).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (_, v) = report_json(&files[0]);
+    let p = &v["processes"][0];
+    assert_eq!(
+        p["exit"],
+        json!({"code": 0}),
+        "return from main is recorded without leakhunt run"
+    );
+    let a = leak_at(p, "simple.c", line_of("simple.c", "SIMPLE_A"));
+    assert_eq!((a.bytes, a.blocks), (300, 3));
+}
+
+#[test]
+fn error_exitcode_only_when_leaks_are_found() {
+    let leaky = fixture("simple.c");
+    let clean = fixture("clean.c");
+    let r = run(&leaky, &[], &["--error-exitcode", "42"]);
+    assert_eq!(r.out.status.code(), Some(42));
+    let r = run(&clean, &[], &["--error-exitcode", "42"]);
+    assert_eq!(r.out.status.code(), Some(0));
+    let exits = fixture("exits.c");
+    let r = run(&exits, &["exit"], &[]);
+    assert_eq!(
+        r.out.status.code(),
+        Some(3),
+        "the program's own status otherwise"
+    );
+}

@@ -8,6 +8,9 @@ use leakhunt_format::encode::{Header, Module};
 use leakhunt_format::slot::{SlotIter, SlotRecord};
 use leakhunt_format::{stat, DecodeError, ExitKind, Reader, Record, StopReason};
 
+/// Module ids are dense from 0; no real process has more modules than this.
+const MAX_MODULE_ID: usize = 1 << 20;
+
 #[derive(Clone, Copy, Debug)]
 pub struct Live {
     pub size: u64,
@@ -78,9 +81,10 @@ impl Process {
         let mut p = Process::default();
         let mut r = Reader::new(std::io::BufReader::with_capacity(1 << 20, src));
         let err = loop {
+            let at = r.offset();
             match r.next_record() {
                 Ok(Some(rec)) => {
-                    if let Err(e) = p.apply(rec) {
+                    if let Err(e) = p.apply(rec, at) {
                         break Some(e);
                     }
                 }
@@ -96,7 +100,8 @@ impl Process {
         (p, err)
     }
 
-    pub fn apply(&mut self, rec: Record) -> Result<(), DecodeError> {
+    /// Applies one record, which starts at byte `at` of the stream.
+    pub fn apply(&mut self, rec: Record, at: u64) -> Result<(), DecodeError> {
         self.records += 1;
         if self.exit == Some(ExitKind::Exec) && !matches!(rec, Record::Stats(_)) {
             // Recording went on after an exec announcement: that exec failed.
@@ -113,6 +118,14 @@ impl Process {
             }
             Record::Module(m) => {
                 let id = m.id as usize;
+                if id > MAX_MODULE_ID {
+                    return Err(DecodeError::Corrupt {
+                        offset: at,
+                        what: format!(
+                            "module id {id} is beyond any real process's {MAX_MODULE_ID}"
+                        ),
+                    });
+                }
                 if self.modules.len() <= id {
                     self.modules.resize_with(id + 1, || ModuleEntry {
                         module: Module {

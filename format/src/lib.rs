@@ -12,7 +12,7 @@ pub mod decode;
 pub mod encode;
 pub mod slot;
 
-pub use decode::{DecodeError, Reader, Record};
+pub use decode::{validate, DecodeError, Reader, Record};
 
 /// First eight bytes of every trace.
 pub const MAGIC: [u8; 8] = *b"LKHUNTTR";

@@ -1,0 +1,88 @@
+//! The committed golden trace (`golden/simple.trace`, written by libleakhunt.so for the `simple`
+//! test fixture) still decodes to exactly what it held when it was written. A change that breaks
+//! it breaks every trace users have kept: bump the version instead.
+
+use leakhunt_format::slot::{SlotIter, SlotRecord};
+use leakhunt_format::{validate, ExitKind, Reader, Record, StopReason};
+
+const GOLDEN: &[u8] = include_bytes!("../golden/simple.trace");
+
+#[test]
+fn golden_trace_decodes_exactly() {
+    assert_eq!(
+        validate(GOLDEN),
+        Ok(10),
+        "header, 6 modules, batch, stats, exit"
+    );
+    let mut r = Reader::new(GOLDEN);
+    let mut modules = Vec::new();
+    let mut allocs = Vec::new();
+    let mut frees = Vec::new();
+    let mut stacks = Vec::new();
+    let mut exit = None;
+    let mut stats = Vec::new();
+    while let Some(rec) = r.next_record().unwrap() {
+        match rec {
+            Record::Header(h) => {
+                assert_eq!((h.pid, h.ppid), (14796, 14790));
+                assert_eq!(h.arch, "x86_64");
+                assert_eq!(h.exe, "/work/main/target/fixtures/simple");
+                assert_eq!(h.argv, ["/work/main/target/fixtures/simple"]);
+                assert_eq!(h.max_frames, 64);
+                assert_eq!(h.start_realtime_ns, 1795485825912455981);
+            }
+            Record::Module(m) => modules.push((m.id, m.path, m.build_id.len())),
+            Record::Batch { tid, slots, .. } => {
+                assert_eq!(tid, 14796);
+                for s in SlotIter::new(&slots) {
+                    match s.unwrap() {
+                        SlotRecord::Alloc {
+                            seq, size, stack, ..
+                        } => allocs.push((seq, size, stack)),
+                        SlotRecord::Free { seq, .. } => frees.push(seq),
+                        SlotRecord::Stack {
+                            id, reason, frames, ..
+                        } => {
+                            assert_eq!(reason, StopReason::End);
+                            stacks.push((id, frames.len()))
+                        }
+                        SlotRecord::Nop { .. } => panic!("no no-ops in this trace"),
+                    }
+                }
+            }
+            Record::Stats(s) => stats = s,
+            Record::Exit(e) => exit = Some(e),
+            other => panic!("unexpected record {other:?}"),
+        }
+    }
+    assert_eq!(
+        modules,
+        [
+            (0, "/work/main/target/fixtures/simple".to_string(), 20),
+            (1, "linux-vdso.so.1".to_string(), 20),
+            (
+                2,
+                "/work/main/target/release/libleakhunt.so".to_string(),
+                20
+            ),
+            (3, "/lib/x86_64-linux-gnu/libc.so.6".to_string(), 20),
+            (4, "/lib/x86_64-linux-gnu/libgcc_s.so.1".to_string(), 20),
+            (5, "/lib64/ld-linux-x86-64.so.2".to_string(), 20),
+        ]
+    );
+    assert_eq!(
+        allocs,
+        [
+            (0, 100, 1),
+            (1, 100, 1),
+            (2, 100, 1),
+            (3, 40, 2),
+            (4, 50, 3),
+            (6, 4096, 4)
+        ]
+    );
+    assert_eq!(frees, [5, 7]);
+    assert_eq!(stacks, [(1, 6), (2, 7), (3, 5), (4, 11)]);
+    assert_eq!(stats, [(1, 0), (2, 0), (3, 0), (4, 0), (5, 1)]);
+    assert_eq!(exit, Some(ExitKind::Code(0)));
+}
