@@ -2,6 +2,7 @@
 //! preamble, and the golden trace with bytes flipped, cut or spliced. (The same entry point is
 //! the cargo-fuzz target in `format/fuzz`.)
 
+use leakhunt_format::decode::reseal_for_fuzzing;
 use leakhunt_format::{encode, validate};
 
 const GOLDEN: &[u8] = include_bytes!("../golden/simple.trace");
@@ -79,4 +80,18 @@ fn every_single_bit_flip_is_an_error() {
         }
     }
     assert!(bad.is_empty(), "{bad:?}");
+}
+
+#[test]
+fn mutations_behind_valid_checksums_never_panic() {
+    let mut rng = Rng(0xD1B54A32D192ED03);
+    for _ in 0..50_000 {
+        let mut d = GOLDEN.to_vec();
+        for _ in 0..1 + rng.below(8) {
+            let at = 16 + rng.below(d.len() - 16);
+            d[at] = rng.next() as u8;
+        }
+        reseal_for_fuzzing(&mut d);
+        let _ = validate(&d);
+    }
 }
