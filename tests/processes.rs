@@ -116,12 +116,17 @@ fn the_programs_own_signal_handling_is_untouched() {
     assert_eq!(r.out.stdout, want.stdout);
     assert_eq!(
         r.stdout(),
-        "previous SIGSEGV handler is default: 1\nSIGUSR1 handled: 1\ncaught SIGSEGV\n"
+        "previous SIGSEGV handler is default: 1\nSIGUSR1 handled: 1\n\
+         SIGUSR2 on the alternate stack allocated: 1\ncaught SIGSEGV\n"
     );
     assert_eq!(r.out.status.code(), Some(9));
     assert_eq!(r.main()["exit"], json!({"code": 9}));
     let l = leak_at(r.main(), "signals.c", line_of("signals.c", "SG_LEAK"));
     assert_eq!((l.bytes, l.blocks), (64, 1));
+    // Allocated in a handler on the alternate stack: the walk stays on that stack.
+    let l = leak_at(r.main(), "signals.c", line_of("signals.c", "SG_ALT"));
+    assert_eq!((l.bytes, l.blocks), (32, 1));
+    assert_eq!(l.frames[0].0, "on_usr2");
 }
 
 /// A Debian program, by its packaged path (falling back to PATH).

@@ -216,24 +216,27 @@ pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcR
             }
         })
         .collect();
-    leaks.sort_by(|a, b| {
-        b.bytes
-            .cmp(&a.bytes)
-            .then(b.blocks.cmp(&a.blocks))
-            .then_with(|| {
-                let fa: Vec<_> = a
-                    .stack
-                    .iter()
-                    .map(|f| (&f.function, &f.file, f.line))
-                    .collect();
-                let fb: Vec<_> = b
-                    .stack
-                    .iter()
-                    .map(|f| (&f.function, &f.file, f.line))
-                    .collect();
-                fa.cmp(&fb)
-            })
-    });
+    // Largest first; ties in a fixed order (the symbolized stack, then module offsets), so the
+    // same trace always gives the same report.
+    let order = |l: &Leak| {
+        let syms: Vec<_> = l
+            .stack
+            .iter()
+            .map(|f| (f.function.clone(), f.file.clone(), f.line))
+            .collect();
+        let offs: Vec<_> = l
+            .stack
+            .iter()
+            .map(|f| (f.module.clone(), f.offset))
+            .collect();
+        (
+            std::cmp::Reverse(l.bytes),
+            std::cmp::Reverse(l.blocks),
+            syms,
+            offs,
+        )
+    };
+    leaks.sort_by_cached_key(order);
 
     let mut unwind = Unwind {
         allocations: 0,

@@ -73,6 +73,10 @@ pub mod stat {
     pub const BOOTSTRAP_BYTES: u32 = 4;
     /// Threads that registered a ring.
     pub const THREADS: u32 = 5;
+    /// Stack captures that reused the validated outer part of the thread's previous stack.
+    pub const UNWIND_REUSED: u32 = 6;
+    /// Stack captures that walked every frame.
+    pub const UNWIND_WALKED: u32 = 7;
 }
 
 /// How the process ended, as recorded by the tracer.

@@ -8,6 +8,7 @@
 //! | `LEAKHUNT_MAX_FRAMES` | frames kept per stack, 1-256 | 64 |
 //! | `LEAKHUNT_TRACE_CHILDREN` | `1`: trace fork children and exec'd programs | `0` |
 //! | `LEAKHUNT_FREERES` | `0`: do not ask libc/libstdc++ to free their internal buffers at exit | `1` |
+//! | `LEAKHUNT_UNWIND_REUSE` | `0`: walk every frame of every stack (the reference the fast path is tested against) | `1` |
 
 extern crate alloc;
 use core::ffi::CStr;
@@ -20,6 +21,7 @@ pub struct Config {
     pub max_frames: usize,
     pub trace_children: bool,
     pub freeres: bool,
+    pub unwind_reuse: bool,
 }
 
 static mut CONFIG: Config = Config {
@@ -28,6 +30,7 @@ static mut CONFIG: Config = Config {
     max_frames: 64,
     trace_children: false,
     freeres: true,
+    unwind_reuse: true,
 };
 
 fn copy_into(dst: &mut [u8], src: Option<&CStr>) {
@@ -69,6 +72,7 @@ pub fn load() {
         c.max_frames = max_frames;
         c.trace_children = trace_children;
         c.freeres = env(c"LEAKHUNT_FREERES").is_none_or(|s| s.to_bytes() != b"0");
+        c.unwind_reuse = env(c"LEAKHUNT_UNWIND_REUSE").is_none_or(|s| s.to_bytes() != b"0");
     }
     LOADED.store(true, Ordering::Release);
 }

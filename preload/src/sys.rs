@@ -170,11 +170,11 @@ impl Drop for SpinGuard<'_> {
     }
 }
 
-/// End of the mapping in `/proc/self/maps` that contains `addr`, or 0 when none does or the file
-/// cannot be read. Raw system calls and a stack buffer only: no allocation and no lock, so it is
+/// Bounds `[start, end)` of the mapping in `/proc/self/maps` that contains `addr`, or (0, 0)
+/// when none does or the file cannot be read. Raw system calls and a stack buffer only: no allocation and no lock, so it is
 /// safe where `pthread_getattr_np` is not (that function holds the thread's lock while it calls
 /// malloc, and our hook may be the one it calls).
-pub fn mapping_end(addr: usize) -> usize {
+pub fn mapping_bounds(addr: usize) -> (usize, usize) {
     // SAFETY: the path is a NUL-terminated literal; the returned descriptor is ours to close.
     let fd = unsafe {
         libc::syscall(
@@ -185,19 +185,19 @@ pub fn mapping_end(addr: usize) -> usize {
         )
     } as i32;
     if fd < 0 {
-        return 0;
+        return (0, 0);
     }
     let mut parser = MapsParser::default();
     let mut buf = [0u8; 2048];
-    let mut found = 0;
+    let mut found = (0, 0);
     loop {
         // SAFETY: `buf` is writable for its whole length.
         let n = unsafe { libc::syscall(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len()) };
         if n <= 0 {
             break;
         }
-        if let Some(end) = parser.feed(&buf[..n as usize], addr) {
-            found = end;
+        if let Some(bounds) = parser.feed(&buf[..n as usize], addr) {
+            found = bounds;
             break;
         }
     }
@@ -216,7 +216,7 @@ struct MapsParser {
 }
 
 impl MapsParser {
-    fn feed(&mut self, chunk: &[u8], addr: usize) -> Option<usize> {
+    fn feed(&mut self, chunk: &[u8], addr: usize) -> Option<(usize, usize)> {
         for &c in chunk {
             match (self.field, c) {
                 (_, b'\n') => {
@@ -228,7 +228,7 @@ impl MapsParser {
                 (1, b' ') => {
                     self.field = 2;
                     if self.start <= addr && addr < self.end {
-                        return Some(self.end);
+                        return Some((self.start, self.end));
                     }
                 }
                 (0 | 1, _) => {
@@ -267,16 +267,17 @@ mod tests {
             let r = p
                 .feed(&text[..split], 0x7ffd2000)
                 .or_else(|| p.feed(&text[split..], 0x7ffd2000));
-            assert_eq!(r, Some(0x7ffd3000), "split at {split}");
+            assert_eq!(r, Some((0x7ffd1000, 0x7ffd3000)), "split at {split}");
         }
         let mut p = MapsParser::default();
         assert_eq!(p.feed(text, 0x1000), None);
     }
 
     #[test]
-    fn mapping_end_covers_this_threads_stack() {
+    fn mapping_bounds_cover_this_threads_stack() {
         let local = 0u8;
         let a = &local as *const u8 as usize;
-        assert!(mapping_end(a) > a);
+        let (lo, hi) = mapping_bounds(a);
+        assert!(lo <= a && a < hi);
     }
 }

@@ -32,10 +32,12 @@ pub struct ThreadState {
     pub life: u32,
     /// The thread's ring (with its unwind cache), null until its first recorded event.
     pub ring: *mut Ring,
-    /// Highest address of the thread's stack (exclusive); 0 until looked up.
+    /// The thread's stack mapping `[stack_lo, stack_hi)` as last looked up (the main thread's
+    /// grows down: `stack_lo` follows it); 0 until looked up.
+    pub stack_lo: usize,
     pub stack_hi: usize,
     pub tid: u32,
-    _pad: [u32; 9],
+    _pad: [u32; 7],
 }
 
 const _: () = assert!(core::mem::size_of::<ThreadState>() <= 64);

@@ -150,7 +150,8 @@ fn thread_ring(ts: &mut ThreadState) -> Option<&'static ring::Ring> {
         ts.depth = 2;
         if ts.life == LIFE_NEW {
             ts.tid = sys::gettid();
-            ts.stack_hi = stack_top();
+            let local = 0u8;
+            (ts.stack_lo, ts.stack_hi) = sys::mapping_bounds(core::ptr::addr_of!(local) as usize);
             ts.life = LIFE_ACTIVE;
         }
         ts.ring = ring::acquire(ts.tid);
@@ -166,13 +167,6 @@ fn thread_ring(ts: &mut ThreadState) -> Option<&'static ring::Ring> {
     }
     // SAFETY: rings are never unmapped.
     Some(unsafe { &*ts.ring })
-}
-
-/// Highest address of this thread's stack: the end of the mapping holding our stack pointer.
-/// Unwinding reads stay below it, so every read is of mapped memory.
-fn stack_top() -> usize {
-    let local = 0u8;
-    sys::mapping_end(core::ptr::addr_of!(local) as usize)
 }
 
 /// pthread key destructor: the thread is exiting. Its ring is handed back (drained later);
@@ -215,7 +209,28 @@ fn after_publish(ts: &mut ThreadState) {
 fn stack_for(ts: &mut ThreadState, r: &ring::Ring) -> (u32, usize, usize, StopReason) {
     // SAFETY: the scratch belongs to the ring this thread owns.
     let s = unsafe { &mut *r.scratch };
-    let (n, reason) = unwind::capture(s, config::get().max_frames, ts.stack_hi);
+    // The stack mapping this walk may read: the thread's own, unless a signal handler runs on an
+    // alternate stack (then that one, and the walk stays on it).
+    let local = 0u8;
+    let sp = core::ptr::addr_of!(local) as usize;
+    let mut hi = ts.stack_hi;
+    let mut other_stack = false;
+    if ts.stack_hi != 0 && (sp < ts.stack_lo || sp >= ts.stack_hi) {
+        let (lo, end) = sys::mapping_bounds(sp);
+        if end == ts.stack_hi {
+            ts.stack_lo = lo; // the main thread's stack grew
+        } else {
+            hi = end;
+            other_stack = true;
+        }
+    }
+    let (n, reason) = unwind::capture(
+        s,
+        config::get().max_frames,
+        hi,
+        other_stack || !config::get().unwind_reuse,
+        (ts.stack_lo, ts.stack_hi),
+    );
     let ugen = modules::GEN.load(Ordering::Relaxed);
     let meta = n as u64 | (reason as u64) << 16 | (ugen as u64) << 32;
     if s.prev_id != 0 && s.prev_meta == meta && s.prev[..n] == s.frames[..n] {

@@ -34,6 +34,9 @@ enum Kind {
     NoInfo = 3,
     Unknown = 4,
     Unsupported = 5,
+    /// The return address is the signal return trampoline (`__restore_rt`): the frame above is
+    /// the kernel's signal frame, and the interrupted context is in its `ucontext`.
+    Signal = 6,
 }
 
 #[derive(Clone, Copy)]
@@ -71,10 +74,73 @@ pub struct Scratch {
     pub prev: [u64; MAX_FRAMES_CAP],
     /// Where the current capture writes its frames.
     pub frames: [u64; MAX_FRAMES_CAP],
+    /// Every step of the previous walk (see [`capture`]): what suffix reuse validates against.
+    walk: [Step; WALK_CAP],
+    walk_len: u32,
+    walk_reason: u8,
+    /// `cache_gen` when `walk` was recorded; another value voids it.
+    walk_gen: u32,
+    /// Steps of the current walk before it joins the previous one.
+    head: [Step; WALK_CAP],
+    /// Captures that reused the previous walk's suffix / that walked every frame (statistics
+    /// for tests and benchmarks).
+    pub reused: u64,
+    pub walked: u64,
+}
+
+/// Steps a walk keeps: the recorded frames plus the library's own leading frames.
+const WALK_CAP: usize = MAX_FRAMES_CAP + 16;
+
+/// One unwinding step: the caller frame it found and the two stack words it read to find it.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+struct Step {
+    cfa: u64,
+    ra: u64,
+    /// rbp after the step (restored from the stack, or carried over).
+    bp: u64,
+    /// Where `ra` was read, relative to `cfa`.
+    ra_off: i32,
+    /// Where rbp was restored from, relative to `cfa`; 0 = not restored.
+    rbp_off: i16,
+    /// `ra` went into the captured frames (false for the library's own leading frames).
+    recorded: bool,
+    /// Still inside the library's own leading frames after this step.
+    leading: bool,
+    /// The rest of the walk depends on `bp` (a later rule computes its CFA from rbp before rbp
+    /// is restored from the stack). Filled in when the walk ends.
+    needs_bp: bool,
+    /// This step's rule computed the CFA from rbp.
+    cfa_rbp: bool,
+}
+
+impl Step {
+    /// The previous walk's step `self` is where the current walk stands at `now`: from here on,
+    /// both walks would do the same as long as the stack words read match.
+    #[inline]
+    fn joins(&self, now: &Step) -> bool {
+        self.cfa == now.cfa
+            && self.ra == now.ra
+            && self.ra_off == now.ra_off
+            && self.rbp_off == now.rbp_off
+            && self.recorded == now.recorded
+            && self.leading == now.leading
+            && (!self.needs_bp || self.bp == now.bp)
+    }
+}
+
+/// Marks which steps of a walk the rest of it needs rbp for; `need` says whether what follows
+/// the last of `steps` does.
+fn mark_bp_needs(steps: &mut [Step], mut need: bool) {
+    for st in steps.iter_mut().rev() {
+        st.needs_bp = need;
+        need = st.cfa_rbp || (st.rbp_off == 0 && need);
+    }
 }
 
 impl Scratch {
     pub fn reset_for_new_thread(&mut self) {
+        self.walk_len = 0;
         self.prev_len = 0;
         self.prev_id = 0;
         self.prev_meta = 0;
@@ -128,6 +194,9 @@ impl Scratch {
         let Some(m) = m else {
             return none(Kind::Unknown);
         };
+        if table.is_some_and(|t| is_sigreturn(t, addr + 1)) {
+            return none(Kind::Signal);
+        }
         let ctx = self
             .ctx
             .get_or_insert_with(|| Box::new(UnwindContext::new()));
@@ -140,6 +209,27 @@ impl Scratch {
         r
     }
 }
+
+/// `mov $15, %rax; syscall` (rt_sigreturn): the trampoline a signal handler returns to.
+const SIGRETURN_CODE: [u8; 9] = [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05];
+
+fn is_sigreturn(t: &modules::Table, pc: u64) -> bool {
+    let len = SIGRETURN_CODE.len() as u64;
+    match (t.find(pc), t.find(pc + len - 1)) {
+        (Some(a), Some(b)) if core::ptr::eq(a, b) => {
+            // SAFETY: both ends lie in one executable (readable) segment of a loaded module.
+            let code = unsafe { core::slice::from_raw_parts(pc as *const u8, len as usize) };
+            code == SIGRETURN_CODE
+        }
+        _ => false,
+    }
+}
+
+/// Offsets in the kernel's x86_64 signal frame, from the stack pointer at the trampoline (which
+/// points at the `ucontext_t`): `uc_mcontext` is at 40, and its gregs rbp, rsp, rip at 10, 15, 16.
+const UC_RBP: u64 = 40 + 10 * 8;
+const UC_RSP: u64 = 40 + 15 * 8;
+const UC_RIP: u64 = 40 + 16 * 8;
 
 /// The dynamic loader's entry code (`_start` / `_dl_start_user`) has no CFI: it is the outermost
 /// frame of constructors and of allocations made before `main`'s own `_start` runs, so a walk that
@@ -223,9 +313,27 @@ fn cfi_rule(m: &ModuleInfo, addr: u64, ctx: &mut UnwindContext<usize>) -> Option
 
 /// Captures the caller's stack into `s.frames`; returns the frame count and why it stopped.
 ///
-/// `stack_hi` bounds every read: the walk reads only `[sp, stack_hi)` of this thread.
+/// `stack_hi` bounds every read: the walk reads only `[sp, stack_hi)`, the stack mapping it runs
+/// on, and past a signal frame the thread's own stack `thread_stack`. `fresh_walk` walks every
+/// frame and keeps nothing for reuse (on an alternate signal stack, or with reuse turned off).
+///
+/// **Validated suffix reuse.** Consecutive allocations on a thread mostly share their outer
+/// frames. Every step of a walk is a pure function of the return address it starts from (its
+/// cached rule), the CFA and rbp, and two stack words it reads (the return address, the saved
+/// rbp). So when a step of this walk lands on the same (CFA, return address, rbp) as a step of the
+/// previous walk, with the same rules in force, the rest of the walk would repeat the previous
+/// one exactly as long as every stack word the previous walk read still holds what it read. Those
+/// words are re-read and compared (one load per frame instead of a rule lookup), and on a match
+/// the previous frames are taken; on any difference the walk goes on the slow way from where it
+/// joined. The result is always what a full walk gives.
 #[inline(never)]
-pub fn capture(s: &mut Scratch, max: usize, stack_hi: usize) -> (usize, StopReason) {
+pub fn capture(
+    s: &mut Scratch,
+    max: usize,
+    stack_hi: usize,
+    fresh_walk: bool,
+    thread_stack: (usize, usize),
+) -> (usize, StopReason) {
     let (mut pc, mut sp, mut bp): (u64, u64, u64);
     // SAFETY: reads the instruction pointer, stack pointer and rbp; writes nothing.
     unsafe {
@@ -240,28 +348,69 @@ pub fn capture(s: &mut Scratch, max: usize, stack_hi: usize) -> (usize, StopReas
         );
     }
     s.ensure_fresh();
-    let lo = sp;
-    let hi = stack_hi as u64;
+    let mut lo = sp;
+    let mut hi = stack_hi as u64;
     let max = max.min(MAX_FRAMES_CAP);
-    let read = |addr: u64| -> Option<u64> {
+    let read = |lo: u64, hi: u64, addr: u64| -> Option<u64> {
         if addr < lo || addr.checked_add(8)? > hi || !addr.is_multiple_of(8) {
             return None;
         }
-        // SAFETY: `[lo, hi)` is this thread's mapped stack (lo is our own sp, hi its top), and the
-        // 8-byte aligned word lies inside it.
+        // SAFETY: `[lo, hi)` is mapped stack (lo is our own sp or, past a signal frame, the
+        // interrupted sp; hi the top of the mapping it is in), and the aligned word lies inside.
         Some(unsafe { (addr as *const u64).read() })
     };
     let mut n = 0usize;
     let mut leading = true;
     let mut lookup = pc;
-    loop {
-        let rule = s.rule(lookup);
+    let mut k = 0usize; // steps taken
+    let mut j = 0usize; // first step of the previous walk not below the current CFA
+    if fresh_walk {
+        s.walk_len = 0;
+    }
+    let mut may_reuse = s.walk_gen == s.cache_gen && s.walk_len > 0 && !fresh_walk;
+    let mut crossed_signal = false;
+    let mut rule = s.rule(lookup);
+    let reason = loop {
         match rule.kind {
             Kind::Ok => {}
-            Kind::End => return (n, StopReason::End),
-            Kind::NoInfo => return (n, StopReason::NoUnwindInfo),
-            Kind::Unknown => return (n, StopReason::UnknownAddress),
-            Kind::Unsupported | Kind::Empty => return (n, StopReason::UnsupportedRule),
+            Kind::End => break StopReason::End,
+            Kind::NoInfo => break StopReason::NoUnwindInfo,
+            Kind::Unknown => break StopReason::UnknownAddress,
+            Kind::Unsupported | Kind::Empty => break StopReason::UnsupportedRule,
+            Kind::Signal => {
+                // Returning from a signal handler: go on from the interrupted context. It may be
+                // on the thread's own stack while the handler ran on an alternate one.
+                let (Some(ip), Some(usp), Some(ubp)) = (
+                    read(lo, hi, sp.wrapping_add(UC_RIP)),
+                    read(lo, hi, sp.wrapping_add(UC_RSP)),
+                    read(lo, hi, sp.wrapping_add(UC_RBP)),
+                ) else {
+                    break StopReason::BadFrame;
+                };
+                if usp < lo || usp >= hi {
+                    let (tlo, thi) = (thread_stack.0 as u64, thread_stack.1 as u64);
+                    if usp < tlo || usp >= thi {
+                        break StopReason::BadFrame;
+                    }
+                    hi = thi;
+                }
+                lo = usp;
+                sp = usp;
+                bp = ubp;
+                pc = ip;
+                // The interrupted instruction has not run: its own address is the one to look up.
+                lookup = ip;
+                may_reuse = false;
+                crossed_signal = true;
+                leading = false;
+                if n == max {
+                    break StopReason::MaxDepth;
+                }
+                s.frames[n] = pc;
+                n += 1;
+                rule = s.rule(lookup);
+                continue;
+            }
         }
         if !rule.own {
             leading = false;
@@ -269,33 +418,146 @@ pub fn capture(s: &mut Scratch, max: usize, stack_hi: usize) -> (usize, StopReas
         let base = if rule.cfa_rbp { bp } else { sp };
         let cfa = base.wrapping_add(rule.cfa_off as i64 as u64);
         if cfa <= sp || cfa > hi {
-            return (n, StopReason::BadFrame);
+            break StopReason::BadFrame;
         }
-        let Some(ra) = read(cfa.wrapping_add(rule.ra_off as i64 as u64)) else {
-            return (n, StopReason::BadFrame);
+        let Some(ra) = read(lo, hi, cfa.wrapping_add(rule.ra_off as i64 as u64)) else {
+            break StopReason::BadFrame;
         };
         if rule.rbp_off != 0 {
-            let Some(v) = read(cfa.wrapping_add(rule.rbp_off as i64 as u64)) else {
-                return (n, StopReason::BadFrame);
+            let Some(v) = read(lo, hi, cfa.wrapping_add(rule.rbp_off as i64 as u64)) else {
+                break StopReason::BadFrame;
             };
             bp = v;
         }
         if ra == 0 {
-            return (n, StopReason::End);
+            break StopReason::End;
         }
         sp = cfa;
         pc = ra;
         lookup = ra - 1;
+        let step_rule = rule;
+        rule = s.rule(lookup);
         // The caller frame: record it unless it is still inside this library.
-        let caller = s.rule(lookup);
-        if leading && caller.own {
-            continue;
+        let record = !(leading && rule.own);
+        if record {
+            leading = false;
+            if n == max {
+                break StopReason::MaxDepth;
+            }
+            s.frames[n] = pc;
+            n += 1;
         }
-        leading = false;
-        if n == max {
-            return (n, StopReason::MaxDepth);
+        if k == WALK_CAP {
+            may_reuse = false;
+        } else {
+            s.head[k] = Step {
+                cfa,
+                ra,
+                bp,
+                ra_off: step_rule.ra_off,
+                rbp_off: step_rule.rbp_off as i16,
+                recorded: record,
+                leading,
+                needs_bp: false,
+                cfa_rbp: step_rule.cfa_rbp,
+            };
+            k += 1;
         }
-        s.frames[n] = pc;
-        n += 1;
+        if may_reuse {
+            let len = s.walk_len as usize;
+            while j < len && s.walk[j].cfa < cfa {
+                j += 1;
+            }
+            if j < len && s.walk[j].joins(&s.head[k - 1]) {
+                match reuse_suffix(s, j, n, max) {
+                    Some((total, why)) => {
+                        s.reused += 1;
+                        join(s, k, j);
+                        return (total, why);
+                    }
+                    None => may_reuse = false,
+                }
+            }
+        }
+    };
+    s.walked += 1;
+    if k < WALK_CAP && k > 0 && !crossed_signal && !fresh_walk {
+        // A walk that ended on a bad frame may have computed that frame from rbp.
+        mark_bp_needs(&mut s.head[..k], reason == StopReason::BadFrame);
+        s.walk[..k].copy_from_slice(&s.head[..k]);
+        s.walk_len = k as u32;
+        s.walk_reason = reason as u8;
+        s.walk_gen = s.cache_gen;
+    } else {
+        s.walk_len = 0;
     }
+    (n, reason)
+}
+
+/// The previous walk from its step `j` on, re-validated against the stack as it is now: the
+/// frames it recorded are appended to `s.frames` after the first `n`. `None` if any word it read
+/// has changed, leaving the caller to walk on.
+#[inline]
+fn reuse_suffix(
+    s: &mut Scratch,
+    j: usize,
+    mut n: usize,
+    max: usize,
+) -> Option<(usize, StopReason)> {
+    let len = s.walk_len as usize;
+    for m in j + 1..len {
+        let st = s.walk[m];
+        let ra_at = st.cfa.wrapping_add(st.ra_off as i64 as u64) as *const u64;
+        // SAFETY: the previous walk of this same thread read this aligned word successfully,
+        // inside the thread's stack mapping, which stays mapped while the thread lives (the
+        // scratch is reset when its ring passes to another thread).
+        if unsafe { ra_at.read() } != st.ra {
+            return None;
+        }
+        if st.rbp_off != 0 {
+            let bp_at = st.cfa.wrapping_add(st.rbp_off as i64 as u64) as *const u64;
+            // SAFETY: as above.
+            if unsafe { bp_at.read() } != st.bp {
+                return None;
+            }
+        }
+        if st.recorded {
+            if n == max {
+                return Some((n, StopReason::MaxDepth));
+            }
+            s.frames[n] = st.ra;
+            n += 1;
+        }
+    }
+    let why = StopReason::from_u8(s.walk_reason).unwrap_or(StopReason::BadFrame);
+    if why == StopReason::MaxDepth && n < max {
+        // The previous walk was cut at its limit, sooner than this one would be: what lies
+        // beyond was never seen.
+        return None;
+    }
+    Some((n, why))
+}
+
+/// Makes the current walk (its first `k` steps, then the previous walk's steps after `j`) the
+/// previous walk for the next capture.
+#[inline]
+fn join(s: &mut Scratch, k: usize, j: usize) {
+    let len = s.walk_len as usize;
+    let tail = len - (j + 1);
+    if k + tail > WALK_CAP {
+        s.walk_len = 0;
+        return;
+    }
+    let need = s.walk[j].needs_bp;
+    s.head[k - 1].needs_bp = need;
+    let last = s.head[k - 1];
+    mark_bp_needs(
+        &mut s.head[..k - 1],
+        last.cfa_rbp || (last.rbp_off == 0 && need),
+    );
+    if k != j + 1 {
+        s.walk.copy_within(j + 1..len, k);
+    }
+    s.walk[..k].copy_from_slice(&s.head[..k]);
+    s.walk_len = (k + tail) as u32;
 }

@@ -1,0 +1,81 @@
+//! The fast unwinder (validated reuse of the previous stack's outer frames) gives exactly the
+//! stacks a full walk of every frame gives, on a fixture built to stress it: random-depth
+//! recursion through frames with and without frame pointers and with alloca, libc frames in
+//! between (qsort's comparator), and signal handlers.
+
+use leakhunt_tests::*;
+
+fn stacks(p: &Value) -> Vec<(u64, u64, Vec<(String, u64, u64)>)> {
+    p["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let frames = l["stack"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| {
+                    (
+                        f["function"].as_str().unwrap_or("???").to_string(),
+                        f["line"].as_u64().unwrap_or(0),
+                        f["offset"].as_u64().unwrap(),
+                    )
+                })
+                .collect();
+            (
+                l["bytes"].as_u64().unwrap(),
+                l["blocks"].as_u64().unwrap(),
+                frames,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn fast_unwinder_matches_the_full_walk_on_every_stack() {
+    let exe = fixture("paths.c");
+    let fast = run(&exe, &[], &[]);
+    let full = {
+        let json = workspace().join(format!(
+            "target/test-scratch/full-{}.json",
+            std::process::id()
+        ));
+        let out = std::process::Command::new(leakhunt())
+            .env("LEAKHUNT_UNWIND_REUSE", "0")
+            .args(["run", "--json"])
+            .arg(&json)
+            .arg("--")
+            .arg(&exe)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        serde_json::from_str::<Value>(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    };
+    assert_eq!(fast.stdout(), "6211 allocations\n");
+    let (a, b) = (fast.main(), &full["processes"][0]);
+    assert_eq!(summary(a, "in_use_at_exit_blocks"), 6211);
+    let (sa, sb) = (stacks(a), stacks(b));
+    assert!(sa.len() > 4000, "many distinct stacks: {}", sa.len());
+    assert_eq!(sa, sb, "fast and full walks disagree");
+    assert_eq!(a["unwind"], b["unwind"]);
+    assert_eq!(a["unwind"]["stopped_early"], serde_json::json!({}));
+    // Stacks through the signal handler reach main on the interrupted stack.
+    let via_signal: Vec<_> = sa
+        .iter()
+        .filter(|(_, _, f)| f.iter().any(|x| x.0 == "on_usr1"))
+        .collect();
+    assert_eq!(via_signal.len(), 1, "{via_signal:#?}");
+    let (bytes, blocks, frames) = via_signal[0];
+    assert_eq!(
+        (*bytes, *blocks),
+        (6 * 9, 6),
+        "one block per raise(SIGUSR1)"
+    );
+    let names: Vec<&str> = frames.iter().map(|f| f.0.as_str()).collect();
+    assert_eq!(names.first(), Some(&"leaf"));
+    assert!(
+        names.contains(&"raise") && names.last() == Some(&"main"),
+        "{names:?}"
+    );
+}
