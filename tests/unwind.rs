@@ -5,7 +5,10 @@
 
 use leakhunt_tests::*;
 
-fn stacks(p: &Value) -> Vec<(u64, u64, Vec<(String, u64, u64)>)> {
+/// (bytes, blocks, frames as (function, line, module offset)).
+type Record = (u64, u64, Vec<(String, u64, u64)>);
+
+fn stacks(p: &Value) -> Vec<Record> {
     p["leaks"]
         .as_array()
         .unwrap()
