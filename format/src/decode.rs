@@ -431,6 +431,46 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
     Ok(rec)
 }
 
+/// Decodes a whole trace held in memory, every slot of every batch included, and returns the
+/// number of records. The first problem ends it: truncation, corruption, a newer version. This is
+/// what the fuzz target and the random-input test drive; it must never panic.
+pub fn validate(data: &[u8]) -> Result<usize, DecodeError> {
+    let mut r = Reader::new(data);
+    let mut n = 0;
+    while let Some(rec) = r.next_record()? {
+        if let Record::Batch { offset, slots, .. } = &rec {
+            for s in crate::slot::SlotIter::new(slots) {
+                s.map_err(|e| DecodeError::Corrupt {
+                    offset: offset + e.at as u64,
+                    what: e.what,
+                })?;
+            }
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Recomputes the checksum of every whole record in `data`, so that fuzzed or hand-mutated input
+/// reaches the record and slot decoders behind the checksum. For fuzzing and tests only.
+#[doc(hidden)]
+pub fn reseal_for_fuzzing(data: &mut [u8]) {
+    let mut at = PREAMBLE_LEN;
+    while at + RECORD_HEADER_LEN <= data.len() {
+        let len = u32::from_le_bytes([data[at + 4], data[at + 5], data[at + 6], data[at + 7]]);
+        let end = at + RECORD_HEADER_LEN + len as usize;
+        if (len as usize) < CRC_LEN || end > data.len() {
+            return;
+        }
+        let crc = record_crc(&[
+            &data[at..at + RECORD_HEADER_LEN],
+            &data[at + RECORD_HEADER_LEN..end - CRC_LEN],
+        ]);
+        data[end - CRC_LEN..end].copy_from_slice(&crc.to_le_bytes());
+        at = end;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -577,45 +617,5 @@ mod tests {
             matches!(err, Some(DecodeError::Corrupt { offset: 24, .. })),
             "{err:?}"
         );
-    }
-}
-
-/// Decodes a whole trace held in memory, every slot of every batch included, and returns the
-/// number of records. The first problem ends it: truncation, corruption, a newer version. This is
-/// what the fuzz target and the random-input test drive; it must never panic.
-pub fn validate(data: &[u8]) -> Result<usize, DecodeError> {
-    let mut r = Reader::new(data);
-    let mut n = 0;
-    while let Some(rec) = r.next_record()? {
-        if let Record::Batch { offset, slots, .. } = &rec {
-            for s in crate::slot::SlotIter::new(slots) {
-                s.map_err(|e| DecodeError::Corrupt {
-                    offset: offset + e.at as u64,
-                    what: e.what,
-                })?;
-            }
-        }
-        n += 1;
-    }
-    Ok(n)
-}
-
-/// Recomputes the checksum of every whole record in `data`, so that fuzzed or hand-mutated input
-/// reaches the record and slot decoders behind the checksum. For fuzzing and tests only.
-#[doc(hidden)]
-pub fn reseal_for_fuzzing(data: &mut [u8]) {
-    let mut at = PREAMBLE_LEN;
-    while at + RECORD_HEADER_LEN <= data.len() {
-        let len = u32::from_le_bytes([data[at + 4], data[at + 5], data[at + 6], data[at + 7]]);
-        let end = at + RECORD_HEADER_LEN + len as usize;
-        if (len as usize) < CRC_LEN || end > data.len() {
-            return;
-        }
-        let crc = record_crc(&[
-            &data[at..at + RECORD_HEADER_LEN],
-            &data[at + RECORD_HEADER_LEN..end - CRC_LEN],
-        ]);
-        data[end - CRC_LEN..end].copy_from_slice(&crc.to_le_bytes());
-        at = end;
     }
 }
