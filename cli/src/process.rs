@@ -2,6 +2,8 @@
 //! order, the live set, the stack and module tables, and how the stream and the process ended.
 
 use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::io::Read;
 
 use leakhunt_format::encode::{Header, Module};
@@ -53,8 +55,8 @@ pub struct ModuleEntry {
 pub struct Process {
     pub header: Option<Header>,
     pub modules: Vec<ModuleEntry>,
-    pub stacks: HashMap<u32, Stack>,
-    pub live: HashMap<u64, Live>,
+    pub stacks: FxHashMap<u32, Stack>,
+    pub live: FxHashMap<u64, Live>,
     pub totals: Totals,
     pub exit: Option<ExitKind>,
     pub stats: HashMap<u32, u64>,
@@ -64,7 +66,7 @@ pub struct Process {
     /// Sequence numbers never received: events lost in transit.
     pub gaps: u64,
     /// Allocation events per stack id (for unwind-quality figures).
-    pub allocs_by_stack: HashMap<u32, u64>,
+    pub allocs_by_stack: FxHashMap<u32, u64>,
     next_seq: u64,
     pending: BTreeMap<u64, Ev>,
     records: u64,
@@ -195,22 +197,27 @@ impl Process {
 
     /// Buffers an event until every lower sequence number has been applied.
     fn event(&mut self, seq: u64, ev: Ev, offset: u64) -> Result<(), DecodeError> {
+        if seq == self.next_seq {
+            // The common case: in order.
+            self.apply_event(ev);
+            self.next_seq += 1;
+            while let Some(e) = self.pending.first_entry() {
+                if *e.key() != self.next_seq {
+                    break;
+                }
+                let ev = e.remove();
+                self.apply_event(ev);
+                self.next_seq += 1;
+            }
+            return Ok(());
+        }
         if seq < self.next_seq || self.pending.contains_key(&seq) {
             return Err(DecodeError::Corrupt {
                 offset,
                 what: format!("event sequence number {seq} appears twice"),
             });
         }
-        if seq == self.next_seq {
-            self.apply_event(ev);
-            self.next_seq += 1;
-            while let Some(ev) = self.pending.remove(&self.next_seq) {
-                self.apply_event(ev);
-                self.next_seq += 1;
-            }
-        } else {
-            self.pending.insert(seq, ev);
-        }
+        self.pending.insert(seq, ev);
         Ok(())
     }
 

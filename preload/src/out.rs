@@ -189,6 +189,16 @@ fn ensure_open() -> bool {
                 fail(e, "cannot connect to the leakhunt CLI");
                 return false;
             }
+            // A deep socket buffer lets the writer run ahead of the CLI through bursts instead
+            // of the two taking turns (unix sockets count in-flight bytes on the sender).
+            let buf: libc::c_int = 8 << 20;
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&buf as *const libc::c_int).cast(),
+                core::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
             o.socket = true;
             fd
         }
