@@ -96,6 +96,7 @@ struct Stream {
 fn serve(
     listener: UnixListener,
     output: Option<PathBuf>,
+    grace: Duration,
     stop: Arc<AtomicBool>,
     active: Arc<AtomicUsize>,
     tx: crossbeam_channel::Sender<Stream>,
@@ -133,10 +134,10 @@ fn serve(
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // After the program exits, wait for open streams, then a short grace period for
-                // children that connect late.
+                // After the program exits, wait for open streams, then (children traced) a short
+                // grace period for children that connect late.
                 if stop.load(Ordering::SeqCst) && active.load(Ordering::SeqCst) == 0 {
-                    if quiet_since.elapsed() > Duration::from_millis(200) {
+                    if quiet_since.elapsed() >= grace {
                         return;
                     }
                 } else if active.load(Ordering::SeqCst) > 0 {
@@ -219,7 +220,8 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let server = {
         let (stop, active, output) = (stop.clone(), active.clone(), a.output.clone());
-        std::thread::spawn(move || serve(listener, output, stop, active, tx))
+        let grace = Duration::from_millis(if a.trace_children { 200 } else { 0 });
+        std::thread::spawn(move || serve(listener, output, grace, stop, active, tx))
     };
     let status = child.wait().context("waiting for the program")?;
     stop.store(true, Ordering::SeqCst);

@@ -262,8 +262,12 @@ impl<R: Read> Reader<R> {
                 ),
             });
         }
-        let mut payload = vec![0u8; len as usize];
-        let got = self.fill(&mut payload)?;
+        // A batch's 8-byte head is read apart from its slots, so that the slots need no move.
+        let split = if tag == tag::BATCH && len as usize >= 8 + CRC_LEN { 8 } else { 0 };
+        let mut head = [0u8; 8];
+        let got = self.fill(&mut head[..split])?;
+        let mut payload = vec![0u8; len as usize - split];
+        let got = got + self.fill(&mut payload)?;
         if got < len as usize {
             return Err(DecodeError::Truncated {
                 offset: start,
@@ -288,7 +292,7 @@ impl<R: Read> Reader<R> {
         }
         let body = payload.len() - CRC_LEN;
         let stored = u32::from_le_bytes(payload[body..].try_into().unwrap());
-        let computed = record_crc(&[&h, &payload[..body]]);
+        let computed = record_crc(&[&h, &head[..split], &payload[..body]]);
         if stored != computed {
             return Err(DecodeError::Corrupt {
                 offset: start,
@@ -298,8 +302,29 @@ impl<R: Read> Reader<R> {
             });
         }
         payload.truncate(body);
+        if split == 8 {
+            return batch(head, payload, base).map(Some);
+        }
         decode_payload(tag, payload, base).map(Some)
     }
+}
+
+/// A batch record from its 8-byte head (thread id, reserved) and its slots.
+fn batch(head: [u8; 8], slots: Vec<u8>, base: u64) -> Result<Record, DecodeError> {
+    if !slots.len().is_multiple_of(crate::slot::SLOT_LEN) {
+        return Err(DecodeError::Corrupt {
+            offset: base,
+            what: format!(
+                "batch record of {} bytes is not an 8-byte head plus whole 32-byte slots",
+                slots.len() + 8
+            ),
+        });
+    }
+    Ok(Record::Batch {
+        tid: u32::from_le_bytes([head[0], head[1], head[2], head[3]]),
+        offset: base + 8,
+        slots,
+    })
 }
 
 fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeError> {
@@ -319,23 +344,15 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         }
     };
     if t == tag::BATCH {
-        if payload.len() < 8 || !(payload.len() - 8).is_multiple_of(crate::slot::SLOT_LEN) {
+        if payload.len() < 8 {
             return Err(DecodeError::Corrupt {
                 offset: base,
-                what: format!(
-                    "batch record of {} bytes is not an 8-byte header plus whole 32-byte slots",
-                    payload.len()
-                ),
+                what: format!("batch record of {} bytes has no 8-byte head", payload.len()),
             });
         }
-        let tid = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
-        let mut slots = payload;
-        slots.drain(..8);
-        return Ok(Record::Batch {
-            tid,
-            offset: base + 8,
-            slots,
-        });
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&payload[..8]);
+        return batch(head, payload[8..].to_vec(), base);
     }
     let mut p = Payload {
         data: &payload,

@@ -224,7 +224,7 @@ fn stack_for(ts: &mut ThreadState, r: &ring::Ring) -> (u32, usize, usize, StopRe
             other_stack = true;
         }
     }
-    let (n, reason) = unwind::capture(
+    let (n, reason, same) = unwind::capture(
         s,
         config::get().max_frames,
         hi,
@@ -233,8 +233,12 @@ fn stack_for(ts: &mut ThreadState, r: &ring::Ring) -> (u32, usize, usize, StopRe
     );
     let ugen = modules::GEN.load(Ordering::Relaxed);
     let meta = n as u64 | (reason as u64) << 16 | (ugen as u64) << 32;
-    if s.prev_id != 0 && s.prev_meta == meta && s.prev[..n] == s.frames[..n] {
+    if s.prev_id != 0 && s.prev_meta == meta && (same || s.prev[..n] == s.frames[..n]) {
         return (s.prev_id, 0, n, reason);
+    }
+    if same {
+        // The frames are the previous capture's, which was not interned (the table was full).
+        s.frames[..n].copy_from_slice(&s.prev[..n]);
     }
     let (id, new) = dedup::intern(&s.frames[..n], meta);
     s.prev[..n].copy_from_slice(&s.frames[..n]);
