@@ -263,7 +263,11 @@ impl<R: Read> Reader<R> {
             });
         }
         // A batch's 8-byte head is read apart from its slots, so that the slots need no move.
-        let split = if tag == tag::BATCH && len as usize >= 8 + CRC_LEN { 8 } else { 0 };
+        let split = if tag == tag::BATCH && len as usize >= 8 + CRC_LEN {
+            8
+        } else {
+            0
+        };
         let mut head = [0u8; 8];
         let got = self.fill(&mut head[..split])?;
         let mut payload = vec![0u8; len as usize - split];

@@ -77,6 +77,9 @@ pub struct Scratch {
     /// Every step of the previous walk (see [`capture`]): what suffix reuse validates against.
     walk: [Step; WALK_CAP],
     walk_len: u32,
+    /// First step of `walk` whose frame was recorded (the library's own leading frames come
+    /// before it); `walk_len` if none.
+    walk_rec0: u32,
     walk_reason: u8,
     /// `cache_gen` when `walk` was recorded; another value voids it.
     walk_gen: u32,
@@ -326,6 +329,9 @@ fn cfi_rule(m: &ModuleInfo, addr: u64, ctx: &mut UnwindContext<usize>) -> Option
 /// words are re-read and compared (one load per frame instead of a rule lookup), and on a match
 /// the previous frames are taken; on any difference the walk goes on the slow way from where it
 /// joined. The result is always what a full walk gives.
+///
+/// Returns the frame count, why the walk stopped, and whether the frames are exactly the previous
+/// capture's (then `s.frames` is not rewritten: the previous stack's id stands).
 #[inline(never)]
 pub fn capture(
     s: &mut Scratch,
@@ -333,7 +339,7 @@ pub fn capture(
     stack_hi: usize,
     fresh_walk: bool,
     thread_stack: (usize, usize),
-) -> (usize, StopReason) {
+) -> (usize, StopReason, bool) {
     let (mut pc, mut sp, mut bp): (u64, u64, u64);
     // SAFETY: reads the instruction pointer, stack pointer and rbp; writes nothing.
     unsafe {
@@ -470,10 +476,10 @@ pub fn capture(
             }
             if j < len && s.walk[j].joins(&s.head[k - 1]) {
                 match reuse_suffix(s, j, n, max) {
-                    Some((total, why)) => {
+                    Some((total, why, same)) => {
                         s.reused += 1;
                         join(s, k, j);
-                        return (total, why);
+                        return (total, why, same);
                     }
                     None => may_reuse = false,
                 }
@@ -486,56 +492,61 @@ pub fn capture(
         mark_bp_needs(&mut s.head[..k], reason == StopReason::BadFrame);
         s.walk[..k].copy_from_slice(&s.head[..k]);
         s.walk_len = k as u32;
+        s.walk_rec0 = s.head[..k].iter().position(|st| st.recorded).unwrap_or(k) as u32;
         s.walk_reason = reason as u8;
         s.walk_gen = s.cache_gen;
     } else {
         s.walk_len = 0;
     }
-    (n, reason)
+    (n, reason, false)
 }
 
 /// The previous walk from its step `j` on, re-validated against the stack as it is now: the
-/// frames it recorded are appended to `s.frames` after the first `n`. `None` if any word it read
-/// has changed, leaving the caller to walk on.
+/// frames it recorded are appended to `s.frames` after the first `n` (unless they would
+/// reproduce the previous capture exactly: then the third value is true and nothing is written).
+/// `None` if any word it read has changed, leaving the caller to walk on.
 #[inline]
 fn reuse_suffix(
     s: &mut Scratch,
     j: usize,
-    mut n: usize,
+    n: usize,
     max: usize,
-) -> Option<(usize, StopReason)> {
+) -> Option<(usize, StopReason, bool)> {
     let len = s.walk_len as usize;
-    for m in j + 1..len {
-        let st = s.walk[m];
+    for st in &s.walk[j + 1..len] {
         let ra_at = st.cfa.wrapping_add(st.ra_off as i64 as u64) as *const u64;
-        // SAFETY: the previous walk of this same thread read this aligned word successfully,
-        // inside the thread's stack mapping, which stays mapped while the thread lives (the
-        // scratch is reset when its ring passes to another thread).
-        if unsafe { ra_at.read() } != st.ra {
+        let bp_at = st.cfa.wrapping_add(st.rbp_off as i64 as u64) as *const u64;
+        // SAFETY: the previous walk of this same thread read these aligned words successfully
+        // (the rbp one only where `rbp_off != 0`), inside the thread's stack mapping, which stays
+        // mapped while the thread lives (the scratch is reset when its ring passes to another
+        // thread).
+        let same = unsafe { ra_at.read() == st.ra && (st.rbp_off == 0 || bp_at.read() == st.bp) };
+        if !same {
             return None;
         }
-        if st.rbp_off != 0 {
-            let bp_at = st.cfa.wrapping_add(st.rbp_off as i64 as u64) as *const u64;
-            // SAFETY: as above.
-            if unsafe { bp_at.read() } != st.bp {
-                return None;
-            }
-        }
-        if st.recorded {
-            if n == max {
-                return Some((n, StopReason::MaxDepth));
-            }
-            s.frames[n] = st.ra;
-            n += 1;
-        }
     }
+    // Recorded steps are a contiguous tail: the library's own leading frames come first.
+    let first = (j + 1).max(s.walk_rec0 as usize).min(len);
+    let count = len - first;
     let why = StopReason::from_u8(s.walk_reason).unwrap_or(StopReason::BadFrame);
-    if why == StopReason::MaxDepth && n < max {
+    if n + count > max {
+        for m in 0..max - n {
+            s.frames[n + m] = s.walk[first + m].ra;
+        }
+        return Some((max, StopReason::MaxDepth, false));
+    }
+    if why == StopReason::MaxDepth && n + count < max {
         // The previous walk was cut at its limit, sooner than this one would be: what lies
         // beyond was never seen.
         return None;
     }
-    Some((n, why))
+    if n == 0 && first == s.walk_rec0 as usize {
+        return Some((count, why, true));
+    }
+    for m in 0..count {
+        s.frames[n + m] = s.walk[first + m].ra;
+    }
+    Some((n + count, why, false))
 }
 
 /// Makes the current walk (its first `k` steps, then the previous walk's steps after `j`) the
@@ -560,4 +571,8 @@ fn join(s: &mut Scratch, k: usize, j: usize) {
     }
     s.walk[..k].copy_from_slice(&s.head[..k]);
     s.walk_len = (k + tail) as u32;
+    s.walk_rec0 = match s.head[..k].iter().position(|st| st.recorded) {
+        Some(i) => i,
+        None => k + (s.walk_rec0 as usize).saturating_sub(j + 1),
+    } as u32;
 }
