@@ -218,8 +218,7 @@ fn preload_alone_writes_a_private_trace_that_report_reads() {
         json!({"code": 0}),
         "return from main is recorded without leakhunt run"
     );
-    let a = leak_at(p, "simple.c", line_of("simple.c", "SIMPLE_A"));
-    assert_eq!((a.bytes, a.blocks), (300, 3));
+    expect_leak(p, "simple.c", "SIMPLE_A", 300, 3);
 }
 
 #[test]

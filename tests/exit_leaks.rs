@@ -13,8 +13,7 @@ fn simple_leaks_exact_bytes_blocks_and_lines() {
     assert_eq!(r.stdout(), "simple done\n");
     assert_eq!(r.out.status.code(), Some(0));
     let p = r.main();
-    let a = leak_at(p, "simple.c", line_of("simple.c", "SIMPLE_A"));
-    assert_eq!((a.bytes, a.blocks), (300, 3));
+    let a = expect_leak(p, "simple.c", "SIMPLE_A", 300, 3);
     assert_eq!(frames_fn(&a), ["make_a", "main"]);
     assert_eq!(
         a.frames[1],
@@ -24,8 +23,7 @@ fn simple_leaks_exact_bytes_blocks_and_lines() {
             line_of("simple.c", "SIMPLE_MAIN_A")
         )
     );
-    let b = leak_at(p, "simple.c", line_of("simple.c", "SIMPLE_B"));
-    assert_eq!((b.bytes, b.blocks), (40, 1));
+    let b = expect_leak(p, "simple.c", "SIMPLE_B", 40, 1);
     assert_eq!(frames_fn(&b), ["make_b", "helper", "main"]);
     assert_eq!(b.frames[1].2, line_of("simple.c", "SIMPLE_HELPER"));
     assert_eq!(b.frames[2].2, line_of("simple.c", "SIMPLE_MAIN_B"));
@@ -67,14 +65,10 @@ fn calloc_realloc_and_glibc_edge_cases() {
     assert_eq!(r.stdout(), "1 1 1\n");
     let p = r.main();
     let f = "reallocs.c";
-    let c = leak_at(p, f, line_of(f, "RA_CALLOC"));
-    assert_eq!((c.bytes, c.blocks), (100, 1));
-    let ch = leak_at(p, f, line_of(f, "RA_CHAIN"));
-    assert_eq!((ch.bytes, ch.blocks), (300, 1));
-    let ar = leak_at(p, f, line_of(f, "RA_ARRAY"));
-    assert_eq!((ar.bytes, ar.blocks), (42, 1));
-    let z = leak_at(p, f, line_of(f, "RA_ZERO"));
-    assert_eq!((z.bytes, z.blocks), (0, 1));
+    expect_leak(p, f, "RA_CALLOC", 100, 1);
+    expect_leak(p, f, "RA_CHAIN", 300, 1);
+    expect_leak(p, f, "RA_ARRAY", 42, 1);
+    expect_leak(p, f, "RA_ZERO", 0, 1);
     assert_eq!(leaks(p).len(), 4, "{:#?}", leaks(p));
     assert_eq!(summary(p, "in_use_at_exit_bytes"), 442);
     assert_eq!(summary(p, "in_use_at_exit_blocks"), 4);
@@ -108,8 +102,7 @@ fn libc_allocates_on_the_programs_behalf() {
     assert_eq!(r.stdout(), "seventeen chars! 42-answer 9\n");
     let p = r.main();
     let f = "libc_alloc.c";
-    let s = leak_at(p, f, line_of(f, "LC_STRDUP"));
-    assert_eq!((s.bytes, s.blocks), (17, 1));
+    let s = expect_leak(p, f, "LC_STRDUP", 17, 1);
     assert_eq!(s.frames[0].0, "strdup");
     let a = leak_at(p, f, line_of(f, "LC_ASPRINTF"));
     assert_eq!(a.blocks, 1);
@@ -117,8 +110,7 @@ fn libc_allocates_on_the_programs_behalf() {
         a.bytes, 10,
         "asprintf shrinks its buffer to the string: {a:?}"
     );
-    let g = leak_at(p, f, line_of(f, "LC_GETLINE"));
-    assert_eq!((g.bytes, g.blocks), (120, 1));
+    let g = expect_leak(p, f, "LC_GETLINE", 120, 1);
     assert_eq!(g.frames[0].0, "getdelim");
     assert_eq!(leaks(p).len(), 3, "{:#?}", leaks(p));
 }
@@ -130,8 +122,7 @@ fn leak_in_a_library_closed_before_exit_still_symbolizes() {
     let r = run(&exe, &[lib.to_str().unwrap()], &[]);
     assert_eq!(r.out.status.code(), Some(0), "{}", r.stderr());
     let p = r.main();
-    let l = leak_at(p, "plugin.c", line_of("plugin.c", "PLUGIN_LEAK"));
-    assert_eq!((l.bytes, l.blocks), (77, 1));
+    let l = expect_leak(p, "plugin.c", "PLUGIN_LEAK", 77, 1);
     assert_eq!(l.frames[0].0, "plugin_leak");
     assert_eq!(
         l.frames[1],
@@ -183,11 +174,9 @@ fn cxx_new_new_array_and_container_members() {
     assert_eq!(r.stdout(), "5 q 10 3\n");
     let p = r.main();
     let f = "cxx.cpp";
-    let n = leak_at(p, f, line_of(f, "CX_NEW"));
-    assert_eq!((n.bytes, n.blocks), (4, 1));
+    let n = expect_leak(p, f, "CX_NEW", 4, 1);
     assert_eq!(n.frames[0].0, "main");
-    let a = leak_at(p, f, line_of(f, "CX_NEWARR"));
-    assert_eq!((a.bytes, a.blocks), (100, 1));
+    expect_leak(p, f, "CX_NEWARR", 100, 1);
     let h = leak_at(p, f, line_of(f, "CX_HOLDER"));
     assert_eq!(
         (h.bytes, h.blocks),
@@ -195,10 +184,8 @@ fn cxx_new_new_array_and_container_members() {
         "sizeof(Holder) = vector 24 + string 32"
     );
     assert_eq!(h.frames[0].0, "make_holder");
-    let v = leak_at(p, f, line_of(f, "CX_VEC"));
-    assert_eq!((v.bytes, v.blocks), (40, 1));
-    let s = leak_at(p, f, line_of(f, "CX_STR"));
-    assert_eq!((s.bytes, s.blocks), (41, 1));
+    expect_leak(p, f, "CX_VEC", 40, 1);
+    expect_leak(p, f, "CX_STR", 41, 1);
     assert_eq!(leaks(p).len(), 5, "{:#?}", leaks(p));
 }
 
@@ -209,14 +196,12 @@ fn rust_box_leak_and_mem_forget() {
     assert_eq!(r.stdout(), "rust 1 10\n");
     let p = r.main();
     let f = "rust_leak.rs";
-    let b = leak_at(p, f, line_of(f, "RS_BOX"));
-    assert_eq!((b.bytes, b.blocks), (64, 1));
+    let b = expect_leak(p, f, "RS_BOX", 64, 1);
     assert!(
         b.frames.iter().any(|fr| fr.0 == "rust_leak::leak_box"),
         "{b:#?}"
     );
-    let v = leak_at(p, f, line_of(f, "RS_FORGET"));
-    assert_eq!((v.bytes, v.blocks), (128, 1));
+    let v = expect_leak(p, f, "RS_FORGET", 128, 1);
     assert!(
         v.frames.iter().any(|fr| fr.0 == "rust_leak::forget_vec"),
         "{v:#?}"
@@ -228,8 +213,7 @@ fn one_hundred_thousand_tiny_leaks() {
     let exe = fixture("many.c");
     let r = run(&exe, &[], &[]);
     let p = r.main();
-    let l = leak_at(p, "many.c", line_of("many.c", "MANY"));
-    assert_eq!((l.bytes, l.blocks), (800_000, 100_000));
+    expect_leak(p, "many.c", "MANY", 800_000, 100_000);
     assert_eq!(summary(p, "allocs"), 100_000);
     assert_eq!(summary(p, "events_lost"), 0);
 }
@@ -239,10 +223,8 @@ fn exits(how: &str) -> Run {
     let r = run(&exe, &[how], &[]);
     assert_eq!(r.stdout(), format!("ending by {how}\n"));
     let p = r.main();
-    let big = leak_at(p, "exits.c", line_of("exits.c", "EXIT_BIG"));
-    assert_eq!((big.bytes, big.blocks), (4096, 1), "{how}");
-    let small = leak_at(p, "exits.c", line_of("exits.c", "EXIT_SMALL"));
-    assert_eq!((small.bytes, small.blocks), (17, 1), "{how}");
+    expect_leak(p, "exits.c", "EXIT_BIG", 4096, 1);
+    expect_leak(p, "exits.c", "EXIT_SMALL", 17, 1);
     r
 }
 

@@ -18,8 +18,7 @@ fn fork_child_is_reported_only_with_trace_children() {
     assert_eq!(r.out.status.code(), Some(0));
     assert_eq!(r.processes().len(), 1, "the child is not traced by default");
     let p = r.main();
-    let l = leak_at(p, "fork.c", line_of("fork.c", "FK_PARENT"));
-    assert_eq!((l.bytes, l.blocks), (111, 1));
+    expect_leak(p, "fork.c", "FK_PARENT", 111, 1);
     assert_eq!(leaks(p).len(), 1);
 
     let r = run(&exe, &[], &["--trace-children"]);
@@ -31,15 +30,13 @@ fn fork_child_is_reported_only_with_trace_children() {
     assert_eq!(child["ppid"], parent["pid"]);
     assert_eq!(child["exit"], json!({"code": 7}));
     assert_eq!(parent["exit"], json!({"code": 0}));
-    let l = leak_at(child, "fork.c", line_of("fork.c", "FK_CHILD"));
-    assert_eq!((l.bytes, l.blocks), (222, 1));
+    expect_leak(child, "fork.c", "FK_CHILD", 222, 1);
     assert_eq!(
         summary(child, "allocs"),
         1,
         "the child's report starts at the fork"
     );
-    let l = leak_at(parent, "fork.c", line_of("fork.c", "FK_PARENT"));
-    assert_eq!((l.bytes, l.blocks), (111, 1));
+    expect_leak(parent, "fork.c", "FK_PARENT", 111, 1);
     assert_eq!(
         leaks(parent).len(),
         1,
@@ -63,8 +60,7 @@ fn exec_ends_the_old_image_and_traces_the_new_one_only_with_trace_children() {
         );
         let p = r.main();
         assert_eq!(p["exit"], json!({"exec": true}), "{how}");
-        let l = leak_at(p, "exec.c", line_of("exec.c", "EX_PARENT"));
-        assert_eq!((l.bytes, l.blocks), (123, 1), "{how}");
+        expect_leak(p, "exec.c", "EX_PARENT", 123, 1);
         assert!(
             r.stderr().contains("process replaced its image by exec"),
             "{}",
@@ -80,8 +76,7 @@ fn exec_ends_the_old_image_and_traces_the_new_one_only_with_trace_children() {
         assert_eq!(ps[0]["exit"], json!({"exec": true}));
         assert_eq!(ps[1]["exit"], json!({"code": 0}));
         assert_eq!(ps[1]["argv"][1], "child");
-        let l = leak_at(&ps[1], "exec.c", line_of("exec.c", "EX_CHILD"));
-        assert_eq!((l.bytes, l.blocks), (321, 1), "{how}");
+        expect_leak(&ps[1], "exec.c", "EX_CHILD", 321, 1);
         assert!(
             leaks(&ps[1]).iter().all(|l| l.bytes != 123),
             "{how}: images are separate"
@@ -101,10 +96,8 @@ fn sigkill_keeps_what_reached_leakhunt() {
         json!({"signal": 9}),
         "leakhunt run saw the death in waitpid"
     );
-    let big = leak_at(p, "exits.c", line_of("exits.c", "EXIT_BIG"));
-    assert_eq!((big.bytes, big.blocks), (4096, 1));
-    let small = leak_at(p, "exits.c", line_of("exits.c", "EXIT_SMALL"));
-    assert_eq!((small.bytes, small.blocks), (17, 1));
+    expect_leak(p, "exits.c", "EXIT_BIG", 4096, 1);
+    expect_leak(p, "exits.c", "EXIT_SMALL", 17, 1);
 }
 
 #[test]
@@ -121,11 +114,9 @@ fn the_programs_own_signal_handling_is_untouched() {
     );
     assert_eq!(r.out.status.code(), Some(9));
     assert_eq!(r.main()["exit"], json!({"code": 9}));
-    let l = leak_at(r.main(), "signals.c", line_of("signals.c", "SG_LEAK"));
-    assert_eq!((l.bytes, l.blocks), (64, 1));
+    expect_leak(r.main(), "signals.c", "SG_LEAK", 64, 1);
     // Allocated in a handler on the alternate stack: the walk stays on that stack.
-    let l = leak_at(r.main(), "signals.c", line_of("signals.c", "SG_ALT"));
-    assert_eq!((l.bytes, l.blocks), (32, 1));
+    let l = expect_leak(r.main(), "signals.c", "SG_ALT", 32, 1);
     assert_eq!(l.frames[0].0, "on_usr2");
 }
 

@@ -261,6 +261,17 @@ pub fn leak_at(process: &Value, file: &str, line: u32) -> Leak {
     hits[0].clone()
 }
 
+/// The leak through the line of `file` marked `@marker`, which must be `bytes` in `blocks`.
+pub fn expect_leak(process: &Value, file: &str, marker: &str, bytes: u64, blocks: u64) -> Leak {
+    let l = leak_at(process, file, line_of(file, marker));
+    assert_eq!(
+        (l.bytes, l.blocks),
+        (bytes, blocks),
+        "leak at {file} @{marker}: {l:#?}"
+    );
+    l
+}
+
 pub fn summary(process: &Value, key: &str) -> u64 {
     process["summary"][key]
         .as_u64()
