@@ -222,7 +222,7 @@ fn git_output_and_status_unchanged() {
 }
 
 #[test]
-fn a_dead_cli_or_an_unwritable_trace_never_stops_the_program() {
+fn a_dead_cli_an_unwritable_or_a_full_trace_never_stops_the_program() {
     let exe = fixture("many.c");
     let want = plain(&exe, &[]);
     // The CLI accepts, then goes away at once.
@@ -260,6 +260,25 @@ fn a_dead_cli_or_an_unwritable_trace_never_stops_the_program() {
     assert_eq!(err.matches("leakhunt:").count(), 1, "told once: {err}");
     assert!(
         err.contains("cannot create the trace file: no such file or directory"),
+        "{err}"
+    );
+
+    // The trace file hits the file-size limit (as on a full disk, writes fail): the program is
+    // neither killed by SIGXFSZ nor stopped; one message.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -f 4; exec \"$0\"")
+        .arg(&exe)
+        .env("LD_PRELOAD", preload())
+        .env("LEAKHUNT_OUT", dir.join("small.trace"))
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, want.stdout);
+    assert_eq!(out.status.code(), want.status.code(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("leakhunt:").count(), 1, "told once: {err}");
+    assert!(
+        err.contains("cannot write the trace: file too large"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -59,7 +59,34 @@ fn out() -> &'static mut Out {
     unsafe { &mut *core::ptr::addr_of_mut!(OUT) }
 }
 
-fn write_all(fd: i32, socket: bool, mut data: &[u8]) -> Result<(), i32> {
+fn write_all(fd: i32, socket: bool, data: &[u8]) -> Result<(), i32> {
+    if socket {
+        return write_loop(fd, true, data);
+    }
+    // A file over RLIMIT_FSIZE raises SIGXFSZ in the writing thread, which would kill the
+    // program: block it around our write, and take back the one our write raised.
+    // SAFETY: sigset and mask calls on local, initialised sets; sigtimedwait with a zero timeout
+    // only dequeues a pending SIGXFSZ, which this write raised while it was blocked.
+    unsafe {
+        let mut xfsz: libc::sigset_t = core::mem::zeroed();
+        let mut old: libc::sigset_t = core::mem::zeroed();
+        libc::sigemptyset(&mut xfsz);
+        libc::sigaddset(&mut xfsz, libc::SIGXFSZ);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &xfsz, &mut old);
+        let r = write_loop(fd, false, data);
+        if r == Err(libc::EFBIG) && libc::sigismember(&old, libc::SIGXFSZ) == 0 {
+            let zero = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            libc::sigtimedwait(&xfsz, core::ptr::null_mut(), &zero);
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, core::ptr::null_mut());
+        r
+    }
+}
+
+fn write_loop(fd: i32, socket: bool, mut data: &[u8]) -> Result<(), i32> {
     while !data.is_empty() {
         // SAFETY: `data` is a valid readable slice; MSG_NOSIGNAL keeps a dead peer from raising
         // SIGPIPE in the program.
