@@ -87,17 +87,46 @@ fn exec_ends_the_old_image_and_traces_the_new_one_only_with_trace_children() {
 #[test]
 fn sigkill_keeps_what_reached_leakhunt() {
     let exe = fixture("exits.c");
-    let r = run(&exe, &["kill"], &[]);
-    assert_eq!(r.stdout(), "ending by kill\n");
-    assert_eq!(r.out.status.signal(), Some(9));
-    let p = r.main();
-    assert_eq!(
-        p["exit"],
-        json!({"signal": 9}),
-        "leakhunt run saw the death in waitpid"
-    );
-    expect_leak(p, "exits.c", "EXIT_BIG", 4096, 1);
-    expect_leak(p, "exits.c", "EXIT_SMALL", 17, 1);
+    // "kill" waits until the events were sent; "killnow" dies with them still in the rings,
+    // which leakhunt run reads back from their shared files.
+    for how in ["kill", "killnow"] {
+        let trace = workspace().join(format!(
+            "target/test-scratch/{how}-{}.trace",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&trace);
+        let r = run(&exe, &[how], &["--output", trace.to_str().unwrap()]);
+        assert_eq!(r.stdout(), format!("ending by {how}\n"));
+        assert_eq!(r.out.status.signal(), Some(9));
+        let p = r.main();
+        assert_eq!(
+            p["exit"],
+            json!({"signal": 9}),
+            "leakhunt run saw the death in waitpid"
+        );
+        expect_leak(p, "exits.c", "EXIT_BIG", 4096, 1);
+        expect_leak(p, "exits.c", "EXIT_SMALL", 17, 1);
+        assert_eq!(summary(p, "events_lost"), 0, "{how}");
+        // The kept trace holds the recovered events too.
+        let json = trace.with_extension("json");
+        let out = Command::new(leakhunt())
+            .args(["report", "--json"])
+            .arg(&json)
+            .arg(&trace)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let offline: Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let q = &offline["processes"][0];
+        expect_leak(q, "exits.c", "EXIT_BIG", 4096, 1);
+        expect_leak(q, "exits.c", "EXIT_SMALL", 17, 1);
+        assert_eq!(q["summary"], p["summary"], "{how}");
+    }
 }
 
 #[test]

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod process;
+mod recover;
 mod report;
 mod run;
 

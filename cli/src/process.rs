@@ -60,6 +60,8 @@ pub struct Process {
     pub totals: Totals,
     pub exit: Option<ExitKind>,
     pub stats: HashMap<u32, u64>,
+    /// Bytes of the stream up to the end of its last complete record.
+    pub complete_len: u64,
     pub warnings: Vec<String>,
     /// Set when the stream ended inside a record (the process was killed, or the file cut).
     pub truncated: Option<String>,
@@ -80,6 +82,15 @@ impl Process {
     /// Reads a whole stream. A truncated tail is kept as a warning; any other decode error is
     /// returned (after everything before it was applied).
     pub fn read_stream(src: impl Read) -> (Process, Option<DecodeError>) {
+        let (mut p, err) = Process::read_stream_open(src);
+        p.finish();
+        (p, err)
+    }
+
+    /// As [`Process::read_stream`], but leaves events whose predecessors never came buffered, so
+    /// that events recovered from elsewhere (ring files) can still fill the gaps; call
+    /// [`Process::finish`] after.
+    pub fn read_stream_open(src: impl Read) -> (Process, Option<DecodeError>) {
         let mut p = Process::default();
         let mut r = Reader::new(std::io::BufReader::with_capacity(1 << 20, src));
         let err = loop {
@@ -89,6 +100,7 @@ impl Process {
                     if let Err(e) = p.apply(rec, at) {
                         break Some(e);
                     }
+                    p.complete_len = r.offset();
                 }
                 Ok(None) => break None,
                 Err(e) if e.is_truncation() => {
@@ -98,8 +110,51 @@ impl Process {
                 Err(e) => break Some(e),
             }
         };
-        p.finish();
         (p, err)
+    }
+
+    /// Applies the slots of a batch recovered from a ring file after the process died: events
+    /// the stream already delivered are skipped (the ring still held them), the others are
+    /// applied in sequence order like any. Returns how many events were new.
+    pub fn recover(&mut self, slots: &[u8]) -> Result<u64, String> {
+        let mut n = 0;
+        for (i, s) in SlotIter::new(slots).enumerate() {
+            let s = s.map_err(|e| format!("slot {i}: {}", e.what))?;
+            let seq = match &s {
+                SlotRecord::Alloc { seq, .. }
+                | SlotRecord::Free { seq, .. }
+                | SlotRecord::Nop { seq } => *seq,
+                SlotRecord::Stack { .. } => u64::MAX,
+            };
+            if seq != u64::MAX && (seq < self.next_seq || self.pending.contains_key(&seq)) {
+                continue;
+            }
+            match s {
+                SlotRecord::Stack {
+                    id,
+                    gen,
+                    reason,
+                    frames,
+                } => {
+                    self.stacks.entry(id).or_insert(Stack {
+                        gen,
+                        reason,
+                        frames,
+                    });
+                }
+                SlotRecord::Alloc {
+                    stack, addr, size, ..
+                } => self
+                    .event(seq, Ev::Alloc { addr, size, stack }, 0)
+                    .map_err(|e| e.to_string())?,
+                SlotRecord::Free { addr, .. } => self
+                    .event(seq, Ev::Free { addr }, 0)
+                    .map_err(|e| e.to_string())?,
+                SlotRecord::Nop { .. } => self.event(seq, Ev::Nop, 0).map_err(|e| e.to_string())?,
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Applies one record, which starts at byte `at` of the stream.

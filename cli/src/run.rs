@@ -4,7 +4,7 @@
 //! is the program's (a death by signal is re-raised), or `--error-exitcode` when leaks are found.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::ExitStatusExt;
@@ -19,6 +19,7 @@ use leakhunt_format::{DecodeError, ExitKind};
 use leakhunt_symbolizer::Symbolizer;
 
 use crate::process::Process;
+use crate::recover;
 use crate::report::{self, Report};
 use crate::RunArgs;
 
@@ -50,8 +51,7 @@ fn find_preload(explicit: Option<&Path>) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn private_dir() -> Result<PathBuf> {
-    let base = std::env::temp_dir();
+fn private_dir(base: PathBuf) -> Result<PathBuf> {
     for i in 0..100u32 {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -64,6 +64,27 @@ fn private_dir() -> Result<PathBuf> {
         }
     }
     bail!("cannot create a private directory in {}", base.display())
+}
+
+/// Appends recovered batches to a kept trace, so that `leakhunt report` on it says what this
+/// run said.
+fn append_batches(trace: &std::path::Path, complete_len: u64, batches: &[(u32, Vec<u8>)]) {
+    let mut out = Vec::new();
+    for (tid, slots) in batches {
+        leakhunt_format::encode::batch(*tid, slots, &mut out);
+    }
+    let r = std::fs::OpenOptions::new()
+        .write(true)
+        .open(trace)
+        .and_then(|mut f| {
+            // Drop a record the kill cut short, then add the recovered batches.
+            f.set_len(complete_len)?;
+            f.seek(std::io::SeekFrom::End(0))?;
+            f.write_all(&out)
+        });
+    if let Err(e) = r {
+        eprintln!("leakhunt: warning: cannot add the recovered events to the --output trace: {e}");
+    }
 }
 
 /// Copies what it reads to a file (`--output`).
@@ -124,7 +145,7 @@ fn serve(
                 });
                 let (tx, active) = (tx.clone(), active.clone());
                 std::thread::spawn(move || {
-                    let (process, error) = Process::read_stream(Tee { inner: conn, file });
+                    let (process, error) = Process::read_stream_open(Tee { inner: conn, file });
                     let _ = tx.send(Stream {
                         process,
                         error,
@@ -155,7 +176,23 @@ fn serve(
 
 pub fn run(a: &RunArgs) -> Result<ExitCode> {
     let lib = find_preload(a.preload.as_deref())?;
-    let dir = private_dir()?;
+    let dir = private_dir(std::env::temp_dir())?;
+    // The rings go in memory-backed files where there is /dev/shm (no disk writeback); if that
+    // fails the preload uses anonymous memory and only SIGKILL recovery is lost.
+    let shm = PathBuf::from("/dev/shm");
+    let ring_dir = if shm.is_dir() {
+        private_dir(shm).ok()
+    } else {
+        None
+    }
+    .or_else(|| {
+        let d = dir.join("rings");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&d)
+            .ok()
+            .map(|_| d)
+    });
     let sock = dir.join("trace.sock");
     let listener = UnixListener::bind(&sock)
         .with_context(|| format!("cannot listen on {}", sock.display()))?;
@@ -178,6 +215,10 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         )
         .env("LEAKHUNT_FREERES", if a.no_freeres { "0" } else { "1" })
         .env_remove("LEAKHUNT_OUT");
+    match &ring_dir {
+        Some(d) => cmd.env("LEAKHUNT_RING_DIR", d),
+        None => cmd.env_remove("LEAKHUNT_RING_DIR"),
+    };
 
     // Ctrl-C and Ctrl-\ reach the program through the terminal's process group: leakhunt only
     // survives them to report. SIGTERM and SIGHUP sent to leakhunt are passed on.
@@ -230,6 +271,28 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     let _ = std::fs::remove_dir_all(&dir);
 
     let mut streams: Vec<Stream> = rx.try_iter().collect();
+    for s in &mut streams {
+        // A process that ended without saying how (SIGKILL): take what reached its rings.
+        if let (Some(d), None) = (&ring_dir, s.process.exit) {
+            if recover::is_dead(s.process.pid()) {
+                let (n, batches) = recover::from_ring_files(&mut s.process, d);
+                if n > 0 {
+                    s.process.warnings.push(format!(
+                        "the process was killed: {n} events were recovered from its rings"
+                    ));
+                    if let Some(tee) = &s.tee {
+                        append_batches(tee, s.process.complete_len, &batches);
+                    }
+                    // The record the kill cut short is superseded by what the rings held.
+                    s.process.truncated = None;
+                }
+            }
+        }
+        s.process.finish();
+    }
+    if let Some(d) = &ring_dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
     // The program first, then its children by pid; images of one pid (exec) in the order they ran.
     streams.sort_by_key(|s| {
         let start = s

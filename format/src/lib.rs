@@ -208,3 +208,22 @@ impl FreeFn {
         })
     }
 }
+
+/// Shared ring files: with `LEAKHUNT_RING_DIR` set (by `leakhunt run`), each thread's ring lives
+/// in a file `<pid>-<start monotonic ns>-<n>.ring` there, so that when the process is killed
+/// before it could send them, the CLI still reads the events that reached the ring. Not part of
+/// the trace format: preload and CLI of one build share it. Layout: one 4096-byte page of
+/// little-endian fields at the offsets below, then the slot array.
+pub mod ringfile {
+    pub const MAGIC: [u8; 8] = *b"LKHRING1";
+    pub const HEADER_LEN: usize = 4096;
+    /// `u32` pid and `u32` thread id of the ring's current owner.
+    pub const PID: usize = 8;
+    pub const TID: usize = 12;
+    /// `u64` slot count (a power of two).
+    pub const SLOTS: usize = 16;
+    /// `u64` index of the next slot to publish; slots below it are complete.
+    pub const HEAD: usize = 64;
+    /// `u64` index of the first slot not yet delivered to the CLI.
+    pub const TAIL: usize = 128;
+}

@@ -8,6 +8,7 @@
 //! | `LEAKHUNT_MAX_FRAMES` | frames kept per stack, 1-256 | 64 |
 //! | `LEAKHUNT_TRACE_CHILDREN` | `1`: trace fork children and exec'd programs | `0` |
 //! | `LEAKHUNT_FREERES` | `0`: do not ask libc/libstdc++ to free their internal buffers at exit | `1` |
+//! | `LEAKHUNT_RING_DIR` | directory (private to `leakhunt run`) where rings are shared files, so the CLI keeps what reached them if the process is killed | unset: anonymous memory |
 //! | `LEAKHUNT_UNWIND_REUSE` | `0`: walk every frame of every stack (the reference the fast path is tested against) | `1` |
 
 extern crate alloc;
@@ -17,6 +18,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 /// Paths are copied out of the environment: the program may change it later.
 pub struct Config {
     socket: [u8; 256],
+    ring_dir: [u8; 256],
     out: [u8; 4096],
     pub max_frames: usize,
     pub trace_children: bool,
@@ -26,6 +28,7 @@ pub struct Config {
 
 static mut CONFIG: Config = Config {
     socket: [0; 256],
+    ring_dir: [0; 256],
     out: [0; 4096],
     max_frames: 64,
     trace_children: false,
@@ -68,6 +71,7 @@ pub fn load() {
     unsafe {
         let c = &mut *core::ptr::addr_of_mut!(CONFIG);
         copy_into(&mut c.socket, env(c"LEAKHUNT_SOCKET"));
+        copy_into(&mut c.ring_dir, env(c"LEAKHUNT_RING_DIR"));
         copy_into(&mut c.out, env(c"LEAKHUNT_OUT"));
         c.max_frames = max_frames;
         c.trace_children = trace_children;
@@ -85,6 +89,9 @@ pub fn get() -> &'static Config {
 impl Config {
     pub fn socket(&self) -> Option<&CStr> {
         as_cstr(&self.socket)
+    }
+    pub fn ring_dir(&self) -> Option<&CStr> {
+        as_cstr(&self.ring_dir)
     }
     pub fn out_path(&self) -> Option<&CStr> {
         as_cstr(&self.out)

@@ -105,8 +105,9 @@ pub fn child_env(envp: *const *const core::ffi::c_char) -> Option<ChildEnv> {
     }
     let cfg = crate::config::get();
     let frames = crate::config::fmt_usize(cfg.max_frames);
-    let ours: [(&[u8], Option<&[u8]>); 5] = [
+    let ours: [(&[u8], Option<&[u8]>); 6] = [
         (b"LEAKHUNT_SOCKET", cfg.socket().map(CStr::to_bytes)),
+        (b"LEAKHUNT_RING_DIR", cfg.ring_dir().map(CStr::to_bytes)),
         (b"LEAKHUNT_OUT", cfg.out_path().map(CStr::to_bytes)),
         (b"LEAKHUNT_MAX_FRAMES", Some(frames.as_slice())),
         (b"LEAKHUNT_TRACE_CHILDREN", Some(b"1")),

@@ -367,8 +367,9 @@ fn write_buf() {
     let data = unsafe { core::slice::from_raw_parts(o.buf, o.len) };
     let r = write_all(o.fd, o.socket, data);
     o.len = 0;
-    if let Err(e) = r {
-        fail(e, "cannot write the trace");
+    match r {
+        Ok(()) => ring::for_each(|r| r.delivered()),
+        Err(e) => fail(e, "cannot write the trace"),
     }
 }
 

@@ -130,7 +130,11 @@ fn build_header() {
         // SAFETY: as above.
         ppid: unsafe { libc::getppid() } as u32,
         start_realtime_ns: sys::realtime_ns(),
-        start_monotonic_ns: sys::monotonic_ns(),
+        start_monotonic_ns: {
+            let t = sys::monotonic_ns();
+            START_NS.store(t, Ordering::Relaxed);
+            t
+        },
         exe,
         argv,
         max_frames: config::get().max_frames as u32,
@@ -425,8 +429,10 @@ extern "C" fn fork_child() {
             disable();
         }
         build_header();
+        ring::after_fork_child(true);
         start_writer();
     } else {
+        ring::after_fork_child(false);
         disable();
     }
     // SAFETY: as above.
@@ -459,7 +465,9 @@ pub extern "C" fn constructor() {
 }
 
 /// This process's pid, as recorded in the trace header.
-static PID: AtomicU32 = AtomicU32::new(0);
+pub static PID: AtomicU32 = AtomicU32::new(0);
+/// The header's monotonic start time: with the pid, it names this process image's ring files.
+pub static START_NS: AtomicU64 = AtomicU64::new(0);
 
 static EXIT_CODE: AtomicU64 = AtomicU64::new(u64::MAX);
 
