@@ -569,7 +569,12 @@ fn join(s: &mut Scratch, k: usize, j: usize) {
     if k != j + 1 {
         s.walk.copy_within(j + 1..len, k);
     }
-    s.walk[..k].copy_from_slice(&s.head[..k]);
+    if k == 1 {
+        // The usual case (the walk joined at its first step): no memcpy call for one step.
+        s.walk[0] = s.head[0];
+    } else {
+        s.walk[..k].copy_from_slice(&s.head[..k]);
+    }
     s.walk_len = (k + tail) as u32;
     s.walk_rec0 = match s.head[..k].iter().position(|st| st.recorded) {
         Some(i) => i,
