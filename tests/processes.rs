@@ -21,7 +21,15 @@ fn fork_child_is_reported_only_with_trace_children() {
     expect_leak(p, "fork.c", "FK_PARENT", 111, 1);
     assert_eq!(leaks(p).len(), 1);
 
-    let r = run(&exe, &[], &["--trace-children"]);
+    let trace = workspace().join(format!(
+        "target/test-scratch/fork-{}.trace",
+        std::process::id()
+    ));
+    let r = run(
+        &exe,
+        &[],
+        &["--trace-children", "--output", trace.to_str().unwrap()],
+    );
     assert_eq!(r.out.stdout, plain_out.stdout);
     assert_eq!(r.out.status.code(), Some(0));
     let ps = r.processes();
@@ -34,8 +42,32 @@ fn fork_child_is_reported_only_with_trace_children() {
     assert_eq!(
         summary(child, "allocs"),
         1,
-        "the child's report starts at the fork"
+        "the child's own calls start at the fork"
     );
+    // Its heap starts as the parent's: the 111-byte block it inherited is still live at its exit,
+    // the 55-byte one it freed is not, and that free matched.
+    expect_leak(child, "fork.c", "FK_PARENT", 111, 1);
+    assert_eq!(leaks(child).len(), 2, "{:#?}", leaks(child));
+    assert_eq!(summary(child, "in_use_at_exit_bytes"), 333);
+    assert_eq!(summary(child, "unmatched_frees"), 0);
+    // The kept traces, reported together, say the same (the child's is TRACE.<pid>).
+    let child_trace = format!("{}.{}", trace.display(), child["pid"]);
+    let json = trace.with_extension("json");
+    let out = Command::new(leakhunt())
+        .args(["report", "--json"])
+        .arg(&json)
+        .arg(&trace)
+        .arg(&child_trace)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let offline: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(offline["processes"][1]["summary"], child["summary"]);
+    assert_eq!(offline["processes"][1]["leaks"], child["leaks"]);
     expect_leak(parent, "fork.c", "FK_PARENT", 111, 1);
     assert_eq!(
         leaks(parent).len(),

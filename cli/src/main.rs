@@ -119,7 +119,7 @@ pub fn emit(report: &Report, out: &Output, text_to_stderr: bool) -> Result<bool>
 
 fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
     let mut sym = Symbolizer::new();
-    let mut procs = Vec::new();
+    let mut read = Vec::new();
     for t in &a.traces {
         let f =
             std::fs::File::open(t).with_context(|| format!("cannot open trace {}", t.display()))?;
@@ -133,8 +133,14 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
                 None => bail!("{}: the trace holds no process header", t.display()),
             }
         }
-        procs.push(report::build(&p, None, &mut sym));
+        read.push(p);
     }
+    // Traces of a process and of its fork children, given together, carry the inherited heap.
+    Process::link_forks(&mut read.iter_mut().collect::<Vec<_>>());
+    let procs: Vec<_> = read
+        .iter()
+        .map(|p| report::build(p, None, &mut sym))
+        .collect();
     for w in sym.warnings() {
         eprintln!("leakhunt: warning: {w}");
     }

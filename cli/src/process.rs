@@ -10,6 +10,9 @@ use leakhunt_format::encode::{Header, Module};
 use leakhunt_format::slot::{SlotIter, SlotRecord};
 use leakhunt_format::{stat, DecodeError, ExitKind, Reader, Record, StopReason};
 
+/// Stack ids of blocks a fork child inherited: the parent's id with this bit set.
+pub const INHERITED_STACK: u32 = 1 << 31;
+
 /// Module ids are dense from 0; no real process has more modules than this.
 const MAX_MODULE_ID: usize = 1 << 20;
 
@@ -31,6 +34,7 @@ enum Ev {
     Alloc { addr: u64, size: u64, stack: u32 },
     Free { addr: u64 },
     Nop,
+    Fork { child: u32 },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -71,6 +75,10 @@ pub struct Process {
     pub allocs_by_stack: FxHashMap<u32, u64>,
     next_seq: u64,
     pending: BTreeMap<u64, Ev>,
+    /// Live blocks at each fork point, by child pid (children traced).
+    pub forks: FxHashMap<u32, FxHashMap<u64, Live>>,
+    /// Addresses freed without a matching allocation (blocks from before tracing began).
+    pub unmatched: rustc_hash::FxHashSet<u64>,
     records: u64,
 }
 
@@ -123,7 +131,8 @@ impl Process {
             let seq = match &s {
                 SlotRecord::Alloc { seq, .. }
                 | SlotRecord::Free { seq, .. }
-                | SlotRecord::Nop { seq } => *seq,
+                | SlotRecord::Nop { seq }
+                | SlotRecord::Fork { seq, .. } => *seq,
                 SlotRecord::Stack { .. } => u64::MAX,
             };
             if seq != u64::MAX && (seq < self.next_seq || self.pending.contains_key(&seq)) {
@@ -151,10 +160,74 @@ impl Process {
                     .event(seq, Ev::Free { addr }, 0)
                     .map_err(|e| e.to_string())?,
                 SlotRecord::Nop { .. } => self.event(seq, Ev::Nop, 0).map_err(|e| e.to_string())?,
+                SlotRecord::Fork { child, .. } => self
+                    .event(seq, Ev::Fork { child }, 0)
+                    .map_err(|e| e.to_string())?,
             }
             n += 1;
         }
         Ok(n)
+    }
+
+    /// A fork child starts with its parent's heap: the blocks live at the fork point that the
+    /// child did not free become the child's, with their parent stacks. Returns (blocks, bytes).
+    fn inherit(
+        &mut self,
+        at_fork: &FxHashMap<u64, Live>,
+        parent_stacks: &FxHashMap<u32, Stack>,
+    ) -> (u64, u64) {
+        let (mut blocks, mut bytes) = (0, 0);
+        let mut freed = 0;
+        for (&addr, live) in at_fork {
+            if self.unmatched.contains(&addr) {
+                freed += 1;
+                continue;
+            }
+            if self.live.contains_key(&addr) {
+                continue;
+            }
+            // Parent stack ids are imported above the child's own.
+            let id = INHERITED_STACK | live.stack;
+            if let Some(st) = parent_stacks.get(&live.stack) {
+                self.stacks.entry(id).or_insert_with(|| st.clone());
+            }
+            self.live.insert(
+                addr,
+                Live {
+                    size: live.size,
+                    stack: id,
+                },
+            );
+            blocks += 1;
+            bytes += live.size;
+        }
+        // Frees of inherited blocks matched after all.
+        self.totals.unknown_frees = self.totals.unknown_frees.saturating_sub(freed);
+        (blocks, bytes)
+    }
+
+    /// Gives every fork child among `procs` the heap it inherited from its parent among them.
+    pub fn link_forks(procs: &mut [&mut Process]) {
+        for i in 0..procs.len() {
+            let (pid, ppid) = match &procs[i].header {
+                Some(h) => (h.pid, h.ppid),
+                None => continue,
+            };
+            let Some(j) = (0..procs.len())
+                .find(|&j| j != i && procs[j].pid() == ppid && procs[j].forks.contains_key(&pid))
+            else {
+                continue;
+            };
+            let at_fork = procs[j].forks[&pid].clone();
+            let stacks = procs[j].stacks.clone();
+            let (blocks, bytes) = procs[i].inherit(&at_fork, &stacks);
+            if blocks > 0 {
+                procs[i].warnings.push(format!(
+                    "{bytes} bytes in {blocks} block{} were inherited from the parent (pid {ppid}) at fork and are counted here",
+                    if blocks == 1 { "" } else { "s" }
+                ));
+            }
+        }
     }
 
     /// Applies one record, which starts at byte `at` of the stream.
@@ -239,6 +312,9 @@ impl Process {
                             self.event(seq, Ev::Free { addr }, offset)?
                         }
                         SlotRecord::Nop { seq } => self.event(seq, Ev::Nop, offset)?,
+                        SlotRecord::Fork { seq, child } => {
+                            self.event(seq, Ev::Fork { child }, offset)?
+                        }
                     }
                 }
             }
@@ -292,9 +368,13 @@ impl Process {
                 self.totals.frees += 1;
                 if self.live.remove(&addr).is_none() {
                     self.totals.unknown_frees += 1;
+                    self.unmatched.insert(addr);
                 }
             }
             Ev::Nop => {}
+            Ev::Fork { child } => {
+                self.forks.insert(child, self.live.clone());
+            }
         }
     }
 

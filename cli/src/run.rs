@@ -293,6 +293,12 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     if let Some(d) = &ring_dir {
         let _ = std::fs::remove_dir_all(d);
     }
+    Process::link_forks(
+        &mut streams
+            .iter_mut()
+            .map(|s| &mut s.process)
+            .collect::<Vec<_>>(),
+    );
     // The program first, then its children by pid; images of one pid (exec) in the order they ran.
     streams.sort_by_key(|s| {
         let start = s

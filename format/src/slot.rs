@@ -7,6 +7,7 @@
 //! | `ALLOC` | kind, alloc fn, 0, 0, stack id u32 | seq | address | size |
 //! | `FREE` | kind, free fn, 0 ... | seq | address | 0 |
 //! | `NOP` | kind, 0 ... | seq | 0 | 0 |
+//! | `FORK` | kind, 0, 0, 0, child pid u32 | seq | 0 | 0 |
 //! | `STACK` | kind, stop reason, frame count u16, stack id u32 | module generation u32, 0 | 0 | 0 |
 //!
 //! A `STACK` slot is followed by `ceil(frames / 4)` slots of four `u64` return addresses,
@@ -21,6 +22,9 @@ pub type Slot = [u8; SLOT_LEN];
 pub const KIND_ALLOC: u8 = 1;
 pub const KIND_FREE: u8 = 2;
 pub const KIND_NOP: u8 = 3;
+/// The process forked (with children traced): the child starts with the heap as it is at this
+/// point of the sequence.
+pub const KIND_FORK: u8 = 4;
 pub const KIND_STACK: u8 = 16;
 
 /// Frames per continuation slot of a stack record.
@@ -84,6 +88,15 @@ pub fn nop(seq: u64) -> Slot {
 }
 
 #[inline]
+pub fn fork(seq: u64, child: u32) -> Slot {
+    let mut s = [0u8; SLOT_LEN];
+    s[0] = KIND_FORK;
+    put_u32(&mut s, 4, child);
+    put_u64(&mut s, 8, seq);
+    s
+}
+
+#[inline]
 pub fn stack_header(id: u32, gen: u32, reason: StopReason, frames: u16) -> Slot {
     let mut s = [0u8; SLOT_LEN];
     s[0] = KIND_STACK;
@@ -121,6 +134,10 @@ pub enum SlotRecord {
     },
     Nop {
         seq: u64,
+    },
+    Fork {
+        seq: u64,
+        child: u32,
     },
     Stack {
         id: u32,
@@ -194,6 +211,10 @@ impl Iterator for SlotIter<'_> {
             },
             KIND_NOP => Some(Ok(SlotRecord::Nop {
                 seq: get_u64(&s, 8),
+            })),
+            KIND_FORK => Some(Ok(SlotRecord::Fork {
+                seq: get_u64(&s, 8),
+                child: get_u32(&s, 4),
             })),
             KIND_STACK => {
                 let Some(reason) = StopReason::from_u8(s[1]) else {

@@ -46,7 +46,9 @@ fn golden_trace_decodes_exactly() {
                             assert_eq!(reason, StopReason::End);
                             stacks.push((id, frames.len()))
                         }
-                        SlotRecord::Nop { .. } => panic!("no no-ops in this trace"),
+                        SlotRecord::Nop { .. } | SlotRecord::Fork { .. } => {
+                            panic!("no no-ops or forks in this trace")
+                        }
                     }
                 }
             }

@@ -4,7 +4,7 @@
 //!
 //! Exported: malloc free calloc realloc reallocarray posix_memalign aligned_alloc memalign
 //! valloc pvalloc malloc_usable_size; C++ operator new/new[]/delete/delete[] (plain, nothrow,
-//! sized, aligned); dlopen dlclose; exit _exit _Exit; execve execv execvp execvpe fexecve execl
+//! sized, aligned); dlopen dlclose; exit _exit _Exit; fork; execve execv execvp execvpe fexecve execl
 //! execlp execle; __libc_start_main (to learn main's return value); sigaction signal;
 //! leakhunt_version (for `leakhunt` to check the library it preloads).
 
@@ -337,6 +337,26 @@ pub unsafe extern "C" fn signal(sig: c_int, h: libc::sighandler_t) -> libc::sigh
 #[cfg_attr(not(test), no_mangle)]
 pub extern "C" fn leakhunt_version() -> u32 {
     leakhunt_format::VERSION
+}
+
+// ---- fork: with children traced, mark where the child's inherited heap comes from ----
+
+static REAL_FORK: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn fork() -> libc::pid_t {
+    let f = real::next_symbol(&REAL_FORK, c"fork");
+    if f.is_null() {
+        return no_real();
+    }
+    let mark = tracer::before_fork();
+    // SAFETY: libc's fork, same signature.
+    let pid =
+        unsafe { core::mem::transmute::<*mut c_void, unsafe extern "C" fn() -> libc::pid_t>(f)() };
+    if let (Some(seq), true) = (mark, pid != 0) {
+        tracer::after_fork_in_parent(seq, pid);
+    }
+    pid
 }
 
 // ---- exec: flush everything recorded before the image is replaced ----

@@ -346,6 +346,37 @@ pub fn on_realloc(
     after_publish(ts);
 }
 
+/// Before `fork()` with children traced: the sequence number that marks the fork point (the
+/// child's heap is the parent's live blocks as of the events before it).
+pub fn before_fork() -> Option<u64> {
+    if STATE.load(Ordering::Acquire) != READY || !config::get().trace_children {
+        return None;
+    }
+    Some(SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// After `fork()` in the parent: publish the fork point (`child` <= 0: fork failed, a no-op).
+pub fn after_fork_in_parent(seq: u64, child: i32) {
+    let Some(g) = Guard::enter() else {
+        abandon_seq(seq);
+        return;
+    };
+    let ts = g.ts();
+    let Some(r) = thread_ring(ts) else {
+        abandon_seq(seq);
+        return;
+    };
+    reserve(r, 1);
+    r.publish(1, |_, s| {
+        *s = if child > 0 {
+            slot::fork(seq, child as u32)
+        } else {
+            slot::nop(seq)
+        }
+    });
+    after_publish(ts);
+}
+
 /// A realloc whose free number was taken but whose event cannot be published (no ring): the
 /// reader sees the gap, and the statistics say why.
 fn abandon_seq(_seq: u64) {
