@@ -553,6 +553,11 @@ fn reuse_suffix(
 /// previous walk for the next capture.
 #[inline]
 fn join(s: &mut Scratch, k: usize, j: usize) {
+    if k == 1 && j == 0 {
+        // Joined at the first step: that step equals the previous walk's in every field a later
+        // join compares (rbp only where it is needed), so the previous walk stands as it is.
+        return;
+    }
     let len = s.walk_len as usize;
     let tail = len - (j + 1);
     if k + tail > WALK_CAP {
@@ -569,12 +574,7 @@ fn join(s: &mut Scratch, k: usize, j: usize) {
     if k != j + 1 {
         s.walk.copy_within(j + 1..len, k);
     }
-    if k == 1 {
-        // The usual case (the walk joined at its first step): no memcpy call for one step.
-        s.walk[0] = s.head[0];
-    } else {
-        s.walk[..k].copy_from_slice(&s.head[..k]);
-    }
+    s.walk[..k].copy_from_slice(&s.head[..k]);
     s.walk_len = (k + tail) as u32;
     s.walk_rec0 = match s.head[..k].iter().position(|st| st.recorded) {
         Some(i) => i,
