@@ -22,22 +22,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn report_json(trace: &std::path::Path) -> (Output, Value) {
-    let json = scratch(&format!(
-        "{}.json",
-        trace.file_name().unwrap().to_string_lossy()
-    ));
-    let out = leakhunt_cmd(&[
-        "report",
-        "--json",
-        json.to_str().unwrap(),
-        trace.to_str().unwrap(),
-    ]);
-    let v =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap_or_else(|e| {
-            panic!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr))
-        }))
-        .unwrap();
-    (out, v)
+    report(&[trace])
 }
 
 fn stderr(o: &Output) -> String {

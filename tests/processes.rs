@@ -52,20 +52,12 @@ fn fork_child_is_reported_only_with_trace_children() {
     assert_eq!(summary(child, "unmatched_frees"), 0);
     // The kept traces, reported together, say the same (the child's is TRACE.<pid>).
     let child_trace = format!("{}.{}", trace.display(), child["pid"]);
-    let json = trace.with_extension("json");
-    let out = Command::new(leakhunt())
-        .args(["report", "--json"])
-        .arg(&json)
-        .arg(&trace)
-        .arg(&child_trace)
-        .output()
-        .unwrap();
+    let (out, offline) = report(&[&trace, Path::new(&child_trace)]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let offline: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(offline["processes"][1]["summary"], child["summary"]);
     assert_eq!(offline["processes"][1]["leaks"], child["leaks"]);
     expect_leak(parent, "fork.c", "FK_PARENT", 111, 1);
@@ -140,20 +132,12 @@ fn sigkill_keeps_what_reached_leakhunt() {
         expect_leak(p, "exits.c", "EXIT_SMALL", 17, 1);
         assert_eq!(summary(p, "events_lost"), 0, "{how}");
         // The kept trace holds the recovered events too.
-        let json = trace.with_extension("json");
-        let out = Command::new(leakhunt())
-            .args(["report", "--json"])
-            .arg(&json)
-            .arg(&trace)
-            .output()
-            .unwrap();
+        let (out, offline) = report(&[&trace]);
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let offline: Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         let q = &offline["processes"][0];
         expect_leak(q, "exits.c", "EXIT_BIG", 4096, 1);
         expect_leak(q, "exits.c", "EXIT_SMALL", 17, 1);

@@ -132,41 +132,46 @@ impl Process {
                 SlotRecord::Alloc { seq, .. }
                 | SlotRecord::Free { seq, .. }
                 | SlotRecord::Nop { seq }
-                | SlotRecord::Fork { seq, .. } => *seq,
-                SlotRecord::Stack { .. } => u64::MAX,
+                | SlotRecord::Fork { seq, .. } => Some(*seq),
+                SlotRecord::Stack { .. } => None,
             };
-            if seq != u64::MAX && (seq < self.next_seq || self.pending.contains_key(&seq)) {
+            if seq.is_some_and(|q| q < self.next_seq || self.pending.contains_key(&q)) {
                 continue;
             }
-            match s {
-                SlotRecord::Stack {
-                    id,
+            self.slot(s, 0).map_err(|e| e.to_string())?;
+            n += u64::from(seq.is_some());
+        }
+        Ok(n)
+    }
+
+    /// Applies one slot record of a batch starting at byte `offset`. A stack already known keeps
+    /// its first definition (a recovered ring may repeat it).
+    fn slot(&mut self, s: SlotRecord, offset: u64) -> Result<(), DecodeError> {
+        match s {
+            SlotRecord::Stack {
+                id,
+                gen,
+                reason,
+                frames,
+            } => {
+                self.stacks.entry(id).or_insert(Stack {
                     gen,
                     reason,
                     frames,
-                } => {
-                    self.stacks.entry(id).or_insert(Stack {
-                        gen,
-                        reason,
-                        frames,
-                    });
-                }
-                SlotRecord::Alloc {
-                    stack, addr, size, ..
-                } => self
-                    .event(seq, Ev::Alloc { addr, size, stack }, 0)
-                    .map_err(|e| e.to_string())?,
-                SlotRecord::Free { addr, .. } => self
-                    .event(seq, Ev::Free { addr }, 0)
-                    .map_err(|e| e.to_string())?,
-                SlotRecord::Nop { .. } => self.event(seq, Ev::Nop, 0).map_err(|e| e.to_string())?,
-                SlotRecord::Fork { child, .. } => self
-                    .event(seq, Ev::Fork { child }, 0)
-                    .map_err(|e| e.to_string())?,
+                });
+                Ok(())
             }
-            n += 1;
+            SlotRecord::Alloc {
+                stack,
+                seq,
+                addr,
+                size,
+                ..
+            } => self.event(seq, Ev::Alloc { addr, size, stack }, offset),
+            SlotRecord::Free { seq, addr, .. } => self.event(seq, Ev::Free { addr }, offset),
+            SlotRecord::Nop { seq } => self.event(seq, Ev::Nop, offset),
+            SlotRecord::Fork { seq, child } => self.event(seq, Ev::Fork { child }, offset),
         }
-        Ok(n)
     }
 
     /// A fork child starts with its parent's heap: the blocks live at the fork point that the
@@ -285,37 +290,7 @@ impl Process {
                         offset: offset + e.at as u64,
                         what: format!("batch slot {i}: {}", e.what),
                     })?;
-                    match s {
-                        SlotRecord::Stack {
-                            id,
-                            gen,
-                            reason,
-                            frames,
-                        } => {
-                            self.stacks.insert(
-                                id,
-                                Stack {
-                                    gen,
-                                    reason,
-                                    frames,
-                                },
-                            );
-                        }
-                        SlotRecord::Alloc {
-                            stack,
-                            seq,
-                            addr,
-                            size,
-                            ..
-                        } => self.event(seq, Ev::Alloc { addr, size, stack }, offset)?,
-                        SlotRecord::Free { seq, addr, .. } => {
-                            self.event(seq, Ev::Free { addr }, offset)?
-                        }
-                        SlotRecord::Nop { seq } => self.event(seq, Ev::Nop, offset)?,
-                        SlotRecord::Fork { seq, child } => {
-                            self.event(seq, Ev::Fork { child }, offset)?
-                        }
-                    }
+                    self.slot(s, offset)?;
                 }
             }
             Record::Exit(k) => self.exit = Some(k),

@@ -273,8 +273,8 @@ fn open_trace_file(path: &mut [u8; 4200], cfg: &config::Config) -> i32 {
         path[*n..*n + k].copy_from_slice(&b[..k]);
         *n += k;
     }
-    let mut digits = [0u8; 10];
-    let pid_s = fmt_u32(&mut digits, pid);
+    let mut digits = [0u8; 20];
+    let pid_s = sys::fmt_u64(&mut digits, pid as u64);
     match cfg.out_path() {
         Some(p) => {
             let b = p.to_bytes();
@@ -316,25 +316,12 @@ fn open_trace_file(path: &mut [u8; 4200], cfg: &config::Config) -> i32 {
     while fd < 0 && unsafe { *libc::__errno_location() } == libc::EEXIST && k < 1000 {
         n = base;
         put(path, b".", &mut n);
-        put(path, fmt_u32(&mut digits, k), &mut n);
+        put(path, sys::fmt_u64(&mut digits, k as u64), &mut n);
         path[n] = 0;
         fd = open(path);
         k += 1;
     }
     fd
-}
-
-fn fmt_u32(buf: &mut [u8; 10], mut v: u32) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    &buf[i..]
 }
 
 /// Appends bytes to the output buffer, writing it out when full. Caller holds LOCK.

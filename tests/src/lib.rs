@@ -203,6 +203,21 @@ pub fn run(program: &Path, args: &[&str], opts: &[&str]) -> Run {
     }
 }
 
+/// `leakhunt report --json F TRACES...`: its output and the JSON report.
+pub fn report(traces: &[&Path]) -> (Output, Value) {
+    let json = scratch("report-offline.json");
+    let out = Command::new(leakhunt())
+        .args(["report", "--json"])
+        .arg(&json)
+        .args(traces)
+        .output()
+        .unwrap();
+    let text = std::fs::read_to_string(&json)
+        .unwrap_or_else(|e| panic!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    let _ = std::fs::remove_file(&json);
+    (out, serde_json::from_str(&text).unwrap())
+}
+
 /// The program alone, for comparing output and status.
 pub fn plain(program: &Path, args: &[&str]) -> Output {
     Command::new(program).args(args).output().unwrap()
