@@ -66,6 +66,17 @@ fn private_dir(base: PathBuf) -> Result<PathBuf> {
     bail!("cannot create a private directory in {}", base.display())
 }
 
+/// Removes leakhunt's private directories however `run` returns.
+struct RemoveOnDrop(Vec<Option<PathBuf>>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for d in self.0.iter().flatten() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
 /// Appends recovered batches to a kept trace, so that `leakhunt report` on it says what this
 /// run said.
 fn append_batches(trace: &std::path::Path, complete_len: u64, batches: &[(u32, Vec<u8>)]) {
@@ -193,6 +204,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
             .ok()
             .map(|_| d)
     });
+    let _cleanup = RemoveOnDrop(vec![Some(dir.clone()), ring_dir.clone()]);
     let sock = dir.join("trace.sock");
     let listener = UnixListener::bind(&sock)
         .with_context(|| format!("cannot listen on {}", sock.display()))?;
