@@ -290,7 +290,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
                 let (n, batches) = recover::from_ring_files(&mut s.process, d);
                 if n > 0 {
                     s.process.warnings.push(format!(
-                        "the process was killed: {n} events were recovered from its rings"
+                        "the trace ended without the process's end: {n} events were recovered from its rings"
                     ));
                     if let Some(tee) = &s.tee {
                         append_batches(tee, s.process.complete_len, &batches);
@@ -328,7 +328,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         (None, Some(s)) => Some(ExitKind::Signal(s)),
         _ => None,
     };
-    for s in &streams {
+    for s in &mut streams {
         if let Some(e) = &s.error {
             eprintln!(
                 "leakhunt: warning: trace of pid {}: {e}; the report covers what came before",
@@ -360,6 +360,11 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         let exit = (s.process.pid() == child_pid)
             .then_some(main_exit)
             .flatten();
+        if s.process.exit.is_none() && matches!(exit, Some(ExitKind::Code(_))) {
+            // It exited normally, yet its trace stopped before: recording failed (the program
+            // closed leakhunt's descriptor, say); the preload said why on stderr.
+            s.process.warnings.push("recording stopped before the process exited (see leakhunt's message above): the figures cover only what was recorded until then".to_string());
+        }
         procs.push(report::build(&s.process, exit, &mut sym));
     }
     if !procs.iter().any(|p| p.pid == child_pid) {

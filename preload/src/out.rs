@@ -139,6 +139,7 @@ fn errno_text(errno: i32) -> &'static str {
         libc::EEXIST => "file exists",
         libc::EROFS => "read-only file system",
         libc::EMFILE | libc::ENFILE => "too many open files",
+        libc::EBADF => "the program closed leakhunt's descriptor",
         _ => "error",
     }
 }
