@@ -368,8 +368,6 @@ static REAL_EXECVPE: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 static REAL_FEXECVE: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
 
 type Argv = *const *const c_char;
-type ExecFn = unsafe extern "C" fn(*const c_char, Argv, Argv) -> c_int;
-type ExecvFn = unsafe extern "C" fn(*const c_char, Argv) -> c_int;
 
 fn no_real() -> c_int {
     // SAFETY: errno is thread-local.
@@ -377,67 +375,35 @@ fn no_real() -> c_int {
     -1
 }
 
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn execve(path: *const c_char, argv: Argv, envp: Argv) -> c_int {
-    tracer::before_exec();
-    let env = tracer::exec_env(envp);
-    let envp = env.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
-    let f = real::next_symbol(&REAL_EXECVE, c"execve");
-    if f.is_null() {
-        return no_real();
-    }
-    // SAFETY: libc's execve, same signature; the caller's arguments pass through.
-    unsafe { core::mem::transmute::<*mut c_void, ExecFn>(f)(path, argv, envp) }
+/// An exec-family shim: flush and mark the image's end, give the new image tracing's variables
+/// when children are traced and the call passes its own environment (`env`), then call libc's.
+macro_rules! exec_shim {
+    ($name:ident, $cname:literal, $real:ident, ($first:ident: $ft:ty, $argv:ident $(, $envp:ident)?)) => {
+        #[cfg_attr(not(test), no_mangle)]
+        pub unsafe extern "C" fn $name($first: $ft, $argv: Argv $(, $envp: Argv)?) -> c_int {
+            tracer::before_exec();
+            $(
+                let env = tracer::exec_env($envp);
+                let $envp = env.as_ref().map_or($envp, |e| e.ptrs.as_ptr());
+            )?
+            let f = real::next_symbol(&$real, $cname);
+            if f.is_null() {
+                return no_real();
+            }
+            type F = unsafe extern "C" fn($ft, Argv $(, exec_shim!(@argv $envp))?) -> c_int;
+            // SAFETY: libc's function of the same name and signature; the caller's arguments
+            // pass through (with tracing's variables added to the environment, if any).
+            unsafe { core::mem::transmute::<*mut c_void, F>(f)($first, $argv $(, $envp)?) }
+        }
+    };
+    (@argv $e:ident) => { Argv };
 }
 
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn execvpe(file: *const c_char, argv: Argv, envp: Argv) -> c_int {
-    tracer::before_exec();
-    let env = tracer::exec_env(envp);
-    let envp = env.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
-    let f = real::next_symbol(&REAL_EXECVPE, c"execvpe");
-    if f.is_null() {
-        return no_real();
-    }
-    // SAFETY: libc's execvpe, same signature.
-    unsafe { core::mem::transmute::<*mut c_void, ExecFn>(f)(file, argv, envp) }
-}
-
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn execv(path: *const c_char, argv: Argv) -> c_int {
-    tracer::before_exec();
-    let f = real::next_symbol(&REAL_EXECV, c"execv");
-    if f.is_null() {
-        return no_real();
-    }
-    // SAFETY: libc's execv, same signature.
-    unsafe { core::mem::transmute::<*mut c_void, ExecvFn>(f)(path, argv) }
-}
-
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn execvp(file: *const c_char, argv: Argv) -> c_int {
-    tracer::before_exec();
-    let f = real::next_symbol(&REAL_EXECVP, c"execvp");
-    if f.is_null() {
-        return no_real();
-    }
-    // SAFETY: libc's execvp, same signature.
-    unsafe { core::mem::transmute::<*mut c_void, ExecvFn>(f)(file, argv) }
-}
-
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn fexecve(fd: c_int, argv: Argv, envp: Argv) -> c_int {
-    tracer::before_exec();
-    let env = tracer::exec_env(envp);
-    let envp = env.as_ref().map_or(envp, |e| e.ptrs.as_ptr());
-    let f = real::next_symbol(&REAL_FEXECVE, c"fexecve");
-    if f.is_null() {
-        return no_real();
-    }
-    type F = unsafe extern "C" fn(c_int, Argv, Argv) -> c_int;
-    // SAFETY: libc's fexecve, same signature.
-    unsafe { core::mem::transmute::<*mut c_void, F>(f)(fd, argv, envp) }
-}
+exec_shim!(execve, c"execve", REAL_EXECVE, (path: *const c_char, argv, envp));
+exec_shim!(execvpe, c"execvpe", REAL_EXECVPE, (file: *const c_char, argv, envp));
+exec_shim!(execv, c"execv", REAL_EXECV, (path: *const c_char, argv));
+exec_shim!(execvp, c"execvp", REAL_EXECVP, (file: *const c_char, argv));
+exec_shim!(fexecve, c"fexecve", REAL_FEXECVE, (fd: c_int, argv, envp));
 
 // execl, execlp and execle are variadic, which stable Rust cannot define; glibc implements them
 // with internal calls that bypass the execve above. These naked entry points spill the five
