@@ -155,18 +155,8 @@ fn fmt_err<'a>(buf: &'a mut [u8; 200], what: &str, errno: i32) -> &'a str {
     push(b": ");
     push(errno_text(errno).as_bytes());
     push(b" (errno ");
-    let mut d = [0u8; 12];
-    let mut i = d.len();
-    let mut v = errno.unsigned_abs();
-    loop {
-        i -= 1;
-        d[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    push(&d[i..]);
+    let mut d = [0u8; 20];
+    push(sys::fmt_u64(&mut d, errno.unsigned_abs() as u64));
     push(b"); recording stopped, the program continues untraced");
     core::str::from_utf8(&buf[..n]).unwrap_or("trace output failed")
 }

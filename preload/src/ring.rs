@@ -238,9 +238,9 @@ impl Ring {
     #[inline]
     fn mirror_u64(&self, at: usize, v: u64) {
         if !self.mirror.is_null() {
-            // SAFETY: `at` is an aligned field of the ring file's header page, which stays mapped
-            // (rings are never unmapped; a fork child remaps it in place). Atomic: the CLI reads
-            // it from another process.
+            // Atomic: the CLI reads it from another process. Rings are never unmapped and a fork
+            // child remaps the page in place.
+            // SAFETY: `at` is an aligned field of the mapped ring file's header page.
             unsafe { (*(self.mirror.add(at) as *const AtomicU64)).store(v, Ordering::Release) };
         }
     }

@@ -255,9 +255,9 @@ fn cfi_rule(m: &ModuleInfo, addr: u64, ctx: &mut UnwindContext<usize>) -> Option
     if m.eh_frame_hdr == 0 {
         return None;
     }
-    // SAFETY: `[eh_frame_hdr, eh_segment_end)` lies inside one loaded PT_LOAD segment of a module
-    // that is loaded (it is in the current table; a concurrent dlclose of code that is on this
-    // thread's stack would already be a bug in the program).
+    // The module is in the current table (a concurrent dlclose of code on this thread's stack
+    // would already be a bug in the program).
+    // SAFETY: `[eh_frame_hdr, eh_segment_end)` lies inside one loaded PT_LOAD segment.
     let hdr = unsafe {
         core::slice::from_raw_parts(
             m.eh_frame_hdr as *const u8,
@@ -516,10 +516,10 @@ fn reuse_suffix(
     for st in &s.walk[j + 1..len] {
         let ra_at = st.cfa.wrapping_add(st.ra_off as i64 as u64) as *const u64;
         let bp_at = st.cfa.wrapping_add(st.rbp_off as i64 as u64) as *const u64;
-        // SAFETY: the previous walk of this same thread read these aligned words successfully
-        // (the rbp one only where `rbp_off != 0`), inside the thread's stack mapping, which stays
-        // mapped while the thread lives (the scratch is reset when its ring passes to another
-        // thread).
+        // The previous walk of this same thread read these aligned words (the rbp one only where
+        // `rbp_off != 0`) inside the thread's stack mapping, which stays mapped while the thread
+        // lives; the scratch is reset when its ring passes to another thread.
+        // SAFETY: reading words the previous walk of this thread read, as explained above.
         let same = unsafe { ra_at.read() == st.ra && (st.rbp_off == 0 || bp_at.read() == st.bp) };
         if !same {
             return None;
