@@ -55,14 +55,39 @@ fn fast_unwinder_matches_the_full_walk_on_every_stack() {
         assert!(out.status.success());
         serde_json::from_str::<Value>(&std::fs::read_to_string(&json).unwrap()).unwrap()
     };
-    assert_eq!(fast.stdout(), "6211 allocations\n");
+    assert_eq!(fast.stdout(), "7211 allocations\n");
     let (a, b) = (fast.main(), &full["processes"][0]);
-    assert_eq!(summary(a, "in_use_at_exit_blocks"), 6211);
+    assert_eq!(summary(a, "in_use_at_exit_blocks"), 7211);
+    // All three capture methods ran in the fast run; the reference run only walked.
+    let c = &a["captures"];
+    for method in ["walked", "joined", "repeated"] {
+        assert!(c[method].as_u64().unwrap() > 100, "{method}: {c}");
+    }
+    assert_eq!(
+        b["captures"]["walked"].as_u64(),
+        Some(summary(b, "allocs")),
+        "{}",
+        b["captures"]
+    );
+    assert_eq!(b["captures"]["joined"], 0);
+    assert_eq!(b["captures"]["repeated"], 0);
     let (sa, sb) = (stacks(a), stacks(b));
     assert!(sa.len() > 4000, "many distinct stacks: {}", sa.len());
     assert_eq!(sa, sb, "fast and full walks disagree");
     assert_eq!(a["unwind"], b["unwind"]);
     assert_eq!(a["unwind"]["stopped_early"], serde_json::json!({}));
+    // The twins: same stack pointer at every allocation, callers told apart two frames up.
+    for (twin, n) in [("twin_a", 350), ("twin_b", 350), ("twin_c", 300)] {
+        let hits: Vec<_> = sa
+            .iter()
+            .filter(|(_, _, f)| f.iter().any(|x| x.0 == twin))
+            .collect();
+        assert_eq!(hits.len(), 1, "{twin}: {hits:#?}");
+        let (bytes, blocks, frames) = hits[0];
+        assert_eq!((*bytes, *blocks), (n * 10, n), "{twin}");
+        let names: Vec<&str> = frames.iter().map(|f| f.0.as_str()).collect();
+        assert_eq!(names, ["leaf", "twin_mid", twin, "main"], "{twin}");
+    }
     // Stacks through the signal handler reach main on the interrupted stack.
     let via_signal: Vec<_> = sa
         .iter()

@@ -59,6 +59,16 @@ pub struct Unwind {
     pub missing: u64,
 }
 
+/// How the tracer captured stacks (its own statistics): a full walk, a walk that joined the
+/// thread's previous stack and re-validated the rest, or the previous stack found unchanged word
+/// for word. Every method gives the same frames; the split says how much work was spared.
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct Captures {
+    pub walked: u64,
+    pub joined: u64,
+    pub repeated: u64,
+}
+
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Exit {
@@ -77,6 +87,7 @@ pub struct ProcReport {
     pub exit: Option<Exit>,
     pub summary: Summary,
     pub unwind: Unwind,
+    pub captures: Captures,
     pub leaks: Vec<Leak>,
     pub warnings: Vec<String>,
 }
@@ -321,6 +332,15 @@ pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcR
             unmatched_frees: p.totals.unknown_frees,
         },
         unwind,
+        captures: {
+            let stat = |k| p.stats.get(&k).copied().unwrap_or(0);
+            use leakhunt_format::stat;
+            Captures {
+                walked: stat(stat::UNWIND_WALKED),
+                joined: stat(stat::UNWIND_REUSED),
+                repeated: stat(stat::UNWIND_REPEATED),
+            }
+        },
         leaks,
         warnings,
     }

@@ -77,6 +77,9 @@ pub mod stat {
     pub const UNWIND_REUSED: u32 = 6;
     /// Stack captures that walked every frame.
     pub const UNWIND_WALKED: u32 = 7;
+    /// Stack captures that found every stack word of the thread's previous walk unchanged and
+    /// took its frames whole.
+    pub const UNWIND_REPEATED: u32 = 8;
 }
 
 /// How the process ended, as recorded by the tracer.

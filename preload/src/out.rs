@@ -440,13 +440,14 @@ fn push_sealed(tag: u16, parts: &[&[u8]]) {
 }
 
 fn push_stats() {
-    let (mut reused, mut walked) = (0, 0);
+    let (mut reused, mut walked, mut repeated) = (0, 0, 0);
     ring::for_each(|r| {
         // SAFETY: counters read while their threads may be running: torn values are impossible
         // for aligned u64 on x86_64, and a stale one only understates a statistic.
         let s = unsafe { &*r.scratch };
         reused += s.reused;
         walked += s.walked;
+        repeated += s.repeated;
     });
     let pairs = [
         (stat::EVENTS_LOST, EVENTS_LOST.load(Ordering::Relaxed)),
@@ -459,8 +460,9 @@ fn push_stats() {
         ),
         (stat::UNWIND_REUSED, reused),
         (stat::UNWIND_WALKED, walked),
+        (stat::UNWIND_REPEATED, repeated),
     ];
-    let mut body = [0u8; 4 + 7 * 12];
+    let mut body = [0u8; 4 + 8 * 12];
     body[..4].copy_from_slice(&(pairs.len() as u32).to_le_bytes());
     for (i, (k, v)) in pairs.iter().enumerate() {
         let at = 4 + i * 12;

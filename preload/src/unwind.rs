@@ -85,11 +85,35 @@ pub struct Scratch {
     walk_gen: u32,
     /// Steps of the current walk before it joins the previous one.
     head: [Step; WALK_CAP],
-    /// Captures that reused the previous walk's suffix / that walked every frame (statistics
-    /// for tests and benchmarks).
+    /// Stack words the previous walk read after its last step (before it stopped): (address,
+    /// value). Part of what the whole-walk check compares.
+    walk_tail: [(u64, u64); 2],
+    walk_ntail: u32,
+    /// The last tail read was for a step whose CFA came from rbp.
+    walk_tail_rbp: bool,
+    /// The whole-walk check (see [`capture`]): every stack word the previous capture's walk read,
+    /// with the value read, and the registers it started from.
+    check: [(u64, u64); CHECK_CAP],
+    check_len: u32,
+    /// The check is usable (else the next capture walks).
+    check_ok: bool,
+    /// The previous walk's result depends on the rbp it started with.
+    check_bp_needed: bool,
+    check_sp: u64,
+    check_bp: u64,
+    check_hi: u64,
+    check_gen: u32,
+    check_n: u32,
+    check_reason: u8,
+    /// Captures that reused the previous walk's suffix / that walked every frame / that matched
+    /// the previous walk as a whole (statistics for tests and benchmarks).
     pub reused: u64,
     pub walked: u64,
+    pub repeated: u64,
 }
+
+/// Stack words a whole-walk check compares at most: two per step plus the tail.
+const CHECK_CAP: usize = 2 * WALK_CAP + 2;
 
 /// Steps a walk keeps: the recorded frames plus the library's own leading frames.
 const WALK_CAP: usize = MAX_FRAMES_CAP + 16;
@@ -144,6 +168,7 @@ fn mark_bp_needs(steps: &mut [Step], mut need: bool) {
 impl Scratch {
     pub fn reset_for_new_thread(&mut self) {
         self.walk_len = 0;
+        self.check_ok = false;
         self.prev_len = 0;
         self.prev_id = 0;
         self.prev_meta = 0;
@@ -354,9 +379,21 @@ pub fn capture(
         );
     }
     s.ensure_fresh();
+    let max = max.min(MAX_FRAMES_CAP);
+    if !fresh_walk && repeats_previous(s, sp, bp, stack_hi as u64) {
+        s.repeated += 1;
+        return (
+            s.check_n as usize,
+            StopReason::from_u8(s.check_reason).unwrap_or(StopReason::BadFrame),
+            true,
+        );
+    }
+    let (sp0, bp0) = (sp, bp);
+    s.check_ok = false;
+    let mut tail = [(0u64, 0u64); 2];
+    let mut ntail = 0usize;
     let mut lo = sp;
     let mut hi = stack_hi as u64;
-    let max = max.min(MAX_FRAMES_CAP);
     let read = |lo: u64, hi: u64, addr: u64| -> Option<u64> {
         if addr < lo || addr.checked_add(8)? > hi || !addr.is_multiple_of(8) {
             return None;
@@ -429,13 +466,21 @@ pub fn capture(
         let Some(ra) = read(lo, hi, cfa.wrapping_add(rule.ra_off as i64 as u64)) else {
             break StopReason::BadFrame;
         };
+        // What this step read, in case the walk stops before keeping the step.
+        tail[0] = (cfa.wrapping_add(rule.ra_off as i64 as u64), ra);
+        ntail = 1;
         if rule.rbp_off != 0 {
-            let Some(v) = read(lo, hi, cfa.wrapping_add(rule.rbp_off as i64 as u64)) else {
+            let at = cfa.wrapping_add(rule.rbp_off as i64 as u64);
+            let Some(v) = read(lo, hi, at) else {
                 break StopReason::BadFrame;
             };
             bp = v;
+            tail[1] = (at, v);
+            ntail = 2;
         }
+        let tail_rbp = rule.cfa_rbp;
         if ra == 0 {
+            s.walk_tail_rbp = tail_rbp;
             break StopReason::End;
         }
         sp = cfa;
@@ -448,6 +493,7 @@ pub fn capture(
         if record {
             leading = false;
             if n == max {
+                s.walk_tail_rbp = tail_rbp;
                 break StopReason::MaxDepth;
             }
             s.frames[n] = pc;
@@ -469,6 +515,7 @@ pub fn capture(
             };
             k += 1;
         }
+        ntail = 0;
         if may_reuse {
             let len = s.walk_len as usize;
             while j < len && s.walk[j].cfa < cfa {
@@ -479,6 +526,7 @@ pub fn capture(
                     Some((total, why, same)) => {
                         s.reused += 1;
                         join(s, k, j);
+                        keep_check(s, sp0, bp0, hi, total, why);
                         return (total, why, same);
                     }
                     None => may_reuse = false,
@@ -495,10 +543,83 @@ pub fn capture(
         s.walk_rec0 = s.head[..k].iter().position(|st| st.recorded).unwrap_or(k) as u32;
         s.walk_reason = reason as u8;
         s.walk_gen = s.cache_gen;
+        s.walk_tail = tail;
+        s.walk_ntail = ntail as u32;
+        keep_check(s, sp0, bp0, hi, n, reason);
     } else {
         s.walk_len = 0;
     }
     (n, reason, false)
+}
+
+/// **Whole-walk check.** A walk is a pure function of the registers it starts from (pc is fixed:
+/// it starts in [`capture`]), the rules in force and the stack words it reads. When this capture
+/// starts from the same stack pointer as the previous one (a loop allocating from one place),
+/// with the same rbp if the walk depends on it, re-reading every word the previous walk read and
+/// finding each unchanged proves that the walk would repeat exactly: its frames are the previous
+/// capture's. The comparison is branch-free over a flat list, a fraction of a walk's cost.
+#[inline]
+fn repeats_previous(s: &Scratch, sp: u64, bp: u64, hi: u64) -> bool {
+    if !s.check_ok
+        || s.check_sp != sp
+        || s.check_hi != hi
+        || s.check_gen != s.cache_gen
+        || (s.check_bp_needed && s.check_bp != bp)
+    {
+        return false;
+    }
+    let mut diff = 0u64;
+    for &(at, v) in &s.check[..s.check_len as usize] {
+        // SAFETY: the previous walk of this thread read this aligned word, inside `[sp, hi)` of
+        // the same stack mapping; the stack pointer is the same, so the word is still in the
+        // live part of the stack, which stays mapped while the thread lives (the scratch is reset
+        // when its ring passes to another thread). Volatile: the word may have changed.
+        diff |= unsafe { (at as *const u64).read_volatile() } ^ v;
+    }
+    diff == 0
+}
+
+/// After a walk that `s.walk` (and `s.walk_tail`) now describe completely: record what the next
+/// capture must find unchanged to repeat it (see [`repeats_previous`]).
+fn keep_check(s: &mut Scratch, sp: u64, bp: u64, hi: u64, n: usize, reason: StopReason) {
+    let len = s.walk_len as usize;
+    if len == 0 {
+        return;
+    }
+    let mut m = 0;
+    // Does the walk use the rbp it started with? Only if a step computes its CFA from rbp
+    // before any step restores rbp from the stack.
+    let mut bp_needed = None;
+    for st in &s.walk[..len] {
+        s.check[m] = (st.cfa.wrapping_add(st.ra_off as i64 as u64), st.ra);
+        m += 1;
+        if st.rbp_off != 0 {
+            s.check[m] = (st.cfa.wrapping_add(st.rbp_off as i64 as u64), st.bp);
+            m += 1;
+        }
+        if bp_needed.is_none() {
+            if st.cfa_rbp {
+                bp_needed = Some(true);
+            } else if st.rbp_off != 0 {
+                bp_needed = Some(false);
+            }
+        }
+    }
+    let ntail = s.walk_ntail as usize;
+    if ntail > 0 && bp_needed.is_none() && s.walk_tail_rbp {
+        bp_needed = Some(true);
+    }
+    s.check[m..m + ntail].copy_from_slice(&s.walk_tail[..ntail]);
+    m += ntail;
+    s.check_len = m as u32;
+    s.check_bp_needed = bp_needed.unwrap_or(false);
+    s.check_sp = sp;
+    s.check_bp = bp;
+    s.check_hi = hi;
+    s.check_gen = s.cache_gen;
+    s.check_n = n as u32;
+    s.check_reason = reason as u8;
+    s.check_ok = true;
 }
 
 /// The previous walk from its step `j` on, re-validated against the stack as it is now: the
