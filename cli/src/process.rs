@@ -7,8 +7,8 @@ use rustc_hash::FxHashMap;
 use std::io::Read;
 
 use leakhunt_format::encode::{Header, Module};
-use leakhunt_format::slot::{SlotIter, SlotRecord};
-use leakhunt_format::{stat, DecodeError, ExitKind, Reader, Record, StopReason};
+use leakhunt_format::slot::{self, SlotIter, SlotRecord};
+use leakhunt_format::{stat, AllocFn, DecodeError, ExitKind, FreeFn, Reader, Record, StopReason};
 
 /// Stack ids of blocks a fork child inherited: the parent's id with this bit set.
 pub const INHERITED_STACK: u32 = 1 << 31;
@@ -27,6 +27,41 @@ pub struct Stack {
     pub gen: u32,
     pub reason: StopReason,
     pub frames: Vec<u64>,
+}
+
+/// A counter per stack id. Ids are dense from 1 (the tracer numbers stacks in order), so a vector
+/// indexed by id serves them, with a map for ids too large to index (a corrupt or foreign trace).
+#[derive(Clone, Debug, Default)]
+pub struct StackCounts {
+    dense: Vec<u64>,
+    sparse: FxHashMap<u32, u64>,
+}
+
+const DENSE_STACK_IDS: usize = 1 << 22;
+
+impl StackCounts {
+    #[inline]
+    pub fn add(&mut self, id: u32, n: u64) {
+        let i = id as usize;
+        if i < DENSE_STACK_IDS {
+            if i >= self.dense.len() {
+                self.dense.resize((i + 1).next_power_of_two(), 0);
+            }
+            self.dense[i] += n;
+        } else {
+            *self.sparse.entry(id).or_default() += n;
+        }
+    }
+
+    /// (id, count) for every id counted at least once.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.dense
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(i, &n)| (i as u32, n))
+            .chain(self.sparse.iter().map(|(&id, &n)| (id, n)))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -72,7 +107,7 @@ pub struct Process {
     /// Sequence numbers never received: events lost in transit.
     pub gaps: u64,
     /// Allocation events per stack id (for unwind-quality figures).
-    pub allocs_by_stack: FxHashMap<u32, u64>,
+    pub allocs_by_stack: StackCounts,
     next_seq: u64,
     pending: BTreeMap<u64, Ev>,
     /// Live blocks at each fork point, by child pid (children traced).
@@ -284,19 +319,59 @@ impl Process {
                     m.unload_gen = Some(gen);
                 }
             }
-            Record::Batch { offset, slots, .. } => {
-                for (i, s) in SlotIter::new(&slots).enumerate() {
-                    let s = s.map_err(|e| DecodeError::Corrupt {
-                        offset: offset + e.at as u64,
-                        what: format!("batch slot {i}: {}", e.what),
-                    })?;
-                    self.slot(s, offset)?;
-                }
-            }
+            Record::Batch { offset, slots, .. } => self.batch(&slots, offset)?,
             Record::Exit(k) => self.exit = Some(k),
             Record::Stats(v) => self.stats.extend(v),
             Record::Warning(w) => self.warnings.push(w),
             Record::Unknown { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Applies a batch's slots. Allocations and frees that come in sequence order (nearly all of
+    /// them) are applied straight from their bytes; anything else goes through the full decoder.
+    fn batch(&mut self, data: &[u8], offset: u64) -> Result<(), DecodeError> {
+        let mut pos = 0;
+        while let Some(s) = data.get(pos..pos + slot::SLOT_LEN) {
+            let word = |at: usize| u64::from_le_bytes(s[at..at + 8].try_into().unwrap_or([0; 8]));
+            if self.pending.is_empty() && word(8) == self.next_seq {
+                match s[0] {
+                    slot::KIND_ALLOC if AllocFn::from_u8(s[1]).is_some() => {
+                        let stack = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
+                        self.alloc(word(16), word(24), stack);
+                        self.next_seq += 1;
+                        pos += slot::SLOT_LEN;
+                        continue;
+                    }
+                    slot::KIND_FREE if FreeFn::from_u8(s[1]).is_some() => {
+                        self.free(word(16));
+                        self.next_seq += 1;
+                        pos += slot::SLOT_LEN;
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            // One record (a stack record spans several slots) through the full decoder.
+            let mut it = SlotIter::new(&data[pos..]);
+            let Some(rec) = it.next() else { break };
+            let rec = rec.map_err(|e| DecodeError::Corrupt {
+                offset: offset + (pos + e.at) as u64,
+                what: format!("batch slot {}: {}", (pos + e.at) / slot::SLOT_LEN, e.what),
+            })?;
+            pos += it.consumed();
+            self.slot(rec, offset)?;
+        }
+        if pos < data.len() {
+            let at = pos;
+            return Err(DecodeError::Corrupt {
+                offset: offset + at as u64,
+                what: format!(
+                    "batch slot {}: partial slot of {} bytes",
+                    at / slot::SLOT_LEN,
+                    data.len() - at
+                ),
+            });
         }
         Ok(())
     }
@@ -327,25 +402,31 @@ impl Process {
         Ok(())
     }
 
+    #[inline]
+    fn alloc(&mut self, addr: u64, size: u64, stack: u32) {
+        self.totals.allocs += 1;
+        self.totals.bytes_allocated += size;
+        self.allocs_by_stack.add(stack, 1);
+        if self.live.insert(addr, Live { size, stack }).is_some() {
+            self.totals.reused_live += 1;
+        }
+    }
+
+    #[inline]
+    fn free(&mut self, addr: u64) {
+        self.totals.frees += 1;
+        if self.live.remove(&addr).is_none() {
+            self.totals.unknown_frees += 1;
+            self.unmatched.insert(addr);
+        }
+    }
+
     fn apply_event(&mut self, ev: Ev) {
         match ev {
             Ev::Alloc {
                 addr, size, stack, ..
-            } => {
-                self.totals.allocs += 1;
-                self.totals.bytes_allocated += size;
-                *self.allocs_by_stack.entry(stack).or_default() += 1;
-                if self.live.insert(addr, Live { size, stack }).is_some() {
-                    self.totals.reused_live += 1;
-                }
-            }
-            Ev::Free { addr } => {
-                self.totals.frees += 1;
-                if self.live.remove(&addr).is_none() {
-                    self.totals.unknown_frees += 1;
-                    self.unmatched.insert(addr);
-                }
-            }
+            } => self.alloc(addr, size, stack),
+            Ev::Free { addr } => self.free(addr),
             Ev::Nop => {}
             Ev::Fork { child } => {
                 self.forks.insert(child, self.live.clone());
@@ -382,7 +463,7 @@ impl Process {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use leakhunt_format::{encode, slot, AllocFn};
+    use leakhunt_format::encode;
 
     fn stream(batches: &[(u32, Vec<slot::Slot>)]) -> Vec<u8> {
         let mut out = encode::preamble().to_vec();

@@ -256,8 +256,8 @@ pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcR
         stopped_early: BTreeMap::new(),
         missing: 0,
     };
-    for (id, n) in &p.allocs_by_stack {
-        match p.stacks.get(id) {
+    for (id, n) in p.allocs_by_stack.iter() {
+        match p.stacks.get(&id) {
             None => unwind.missing += n,
             Some(s) => {
                 unwind.allocations += n;

@@ -165,6 +165,11 @@ impl<'a> SlotIter<'a> {
         SlotIter { data, pos: 0 }
     }
 
+    /// Bytes consumed so far.
+    pub fn consumed(&self) -> usize {
+        self.pos
+    }
+
     fn slot(&self, at: usize) -> Option<Slot> {
         let b = self.data.get(at..at + SLOT_LEN)?;
         let mut s = [0u8; SLOT_LEN];
