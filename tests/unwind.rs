@@ -58,10 +58,12 @@ fn fast_unwinder_matches_the_full_walk_on_every_stack() {
     assert_eq!(fast.stdout(), "7211 allocations\n");
     let (a, b) = (fast.main(), &full["processes"][0]);
     assert_eq!(summary(a, "in_use_at_exit_blocks"), 7211);
-    // All three capture methods ran in the fast run; the reference run only walked.
+    // All three capture methods ran in the fast run (full walks only where no earlier stack of
+    // the thread shares a frame: the first, after a signal frame); the reference run only walked.
     let c = &a["captures"];
-    for method in ["walked", "joined", "repeated"] {
-        assert!(c[method].as_u64().unwrap() > 100, "{method}: {c}");
+    assert!(c["walked"].as_u64().unwrap() >= 1, "{c}");
+    for method in ["joined", "repeated"] {
+        assert!(c[method].as_u64().unwrap() > 1000, "{method}: {c}");
     }
     assert_eq!(
         b["captures"]["walked"].as_u64(),

@@ -411,6 +411,8 @@ pub fn capture(
         s.walk_len = 0;
     }
     let mut may_reuse = s.walk_gen == s.cache_gen && s.walk_len > 0 && !fresh_walk;
+    // The first step of the previous walk that a join may still use (see `reuse_suffix`).
+    let mut min_j = 0usize;
     let mut crossed_signal = false;
     let mut rule = s.rule(lookup);
     let reason = loop {
@@ -521,23 +523,27 @@ pub fn capture(
             while j < len && s.walk[j].cfa < cfa {
                 j += 1;
             }
-            if j < len && s.walk[j].joins(&s.head[k - 1]) {
+            if j < len && j >= min_j && s.walk[j].joins(&s.head[k - 1]) {
                 match reuse_suffix(s, j, n, max) {
-                    Some((total, why, same)) => {
+                    Ok((total, why, same)) => {
                         s.reused += 1;
                         join(s, k, j);
                         keep_check(s, sp0, bp0, hi, total, why);
                         return (total, why, same);
                     }
-                    None => may_reuse = false,
+                    // The walks differ at a frame further out (a different caller of a shared
+                    // function): walk on, and join past that frame if the walks meet again.
+                    Err(next) => min_j = next,
                 }
             }
         }
     };
     s.walked += 1;
     if k < WALK_CAP && k > 0 && !crossed_signal && !fresh_walk {
-        // A walk that ended on a bad frame may have computed that frame from rbp.
-        mark_bp_needs(&mut s.head[..k], reason == StopReason::BadFrame);
+        // A walk that ended on a bad frame, or that stopped after reading the words of a step it
+        // did not keep, may have computed that last step's CFA from rbp.
+        let last_rbp = ntail > 0 && s.walk_tail_rbp;
+        mark_bp_needs(&mut s.head[..k], reason == StopReason::BadFrame || last_rbp);
         s.walk[..k].copy_from_slice(&s.head[..k]);
         s.walk_len = k as u32;
         s.walk_rec0 = s.head[..k].iter().position(|st| st.recorded).unwrap_or(k) as u32;
@@ -587,32 +593,27 @@ fn keep_check(s: &mut Scratch, sp: u64, bp: u64, hi: u64, n: usize, reason: Stop
         return;
     }
     let mut m = 0;
-    // Does the walk use the rbp it started with? Only if a step computes its CFA from rbp
-    // before any step restores rbp from the stack.
-    let mut bp_needed = None;
+    // Saved rbp words count only where the rest of the walk uses them (`needs_bp`, which also
+    // covers the step the walk stopped at).
     for st in &s.walk[..len] {
         s.check[m] = (st.cfa.wrapping_add(st.ra_off as i64 as u64), st.ra);
         m += 1;
-        if st.rbp_off != 0 {
+        if st.rbp_off != 0 && st.needs_bp {
             s.check[m] = (st.cfa.wrapping_add(st.rbp_off as i64 as u64), st.bp);
             m += 1;
         }
-        if bp_needed.is_none() {
-            if st.cfa_rbp {
-                bp_needed = Some(true);
-            } else if st.rbp_off != 0 {
-                bp_needed = Some(false);
-            }
-        }
     }
-    let ntail = s.walk_ntail as usize;
-    if ntail > 0 && bp_needed.is_none() && s.walk_tail_rbp {
-        bp_needed = Some(true);
+    // The return address read by the step the walk stopped at (0 ends a walk): the rbp it
+    // restored there is used by nothing.
+    if s.walk_ntail > 0 {
+        s.check[m] = s.walk_tail[0];
+        m += 1;
     }
-    s.check[m..m + ntail].copy_from_slice(&s.walk_tail[..ntail]);
-    m += ntail;
     s.check_len = m as u32;
-    s.check_bp_needed = bp_needed.unwrap_or(false);
+    // The walk uses the rbp it started with if its first step computes the CFA from it, or
+    // carries it on to a step that needs it.
+    let w0 = s.walk[0];
+    s.check_bp_needed = w0.cfa_rbp || (w0.rbp_off == 0 && w0.needs_bp);
     s.check_sp = sp;
     s.check_bp = bp;
     s.check_hi = hi;
@@ -625,25 +626,28 @@ fn keep_check(s: &mut Scratch, sp: u64, bp: u64, hi: u64, n: usize, reason: Stop
 /// The previous walk from its step `j` on, re-validated against the stack as it is now: the
 /// frames it recorded are appended to `s.frames` after the first `n` (unless they would
 /// reproduce the previous capture exactly: then the third value is true and nothing is written).
-/// `None` if any word it read has changed, leaving the caller to walk on.
+/// `Err(i)` if a word it read has changed: its step `i - 1` differs now, so no join before step
+/// `i` can succeed, and the caller walks on.
 #[inline]
 fn reuse_suffix(
     s: &mut Scratch,
     j: usize,
     n: usize,
     max: usize,
-) -> Option<(usize, StopReason, bool)> {
+) -> Result<(usize, StopReason, bool), usize> {
     let len = s.walk_len as usize;
-    for st in &s.walk[j + 1..len] {
+    for (i, st) in s.walk[..len].iter().enumerate().skip(j + 1) {
         let ra_at = st.cfa.wrapping_add(st.ra_off as i64 as u64) as *const u64;
         let bp_at = st.cfa.wrapping_add(st.rbp_off as i64 as u64) as *const u64;
+        // The saved rbp matters only where the rest of the walk uses it (`needs_bp`): a program
+        // that keeps a loop variable in rbp changes that word on every call.
         // The previous walk of this same thread read these aligned words (the rbp one only where
         // `rbp_off != 0`) inside the thread's stack mapping, which stays mapped while the thread
         // lives; the scratch is reset when its ring passes to another thread.
         // SAFETY: reading words the previous walk of this thread read, as explained above.
-        let same = unsafe { ra_at.read() == st.ra && (st.rbp_off == 0 || bp_at.read() == st.bp) };
+        let same = unsafe { ra_at.read() == st.ra && (!st.needs_bp || bp_at.read() == st.bp) };
         if !same {
-            return None;
+            return Err(i + 1);
         }
     }
     // Recorded steps are a contiguous tail: the library's own leading frames come first.
@@ -654,20 +658,20 @@ fn reuse_suffix(
         for m in 0..max - n {
             s.frames[n + m] = s.walk[first + m].ra;
         }
-        return Some((max, StopReason::MaxDepth, false));
+        return Ok((max, StopReason::MaxDepth, false));
     }
     if why == StopReason::MaxDepth && n + count < max {
         // The previous walk was cut at its limit, sooner than this one would be: what lies
         // beyond was never seen.
-        return None;
+        return Err(len);
     }
     if n == 0 && first == s.walk_rec0 as usize {
-        return Some((count, why, true));
+        return Ok((count, why, true));
     }
     for m in 0..count {
         s.frames[n + m] = s.walk[first + m].ra;
     }
-    Some((n + count, why, false))
+    Ok((n + count, why, false))
 }
 
 /// Makes the current walk (its first `k` steps, then the previous walk's steps after `j`) the
