@@ -2,10 +2,9 @@
 //! report on a trace written earlier by the library alone.
 #![forbid(unsafe_code)]
 
-mod process;
-mod recover;
-mod report;
 mod run;
+
+use leakhunt::{process, recover, report};
 
 use std::io::Write;
 use std::path::PathBuf;
