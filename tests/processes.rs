@@ -310,11 +310,13 @@ fn a_dead_cli_an_unwritable_or_a_full_trace_never_stops_the_program() {
 
     // The trace file hits the file-size limit (as on a full disk, writes fail): the program is
     // neither killed by SIGXFSZ nor stopped; one message.
+    // The preload goes on the program itself (through env), not on the shell that sets the
+    // limit: the shell's own short trace could fit under it.
     let out = Command::new("sh")
         .arg("-c")
-        .arg("ulimit -f 4; exec \"$0\"")
+        .arg("ulimit -f 4; exec env LD_PRELOAD=\"$1\" \"$0\"")
         .arg(&exe)
-        .env("LD_PRELOAD", preload())
+        .arg(preload())
         .env("LEAKHUNT_OUT", dir.join("small.trace"))
         .output()
         .unwrap();

@@ -161,6 +161,30 @@ fn dump(path: &PathBuf) -> Result<ExitCode> {
                     println!("  {s:?}");
                 }
             }
+            Ok(Some(leakhunt_format::Record::Events {
+                tid,
+                offset,
+                count,
+                body,
+            })) => {
+                println!(
+                    "events tid={tid} at {offset}: {count} slots in {} bytes",
+                    body.len()
+                );
+                let mut slots = Vec::new();
+                if let Err(e) = leakhunt_format::compact::expand(&body, count as usize, &mut slots)
+                {
+                    bail!(
+                        "{}: at byte {}: {}",
+                        path.display(),
+                        offset + e.at as u64,
+                        e.what
+                    );
+                }
+                for s in leakhunt_format::slot::SlotIter::new(&slots) {
+                    println!("  {s:?}");
+                }
+            }
             Ok(Some(rec)) => println!("{rec:?}"),
             Ok(None) => return Ok(ExitCode::SUCCESS),
             Err(e) => bail!("{}: {e}", path.display()),

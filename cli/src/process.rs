@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use rustc_hash::FxHashMap;
 use std::io::Read;
 
+use leakhunt_format::compact;
 use leakhunt_format::encode::{Header, Module};
 use leakhunt_format::slot::{self, SlotIter, SlotRecord};
 use leakhunt_format::{stat, AllocFn, DecodeError, ExitKind, FreeFn, Reader, Record, StopReason};
@@ -320,6 +321,24 @@ impl Process {
                 }
             }
             Record::Batch { offset, slots, .. } => self.batch(&slots, offset)?,
+            Record::Events {
+                offset,
+                count,
+                body,
+                ..
+            } => {
+                let mut sink = Apply {
+                    p: self,
+                    offset,
+                    error: None,
+                };
+                if let Err(e) = compact::decode(&body, count as usize, &mut sink) {
+                    return Err(sink.error.take().unwrap_or(DecodeError::Corrupt {
+                        offset: offset + e.at as u64,
+                        what: format!("events record: {}", e.what),
+                    }));
+                }
+            }
             Record::Exit(k) => self.exit = Some(k),
             Record::Stats(v) => self.stats.extend(v),
             Record::Warning(w) => self.warnings.push(w),
@@ -460,6 +479,79 @@ impl Process {
     }
 }
 
+/// Applies the events of a compact `EVENTS` record as they are decoded: in-order allocations
+/// and frees straight to the live set, anything else through the same path as slots.
+struct Apply<'a> {
+    p: &'a mut Process,
+    offset: u64,
+    /// A decode error from the process (a repeated sequence number), kept as it is.
+    error: Option<DecodeError>,
+}
+
+impl Apply<'_> {
+    fn event(&mut self, seq: u64, ev: Ev) -> Result<(), String> {
+        self.p.event(seq, ev, self.offset).map_err(|e| {
+            let s = e.to_string();
+            self.error = Some(e);
+            s
+        })
+    }
+}
+
+impl compact::Sink for Apply<'_> {
+    #[inline]
+    fn alloc(
+        &mut self,
+        func: u8,
+        stack: u32,
+        seq: u64,
+        addr: u64,
+        size: u64,
+    ) -> Result<(), String> {
+        if AllocFn::from_u8(func).is_none() {
+            return Err(format!("unknown allocation function {func}"));
+        }
+        if self.p.pending.is_empty() && seq == self.p.next_seq {
+            self.p.alloc(addr, size, stack);
+            self.p.next_seq += 1;
+            return Ok(());
+        }
+        self.event(seq, Ev::Alloc { addr, size, stack })
+    }
+
+    #[inline]
+    fn free(&mut self, func: u8, seq: u64, addr: u64) -> Result<(), String> {
+        if FreeFn::from_u8(func).is_none() {
+            return Err(format!("unknown free function {func}"));
+        }
+        if self.p.pending.is_empty() && seq == self.p.next_seq {
+            self.p.free(addr);
+            self.p.next_seq += 1;
+            return Ok(());
+        }
+        self.event(seq, Ev::Free { addr })
+    }
+
+    fn nop(&mut self, seq: u64) -> Result<(), String> {
+        self.event(seq, Ev::Nop)
+    }
+
+    fn fork(&mut self, seq: u64, child: u32) -> Result<(), String> {
+        self.event(seq, Ev::Fork { child })
+    }
+
+    fn stack(&mut self, id: u32, gen: u32, reason: u8, frames: &[u64]) -> Result<(), String> {
+        let reason =
+            StopReason::from_u8(reason).ok_or(format!("unknown unwind stop reason {reason}"))?;
+        self.p.stacks.entry(id).or_insert_with(|| Stack {
+            gen,
+            reason,
+            frames: frames.to_vec(),
+        });
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,6 +580,35 @@ mod tests {
         assert_eq!(p.live.len(), 1);
         assert_eq!(p.live[&0x10].size, 16);
         assert_eq!((p.totals.allocs, p.totals.frees, p.gaps), (2, 1, 0));
+    }
+
+    #[test]
+    fn compact_events_records_read_like_batches() {
+        // The same streams as above and below, in events records.
+        let batches = [
+            (1, vec![slot::alloc(AllocFn::Malloc, 0, 0, 0x10, 8)]),
+            (3, vec![slot::alloc(AllocFn::Malloc, 0, 2, 0x10, 16)]),
+            (2, vec![slot::free(leakhunt_format::FreeFn::Free, 1, 0x10)]),
+        ];
+        let mut data = encode::preamble().to_vec();
+        for (tid, slots) in &batches {
+            let bytes: Vec<u8> = slots.iter().flatten().copied().collect();
+            encode::events(*tid, &bytes, &mut data);
+        }
+        assert!(
+            data.len() < stream(&batches).len(),
+            "compact records are smaller"
+        );
+        let (p, err) = Process::read_stream(&data[..]);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(p.live[&0x10].size, 16);
+        assert_eq!((p.totals.allocs, p.totals.frees, p.gaps), (2, 1, 0));
+
+        let mut data = encode::preamble().to_vec();
+        let twice: Vec<u8> = [slot::nop(0), slot::nop(0)].concat();
+        encode::events(1, &twice, &mut data);
+        let (_, err) = Process::read_stream(&data[..]);
+        assert!(err.unwrap().to_string().contains("appears twice"));
     }
 
     #[test]

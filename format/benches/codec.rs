@@ -36,6 +36,25 @@ fn codec(c: &mut Criterion) {
             black_box(out.len())
         })
     });
+    g.bench_function("compact-encode batch of 4096 events", |b| {
+        let mut out = vec![0u8; 4096 * leakhunt_format::compact::MAX_SLOT_BYTES];
+        b.iter(|| {
+            black_box(leakhunt_format::compact::encode(
+                &[black_box(&batch)],
+                &mut out,
+            ))
+        })
+    });
+    let mut packed = vec![0u8; 4096 * leakhunt_format::compact::MAX_SLOT_BYTES];
+    let n = leakhunt_format::compact::encode(&[&batch], &mut packed).unwrap();
+    g.bench_function("compact-expand batch of 4096 events", |b| {
+        let mut slots = Vec::with_capacity(batch.len());
+        b.iter(|| {
+            slots.clear();
+            leakhunt_format::compact::expand(black_box(&packed[..n]), 4096, &mut slots).unwrap();
+            black_box(slots.len())
+        })
+    });
     let mut stream = encode::preamble().to_vec();
     for _ in 0..64 {
         encode::batch(7, &batch, &mut stream);
@@ -46,8 +65,10 @@ fn codec(c: &mut Criterion) {
             let mut r = Reader::new(black_box(&stream[..]));
             let mut slots = 0;
             while let Some(rec) = r.next_record().unwrap() {
-                if let Record::Batch { slots: s, .. } = rec {
-                    slots += s.len() / slot::SLOT_LEN;
+                match rec {
+                    Record::Batch { slots: s, .. } => slots += s.len() / slot::SLOT_LEN,
+                    Record::Events { count, .. } => slots += count as usize,
+                    _ => {}
                 }
             }
             black_box(slots)

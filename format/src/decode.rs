@@ -75,6 +75,15 @@ pub enum Record {
         offset: u64,
         slots: Vec<u8>,
     },
+    /// The same in the compact encoding ([`crate::compact`]): `count` slots' worth of events in
+    /// `body`, decoded by [`crate::compact::decode`] (or expanded to slots); `offset` is where
+    /// `body` starts in the trace.
+    Events {
+        tid: u32,
+        offset: u64,
+        count: u32,
+        body: Vec<u8>,
+    },
     Exit(ExitKind),
     Stats(Vec<(u32, u64)>),
     Warning(String),
@@ -340,6 +349,7 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         tag::EXIT => "exit",
         tag::STATS => "stats",
         tag::WARNING => "warning",
+        tag::EVENTS => "events",
         _ => {
             return Ok(Record::Unknown {
                 tag: t,
@@ -347,6 +357,34 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
             })
         }
     };
+    if t == tag::EVENTS {
+        if payload.len() < 8 {
+            return Err(DecodeError::Corrupt {
+                offset: base,
+                what: format!(
+                    "events record of {} bytes has no 8-byte head",
+                    payload.len()
+                ),
+            });
+        }
+        let tid = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+        let count = u32::from_le_bytes([payload[4], payload[5], payload[6], payload[7]]);
+        if count > crate::MAX_EVENTS_SLOTS {
+            return Err(DecodeError::Corrupt {
+                offset: base + 4,
+                what: format!(
+                    "events record announces {count} slots, more than the {} allowed",
+                    crate::MAX_EVENTS_SLOTS
+                ),
+            });
+        }
+        return Ok(Record::Events {
+            tid,
+            offset: base + 8,
+            count,
+            body: payload[8..].to_vec(),
+        });
+    }
     if t == tag::BATCH {
         if payload.len() < 8 {
             return Err(DecodeError::Corrupt {
@@ -459,13 +497,36 @@ pub fn validate(data: &[u8]) -> Result<usize, DecodeError> {
     let mut r = Reader::new(data);
     let mut n = 0;
     while let Some(rec) = r.next_record()? {
-        if let Record::Batch { offset, slots, .. } = &rec {
-            for s in crate::slot::SlotIter::new(slots) {
-                s.map_err(|e| DecodeError::Corrupt {
-                    offset: offset + e.at as u64,
-                    what: e.what,
+        let expanded;
+        let (offset, slots) = match &rec {
+            Record::Batch { offset, slots, .. } => (*offset, slots),
+            Record::Events {
+                offset,
+                count,
+                body,
+                ..
+            } => {
+                let mut v = Vec::new();
+                crate::compact::expand(body, *count as usize, &mut v).map_err(|e| {
+                    DecodeError::Corrupt {
+                        offset: offset + e.at as u64,
+                        what: format!("events record: {}", e.what),
+                    }
                 })?;
+                expanded = v;
+                (*offset, &expanded)
             }
+            _ => {
+                n += 1;
+                continue;
+            }
+        };
+        // Slot offsets of an expanded body are positions in its slots, not in the trace.
+        for s in crate::slot::SlotIter::new(slots) {
+            s.map_err(|e| DecodeError::Corrupt {
+                offset: offset + e.at as u64,
+                what: e.what,
+            })?;
         }
         n += 1;
     }
@@ -575,13 +636,13 @@ mod tests {
     #[test]
     fn newer_version_and_bad_magic() {
         let mut data = sample();
-        data[8] = 2;
+        data[8] = 3;
         let (_, err) = all(&data);
         assert_eq!(
             err,
             Some(DecodeError::UnsupportedVersion {
-                found: 2,
-                supported: 1
+                found: 3,
+                supported: 2
             })
         );
         let (_, err) = all(b"ELF\x7f and more bytes here");

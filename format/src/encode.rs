@@ -143,6 +143,22 @@ pub fn batch(tid: u32, slots: &[u8], out: &mut Vec<u8>) {
     sealed(tag::BATCH, &[&head, slots], out);
 }
 
+/// The same slots as an events record in the compact encoding; a batch record if they hold
+/// something that encoding does not carry.
+pub fn events(tid: u32, slots: &[u8], out: &mut Vec<u8>) {
+    let count = slots.len() / crate::slot::SLOT_LEN;
+    let mut packed = vec![0u8; count * crate::compact::MAX_SLOT_BYTES];
+    match crate::compact::encode(&[slots], &mut packed) {
+        Some(n) => {
+            let mut head = [0u8; 8];
+            head[..4].copy_from_slice(&tid.to_le_bytes());
+            head[4..].copy_from_slice(&(count as u32).to_le_bytes());
+            sealed(tag::EVENTS, &[&head, &packed[..n]], out);
+        }
+        None => batch(tid, slots, out),
+    }
+}
+
 pub fn exit(kind: ExitKind, out: &mut Vec<u8>) {
     let mut r = RecordBuf::new();
     match kind {

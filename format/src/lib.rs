@@ -1,13 +1,15 @@
-//! The leakhunt trace format, version 1. The normative description is `FORMAT.md` beside this
+//! The leakhunt trace format, version 2. The normative description is `FORMAT.md` beside this
 //! crate; this module is its implementation, shared by the writer (the preload library) and the
 //! reader (the CLI).
 //!
 //! A trace is `MAGIC`, a little-endian `u32` version and a `u32` of zero, then framed records:
 //! `u16 tag, u16 flags, u32 len, payload[len]`, each sealed by a CRC-32 (flag [`FLAG_CRC`]).
 //! Readers skip tags they do not know. Allocation
-//! events travel inside `Batch` records as fixed 32-byte slots (see [`slot`]).
+//! events travel inside `Events` records (the compact encoding of [`compact`]) or `Batch` records
+//! (fixed 32-byte slots, see [`slot`]); both read as [`Record::Batch`].
 #![forbid(unsafe_code)]
 
+pub mod compact;
 pub mod decode;
 pub mod encode;
 pub mod slot;
@@ -16,8 +18,11 @@ pub use decode::{validate, DecodeError, Reader, Record};
 
 /// First eight bytes of every trace.
 pub const MAGIC: [u8; 8] = *b"LKHUNTTR";
-/// The version this crate writes and the newest it reads.
-pub const VERSION: u32 = 1;
+/// The version this crate writes and the newest it reads. Version 2 added `EVENTS` records;
+/// version 1 traces read as before.
+pub const VERSION: u32 = 2;
+/// Most slots one `EVENTS` record may announce (a reader allocates no more for one record).
+pub const MAX_EVENTS_SLOTS: u32 = 1 << 20;
 /// Size of the file preamble: magic, version, reserved word.
 pub const PREAMBLE_LEN: usize = 16;
 /// Size of a record's frame header: tag, flags, payload length.
@@ -58,6 +63,8 @@ pub mod tag {
     pub const EXIT: u16 = 5;
     pub const STATS: u16 = 6;
     pub const WARNING: u16 = 7;
+    /// A batch's slots in the compact encoding of [`crate::compact`] (version 2).
+    pub const EVENTS: u16 = 8;
 }
 
 /// Keys of the `Stats` record (a list of key/value pairs, so new counters need no new version).

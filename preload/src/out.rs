@@ -10,7 +10,7 @@ extern crate alloc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
-use leakhunt_format::{encode, sealed_header, stat, tag, ExitKind};
+use leakhunt_format::{compact, encode, sealed_header, stat, tag, ExitKind};
 
 use crate::modules::{self, Change};
 use crate::ring::{self, FREE, ORPHAN};
@@ -39,6 +39,8 @@ struct Out {
     socket: bool,
     buf: *mut u8,
     len: usize,
+    /// Where a ring's slots are compacted before they go out (`PACK_LEN` bytes, or null).
+    pack: *mut u8,
     /// Entries of `modules::LOG` already written.
     modules_sent: usize,
 }
@@ -48,8 +50,12 @@ static mut OUT: Out = Out {
     socket: false,
     buf: core::ptr::null_mut(),
     len: 0,
+    pack: core::ptr::null_mut(),
     modules_sent: 0,
 };
+
+/// Room for a whole ring's slots in the compact encoding, whatever they hold.
+const PACK_LEN: usize = ring::RING_SLOTS as usize * compact::MAX_SLOT_BYTES;
 
 /// Pre-encoded header record, built by `tracer::init` (needs allocation, done outside flushes).
 pub static mut HEADER: Vec<u8> = Vec::new();
@@ -175,6 +181,8 @@ fn ensure_open() -> bool {
             fail(libc::ENOMEM, "cannot map the trace buffer");
             return false;
         }
+        // Without it, batches go out as plain slots.
+        o.pack = sys::mmap_anon(PACK_LEN);
     }
     let cfg = config::get();
     let fd = if let Some(sock) = cfg.socket() {
@@ -385,6 +393,17 @@ fn drain_all() {
             }
             let mut head = [0u8; 8];
             head[..4].copy_from_slice(&tid.to_le_bytes());
+            let pack = out().pack;
+            if !pack.is_null() {
+                // SAFETY: `pack` maps PACK_LEN bytes that only the LOCK holder (we) touches.
+                let pack = unsafe { core::slice::from_raw_parts_mut(pack, PACK_LEN) };
+                if let Some(len) = compact::encode(&[a, b], pack) {
+                    let slots = ((a.len() + b.len()) / leakhunt_format::slot::SLOT_LEN) as u32;
+                    head[4..].copy_from_slice(&slots.to_le_bytes());
+                    push_sealed(tag::EVENTS, &[&head, &pack[..len]]);
+                    return;
+                }
+            }
             push_sealed(tag::BATCH, &[&head, a, b]);
         });
         if !open && n > 0 {
