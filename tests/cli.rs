@@ -51,6 +51,37 @@ fn golden_trace_reports_its_known_figures() {
 }
 
 #[test]
+fn both_golden_traces_report_the_same_figures_and_progress_shows_on_request() {
+    // Version 1 (slots) and version 2 (compact events) traces of the same program.
+    let v2 = workspace().join("format/golden/simple-v2.trace");
+    let (_, a) = report_json(&golden());
+    let (out, b) = report_json(&v2);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let (a, b) = (&a["processes"][0], &b["processes"][0]);
+    assert_eq!(a["summary"], b["summary"]);
+    let sizes =
+        |p: &Value| -> Vec<(u64, u64)> { leaks(p).iter().map(|l| (l.bytes, l.blocks)).collect() };
+    assert_eq!(sizes(a), sizes(b));
+    // Progress: one line per redraw on stderr, ending at 100%; nothing on a small trace by
+    // default (stderr is not a terminal here).
+    let out = leakhunt_cmd(&["report", "--progress", "always", v2.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert!(
+        err.contains("leakhunt: reading") && err.contains(": 100% (0 of 0 MiB"),
+        "{err}"
+    );
+    let out = leakhunt_cmd(&["report", v2.to_str().unwrap()]);
+    assert!(!stderr(&out).contains("reading"), "{}", stderr(&out));
+    let out = leakhunt_cmd(&["report", "--progress", "sometimes", v2.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("invalid value 'sometimes'"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn truncated_traces_report_what_they_hold_with_a_warning() {
     let data = std::fs::read(golden()).unwrap();
     // Cut inside the batch record (it starts at byte 783): the modules and header survive.

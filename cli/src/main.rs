@@ -6,7 +6,7 @@ mod run;
 
 use leakhunt::{process, recover, report};
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -81,6 +81,10 @@ pub struct ReportArgs {
     /// Trace files.
     #[arg(required = true)]
     traces: Vec<PathBuf>,
+    /// Show reading progress on stderr: always, never, or (auto) for traces over 64 MiB when
+    /// stderr is a terminal.
+    #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = ["auto", "always", "never"])]
+    progress: String,
     #[command(flatten)]
     out: Output,
 }
@@ -122,7 +126,20 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
     for t in &a.traces {
         let f =
             std::fs::File::open(t).with_context(|| format!("cannot open trace {}", t.display()))?;
-        let (p, err) = Process::read_stream(f);
+        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let show = match a.progress.as_str() {
+            "always" => true,
+            "never" => false,
+            _ => size > 64 << 20 && std::io::stderr().is_terminal(),
+        };
+        let (p, err) = if show {
+            let mut bar = Progress::new(t, size);
+            let r = Process::read_stream_progress(f, &mut |at| bar.show(at));
+            bar.done();
+            r
+        } else {
+            Process::read_stream(f)
+        };
         if let Some(e) = err {
             bail!("{}: {e}", t.display());
         }
@@ -148,6 +165,58 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
         (true, Some(n)) => ExitCode::from(n),
         _ => ExitCode::SUCCESS,
     })
+}
+
+/// A one-line progress display on stderr, redrawn at most every 200 ms.
+struct Progress {
+    name: String,
+    size: u64,
+    start: std::time::Instant,
+    last: Option<std::time::Instant>,
+}
+
+impl Progress {
+    fn new(path: &std::path::Path, size: u64) -> Progress {
+        Progress {
+            name: path.display().to_string(),
+            size,
+            start: std::time::Instant::now(),
+            last: None,
+        }
+    }
+
+    fn line(&self, at: u64) -> String {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let secs = self.start.elapsed().as_secs_f64();
+        format!(
+            "leakhunt: reading {}: {:.0}% ({:.0} of {:.0} MiB, {:.0} MiB/s)",
+            self.name,
+            if self.size == 0 {
+                100.0
+            } else {
+                at as f64 * 100.0 / self.size as f64
+            },
+            mib(at),
+            mib(self.size),
+            if secs > 0.0 { mib(at) / secs } else { 0.0 }
+        )
+    }
+
+    fn show(&mut self, at: u64) {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l).as_millis() < 200)
+        {
+            return;
+        }
+        self.last = Some(now);
+        eprint!("\r{}\x1b[K", self.line(at));
+    }
+
+    fn done(&mut self) {
+        eprintln!("\r{}\x1b[K", self.line(self.size));
+    }
 }
 
 fn dump(path: &PathBuf) -> Result<ExitCode> {

@@ -135,6 +135,24 @@ impl Process {
     /// that events recovered from elsewhere (ring files) can still fill the gaps; call
     /// [`Process::finish`] after.
     pub fn read_stream_open(src: impl Read) -> (Process, Option<DecodeError>) {
+        Process::read_stream_inner(src, &mut |_| {})
+    }
+
+    /// As [`Process::read_stream`], calling `progress` with the byte offset reached after each
+    /// record.
+    pub fn read_stream_progress(
+        src: impl Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> (Process, Option<DecodeError>) {
+        let (mut p, err) = Process::read_stream_inner(src, progress);
+        p.finish();
+        (p, err)
+    }
+
+    fn read_stream_inner(
+        src: impl Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> (Process, Option<DecodeError>) {
         let mut p = Process::default();
         let mut r = Reader::new(std::io::BufReader::with_capacity(1 << 20, src));
         let err = loop {
@@ -145,6 +163,7 @@ impl Process {
                         break Some(e);
                     }
                     p.complete_len = r.offset();
+                    progress(p.complete_len);
                 }
                 Ok(None) => break None,
                 Err(e) if e.is_truncation() => {

@@ -1,11 +1,68 @@
-//! The committed golden trace (`golden/simple.trace`, written by libleakhunt.so for the `simple`
-//! test fixture) still decodes to exactly what it held when it was written. A change that breaks
-//! it breaks every trace users have kept: bump the version instead.
+//! The committed golden traces (written by libleakhunt.so for the `simple` test fixture:
+//! `golden/simple.trace` in version 1 with `BATCH` records, `golden/simple-v2.trace` in version 2
+//! with an `EVENTS` record) still decode to exactly what they held when they were written. A
+//! change that breaks them breaks every trace users have kept: bump the version instead.
 
 use leakhunt_format::slot::{SlotIter, SlotRecord};
 use leakhunt_format::{validate, ExitKind, Reader, Record, StopReason};
 
 const GOLDEN: &[u8] = include_bytes!("../golden/simple.trace");
+const GOLDEN_V2: &[u8] = include_bytes!("../golden/simple-v2.trace");
+
+#[test]
+fn golden_v2_trace_with_an_events_record_decodes_to_the_same_events() {
+    assert_eq!(
+        validate(GOLDEN_V2),
+        Ok(10),
+        "header, 6 modules, events, stats, exit"
+    );
+    assert_eq!(&GOLDEN_V2[8..12], &2u32.to_le_bytes(), "a version 2 trace");
+    let mut r = Reader::new(GOLDEN_V2);
+    let mut allocs = Vec::new();
+    let mut frees = Vec::new();
+    let mut stacks = Vec::new();
+    let mut events_records = 0;
+    while let Some(rec) = r.next_record().unwrap() {
+        match rec {
+            Record::Header(h) => assert_eq!((h.pid, h.ppid), (14657, 14653)),
+            Record::Events {
+                tid, count, body, ..
+            } => {
+                events_records += 1;
+                assert_eq!((tid, count, body.len()), (14657, 21, 189));
+                let mut slots = Vec::new();
+                leakhunt_format::compact::expand(&body, count as usize, &mut slots).unwrap();
+                for s in SlotIter::new(&slots) {
+                    match s.unwrap() {
+                        SlotRecord::Alloc {
+                            seq, size, stack, ..
+                        } => allocs.push((seq, size, stack)),
+                        SlotRecord::Free { seq, .. } => frees.push(seq),
+                        SlotRecord::Stack { id, frames, .. } => stacks.push((id, frames.len())),
+                        other => panic!("unexpected slot {other:?}"),
+                    }
+                }
+            }
+            Record::Batch { .. } => panic!("a version 2 writer sends events records"),
+            _ => {}
+        }
+    }
+    assert_eq!(events_records, 1);
+    // The same program as the version 1 golden trace, the same events.
+    assert_eq!(
+        allocs,
+        [
+            (0, 100, 1),
+            (1, 100, 1),
+            (2, 100, 1),
+            (3, 40, 2),
+            (4, 50, 3),
+            (6, 4096, 4)
+        ]
+    );
+    assert_eq!(frees, [5, 7]);
+    assert_eq!(stacks, [(1, 6), (2, 7), (3, 5), (4, 11)]);
+}
 
 #[test]
 fn golden_trace_decodes_exactly() {

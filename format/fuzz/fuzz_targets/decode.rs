@@ -1,6 +1,6 @@
 //! Fuzz the trace decoder: `cargo +nightly fuzz run decode` in `format/` (seed the corpus with
-//! `golden/simple.trace`). Any input must give Ok or an error, never a panic, an abort or an
-//! allocation beyond the record size limit.
+//! `golden/simple.trace` and `golden/simple-v2.trace`). Any input must give Ok or an error, never
+//! a panic, an abort or an allocation beyond the record size limit.
 //!
 //! Record checksums stop almost every mutation at the frame, so each input is decoded twice:
 //! as it is, and with every record's checksum recomputed, which lets mutations reach the record
