@@ -235,9 +235,14 @@ fn stack_for(ts: &mut ThreadState, r: &ring::Ring) -> (u32, usize, usize, StopRe
         other_stack || !config::get().unwind_reuse,
         (ts.stack_lo, ts.stack_hi),
     );
+    if let Some((id, _)) = s.repeated_id() {
+        // A walk this thread made before, repeated whole: its stack was interned then.
+        return (id, 0, n, reason);
+    }
     let ugen = modules::GEN.load(Ordering::Relaxed);
     let meta = n as u64 | (reason as u64) << 16 | (ugen as u64) << 32;
     if s.prev_id != 0 && s.prev_meta == meta && (same || s.prev[..n] == s.frames[..n]) {
+        s.set_check_id(s.prev_id, meta);
         return (s.prev_id, 0, n, reason);
     }
     if same {
@@ -248,6 +253,7 @@ fn stack_for(ts: &mut ThreadState, r: &ring::Ring) -> (u32, usize, usize, StopRe
     s.prev[..n].copy_from_slice(&s.frames[..n]);
     s.prev_meta = meta;
     s.prev_id = id;
+    s.set_check_id(id, meta);
     (id, if new { slot::stack_slots(n) } else { 0 }, n, reason)
 }
 

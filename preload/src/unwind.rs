@@ -91,25 +91,49 @@ pub struct Scratch {
     walk_ntail: u32,
     /// The last tail read was for a step whose CFA came from rbp.
     walk_tail_rbp: bool,
-    /// The whole-walk check (see [`capture`]): every stack word the previous capture's walk read,
-    /// with the value read, and the registers it started from.
-    check: [(u64, u64); CHECK_CAP],
-    check_len: u32,
-    /// The check is usable (else the next capture walks).
-    check_ok: bool,
-    /// The previous walk's result depends on the rbp it started with.
-    check_bp_needed: bool,
-    check_sp: u64,
-    check_bp: u64,
-    check_hi: u64,
-    check_gen: u32,
-    check_n: u32,
-    check_reason: u8,
+    /// Whole-walk checks (see [`repeats`]) of recent walks, one per stack pointer (hashed).
+    checks: [Check; CHECKS],
+    /// The check the last capture repeated or recorded (`CHECKS`: none).
+    pub last_check: usize,
+    /// The last capture repeated a check (its stack id is the check's).
+    pub hit: bool,
     /// Captures that reused the previous walk's suffix / that walked every frame / that matched
     /// the previous walk as a whole (statistics for tests and benchmarks).
     pub reused: u64,
     pub walked: u64,
     pub repeated: u64,
+}
+
+/// Whole-walk checks kept per thread: the call sites of a request handler (a parse, a cache
+/// fill, a response) each allocate from their own stack pointer.
+const CHECKS: usize = 4;
+
+/// What a later capture must find unchanged to repeat a walk whole: every stack word the walk
+/// read, with the value read, the registers it started from, its result, and (filled in by the
+/// tracer once interned) its stack id.
+#[repr(C)]
+struct Check {
+    list: [(u64, u64); CHECK_CAP],
+    len: u32,
+    /// Usable (else a capture walks).
+    ok: bool,
+    /// The walk's result depends on the rbp it started with.
+    bp_needed: bool,
+    sp: u64,
+    bp: u64,
+    hi: u64,
+    gen: u32,
+    n: u32,
+    reason: u8,
+    /// The stack's id and meta (0: not known, the check cannot stand for the stack).
+    id: u32,
+    meta: u64,
+}
+
+/// The check slot for a capture starting at stack pointer `sp`.
+#[inline]
+fn check_slot(sp: u64) -> usize {
+    ((sp >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 62) as usize % CHECKS
 }
 
 /// Stack words a whole-walk check compares at most: two per step plus the tail.
@@ -168,7 +192,10 @@ fn mark_bp_needs(steps: &mut [Step], mut need: bool) {
 impl Scratch {
     pub fn reset_for_new_thread(&mut self) {
         self.walk_len = 0;
-        self.check_ok = false;
+        for c in self.checks.iter_mut() {
+            c.ok = false;
+        }
+        self.last_check = CHECKS;
         self.prev_len = 0;
         self.prev_id = 0;
         self.prev_meta = 0;
@@ -380,16 +407,22 @@ pub fn capture(
     }
     s.ensure_fresh();
     let max = max.min(MAX_FRAMES_CAP);
-    if !fresh_walk && repeats_previous(s, sp, bp, stack_hi as u64) {
+    let slot = check_slot(sp);
+    if !fresh_walk && repeats(s, slot, sp, bp, stack_hi as u64) {
         s.repeated += 1;
+        s.last_check = slot;
+        s.hit = true;
+        let c = &s.checks[slot];
         return (
-            s.check_n as usize,
-            StopReason::from_u8(s.check_reason).unwrap_or(StopReason::BadFrame),
-            true,
+            c.n as usize,
+            StopReason::from_u8(c.reason).unwrap_or(StopReason::BadFrame),
+            false,
         );
     }
     let (sp0, bp0) = (sp, bp);
-    s.check_ok = false;
+    s.checks[slot].ok = false;
+    s.last_check = CHECKS;
+    s.hit = false;
     let mut tail = [(0u64, 0u64); 2];
     let mut ntail = 0usize;
     let mut lo = sp;
@@ -559,24 +592,27 @@ pub fn capture(
 }
 
 /// **Whole-walk check.** A walk is a pure function of the registers it starts from (pc is fixed:
-/// it starts in [`capture`]), the rules in force and the stack words it reads. When this capture
-/// starts from the same stack pointer as the previous one (a loop allocating from one place),
-/// with the same rbp if the walk depends on it, re-reading every word the previous walk read and
-/// finding each unchanged proves that the walk would repeat exactly: its frames are the previous
-/// capture's. The comparison is branch-free over a flat list, a fraction of a walk's cost.
+/// it starts in [`capture`]), the rules in force and the stack words it reads. When a capture
+/// starts from the stack pointer an earlier walk of this thread started from (an allocation site
+/// that runs again), with the same rbp if the walk depends on it, re-reading every word that walk
+/// read and finding each unchanged proves that the walk would repeat exactly: its frames, and so
+/// its stack id, are that walk's. The comparison is branch-free over a flat list, a fraction of a
+/// walk's cost. Checks are kept per stack pointer (a few), each with the id of its stack.
 #[inline]
-fn repeats_previous(s: &Scratch, sp: u64, bp: u64, hi: u64) -> bool {
-    if !s.check_ok
-        || s.check_sp != sp
-        || s.check_hi != hi
-        || s.check_gen != s.cache_gen
-        || (s.check_bp_needed && s.check_bp != bp)
+fn repeats(s: &Scratch, slot: usize, sp: u64, bp: u64, hi: u64) -> bool {
+    let c = &s.checks[slot];
+    if !c.ok
+        || c.id == 0
+        || c.sp != sp
+        || c.hi != hi
+        || c.gen != s.cache_gen
+        || (c.bp_needed && c.bp != bp)
     {
         return false;
     }
     let mut diff = 0u64;
-    for &(at, v) in &s.check[..s.check_len as usize] {
-        // SAFETY: the previous walk of this thread read this aligned word, inside `[sp, hi)` of
+    for &(at, v) in &c.list[..c.len as usize] {
+        // SAFETY: an earlier walk of this thread read this aligned word, inside `[sp, hi)` of
         // the same stack mapping; the stack pointer is the same, so the word is still in the
         // live part of the stack, which stays mapped while the thread lives (the scratch is reset
         // when its ring passes to another thread). Volatile: the word may have changed.
@@ -585,42 +621,75 @@ fn repeats_previous(s: &Scratch, sp: u64, bp: u64, hi: u64) -> bool {
     diff == 0
 }
 
-/// After a walk that `s.walk` (and `s.walk_tail`) now describe completely: record what the next
-/// capture must find unchanged to repeat it (see [`repeats_previous`]).
+/// After a walk that `s.walk` (and `s.walk_tail`) now describe completely: record what a later
+/// capture from the same stack pointer must find unchanged to repeat it (see [`repeats`]). Its
+/// stack id comes later, from the tracer ([`Scratch::set_check_id`]).
 fn keep_check(s: &mut Scratch, sp: u64, bp: u64, hi: u64, n: usize, reason: StopReason) {
     let len = s.walk_len as usize;
     if len == 0 {
         return;
     }
+    let slot = check_slot(sp);
+    let gen = s.cache_gen;
+    let (walk, tail, ntail) = (&s.walk[..len], s.walk_tail[0], s.walk_ntail);
+    let c = &mut s.checks[slot];
     let mut m = 0;
     // Saved rbp words count only where the rest of the walk uses them (`needs_bp`, which also
     // covers the step the walk stopped at).
-    for st in &s.walk[..len] {
-        s.check[m] = (st.cfa.wrapping_add(st.ra_off as i64 as u64), st.ra);
+    for st in walk {
+        c.list[m] = (st.cfa.wrapping_add(st.ra_off as i64 as u64), st.ra);
         m += 1;
         if st.rbp_off != 0 && st.needs_bp {
-            s.check[m] = (st.cfa.wrapping_add(st.rbp_off as i64 as u64), st.bp);
+            c.list[m] = (st.cfa.wrapping_add(st.rbp_off as i64 as u64), st.bp);
             m += 1;
         }
     }
     // The return address read by the step the walk stopped at (0 ends a walk): the rbp it
     // restored there is used by nothing.
-    if s.walk_ntail > 0 {
-        s.check[m] = s.walk_tail[0];
+    if ntail > 0 {
+        c.list[m] = tail;
         m += 1;
     }
-    s.check_len = m as u32;
+    c.len = m as u32;
     // The walk uses the rbp it started with if its first step computes the CFA from it, or
     // carries it on to a step that needs it.
-    let w0 = s.walk[0];
-    s.check_bp_needed = w0.cfa_rbp || (w0.rbp_off == 0 && w0.needs_bp);
-    s.check_sp = sp;
-    s.check_bp = bp;
-    s.check_hi = hi;
-    s.check_gen = s.cache_gen;
-    s.check_n = n as u32;
-    s.check_reason = reason as u8;
-    s.check_ok = true;
+    let w0 = walk[0];
+    c.bp_needed = w0.cfa_rbp || (w0.rbp_off == 0 && w0.needs_bp);
+    c.sp = sp;
+    c.bp = bp;
+    c.hi = hi;
+    c.gen = gen;
+    c.n = n as u32;
+    c.reason = reason as u8;
+    c.id = 0;
+    c.ok = true;
+    s.last_check = slot;
+}
+
+impl Scratch {
+    /// The stack id (and meta) of the last capture: a check it recorded can now stand for it.
+    #[inline]
+    pub fn set_check_id(&mut self, id: u32, meta: u64) {
+        if self.hit {
+            return;
+        }
+        if let Some(c) = self.checks.get_mut(self.last_check) {
+            c.id = id;
+            c.meta = meta;
+        }
+    }
+
+    /// The stack id and meta of the check the last capture repeated, if it did. The previous
+    /// walk and the one-entry cache (`prev`) are left as they were: they still describe each
+    /// other, which is what joins and `same` rely on.
+    #[inline]
+    pub fn repeated_id(&self) -> Option<(u32, u64)> {
+        if !self.hit {
+            return None;
+        }
+        let c = self.checks.get(self.last_check)?;
+        (c.id != 0).then_some((c.id, c.meta))
+    }
 }
 
 /// The previous walk from its step `j` on, re-validated against the stack as it is now: the
