@@ -6,3 +6,4 @@
 pub mod process;
 pub mod recover;
 pub mod report;
+pub mod series;

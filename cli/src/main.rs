@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// Also trace forked children and programs started with exec.
     #[arg(long)]
     trace_children: bool,
+    /// Length of an epoch: live memory per callsite and RSS are recorded at each boundary
+    /// (e.g. 100ms, 1s, 2m; 10ms to 1h).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_epoch)]
+    epoch: std::time::Duration,
     /// Do not ask libc and libstdc++ to free their internal buffers at exit (as valgrind does).
     #[arg(long)]
     no_freeres: bool,
@@ -87,6 +91,38 @@ pub struct ReportArgs {
     progress: String,
     #[command(flatten)]
     out: Output,
+}
+
+/// A duration such as `250ms`, `1s`, `1.5s`, `2m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (e.g. 100ms, 1s, 2m)"))?;
+    let scale = match unit {
+        "ms" => 1e-3,
+        "" | "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("unknown unit '{unit}' in '{s}' (use ms, s, m or h)")),
+    };
+    let secs = v * scale;
+    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+fn parse_epoch(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d < std::time::Duration::from_millis(10) || d > std::time::Duration::from_secs(3600) {
+        return Err(format!("an epoch of {s} is outside 10ms to 1h"));
+    }
+    Ok(d)
 }
 
 /// Prints the reports (text to `text_to`, JSON where asked) and says whether leaks were found.

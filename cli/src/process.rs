@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use rustc_hash::FxHashMap;
 use std::io::Read;
 
+use crate::series::Series;
 use leakhunt_format::compact;
 use leakhunt_format::encode::{Header, Module};
 use leakhunt_format::slot::{self, SlotIter, SlotRecord};
@@ -21,6 +22,8 @@ const MAX_MODULE_ID: usize = 1 << 20;
 pub struct Live {
     pub size: u64,
     pub stack: u32,
+    /// Epoch boundaries passed before the block was allocated.
+    pub born: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -115,10 +118,19 @@ pub struct Process {
     pub forks: FxHashMap<u32, FxHashMap<u64, Live>>,
     /// Addresses freed without a matching allocation (blocks from before tracing began).
     pub unmatched: rustc_hash::FxHashSet<u64>,
+    /// Live bytes and blocks per callsite and for the process at each epoch boundary.
+    pub growth: Series,
     records: u64,
 }
 
 impl Process {
+    pub fn new() -> Process {
+        Process {
+            growth: Series::new(),
+            ..Process::default()
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.header.as_ref().map_or(0, |h| h.pid)
     }
@@ -153,7 +165,7 @@ impl Process {
         src: impl Read,
         progress: &mut dyn FnMut(u64),
     ) -> (Process, Option<DecodeError>) {
-        let mut p = Process::default();
+        let mut p = Process::new();
         let mut r = Reader::new(std::io::BufReader::with_capacity(1 << 20, src));
         let err = loop {
             let at = r.offset();
@@ -256,6 +268,7 @@ impl Process {
                 Live {
                     size: live.size,
                     stack: id,
+                    born: 0,
                 },
             );
             blocks += 1;
@@ -359,6 +372,10 @@ impl Process {
                 }
             }
             Record::Exit(k) => self.exit = Some(k),
+            Record::Epoch(e) => {
+                self.growth.push(e);
+                self.growth.reach(self.next_seq);
+            }
             Record::Stats(v) => self.stats.extend(v),
             Record::Warning(w) => self.warnings.push(w),
             Record::Unknown { .. } => {}
@@ -377,13 +394,13 @@ impl Process {
                     slot::KIND_ALLOC if AllocFn::from_u8(s[1]).is_some() => {
                         let stack = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
                         self.alloc(word(16), word(24), stack);
-                        self.next_seq += 1;
+                        self.bump();
                         pos += slot::SLOT_LEN;
                         continue;
                     }
                     slot::KIND_FREE if FreeFn::from_u8(s[1]).is_some() => {
                         self.free(word(16));
-                        self.next_seq += 1;
+                        self.bump();
                         pos += slot::SLOT_LEN;
                         continue;
                     }
@@ -419,14 +436,14 @@ impl Process {
         if seq == self.next_seq {
             // The common case: in order.
             self.apply_event(ev);
-            self.next_seq += 1;
+            self.bump();
             while let Some(e) = self.pending.first_entry() {
                 if *e.key() != self.next_seq {
                     break;
                 }
                 let ev = e.remove();
                 self.apply_event(ev);
-                self.next_seq += 1;
+                self.bump();
             }
             return Ok(());
         }
@@ -445,17 +462,32 @@ impl Process {
         self.totals.allocs += 1;
         self.totals.bytes_allocated += size;
         self.allocs_by_stack.add(stack, 1);
-        if self.live.insert(addr, Live { size, stack }).is_some() {
+        let born = self.growth.boundaries.len() as u32;
+        self.growth.add(stack, size as i64, 1);
+        if let Some(old) = self.live.insert(addr, Live { size, stack, born }) {
             self.totals.reused_live += 1;
+            self.growth.add(old.stack, -(old.size as i64), -1);
         }
     }
 
     #[inline]
     fn free(&mut self, addr: u64) {
         self.totals.frees += 1;
-        if self.live.remove(&addr).is_none() {
-            self.totals.unknown_frees += 1;
-            self.unmatched.insert(addr);
+        match self.live.remove(&addr) {
+            Some(l) => self.growth.add(l.stack, -(l.size as i64), -1),
+            None => {
+                self.totals.unknown_frees += 1;
+                self.unmatched.insert(addr);
+            }
+        }
+    }
+
+    /// One more sequence number applied: close the epochs it completes.
+    #[inline]
+    fn bump(&mut self) {
+        self.next_seq += 1;
+        if self.next_seq >= self.growth.next_seq {
+            self.growth.reach(self.next_seq);
         }
     }
 
@@ -477,9 +509,12 @@ impl Process {
         let pending = std::mem::take(&mut self.pending);
         for (seq, ev) in pending {
             self.gaps += seq - self.next_seq;
+            self.growth.reach(seq);
             self.apply_event(ev);
             self.next_seq = seq + 1;
         }
+        // Boundaries past the last event (the stream ended, or events were lost).
+        self.growth.reach(u64::MAX);
     }
 
     pub fn events_lost(&self) -> u64 {
@@ -532,7 +567,7 @@ impl compact::Sink for Apply<'_> {
         }
         if self.p.pending.is_empty() && seq == self.p.next_seq {
             self.p.alloc(addr, size, stack);
-            self.p.next_seq += 1;
+            self.p.bump();
             return Ok(());
         }
         self.event(seq, Ev::Alloc { addr, size, stack })
@@ -545,7 +580,7 @@ impl compact::Sink for Apply<'_> {
         }
         if self.p.pending.is_empty() && seq == self.p.next_seq {
             self.p.free(addr);
-            self.p.next_seq += 1;
+            self.p.bump();
             return Ok(());
         }
         self.event(seq, Ev::Free { addr })

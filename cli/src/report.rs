@@ -136,7 +136,76 @@ pub fn signal_name(sig: i32) -> String {
 }
 
 /// Callsite identity of one frame: module (path, build-id) and offset, or a bare address.
-type FrameKey = (Option<(String, Vec<u8>)>, u64);
+pub type FrameKey = (Option<(String, Vec<u8>)>, u64);
+
+/// A callsite: the stack's frames as (module path and build-id, ELF offset), so that stacks of
+/// the same code match across module reloads (and, by build-id, across runs).
+pub fn callsite_key(p: &Process, id: u32) -> Vec<FrameKey> {
+    match p.stacks.get(&id) {
+        Some(s) => s
+            .frames
+            .iter()
+            .map(|&a| match p.module_at(a, s.gen) {
+                Some(m) => (Some((m.path.clone(), m.build_id.clone())), a - m.bias),
+                None => (None, a),
+            })
+            .collect(),
+        None => vec![(None, u64::from(id) << 32)],
+    }
+}
+
+/// The symbolized frames of callsite `key` (stack `id`), innermost first, cut below `main`.
+pub fn symbolize(p: &Process, id: u32, key: &[FrameKey], sym: &mut Symbolizer) -> Vec<Frame> {
+    let stack = p.stacks.get(&id);
+    let mut frames = Vec::new();
+    for (i, (m, off)) in key.iter().enumerate() {
+        let address = stack.map_or(0, |s| s.frames.get(i).copied().unwrap_or(0));
+        match m {
+            Some((path, bid)) => {
+                let syms = sym.symbolize(path, bid, off.saturating_sub(1));
+                if syms.is_empty() {
+                    frames.push(Frame {
+                        function: None,
+                        file: None,
+                        line: None,
+                        module: Some(path.clone()),
+                        offset: *off,
+                        address,
+                        inlined: false,
+                    });
+                }
+                for s in syms {
+                    frames.push(Frame {
+                        function: s.function,
+                        file: s.file,
+                        line: s.line,
+                        module: Some(path.clone()),
+                        offset: *off,
+                        address,
+                        inlined: s.inlined,
+                    });
+                }
+            }
+            None => frames.push(Frame {
+                function: None,
+                file: None,
+                line: None,
+                module: None,
+                offset: *off,
+                address,
+                inlined: false,
+            }),
+        }
+    }
+    // Like valgrind, hide what lies below main (libc start-up code).
+    if let Some(i) = frames
+        .iter()
+        .position(|f| f.function.as_deref() == Some("main") && !f.inlined)
+    {
+        frames.truncate(i + 1);
+    }
+    frames
+}
 
 /// Builds the report of one process. `exit` (from waitpid, when we ran it) wins over the trace's.
 pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcReport {
@@ -150,18 +219,7 @@ pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcR
     }
     let mut groups: HashMap<Vec<FrameKey>, (u64, u64, u32)> = HashMap::new();
     for (&id, &(bytes, blocks)) in &by_stack {
-        let key: Vec<FrameKey> = match p.stacks.get(&id) {
-            Some(s) => s
-                .frames
-                .iter()
-                .map(|&a| match p.module_at(a, s.gen) {
-                    Some(m) => (Some((m.path.clone(), m.build_id.clone())), a - m.bias),
-                    None => (None, a),
-                })
-                .collect(),
-            None => vec![(None, u64::from(id) << 32)],
-        };
-        let g = groups.entry(key).or_insert((0, 0, id));
+        let g = groups.entry(callsite_key(p, id)).or_insert((0, 0, id));
         g.0 += bytes;
         g.1 += blocks;
     }
@@ -169,60 +227,13 @@ pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcR
         .into_iter()
         .map(|(key, (bytes, blocks, id))| {
             let stack = p.stacks.get(&id);
-            let mut frames = Vec::new();
-            for (i, (m, off)) in key.iter().enumerate() {
-                let address = stack.map_or(0, |s| s.frames[i]);
-                match m {
-                    Some((path, bid)) => {
-                        let syms = sym.symbolize(path, bid, off.saturating_sub(1));
-                        if syms.is_empty() {
-                            frames.push(Frame {
-                                function: None,
-                                file: None,
-                                line: None,
-                                module: Some(path.clone()),
-                                offset: *off,
-                                address,
-                                inlined: false,
-                            });
-                        }
-                        for s in syms {
-                            frames.push(Frame {
-                                function: s.function,
-                                file: s.file,
-                                line: s.line,
-                                module: Some(path.clone()),
-                                offset: *off,
-                                address,
-                                inlined: s.inlined,
-                            });
-                        }
-                    }
-                    None => frames.push(Frame {
-                        function: None,
-                        file: None,
-                        line: None,
-                        module: None,
-                        offset: *off,
-                        address,
-                        inlined: false,
-                    }),
-                }
-            }
-            // Like valgrind, hide what lies below main (libc start-up code).
-            if let Some(i) = frames
-                .iter()
-                .position(|f| f.function.as_deref() == Some("main") && !f.inlined)
-            {
-                frames.truncate(i + 1);
-            }
             let unwind =
                 stack.and_then(|s| (s.reason != StopReason::End).then(|| s.reason.describe()));
             Leak {
                 kind: "unfreed",
                 bytes,
                 blocks,
-                stack: frames,
+                stack: symbolize(p, id, &key, sym),
                 unwind,
             }
         })

@@ -221,6 +221,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         .env("LD_PRELOAD", preload)
         .env("LEAKHUNT_SOCKET", &sock)
         .env("LEAKHUNT_MAX_FRAMES", a.max_frames.to_string())
+        .env("LEAKHUNT_EPOCH_MS", a.epoch.as_millis().to_string())
         .env(
             "LEAKHUNT_TRACE_CHILDREN",
             if a.trace_children { "1" } else { "0" },

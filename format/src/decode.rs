@@ -85,6 +85,7 @@ pub enum Record {
         body: Vec<u8>,
     },
     Exit(ExitKind),
+    Epoch(crate::Epoch),
     Stats(Vec<(u32, u64)>),
     Warning(String),
     /// A record this version does not know; skipped.
@@ -350,6 +351,7 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         tag::STATS => "stats",
         tag::WARNING => "warning",
         tag::EVENTS => "events",
+        tag::EPOCH => "epoch",
         _ => {
             return Ok(Record::Unknown {
                 tag: t,
@@ -476,6 +478,12 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
                 k => return Err(p.err(format!("unknown exit kind {k}"))),
             }
         }
+        tag::EPOCH => Record::Epoch(crate::Epoch {
+            index: p.u32("epoch index")?,
+            time_ns: p.u64("epoch time")?,
+            seq: p.u64("epoch sequence number")?,
+            rss: p.u64("epoch RSS")?,
+        }),
         tag::STATS => {
             let n = p.count(12, "stat")?;
             let mut v = Vec::with_capacity(n);

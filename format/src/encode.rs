@@ -169,6 +169,20 @@ pub fn exit(kind: ExitKind, out: &mut Vec<u8>) {
     r.finish_into(tag::EXIT, out);
 }
 
+/// An epoch record's body (the preload seals it without allocating).
+pub fn epoch_body(e: &crate::Epoch) -> [u8; 28] {
+    let mut b = [0u8; 28];
+    b[..4].copy_from_slice(&e.index.to_le_bytes());
+    b[4..12].copy_from_slice(&e.time_ns.to_le_bytes());
+    b[12..20].copy_from_slice(&e.seq.to_le_bytes());
+    b[20..28].copy_from_slice(&e.rss.to_le_bytes());
+    b
+}
+
+pub fn epoch(e: &crate::Epoch, out: &mut Vec<u8>) {
+    sealed(tag::EPOCH, &[&epoch_body(e)], out);
+}
+
 pub fn stats(pairs: &[(u32, u64)], out: &mut Vec<u8>) {
     let mut r = RecordBuf::new();
     r.u32(pairs.len() as u32);

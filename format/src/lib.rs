@@ -65,6 +65,21 @@ pub mod tag {
     pub const WARNING: u16 = 7;
     /// A batch's slots in the compact encoding of [`crate::compact`] (version 2).
     pub const EVENTS: u16 = 8;
+    /// An epoch boundary: where in the event sequence it falls, when, and the process's RSS.
+    pub const EPOCH: u16 = 9;
+}
+
+/// An epoch boundary, written by the tracer every epoch interval: the events numbered below
+/// `seq` happened before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Epoch {
+    /// 1, 2, ... in the order written.
+    pub index: u32,
+    /// CLOCK_MONOTONIC, ns (the header's start is on the same clock).
+    pub time_ns: u64,
+    pub seq: u64,
+    /// Resident set size of the process at the boundary, bytes.
+    pub rss: u64,
 }
 
 /// Keys of the `Stats` record (a list of key/value pairs, so new counters need no new version).

@@ -10,6 +10,7 @@
 //! | `LEAKHUNT_FREERES` | `0`: do not ask libc/libstdc++ to free their internal buffers at exit | `1` |
 //! | `LEAKHUNT_RING_DIR` | directory (private to `leakhunt run`) where rings are shared files, so the CLI keeps what reached them if the process is killed | unset: anonymous memory |
 //! | `LEAKHUNT_UNWIND_REUSE` | `0`: walk every frame of every stack (the reference the fast path is tested against) | `1` |
+//! | `LEAKHUNT_EPOCH_MS` | milliseconds between epoch boundaries (with the RSS) in the trace, 10-3,600,000; `0`: none | `1000` |
 
 extern crate alloc;
 use core::ffi::CStr;
@@ -24,6 +25,8 @@ pub struct Config {
     pub trace_children: bool,
     pub freeres: bool,
     pub unwind_reuse: bool,
+    /// Nanoseconds between epoch boundaries (0: none).
+    pub epoch_ns: u64,
 }
 
 static mut CONFIG: Config = Config {
@@ -34,6 +37,7 @@ static mut CONFIG: Config = Config {
     trace_children: false,
     freeres: true,
     unwind_reuse: true,
+    epoch_ns: 1_000_000_000,
 };
 
 fn copy_into(dst: &mut [u8], src: Option<&CStr>) {
@@ -77,6 +81,10 @@ pub fn load() {
         c.trace_children = trace_children;
         c.freeres = env(c"LEAKHUNT_FREERES").is_none_or(|s| s.to_bytes() != b"0");
         c.unwind_reuse = env(c"LEAKHUNT_UNWIND_REUSE").is_none_or(|s| s.to_bytes() != b"0");
+        if let Some(ms) = env(c"LEAKHUNT_EPOCH_MS").and_then(|s| s.to_str().ok()?.parse::<u64>().ok())
+        {
+            c.epoch_ns = if ms == 0 { 0 } else { ms.clamp(10, 3_600_000) * 1_000_000 };
+        }
     }
     LOADED.store(true, Ordering::Release);
 }

@@ -253,6 +253,7 @@ fn ensure_open() -> bool {
     };
     o.len = 0;
     o.modules_sent = 0;
+    EPOCHS.store(0, Ordering::Relaxed);
     STATE.store(OPEN, Ordering::Release);
     push(&encode::preamble());
     // SAFETY: HEADER is written once by init before any flush and read-only afterwards.
@@ -503,6 +504,26 @@ fn push_exit(kind: ExitKind) {
     push_sealed(tag::EXIT, &[&body]);
 }
 
+static EPOCHS: AtomicU64 = AtomicU64::new(0);
+
+/// Closes an epoch: flushes what was recorded, then writes the boundary (the events numbered
+/// below `seq` belong to it or earlier ones) with the time and the process's RSS.
+pub fn epoch(seq: u64) {
+    let _l = LOCK.lock();
+    flush_locked();
+    if STATE.load(Ordering::Relaxed) != OPEN {
+        return;
+    }
+    let e = leakhunt_format::Epoch {
+        index: EPOCHS.fetch_add(1, Ordering::Relaxed) as u32 + 1,
+        time_ns: sys::monotonic_ns(),
+        seq,
+        rss: sys::rss_bytes(),
+    };
+    push_sealed(tag::EPOCH, &[&encode::epoch_body(&e)]);
+    write_buf();
+}
+
 /// Flushes everything and appends the statistics and, if known, how the process ends. From a
 /// signal handler (`in_signal`), gives up rather than wait on a lock this thread may hold.
 pub fn finish(exit: Option<ExitKind>, in_signal: bool) {
@@ -532,6 +553,7 @@ pub fn after_fork_child(trace: bool) {
     o.fd = -1;
     o.len = 0;
     o.modules_sent = 0;
+    EPOCHS.store(0, Ordering::Relaxed);
     ring::for_each(|r| {
         r.clear();
         if r.state.load(Ordering::Relaxed) != FREE {

@@ -206,6 +206,44 @@ pub fn mapping_bounds(addr: usize) -> (usize, usize) {
     found
 }
 
+/// The process's resident set size in bytes, from `/proc/self/statm` (0 if it cannot be read).
+/// Raw syscalls and a stack buffer: no allocation, no stdio.
+pub fn rss_bytes() -> u64 {
+    // SAFETY: the path is a NUL-terminated literal; the returned descriptor is ours to close.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            c"/proc/self/statm".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    } as i32;
+    if fd < 0 {
+        return 0;
+    }
+    let mut buf = [0u8; 128];
+    // SAFETY: `buf` is writable for its whole length.
+    let n = unsafe { libc::syscall(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len()) };
+    // SAFETY: closes the descriptor opened above, once.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
+    if n <= 0 {
+        return 0;
+    }
+    // "size resident shared text lib data dt", in pages: the second field.
+    let resident = buf[..n as usize]
+        .split(|&c| c == b' ')
+        .nth(1)
+        .map(|f| {
+            f.iter()
+                .take_while(|c| c.is_ascii_digit())
+                .fold(0u64, |v, &c| v * 10 + (c - b'0') as u64)
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    resident * if page > 0 { page as u64 } else { 4096 }
+}
+
 /// Streaming parser of the `start-end` prefix of each `/proc/self/maps` line; the rest of a line
 /// is skipped. Chunks may split lines anywhere.
 #[derive(Default)]

@@ -399,8 +399,15 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, core::ptr::null_mut());
     }
+    let every = config::get().epoch_ns;
+    let mut next_epoch = sys::monotonic_ns().saturating_add(every);
     loop {
-        sys::futex_wait(&ring::WAKE, 0, 20);
+        let wait_ms = if every == 0 {
+            20
+        } else {
+            (next_epoch.saturating_sub(sys::monotonic_ns()) / 1_000_000).clamp(1, 20)
+        };
+        sys::futex_wait(&ring::WAKE, 0, wait_ms);
         ring::WAKE.store(0, Ordering::Release);
         if out::is_off() {
             // Nothing to write to any more; keep draining so producers never wait forever.
@@ -408,7 +415,15 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
             sys::futex_wait(&ring::WAKE, 0, 200);
             continue;
         }
-        out::flush();
+        let now = sys::monotonic_ns();
+        if every != 0 && now >= next_epoch {
+            // Events numbered below this point were taken before the boundary.
+            out::epoch(SEQ.load(Ordering::Acquire));
+            // A boundary late by more than an interval (the machine stalled) is not doubled.
+            next_epoch = (next_epoch + every).max(now + every / 2);
+        } else {
+            out::flush();
+        }
     }
 }
 

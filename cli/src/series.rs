@@ -1,0 +1,201 @@
+//! Memory over time: live bytes and blocks per allocation stack (callsite) and for the whole
+//! process, sampled at the epoch boundaries the tracer writes into the trace. A boundary applies
+//! once every event numbered below it has been applied, so a live run and a report of its kept
+//! trace see exactly the same series.
+//!
+//! Storage is O(callsites × epochs) at most, and less: a callsite gets a point only at the
+//! boundaries where its value changed since the previous one.
+
+use std::collections::VecDeque;
+
+use leakhunt_format::Epoch;
+use rustc_hash::FxHashMap;
+
+/// Stack ids below this are counted in vectors; larger ones (inherited blocks of a fork child,
+/// a corrupt trace) in maps.
+const DENSE: usize = 1 << 22;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub bytes: i64,
+    pub blocks: i64,
+}
+
+/// The process at one boundary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Boundary {
+    pub index: u32,
+    pub time_ns: u64,
+    pub rss: u64,
+    pub live_bytes: u64,
+    pub live_blocks: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Series {
+    now: Vec<Counter>,
+    sparse_now: FxHashMap<u32, Counter>,
+    dirty: Vec<u32>,
+    is_dirty: Vec<bool>,
+    /// Per stack: (boundary position, bytes, blocks) wherever the value changed.
+    points: FxHashMap<u32, Vec<(u32, u64, u64)>>,
+    pub boundaries: Vec<Boundary>,
+    pending: VecDeque<Epoch>,
+    /// The sequence number at which the next pending boundary applies (`u64::MAX`: none).
+    pub next_seq: u64,
+    total: Counter,
+}
+
+impl Series {
+    pub fn new() -> Series {
+        Series {
+            next_seq: u64::MAX,
+            ..Series::default()
+        }
+    }
+
+    /// Blocks of `stack` appeared (positive) or went away (negative).
+    #[inline]
+    pub fn add(&mut self, stack: u32, bytes: i64, blocks: i64) {
+        self.total.bytes += bytes;
+        self.total.blocks += blocks;
+        let i = stack as usize;
+        if i < DENSE {
+            if i >= self.now.len() {
+                let n = (i + 1).next_power_of_two();
+                self.now.resize(n, Counter::default());
+                self.is_dirty.resize(n, false);
+            }
+            self.now[i].bytes += bytes;
+            self.now[i].blocks += blocks;
+            if !self.is_dirty[i] {
+                self.is_dirty[i] = true;
+                self.dirty.push(stack);
+            }
+        } else {
+            let c = self.sparse_now.entry(stack).or_default();
+            c.bytes += bytes;
+            c.blocks += blocks;
+            self.dirty.push(stack);
+        }
+    }
+
+    /// A boundary read from the trace; it applies at its sequence number.
+    pub fn push(&mut self, e: Epoch) {
+        self.pending.push_back(e);
+        self.next_seq = self.pending.front().map_or(u64::MAX, |e| e.seq);
+    }
+
+    /// Applies the pending boundaries at or below `seq` (every event below it has been applied),
+    /// or all of them (`u64::MAX`, at the end of the stream).
+    pub fn reach(&mut self, seq: u64) {
+        while let Some(e) = self.pending.front().copied() {
+            if e.seq > seq {
+                break;
+            }
+            self.pending.pop_front();
+            self.close(e);
+        }
+        self.next_seq = self.pending.front().map_or(u64::MAX, |e| e.seq);
+    }
+
+    fn close(&mut self, e: Epoch) {
+        let pos = self.boundaries.len() as u32;
+        self.dirty.sort_unstable();
+        self.dirty.dedup();
+        for &stack in &self.dirty {
+            let c = self.counter(stack);
+            let pts = self.points.entry(stack).or_default();
+            let v = (pos, c.bytes.max(0) as u64, c.blocks.max(0) as u64);
+            if pts.last().is_none_or(|&(_, b, n)| (b, n) != (v.1, v.2)) {
+                pts.push(v);
+            }
+            if let Some(d) = self.is_dirty.get_mut(stack as usize) {
+                *d = false;
+            }
+        }
+        self.dirty.clear();
+        self.boundaries.push(Boundary {
+            index: e.index,
+            time_ns: e.time_ns,
+            rss: e.rss,
+            live_bytes: self.total.bytes.max(0) as u64,
+            live_blocks: self.total.blocks.max(0) as u64,
+        });
+    }
+
+    fn counter(&self, stack: u32) -> Counter {
+        match self.now.get(stack as usize) {
+            Some(c) => *c,
+            None => self.sparse_now.get(&stack).copied().unwrap_or_default(),
+        }
+    }
+
+    /// Stacks that had live blocks at some boundary.
+    pub fn stacks(&self) -> impl Iterator<Item = u32> + '_ {
+        self.points.keys().copied()
+    }
+
+    /// Live (bytes, blocks) of `stack` at every boundary.
+    pub fn of(&self, stack: u32) -> Vec<(u64, u64)> {
+        let mut out = Vec::with_capacity(self.boundaries.len());
+        let mut cur = (0, 0);
+        let mut it = self
+            .points
+            .get(&stack)
+            .map(|v| v.as_slice())
+            .unwrap_or(&[])
+            .iter()
+            .peekable();
+        for pos in 0..self.boundaries.len() as u32 {
+            while let Some(&&(p, b, n)) = it.peek() {
+                if p > pos {
+                    break;
+                }
+                cur = (b, n);
+                it.next();
+            }
+            out.push(cur);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epoch(index: u32, seq: u64) -> Epoch {
+        Epoch {
+            index,
+            time_ns: index as u64 * 1_000_000_000,
+            seq,
+            rss: 1000 * index as u64,
+        }
+    }
+
+    #[test]
+    fn boundaries_apply_at_their_sequence_number_and_points_are_sparse() {
+        let mut s = Series::new();
+        s.add(1, 100, 1);
+        s.push(epoch(1, 5));
+        s.push(epoch(2, 9));
+        assert_eq!(s.next_seq, 5);
+        s.reach(4);
+        assert!(s.boundaries.is_empty(), "seq 4 is below the first boundary's 5");
+        s.reach(5);
+        assert_eq!(s.boundaries.len(), 1);
+        s.add(7, 30, 1);
+        s.reach(u64::MAX);
+        s.push(epoch(3, 12));
+        s.add(1, -100, -1);
+        s.reach(12);
+        assert_eq!(s.of(1), [(100, 1), (100, 1), (0, 0)]);
+        assert_eq!(s.of(7), [(0, 0), (30, 1), (30, 1)]);
+        assert_eq!(s.of(99), [(0, 0), (0, 0), (0, 0)]);
+        // Stack 1 did not change at the second boundary: no point stored for it.
+        assert_eq!(s.points[&1].len(), 2);
+        let totals: Vec<_> = s.boundaries.iter().map(|b| (b.live_bytes, b.rss)).collect();
+        assert_eq!(totals, [(100, 1000), (130, 2000), (30, 3000)]);
+    }
+}
