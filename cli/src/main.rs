@@ -4,7 +4,7 @@
 
 mod run;
 
-use leakhunt::{process, recover, report};
+use leakhunt::{compare, parse_duration, process, recover, report, verdict};
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -34,9 +34,42 @@ enum Cmd {
     Run(RunArgs),
     /// Report on trace files written by the preload library alone (LD_PRELOAD=libleakhunt.so).
     Report(ReportArgs),
+    /// What grew between two points of a run (epoch numbers, times like 30s, `warmup`, `end`),
+    /// or between the ends of two runs (two traces).
+    Diff(DiffArgs),
+    /// Did the fix work? Every callsite that grew in BEFORE must have stopped growing in AFTER
+    /// (same load, at least as long): exit 0, else 1 with what still grows.
+    Verify(VerifyArgs),
     /// Print a trace's records (for debugging leakhunt itself).
     #[command(hide = true)]
     Dump { trace: PathBuf },
+}
+
+#[derive(Args)]
+pub struct DiffArgs {
+    /// One trace (diff two points of it) or two (diff the ends of two runs).
+    #[arg(required = true, num_args = 1..=2, value_name = "TRACE")]
+    traces: Vec<PathBuf>,
+    /// From this point: epoch number, time from the start (e.g. 2s), `warmup` or `end`.
+    #[arg(long, default_value = "warmup")]
+    from: String,
+    /// To this point.
+    #[arg(long, default_value = "end")]
+    to: String,
+    /// Warm-up to leave out (default: the first tenth of the run).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    warmup: Option<std::time::Duration>,
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// The run that showed the growth.
+    before: PathBuf,
+    /// The same load after the fix.
+    after: PathBuf,
+    /// Warm-up to leave out of both (default: the first tenth of each run).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    warmup: Option<std::time::Duration>,
 }
 
 #[derive(Args, Clone)]
@@ -50,6 +83,15 @@ pub struct Output {
     /// Print only processes with leaks or warnings.
     #[arg(long, short)]
     quiet: bool,
+    /// Leave the first DURATION of the run out of the growth verdicts (default: its first tenth).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    warmup: Option<std::time::Duration>,
+}
+
+impl Output {
+    pub fn warmup_s(&self) -> Option<f64> {
+        self.warmup.map(|d| d.as_secs_f64())
+    }
 }
 
 #[derive(Args)]
@@ -63,6 +105,10 @@ pub struct RunArgs {
     /// Also trace forked children and programs started with exec.
     #[arg(long)]
     trace_children: bool,
+    /// Exit with 3 (or --error-exitcode) when a callsite's memory grows steadily under the load
+    /// (a `leak` verdict): a CI gate on sustained growth.
+    #[arg(long)]
+    fail_on_growth: bool,
     /// Length of an epoch: live memory per callsite and RSS are recorded at each boundary
     /// (e.g. 100ms, 1s, 2m; 10ms to 1h).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_epoch)]
@@ -91,30 +137,6 @@ pub struct ReportArgs {
     progress: String,
     #[command(flatten)]
     out: Output,
-}
-
-/// A duration such as `250ms`, `1s`, `1.5s`, `2m`, `1h` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration (e.g. 100ms, 1s, 2m)"))?;
-    let scale = match unit {
-        "ms" => 1e-3,
-        "" | "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(format!("unknown unit '{unit}' in '{s}' (use ms, s, m or h)")),
-    };
-    let secs = v * scale;
-    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
-        return Err(format!("'{s}' is out of range"));
-    }
-    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 fn parse_epoch(s: &str) -> Result<std::time::Duration, String> {
@@ -191,7 +213,7 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
     Process::link_forks(&mut read.iter_mut().collect::<Vec<_>>());
     let procs: Vec<_> = read
         .iter()
-        .map(|p| report::build(p, None, &mut sym))
+        .map(|p| report::build_with(p, None, a.out.warmup_s(), &mut sym))
         .collect();
     for w in sym.warnings() {
         eprintln!("leakhunt: warning: {w}");
@@ -255,6 +277,39 @@ impl Progress {
     }
 }
 
+fn diff_cmd(a: &DiffArgs) -> Result<ExitCode> {
+    let mut sym = Symbolizer::new();
+    let text = match a.traces.as_slice() {
+        [one] => compare::diff_one(
+            one,
+            &a.from,
+            &a.to,
+            a.warmup.map(|d| d.as_secs_f64()),
+            &mut sym,
+        )?,
+        [x, y] => compare::diff_two(x, y, &mut sym)?,
+        _ => bail!("give one or two traces"),
+    };
+    print!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify_cmd(a: &VerifyArgs) -> Result<ExitCode> {
+    let mut sym = Symbolizer::new();
+    let (text, ok) = compare::verify(
+        &a.before,
+        &a.after,
+        a.warmup.map(|d| d.as_secs_f64()),
+        &mut sym,
+    )?;
+    print!("{text}");
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 fn dump(path: &PathBuf) -> Result<ExitCode> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut r = leakhunt_format::Reader::new(std::io::BufReader::new(f));
@@ -302,6 +357,8 @@ fn main() -> ExitCode {
     let r = match &cli.cmd {
         Cmd::Run(a) => run::run(a),
         Cmd::Report(a) => report_cmd(a),
+        Cmd::Diff(a) => diff_cmd(a),
+        Cmd::Verify(a) => verify_cmd(a),
         Cmd::Dump { trace } => dump(trace),
     };
     match r {

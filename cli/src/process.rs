@@ -120,6 +120,10 @@ pub struct Process {
     pub unmatched: rustc_hash::FxHashSet<u64>,
     /// Live bytes and blocks per callsite and for the process at each epoch boundary.
     pub growth: Series,
+    /// Boundary positions (a, b): when boundary b closes, count per stack the live blocks
+    /// allocated after boundary a into `probe_born` (for `leakhunt diff`).
+    pub probe: Option<(u32, u32)>,
+    pub probe_born: FxHashMap<u32, u64>,
     records: u64,
 }
 
@@ -139,6 +143,16 @@ impl Process {
     /// returned (after everything before it was applied).
     pub fn read_stream(src: impl Read) -> (Process, Option<DecodeError>) {
         let (mut p, err) = Process::read_stream_open(src);
+        p.finish();
+        (p, err)
+    }
+
+    /// As [`Process::read_stream`], counting per stack the blocks live at boundary position `b`
+    /// that were allocated after boundary position `a` (into `probe_born`).
+    pub fn read_stream_probe(src: impl Read, a: u32, b: u32) -> (Process, Option<DecodeError>) {
+        let mut p = Process::new();
+        p.probe = Some((a, b));
+        let (mut p, err) = Process::read_stream_into(p, src, &mut |_| {});
         p.finish();
         (p, err)
     }
@@ -165,7 +179,14 @@ impl Process {
         src: impl Read,
         progress: &mut dyn FnMut(u64),
     ) -> (Process, Option<DecodeError>) {
-        let mut p = Process::new();
+        Process::read_stream_into(Process::new(), src, progress)
+    }
+
+    fn read_stream_into(
+        mut p: Process,
+        src: impl Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> (Process, Option<DecodeError>) {
         let mut r = Reader::new(std::io::BufReader::with_capacity(1 << 20, src));
         let err = loop {
             let at = r.offset();
@@ -374,7 +395,7 @@ impl Process {
             Record::Exit(k) => self.exit = Some(k),
             Record::Epoch(e) => {
                 self.growth.push(e);
-                self.growth.reach(self.next_seq);
+                self.reach(self.next_seq);
             }
             Record::Stats(v) => self.stats.extend(v),
             Record::Warning(w) => self.warnings.push(w),
@@ -487,7 +508,25 @@ impl Process {
     fn bump(&mut self) {
         self.next_seq += 1;
         if self.next_seq >= self.growth.next_seq {
-            self.growth.reach(self.next_seq);
+            self.reach(self.next_seq);
+        }
+    }
+
+    /// Closes the boundaries at or below `seq`, taking the diff probe's count at its boundary.
+    fn reach(&mut self, seq: u64) {
+        let before = self.growth.boundaries.len() as u32;
+        self.growth.reach(seq);
+        let after = self.growth.boundaries.len() as u32;
+        if let Some((a, b)) = self.probe {
+            if before <= b && b < after {
+                // Close exactly at b: the boundaries after it in this batch saw no event in
+                // between, so the live set is the same at b.
+                for l in self.live.values() {
+                    if l.born > a {
+                        *self.probe_born.entry(l.stack).or_default() += 1;
+                    }
+                }
+            }
         }
     }
 
@@ -509,12 +548,12 @@ impl Process {
         let pending = std::mem::take(&mut self.pending);
         for (seq, ev) in pending {
             self.gaps += seq - self.next_seq;
-            self.growth.reach(seq);
+            self.reach(seq);
             self.apply_event(ev);
             self.next_seq = seq + 1;
         }
         // Boundaries past the last event (the stream ended, or events were lost).
-        self.growth.reach(u64::MAX);
+        self.reach(u64::MAX);
     }
 
     pub fn events_lost(&self) -> u64 {

@@ -89,6 +89,11 @@ pub struct ProcReport {
     pub unwind: Unwind,
     pub captures: Captures,
     pub leaks: Vec<Leak>,
+    /// Memory over time (when the trace has epoch boundaries): the process...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<crate::growth::Timeline>,
+    /// ...and each callsite that did not stay stable, worst first.
+    pub growth: Vec<crate::growth::GrowthEntry>,
     pub warnings: Vec<String>,
 }
 
@@ -209,6 +214,21 @@ pub fn symbolize(p: &Process, id: u32, key: &[FrameKey], sym: &mut Symbolizer) -
 
 /// Builds the report of one process. `exit` (from waitpid, when we ran it) wins over the trace's.
 pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcReport {
+    build_with(p, exit, None, sym)
+}
+
+/// As [`build`], with the warm-up to leave out of the growth verdicts (seconds; default: the
+/// first tenth of the run).
+pub fn build_with(
+    p: &Process,
+    exit: Option<ExitKind>,
+    warmup_s: Option<f64>,
+    sym: &mut Symbolizer,
+) -> ProcReport {
+    let (timeline, growth) = match crate::growth::build(p, warmup_s, sym) {
+        Some((t, g)) => (Some(t), g),
+        None => (None, Vec::new()),
+    };
     let h = p.header.as_ref();
     // Group live blocks by stack id, then stacks by callsite (ids differ across module reloads).
     let mut by_stack: HashMap<u32, (u64, u64)> = HashMap::new();
@@ -353,6 +373,8 @@ pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcR
             }
         },
         leaks,
+        timeline,
+        growth,
         warnings,
     }
 }
@@ -369,7 +391,7 @@ fn plural(n: u64, one: &str) -> String {
     }
 }
 
-fn thousands(n: u64) -> String {
+pub fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
@@ -422,6 +444,12 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
         }
         if let Some(u) = l.unwind {
             line(&format!("   (stack {u})"));
+        }
+        line("");
+    }
+    if let Some(t) = &r.timeline {
+        for l in crate::growth::render(t, &r.growth) {
+            line(&l);
         }
         line("");
     }

@@ -366,7 +366,12 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
             // closed leakhunt's descriptor, say); the preload said why on stderr.
             s.process.warnings.push("recording stopped before the process exited (see leakhunt's message above): the figures cover only what was recorded until then".to_string());
         }
-        procs.push(report::build(&s.process, exit, &mut sym));
+        procs.push(report::build_with(
+            &s.process,
+            exit,
+            a.out.warmup_s(),
+            &mut sym,
+        ));
     }
     if !procs.iter().any(|p| p.pid == child_pid) {
         eprintln!("leakhunt: warning: the program (pid {child_pid}) sent no trace: it may not be dynamically linked, or it exited before its first allocation");
@@ -374,9 +379,19 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     for w in sym.warnings() {
         eprintln!("leakhunt: warning: {w}");
     }
-    let leaks = crate::emit(&Report::new(procs), &a.out, true)?;
+    let report = Report::new(procs);
+    let leaking = report.processes.iter().any(|p| {
+        p.growth
+            .iter()
+            .any(|g| g.verdict == crate::verdict::Verdict::Leak)
+    });
+    let leaks = crate::emit(&report, &a.out, true)?;
     if let (true, Some(n)) = (leaks, a.out.error_exitcode) {
         return Ok(ExitCode::from(n));
+    }
+    if a.fail_on_growth && leaking {
+        eprintln!("leakhunt: memory grows steadily under this load (a leak verdict above): failing as --fail-on-growth asks");
+        return Ok(ExitCode::from(a.out.error_exitcode.unwrap_or(3)));
     }
     if let Some(sig) = status.signal() {
         let _ = std::io::stderr().flush();

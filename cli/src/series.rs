@@ -182,7 +182,10 @@ mod tests {
         s.push(epoch(2, 9));
         assert_eq!(s.next_seq, 5);
         s.reach(4);
-        assert!(s.boundaries.is_empty(), "seq 4 is below the first boundary's 5");
+        assert!(
+            s.boundaries.is_empty(),
+            "seq 4 is below the first boundary's 5"
+        );
         s.reach(5);
         assert_eq!(s.boundaries.len(), 1);
         s.add(7, 30, 1);

@@ -81,9 +81,14 @@ pub fn load() {
         c.trace_children = trace_children;
         c.freeres = env(c"LEAKHUNT_FREERES").is_none_or(|s| s.to_bytes() != b"0");
         c.unwind_reuse = env(c"LEAKHUNT_UNWIND_REUSE").is_none_or(|s| s.to_bytes() != b"0");
-        if let Some(ms) = env(c"LEAKHUNT_EPOCH_MS").and_then(|s| s.to_str().ok()?.parse::<u64>().ok())
+        if let Some(ms) =
+            env(c"LEAKHUNT_EPOCH_MS").and_then(|s| s.to_str().ok()?.parse::<u64>().ok())
         {
-            c.epoch_ns = if ms == 0 { 0 } else { ms.clamp(10, 3_600_000) * 1_000_000 };
+            c.epoch_ns = if ms == 0 {
+                0
+            } else {
+                ms.clamp(10, 3_600_000) * 1_000_000
+            };
         }
     }
     LOADED.store(true, Ordering::Release);

@@ -107,7 +107,8 @@ pub fn fixture(src: &str) -> PathBuf {
                 .arg(&tmp)
                 .arg(&input)
                 .arg("-lpthread")
-                .arg("-ldl"),
+                .arg("-ldl")
+                .arg("-lm"),
         ),
         "cpp" => run_ok(
             Command::new("g++")

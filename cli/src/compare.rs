@@ -1,0 +1,307 @@
+//! `leakhunt diff` and `leakhunt verify`: what grew between two points of a run (or between two
+//! runs), and whether a fix made the growth stop.
+//!
+//! Across runs, callsites match by their symbolized frames (function, file, line): the same code
+//! rebuilt, or moved to another address, is still the same callsite.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use anyhow::{bail, Context, Result};
+use leakhunt_symbolizer::Symbolizer;
+
+use crate::growth::{self, GrowthEntry, Timeline};
+use crate::process::Process;
+use crate::report::{callsite_key, render_frame, symbolize, thousands, Frame};
+
+type SiteKey = Vec<(Option<String>, Option<String>, Option<u32>)>;
+
+fn site_key(stack: &[Frame]) -> SiteKey {
+    stack
+        .iter()
+        .map(|f| (f.function.clone(), f.file.clone(), f.line))
+        .collect()
+}
+
+fn read(path: &std::path::Path) -> Result<Process> {
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("cannot open trace {}", path.display()))?;
+    let (p, err) = Process::read_stream(f);
+    if let Some(e) = err {
+        bail!("{}: {e}", path.display());
+    }
+    if p.header.is_none() {
+        bail!("{}: the trace holds no process header", path.display());
+    }
+    Ok(p)
+}
+
+/// A run's growth report, or an error saying why there is none.
+fn growth_of(
+    path: &std::path::Path,
+    p: &Process,
+    warmup_s: Option<f64>,
+    sym: &mut Symbolizer,
+) -> Result<(Timeline, Vec<GrowthEntry>)> {
+    match growth::build(p, warmup_s, sym) {
+        Some(g) => Ok(g),
+        None => bail!(
+            "{}: {} epoch boundaries recorded, too few to judge growth (run longer, or with a shorter --epoch)",
+            path.display(),
+            p.growth.boundaries.len()
+        ),
+    }
+}
+
+fn first_frame(stack: &[Frame]) -> String {
+    stack
+        .iter()
+        .find(|f| f.file.is_some())
+        .or(stack.first())
+        .map(render_frame)
+        .unwrap_or_else(|| "(no stack)".into())
+}
+
+/// `leakhunt verify BEFORE AFTER`: every callsite that was `leak` or `growing` before must be
+/// `plateau`, `stable` or `transient` after, over a window at least as long. Returns the text and
+/// whether the fix holds.
+pub fn verify(
+    before: &std::path::Path,
+    after: &std::path::Path,
+    warmup_s: Option<f64>,
+    sym: &mut Symbolizer,
+) -> Result<(String, bool)> {
+    let (pb, pa) = (read(before)?, read(after)?);
+    let (tb, gb) = growth_of(before, &pb, warmup_s, sym)?;
+    let (ta, ga) = growth_of(after, &pa, warmup_s, sym)?;
+    let window = |t: &Timeline| t.times_s.last().copied().unwrap_or(0.0) - t.warmup_s;
+    let mut out = String::new();
+    let mut ok = true;
+    let after_sites: HashMap<SiteKey, &GrowthEntry> =
+        ga.iter().map(|e| (site_key(&e.stack), e)).collect();
+    let grew: Vec<&GrowthEntry> = gb.iter().filter(|e| e.verdict.grows()).collect();
+    let _ = writeln!(
+        out,
+        "leakhunt verify: before: {} growing callsite{} over {:.1} s; after: {:.1} s observed",
+        grew.len(),
+        if grew.len() == 1 { "" } else { "s" },
+        window(&tb),
+        window(&ta)
+    );
+    // Runs of the same length differ by a boundary or two (timing, where warm-up ends): allow
+    // two epochs or 5%.
+    let spacing = |t: &Timeline| {
+        let n = t.times_s.len();
+        if n > 1 {
+            (t.times_s[n - 1] - t.times_s[0]) / (n - 1) as f64
+        } else {
+            0.0
+        }
+    };
+    let slack = (2.0 * spacing(&ta).max(spacing(&tb))).max(0.05 * window(&tb));
+    if window(&ta) + slack < window(&tb) {
+        ok = false;
+        let _ = writeln!(
+            out,
+            "  the after run was observed for {:.1} s, less than the {:.1} s that showed the growth: run it at least as long",
+            window(&ta),
+            window(&tb)
+        );
+    }
+    for e in &grew {
+        let now = after_sites.get(&site_key(&e.stack));
+        let state = now.map_or("gone", |a| a.verdict.as_str());
+        let fixed = now.is_none_or(|a| !a.verdict.grows());
+        ok &= fixed;
+        let _ = writeln!(
+            out,
+            "  {} {}: {} before ({:+} bytes in {:+} blocks), {} after",
+            if fixed {
+                "FIXED        "
+            } else {
+                "STILL GROWING"
+            },
+            first_frame(&e.stack),
+            e.verdict.as_str(),
+            e.delta_bytes,
+            e.delta_blocks,
+            if state == "gone" { "stable" } else { state }
+        );
+    }
+    let before_sites: HashMap<SiteKey, &GrowthEntry> =
+        gb.iter().map(|e| (site_key(&e.stack), e)).collect();
+    for e in ga.iter().filter(|e| e.verdict.grows()) {
+        if !before_sites.contains_key(&site_key(&e.stack)) {
+            ok = false;
+            let _ = writeln!(
+                out,
+                "  NEW GROWTH    {}: {} after ({:+} bytes in {:+} blocks)",
+                first_frame(&e.stack),
+                e.verdict.as_str(),
+                e.delta_bytes,
+                e.delta_blocks
+            );
+        }
+    }
+    let next = ga
+        .iter()
+        .filter(|e| e.verdict.grows())
+        .max_by_key(|e| e.delta_bytes);
+    match (ok, next) {
+        (true, _) if grew.is_empty() => {
+            let _ = writeln!(out, "nothing grew before: there was no growth to fix");
+        }
+        (true, _) => {
+            let _ = writeln!(out, "fixed: nothing that grew before grows now");
+        }
+        (false, Some(e)) => {
+            let _ = writeln!(
+                out,
+                "still growing; chase next: {} ({}/s)",
+                first_frame(&e.stack),
+                thousands(e.slope_bytes_per_s.max(0.0) as u64)
+            );
+        }
+        (false, None) => {}
+    }
+    Ok((out, ok))
+}
+
+/// A point of a run: an epoch number (`3`), a time from the start (`2.5s`, `800ms`), `warmup`
+/// or `end`; returns its boundary position.
+pub fn point(p: &Process, t: &Timeline, spec: &str) -> Result<usize> {
+    let b = &p.growth.boundaries;
+    match spec {
+        "end" => return Ok(b.len() - 1),
+        "warmup" => {
+            return Ok(t.times_s.iter().position(|&x| x >= t.warmup_s).unwrap_or(0));
+        }
+        _ => {}
+    }
+    if let Ok(n) = spec.parse::<u32>() {
+        return b
+            .iter()
+            .position(|e| e.index == n)
+            .with_context(|| format!("no epoch {n} in this trace (epochs 1 to {})", b.len()));
+    }
+    let d = crate::parse_duration(spec).map_err(anyhow::Error::msg)?;
+    let s = d.as_secs_f64();
+    t.times_s
+        .iter()
+        .position(|&x| x >= s)
+        .with_context(|| format!("the trace ends before {spec}"))
+}
+
+/// `leakhunt diff TRACE --from A --to B`: per callsite, what changed between the two points,
+/// sorted by the change in live bytes.
+pub fn diff_one(
+    path: &std::path::Path,
+    from: &str,
+    to: &str,
+    warmup_s: Option<f64>,
+    sym: &mut Symbolizer,
+) -> Result<String> {
+    let p = read(path)?;
+    let (t, _) = growth_of(path, &p, warmup_s, sym)?;
+    let (a, b) = (point(&p, &t, from)?, point(&p, &t, to)?);
+    if a >= b {
+        bail!("--from ({from}) must come before --to ({to})");
+    }
+    // Second pass for the blocks born after A and still live at B.
+    let f = std::fs::File::open(path)?;
+    let (probe, _) = Process::read_stream_probe(f, a as u32, b as u32);
+    let mut rows: HashMap<Vec<crate::report::FrameKey>, (u32, i64, i64, u64)> = HashMap::new();
+    for id in p.growth.stacks() {
+        let s = p.growth.of(id);
+        let key = callsite_key(&p, id);
+        let r = rows.entry(key).or_insert((id, 0, 0, 0));
+        r.1 += s[b].0 as i64 - s[a].0 as i64;
+        r.2 += s[b].1 as i64 - s[a].1 as i64;
+        r.3 += probe.probe_born.get(&id).copied().unwrap_or(0);
+    }
+    let mut rows: Vec<_> = rows
+        .into_iter()
+        .filter(|(_, r)| r.1 != 0 || r.2 != 0 || r.3 != 0)
+        .collect();
+    rows.sort_by(|x, y| y.1 .1.cmp(&x.1 .1).then(y.1 .3.cmp(&x.1 .3)));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "leakhunt diff {}: epoch {} ({:.1} s) -> epoch {} ({:.1} s): heap {:+} bytes in {:+} blocks",
+        path.display(),
+        p.growth.boundaries[a].index,
+        t.times_s[a],
+        p.growth.boundaries[b].index,
+        t.times_s[b],
+        t.live_bytes[b] as i64 - t.live_bytes[a] as i64,
+        t.live_blocks[b] as i64 - t.live_blocks[a] as i64
+    );
+    for (key, (id, bytes, blocks, born)) in rows.iter().take(30) {
+        let _ = writeln!(
+            out,
+            "{bytes:+} bytes in {blocks:+} blocks, {} born since and live at the end point",
+            thousands(*born)
+        );
+        for (j, f) in symbolize(&p, *id, key, sym).iter().take(8).enumerate() {
+            let _ = writeln!(
+                out,
+                "   {} {}",
+                if j == 0 { "at" } else { "by" },
+                render_frame(f)
+            );
+        }
+    }
+    if rows.is_empty() {
+        let _ = writeln!(out, "no callsite changed");
+    }
+    Ok(out)
+}
+
+/// `leakhunt diff TRACE_A TRACE_B`: live memory per callsite at the end of each run, B minus A.
+pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) -> Result<String> {
+    let (pa, pb) = (read(a)?, read(b)?);
+    let mut table: HashMap<SiteKey, (Vec<Frame>, i64, i64)> = HashMap::new();
+    for (p, sign) in [(&pa, -1i64), (&pb, 1)] {
+        let mut by_stack: HashMap<u32, (i64, i64)> = HashMap::new();
+        for l in p.live.values() {
+            let e = by_stack.entry(l.stack).or_default();
+            e.0 += l.size as i64;
+            e.1 += 1;
+        }
+        for (id, (bytes, blocks)) in by_stack {
+            let frames = symbolize(p, id, &callsite_key(p, id), sym);
+            let e = table
+                .entry(site_key(&frames))
+                .or_insert_with(|| (frames, 0, 0));
+            e.1 += sign * bytes;
+            e.2 += sign * blocks;
+        }
+    }
+    let mut rows: Vec<_> = table
+        .into_values()
+        .filter(|r| r.1 != 0 || r.2 != 0)
+        .collect();
+    rows.sort_by_key(|y| std::cmp::Reverse(y.1));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "leakhunt diff {} -> {}: live memory at the end of each run, by callsite",
+        a.display(),
+        b.display()
+    );
+    for (frames, bytes, blocks) in rows.iter().take(30) {
+        let _ = writeln!(out, "{bytes:+} bytes in {blocks:+} blocks");
+        for (j, f) in frames.iter().take(8).enumerate() {
+            let _ = writeln!(
+                out,
+                "   {} {}",
+                if j == 0 { "at" } else { "by" },
+                render_frame(f)
+            );
+        }
+    }
+    if rows.is_empty() {
+        let _ = writeln!(out, "no callsite differs");
+    }
+    Ok(out)
+}

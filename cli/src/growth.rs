@@ -1,0 +1,325 @@
+//! The growth report: memory over time per callsite and for the process, the verdict on each
+//! (leak, growing, plateau, transient, stable), what grew between two points, and what to do
+//! about it. Built from the epoch series of a [`Process`]; rendered as the four-part text report
+//! (confirmation evidence, the leaking callsites, root-cause guidance, verification) and as the
+//! JSON report's `"growth"` and `"timeline"`.
+
+use std::collections::HashMap;
+
+use leakhunt_symbolizer::Symbolizer;
+use serde::Serialize;
+
+use crate::process::Process;
+use crate::report::{callsite_key, symbolize, FrameKey};
+use crate::report::{render_frame, thousands, Frame};
+use crate::verdict::{classify, Evidence, Verdict};
+
+/// The process over the run.
+#[derive(Serialize, Clone, Debug)]
+pub struct Timeline {
+    /// Epoch boundaries recorded.
+    pub epochs: usize,
+    /// Seconds from the start of the run of each boundary.
+    pub times_s: Vec<f64>,
+    /// Live heap bytes and blocks, and RSS bytes, at each boundary.
+    pub live_bytes: Vec<u64>,
+    pub live_blocks: Vec<u64>,
+    pub rss_bytes: Vec<u64>,
+    /// The end of warm-up: boundaries before it are not judged.
+    pub warmup_s: f64,
+    /// The verdict on the process's live heap.
+    pub verdict: Verdict,
+    pub evidence: Evidence,
+}
+
+/// One callsite's growth.
+#[derive(Serialize, Clone, Debug)]
+pub struct GrowthEntry {
+    pub verdict: Verdict,
+    /// Live bytes and blocks at the last boundary minus at the end of warm-up.
+    pub delta_bytes: i64,
+    pub delta_blocks: i64,
+    /// Blocks allocated after warm-up and still live at the end.
+    pub born_after_warmup_live: u64,
+    pub slope_bytes_per_s: f64,
+    pub evidence: Evidence,
+    pub stack: Vec<Frame>,
+    /// Live bytes at each boundary (all of them, warm-up included).
+    pub series: Vec<u64>,
+    /// Live blocks at each boundary.
+    pub blocks_series: Vec<u64>,
+}
+
+/// Builds the growth report, or `None` when the trace holds too few epoch boundaries to say
+/// anything. `warmup_s`: seconds from the start to leave out of the verdicts (default: the first
+/// tenth of the run).
+pub fn build(
+    p: &Process,
+    warmup_s: Option<f64>,
+    sym: &mut Symbolizer,
+) -> Option<(Timeline, Vec<GrowthEntry>)> {
+    let b = &p.growth.boundaries;
+    if b.len() < 3 {
+        return None;
+    }
+    let t0 = p
+        .header
+        .as_ref()
+        .map_or(b[0].time_ns, |h| h.start_monotonic_ns);
+    let times: Vec<f64> = b
+        .iter()
+        .map(|x| x.time_ns.saturating_sub(t0) as f64 / 1e9)
+        .collect();
+    let end = *times.last().unwrap_or(&0.0);
+    let warm = warmup_s.unwrap_or(end / 10.0);
+    // The first boundary at or after the end of warm-up (leaving enough points to judge).
+    let w = times
+        .iter()
+        .position(|&x| x >= warm)
+        .unwrap_or(times.len())
+        .min(times.len().saturating_sub(3));
+    let live: Vec<u64> = b.iter().map(|x| x.live_bytes).collect();
+    let yf = |v: &[u64]| -> Vec<f64> { v[w..].iter().map(|&x| x as f64).collect() };
+    let (verdict, evidence) = classify(&times[w..], &yf(&live));
+    let timeline = Timeline {
+        epochs: b.len(),
+        times_s: times.clone(),
+        live_bytes: live,
+        live_blocks: b.iter().map(|x| x.live_blocks).collect(),
+        rss_bytes: b.iter().map(|x| x.rss).collect(),
+        warmup_s: times[w],
+        verdict,
+        evidence,
+    };
+
+    // Callsites: stack ids of the same code (module reloads) summed.
+    let mut sites: HashMap<Vec<FrameKey>, (u32, Vec<u64>, Vec<u64>)> = HashMap::new();
+    for id in p.growth.stacks() {
+        let s = p.growth.of(id);
+        let e = sites
+            .entry(callsite_key(p, id))
+            .or_insert_with(|| (id, vec![0; s.len()], vec![0; s.len()]));
+        for (i, (bytes, blocks)) in s.into_iter().enumerate() {
+            e.1[i] += bytes;
+            e.2[i] += blocks;
+        }
+    }
+    let mut born: HashMap<u32, u64> = HashMap::new();
+    for l in p.live.values() {
+        if l.born as usize > w {
+            *born.entry(l.stack).or_default() += 1;
+        }
+    }
+    let mut entries: Vec<GrowthEntry> = sites
+        .into_iter()
+        .filter_map(|(key, (id, bytes, blocks))| {
+            let (verdict, evidence) = classify(&times[w..], &yf(&bytes));
+            if verdict == Verdict::Stable {
+                return None;
+            }
+            let last = bytes.len() - 1;
+            let born_live = p
+                .growth
+                .stacks()
+                .filter(|&s| s == id || callsite_key(p, s) == key)
+                .map(|s| born.get(&s).copied().unwrap_or(0))
+                .sum();
+            Some(GrowthEntry {
+                verdict,
+                delta_bytes: bytes[last] as i64 - bytes[w] as i64,
+                delta_blocks: blocks[last] as i64 - blocks[w] as i64,
+                born_after_warmup_live: born_live,
+                slope_bytes_per_s: evidence.slope_bytes_per_s,
+                evidence,
+                stack: symbolize(p, id, &key, sym),
+                series: bytes,
+                blocks_series: blocks,
+            })
+        })
+        .collect();
+    entries.sort_by(|a, b| {
+        a.verdict
+            .cmp(&b.verdict)
+            .then(b.delta_bytes.cmp(&a.delta_bytes))
+            .then_with(|| {
+                a.stack
+                    .iter()
+                    .map(|f| &f.function)
+                    .cmp(b.stack.iter().map(|f| &f.function))
+            })
+    });
+    Some((timeline, entries))
+}
+
+/// A terminal sparkline of `v`, at most `width` characters (averaging neighbours).
+pub fn sparkline(v: &[u64], width: usize) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    if v.is_empty() {
+        return String::new();
+    }
+    let cols = v.len().min(width.max(1));
+    let pts: Vec<f64> = (0..cols)
+        .map(|c| {
+            let (a, b) = (
+                c * v.len() / cols,
+                ((c + 1) * v.len() / cols).max(c * v.len() / cols + 1),
+            );
+            v[a..b].iter().map(|&x| x as f64).sum::<f64>() / (b - a) as f64
+        })
+        .collect();
+    let lo = pts.iter().copied().fold(f64::MAX, f64::min);
+    let hi = pts.iter().copied().fold(f64::MIN, f64::max);
+    pts.iter()
+        .map(|&x| {
+            if hi <= lo {
+                BARS[0]
+            } else {
+                BARS[(((x - lo) / (hi - lo)) * 7.0).round() as usize]
+            }
+        })
+        .collect()
+}
+
+fn human(bytes: f64) -> String {
+    let a = bytes.abs();
+    if a >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
+    } else if a >= 1024.0 {
+        format!("{:.1} KiB", bytes / 1024.0)
+    } else {
+        format!("{bytes:.0} B")
+    }
+}
+
+/// The first frame in the program's own code with a source line: where to look.
+fn first_source(stack: &[Frame]) -> Option<&Frame> {
+    stack
+        .iter()
+        .find(|f| f.file.is_some() && f.function.is_some())
+}
+
+fn guidance(e: &GrowthEntry) -> String {
+    let at = first_source(&e.stack)
+        .map(render_frame)
+        .unwrap_or_else(|| "the innermost frame above".into());
+    match e.verdict {
+        Verdict::Leak => format!(
+            "Blocks made at {at} keep accumulating and none of the newer ones is freed: nothing releases them. \
+             Free them where their owner is done with them, or, if something keeps them on purpose (a registry, \
+             a session table), bound that container."
+        ),
+        Verdict::Growing => format!(
+            "Still growing at the end of the run, more slowly: an unbounded cache, or a leak under uneven load. \
+             Watch it over a longer run, or bound what keeps the blocks made at {at}."
+        ),
+        Verdict::Plateau => format!(
+            "Grew{}, then stayed flat: a cache or pool that filled up, not a leak. Check that its bound is the one \
+             you want.",
+            e.evidence
+                .plateau_from_s
+                .map(|t| format!(" until {t:.1} s"))
+                .unwrap_or_default()
+        ),
+        Verdict::Transient => "Rose and came back down: a burst that drained.".into(),
+        Verdict::Stable => String::new(),
+    }
+}
+
+/// The four-part growth report, as lines (without the `==pid==` prefix).
+pub fn render(t: &Timeline, entries: &[GrowthEntry]) -> Vec<String> {
+    let mut out = Vec::new();
+    let end = t.times_s.last().copied().unwrap_or(0.0);
+    out.push(format!(
+        "MEMORY OVER TIME: {} epochs over {end:.1} s, warm-up until {:.1} s",
+        t.epochs, t.warmup_s
+    ));
+    let first = |v: &[u64]| v.first().copied().unwrap_or(0) as f64;
+    let last = |v: &[u64]| v.last().copied().unwrap_or(0) as f64;
+    out.push(format!(
+        "  heap {}  {} -> {}  {} ({:+}/s)",
+        sparkline(&t.live_bytes, 48),
+        human(first(&t.live_bytes)),
+        human(last(&t.live_bytes)),
+        t.verdict.as_str(),
+        human(t.evidence.slope_bytes_per_s)
+    ));
+    out.push(format!(
+        "  RSS  {}  {} -> {}",
+        sparkline(&t.rss_bytes, 48),
+        human(first(&t.rss_bytes)),
+        human(last(&t.rss_bytes))
+    ));
+    let flagged: Vec<&GrowthEntry> = entries
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.verdict,
+                Verdict::Leak | Verdict::Growing | Verdict::Plateau
+            )
+        })
+        .collect();
+    out.push(String::new());
+    if flagged.is_empty() {
+        out.push("No callsite grows: no leak under this load.".into());
+    }
+    for (i, e) in flagged.iter().enumerate() {
+        let ev = &e.evidence;
+        out.push(format!(
+            "{}. {}: {:+} bytes in {:+} blocks after warm-up ({} born since then, still live), {}/s",
+            i + 1,
+            e.verdict.as_str().to_uppercase(),
+            e.delta_bytes,
+            e.delta_blocks,
+            thousands(e.born_after_warmup_live),
+            human(e.slope_bytes_per_s)
+        ));
+        out.push(format!(
+            "   {}  trend z={:.1}, grew in {:.0}% of epochs, pace {:.2}{}",
+            sparkline(&e.series, 40),
+            ev.trend_z,
+            ev.grew_share * 100.0,
+            ev.pace_ratio,
+            ev.plateau_from_s
+                .map(|t| format!(", flat from {t:.1} s"))
+                .unwrap_or_default()
+        ));
+        for (j, f) in e.stack.iter().take(8).enumerate() {
+            out.push(format!(
+                "   {} {}",
+                if j == 0 { "at" } else { "by" },
+                render_frame(f)
+            ));
+        }
+        out.push(format!("   Root cause: {}", guidance(e)));
+        out.push(String::new());
+    }
+    let growing: Vec<&&GrowthEntry> = flagged.iter().filter(|e| e.verdict.grows()).collect();
+    if growing.is_empty() {
+        out.push(
+            "VERIFY: nothing grows; if this run is the fix of an earlier leak, `leakhunt verify BEFORE AFTER` confirms it."
+                .into(),
+        );
+    } else {
+        out.push(format!(
+            "VERIFY: after fixing {} above, run the same load again and `leakhunt verify BEFORE.trace AFTER.trace`: it exits 0 once nothing grows.",
+            if growing.len() == 1 { "the callsite".to_string() } else { format!("the {} growing callsites", growing.len()) }
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparklines_scale_and_thin() {
+        assert_eq!(sparkline(&[0, 7, 14], 10), "▁▅█");
+        assert_eq!(sparkline(&[5, 5], 10), "▁▁");
+        assert_eq!(
+            sparkline(&(0..100).collect::<Vec<_>>(), 10).chars().count(),
+            10
+        );
+        assert_eq!(sparkline(&[], 10), "");
+    }
+}

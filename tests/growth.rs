@@ -1,0 +1,211 @@
+//! Confirm, diff, verify: epoch series, leak-vs-plateau verdicts, `diff`, `verify` and
+//! `--fail-on-growth` on the bundled steady-load example and on shapes that grow without
+//! leaking.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use leakhunt_tests::*;
+
+fn scratch_trace(name: &str) -> PathBuf {
+    let d = workspace().join("target/test-scratch");
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join(format!("growth-{}-{name}.trace", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// (verdict, function of the first frame with a source line, delta blocks) of each growth entry.
+fn verdicts(p: &Value) -> Vec<(String, String, i64)> {
+    p["growth"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            let f = g["stack"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|f| f["file"].is_string())
+                .map_or("?".to_string(), |f| {
+                    f["function"].as_str().unwrap_or("?").to_string()
+                });
+            (
+                g["verdict"].as_str().unwrap().to_string(),
+                f,
+                g["delta_blocks"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn flagged(v: &[(String, String, i64)]) -> Vec<(String, String)> {
+    v.iter()
+        .filter(|(verdict, _, _)| ["leak", "growing", "plateau"].contains(&verdict.as_str()))
+        .map(|(a, b, _)| (a.clone(), b.clone()))
+        .collect()
+}
+
+fn steady(trace: &Path, fixed: bool) -> Run {
+    let exe = fixture("../../examples/steady.c");
+    let mut args = vec!["--seconds", "3", "--rate", "3000"];
+    if fixed {
+        args.push("--fixed");
+    }
+    run(
+        &exe,
+        &args,
+        &[
+            "--epoch",
+            "100ms",
+            "--fail-on-growth",
+            "-o",
+            trace.to_str().unwrap(),
+        ],
+    )
+}
+
+fn leakhunt_out(args: &[&str]) -> std::process::Output {
+    Command::new(leakhunt()).args(args).output().unwrap()
+}
+
+#[test]
+fn the_example_leak_is_a_leak_the_cache_a_plateau_and_the_fix_verifies() {
+    let (before, after) = (scratch_trace("before"), scratch_trace("after"));
+    let (b, a) = std::thread::scope(|s| {
+        let b = s.spawn(|| steady(&before, false));
+        let a = s.spawn(|| steady(&after, true));
+        (b.join().unwrap(), a.join().unwrap())
+    });
+
+    // Confirmation: the leak is `leak`, the cache `plateau`, the temporaries nothing.
+    let vb = verdicts(b.main());
+    let mut fb = flagged(&vb);
+    fb.sort();
+    assert_eq!(
+        fb,
+        [
+            ("leak".to_string(), "remember_session".to_string()),
+            ("plateau".to_string(), "cache_lookup".to_string()),
+            ("plateau".to_string(), "cache_lookup".to_string()),
+        ],
+        "{vb:?}"
+    );
+    assert!(
+        !vb.iter().any(|(_, f, _)| f == "handle_request"),
+        "temporaries are not flagged: {vb:?}"
+    );
+    let leak = &b.main()["growth"][0];
+    assert_eq!(leak["verdict"], "leak");
+    assert!(
+        leak["slope_bytes_per_s"].as_f64().unwrap() > 1000.0,
+        "{leak}"
+    );
+    assert!(leak["series"].as_array().unwrap().len() >= 25);
+    let tl = &b.main()["timeline"];
+    assert_eq!(tl["epochs"], leak["series"].as_array().unwrap().len());
+    assert!(tl["rss_bytes"][0].as_u64().unwrap() > 0);
+    // The text report has the four parts.
+    let text = b.stderr();
+    for part in ["MEMORY OVER TIME:", "1. LEAK:", "Root cause:", "VERIFY:"] {
+        assert!(text.contains(part), "{part} missing:\n{text}");
+    }
+    // --fail-on-growth: 3 with the leak, the program's own 0 once fixed.
+    assert_eq!(b.out.status.code(), Some(3), "{}", b.stderr());
+    assert_eq!(a.out.status.code(), Some(0), "{}", a.stderr());
+    let fa = flagged(&verdicts(a.main()));
+    assert!(
+        fa.iter()
+            .all(|(v, f)| v == "plateau" && f == "cache_lookup"),
+        "{fa:?}"
+    );
+
+    // The offline report of the kept trace gives the same verdicts as the live run.
+    let (_, offline) = report(&[&before]);
+    assert_eq!(verdicts(&offline["processes"][0]), vb);
+
+    // Verify: the fix holds (0); the leaky run against itself does not (1).
+    let (bs, as_) = (before.to_str().unwrap(), after.to_str().unwrap());
+    let ok = leakhunt_out(&["verify", bs, as_]);
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(ok.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("FIXED") && text.contains("remember_session"),
+        "{text}"
+    );
+    let bad = leakhunt_out(&["verify", bs, bs]);
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("STILL GROWING") && text.contains("chase next"),
+        "{text}"
+    );
+
+    // Diff from 1.5 s (the cache is full) to the end: the leak grew, the cache did not.
+    let d = leakhunt_out(&["diff", bs, "--from", "1.5s", "--to", "end"]);
+    let text = String::from_utf8_lossy(&d.stdout).into_owned();
+    assert_eq!(d.status.code(), Some(0), "{text}");
+    let first = text.lines().nth(2).unwrap_or("");
+    assert!(
+        first.contains("remember_session"),
+        "the leak comes first:\n{text}"
+    );
+    // Its delta blocks are exactly the born-and-live count: nothing it made is ever freed.
+    let head = text.lines().nth(1).unwrap();
+    let nums: Vec<i64> = head
+        .split(|c: char| !(c.is_ascii_digit() || c == '+' || c == '-'))
+        .filter_map(|w| w.trim_start_matches('+').parse().ok())
+        .collect();
+    assert_eq!(nums.len(), 3, "{head}");
+    assert_eq!(
+        nums[1], nums[2],
+        "delta blocks = born since and live: {head}"
+    );
+    assert_eq!(nums[0], 48 * nums[1], "48-byte sessions: {head}");
+    // Bad points are clear errors.
+    let e = leakhunt_out(&["diff", bs, "--from", "end", "--to", "1"]);
+    assert_eq!(e.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("must come before"));
+    let _ = std::fs::remove_file(&before);
+    let _ = std::fs::remove_file(&after);
+}
+
+#[test]
+fn shapes_that_grow_without_leaking_are_never_a_leak() {
+    let exe = fixture("shapes.c");
+    let modes = ["logcache", "pool", "burst", "stops"];
+    let runs: Vec<(String, Run)> = std::thread::scope(|s| {
+        let hs: Vec<_> = modes
+            .iter()
+            .map(|m| {
+                let exe = &exe;
+                s.spawn(move || (m.to_string(), run(exe, &[m], &["--epoch", "100ms"])))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (mode, r) in &runs {
+        let v = verdicts(r.main());
+        assert!(
+            !v.iter().any(|(verdict, _, _)| verdict == "leak"),
+            "{mode}: {v:?}"
+        );
+        let process = r.main()["timeline"]["verdict"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_ne!(process, "leak", "{mode}: the process as a whole");
+        let expect = match mode.as_str() {
+            "pool" => "plateau",
+            "burst" | "stops" => "transient",
+            _ => "",
+        };
+        if !expect.is_empty() {
+            assert!(
+                v.iter()
+                    .any(|(verdict, f, _)| verdict == expect && f == "hold"),
+                "{mode}: expected {expect}: {v:?}"
+            );
+        }
+    }
+}
