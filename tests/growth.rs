@@ -91,10 +91,8 @@ fn the_example_leak_is_a_leak_the_cache_a_plateau_and_the_fix_verifies() {
         ],
         "{vb:?}"
     );
-    assert!(
-        !vb.iter().any(|(_, f, _)| f == "handle_request"),
-        "temporaries are not flagged: {vb:?}"
-    );
+    // (Temporaries caught live at the odd boundary are at most `stable` or `transient`, which
+    // `flagged` leaves out; the assertion above is exact.)
     let leak = &b.main()["growth"][0];
     assert_eq!(leak["verdict"], "leak");
     assert!(

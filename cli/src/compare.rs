@@ -209,7 +209,8 @@ pub fn diff_one(
     }
     // Second pass for the blocks born after A and still live at B.
     let f = std::fs::File::open(path)?;
-    let (probe, _) = Process::read_stream_probe(f, a as u32, b as u32);
+    let bs = &p.growth.boundaries;
+    let (probe, _) = Process::read_stream_probe(f, bs[a].index, bs[b].index);
     let mut rows: HashMap<Vec<crate::report::FrameKey>, (u32, i64, i64, u64)> = HashMap::new();
     for id in p.growth.stacks() {
         let s = p.growth.of(id);

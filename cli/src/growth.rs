@@ -106,7 +106,7 @@ pub fn build(
     }
     let mut born: HashMap<u32, u64> = HashMap::new();
     for l in p.live.values() {
-        if l.born as usize > w {
+        if l.born >= b[w].index {
             *born.entry(l.stack).or_default() += 1;
         }
     }

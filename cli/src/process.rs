@@ -22,7 +22,7 @@ const MAX_MODULE_ID: usize = 1 << 20;
 pub struct Live {
     pub size: u64,
     pub stack: u32,
-    /// Epoch boundaries passed before the block was allocated.
+    /// The trace's index of the last epoch boundary before the block was allocated (0: none).
     pub born: u32,
 }
 
@@ -120,8 +120,8 @@ pub struct Process {
     pub unmatched: rustc_hash::FxHashSet<u64>,
     /// Live bytes and blocks per callsite and for the process at each epoch boundary.
     pub growth: Series,
-    /// Boundary positions (a, b): when boundary b closes, count per stack the live blocks
-    /// allocated after boundary a into `probe_born` (for `leakhunt diff`).
+    /// Boundary indexes (a, b) in the trace: when boundary b closes, count per stack the live
+    /// blocks allocated after boundary a into `probe_born` (for `leakhunt diff`).
     pub probe: Option<(u32, u32)>,
     pub probe_born: FxHashMap<u32, u64>,
     records: u64,
@@ -147,8 +147,8 @@ impl Process {
         (p, err)
     }
 
-    /// As [`Process::read_stream`], counting per stack the blocks live at boundary position `b`
-    /// that were allocated after boundary position `a` (into `probe_born`).
+    /// As [`Process::read_stream`], counting per stack the blocks live at the boundary of index
+    /// `b` that were allocated after the boundary of index `a` (into `probe_born`).
     pub fn read_stream_probe(src: impl Read, a: u32, b: u32) -> (Process, Option<DecodeError>) {
         let mut p = Process::new();
         p.probe = Some((a, b));
@@ -483,7 +483,7 @@ impl Process {
         self.totals.allocs += 1;
         self.totals.bytes_allocated += size;
         self.allocs_by_stack.add(stack, 1);
-        let born = self.growth.boundaries.len() as u32;
+        let born = self.growth.last_index;
         self.growth.add(stack, size as i64, 1);
         if let Some(old) = self.live.insert(addr, Live { size, stack, born }) {
             self.totals.reused_live += 1;
@@ -514,15 +514,15 @@ impl Process {
 
     /// Closes the boundaries at or below `seq`, taking the diff probe's count at its boundary.
     fn reach(&mut self, seq: u64) {
-        let before = self.growth.boundaries.len() as u32;
+        let before = self.growth.last_index;
         self.growth.reach(seq);
-        let after = self.growth.boundaries.len() as u32;
+        let after = self.growth.last_index;
         if let Some((a, b)) = self.probe {
-            if before <= b && b < after {
-                // Close exactly at b: the boundaries after it in this batch saw no event in
-                // between, so the live set is the same at b.
+            if before < b && b <= after {
+                // Boundaries closed together saw no event in between: the live set is the
+                // same at b.
                 for l in self.live.values() {
-                    if l.born > a {
+                    if l.born >= a {
                         *self.probe_born.entry(l.stack).or_default() += 1;
                     }
                 }

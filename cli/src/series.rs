@@ -15,6 +15,10 @@ use rustc_hash::FxHashMap;
 /// a corrupt trace) in maps.
 const DENSE: usize = 1 << 22;
 
+/// Boundaries kept at most: past this, every other one is dropped (the series keeps its shape at
+/// half the resolution), so a run of any length takes bounded memory.
+pub const MAX_BOUNDARIES: usize = 1024;
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {
     pub bytes: i64,
@@ -43,6 +47,8 @@ pub struct Series {
     pending: VecDeque<Epoch>,
     /// The sequence number at which the next pending boundary applies (`u64::MAX`: none).
     pub next_seq: u64,
+    /// The trace's index of the last boundary applied (0: none yet).
+    pub last_index: u32,
     total: Counter,
 }
 
@@ -122,6 +128,30 @@ impl Series {
             live_bytes: self.total.bytes.max(0) as u64,
             live_blocks: self.total.blocks.max(0) as u64,
         });
+        self.last_index = e.index;
+        if self.boundaries.len() > MAX_BOUNDARIES {
+            self.thin();
+        }
+    }
+
+    /// Keeps every other boundary (positions 0, 2, 4, ...). A callsite's value at new position
+    /// `k` is its value at old position `2k`: the last point at or before it.
+    fn thin(&mut self) {
+        let kept: Vec<Boundary> = self.boundaries.iter().step_by(2).copied().collect();
+        self.boundaries = kept;
+        for pts in self.points.values_mut() {
+            let mut out: Vec<(u32, u64, u64)> = Vec::with_capacity(pts.len() / 2 + 1);
+            for &(p, b, n) in pts.iter() {
+                let k = p.div_ceil(2);
+                match out.last_mut() {
+                    Some(last) if last.0 == k => *last = (k, b, n),
+                    _ => out.push((k, b, n)),
+                }
+            }
+            // A value that ends up equal to the one before it needs no point.
+            out.dedup_by(|b, a| (a.1, a.2) == (b.1, b.2));
+            *pts = out;
+        }
     }
 
     fn counter(&self, stack: u32) -> Counter {
@@ -200,5 +230,39 @@ mod tests {
         assert_eq!(s.points[&1].len(), 2);
         let totals: Vec<_> = s.boundaries.iter().map(|b| (b.live_bytes, b.rss)).collect();
         assert_eq!(totals, [(100, 1000), (130, 2000), (30, 3000)]);
+        assert_eq!(s.last_index, 3);
+    }
+
+    #[test]
+    fn long_runs_are_thinned_to_a_bounded_number_of_boundaries() {
+        let mut s = Series::new();
+        for i in 1..=3000u32 {
+            // Stack 1 grows by one block every epoch; stack 2 steps up every 100.
+            s.add(1, 10, 1);
+            if i % 100 == 0 {
+                s.add(2, 1000, 1);
+            }
+            s.push(epoch(i, i as u64));
+            s.reach(i as u64);
+        }
+        let n = s.boundaries.len();
+        assert!(n <= MAX_BOUNDARIES && n > MAX_BOUNDARIES / 4, "{n}");
+        // The values at the kept boundaries are those at their original boundaries.
+        let one = s.of(1);
+        let two = s.of(2);
+        for (k, b) in s.boundaries.iter().enumerate() {
+            assert_eq!(
+                one[k],
+                (10 * b.index as u64, b.index as u64),
+                "at {}",
+                b.index
+            );
+            assert_eq!(two[k].0, 1000 * (b.index as u64 / 100), "at {}", b.index);
+            assert_eq!(
+                b.live_bytes,
+                10 * b.index as u64 + 1000 * (b.index as u64 / 100)
+            );
+        }
+        assert_eq!(s.last_index, 3000);
     }
 }

@@ -91,9 +91,19 @@ pub fn classify(t: &[f64], y: &[f64]) -> (Verdict, Evidence) {
     let second = y[n - 1] - y[half];
     ev.pace_ratio = if first > 0.0 { second / first } else { 0.0 };
     let rise = peak - start;
-    // Rose (well above the noise) and came back: a burst that drained, a load that stopped.
+    // Rose (well above the noise, for more than one boundary) and came back: a burst that
+    // drained, a load that stopped. A short-lived block caught live at a single boundary is not
+    // a burst.
+    let high = y.iter().filter(|&&v| v >= start + 0.5 * rise).count();
     if rise >= 0.2 * peak && end - start <= 0.25 * rise && peak > end {
-        return (Verdict::Transient, ev);
+        return (
+            if high >= 2 {
+                Verdict::Transient
+            } else {
+                Verdict::Stable
+            },
+            ev,
+        );
     }
     let growth = end - start;
     if growth <= 0.0 || ev.trend_z < 2.0 {
@@ -222,6 +232,14 @@ mod tests {
         // Flat, and flat with noise.
         assert_eq!(verdict(|_| 5000.0), Verdict::Stable);
         assert_eq!(verdict(|x| 5000.0 + 100.0 * noise(x)), Verdict::Stable);
+    }
+
+    #[test]
+    fn a_block_caught_live_at_one_boundary_is_not_a_burst() {
+        assert_eq!(
+            verdict(|x| if (1.0..1.1).contains(&x) { 256.0 } else { 0.0 }),
+            Verdict::Stable
+        );
     }
 
     #[test]
