@@ -3,8 +3,9 @@
  * LRU cache of 600 entries over 600 keys (it fills during the first seconds, then stays full: a
  * plateau), and one request in 20 takes the login path, where remember_session() keeps a 48-byte
  * session that nothing ever frees (the slow leak). --fixed frees the session when the request
- * ends.
- *   steady [--seconds N] [--rate REQUESTS_PER_S] [--fixed]
+ * ends. --mark N marks a snapshot named req-<count> every N requests through leakhunt's C API
+ * (a weak symbol: without leakhunt the calls are skipped).
+ *   steady [--seconds N] [--rate REQUESTS_PER_S] [--fixed] [--mark N]
  * With leakhunt: leakhunt run --epoch 250ms -- ./steady --seconds 8 */
 #include <stdint.h>
 #include <stdio.h>
@@ -26,6 +27,9 @@ static struct entry *mru, *lru;
 static int cached;
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static void *volatile last_session;
+
+/* leakhunt's snapshot API, present only when the program runs under leakhunt. */
+extern void leakhunt_snapshot(const char *name) __attribute__((weak));
 
 static unsigned next(void) {
     rng ^= rng << 13;
@@ -107,12 +111,15 @@ int main(int argc, char **argv) {
     double seconds = 8;
     double rate = 2000;
     int fixed = 0;
+    long mark = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--seconds") && i + 1 < argc) seconds = atof(argv[++i]);
         else if (!strcmp(argv[i], "--rate") && i + 1 < argc) rate = atof(argv[++i]);
         else if (!strcmp(argv[i], "--fixed")) fixed = 1;
+        else if (!strcmp(argv[i], "--mark") && i + 1 < argc) mark = atol(argv[++i]);
         else {
-            fprintf(stderr, "usage: %s [--seconds N] [--rate REQUESTS_PER_S] [--fixed]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--seconds N] [--rate REQUESTS_PER_S] [--fixed] [--mark N]\n",
+                    argv[0]);
             return 2;
         }
     }
@@ -126,6 +133,11 @@ int main(int argc, char **argv) {
         for (; done < due; done++) {
             snprintf(line, sizeof line, "%s %u", done % 20 == 19 ? "LOGIN" : "GET", next());
             bytes += handle_request(line, fixed);
+            if (mark > 0 && (done + 1) % mark == 0 && leakhunt_snapshot) {
+                char name[32];
+                snprintf(name, sizeof name, "req-%ld", done + 1);
+                leakhunt_snapshot(name);
+            }
         }
         double until = start + (t + 1) * tick;
         double wait = until - now_s();

@@ -46,9 +46,11 @@ fn flagged(v: &[(String, String, i64)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The example for 3 s at 3,000 requests/s (one login in 20), marking a snapshot every 3,000
+/// requests through the C API and one every second from the CLI.
 fn steady(trace: &Path, fixed: bool) -> Run {
     let exe = fixture("../../examples/steady.c");
-    let mut args = vec!["--seconds", "3", "--rate", "3000"];
+    let mut args = vec!["--seconds", "3", "--rate", "3000", "--mark", "3000"];
     if fixed {
         args.push("--fixed");
     }
@@ -58,11 +60,31 @@ fn steady(trace: &Path, fixed: bool) -> Run {
         &[
             "--epoch",
             "100ms",
+            "--snapshot-every",
+            "1s",
             "--fail-on-growth",
             "-o",
             trace.to_str().unwrap(),
         ],
     )
+}
+
+/// (bytes, blocks, born) of each row of `leakhunt diff` output, with the row's first frame.
+fn diff_rows(text: &str) -> Vec<(i64, i64, i64, String)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut rows = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if !l.contains(" bytes in ") || l.starts_with("leakhunt diff") {
+            continue;
+        }
+        let nums: Vec<i64> = l
+            .split(|c: char| !(c.is_ascii_digit() || c == '+' || c == '-'))
+            .filter_map(|w| w.trim_start_matches('+').parse().ok())
+            .collect();
+        let at = lines.get(i + 1).copied().unwrap_or("").to_string();
+        rows.push((nums[0], nums[1], nums.get(2).copied().unwrap_or(0), at));
+    }
+    rows
 }
 
 fn leakhunt_out(args: &[&str]) -> std::process::Output {
@@ -139,27 +161,34 @@ fn the_example_leak_is_a_leak_the_cache_a_plateau_and_the_fix_verifies() {
         "{text}"
     );
 
-    // Diff from 1.5 s (the cache is full) to the end: the leak grew, the cache did not.
+    // Diff from 1.5 s (the cache is full) to the end: the leak grew, the cache did not. Its
+    // delta blocks are exactly the born-and-live count: nothing it made is ever freed.
     let d = leakhunt_out(&["diff", bs, "--from", "1.5s", "--to", "end"]);
     let text = String::from_utf8_lossy(&d.stdout).into_owned();
     assert_eq!(d.status.code(), Some(0), "{text}");
-    let first = text.lines().nth(2).unwrap_or("");
+    let rows = diff_rows(&text);
+    let (bytes, blocks, born, at) = &rows[0];
     assert!(
-        first.contains("remember_session"),
+        at.contains("remember_session"),
         "the leak comes first:\n{text}"
     );
-    // Its delta blocks are exactly the born-and-live count: nothing it made is ever freed.
-    let head = text.lines().nth(1).unwrap();
-    let nums: Vec<i64> = head
-        .split(|c: char| !(c.is_ascii_digit() || c == '+' || c == '-'))
-        .filter_map(|w| w.trim_start_matches('+').parse().ok())
-        .collect();
-    assert_eq!(nums.len(), 3, "{head}");
-    assert_eq!(
-        nums[1], nums[2],
-        "delta blocks = born since and live: {head}"
-    );
-    assert_eq!(nums[0], 48 * nums[1], "48-byte sessions: {head}");
+    assert_eq!((bytes, born), (&(48 * blocks), blocks), "{text}");
+    // Between the program's own snapshots (C API) after 3,000 and 6,000 requests: exactly 150
+    // logins, 150 sessions of 48 bytes.
+    let d = leakhunt_out(&["diff", bs, "--from", "req-3000", "--to", "req-6000"]);
+    let text = String::from_utf8_lossy(&d.stdout).into_owned();
+    let rows = diff_rows(&text);
+    assert_eq!(rows[0].0, 7200, "{text}");
+    assert_eq!(rows[0].1, 150, "{text}");
+    assert_eq!(rows[0].2, 150, "{text}");
+    assert!(rows[0].3.contains("remember_session"), "{text}");
+    // The CLI's periodic snapshots are there too.
+    let d = leakhunt_out(&["diff", bs, "--from", "auto-1", "--to", "auto-2"]);
+    let text = String::from_utf8_lossy(&d.stdout).into_owned();
+    assert_eq!(d.status.code(), Some(0), "{text}");
+    assert!(diff_rows(&text)[0].3.contains("remember_session"), "{text}");
+    let e = leakhunt_out(&["diff", bs, "--from", "nosuch", "--to", "end"]);
+    assert_eq!(e.status.code(), Some(2));
     // Bad points are clear errors.
     let e = leakhunt_out(&["diff", bs, "--from", "end", "--to", "1"]);
     assert_eq!(e.status.code(), Some(2));
@@ -206,4 +235,86 @@ fn shapes_that_grow_without_leaking_are_never_a_leak() {
             );
         }
     }
+}
+
+#[test]
+fn snapshots_of_a_running_process_by_pid_diff_to_the_leak() {
+    let exe = fixture("../../examples/steady.c");
+    let trace = scratch_trace("bypid");
+    let mut child = Command::new(leakhunt())
+        .args(["run", "-q", "--epoch", "100ms", "-o"])
+        .arg(&trace)
+        .arg("--")
+        .arg(&exe)
+        .args(["--seconds", "3", "--rate", "3000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The program is the CLI's child: find it, then its control socket.
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let pid = loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id()))
+                .unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next() {
+            let sock = format!("/tmp/leakhunt-{uid}/{pid}.sock");
+            if Path::new(&sock).exists() {
+                break pid.to_string();
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no control socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let a = leakhunt_out(&["snapshot", &pid, "--name", "one"]);
+    assert_eq!(
+        a.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&a.stderr)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let b = leakhunt_out(&["snapshot", &pid, "--name", "two"]);
+    assert_eq!(
+        b.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&b.stderr)
+    );
+    assert!(child.wait().unwrap().success());
+    assert!(
+        !Path::new(&format!("/tmp/leakhunt-{uid}/{pid}.sock")).exists(),
+        "the control socket goes away with the process"
+    );
+    let d = leakhunt_out(&[
+        "diff",
+        trace.to_str().unwrap(),
+        "--from",
+        "one",
+        "--to",
+        "two",
+    ]);
+    let text = String::from_utf8_lossy(&d.stdout).into_owned();
+    let rows = diff_rows(&text);
+    let (bytes, blocks, born, at) = &rows[0];
+    assert!(at.contains("remember_session"), "{text}");
+    // About a second of logins (150 per second), every one still live, 48 bytes each.
+    assert!((100..=200).contains(blocks), "{text}");
+    assert_eq!((bytes, born), (&(48 * blocks), blocks), "{text}");
+    // Errors: no such process, a process leakhunt does not trace.
+    let e = leakhunt_out(&["snapshot", "999999999"]);
+    assert_eq!(e.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("no process 999999999"));
+    let me = std::process::id().to_string();
+    let e = leakhunt_out(&["snapshot", &me]);
+    assert_eq!(e.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("is not traced by leakhunt"));
+    let _ = std::fs::remove_file(&trace);
 }

@@ -167,8 +167,8 @@ pub fn verify(
     Ok((out, ok))
 }
 
-/// A point of a run: an epoch number (`3`), a time from the start (`2.5s`, `800ms`), `warmup`
-/// or `end`; returns its boundary position.
+/// A point of a run: a snapshot's name, an epoch number (`3`), a time from the start (`2.5s`,
+/// `800ms`), `warmup` or `end`; returns its boundary position.
 pub fn point(p: &Process, t: &Timeline, spec: &str) -> Result<usize> {
     let b = &p.growth.boundaries;
     match spec {
@@ -177,6 +177,12 @@ pub fn point(p: &Process, t: &Timeline, spec: &str) -> Result<usize> {
             return Ok(t.times_s.iter().position(|&x| x >= t.warmup_s).unwrap_or(0));
         }
         _ => {}
+    }
+    if let Some((_, index)) = p.snapshots.iter().rev().find(|(name, _)| name == spec) {
+        return b
+            .iter()
+            .position(|e| e.index == *index)
+            .with_context(|| format!("snapshot {spec} was taken after the last recorded event"));
     }
     if let Ok(n) = spec.parse::<u32>() {
         return b

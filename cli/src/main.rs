@@ -40,9 +40,21 @@ enum Cmd {
     /// Did the fix work? Every callsite that grew in BEFORE must have stopped growing in AFTER
     /// (same load, at least as long): exit 0, else 1 with what still grows.
     Verify(VerifyArgs),
+    /// Mark a named point in a process traced by leakhunt (live run or preload alone), for
+    /// `leakhunt diff --from NAME --to NAME`.
+    Snapshot(SnapshotArgs),
     /// Print a trace's records (for debugging leakhunt itself).
     #[command(hide = true)]
     Dump { trace: PathBuf },
+}
+
+#[derive(Args)]
+pub struct SnapshotArgs {
+    /// The traced process.
+    pid: u32,
+    /// The snapshot's name (default: snapshot-<seconds since the Unix epoch>).
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(Args)]
@@ -105,6 +117,9 @@ pub struct RunArgs {
     /// Also trace forked children and programs started with exec.
     #[arg(long)]
     trace_children: bool,
+    /// Take a snapshot (auto-1, auto-2, ...) every DURATION.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    snapshot_every: Option<std::time::Duration>,
     /// Exit with 3 (or --error-exitcode) when a callsite's memory grows steadily under the load
     /// (a `leak` verdict): a CI gate on sustained growth.
     #[arg(long)]
@@ -310,6 +325,37 @@ fn verify_cmd(a: &VerifyArgs) -> Result<ExitCode> {
     })
 }
 
+fn snapshot_cmd(a: &SnapshotArgs) -> Result<ExitCode> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid())?;
+    let dir = PathBuf::from(format!("/tmp/leakhunt-{uid}"));
+    let sock = dir.join(format!("{}.sock", a.pid));
+    if !std::path::Path::new(&format!("/proc/{}", a.pid)).exists() {
+        bail!("no process {}", a.pid);
+    }
+    if !sock.exists() {
+        bail!(
+            "process {} is not traced by leakhunt, or cannot take snapshots (no control socket at {})",
+            a.pid,
+            sock.display()
+        );
+    }
+    let name = a.name.clone().unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        format!("snapshot-{secs}")
+    });
+    if name.is_empty() || name.len() > 255 || name.contains(['\n', '\0']) {
+        bail!("a snapshot name is 1 to 255 bytes, on one line");
+    }
+    let s = std::os::unix::net::UnixDatagram::unbound()?;
+    s.send_to(format!("snapshot {name}").as_bytes(), &sock)
+        .with_context(|| format!("cannot reach process {} at {}", a.pid, sock.display()))?;
+    eprintln!("leakhunt: snapshot {name} asked of process {}", a.pid);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn dump(path: &PathBuf) -> Result<ExitCode> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut r = leakhunt_format::Reader::new(std::io::BufReader::new(f));
@@ -359,6 +405,7 @@ fn main() -> ExitCode {
         Cmd::Report(a) => report_cmd(a),
         Cmd::Diff(a) => diff_cmd(a),
         Cmd::Verify(a) => verify_cmd(a),
+        Cmd::Snapshot(a) => snapshot_cmd(a),
         Cmd::Dump { trace } => dump(trace),
     };
     match r {

@@ -124,6 +124,8 @@ pub struct Process {
     /// blocks allocated after boundary a into `probe_born` (for `leakhunt diff`).
     pub probe: Option<(u32, u32)>,
     pub probe_born: FxHashMap<u32, u64>,
+    /// Named boundaries (snapshots): (name, the trace index of their epoch boundary).
+    pub snapshots: Vec<(String, u32)>,
     records: u64,
 }
 
@@ -396,6 +398,10 @@ impl Process {
             Record::Epoch(e) => {
                 self.growth.push(e);
                 self.reach(self.next_seq);
+            }
+            Record::Snapshot { epoch, name } => {
+                self.growth.pin(epoch);
+                self.snapshots.push((name, epoch));
             }
             Record::Stats(v) => self.stats.extend(v),
             Record::Warning(w) => self.warnings.push(w),

@@ -223,6 +223,10 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         .env("LEAKHUNT_MAX_FRAMES", a.max_frames.to_string())
         .env("LEAKHUNT_EPOCH_MS", a.epoch.as_millis().to_string())
         .env(
+            "LEAKHUNT_SNAPSHOT_MS",
+            a.snapshot_every.map_or(0, |d| d.as_millis()).to_string(),
+        )
+        .env(
             "LEAKHUNT_TRACE_CHILDREN",
             if a.trace_children { "1" } else { "0" },
         )

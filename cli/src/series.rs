@@ -49,6 +49,8 @@ pub struct Series {
     pub next_seq: u64,
     /// The trace's index of the last boundary applied (0: none yet).
     pub last_index: u32,
+    /// Boundaries (trace indexes) that thinning keeps: the snapshots'.
+    pinned: rustc_hash::FxHashSet<u32>,
     total: Counter,
 }
 
@@ -134,18 +136,32 @@ impl Series {
         }
     }
 
-    /// Keeps every other boundary (positions 0, 2, 4, ...). A callsite's value at new position
-    /// `k` is its value at old position `2k`: the last point at or before it.
+    /// Keeps a boundary at a snapshot's index from being thinned away.
+    pub fn pin(&mut self, index: u32) {
+        self.pinned.insert(index);
+    }
+
+    /// Keeps every other boundary (positions 0, 2, 4, ...), the pinned ones and the last. A
+    /// callsite's value at a kept boundary is its value there: the last point at or before it.
     fn thin(&mut self) {
-        let kept: Vec<Boundary> = self.boundaries.iter().step_by(2).copied().collect();
-        self.boundaries = kept;
+        let n = self.boundaries.len();
+        let keep: Vec<usize> = (0..n)
+            .filter(|&i| {
+                i % 2 == 0 || i == n - 1 || self.pinned.contains(&self.boundaries[i].index)
+            })
+            .collect();
+        self.boundaries = keep.iter().map(|&i| self.boundaries[i]).collect();
         for pts in self.points.values_mut() {
             let mut out: Vec<(u32, u64, u64)> = Vec::with_capacity(pts.len() / 2 + 1);
-            for &(p, b, n) in pts.iter() {
-                let k = p.div_ceil(2);
+            for &(p, b, c) in pts.iter() {
+                // The first kept boundary at or after the point's own.
+                let k = keep.partition_point(|&i| i < p as usize) as u32;
+                if k as usize == keep.len() {
+                    continue;
+                }
                 match out.last_mut() {
-                    Some(last) if last.0 == k => *last = (k, b, n),
-                    _ => out.push((k, b, n)),
+                    Some(last) if last.0 == k => *last = (k, b, c),
+                    _ => out.push((k, b, c)),
                 }
             }
             // A value that ends up equal to the one before it needs no point.
@@ -264,5 +280,18 @@ mod tests {
             );
         }
         assert_eq!(s.last_index, 3000);
+    }
+
+    #[test]
+    fn thinning_keeps_snapshots() {
+        let mut s = Series::new();
+        s.pin(777);
+        for i in 1..=3000u32 {
+            s.add(1, 1, 1);
+            s.push(epoch(i, i as u64));
+            s.reach(i as u64);
+        }
+        let at = s.boundaries.iter().position(|b| b.index == 777).unwrap();
+        assert_eq!(s.of(1)[at], (777, 777));
     }
 }

@@ -86,6 +86,11 @@ pub enum Record {
     },
     Exit(ExitKind),
     Epoch(crate::Epoch),
+    /// The epoch boundary of index `epoch` is the snapshot `name`.
+    Snapshot {
+        epoch: u32,
+        name: String,
+    },
     Stats(Vec<(u32, u64)>),
     Warning(String),
     /// A record this version does not know; skipped.
@@ -352,6 +357,7 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         tag::WARNING => "warning",
         tag::EVENTS => "events",
         tag::EPOCH => "epoch",
+        tag::SNAPSHOT => "snapshot",
         _ => {
             return Ok(Record::Unknown {
                 tag: t,
@@ -484,6 +490,10 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
             seq: p.u64("epoch sequence number")?,
             rss: p.u64("epoch RSS")?,
         }),
+        tag::SNAPSHOT => Record::Snapshot {
+            epoch: p.u32("snapshot epoch")?,
+            name: p.string("snapshot name")?,
+        },
         tag::STATS => {
             let n = p.count(12, "stat")?;
             let mut v = Vec::with_capacity(n);

@@ -183,6 +183,24 @@ pub fn epoch(e: &crate::Epoch, out: &mut Vec<u8>) {
     sealed(tag::EPOCH, &[&epoch_body(e)], out);
 }
 
+/// A snapshot record's body: the boundary's index, then its name as a `string`; `buf` must
+/// hold 8 bytes more than the name. Returns the body's length (no allocation, for the preload).
+pub fn snapshot_body(epoch: u32, name: &[u8], buf: &mut [u8]) -> Option<usize> {
+    let n = 8 + name.len();
+    let b = buf.get_mut(..n)?;
+    b[..4].copy_from_slice(&epoch.to_le_bytes());
+    b[4..8].copy_from_slice(&(name.len() as u32).to_le_bytes());
+    b[8..].copy_from_slice(name);
+    Some(n)
+}
+
+pub fn snapshot(epoch: u32, name: &str, out: &mut Vec<u8>) {
+    let mut buf = vec![0u8; 8 + name.len()];
+    if let Some(n) = snapshot_body(epoch, name.as_bytes(), &mut buf) {
+        sealed(tag::SNAPSHOT, &[&buf[..n]], out);
+    }
+}
+
 pub fn stats(pairs: &[(u32, u64)], out: &mut Vec<u8>) {
     let mut r = RecordBuf::new();
     r.u32(pairs.len() as u32);

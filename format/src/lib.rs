@@ -67,6 +67,8 @@ pub mod tag {
     pub const EVENTS: u16 = 8;
     /// An epoch boundary: where in the event sequence it falls, when, and the process's RSS.
     pub const EPOCH: u16 = 9;
+    /// A name for an epoch boundary (a snapshot asked for by the user or the program).
+    pub const SNAPSHOT: u16 = 10;
 }
 
 /// An epoch boundary, written by the tracer every epoch interval: the events numbered below

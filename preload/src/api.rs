@@ -339,6 +339,24 @@ pub extern "C" fn leakhunt_version() -> u32 {
     leakhunt_format::VERSION
 }
 
+/// The program marks a named point of its run (a snapshot, for `leakhunt diff --from NAME`).
+/// Declare it weak in the program, so that it runs without leakhunt too:
+/// `extern void leakhunt_snapshot(const char *name) __attribute__((weak));`
+/// and call it when present: `if (leakhunt_snapshot) leakhunt_snapshot("warm");`.
+/// A null name means "snapshot"; names are cut at 255 bytes.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn leakhunt_snapshot(name: *const core::ffi::c_char) {
+    let name: &[u8] = if name.is_null() {
+        b"snapshot"
+    } else {
+        // SAFETY: the caller passes a NUL-terminated string (the API's contract).
+        unsafe { CStr::from_ptr(name) }.to_bytes()
+    };
+    let Some(g) = tracer::enter() else { return };
+    // Anything allocated while writing the snapshot passes through unrecorded.
+    g.forwarding(|| tracer::snapshot(name));
+}
+
 // ---- fork: with children traced, mark where the child's inherited heap comes from ----
 
 static REAL_FORK: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());

@@ -10,6 +10,7 @@
 //! | `LEAKHUNT_FREERES` | `0`: do not ask libc/libstdc++ to free their internal buffers at exit | `1` |
 //! | `LEAKHUNT_RING_DIR` | directory (private to `leakhunt run`) where rings are shared files, so the CLI keeps what reached them if the process is killed | unset: anonymous memory |
 //! | `LEAKHUNT_UNWIND_REUSE` | `0`: walk every frame of every stack (the reference the fast path is tested against) | `1` |
+//! | `LEAKHUNT_SNAPSHOT_MS` | milliseconds between automatic snapshots (`auto-1`, `auto-2`, ...); `0`: none | `0` |
 //! | `LEAKHUNT_EPOCH_MS` | milliseconds between epoch boundaries (with the RSS) in the trace, 10-3,600,000; `0`: none | `1000` |
 
 extern crate alloc;
@@ -27,6 +28,8 @@ pub struct Config {
     pub unwind_reuse: bool,
     /// Nanoseconds between epoch boundaries (0: none).
     pub epoch_ns: u64,
+    /// Nanoseconds between automatic snapshots (0: none).
+    pub snapshot_ns: u64,
 }
 
 static mut CONFIG: Config = Config {
@@ -38,6 +41,7 @@ static mut CONFIG: Config = Config {
     freeres: true,
     unwind_reuse: true,
     epoch_ns: 1_000_000_000,
+    snapshot_ns: 0,
 };
 
 fn copy_into(dst: &mut [u8], src: Option<&CStr>) {
@@ -81,6 +85,11 @@ pub fn load() {
         c.trace_children = trace_children;
         c.freeres = env(c"LEAKHUNT_FREERES").is_none_or(|s| s.to_bytes() != b"0");
         c.unwind_reuse = env(c"LEAKHUNT_UNWIND_REUSE").is_none_or(|s| s.to_bytes() != b"0");
+        if let Some(ms) =
+            env(c"LEAKHUNT_SNAPSHOT_MS").and_then(|s| s.to_str().ok()?.parse::<u64>().ok())
+        {
+            c.snapshot_ns = ms.min(86_400_000) * 1_000_000;
+        }
         if let Some(ms) =
             env(c"LEAKHUNT_EPOCH_MS").and_then(|s| s.to_str().ok()?.parse::<u64>().ok())
         {

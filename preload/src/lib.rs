@@ -8,6 +8,7 @@
 #![cfg_attr(test, allow(dead_code, non_snake_case))] // unit tests build the shims unexported, so unused
 mod api;
 mod config;
+mod control;
 mod dedup;
 mod env;
 mod modules;

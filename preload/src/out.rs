@@ -507,8 +507,9 @@ fn push_exit(kind: ExitKind) {
 static EPOCHS: AtomicU64 = AtomicU64::new(0);
 
 /// Closes an epoch: flushes what was recorded, then writes the boundary (the events numbered
-/// below `seq` belong to it or earlier ones) with the time and the process's RSS.
-pub fn epoch(seq: u64) {
+/// below `seq` belong to it or earlier ones) with the time and the process's RSS. With a name,
+/// the boundary is also a snapshot. Allocation-free (names are cut at 255 bytes).
+pub fn epoch(seq: u64, name: Option<&[u8]>) {
     let _l = LOCK.lock();
     flush_locked();
     if STATE.load(Ordering::Relaxed) != OPEN {
@@ -521,6 +522,13 @@ pub fn epoch(seq: u64) {
         rss: sys::rss_bytes(),
     };
     push_sealed(tag::EPOCH, &[&encode::epoch_body(&e)]);
+    if let Some(name) = name {
+        let mut buf = [0u8; 8 + 255];
+        let name = &name[..name.len().min(255)];
+        if let Some(n) = encode::snapshot_body(e.index, name, &mut buf) {
+            push_sealed(tag::SNAPSHOT, &[&buf[..n]]);
+        }
+    }
     write_buf();
 }
 

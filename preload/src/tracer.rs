@@ -400,7 +400,12 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, core::ptr::null_mut());
     }
     let every = config::get().epoch_ns;
-    let mut next_epoch = sys::monotonic_ns().saturating_add(every);
+    let snap_every = config::get().snapshot_ns;
+    let start = sys::monotonic_ns();
+    let mut next_epoch = start.saturating_add(every);
+    let mut next_snap = start.saturating_add(snap_every);
+    let mut snaps = 0u64;
+    crate::control::open();
     loop {
         let wait_ms = if every == 0 {
             20
@@ -416,9 +421,22 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
             continue;
         }
         let now = sys::monotonic_ns();
-        if every != 0 && now >= next_epoch {
+        let mut name_buf = [0u8; 255];
+        if let Some(n) = crate::control::poll(&mut name_buf) {
+            // `leakhunt snapshot PID --name NAME`.
+            snapshot(&name_buf[..n]);
+        } else if snap_every != 0 && now >= next_snap {
+            snaps += 1;
+            let mut buf = [0u8; 32];
+            let mut digits = [0u8; 20];
+            let d = sys::fmt_u64(&mut digits, snaps);
+            buf[..5].copy_from_slice(b"auto-");
+            buf[5..5 + d.len()].copy_from_slice(d);
+            snapshot(&buf[..5 + d.len()]);
+            next_snap = (next_snap + snap_every).max(now + snap_every / 2);
+        } else if every != 0 && now >= next_epoch {
             // Events numbered below this point were taken before the boundary.
-            out::epoch(SEQ.load(Ordering::Acquire));
+            out::epoch(SEQ.load(Ordering::Acquire), None);
             // A boundary late by more than an interval (the machine stalled) is not doubled.
             next_epoch = (next_epoch + every).max(now + every / 2);
         } else {
@@ -467,6 +485,8 @@ extern "C" fn fork_parent() {
 
 extern "C" fn fork_child() {
     modules::LOCK.reset();
+    // The parent's control socket is the parent's (a traced child opens its own).
+    crate::control::close(false);
     let trace = config::get().trace_children && STATE.load(Ordering::Acquire) == READY;
     out::after_fork_child(trace);
     let ts = crate::tls::state();
@@ -539,6 +559,7 @@ pub extern "C" fn destructor() {
     }
     let code = EXIT_CODE.load(Ordering::Relaxed);
     let exit = (code != u64::MAX).then_some(ExitKind::Code(code as u32 as i32));
+    crate::control::close(true);
     out::finish(exit, false);
     out::FINAL.store(true, Ordering::Release);
 }
@@ -574,6 +595,7 @@ pub fn on_underscore_exit(code: i32) {
     if STATE.load(Ordering::Acquire) != READY {
         return;
     }
+    crate::control::close(true);
     out::finish(Some(ExitKind::Code(code)), false);
 }
 
@@ -585,6 +607,8 @@ pub fn before_exec() {
     if STATE.load(Ordering::Acquire) != READY || sys::getpid() != PID.load(Ordering::Relaxed) {
         return;
     }
+    // The new image, if traced, opens its own control socket.
+    crate::control::close(true);
     out::finish(Some(ExitKind::Exec), false);
 }
 
@@ -598,10 +622,20 @@ pub fn exec_env(envp: *const *const core::ffi::c_char) -> Option<crate::env::Chi
     g.forwarding(|| crate::env::child_env(envp))
 }
 
+/// Marks a named point (a snapshot): an epoch boundary with a name. Events numbered below the
+/// sequence number read here happened before it.
+pub fn snapshot(name: &[u8]) {
+    if STATE.load(Ordering::Acquire) != READY {
+        return;
+    }
+    out::epoch(SEQ.load(Ordering::Acquire), Some(name));
+}
+
 /// A fatal signal is about to kill the process.
 pub fn on_fatal_signal(sig: i32) {
     if STATE.load(Ordering::Acquire) != READY {
         return;
     }
+    crate::control::close(true);
     out::finish(Some(ExitKind::Signal(sig)), true);
 }
