@@ -318,3 +318,96 @@ fn snapshots_of_a_running_process_by_pid_diff_to_the_leak() {
     assert!(String::from_utf8_lossy(&e.stderr).contains("is not traced by leakhunt"));
     let _ = std::fs::remove_file(&trace);
 }
+
+/// The C++ and Rust examples: the same verdicts (the sessions leak, the cache plateaus) and the
+/// same verification.
+#[test]
+fn the_cxx_and_rust_examples_get_the_same_verdicts_and_verify() {
+    let cases = [
+        (
+            "../../examples/steady_cxx.cpp",
+            "SessionRegistry::remember",
+            "Cache::lookup",
+        ),
+        (
+            "../../examples/steady_rs.rs",
+            "steady_rs::remember_session",
+            "steady_rs::Cache::lookup",
+        ),
+    ];
+    let exes: Vec<PathBuf> = cases.iter().map(|c| fixture(c.0)).collect();
+    let traces: Vec<(PathBuf, PathBuf)> = (0..cases.len())
+        .map(|i| {
+            (
+                scratch_trace(&format!("x{i}-before")),
+                scratch_trace(&format!("x{i}-after")),
+            )
+        })
+        .collect();
+    let runs: Vec<(Run, Run)> = std::thread::scope(|s| {
+        let hs: Vec<_> = exes
+            .iter()
+            .zip(&traces)
+            .map(|(exe, (b, a))| {
+                let go = move |trace: &Path, fixed: bool| {
+                    let mut args = vec!["--seconds", "3", "--rate", "3000"];
+                    if fixed {
+                        args.push("--fixed");
+                    }
+                    run(
+                        exe,
+                        &args,
+                        &["--epoch", "100ms", "-o", trace.to_str().unwrap()],
+                    )
+                };
+                (s.spawn(move || go(b, false)), s.spawn(move || go(a, true)))
+            })
+            .collect();
+        hs.into_iter()
+            .map(|(b, a)| (b.join().unwrap(), a.join().unwrap()))
+            .collect()
+    });
+    for (((_, session, cache), (before, after)), (b, _)) in cases.iter().zip(&traces).zip(&runs) {
+        // (verdict, whether a frame of its stack is `name`) for each growth entry.
+        let with = |name: &str| -> Vec<String> {
+            b.main()["growth"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|g| {
+                    g["stack"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|f| f["function"].as_str().is_some_and(|s| s.starts_with(name)))
+                })
+                .map(|g| g["verdict"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let all = verdicts(b.main());
+        let leaks = all.iter().filter(|x| x.0 == "leak").count();
+        assert_eq!(leaks, 1, "one leak: {all:?}");
+        assert!(with(session).contains(&"leak".to_string()), "{all:?}");
+        let c = with(cache);
+        assert!(
+            !c.is_empty() && c.iter().all(|v| v == "plateau"),
+            "the cache plateaus: {c:?} {all:?}"
+        );
+        let ok = leakhunt_out(&["verify", before.to_str().unwrap(), after.to_str().unwrap()]);
+        assert_eq!(
+            ok.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&ok.stdout)
+        );
+        let bad = leakhunt_out(&["verify", before.to_str().unwrap(), before.to_str().unwrap()]);
+        assert_eq!(
+            bad.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&bad.stdout)
+        );
+        let _ = std::fs::remove_file(before);
+        let _ = std::fs::remove_file(after);
+    }
+}
