@@ -36,7 +36,8 @@ pub struct Timeline {
 #[derive(Serialize, Clone, Debug)]
 pub struct GrowthEntry {
     pub verdict: Verdict,
-    /// Live bytes and blocks at the last boundary minus at the end of warm-up.
+    /// Live bytes and blocks at the last boundary judged (before any teardown at exit) minus at
+    /// the end of warm-up.
     pub delta_bytes: i64,
     pub delta_blocks: i64,
     /// Blocks allocated after warm-up and still live at the end.
@@ -117,7 +118,8 @@ pub fn build(
             if verdict == Verdict::Stable {
                 return None;
             }
-            let last = bytes.len() - 1;
+            // The last point the verdict used (a teardown at exit is left out).
+            let last = (w + evidence.points.max(1) - 1).min(bytes.len() - 1);
             let born_live = p
                 .growth
                 .stacks()

@@ -63,7 +63,14 @@ pub const MIN_POINTS: usize = 6;
 
 /// The verdict on series `y` sampled at times `t` (seconds), both after warm-up.
 pub fn classify(t: &[f64], y: &[f64]) -> (Verdict, Evidence) {
-    let n = y.len().min(t.len());
+    let mut n = y.len().min(t.len());
+    // Teardown: a program that frees what it holds right before it exits drops at its last
+    // boundary or two. That says nothing about the run: leave those points out.
+    if let Some(d) = (1..n).rev().find(|&i| y[i] < 0.5 * y[i - 1]) {
+        if n - d <= (n / 20).max(2) && d >= MIN_POINTS {
+            n = d;
+        }
+    }
     let (t, y) = (&t[..n], &y[..n]);
     let mut ev = Evidence {
         slope_bytes_per_s: slope(t, y),
@@ -232,6 +239,26 @@ mod tests {
         // Flat, and flat with noise.
         assert_eq!(verdict(|_| 5000.0), Verdict::Stable);
         assert_eq!(verdict(|x| 5000.0 + 100.0 * noise(x)), Verdict::Stable);
+    }
+
+    #[test]
+    fn a_teardown_at_the_last_boundary_does_not_change_the_verdict() {
+        let t = times();
+        let with_teardown = |f: &dyn Fn(f64) -> f64| -> Verdict {
+            let mut y: Vec<f64> = t.iter().map(|&x| f(x)).collect();
+            *y.last_mut().unwrap() = 0.0;
+            classify(&t, &y).0
+        };
+        assert_eq!(with_teardown(&|x| 1000.0 + 480.0 * x), Verdict::Leak);
+        assert_eq!(
+            with_teardown(&|x| 50_000.0 * (x / 1.5).min(1.0)),
+            Verdict::Plateau
+        );
+        // A drop halfway is no teardown: memory came back under load.
+        assert_eq!(
+            verdict(|x| if x < 2.0 { 1000.0 + 500.0 * x } else { 0.0 }),
+            Verdict::Transient
+        );
     }
 
     #[test]
