@@ -63,10 +63,57 @@ fn steady(trace: &Path, fixed: bool) -> Run {
             "--snapshot-every",
             "1s",
             "--fail-on-growth",
+            "--html",
+            trace.with_extension("html").to_str().unwrap(),
             "-o",
             trace.to_str().unwrap(),
         ],
     )
+}
+
+/// Opens `page` in headless Chromium with the network off: the page's body attributes (the
+/// report's script puts the chart's laid-out size in `data-chart`, errors in `data-errors`) and
+/// the console messages Chromium logged.
+fn chromium(page: &Path) -> (String, String) {
+    let bin = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|b| Command::new(b).arg("--version").output().is_ok())
+        .expect("Debian's chromium is needed for the HTML test (.ci/run installs it)");
+    let url = format!("file://{}", page.display());
+    let flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--window-size=1200,1000",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--dump-dom",
+    ];
+    // No network at all where a network namespace can be had; the resolver rule otherwise.
+    let out = Command::new("unshare")
+        .arg("-n")
+        .arg(bin)
+        .args(flags)
+        .arg(&url)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .unwrap_or_else(|| Command::new(bin).args(flags).arg(&url).output().unwrap());
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    let body = dom
+        .split("<body")
+        .nth(1)
+        .and_then(|b| b.split('>').next())
+        .unwrap_or("")
+        .to_string();
+    let console = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.contains("CONSOLE"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (body, console)
 }
 
 /// (bytes, blocks, born) of each row of `leakhunt diff` output, with the row's first frame.
@@ -139,6 +186,30 @@ fn the_example_leak_is_a_leak_the_cache_a_plateau_and_the_fix_verifies() {
             .all(|(v, f)| v == "plateau" && f == "cache_lookup"),
         "{fa:?}"
     );
+
+    // The HTML report renders its chart in a browser, offline, without errors.
+    let page = before.with_extension("html");
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("<svg id=\"chart\"") && html.contains("remember_session"));
+    assert!(
+        !html.contains("http://") || !html.contains("src=\"http"),
+        "nothing to fetch"
+    );
+    let (body, console) = chromium(&page);
+    let size = body
+        .split("data-chart=\"")
+        .nth(1)
+        .and_then(|v| v.split('"').next())
+        .unwrap_or("");
+    let (w, h) = size.split_once('x').unwrap_or(("0", "0"));
+    assert!(
+        w.parse::<u32>().unwrap_or(0) > 100 && h.parse::<u32>().unwrap_or(0) > 50,
+        "chart laid out: {body}"
+    );
+    assert!(!body.contains("data-errors"), "{body}");
+    assert!(console.is_empty(), "console: {console}");
+    let _ = std::fs::remove_file(&page);
+    let _ = std::fs::remove_file(after.with_extension("html"));
 
     // The offline report of the kept trace gives the same verdicts as the live run.
     let (_, offline) = report(&[&before]);

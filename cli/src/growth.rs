@@ -200,7 +200,7 @@ fn first_source(stack: &[Frame]) -> Option<&Frame> {
         .find(|f| f.file.is_some() && f.function.is_some())
 }
 
-fn guidance(e: &GrowthEntry) -> String {
+pub fn guidance(e: &GrowthEntry) -> String {
     let at = first_source(&e.stack)
         .map(render_frame)
         .unwrap_or_else(|| "the innermost frame above".into());

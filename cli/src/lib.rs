@@ -5,6 +5,7 @@
 
 pub mod compare;
 pub mod growth;
+pub mod html;
 pub mod process;
 pub mod recover;
 pub mod report;

@@ -98,6 +98,9 @@ pub struct Output {
     /// Leave the first DURATION of the run out of the growth verdicts (default: its first tenth).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     warmup: Option<std::time::Duration>,
+    /// Also write the report as one self-contained HTML file (with the memory chart).
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
 }
 
 impl Output {
@@ -180,6 +183,10 @@ pub fn emit(report: &Report, out: &Output, text_to_stderr: bool) -> Result<bool>
         if e.kind() != std::io::ErrorKind::BrokenPipe {
             return Err(e).context("writing the report");
         }
+    }
+    if let Some(path) = &out.html {
+        std::fs::write(path, leakhunt::html::render(report))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &out.json {
         let json = serde_json::to_string_pretty(report)?;
