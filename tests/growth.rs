@@ -482,3 +482,32 @@ fn the_cxx_and_rust_examples_get_the_same_verdicts_and_verify() {
         let _ = std::fs::remove_file(after);
     }
 }
+
+#[test]
+fn the_live_view_shows_the_growing_callsites_while_the_program_runs() {
+    let exe = fixture("../../examples/steady.c");
+    let r = run(
+        &exe,
+        &["--seconds", "2", "--rate", "3000"],
+        &["--live", "--epoch", "100ms"],
+    );
+    let err = r.stderr();
+    let frames: Vec<&str> = err.split("\x1b[H\x1b[2J").skip(1).collect();
+    assert!(frames.len() >= 2, "redrawn while running: {err}");
+    // The last frame before the report names the leak.
+    let last = frames.last().unwrap();
+    assert!(last.starts_with("leakhunt live: "), "{last}");
+    assert!(
+        last.lines()
+            .any(|l| l.trim_start().starts_with("leak") && l.contains("remember_session")),
+        "{last}"
+    );
+    // The view goes to stderr; the program's stdout is untouched.
+    let out = r.stdout();
+    assert!(
+        out.lines().count() == 1
+            && out.contains(" requests, ")
+            && out.ends_with("bytes of replies\n"),
+        "{out}"
+    );
+}

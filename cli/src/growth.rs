@@ -310,6 +310,53 @@ pub fn render(t: &Timeline, entries: &[GrowthEntry]) -> Vec<String> {
     out
 }
 
+/// The live view of `leakhunt run --live`: the process curve and the top growing callsites so
+/// far, as a screenful of text (the caller clears the screen).
+pub fn live_view(p: &Process, sym: &mut Symbolizer) -> String {
+    let mut out = String::new();
+    let h = p.header.as_ref();
+    let b = &p.growth.boundaries;
+    let t0 = h.map_or(0, |h| h.start_monotonic_ns);
+    let secs = b
+        .last()
+        .map_or(0.0, |x| x.time_ns.saturating_sub(t0) as f64 / 1e9);
+    out.push_str(&format!(
+        "leakhunt live: {} (pid {}): {secs:.1} s, {} epochs\n",
+        h.map(|h| h.argv.join(" ")).unwrap_or_default(),
+        p.pid(),
+        b.len()
+    ));
+    let Some((t, entries)) = build(p, None, sym) else {
+        out.push_str("  (waiting for the first epochs)\n");
+        return out;
+    };
+    out.push_str(&format!(
+        "  heap {}  {} ({}/s, {})   RSS {}\n",
+        sparkline(&t.live_bytes, 40),
+        human(t.live_bytes.last().copied().unwrap_or(0) as f64),
+        human(t.evidence.slope_bytes_per_s),
+        t.verdict.as_str(),
+        human(t.rss_bytes.last().copied().unwrap_or(0) as f64)
+    ));
+    out.push_str("  top callsites:\n");
+    for e in entries.iter().take(8) {
+        out.push_str(&format!(
+            "  {:9} {:>10} {:>+8} blocks  {}  {}\n",
+            e.verdict.as_str(),
+            human(e.delta_bytes as f64),
+            e.delta_blocks,
+            sparkline(&e.series, 24),
+            first_source(&e.stack)
+                .map(render_frame)
+                .unwrap_or_else(|| "?".into())
+        ));
+    }
+    if entries.is_empty() {
+        out.push_str("  (nothing but stable callsites yet)\n");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -120,6 +120,10 @@ pub struct RunArgs {
     /// Also trace forked children and programs started with exec.
     #[arg(long)]
     trace_children: bool,
+    /// Show the top growing callsites and the process curve on stderr while the program runs
+    /// (redrawn at most twice a second).
+    #[arg(long)]
+    live: bool,
     /// Take a snapshot (auto-1, auto-2, ...) every DURATION.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     snapshot_every: Option<std::time::Duration>,

@@ -126,6 +126,8 @@ pub struct Process {
     pub probe_born: FxHashMap<u32, u64>,
     /// Named boundaries (snapshots): (name, the trace index of their epoch boundary).
     pub snapshots: Vec<(String, u32)>,
+    /// Called after epoch boundaries close (the live view of `leakhunt run --live`).
+    pub on_epoch: Option<Box<dyn FnMut(&Process) + Send>>,
     records: u64,
 }
 
@@ -182,6 +184,12 @@ impl Process {
         progress: &mut dyn FnMut(u64),
     ) -> (Process, Option<DecodeError>) {
         Process::read_stream_into(Process::new(), src, progress)
+    }
+
+    /// Reads a stream into `p` (prepared by the caller, e.g. with an `on_epoch` hook), leaving
+    /// events whose predecessors never came buffered as [`Process::read_stream_open`] does.
+    pub fn read_stream_with(p: Process, src: impl Read) -> (Process, Option<DecodeError>) {
+        Process::read_stream_into(p, src, &mut |_| {})
     }
 
     fn read_stream_into(
@@ -523,6 +531,12 @@ impl Process {
         let before = self.growth.last_index;
         self.growth.reach(seq);
         let after = self.growth.last_index;
+        if after != before {
+            if let Some(mut hook) = self.on_epoch.take() {
+                hook(self);
+                self.on_epoch = Some(hook);
+            }
+        }
         if let Some((a, b)) = self.probe {
             if before < b && b <= after {
                 // Boundaries closed together saw no event in between: the live set is the

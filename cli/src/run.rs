@@ -125,8 +125,24 @@ struct Stream {
     tee: Option<PathBuf>,
 }
 
+/// Redraws the live view on stderr after epochs, at most twice a second.
+fn live_view_hook() -> Box<dyn FnMut(&Process) + Send> {
+    let mut sym = leakhunt_symbolizer::Symbolizer::new();
+    let mut last: Option<Instant> = None;
+    Box::new(move |p: &Process| {
+        if last.is_some_and(|l| l.elapsed() < Duration::from_millis(500)) {
+            return;
+        }
+        last = Some(Instant::now());
+        let view = leakhunt::growth::live_view(p, &mut sym);
+        // Home and clear, then the view: a terminal shows it in place.
+        eprint!("\x1b[H\x1b[2J{view}");
+    })
+}
+
 fn serve(
     listener: UnixListener,
+    live: bool,
     output: Option<PathBuf>,
     grace: Duration,
     stop: Arc<AtomicBool>,
@@ -155,8 +171,14 @@ fn serve(
                     }
                 });
                 let (tx, active) = (tx.clone(), active.clone());
+                // The live view follows the program (the first stream), not its children.
+                let view = live && n == 1;
                 std::thread::spawn(move || {
-                    let (process, error) = Process::read_stream_open(Tee { inner: conn, file });
+                    let mut p = Process::new();
+                    if view {
+                        p.on_epoch = Some(live_view_hook());
+                    }
+                    let (process, error) = Process::read_stream_with(p, Tee { inner: conn, file });
                     let _ = tx.send(Stream {
                         process,
                         error,
@@ -279,7 +301,8 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     let server = {
         let (stop, active, output) = (stop.clone(), active.clone(), a.output.clone());
         let grace = Duration::from_millis(if a.trace_children { 200 } else { 0 });
-        std::thread::spawn(move || serve(listener, output, grace, stop, active, tx))
+        let live = a.live;
+        std::thread::spawn(move || serve(listener, live, output, grace, stop, active, tx))
     };
     let status = child.wait().context("waiting for the program")?;
     stop.store(true, Ordering::SeqCst);
