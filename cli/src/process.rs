@@ -94,6 +94,9 @@ pub struct ModuleEntry {
     pub unload_gen: Option<u32>,
 }
 
+/// Called with the process after epoch boundaries close.
+pub type EpochHook = Box<dyn FnMut(&Process) + Send>;
+
 #[derive(Default)]
 pub struct Process {
     pub header: Option<Header>,
@@ -127,7 +130,7 @@ pub struct Process {
     /// Named boundaries (snapshots): (name, the trace index of their epoch boundary).
     pub snapshots: Vec<(String, u32)>,
     /// Called after epoch boundaries close (the live view of `leakhunt run --live`).
-    pub on_epoch: Option<Box<dyn FnMut(&Process) + Send>>,
+    pub on_epoch: Option<EpochHook>,
     records: u64,
 }
 

@@ -126,7 +126,7 @@ struct Stream {
 }
 
 /// Redraws the live view on stderr after epochs, at most twice a second.
-fn live_view_hook() -> Box<dyn FnMut(&Process) + Send> {
+fn live_view_hook() -> leakhunt::process::EpochHook {
     let mut sym = leakhunt_symbolizer::Symbolizer::new();
     let mut last: Option<Instant> = None;
     Box::new(move |p: &Process| {
