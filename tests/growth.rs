@@ -196,6 +196,24 @@ fn the_example_leak_is_a_leak_the_cache_a_plateau_and_the_fix_verifies() {
         "nothing to fetch"
     );
     let (body, console) = chromium(&page);
+    let shot = page.with_extension("png");
+    let _ = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--window-size=1200,1000",
+        ])
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", page.display()))
+        .output();
+    let png = std::fs::read(&shot).unwrap_or_default();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "a screenshot of the page"
+    );
+    let _ = std::fs::remove_file(&shot);
     let size = body
         .split("data-chart=\"")
         .nth(1)
@@ -260,6 +278,15 @@ fn the_example_leak_is_a_leak_the_cache_a_plateau_and_the_fix_verifies() {
     assert!(diff_rows(&text)[0].3.contains("remember_session"), "{text}");
     let e = leakhunt_out(&["diff", bs, "--from", "nosuch", "--to", "end"]);
     assert_eq!(e.status.code(), Some(2));
+    // Two runs of the same build: the sessions the leaky run kept at its end are the difference.
+    let d = leakhunt_out(&["diff", as_, bs]);
+    let text = String::from_utf8_lossy(&d.stdout).into_owned();
+    let rows = diff_rows(&text);
+    assert!(
+        rows[0].3.contains("remember_session") && rows[0].1 > 300,
+        "{text}"
+    );
+    assert_eq!(rows[0].0, 48 * rows[0].1, "{text}");
     // Bad points are clear errors.
     let e = leakhunt_out(&["diff", bs, "--from", "end", "--to", "1"]);
     assert_eq!(e.status.code(), Some(2));

@@ -1,8 +1,9 @@
 //! `leakhunt diff` and `leakhunt verify`: what grew between two points of a run (or between two
 //! runs), and whether a fix made the growth stop.
 //!
-//! Across runs, callsites match by their symbolized frames (function, file, line): the same code
-//! rebuilt, or moved to another address, is still the same callsite.
+//! Across runs, callsites match by the build-id and offset of every frame when the builds are the
+//! same, else by their symbolized frames (function, file, line): the same code rebuilt, or moved
+//! to another address, is still the same callsite.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -267,7 +268,18 @@ pub fn diff_one(
 /// `leakhunt diff TRACE_A TRACE_B`: live memory per callsite at the end of each run, B minus A.
 pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) -> Result<String> {
     let (pa, pb) = (read(a)?, read(b)?);
-    let mut table: HashMap<SiteKey, (Vec<Frame>, i64, i64)> = HashMap::new();
+    // Callsites match by (module build-id, offset) of every frame when the builds are the same;
+    // when they differ (or a module has no build-id), by their symbolized frames.
+    type Exact = Vec<(Vec<u8>, u64)>;
+    let exact_key = |key: &[crate::report::FrameKey]| -> Option<Exact> {
+        key.iter()
+            .map(|(m, off)| match m {
+                Some((_, bid)) if !bid.is_empty() => Some((bid.clone(), *off)),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut table: Vec<(Option<Exact>, SiteKey, Vec<Frame>, i64, i64)> = Vec::new();
     for (p, sign) in [(&pa, -1i64), (&pb, 1)] {
         let mut by_stack: HashMap<u32, (i64, i64)> = HashMap::new();
         for l in p.live.values() {
@@ -275,19 +287,29 @@ pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) 
             e.0 += l.size as i64;
             e.1 += 1;
         }
-        for (id, (bytes, blocks)) in by_stack {
-            let frames = symbolize(p, id, &callsite_key(p, id), sym);
-            let e = table
-                .entry(site_key(&frames))
-                .or_insert_with(|| (frames, 0, 0));
-            e.1 += sign * bytes;
-            e.2 += sign * blocks;
+        let mut ids: Vec<_> = by_stack.into_iter().collect();
+        ids.sort_unstable_by_key(|(id, _)| *id);
+        for (id, (bytes, blocks)) in ids {
+            let key = callsite_key(p, id);
+            let exact = exact_key(&key);
+            let frames = symbolize(p, id, &key, sym);
+            let names = site_key(&frames);
+            let hit = table
+                .iter()
+                .position(|r| exact.is_some() && r.0 == exact)
+                .or_else(|| table.iter().position(|r| r.1 == names));
+            match hit {
+                Some(i) => {
+                    table[i].3 += sign * bytes;
+                    table[i].4 += sign * blocks;
+                }
+                None => table.push((exact, names, frames, sign * bytes, sign * blocks)),
+            }
         }
     }
-    let mut rows: Vec<_> = table
-        .into_values()
-        .filter(|r| r.1 != 0 || r.2 != 0)
-        .collect();
+    let table: Vec<(Vec<Frame>, i64, i64)> =
+        table.into_iter().map(|(_, _, f, b, n)| (f, b, n)).collect();
+    let mut rows: Vec<_> = table.into_iter().filter(|r| r.1 != 0 || r.2 != 0).collect();
     rows.sort_by_key(|y| std::cmp::Reverse(y.1));
     let mut out = String::new();
     let _ = writeln!(
