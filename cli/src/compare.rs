@@ -279,7 +279,9 @@ pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) 
             })
             .collect()
     };
-    let mut table: Vec<(Option<Exact>, SiteKey, Vec<Frame>, i64, i64)> = Vec::new();
+    /// (exact key, name key, frames, bytes, blocks)
+    type Row = (Option<Exact>, SiteKey, Vec<Frame>, i64, i64);
+    let mut table: Vec<Row> = Vec::new();
     for (p, sign) in [(&pa, -1i64), (&pb, 1)] {
         let mut by_stack: HashMap<u32, (i64, i64)> = HashMap::new();
         for l in p.live.values() {
