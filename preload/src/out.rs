@@ -394,8 +394,13 @@ fn drain_all() {
             }
             let mut head = [0u8; 8];
             head[..4].copy_from_slice(&tid.to_le_bytes());
-            let pack = out().pack;
-            if !pack.is_null() {
+            // Compact records (6 bytes an event instead of 32), except to `leakhunt run` from a
+            // program with a single thread: there the CLI and this writer share the other core,
+            // and encoding plus decoding cost it more than copying plain slots through the
+            // socket; with more threads the bytes matter more (measured, BENCHMARKS.md).
+            let (pack, socket) = (out().pack, out().socket);
+            let plain = socket && ring::RING_COUNT.load(Ordering::Relaxed) <= 1;
+            if !pack.is_null() && !plain {
                 // SAFETY: `pack` maps PACK_LEN bytes that only the LOCK holder (we) touches.
                 let pack = unsafe { core::slice::from_raw_parts_mut(pack, PACK_LEN) };
                 if let Some(len) = compact::encode(&[a, b], pack) {
