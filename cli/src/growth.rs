@@ -52,8 +52,8 @@ pub struct GrowthEntry {
 }
 
 /// Builds the growth report, or `None` when the trace holds too few epoch boundaries to say
-/// anything. `warmup_s`: seconds from the start to leave out of the verdicts (default: the first
-/// tenth of the run).
+/// anything. `warmup_s`: seconds from the start to leave out of the verdicts (default: detected,
+/// see [`detect_warmup`]).
 pub fn build(
     p: &Process,
     warmup_s: Option<f64>,
@@ -71,8 +71,8 @@ pub fn build(
         .iter()
         .map(|x| x.time_ns.saturating_sub(t0) as f64 / 1e9)
         .collect();
-    let end = *times.last().unwrap_or(&0.0);
-    let warm = warmup_s.unwrap_or(end / 10.0);
+    let allocs: Vec<u64> = b.iter().map(|x| x.allocs).collect();
+    let warm = warmup_s.unwrap_or_else(|| detect_warmup(&times, &allocs));
     // The first boundary at or after the end of warm-up (leaving enough points to judge).
     let w = times
         .iter()
@@ -151,6 +151,32 @@ pub fn build(
             })
     });
     Some((timeline, entries))
+}
+
+/// Where warm-up ends, from the allocation rate: the first boundary from which the rate stays
+/// near its steady value (the median over the second half of the run) for two epochs running;
+/// at most a quarter of the run, and a tenth of it when the rate never settles.
+pub fn detect_warmup(times: &[f64], allocs: &[u64]) -> f64 {
+    let n = times.len().min(allocs.len());
+    let end = times.get(n.wrapping_sub(1)).copied().unwrap_or(0.0);
+    if n < 6 {
+        return end / 10.0;
+    }
+    let rates: Vec<f64> = (0..n - 1)
+        .map(|i| {
+            let dt = (times[i + 1] - times[i]).max(1e-9);
+            allocs[i + 1].saturating_sub(allocs[i]) as f64 / dt
+        })
+        .collect();
+    let mut tail: Vec<f64> = rates[rates.len() / 2..].to_vec();
+    tail.sort_by(f64::total_cmp);
+    let steady = tail[tail.len() / 2];
+    let near = |r: f64| (r - steady).abs() <= 0.3 * steady.max(1.0);
+    (0..rates.len() - 1)
+        .find(|&i| near(rates[i]) && near(rates[i + 1]))
+        .map(|i| times[i])
+        .filter(|&t| t <= end / 4.0)
+        .unwrap_or(end / 10.0)
 }
 
 /// A terminal sparkline of `v`, at most `width` characters (averaging neighbours).
@@ -360,6 +386,20 @@ pub fn live_view(p: &Process, sym: &mut Symbolizer) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warm_up_ends_where_the_allocation_rate_settles() {
+        let times: Vec<f64> = (0..20).map(|i| i as f64 * 0.5).collect();
+        // Steady from the start: warm-up is the first boundary.
+        let steady: Vec<u64> = (0..20).map(|i| 1000 * i).collect();
+        assert_eq!(detect_warmup(&times, &steady), 0.0);
+        // Start-up without load for 2 s, then steady: warm-up until the load begins.
+        let late: Vec<u64> = (0..20u64).map(|i| 1000 * i.saturating_sub(4)).collect();
+        assert_eq!(detect_warmup(&times, &late), 2.0);
+        // A rate that never settles: a tenth of the run.
+        let wild: Vec<u64> = (0..20u64).map(|i| i * i * i * 100).collect();
+        assert_eq!(detect_warmup(&times, &wild), 0.95);
+    }
 
     #[test]
     fn sparklines_scale_and_thin() {

@@ -68,7 +68,7 @@ pub struct DiffArgs {
     /// To this point.
     #[arg(long, default_value = "end")]
     to: String,
-    /// Warm-up to leave out (default: the first tenth of the run).
+    /// Warm-up to leave out (default: detected, where the allocation rate settles).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     warmup: Option<std::time::Duration>,
 }
@@ -79,7 +79,7 @@ pub struct VerifyArgs {
     before: PathBuf,
     /// The same load after the fix.
     after: PathBuf,
-    /// Warm-up to leave out of both (default: the first tenth of each run).
+    /// Warm-up to leave out of both (default: detected in each run).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     warmup: Option<std::time::Duration>,
 }
@@ -95,7 +95,8 @@ pub struct Output {
     /// Print only processes with leaks or warnings.
     #[arg(long, short)]
     quiet: bool,
-    /// Leave the first DURATION of the run out of the growth verdicts (default: its first tenth).
+    /// Leave the first DURATION of the run out of the growth verdicts (default: detected, where
+    /// the allocation rate settles).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     warmup: Option<std::time::Duration>,
     /// Also write the report as one self-contained HTML file (with the memory chart).

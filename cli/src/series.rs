@@ -33,6 +33,8 @@ pub struct Boundary {
     pub rss: u64,
     pub live_bytes: u64,
     pub live_blocks: u64,
+    /// Allocations since the start.
+    pub allocs: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -49,6 +51,7 @@ pub struct Series {
     pub next_seq: u64,
     /// The trace's index of the last boundary applied (0: none yet).
     pub last_index: u32,
+    allocs: u64,
     /// Boundaries (trace indexes) that thinning keeps: the snapshots'.
     pinned: rustc_hash::FxHashSet<u32>,
     total: Counter,
@@ -67,6 +70,7 @@ impl Series {
     pub fn add(&mut self, stack: u32, bytes: i64, blocks: i64) {
         self.total.bytes += bytes;
         self.total.blocks += blocks;
+        self.allocs += (blocks > 0) as u64;
         let i = stack as usize;
         if i < DENSE {
             if i >= self.now.len() {
@@ -129,6 +133,7 @@ impl Series {
             rss: e.rss,
             live_bytes: self.total.bytes.max(0) as u64,
             live_blocks: self.total.blocks.max(0) as u64,
+            allocs: self.allocs,
         });
         self.last_index = e.index;
         if self.boundaries.len() > MAX_BOUNDARIES {
