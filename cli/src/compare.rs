@@ -13,7 +13,7 @@ use leakhunt_symbolizer::Symbolizer;
 
 use crate::growth::{self, GrowthEntry, Timeline};
 use crate::process::Process;
-use crate::report::{callsite_key, render_frame, symbolize, thousands, Frame};
+use crate::report::{callsite_key, render_frame, stack_lines, symbolize, thousands, Frame};
 
 type SiteKey = Vec<(Option<String>, Option<String>, Option<u32>)>;
 
@@ -250,13 +250,8 @@ pub fn diff_one(
             "{bytes:+} bytes in {blocks:+} blocks, {} born since and live at the end point",
             thousands(*born)
         );
-        for (j, f) in symbolize(&p, *id, key, sym).iter().take(8).enumerate() {
-            let _ = writeln!(
-                out,
-                "   {} {}",
-                if j == 0 { "at" } else { "by" },
-                render_frame(f)
-            );
+        for l in stack_lines(&symbolize(&p, *id, key, sym), 8) {
+            let _ = writeln!(out, "   {l}");
         }
     }
     if rows.is_empty() {
@@ -322,13 +317,8 @@ pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) 
     );
     for (frames, bytes, blocks) in rows.iter().take(30) {
         let _ = writeln!(out, "{bytes:+} bytes in {blocks:+} blocks");
-        for (j, f) in frames.iter().take(8).enumerate() {
-            let _ = writeln!(
-                out,
-                "   {} {}",
-                if j == 0 { "at" } else { "by" },
-                render_frame(f)
-            );
+        for l in stack_lines(frames, 8) {
+            let _ = writeln!(out, "   {l}");
         }
     }
     if rows.is_empty() {

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::process::Process;
 use crate::report::{callsite_key, symbolize, FrameKey};
-use crate::report::{render_frame, thousands, Frame};
+use crate::report::{render_frame, stack_lines, thousands, Frame};
 use crate::verdict::{classify, Evidence, Verdict};
 
 /// The process over the run.
@@ -208,7 +208,8 @@ pub fn sparkline(v: &[u64], width: usize) -> String {
         .collect()
 }
 
-fn human(bytes: f64) -> String {
+/// Bytes as B, KiB or MiB, one decimal.
+pub fn human(bytes: f64) -> String {
     let a = bytes.abs();
     if a >= 1024.0 * 1024.0 {
         format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
@@ -311,13 +312,7 @@ pub fn render(t: &Timeline, entries: &[GrowthEntry]) -> Vec<String> {
                 .map(|t| format!(", flat from {t:.1} s"))
                 .unwrap_or_default()
         ));
-        for (j, f) in e.stack.iter().take(8).enumerate() {
-            out.push(format!(
-                "   {} {}",
-                if j == 0 { "at" } else { "by" },
-                render_frame(f)
-            ));
-        }
+        out.extend(stack_lines(&e.stack, 8).map(|s| format!("   {s}")));
         out.push(format!("   Root cause: {}", guidance(e)));
         out.push(String::new());
     }

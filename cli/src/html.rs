@@ -4,8 +4,8 @@
 
 use std::fmt::Write as _;
 
-use crate::growth::{GrowthEntry, Timeline};
-use crate::report::{render_frame, thousands, ProcReport, Report};
+use crate::growth::{human, GrowthEntry, Timeline};
+use crate::report::{stack_lines, thousands, ProcReport, Report};
 use crate::verdict::Verdict;
 
 fn esc(s: &str) -> String {
@@ -13,17 +13,6 @@ fn esc(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
-}
-
-fn human(bytes: f64) -> String {
-    let a = bytes.abs();
-    if a >= 1024.0 * 1024.0 {
-        format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
-    } else if a >= 1024.0 {
-        format!("{:.1} KiB", bytes / 1024.0)
-    } else {
-        format!("{bytes:.0} B")
-    }
 }
 
 const COLORS: [&str; 7] = [
@@ -191,13 +180,8 @@ fn process(p: &ProcReport, out: &mut String) {
                 e.delta_blocks,
                 thousands(e.born_after_warmup_live)
             );
-            for (j, f) in e.stack.iter().take(12).enumerate() {
-                let _ = writeln!(
-                    out,
-                    "{} {}",
-                    if j == 0 { "at" } else { "by" },
-                    esc(&render_frame(f))
-                );
+            for l in stack_lines(&e.stack, 12) {
+                let _ = writeln!(out, "{}", esc(&l));
             }
             out.push_str("</pre></div>");
         }
@@ -246,13 +230,8 @@ fn process(p: &ProcReport, out: &mut String) {
             thousands(l.bytes),
             thousands(l.blocks)
         );
-        for (j, f) in l.stack.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{} {}",
-                if j == 0 { "at" } else { "by" },
-                esc(&render_frame(f))
-            );
+        for l in stack_lines(&l.stack, usize::MAX) {
+            let _ = writeln!(out, "{}", esc(&l));
         }
         out.push_str("</pre></details>");
     }

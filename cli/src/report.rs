@@ -403,6 +403,15 @@ pub fn thousands(n: u64) -> String {
     out
 }
 
+/// A stack as report lines, innermost first: `at FRAME`, then `by FRAME`, at most `max` of them.
+pub fn stack_lines(frames: &[Frame], max: usize) -> impl Iterator<Item = String> + '_ {
+    frames
+        .iter()
+        .take(max)
+        .enumerate()
+        .map(|(j, f)| format!("{} {}", if j == 0 { "at" } else { "by" }, render_frame(f)))
+}
+
 pub fn render_frame(f: &Frame) -> String {
     let func = f.function.as_deref().unwrap_or("???");
     let loc = match (&f.file, f.line) {
@@ -432,12 +441,8 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
             plural(l.blocks, "block"),
             i + 1
         ));
-        for (j, f) in l.stack.iter().enumerate() {
-            line(&format!(
-                "   {} {}",
-                if j == 0 { "at" } else { "by" },
-                render_frame(f)
-            ));
+        for s in stack_lines(&l.stack, usize::MAX) {
+            line(&format!("   {s}"));
         }
         if l.stack.is_empty() {
             line("   (no stack: the allocation came straight from outside any known module)");
