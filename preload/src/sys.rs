@@ -174,16 +174,22 @@ impl Drop for SpinGuard<'_> {
 /// when none does or the file cannot be read. Raw system calls and a stack buffer only: no allocation and no lock, so it is
 /// safe where `pthread_getattr_np` is not (that function holds the thread's lock while it calls
 /// malloc, and our hook may be the one it calls).
-pub fn mapping_bounds(addr: usize) -> (usize, usize) {
-    // SAFETY: the path is a NUL-terminated literal; the returned descriptor is ours to close.
-    let fd = unsafe {
+/// Opens a file read-only with the raw syscall (no libc wrapper that a program could hook);
+/// negative on failure. The caller closes it with `SYS_close`.
+fn open_raw(path: &core::ffi::CStr) -> i32 {
+    // SAFETY: `path` is NUL-terminated; the returned descriptor is the caller's to close.
+    unsafe {
         libc::syscall(
             libc::SYS_openat,
             libc::AT_FDCWD,
-            c"/proc/self/maps".as_ptr(),
+            path.as_ptr(),
             libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    } as i32;
+        ) as i32
+    }
+}
+
+pub fn mapping_bounds(addr: usize) -> (usize, usize) {
+    let fd = open_raw(c"/proc/self/maps");
     if fd < 0 {
         return (0, 0);
     }
@@ -209,15 +215,7 @@ pub fn mapping_bounds(addr: usize) -> (usize, usize) {
 /// The process's resident set size in bytes, from `/proc/self/statm` (0 if it cannot be read).
 /// Raw syscalls and a stack buffer: no allocation, no stdio.
 pub fn rss_bytes() -> u64 {
-    // SAFETY: the path is a NUL-terminated literal; the returned descriptor is ours to close.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat,
-            libc::AT_FDCWD,
-            c"/proc/self/statm".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    } as i32;
+    let fd = open_raw(c"/proc/self/statm");
     if fd < 0 {
         return 0;
     }
