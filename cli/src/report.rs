@@ -102,6 +102,17 @@ pub struct Report {
     pub format: &'static str,
     pub version: u32,
     pub processes: Vec<ProcReport>,
+    /// The leakhunt CLI's own peak resident memory (bytes), apart from the traced program's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cli_peak_rss_bytes: Option<u64>,
+}
+
+/// This process's peak resident set (VmHWM), bytes.
+pub fn own_peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 impl Report {
@@ -110,6 +121,7 @@ impl Report {
             format: "leakhunt-report",
             version: 1,
             processes,
+            cli_peak_rss_bytes: own_peak_rss(),
         }
     }
 
@@ -162,8 +174,16 @@ pub fn callsite_key(p: &Process, id: u32) -> Vec<FrameKey> {
 /// The symbolized frames of callsite `key` (stack `id`), innermost first, cut below `main`.
 pub fn symbolize(p: &Process, id: u32, key: &[FrameKey], sym: &mut Symbolizer) -> Vec<Frame> {
     let stack = p.stacks.get(&id);
-    let mut frames = Vec::new();
+    let mut frames: Vec<Frame> = Vec::new();
     for (i, (m, off)) in key.iter().enumerate() {
+        // Like valgrind, stop at main: what lies below is libc start-up code, and not looking it
+        // up spares loading libc's debug information.
+        if frames
+            .last()
+            .is_some_and(|f| f.function.as_deref() == Some("main") && !f.inlined)
+        {
+            break;
+        }
         let address = stack.map_or(0, |s| s.frames.get(i).copied().unwrap_or(0));
         match m {
             Some((path, bid)) => {
