@@ -170,8 +170,14 @@ macro_rules! cxx_new {
         #[cfg_attr(not(test), no_mangle)]
         pub unsafe extern "C-unwind" fn $name($($arg: $ty),*) -> *mut c_void {
             static REAL: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
-            let sym = CStr::from_bytes_with_nul(concat!(stringify!($name), "\0").as_bytes());
-            let f = real::next_symbol(&REAL, sym.unwrap_or(c"_Znwm"));
+            // The symbol's name, built at compile time (not on every call).
+            const SYM: &CStr = match CStr::from_bytes_with_nul(
+                concat!(stringify!($name), "\0").as_bytes(),
+            ) {
+                Ok(s) => s,
+                Err(_) => c"_Znwm",
+            };
+            let f = real::next_symbol(&REAL, SYM);
             let call = || {
                 if f.is_null() {
                     // No C++ runtime below us: behave like a non-throwing new.
@@ -203,8 +209,14 @@ macro_rules! cxx_delete {
         #[cfg_attr(not(test), no_mangle)]
         pub unsafe extern "C-unwind" fn $name($p: $pty $(, $arg: $ty)*) {
             static REAL: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
-            let sym = CStr::from_bytes_with_nul(concat!(stringify!($name), "\0").as_bytes());
-            let f = real::next_symbol(&REAL, sym.unwrap_or(c"_ZdlPv"));
+            // The symbol's name, built at compile time (not on every call).
+            const SYM: &CStr = match CStr::from_bytes_with_nul(
+                concat!(stringify!($name), "\0").as_bytes(),
+            ) {
+                Ok(s) => s,
+                Err(_) => c"_ZdlPv",
+            };
+            let f = real::next_symbol(&REAL, SYM);
             let call = || {
                 if f.is_null() {
                     // SAFETY: without a C++ runtime the block came from our malloc fallback.
