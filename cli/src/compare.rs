@@ -15,12 +15,17 @@ use crate::growth::{self, GrowthEntry, Timeline};
 use crate::process::Process;
 use crate::report::{callsite_key, render_frame, stack_lines, symbolize, thousands, Frame};
 
-type SiteKey = Vec<(Option<String>, Option<String>, Option<u32>)>;
+type SiteKey = Vec<(Option<String>, Option<String>, Option<u32>, u64)>;
 
+/// A callsite across runs: function, file and line of each frame; a frame without a function
+/// name (no symbols) by its module offset instead.
 fn site_key(stack: &[Frame]) -> SiteKey {
     stack
         .iter()
-        .map(|f| (f.function.clone(), f.file.clone(), f.line))
+        .map(|f| {
+            let off = if f.function.is_none() { f.offset } else { 0 };
+            (f.function.clone(), f.file.clone(), f.line, off)
+        })
         .collect()
 }
 
@@ -325,4 +330,125 @@ pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) 
         let _ = writeln!(out, "no callsite differs");
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leakhunt_format::encode::{self, Header};
+    use leakhunt_format::{slot, AllocFn, Epoch};
+    use std::path::PathBuf;
+
+    /// A trace of `epochs` epochs of 100 ms; in each, stack `s` gets `grow(s, epoch)` new
+    /// 64-byte blocks that are never freed (frames are bare addresses: no modules).
+    fn trace(name: &str, epochs: u32, stacks: &[u32], grow: impl Fn(u32, u32) -> u32) -> PathBuf {
+        let mut out = encode::preamble().to_vec();
+        encode::header(
+            &Header {
+                arch: "x86_64".into(),
+                pointer_size: 8,
+                little_endian: true,
+                pid: 1,
+                ppid: 0,
+                start_realtime_ns: 0,
+                start_monotonic_ns: 0,
+                exe: "synthetic".into(),
+                argv: vec!["synthetic".into()],
+                max_frames: 64,
+            },
+            &mut out,
+        );
+        let mut slots = Vec::new();
+        for &s in stacks {
+            slots.extend_from_slice(&slot::stack_header(
+                s,
+                0,
+                leakhunt_format::StopReason::End,
+                1,
+            ));
+            slots.extend_from_slice(&slot::frames(&[0x1000 * s as u64]));
+        }
+        let (mut seq, mut addr) = (0u64, 0x10_0000u64);
+        for e in 1..=epochs {
+            for &s in stacks {
+                for _ in 0..grow(s, e) {
+                    slots.extend_from_slice(&slot::alloc(AllocFn::Malloc, s, seq, addr, 64));
+                    seq += 1;
+                    addr += 64;
+                }
+            }
+            encode::batch(1, &slots, &mut out);
+            slots.clear();
+            let ep = Epoch {
+                index: e,
+                time_ns: e as u64 * 100_000_000,
+                seq,
+                rss: 1 << 20,
+            };
+            encode::epoch(&ep, &mut out);
+        }
+        let p = std::env::temp_dir().join(format!("leakhunt-verify-{}-{name}", std::process::id()));
+        std::fs::write(&p, out).unwrap();
+        p
+    }
+
+    #[test]
+    fn verify_passes_a_fix_and_fails_what_still_grows_a_new_growth_or_a_short_run() {
+        let mut sym = Symbolizer::new();
+        // Stack 1 leaks steadily before; stack 2 is a cache that fills in three epochs.
+        let before = trace("before", 30, &[1, 2], |s, e| {
+            if s == 1 {
+                3
+            } else {
+                (e <= 3) as u32 * 50
+            }
+        });
+        let fixed = trace("fixed", 30, &[1, 2], |s, e| {
+            if s == 1 {
+                (e <= 2) as u32
+            } else {
+                (e <= 3) as u32 * 50
+            }
+        });
+        let (text, ok) = verify(&before, &fixed, None, &mut sym).unwrap();
+        assert!(ok, "{text}");
+        assert!(
+            text.contains("FIXED") && text.contains("fixed: nothing that grew before grows now"),
+            "{text}"
+        );
+        let (text, ok) = verify(&before, &before, None, &mut sym).unwrap();
+        assert!(
+            !ok && text.contains("STILL GROWING") && text.contains("chase next"),
+            "{text}"
+        );
+        // The fix, but another callsite starts to grow.
+        let other = trace("other", 30, &[1, 3], |s, e| {
+            if s == 3 {
+                4
+            } else {
+                (e <= 2) as u32
+            }
+        });
+        let (text, ok) = verify(&before, &other, None, &mut sym).unwrap();
+        assert!(!ok && text.contains("NEW GROWTH"), "{text}");
+        // A fixed run observed for a third of the time proves nothing.
+        let short = trace("short", 10, &[1, 2], |s, e| {
+            if s == 1 {
+                (e <= 2) as u32
+            } else {
+                (e <= 3) as u32 * 50
+            }
+        });
+        let (text, ok) = verify(&before, &short, None, &mut sym).unwrap();
+        assert!(!ok && text.contains("run it at least as long"), "{text}");
+        // Too few epochs to judge at all: an error that says so.
+        let tiny = trace("tiny", 2, &[1], |_, _| 1);
+        let e = verify(&before, &tiny, None, &mut sym)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("too few to judge growth"), "{e}");
+        for p in [before, fixed, other, short, tiny] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
