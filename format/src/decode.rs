@@ -610,6 +610,31 @@ mod tests {
         out
     }
 
+    #[test]
+    fn epochs_and_snapshots_round_trip() {
+        let mut data = sample();
+        let e = crate::Epoch {
+            index: 7,
+            time_ns: 123_456_789,
+            seq: 42,
+            rss: 3 << 20,
+        };
+        encode::epoch(&e, &mut data);
+        encode::snapshot(7, "after warm-up", &mut data);
+        let (recs, err) = all(&data);
+        assert_eq!(err, None);
+        let n = recs.len();
+        assert_eq!(recs[n - 2], Record::Epoch(e));
+        assert_eq!(
+            recs[n - 1],
+            Record::Snapshot {
+                epoch: 7,
+                name: "after warm-up".into()
+            }
+        );
+        assert_eq!(validate(&data), Ok(n));
+    }
+
     fn all(data: &[u8]) -> (Vec<Record>, Option<DecodeError>) {
         let mut r = Reader::new(data);
         let mut v = Vec::new();
