@@ -278,15 +278,7 @@ pub fn render(t: &Timeline, entries: &[GrowthEntry]) -> Vec<String> {
         human(first(&t.rss_bytes)),
         human(last(&t.rss_bytes))
     ));
-    let flagged: Vec<&GrowthEntry> = entries
-        .iter()
-        .filter(|e| {
-            matches!(
-                e.verdict,
-                Verdict::Leak | Verdict::Growing | Verdict::Plateau
-            )
-        })
-        .collect();
+    let flagged: Vec<&GrowthEntry> = entries.iter().filter(|e| e.verdict.flagged()).collect();
     out.push(String::new());
     if flagged.is_empty() {
         out.push("No callsite grows: no leak under this load.".into());

@@ -104,16 +104,7 @@ fn process(p: &ProcReport, out: &mut String) {
         esc(&p.argv.join(" "))
     );
     if let Some(t) = &p.timeline {
-        let flagged: Vec<&GrowthEntry> = p
-            .growth
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e.verdict,
-                    Verdict::Leak | Verdict::Growing | Verdict::Plateau
-                )
-            })
-            .collect();
+        let flagged: Vec<&GrowthEntry> = p.growth.iter().filter(|e| e.verdict.flagged()).collect();
         // 1. Confirmation evidence.
         let _ = write!(
             out,

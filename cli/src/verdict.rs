@@ -33,6 +33,11 @@ impl Verdict {
         }
     }
 
+    /// Worth showing as a finding: it grew (a leak, a grower, or a plateau to check the bound of).
+    pub fn flagged(self) -> bool {
+        matches!(self, Verdict::Leak | Verdict::Growing | Verdict::Plateau)
+    }
+
     /// Still growing: what `verify` and `--fail-on-growth` care about.
     pub fn grows(self) -> bool {
         matches!(self, Verdict::Leak | Verdict::Growing)
