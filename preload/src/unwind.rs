@@ -612,10 +612,11 @@ fn repeats(s: &Scratch, slot: usize, sp: u64, bp: u64, hi: u64) -> bool {
     }
     let mut diff = 0u64;
     for &(at, v) in &c.list[..c.len as usize] {
-        // SAFETY: an earlier walk of this thread read this aligned word, inside `[sp, hi)` of
-        // the same stack mapping; the stack pointer is the same, so the word is still in the
-        // live part of the stack, which stays mapped while the thread lives (the scratch is reset
-        // when its ring passes to another thread). Volatile: the word may have changed.
+        // An earlier walk of this thread read this aligned word inside `[sp, hi)` of the same
+        // stack mapping, and the stack pointer is the same: the word is in the live part of the
+        // stack, mapped while the thread lives (the scratch is reset when its ring passes to
+        // another thread). Volatile, because the word may have changed.
+        // SAFETY: an aligned read of a mapped word of this thread's live stack, as above.
         diff |= unsafe { (at as *const u64).read_volatile() } ^ v;
     }
     diff == 0
