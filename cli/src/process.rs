@@ -33,41 +33,6 @@ pub struct Stack {
     pub frames: Vec<u64>,
 }
 
-/// A counter per stack id. Ids are dense from 1 (the tracer numbers stacks in order), so a vector
-/// indexed by id serves them, with a map for ids too large to index (a corrupt or foreign trace).
-#[derive(Clone, Debug, Default)]
-pub struct StackCounts {
-    dense: Vec<u64>,
-    sparse: FxHashMap<u32, u64>,
-}
-
-const DENSE_STACK_IDS: usize = 1 << 22;
-
-impl StackCounts {
-    #[inline]
-    pub fn add(&mut self, id: u32, n: u64) {
-        let i = id as usize;
-        if i < DENSE_STACK_IDS {
-            if i >= self.dense.len() {
-                self.dense.resize((i + 1).next_power_of_two(), 0);
-            }
-            self.dense[i] += n;
-        } else {
-            *self.sparse.entry(id).or_default() += n;
-        }
-    }
-
-    /// (id, count) for every id counted at least once.
-    pub fn iter(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
-        self.dense
-            .iter()
-            .enumerate()
-            .filter(|(_, &n)| n > 0)
-            .map(|(i, &n)| (i as u32, n))
-            .chain(self.sparse.iter().map(|(&id, &n)| (id, n)))
-    }
-}
-
 #[derive(Clone, Debug)]
 enum Ev {
     Alloc { addr: u64, size: u64, stack: u32 },
@@ -113,8 +78,6 @@ pub struct Process {
     pub truncated: Option<String>,
     /// Sequence numbers never received: events lost in transit.
     pub gaps: u64,
-    /// Allocation events per stack id (for unwind-quality figures).
-    pub allocs_by_stack: StackCounts,
     next_seq: u64,
     pending: BTreeMap<u64, Ev>,
     /// Live blocks at each fork point, by child pid (children traced).
@@ -499,7 +462,6 @@ impl Process {
     fn alloc(&mut self, addr: u64, size: u64, stack: u32) {
         self.totals.allocs += 1;
         self.totals.bytes_allocated += size;
-        self.allocs_by_stack.add(stack, 1);
         let born = self.growth.last_index;
         self.growth.add(stack, size as i64, 1);
         if let Some(old) = self.live.insert(addr, Live { size, stack, born }) {

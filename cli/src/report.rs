@@ -307,7 +307,7 @@ pub fn build_with(
         stopped_early: BTreeMap::new(),
         missing: 0,
     };
-    for (id, n) in p.allocs_by_stack.iter() {
+    for (id, n) in p.growth.allocs_by_stack() {
         match p.stacks.get(&id) {
             None => unwind.missing += n,
             Some(s) => {

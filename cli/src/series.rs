@@ -23,6 +23,8 @@ pub const MAX_BOUNDARIES: usize = 1024;
 pub struct Counter {
     pub bytes: i64,
     pub blocks: i64,
+    /// Allocations made (for the unwind-quality figures).
+    pub allocs: u64,
 }
 
 /// The process at one boundary.
@@ -80,6 +82,7 @@ impl Series {
             }
             self.now[i].bytes += bytes;
             self.now[i].blocks += blocks;
+            self.now[i].allocs += (blocks > 0) as u64;
             if !self.is_dirty[i] {
                 self.is_dirty[i] = true;
                 self.dirty.push(stack);
@@ -88,6 +91,7 @@ impl Series {
             let c = self.sparse_now.entry(stack).or_default();
             c.bytes += bytes;
             c.blocks += blocks;
+            c.allocs += (blocks > 0) as u64;
             self.dirty.push(stack);
         }
     }
@@ -180,6 +184,16 @@ impl Series {
             Some(c) => *c,
             None => self.sparse_now.get(&stack).copied().unwrap_or_default(),
         }
+    }
+
+    /// (stack id, allocations made from it) for every stack that allocated.
+    pub fn allocs_by_stack(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.now
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i as u32, c.allocs))
+            .chain(self.sparse_now.iter().map(|(&id, c)| (id, c.allocs)))
+            .filter(|&(_, n)| n > 0)
     }
 
     /// Stacks that had live blocks at some boundary.
