@@ -29,17 +29,28 @@ fn site_key(stack: &[Frame]) -> SiteKey {
         .collect()
 }
 
-fn read(path: &std::path::Path) -> Result<Process> {
-    let f = std::fs::File::open(path)
-        .with_context(|| format!("cannot open trace {}", path.display()))?;
-    let (p, err) = Process::read_stream(f);
+/// A trace read whole, or the error `leakhunt report` gives for it: a decode error, or no
+/// process header (saying why when the trace was cut short).
+pub fn checked(
+    path: &std::path::Path,
+    (p, err): (Process, Option<leakhunt_format::DecodeError>),
+) -> Result<Process> {
     if let Some(e) = err {
         bail!("{}: {e}", path.display());
     }
     if p.header.is_none() {
-        bail!("{}: the trace holds no process header", path.display());
+        match &p.truncated {
+            Some(why) => bail!("{}: {why}; no process header was recorded", path.display()),
+            None => bail!("{}: the trace holds no process header", path.display()),
+        }
     }
     Ok(p)
+}
+
+fn read(path: &std::path::Path) -> Result<Process> {
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("cannot open trace {}", path.display()))?;
+    checked(path, Process::read_stream(f))
 }
 
 /// A run's growth report, or an error saying why there is none.

@@ -217,7 +217,7 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
             "never" => false,
             _ => size > 64 << 20 && std::io::stderr().is_terminal(),
         };
-        let (p, err) = if show {
+        let r = if show {
             let mut bar = Progress::new(t, size);
             let r = Process::read_stream_progress(f, &mut |at| bar.show(at));
             bar.done();
@@ -225,16 +225,7 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
         } else {
             Process::read_stream(f)
         };
-        if let Some(e) = err {
-            bail!("{}: {e}", t.display());
-        }
-        if p.header.is_none() {
-            match &p.truncated {
-                Some(why) => bail!("{}: {why}; no process header was recorded", t.display()),
-                None => bail!("{}: the trace holds no process header", t.display()),
-            }
-        }
-        read.push(p);
+        read.push(compare::checked(t, r)?);
     }
     // Traces of a process and of its fork children, given together, carry the inherited heap.
     Process::link_forks(&mut read.iter_mut().collect::<Vec<_>>());
