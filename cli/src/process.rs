@@ -131,7 +131,7 @@ impl Process {
     /// that events recovered from elsewhere (ring files) can still fill the gaps; call
     /// [`Process::finish`] after.
     pub fn read_stream_open(src: impl Read) -> (Process, Option<DecodeError>) {
-        Process::read_stream_inner(src, &mut |_| {})
+        Process::read_stream_into(Process::new(), src, &mut |_| {})
     }
 
     /// As [`Process::read_stream`], calling `progress` with the byte offset reached after each
@@ -140,16 +140,9 @@ impl Process {
         src: impl Read,
         progress: &mut dyn FnMut(u64),
     ) -> (Process, Option<DecodeError>) {
-        let (mut p, err) = Process::read_stream_inner(src, progress);
+        let (mut p, err) = Process::read_stream_into(Process::new(), src, progress);
         p.finish();
         (p, err)
-    }
-
-    fn read_stream_inner(
-        src: impl Read,
-        progress: &mut dyn FnMut(u64),
-    ) -> (Process, Option<DecodeError>) {
-        Process::read_stream_into(Process::new(), src, progress)
     }
 
     /// Reads a stream into `p` (prepared by the caller, e.g. with an `on_epoch` hook), leaving
