@@ -91,8 +91,12 @@ pub struct Scratch {
     walk_ntail: u32,
     /// The last tail read was for a step whose CFA came from rbp.
     walk_tail_rbp: bool,
-    /// Whole-walk checks (see [`repeats`]) of recent walks, one per stack pointer (hashed).
+    /// Whole-walk checks (see [`repeats`]) of recent walks.
     checks: [Check; CHECKS],
+    /// Ticks once per capture that records or repeats a check (for `Check::used`).
+    check_clock: u32,
+    /// The check the current walk will record itself in.
+    walk_slot: usize,
     /// The check the last capture repeated or recorded (`CHECKS`: none).
     pub last_check: usize,
     /// The last capture repeated a check (its stack id is the check's).
@@ -105,8 +109,11 @@ pub struct Scratch {
 }
 
 /// Whole-walk checks kept per thread: the call sites of a request handler (a parse, a cache
-/// fill, a response) each allocate from their own stack pointer.
-const CHECKS: usize = 4;
+/// fill, a response) each allocate from their own stack pointer, or from the same one (two calls
+/// of `malloc` in one function). Searched whole: a capture tries every check recorded at its
+/// stack pointer; a walk replaces the least recently used one. Only the words a check uses are
+/// touched, so unused room costs address space, not memory.
+const CHECKS: usize = 8;
 
 /// What a later capture must find unchanged to repeat a walk whole: every stack word the walk
 /// read, with the value read, the registers it started from, its result, and (filled in by the
@@ -128,12 +135,25 @@ struct Check {
     /// The stack's id and meta (0: not known, the check cannot stand for the stack).
     id: u32,
     meta: u64,
+    /// `Scratch::check_clock` when the check was last recorded or repeated (least recently used
+    /// goes first).
+    used: u32,
 }
 
-/// The check slot for a capture starting at stack pointer `sp`.
+/// The check a walk from stack pointer `sp` records itself in: one never used, else the least
+/// recently used.
 #[inline]
-fn check_slot(sp: u64) -> usize {
-    ((sp >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 62) as usize % CHECKS
+fn check_victim(s: &Scratch) -> usize {
+    let mut best = 0;
+    for (i, c) in s.checks.iter().enumerate() {
+        if !c.ok {
+            return i;
+        }
+        if c.used.wrapping_sub(s.checks[best].used) as i32 <= 0 {
+            best = i;
+        }
+    }
+    best
 }
 
 /// Stack words a whole-walk check compares at most: two per step plus the tail.
@@ -407,20 +427,26 @@ pub fn capture(
     }
     s.ensure_fresh();
     let max = max.min(MAX_FRAMES_CAP);
-    let slot = check_slot(sp);
-    if !fresh_walk && repeats(s, slot, sp, bp, stack_hi as u64) {
-        s.repeated += 1;
-        s.last_check = slot;
-        s.hit = true;
-        let c = &s.checks[slot];
-        return (
-            c.n as usize,
-            StopReason::from_u8(c.reason).unwrap_or(StopReason::BadFrame),
-            false,
-        );
+    s.check_clock = s.check_clock.wrapping_add(1);
+    if !fresh_walk {
+        for slot in 0..CHECKS {
+            if repeats(s, slot, sp, bp, stack_hi as u64) {
+                s.repeated += 1;
+                s.last_check = slot;
+                s.hit = true;
+                let c = &mut s.checks[slot];
+                c.used = s.check_clock;
+                return (
+                    c.n as usize,
+                    StopReason::from_u8(c.reason).unwrap_or(StopReason::BadFrame),
+                    false,
+                );
+            }
+        }
     }
     let (sp0, bp0) = (sp, bp);
-    s.checks[slot].ok = false;
+    s.walk_slot = check_victim(s);
+    s.checks[s.walk_slot].ok = false;
     s.last_check = CHECKS;
     s.hit = false;
     let mut tail = [(0u64, 0u64); 2];
@@ -630,7 +656,7 @@ fn keep_check(s: &mut Scratch, sp: u64, bp: u64, hi: u64, n: usize, reason: Stop
     if len == 0 {
         return;
     }
-    let slot = check_slot(sp);
+    let slot = s.walk_slot;
     let gen = s.cache_gen;
     let (walk, tail, ntail) = (&s.walk[..len], s.walk_tail[0], s.walk_ntail);
     let c = &mut s.checks[slot];
@@ -664,6 +690,7 @@ fn keep_check(s: &mut Scratch, sp: u64, bp: u64, hi: u64, n: usize, reason: Stop
     c.reason = reason as u8;
     c.id = 0;
     c.ok = true;
+    c.used = s.check_clock;
     s.last_check = slot;
 }
 
