@@ -1,7 +1,8 @@
 //! One traced process, rebuilt from its trace stream: events merged across threads in sequence
 //! order, the live set, the stack and module tables, and how the stream and the process ended.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 use rustc_hash::FxHashMap;
 use std::io::Read;
@@ -39,6 +40,89 @@ enum Ev {
     Free { addr: u64 },
     Nop,
     Fork { child: u32 },
+}
+
+/// Events waiting for a lower sequence number, one queue per thread (a thread's events come in
+/// its sequence order), merged through a min-heap of the queues' first sequence numbers: with
+/// threads whose events interleave finely (every batch of one waits for the other's), each waiting
+/// event costs a queue push and a heap step over the few threads, not an ordered-map insert.
+#[derive(Default)]
+struct Pending {
+    queues: Vec<VecDeque<(u64, Ev)>>,
+    by_tid: FxHashMap<u32, usize>,
+    /// (first sequence number, queue) for every non-empty queue, exactly one entry each.
+    heads: BinaryHeap<Reverse<(u64, usize)>>,
+    len: usize,
+}
+
+impl Pending {
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, tid: u32, seq: u64, ev: Ev) {
+        let queues = &mut self.queues;
+        let q = *self.by_tid.entry(tid).or_insert_with(|| {
+            queues.push(VecDeque::new());
+            queues.len() - 1
+        });
+        let queue = &mut self.queues[q];
+        self.len += 1;
+        match queue.back() {
+            None => {
+                queue.push_back((seq, ev));
+                self.heads.push(Reverse((seq, q)));
+            }
+            Some(&(last, _)) if last < seq => queue.push_back((seq, ev)),
+            Some(_) => {
+                // Out of order within a thread (a thread id reused by a later thread, a
+                // recovered ring): keep the queue sorted, and its heap entry right.
+                let at = queue.partition_point(|&(s, _)| s < seq);
+                queue.insert(at, (seq, ev));
+                if at == 0 {
+                    self.rebuild_heads();
+                }
+            }
+        }
+    }
+
+    fn rebuild_heads(&mut self) {
+        self.heads = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter_map(|(q, queue)| queue.front().map(|&(s, _)| Reverse((s, q))))
+            .collect();
+    }
+
+    /// The lowest waiting sequence number.
+    #[inline]
+    fn first(&self) -> Option<u64> {
+        self.heads.peek().map(|Reverse((s, _))| *s)
+    }
+
+    /// Takes the event with the lowest sequence number.
+    fn pop(&mut self) -> Option<(u64, Ev)> {
+        let mut top = self.heads.peek_mut()?;
+        let Reverse((_, q)) = *top;
+        let queue = &mut self.queues[q];
+        let e = queue.pop_front()?;
+        match queue.front() {
+            Some(&(s, _)) => *top = Reverse((s, q)),
+            None => {
+                std::collections::binary_heap::PeekMut::pop(top);
+            }
+        }
+        self.len -= 1;
+        Some(e)
+    }
+
+    fn contains(&self, seq: u64) -> bool {
+        self.queues
+            .iter()
+            .any(|q| q.binary_search_by_key(&seq, |&(s, _)| s).is_ok())
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -79,7 +163,7 @@ pub struct Process {
     /// Sequence numbers never received: events lost in transit.
     pub gaps: u64,
     next_seq: u64,
-    pending: BTreeMap<u64, Ev>,
+    pending: Pending,
     /// Live blocks at each fork point, by child pid (children traced).
     pub forks: FxHashMap<u32, FxHashMap<u64, Live>>,
     /// Addresses freed without a matching allocation (blocks from before tracing began).
@@ -181,7 +265,7 @@ impl Process {
     /// Applies the slots of a batch recovered from a ring file after the process died: events
     /// the stream already delivered are skipped (the ring still held them), the others are
     /// applied in sequence order like any. Returns how many events were new.
-    pub fn recover(&mut self, slots: &[u8]) -> Result<u64, String> {
+    pub fn recover(&mut self, tid: u32, slots: &[u8]) -> Result<u64, String> {
         let mut n = 0;
         for (i, s) in SlotIter::new(slots).enumerate() {
             let s = s.map_err(|e| format!("slot {i}: {}", e.what))?;
@@ -192,10 +276,10 @@ impl Process {
                 | SlotRecord::Fork { seq, .. } => Some(*seq),
                 SlotRecord::Stack { .. } => None,
             };
-            if seq.is_some_and(|q| q < self.next_seq || self.pending.contains_key(&q)) {
+            if seq.is_some_and(|q| q < self.next_seq || self.pending.contains(q)) {
                 continue;
             }
-            self.slot(s, 0).map_err(|e| e.to_string())?;
+            self.slot(tid, s, 0).map_err(|e| e.to_string())?;
             n += u64::from(seq.is_some());
         }
         Ok(n)
@@ -203,7 +287,7 @@ impl Process {
 
     /// Applies one slot record of a batch starting at byte `offset`. A stack already known keeps
     /// its first definition (a recovered ring may repeat it).
-    fn slot(&mut self, s: SlotRecord, offset: u64) -> Result<(), DecodeError> {
+    fn slot(&mut self, tid: u32, s: SlotRecord, offset: u64) -> Result<(), DecodeError> {
         match s {
             SlotRecord::Stack {
                 id,
@@ -224,10 +308,10 @@ impl Process {
                 addr,
                 size,
                 ..
-            } => self.event(seq, Ev::Alloc { addr, size, stack }, offset),
-            SlotRecord::Free { seq, addr, .. } => self.event(seq, Ev::Free { addr }, offset),
-            SlotRecord::Nop { seq } => self.event(seq, Ev::Nop, offset),
-            SlotRecord::Fork { seq, child } => self.event(seq, Ev::Fork { child }, offset),
+            } => self.event(tid, seq, Ev::Alloc { addr, size, stack }, offset),
+            SlotRecord::Free { seq, addr, .. } => self.event(tid, seq, Ev::Free { addr }, offset),
+            SlotRecord::Nop { seq } => self.event(tid, seq, Ev::Nop, offset),
+            SlotRecord::Fork { seq, child } => self.event(tid, seq, Ev::Fork { child }, offset),
         }
     }
 
@@ -342,15 +426,16 @@ impl Process {
                     m.unload_gen = Some(gen);
                 }
             }
-            Record::Batch { offset, slots, .. } => self.batch(&slots, offset)?,
+            Record::Batch { tid, offset, slots } => self.batch(tid, &slots, offset)?,
             Record::Events {
+                tid,
                 offset,
                 count,
                 body,
-                ..
             } => {
                 let mut sink = Apply {
                     p: self,
+                    tid,
                     offset,
                     error: None,
                 };
@@ -379,7 +464,7 @@ impl Process {
 
     /// Applies a batch's slots. Allocations and frees that come in sequence order (nearly all of
     /// them) are applied straight from their bytes; anything else goes through the full decoder.
-    fn batch(&mut self, data: &[u8], offset: u64) -> Result<(), DecodeError> {
+    fn batch(&mut self, tid: u32, data: &[u8], offset: u64) -> Result<(), DecodeError> {
         let mut pos = 0;
         while let Some(s) = data.get(pos..pos + slot::SLOT_LEN) {
             let word = |at: usize| u64::from_le_bytes(s[at..at + 8].try_into().unwrap_or([0; 8]));
@@ -409,7 +494,7 @@ impl Process {
                 what: format!("batch slot {}: {}", (pos + e.at) / slot::SLOT_LEN, e.what),
             })?;
             pos += it.consumed();
-            self.slot(rec, offset)?;
+            self.slot(tid, rec, offset)?;
         }
         if pos < data.len() {
             let at = pos;
@@ -426,28 +511,33 @@ impl Process {
     }
 
     /// Buffers an event until every lower sequence number has been applied.
-    fn event(&mut self, seq: u64, ev: Ev, offset: u64) -> Result<(), DecodeError> {
-        if seq == self.next_seq {
-            // The common case: in order.
-            self.apply_event(ev);
-            self.bump();
-            while let Some(e) = self.pending.first_entry() {
-                if *e.key() != self.next_seq {
-                    break;
+    fn event(&mut self, tid: u32, seq: u64, ev: Ev, offset: u64) -> Result<(), DecodeError> {
+        let twice = |seq| DecodeError::Corrupt {
+            offset,
+            what: format!("event sequence number {seq} appears twice"),
+        };
+        if seq < self.next_seq {
+            return Err(twice(seq));
+        }
+        if seq != self.next_seq {
+            self.pending.push(tid, seq, ev);
+            return Ok(());
+        }
+        // In order: apply it and what waited for it.
+        self.apply_event(ev);
+        self.bump();
+        while let Some(first) = self.pending.first() {
+            if first != self.next_seq {
+                if first < self.next_seq {
+                    return Err(twice(first));
                 }
-                let ev = e.remove();
+                break;
+            }
+            if let Some((_, ev)) = self.pending.pop() {
                 self.apply_event(ev);
                 self.bump();
             }
-            return Ok(());
         }
-        if seq < self.next_seq || self.pending.contains_key(&seq) {
-            return Err(DecodeError::Corrupt {
-                offset,
-                what: format!("event sequence number {seq} appears twice"),
-            });
-        }
-        self.pending.insert(seq, ev);
         Ok(())
     }
 
@@ -523,8 +613,16 @@ impl Process {
 
     /// End of stream: apply what is still waiting, counting the sequence numbers that never came.
     pub fn finish(&mut self) {
-        let pending = std::mem::take(&mut self.pending);
-        for (seq, ev) in pending {
+        let mut pending = std::mem::take(&mut self.pending);
+        while let Some((seq, ev)) = pending.pop() {
+            if seq < self.next_seq {
+                // Two threads' records claimed one sequence number (caught here only when the
+                // stream ended before the number came up).
+                self.warnings.push(format!(
+                    "event sequence number {seq} appears twice; the second was ignored"
+                ));
+                continue;
+            }
             self.gaps += seq - self.next_seq;
             self.reach(seq);
             self.apply_event(ev);
@@ -554,6 +652,8 @@ impl Process {
 /// and frees straight to the live set, anything else through the same path as slots.
 struct Apply<'a> {
     p: &'a mut Process,
+    /// The thread whose ring the record drained.
+    tid: u32,
     offset: u64,
     /// A decode error from the process (a repeated sequence number), kept as it is.
     error: Option<DecodeError>,
@@ -561,7 +661,7 @@ struct Apply<'a> {
 
 impl Apply<'_> {
     fn event(&mut self, seq: u64, ev: Ev) -> Result<(), String> {
-        self.p.event(seq, ev, self.offset).map_err(|e| {
+        self.p.event(self.tid, seq, ev, self.offset).map_err(|e| {
             let s = e.to_string();
             self.error = Some(e);
             s
@@ -698,5 +798,66 @@ mod tests {
         let data = stream(&[(1, vec![slot::nop(0), slot::nop(0)])]);
         let (_, err) = Process::read_stream(&data[..]);
         assert!(err.unwrap().to_string().contains("appears twice"));
+    }
+
+    #[test]
+    fn interleaved_threads_merge_in_sequence_order() {
+        // Two threads whose events alternate, each thread's batch arriving whole: thread 1's
+        // allocations wait for thread 2's frees of the same addresses, and an address freed by
+        // one thread is reused by the other only after.
+        let mut a = vec![];
+        let mut b = vec![];
+        for i in 0..100u64 {
+            a.push(slot::alloc(
+                AllocFn::Malloc,
+                0,
+                2 * i,
+                0x1000 + 16 * (i % 4),
+                8,
+            ));
+            b.push(slot::free(
+                leakhunt_format::FreeFn::Free,
+                2 * i + 1,
+                0x1000 + 16 * (i % 4),
+            ));
+        }
+        let data = stream(&[(1, a), (2, b)]);
+        let (p, err) = Process::read_stream(&data[..]);
+        assert!(err.is_none(), "{err:?}");
+        assert!(
+            p.live.is_empty(),
+            "every block was freed after its allocation"
+        );
+        assert_eq!((p.totals.allocs, p.totals.frees, p.gaps), (100, 100, 0));
+        assert_eq!(p.totals.unknown_frees, 0);
+    }
+
+    #[test]
+    fn a_sequence_number_claimed_by_two_threads_is_corruption() {
+        let data = stream(&[
+            (1, vec![slot::nop(1)]),
+            (2, vec![slot::nop(1)]),
+            (3, vec![slot::nop(0), slot::nop(2)]),
+        ]);
+        let (_, err) = Process::read_stream(&data[..]);
+        assert!(err.unwrap().to_string().contains("number 1 appears twice"));
+    }
+
+    #[test]
+    fn a_thread_id_reused_out_of_order_still_merges() {
+        // Records of one thread id whose sequence numbers go back (a later thread with a reused
+        // id): still applied in sequence order.
+        let data = stream(&[
+            (1, vec![slot::free(leakhunt_format::FreeFn::Free, 3, 0x10)]),
+            (
+                1,
+                vec![slot::alloc(AllocFn::Malloc, 0, 1, 0x10, 8), slot::nop(2)],
+            ),
+            (2, vec![slot::nop(0)]),
+        ]);
+        let (p, err) = Process::read_stream(&data[..]);
+        assert!(err.is_none(), "{err:?}");
+        assert!(p.live.is_empty());
+        assert_eq!((p.totals.allocs, p.totals.frees, p.gaps), (1, 1, 0));
     }
 }

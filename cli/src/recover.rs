@@ -74,7 +74,7 @@ pub fn from_ring_files(p: &mut Process, dir: &Path) -> (u64, Vec<(u32, Vec<u8>)>
         let got = std::fs::read(&f)
             .map_err(|e| e.to_string())
             .and_then(|d| undelivered(&d))
-            .and_then(|(tid, slots)| Ok((tid, p.recover(&slots)?, slots)));
+            .and_then(|(tid, slots)| Ok((tid, p.recover(tid, &slots)?, slots)));
         match got {
             Ok((tid, n, slots)) => {
                 total += n;
