@@ -93,6 +93,9 @@ pub struct Scratch {
     walk_tail_rbp: bool,
     /// Whole-walk checks (see [`repeats`]) of recent walks.
     checks: [Check; CHECKS],
+    /// The checks' word lists, and how much of it is handed out.
+    check_pool: [(u64, u64); CHECK_POOL],
+    check_pool_len: u32,
     /// Ticks once per capture that records or repeats a check (for `Check::used`).
     check_clock: u32,
     /// The check the current walk will record itself in.
@@ -110,17 +113,26 @@ pub struct Scratch {
 
 /// Whole-walk checks kept per thread: the call sites of a request handler (a parse, a cache
 /// fill, a response) each allocate from their own stack pointer, or from the same one (two calls
-/// of `malloc` in one function). Searched whole: a capture tries every check recorded at its
-/// stack pointer; a walk replaces the least recently used one. Only the words a check uses are
-/// touched, so unused room costs address space, not memory.
-const CHECKS: usize = 8;
+/// of `malloc` in one function); sqlite3 runs ~20-30 allocation sites per statement in a cycle,
+/// which least-recently-used replacement in fewer checks misses every time. Set-associative: the
+/// stack pointer picks a set, a capture tries every check of the set, a walk replaces the set's
+/// least recently used one.
+const CHECK_WAYS: usize = 4;
+const CHECK_SETS: usize = 32;
+const CHECKS: usize = CHECK_SETS * CHECK_WAYS;
+
+/// Room for the checks' word lists (address, value), shared by the thread's checks and handed out
+/// in order; when it runs out every check is dropped and it starts over. Only the part used is
+/// ever touched.
+const CHECK_POOL: usize = 8192;
 
 /// What a later capture must find unchanged to repeat a walk whole: every stack word the walk
 /// read, with the value read, the registers it started from, its result, and (filled in by the
 /// tracer once interned) its stack id.
 #[repr(C)]
 struct Check {
-    list: [(u64, u64); CHECK_CAP],
+    /// The check's words: `Scratch::check_pool[start..start + len]`.
+    start: u32,
     len: u32,
     /// Usable (else a capture walks).
     ok: bool,
@@ -140,12 +152,20 @@ struct Check {
     used: u32,
 }
 
-/// The check a walk from stack pointer `sp` records itself in: one never used, else the least
-/// recently used.
+/// The first check of the set for captures starting at stack pointer `sp`.
 #[inline]
-fn check_victim(s: &Scratch) -> usize {
-    let mut best = 0;
-    for (i, c) in s.checks.iter().enumerate() {
+fn check_set(sp: u64) -> usize {
+    ((sp >> 3).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 59) as usize % CHECK_SETS * CHECK_WAYS
+}
+
+/// The check a walk from stack pointer `sp` records itself in: one of its set not in use, else
+/// the set's least recently used.
+#[inline]
+fn check_victim(s: &Scratch, sp: u64) -> usize {
+    let set = check_set(sp);
+    let mut best = set;
+    for i in set..set + CHECK_WAYS {
+        let c = &s.checks[i];
         if !c.ok {
             return i;
         }
@@ -156,8 +176,8 @@ fn check_victim(s: &Scratch) -> usize {
     best
 }
 
-/// Stack words a whole-walk check compares at most: two per step plus the tail.
-const CHECK_CAP: usize = 2 * WALK_CAP + 2;
+// The words of the longest walk's check (two a step and the tail's) fit in the pool.
+const _: () = assert!(2 * WALK_CAP + 1 <= CHECK_POOL);
 
 /// Steps a walk keeps: the recorded frames plus the library's own leading frames.
 const WALK_CAP: usize = MAX_FRAMES_CAP + 16;
@@ -215,6 +235,7 @@ impl Scratch {
         for c in self.checks.iter_mut() {
             c.ok = false;
         }
+        self.check_pool_len = 0;
         self.last_check = CHECKS;
         self.prev_len = 0;
         self.prev_id = 0;
@@ -429,7 +450,8 @@ pub fn capture(
     let max = max.min(MAX_FRAMES_CAP);
     s.check_clock = s.check_clock.wrapping_add(1);
     if !fresh_walk {
-        for slot in 0..CHECKS {
+        let set = check_set(sp);
+        for slot in set..set + CHECK_WAYS {
             if repeats(s, slot, sp, bp, stack_hi as u64) {
                 s.repeated += 1;
                 s.last_check = slot;
@@ -445,7 +467,7 @@ pub fn capture(
         }
     }
     let (sp0, bp0) = (sp, bp);
-    s.walk_slot = check_victim(s);
+    s.walk_slot = check_victim(s, sp);
     s.checks[s.walk_slot].ok = false;
     s.last_check = CHECKS;
     s.hit = false;
@@ -637,7 +659,11 @@ fn repeats(s: &Scratch, slot: usize, sp: u64, bp: u64, hi: u64) -> bool {
         return false;
     }
     let mut diff = 0u64;
-    for &(at, v) in &c.list[..c.len as usize] {
+    let list = s
+        .check_pool
+        .get(c.start as usize..(c.start + c.len) as usize)
+        .unwrap_or(&[]);
+    for &(at, v) in list {
         // An earlier walk of this thread read this aligned word inside `[sp, hi)` of the same
         // stack mapping, and the stack pointer is the same: the word is in the live part of the
         // stack, mapped while the thread lives (the scratch is reset when its ring passes to
@@ -658,25 +684,37 @@ fn keep_check(s: &mut Scratch, sp: u64, bp: u64, hi: u64, n: usize, reason: Stop
     }
     let slot = s.walk_slot;
     let gen = s.cache_gen;
+    // At most two words a step and the tail's.
+    let need = 2 * len + 1;
+    if s.check_pool_len as usize + need > CHECK_POOL {
+        for c in s.checks.iter_mut() {
+            c.ok = false;
+        }
+        s.check_pool_len = 0;
+    }
+    let start = s.check_pool_len as usize;
     let (walk, tail, ntail) = (&s.walk[..len], s.walk_tail[0], s.walk_ntail);
-    let c = &mut s.checks[slot];
+    let list = &mut s.check_pool[start..start + need];
     let mut m = 0;
     // Saved rbp words count only where the rest of the walk uses them (`needs_bp`, which also
     // covers the step the walk stopped at).
     for st in walk {
-        c.list[m] = (st.cfa.wrapping_add(st.ra_off as i64 as u64), st.ra);
+        list[m] = (st.cfa.wrapping_add(st.ra_off as i64 as u64), st.ra);
         m += 1;
         if st.rbp_off != 0 && st.needs_bp {
-            c.list[m] = (st.cfa.wrapping_add(st.rbp_off as i64 as u64), st.bp);
+            list[m] = (st.cfa.wrapping_add(st.rbp_off as i64 as u64), st.bp);
             m += 1;
         }
     }
     // The return address read by the step the walk stopped at (0 ends a walk): the rbp it
     // restored there is used by nothing.
     if ntail > 0 {
-        c.list[m] = tail;
+        list[m] = tail;
         m += 1;
     }
+    s.check_pool_len = (start + m) as u32;
+    let c = &mut s.checks[slot];
+    c.start = start as u32;
     c.len = m as u32;
     // The walk uses the rbp it started with if its first step computes the CFA from it, or
     // carries it on to a step that needs it.
