@@ -36,10 +36,24 @@ pub struct Stack {
 
 #[derive(Clone, Debug)]
 enum Ev {
-    Alloc { addr: u64, size: u64, stack: u32 },
-    Free { addr: u64 },
+    Alloc {
+        addr: u64,
+        size: u64,
+        stack: u32,
+    },
+    Free {
+        addr: u64,
+    },
     Nop,
-    Fork { child: u32 },
+    Fork {
+        child: u32,
+    },
+    /// `count` allocations from `stack`, `bytes` in all, each freed again (elided pairs).
+    Pairs {
+        stack: u32,
+        count: u64,
+        bytes: u64,
+    },
 }
 
 /// Events waiting for a lower sequence number, one queue per thread (a thread's events come in
@@ -273,7 +287,8 @@ impl Process {
                 SlotRecord::Alloc { seq, .. }
                 | SlotRecord::Free { seq, .. }
                 | SlotRecord::Nop { seq }
-                | SlotRecord::Fork { seq, .. } => Some(*seq),
+                | SlotRecord::Fork { seq, .. }
+                | SlotRecord::Pairs { seq, .. } => Some(*seq),
                 SlotRecord::Stack { .. } => None,
             };
             if seq.is_some_and(|q| q < self.next_seq || self.pending.contains(q)) {
@@ -312,6 +327,21 @@ impl Process {
             SlotRecord::Free { seq, addr, .. } => self.event(tid, seq, Ev::Free { addr }, offset),
             SlotRecord::Nop { seq } => self.event(tid, seq, Ev::Nop, offset),
             SlotRecord::Fork { seq, child } => self.event(tid, seq, Ev::Fork { child }, offset),
+            SlotRecord::Pairs {
+                seq,
+                stack,
+                count,
+                bytes,
+            } => self.event(
+                tid,
+                seq,
+                Ev::Pairs {
+                    stack,
+                    count,
+                    bytes,
+                },
+                offset,
+            ),
         }
     }
 
@@ -608,6 +638,16 @@ impl Process {
             Ev::Fork { child } => {
                 self.forks.insert(child, self.live.clone());
             }
+            Ev::Pairs {
+                stack,
+                count,
+                bytes,
+            } => {
+                self.totals.allocs += count;
+                self.totals.frees += count;
+                self.totals.bytes_allocated += bytes;
+                self.growth.add_allocs(stack, count);
+            }
         }
     }
 
@@ -709,6 +749,33 @@ impl compact::Sink for Apply<'_> {
 
     fn fork(&mut self, seq: u64, child: u32) -> Result<(), String> {
         self.event(seq, Ev::Fork { child })
+    }
+
+    fn pairs(&mut self, seq: u64, stack: u32, count: u64, bytes: u64) -> Result<(), String> {
+        self.event(
+            seq,
+            Ev::Pairs {
+                stack,
+                count,
+                bytes,
+            },
+        )
+    }
+
+    #[inline]
+    fn skip(&mut self, seq: u64, count: u64) -> Result<(), String> {
+        if self.p.pending.is_empty() && seq == self.p.next_seq {
+            // In order: nothing to apply, only boundaries to close on the way.
+            self.p.next_seq += count;
+            if self.p.next_seq >= self.p.growth.next_seq {
+                self.p.reach(self.p.next_seq);
+            }
+            return Ok(());
+        }
+        for i in 0..count {
+            self.event(seq + i, Ev::Nop)?;
+        }
+        Ok(())
     }
 
     fn stack(&mut self, id: u32, gen: u32, reason: u8, frames: &[u64]) -> Result<(), String> {
@@ -859,5 +926,171 @@ mod tests {
         assert!(err.is_none(), "{err:?}");
         assert!(p.live.is_empty());
         assert_eq!((p.totals.allocs, p.totals.frees, p.gaps), (1, 1, 0));
+    }
+
+    /// A trace of random allocations and frees by `threads` threads (1 or 2; with 2, some frees
+    /// cross threads), some of blocks never seen, with epoch boundaries, written once event by
+    /// event and once with the pairs the writer elides from every batch. Like any allocator's,
+    /// it never hands out a live address.
+    fn random_traces(seed: u64, threads: u64) -> (Vec<u8>, Vec<u8>, usize) {
+        use leakhunt_format::compact::{self, Group, PairScratch};
+        use leakhunt_format::{Epoch, StopReason};
+        let mut rng = seed;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut slots: [Vec<u8>; 2] = [vec![], vec![]];
+        // Stacks 1-3 for thread 1, 4-6 for thread 2.
+        for (t, s) in slots.iter_mut().enumerate() {
+            for k in 1..=3u32 {
+                let id = t as u32 * 3 + k;
+                s.extend_from_slice(&slot::stack_header(id, 0, StopReason::End, 1));
+                s.extend_from_slice(&slot::frames(&[0x1000 * id as u64]));
+            }
+        }
+        let mut live: Vec<(u64, usize)> = vec![];
+        let mut bounds = vec![];
+        let mut records: Vec<(usize, usize, usize)> = vec![]; // (thread, from, to) byte ranges
+        let mut from = [0usize; 2];
+        let mut t = 0usize;
+        for seq in 0..4000u64 {
+            // Threads take turns in bursts, as busy threads on few cores do.
+            if next(20) == 0 {
+                t = next(threads) as usize;
+            }
+            let r = next(100);
+            let addr = 0x10_0000 + 16 * next(300);
+            let s = if (r < 45 || live.is_empty()) && !live.iter().any(|l| l.0 == addr) {
+                let stack = t as u32 * 3 + 1 + next(3) as u32;
+                let f = [AllocFn::Malloc, AllocFn::Calloc, AllocFn::New][next(3) as usize];
+                live.push((addr, t));
+                slot::alloc(f, stack, seq, addr, 1 + next(500))
+            } else if r < 97 && !live.is_empty() {
+                // Mostly the newest blocks: short lives, as in a busy program.
+                let i = live.len() - 1 - next(live.len().min(20) as u64) as usize;
+                let (addr, _) = live.remove(i);
+                let f = [FreeFn::Free, FreeFn::Delete, FreeFn::Realloc][next(3) as usize];
+                slot::free(f, seq, addr)
+            } else {
+                slot::free(FreeFn::Free, seq, 0x90_0000 + next(50))
+            };
+            slots[t].extend_from_slice(&s);
+            if next(300) == 0 {
+                bounds.push(seq + 1);
+            }
+            if next(150) == 0 {
+                let end = slots[t].len();
+                records.push((t, from[t], end));
+                from[t] = end;
+            }
+        }
+        for t in 0..threads as usize {
+            records.push((t, from[t], slots[t].len()));
+        }
+        let (mut table, mut marks, mut groups) = (
+            vec![0u32; 1 << 14],
+            vec![0u16; 8192],
+            vec![Group::default(); 1024],
+        );
+        let mut whole = encode::preamble().to_vec();
+        let mut elided = whole.clone();
+        let mut n_elided = 0;
+        let mut epochs_out = 0;
+        for (t, a, b) in records {
+            let part = &slots[t][a..b];
+            // A boundary goes out before any record with a number past it, as the writer sends
+            // it before it drains the rings.
+            let last = SlotIter::new(part)
+                .filter_map(|r| match r {
+                    Ok(SlotRecord::Alloc { seq, .. } | SlotRecord::Free { seq, .. }) => Some(seq),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
+            while epochs_out < bounds.len() && bounds[epochs_out] <= last {
+                let e = Epoch {
+                    index: epochs_out as u32 + 1,
+                    time_ns: epochs_out as u64,
+                    seq: bounds[epochs_out],
+                    rss: 0,
+                };
+                encode::epoch(&e, &mut whole);
+                encode::epoch(&e, &mut elided);
+                epochs_out += 1;
+            }
+            encode::batch(t as u32 + 1, part, &mut whole);
+            let mut sc = PairScratch {
+                table: &mut table,
+                marks: &mut marks,
+                groups: &mut groups,
+            };
+            let (pairs, n) = compact::find_pairs(&[part], &bounds, 0, &mut sc).unwrap();
+            n_elided += n;
+            let count = part.len() / slot::SLOT_LEN;
+            let mut packed = vec![0u8; count * compact::MAX_SLOT_BYTES];
+            let len = compact::encode_elided(&[part], &mut packed, &pairs).unwrap();
+            let mut head = [0u8; 8];
+            head[..4].copy_from_slice(&(t as u32 + 1).to_le_bytes());
+            head[4..].copy_from_slice(&(count as u32).to_le_bytes());
+            encode::sealed(
+                leakhunt_format::tag::EVENTS,
+                &[&head, &packed[..len]],
+                &mut elided,
+            );
+        }
+        (whole, elided, n_elided)
+    }
+
+    #[test]
+    fn elided_pairs_give_the_same_figures_as_every_event() {
+        // One thread, and two whose events interleave: a block one thread frees and gets back
+        // between another's allocation and free of the same address must not make a pair.
+        for (seed, threads) in [
+            (0x9E37_79B9_7F4A_7C15u64, 1),
+            (77, 1),
+            (4242, 2),
+            (0xDEAD_BEEF, 2),
+            (5, 2),
+        ] {
+            let (whole, elided, n) = random_traces(seed, threads);
+            assert!(n > 500, "{n} events elided");
+            assert!(elided.len() * 2 < whole.len());
+            let (mut a, ea) = Process::read_stream(&whole[..]);
+            let (mut b, eb) = Process::read_stream(&elided[..]);
+            assert!(ea.is_none() && eb.is_none(), "{ea:?} {eb:?}");
+            a.finish();
+            b.finish();
+            let t = |p: &Process| {
+                let t = &p.totals;
+                (
+                    t.allocs,
+                    t.frees,
+                    t.bytes_allocated,
+                    t.unknown_frees,
+                    t.reused_live,
+                )
+            };
+            assert_eq!(t(&a), t(&b));
+            assert!(a.totals.unknown_frees > 0);
+            assert_eq!((a.gaps, b.gaps), (0, 0));
+            let mut la: Vec<_> = a.live.iter().map(|(k, v)| (*k, v.size, v.stack)).collect();
+            let mut lb: Vec<_> = b.live.iter().map(|(k, v)| (*k, v.size, v.stack)).collect();
+            la.sort_unstable();
+            lb.sort_unstable();
+            assert_eq!(la, lb);
+            assert!(a.growth.boundaries.len() > 3);
+            assert_eq!(a.growth.boundaries, b.growth.boundaries);
+            for stack in 1..=6 {
+                assert_eq!(a.growth.of(stack), b.growth.of(stack), "stack {stack}");
+            }
+            let mut aa: Vec<_> = a.growth.allocs_by_stack().collect();
+            let mut ab: Vec<_> = b.growth.allocs_by_stack().collect();
+            aa.sort_unstable();
+            ab.sort_unstable();
+            assert_eq!(aa, ab);
+        }
     }
 }

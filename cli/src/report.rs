@@ -67,6 +67,9 @@ pub struct Captures {
     pub walked: u64,
     pub joined: u64,
     pub repeated: u64,
+    /// Events the writer sent as elided pairs (allocations freed again within an epoch,
+    /// counted per stack instead of sent one by one).
+    pub elided_events: u64,
 }
 
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
@@ -390,6 +393,7 @@ pub fn build_with(
                 walked: stat(stat::UNWIND_WALKED),
                 joined: stat(stat::UNWIND_REUSED),
                 repeated: stat(stat::UNWIND_REPEATED),
+                elided_events: stat(stat::ELIDED),
             }
         },
         leaks,

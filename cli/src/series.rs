@@ -69,6 +69,28 @@ impl Series {
 
     /// Blocks of `stack` appeared (positive) or went away (negative).
     #[inline]
+    /// `n` allocations from `stack` that were freed again in the same interval (elided pairs:
+    /// live bytes and blocks do not change).
+    pub fn add_allocs(&mut self, stack: u32, n: u64) {
+        self.allocs += n;
+        let i = stack as usize;
+        if i < DENSE {
+            if i >= self.now.len() {
+                let len = (i + 1).next_power_of_two();
+                self.now.resize(len, Counter::default());
+                self.is_dirty.resize(len, false);
+            }
+            self.now[i].allocs += n;
+            if !self.is_dirty[i] {
+                self.is_dirty[i] = true;
+                self.dirty.push(stack);
+            }
+        } else {
+            self.sparse_now.entry(stack).or_default().allocs += n;
+            self.dirty.push(stack);
+        }
+    }
+
     pub fn add(&mut self, stack: u32, bytes: i64, blocks: i64) {
         self.total.bytes += bytes;
         self.total.blocks += blocks;

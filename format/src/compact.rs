@@ -8,6 +8,9 @@
 //! decoding free of per-byte loops. Every record starts from zero state, so each decodes alone.
 //! An allocator storm averages 5-7 bytes per event instead of 32.
 //!
+//! Runs of `NOP`s whose sequence numbers follow on (what elided pairs leave, see [`find_pairs`])
+//! take one byte per up to 32 (`SKIP`), a `PAIRS` slot its stack, count and bytes.
+//!
 //! [`encode`] never allocates (the preload's writer thread calls it into a fixed buffer);
 //! [`expand`] turns a body back into the exact slots it came from.
 
@@ -18,6 +21,9 @@ const CODE_FREE: u8 = 1;
 const CODE_NOP: u8 = 2;
 const CODE_FORK: u8 = 3;
 const CODE_STACK: u8 = 4;
+/// `function` + 1 `NOP`s numbered on from the one expected next (one byte for up to 32).
+const CODE_SKIP: u8 = 5;
+const CODE_PAIRS: u8 = 6;
 
 /// The event code of each slot kind (`NONE`: not an event).
 const CODE_OF: [u8; 256] = {
@@ -26,6 +32,7 @@ const CODE_OF: [u8; 256] = {
     t[slot::KIND_FREE as usize] = CODE_FREE;
     t[slot::KIND_NOP as usize] = CODE_NOP;
     t[slot::KIND_FORK as usize] = CODE_FORK;
+    t[slot::KIND_PAIRS as usize] = CODE_PAIRS;
     t
 };
 const NONE: u8 = 0xff;
@@ -131,16 +138,55 @@ impl<'a> Slots<'a> {
 /// cut short, or `out` is too small (`slots * MAX_SLOT_BYTES` always suffices): the caller then
 /// sends the slots as they are.
 pub fn encode(runs: &[&[u8]], out: &mut [u8]) -> Option<usize> {
+    encode_with(runs, out, None)
+}
+
+/// [`encode`], sending the pairs that [`find_pairs`] marked as `PAIRS` and `NOP`s.
+pub fn encode_elided(runs: &[&[u8]], out: &mut [u8], pairs: &Pairs) -> Option<usize> {
+    encode_with(runs, out, Some(pairs))
+}
+
+fn encode_with(runs: &[&[u8]], out: &mut [u8], pairs: Option<&Pairs>) -> Option<usize> {
     let mut o = Out { buf: out, n: 0 };
     let mut chunks = Slots::new(runs);
     let (mut next_seq, mut addr, mut stack, mut frame) = (0u64, 0u64, 0u32, 0u64);
-    while let Some(s) = chunks.next() {
+    // Where the last byte written is a `SKIP` that can take one more `NOP`.
+    let mut skip_at = usize::MAX;
+    let mut i = 0usize; // slot index
+    while let Some(mut s) = chunks.next() {
+        let at = i;
+        i += 1;
         let f = s[1];
         if f >= 32 {
             return None;
         }
         o.room()?;
+        // An elided event: the `PAIRS` slot for its group at the group's last event, else a `NOP`.
+        let made: [u8; SLOT_LEN];
+        if let Some(p) = pairs {
+            let m = p.marks.get(at).copied().unwrap_or(0);
+            if m != 0 {
+                let g = p.groups.get(m as usize - 1)?;
+                let seq = u64_at(s, 8);
+                made = if g.last as usize == at {
+                    slot::pairs(g.stack, seq, g.count, g.bytes)
+                } else {
+                    slot::nop(seq)
+                };
+                s = &made;
+            }
+        }
         let kind = s[0];
+        if kind == slot::KIND_NOP && u64_at(s, 8) == next_seq {
+            next_seq = next_seq.wrapping_add(1);
+            if o.n > 0 && skip_at == o.n - 1 && o.buf[skip_at] >> 3 < 31 {
+                o.buf[skip_at] += 1 << 3;
+            } else {
+                skip_at = o.n;
+                o.byte(CODE_SKIP);
+            }
+            continue;
+        }
         if kind == slot::KIND_STACK {
             let n = u16::from_le_bytes([s[2], s[3]]) as usize;
             o.byte(CODE_STACK | f << 3);
@@ -150,6 +196,7 @@ pub fn encode(runs: &[&[u8]], out: &mut [u8]) -> Option<usize> {
             let mut left = n;
             while left > 0 {
                 let c = chunks.next()?;
+                i += 1;
                 o.room()?;
                 let k = left.min(slot::FRAMES_PER_SLOT);
                 let mut d = [0u64; slot::FRAMES_PER_SLOT];
@@ -172,7 +219,7 @@ pub fn encode(runs: &[&[u8]], out: &mut [u8]) -> Option<usize> {
         // One shape for every event kind, selected without a jump table (which cost more than
         // the rest of the encoding).
         let code = CODE_OF[kind as usize];
-        if code > CODE_FORK {
+        if code > CODE_PAIRS {
             return None;
         }
         let has_addr = code <= CODE_FREE;
@@ -182,6 +229,8 @@ pub fn encode(runs: &[&[u8]], out: &mut [u8]) -> Option<usize> {
             zigzag(a.wrapping_sub(addr) as i64)
         } else if code == CODE_FORK {
             word as u64
+        } else if code == CODE_PAIRS {
+            a
         } else {
             0
         };
@@ -190,7 +239,7 @@ pub fn encode(runs: &[&[u8]], out: &mut [u8]) -> Option<usize> {
         }
         o.byte(code | f << 3);
         o.pair(dseq, x);
-        if code == CODE_ALLOC {
+        if code == CODE_ALLOC || code == CODE_PAIRS {
             o.pair(
                 u64_at(s, 24),
                 zigzag(word.wrapping_sub(stack) as i32 as i64),
@@ -199,6 +248,195 @@ pub fn encode(runs: &[&[u8]], out: &mut [u8]) -> Option<usize> {
         }
     }
     Some(o.n)
+}
+
+/// One group of elided pairs: allocations from `stack` in one epoch interval, each freed again.
+#[derive(Clone, Copy, Default, Debug)]
+#[repr(C)]
+pub struct Group {
+    pub stack: u32,
+    interval: u32,
+    pub count: u64,
+    pub bytes: u64,
+    /// Slot index of the group's last event (where its `PAIRS` slot goes).
+    pub last: u32,
+}
+
+/// What [`find_pairs`] found: per slot, 0 (sent as it is) or 1 + the index of its group.
+pub struct Pairs<'a> {
+    pub marks: &'a [u16],
+    pub groups: &'a [Group],
+}
+
+/// Room [`find_pairs`] works in, provided by the caller (the preload's writer thread maps it once):
+/// `table` a power of two at least twice the slots of a batch, `marks` one per slot (at most
+/// 32,767 slots), `groups` a power of two.
+pub struct PairScratch<'a> {
+    pub table: &'a mut [u32],
+    pub marks: &'a mut [u16],
+    pub groups: &'a mut [Group],
+}
+
+/// Set in a `table` entry: the address was allocated again while live (a free was never seen),
+/// so nothing on it is elided in this batch (the reader must see the reuse).
+const POISON: u32 = 1 << 15;
+/// A `table` entry: slot index + 1 (and `POISON`) in the low 16 bits, the allocation's run of
+/// consecutive sequence numbers in the high 16.
+const SLOT_BITS: u32 = 0xffff;
+
+/// An allocation function and a free function that belong together (a mismatch stays visible).
+#[inline]
+fn same_family(alloc: u8, free: u8) -> bool {
+    use crate::{AllocFn as A, FreeFn as F};
+    match (A::from_u8(alloc), F::from_u8(free)) {
+        (Some(A::New), Some(F::Delete)) | (Some(A::NewArray), Some(F::DeleteArray)) => true,
+        (Some(A::New | A::NewArray), _) | (_, Some(F::Delete | F::DeleteArray)) => false,
+        (Some(_), Some(_)) => true,
+        _ => false,
+    }
+}
+
+/// **Elided pairs.** Finds, in the slots of `runs` (one drained batch of one thread, as for
+/// [`encode`]), every allocation freed again later in the same batch by the matching kind of free,
+/// with every sequence number between the two in the batch (no other thread took one: with a
+/// number between them, another thread could have freed the block and got the address back, and
+/// this free would release that block, not the one allocated here), and
+/// with no epoch boundary between the two (`bounds`: the boundaries' sequence numbers, ascending;
+/// a boundary `b` separates numbers below `b` from the rest; allocations numbered below `floor`,
+/// whose boundaries are no longer all known, are never elided). Such a pair changes no live set at any
+/// boundary: the reader needs only that it happened, which a `PAIRS` slot per stack and interval
+/// says (count and bytes), at the number of the group's last event; the other numbers become
+/// `NOP`s. Returns the marks for [`encode_elided`] and how many events were elided, or `None` when
+/// the scratch is too small for the batch (send it whole).
+pub fn find_pairs<'s>(
+    runs: &[&[u8]],
+    bounds: &[u64],
+    floor: u64,
+    scratch: &'s mut PairScratch<'_>,
+) -> Option<(Pairs<'s>, usize)> {
+    let slots: usize = runs.iter().map(|r| r.len() / SLOT_LEN).sum();
+    let PairScratch {
+        table,
+        marks,
+        groups,
+    } = scratch;
+    if slots > marks.len()
+        || slots >= POISON as usize
+        || table.len() < 2 * slots
+        || !table.len().is_power_of_two()
+        || !groups.len().is_power_of_two()
+    {
+        return None;
+    }
+    table.fill(0);
+    groups.fill(Group::default());
+    let marks = &mut marks[..slots];
+    marks.fill(0);
+    let (tmask, gmask) = (table.len() - 1, groups.len() - 1);
+    let interval = |seq: u64| bounds.iter().take_while(|&&b| b <= seq).count() as u32;
+    // The slot at index `i` (the runs taken as one).
+    let first = runs.first().copied().unwrap_or(&[]);
+    let second = runs.get(1).copied().unwrap_or(&[]);
+    let slot_at = |i: usize| -> &[u8] {
+        let at = i * SLOT_LEN;
+        if at < first.len() {
+            &first[at..at + SLOT_LEN]
+        } else {
+            &second[at - first.len()..at - first.len() + SLOT_LEN]
+        }
+    };
+    let hash = |addr: u64| (addr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize & tmask;
+    let mut elided = 0;
+    let mut i = 0;
+    // Runs of consecutive sequence numbers: a new one starts wherever another thread took one.
+    let (mut run, mut expect) = (0u32, None::<u64>);
+    while i < slots {
+        let s = slot_at(i);
+        if s[0] == slot::KIND_STACK {
+            i += slot::stack_slots(u16::from_le_bytes([s[2], s[3]]) as usize);
+            continue;
+        }
+        let seq = u64_at(s, 8);
+        if expect.is_some_and(|e| e != seq) {
+            run += 1;
+        }
+        expect = Some(seq.wrapping_add(1));
+        match s[0] {
+            slot::KIND_ALLOC => {
+                let addr = u64_at(s, 16);
+                let mut h = hash(addr);
+                let me = (i as u32 + 1) | run << 16;
+                loop {
+                    let e = table[h];
+                    if e == 0 {
+                        table[h] = me;
+                        break;
+                    }
+                    let j = (e & SLOT_BITS & !POISON) as usize - 1;
+                    if u64_at(slot_at(j), 16) == addr {
+                        // Allocated again: if the earlier block was not freed here, this batch
+                        // shows a reuse the reader must see whole.
+                        let live = e & POISON != 0 || marks[j] == 0;
+                        table[h] = me | if live { POISON } else { 0 };
+                        break;
+                    }
+                    h = (h + 1) & tmask;
+                }
+            }
+            slot::KIND_FREE => {
+                let addr = u64_at(s, 16);
+                let mut h = hash(addr);
+                while table[h] != 0 {
+                    let e = table[h];
+                    let j = (e & SLOT_BITS & !POISON) as usize - 1;
+                    let a = slot_at(j);
+                    if u64_at(a, 16) != addr {
+                        h = (h + 1) & tmask;
+                        continue;
+                    }
+                    let sa = u64_at(a, 8);
+                    if e & POISON != 0
+                        || e >> 16 != run
+                        || sa < floor
+                        || marks[j] != 0
+                        || !same_family(a[1], s[1])
+                        || interval(sa) != interval(seq)
+                    {
+                        break;
+                    }
+                    let stack = u32_at(a, 4);
+                    let iv = interval(sa);
+                    let mut g = (stack.wrapping_mul(0x9E37_79B9) ^ iv) as usize & gmask;
+                    let mut probes = 0;
+                    while groups[g].count != 0
+                        && (groups[g].stack != stack || groups[g].interval != iv)
+                    {
+                        g = (g + 1) & gmask;
+                        probes += 1;
+                        if probes > gmask {
+                            break;
+                        }
+                    }
+                    if probes > gmask {
+                        break;
+                    }
+                    let gr = &mut groups[g];
+                    gr.stack = stack;
+                    gr.interval = iv;
+                    gr.count += 1;
+                    gr.bytes += u64_at(a, 24);
+                    gr.last = i as u32;
+                    marks[j] = g as u16 + 1;
+                    marks[i] = g as u16 + 1;
+                    elided += 2;
+                    break;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Some((Pairs { marks, groups }, elided))
 }
 
 /// Why an `EVENTS` body could not be expanded: the byte offset in the body and what was wrong.
@@ -290,6 +528,15 @@ pub trait Sink {
     fn nop(&mut self, seq: u64) -> Result<(), String>;
     fn fork(&mut self, seq: u64, child: u32) -> Result<(), String>;
     fn stack(&mut self, id: u32, gen: u32, reason: u8, frames: &[u64]) -> Result<(), String>;
+    /// `count` allocations from `stack`, `bytes` in all, each freed again (see [`find_pairs`]).
+    fn pairs(&mut self, seq: u64, stack: u32, count: u64, bytes: u64) -> Result<(), String>;
+    /// `count` `NOP`s numbered `seq`, `seq + 1`, ...
+    fn skip(&mut self, seq: u64, count: u64) -> Result<(), String> {
+        for i in 0..count {
+            self.nop(seq.wrapping_add(i))?;
+        }
+        Ok(())
+    }
 }
 
 /// Decodes `body` (an `EVENTS` record after its 8-byte head) into `sink`, checking that it holds
@@ -316,6 +563,13 @@ pub fn decode(body: &[u8], count: usize, sink: &mut impl Sink) -> Result<(), Exp
         };
         let kind = read!(r.byte("an event"));
         let (code, f) = (kind & 7, kind >> 3);
+        if code == CODE_SKIP {
+            let k = f as usize + 1;
+            left = left.checked_sub(k).ok_or_else(over)?;
+            sink.skip(next_seq, k as u64).map_err(fail)?;
+            next_seq = next_seq.wrapping_add(k as u64);
+            continue;
+        }
         if code == CODE_STACK {
             let n = u16::from_le_bytes([
                 read!(r.byte("a frame count")),
@@ -341,7 +595,7 @@ pub fn decode(body: &[u8], count: usize, sink: &mut impl Sink) -> Result<(), Exp
             sink.stack(id, gen, f, &frames[..n]).map_err(fail)?;
             continue;
         }
-        if code > CODE_FORK {
+        if code > CODE_PAIRS {
             return Err(fail(format!("unknown event code {code}")));
         }
         left = left.checked_sub(1).ok_or_else(over)?;
@@ -360,6 +614,11 @@ pub fn decode(body: &[u8], count: usize, sink: &mut impl Sink) -> Result<(), Exp
                 sink.free(f, seq, addr).map_err(fail)?;
             }
             CODE_NOP => sink.nop(seq).map_err(fail)?,
+            CODE_PAIRS => {
+                let (bytes, dstack) = read!(r.pair("a byte count", "a stack id"));
+                stack = stack.wrapping_add(unzigzag(dstack) as u32);
+                sink.pairs(seq, stack, x, bytes).map_err(fail)?;
+            }
             _ => {
                 let Ok(child) = u32::try_from(x) else {
                     return Err(fail(format!("child pid {x} beyond 32 bits")));
@@ -417,6 +676,12 @@ impl Sink for SlotSink<'_> {
 
     fn fork(&mut self, seq: u64, child: u32) -> Result<(), String> {
         self.0.extend_from_slice(&slot::fork(seq, child));
+        Ok(())
+    }
+
+    fn pairs(&mut self, seq: u64, stack: u32, count: u64, bytes: u64) -> Result<(), String> {
+        self.0
+            .extend_from_slice(&slot::pairs(stack, seq, count, bytes));
         Ok(())
     }
 
@@ -512,5 +777,110 @@ mod tests {
         assert!(e.what.contains("unknown event code 7"), "{}", e.what);
         let e = expand(&[0, 0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0], 1, &mut Vec::new()).unwrap_err();
         assert!(e.what.contains("a length of 9 bytes"), "{}", e.what);
+    }
+
+    fn scratch_run(v: &[u8], bounds: &[u64]) -> (Vec<u8>, usize, Vec<u8>) {
+        let slots = v.len() / SLOT_LEN;
+        let (mut table, mut marks, mut groups) =
+            (vec![0u32; 64], vec![0u16; 32], vec![Group::default(); 16]);
+        let mut sc = PairScratch {
+            table: &mut table,
+            marks: &mut marks,
+            groups: &mut groups,
+        };
+        // Split in two runs, as a ring that wrapped.
+        let runs: [&[u8]; 2] = [&v[..3 * SLOT_LEN], &v[3 * SLOT_LEN..]];
+        let (pairs, elided) = find_pairs(&runs, bounds, 0, &mut sc).unwrap();
+        let mut out = vec![0u8; slots * MAX_SLOT_BYTES];
+        let n = encode_elided(&runs, &mut out, &pairs).unwrap();
+        let mut back = Vec::new();
+        expand(&out[..n], slots, &mut back).unwrap();
+        out.truncate(n);
+        (back, elided, out)
+    }
+
+    #[test]
+    fn pairs_freed_within_an_interval_are_elided_and_nothing_else() {
+        use AllocFn::*;
+        let mut v = Vec::new();
+        v.extend_from_slice(&slot::stack_header(1, 0, StopReason::End, 2));
+        v.extend_from_slice(&slot::frames(&[0x1000, 0x2000]));
+        v.extend_from_slice(&slot::alloc(Malloc, 1, 0, 0xa0, 100)); // freed at 2: elided
+        v.extend_from_slice(&slot::alloc(Calloc, 1, 1, 0xb0, 200)); // freed at 3, across 3
+        v.extend_from_slice(&slot::free(FreeFn::Free, 2, 0xa0));
+        v.extend_from_slice(&slot::free(FreeFn::Free, 3, 0xb0));
+        v.extend_from_slice(&slot::alloc(Malloc, 1, 4, 0xa0, 50)); // delete of malloc: kept
+        v.extend_from_slice(&slot::free(FreeFn::Delete, 5, 0xa0));
+        v.extend_from_slice(&slot::alloc(New, 2, 6, 0xc0, 8)); // new/delete: elided
+        v.extend_from_slice(&slot::free(FreeFn::Delete, 7, 0xc0));
+        v.extend_from_slice(&slot::alloc(Malloc, 2, 8, 0xd0, 16)); // reused while live: kept
+        v.extend_from_slice(&slot::alloc(Malloc, 2, 9, 0xd0, 24));
+        v.extend_from_slice(&slot::free(FreeFn::Realloc, 10, 0xd0));
+        v.extend_from_slice(&slot::free(FreeFn::Free, 11, 0xe0)); // never allocated here
+        let (back, elided, _) = scratch_run(&v, &[3]);
+        assert_eq!(elided, 4);
+        let mut want = v.clone();
+        let put = |w: &mut Vec<u8>, i: usize, s: slot::Slot| {
+            w[i * SLOT_LEN..(i + 1) * SLOT_LEN].copy_from_slice(&s)
+        };
+        put(&mut want, 2, slot::nop(0));
+        put(&mut want, 4, slot::pairs(1, 2, 1, 100));
+        put(&mut want, 8, slot::nop(6));
+        put(&mut want, 9, slot::pairs(2, 7, 1, 8));
+        assert_eq!(back, want);
+
+        // Without the boundary the calloc at 1 pairs too: one group of two for stack 1.
+        let (back, elided, _) = scratch_run(&v, &[]);
+        assert_eq!(elided, 6);
+        put(&mut want, 3, slot::nop(1));
+        put(&mut want, 4, slot::nop(2));
+        put(&mut want, 5, slot::pairs(1, 3, 2, 300));
+        assert_eq!(back, want);
+    }
+
+    #[test]
+    fn no_pair_across_a_number_another_thread_took() {
+        use AllocFn::*;
+        let mut v = Vec::new();
+        v.extend_from_slice(&slot::stack_header(1, 0, StopReason::End, 1));
+        v.extend_from_slice(&slot::frames(&[0x1000]));
+        v.extend_from_slice(&slot::alloc(Malloc, 1, 0, 0xa0, 100));
+        // 1: another thread's (it may free 0xa0 and get it back before the free at 2)
+        v.extend_from_slice(&slot::free(FreeFn::Free, 2, 0xa0));
+        v.extend_from_slice(&slot::alloc(Malloc, 1, 3, 0xb0, 10));
+        v.extend_from_slice(&slot::free(FreeFn::Free, 4, 0xb0));
+        v.extend_from_slice(&slot::nop(5));
+        let (back, elided, _) = scratch_run(&v, &[]);
+        assert_eq!(elided, 2);
+        let mut want = v.clone();
+        want[4 * SLOT_LEN..5 * SLOT_LEN].copy_from_slice(&slot::nop(3));
+        want[5 * SLOT_LEN..6 * SLOT_LEN].copy_from_slice(&slot::pairs(1, 4, 1, 10));
+        assert_eq!(back, want);
+    }
+
+    #[test]
+    fn contiguous_nops_take_a_byte_per_32() {
+        let v: Vec<u8> = (0..40).flat_map(slot::nop).collect();
+        let mut out = vec![0u8; 40 * MAX_SLOT_BYTES];
+        let n = encode(&[&v], &mut out).unwrap();
+        assert_eq!(n, 2);
+        let mut back = Vec::new();
+        expand(&out[..n], 40, &mut back).unwrap();
+        assert_eq!(back, v);
+        // A count beyond the head's is an error, not a panic.
+        assert!(expand(&out[..n], 39, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn find_pairs_declines_a_batch_larger_than_its_scratch() {
+        let v: Vec<u8> = (0..40).flat_map(slot::nop).collect();
+        let (mut table, mut marks, mut groups) =
+            (vec![0u32; 64], vec![0u16; 32], vec![Group::default(); 16]);
+        let mut sc = PairScratch {
+            table: &mut table,
+            marks: &mut marks,
+            groups: &mut groups,
+        };
+        assert!(find_pairs(&[&v], &[], 0, &mut sc).is_none());
     }
 }

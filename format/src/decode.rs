@@ -679,13 +679,13 @@ mod tests {
     #[test]
     fn newer_version_and_bad_magic() {
         let mut data = sample();
-        data[8] = 3;
+        data[8] = 4;
         let (_, err) = all(&data);
         assert_eq!(
             err,
             Some(DecodeError::UnsupportedVersion {
-                found: 3,
-                supported: 2
+                found: 4,
+                supported: 3
             })
         );
         let (_, err) = all(b"ELF\x7f and more bytes here");

@@ -18,9 +18,10 @@ pub use decode::{validate, DecodeError, Reader, Record};
 
 /// First eight bytes of every trace.
 pub const MAGIC: [u8; 8] = *b"LKHUNTTR";
-/// The version this crate writes and the newest it reads. Version 2 added `EVENTS` records;
-/// version 1 traces read as before.
-pub const VERSION: u32 = 2;
+/// The version this crate writes and the newest it reads. Version 2 added `EVENTS` records,
+/// version 3 `PAIRS` slots and runs of `NOP`s in `EVENTS` (elided pairs); older traces read as
+/// before.
+pub const VERSION: u32 = 3;
 /// Most slots one `EVENTS` record may announce (a reader allocates no more for one record).
 pub const MAX_EVENTS_SLOTS: u32 = 1 << 20;
 /// Size of the file preamble: magic, version, reserved word.
@@ -104,6 +105,8 @@ pub mod stat {
     /// Stack captures that found every stack word of the thread's previous walk unchanged and
     /// took its frames whole.
     pub const UNWIND_REPEATED: u32 = 8;
+    /// Events sent as elided pairs (`PAIRS` slots and `NOP`s) instead of one by one.
+    pub const ELIDED: u32 = 9;
 }
 
 /// How the process ended, as recorded by the tracer.

@@ -8,11 +8,18 @@
 //! | `FREE` | kind, free fn, 0 ... | seq | address | 0 |
 //! | `NOP` | kind, 0 ... | seq | 0 | 0 |
 //! | `FORK` | kind, 0, 0, 0, child pid u32 | seq | 0 | 0 |
+//! | `PAIRS` | kind, 0, 0, 0, stack id u32 | seq | count | bytes |
 //! | `STACK` | kind, stop reason, frame count u16, stack id u32 | module generation u32, 0 | 0 | 0 |
 //!
 //! A `STACK` slot is followed by `ceil(frames / 4)` slots of four `u64` return addresses,
 //! innermost first. Sequence numbers are dense per process: every number from 0 up is used by
-//! exactly one `ALLOC`, `FREE` or `NOP`, which lets a reader detect lost events exactly.
+//! exactly one `ALLOC`, `FREE`, `NOP`, `FORK` or `PAIRS`, which lets a reader detect lost events
+//! exactly.
+//!
+//! `PAIRS` stands for `count` allocations from one stack, `bytes` in all, each freed again before
+//! the next epoch boundary: the writer thread finds such pairs within one drained batch and sends
+//! this one slot for them (at the sequence number of the group's last event) and `NOP`s for the
+//! numbers of the others (format version 3; FORMAT.md, "Elided pairs").
 
 use crate::{AllocFn, FreeFn, StopReason};
 
@@ -25,6 +32,8 @@ pub const KIND_NOP: u8 = 3;
 /// The process forked (with children traced): the child starts with the heap as it is at this
 /// point of the sequence.
 pub const KIND_FORK: u8 = 4;
+/// Allocations freed again within one epoch interval, counted instead of sent (see above).
+pub const KIND_PAIRS: u8 = 5;
 pub const KIND_STACK: u8 = 16;
 
 /// Frames per continuation slot of a stack record.
@@ -97,6 +106,17 @@ pub fn fork(seq: u64, child: u32) -> Slot {
 }
 
 #[inline]
+pub fn pairs(stack: u32, seq: u64, count: u64, bytes: u64) -> Slot {
+    let mut s = [0u8; SLOT_LEN];
+    s[0] = KIND_PAIRS;
+    put_u32(&mut s, 4, stack);
+    put_u64(&mut s, 8, seq);
+    put_u64(&mut s, 16, count);
+    put_u64(&mut s, 24, bytes);
+    s
+}
+
+#[inline]
 pub fn stack_header(id: u32, gen: u32, reason: StopReason, frames: u16) -> Slot {
     let mut s = [0u8; SLOT_LEN];
     s[0] = KIND_STACK;
@@ -138,6 +158,12 @@ pub enum SlotRecord {
     Fork {
         seq: u64,
         child: u32,
+    },
+    Pairs {
+        seq: u64,
+        stack: u32,
+        count: u64,
+        bytes: u64,
     },
     Stack {
         id: u32,
@@ -220,6 +246,12 @@ impl Iterator for SlotIter<'_> {
             KIND_FORK => Some(Ok(SlotRecord::Fork {
                 seq: get_u64(&s, 8),
                 child: get_u32(&s, 4),
+            })),
+            KIND_PAIRS => Some(Ok(SlotRecord::Pairs {
+                seq: get_u64(&s, 8),
+                stack: get_u32(&s, 4),
+                count: get_u64(&s, 16),
+                bytes: get_u64(&s, 24),
             })),
             KIND_STACK => {
                 let Some(reason) = StopReason::from_u8(s[1]) else {

@@ -109,8 +109,10 @@ fn golden_trace_decodes_exactly() {
                             assert_eq!(reason, StopReason::End);
                             stacks.push((id, frames.len()))
                         }
-                        SlotRecord::Nop { .. } | SlotRecord::Fork { .. } => {
-                            panic!("no no-ops or forks in this trace")
+                        SlotRecord::Nop { .. }
+                        | SlotRecord::Fork { .. }
+                        | SlotRecord::Pairs { .. } => {
+                            panic!("no no-ops, forks or pairs in this trace")
                         }
                     }
                 }

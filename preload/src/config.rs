@@ -9,6 +9,7 @@
 //! | `LEAKHUNT_TRACE_CHILDREN` | `1`: trace fork children and exec'd programs | `0` |
 //! | `LEAKHUNT_FREERES` | `0`: do not ask libc/libstdc++ to free their internal buffers at exit | `1` |
 //! | `LEAKHUNT_RING_DIR` | directory (private to `leakhunt run`) where rings are shared files, so the CLI keeps what reached them if the process is killed | unset: anonymous memory |
+//! | `LEAKHUNT_ELIDE` | `0`: send every event, also allocations freed again before the next epoch boundary, which are otherwise counted per stack instead (FORMAT.md, "Elided pairs"; always sent when forks are traced) | `1` |
 //! | `LEAKHUNT_UNWIND_REUSE` | `0`: walk every frame of every stack (the reference the fast path is tested against) | `1` |
 //! | `LEAKHUNT_SNAPSHOT_MS` | milliseconds between automatic snapshots (`auto-1`, `auto-2`, ...); `0`: none | `0` |
 //! | `LEAKHUNT_EPOCH_MS` | milliseconds between epoch boundaries (with the RSS) in the trace, 10-3,600,000; `0`: none | `1000` |
@@ -26,6 +27,7 @@ pub struct Config {
     pub trace_children: bool,
     pub freeres: bool,
     pub unwind_reuse: bool,
+    pub elide: bool,
     /// Nanoseconds between epoch boundaries (0: none).
     pub epoch_ns: u64,
     /// Nanoseconds between automatic snapshots (0: none).
@@ -40,6 +42,7 @@ static mut CONFIG: Config = Config {
     trace_children: false,
     freeres: true,
     unwind_reuse: true,
+    elide: true,
     epoch_ns: 1_000_000_000,
     snapshot_ns: 0,
 };
@@ -85,6 +88,9 @@ pub fn load() {
         c.trace_children = trace_children;
         c.freeres = env(c"LEAKHUNT_FREERES").is_none_or(|s| s.to_bytes() != b"0");
         c.unwind_reuse = env(c"LEAKHUNT_UNWIND_REUSE").is_none_or(|s| s.to_bytes() != b"0");
+        // A fork point needs the live set exactly as the events give it: no elided pairs when
+        // forks are traced.
+        c.elide = !c.trace_children && env(c"LEAKHUNT_ELIDE").is_none_or(|s| s.to_bytes() != b"0");
         if let Some(ms) =
             env(c"LEAKHUNT_SNAPSHOT_MS").and_then(|s| s.to_str().ok()?.parse::<u64>().ok())
         {

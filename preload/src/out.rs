@@ -28,6 +28,8 @@ const OFF: u8 = 3;
 static STATE: AtomicU8 = AtomicU8::new(CLOSED);
 pub static EVENTS_LOST: AtomicU64 = AtomicU64::new(0);
 pub static RING_WAITS: AtomicU64 = AtomicU64::new(0);
+/// Events sent as elided pairs.
+pub static ELIDED: AtomicU64 = AtomicU64::new(0);
 /// After the library's destructor: every hook flushes its own event at once.
 pub static FINAL: AtomicBool = AtomicBool::new(false);
 
@@ -41,6 +43,14 @@ struct Out {
     len: usize,
     /// Where a ring's slots are compacted before they go out (`PACK_LEN` bytes, or null).
     pack: *mut u8,
+    /// Room for finding elided pairs (`PAIR_SCRATCH_LEN` bytes, or null: nothing is elided).
+    pairs: *mut u8,
+    /// Sequence points of the latest epoch boundaries, ascending (`nbounds` of them), and the
+    /// newest one dropped to make room: no pair is elided across a boundary, nor one whose
+    /// allocation is numbered below `bound_floor` (its boundaries are no longer known).
+    bounds: [u64; MAX_BOUNDS],
+    nbounds: usize,
+    bound_floor: u64,
     /// Entries of `modules::LOG` already written.
     modules_sent: usize,
 }
@@ -51,8 +61,21 @@ static mut OUT: Out = Out {
     buf: core::ptr::null_mut(),
     len: 0,
     pack: core::ptr::null_mut(),
+    pairs: core::ptr::null_mut(),
+    bounds: [0; MAX_BOUNDS],
+    nbounds: 0,
+    bound_floor: 0,
     modules_sent: 0,
 };
+
+const MAX_BOUNDS: usize = 16;
+
+/// The pair finder's scratch: an address table of twice a ring's slots, a mark per slot, groups.
+const PAIR_TABLE: usize = 2 * ring::RING_SLOTS as usize;
+const PAIR_GROUPS: usize = 1024;
+const PAIR_SCRATCH_LEN: usize = PAIR_TABLE * 4
+    + ring::RING_SLOTS as usize * 2
+    + PAIR_GROUPS * core::mem::size_of::<compact::Group>();
 
 /// Room for a whole ring's slots in the compact encoding, whatever they hold.
 const PACK_LEN: usize = ring::RING_SLOTS as usize * compact::MAX_SLOT_BYTES;
@@ -183,6 +206,9 @@ fn ensure_open() -> bool {
         }
         // Without it, batches go out as plain slots.
         o.pack = sys::mmap_anon(PACK_LEN);
+        if config::get().elide {
+            o.pairs = sys::mmap_anon(PAIR_SCRATCH_LEN);
+        }
     }
     let cfg = config::get();
     let fd = if let Some(sock) = cfg.socket() {
@@ -394,16 +420,35 @@ fn drain_all() {
             }
             let mut head = [0u8; 8];
             head[..4].copy_from_slice(&tid.to_le_bytes());
-            // Compact records (6 bytes an event instead of 32), except to `leakhunt run` from a
-            // program with a single thread: there the CLI and this writer share the other core,
-            // and encoding plus decoding cost it more than copying plain slots through the
-            // socket; with more threads the bytes matter more (measured, BENCHMARKS.md).
-            let (pack, socket) = (out().pack, out().socket);
-            let plain = socket && ring::RING_COUNT.load(Ordering::Relaxed) <= 1;
+            // Compact records (6 bytes an event instead of 32) with elided pairs, except, when
+            // nothing is elided, to `leakhunt run` from a program with a single thread: there
+            // the CLI and this writer share the other core, and encoding plus decoding cost it
+            // more than copying plain slots through the socket (measured, BENCHMARKS.md).
+            let o = out();
+            let (pack, socket) = (o.pack, o.socket);
+            let plain =
+                o.pairs.is_null() && socket && ring::RING_COUNT.load(Ordering::Relaxed) <= 1;
             if !pack.is_null() && !plain {
                 // SAFETY: `pack` maps PACK_LEN bytes that only the LOCK holder (we) touches.
                 let pack = unsafe { core::slice::from_raw_parts_mut(pack, PACK_LEN) };
-                if let Some(len) = compact::encode(&[a, b], pack) {
+                let encoded = match pair_scratch(o) {
+                    Some(mut sc) => {
+                        match compact::find_pairs(
+                            &[a, b],
+                            &o.bounds[..o.nbounds],
+                            o.bound_floor,
+                            &mut sc,
+                        ) {
+                            Some((pairs, n)) => {
+                                ELIDED.fetch_add(n as u64, Ordering::Relaxed);
+                                compact::encode_elided(&[a, b], pack, &pairs)
+                            }
+                            None => compact::encode(&[a, b], pack),
+                        }
+                    }
+                    None => compact::encode(&[a, b], pack),
+                };
+                if let Some(len) = encoded {
                     let slots = ((a.len() + b.len()) / leakhunt_format::slot::SLOT_LEN) as u32;
                     head[4..].copy_from_slice(&slots.to_le_bytes());
                     push_sealed(tag::EVENTS, &[&head, &pack[..len]]);
@@ -419,6 +464,27 @@ fn drain_all() {
             r.state.store(FREE, Ordering::Release);
         }
     });
+}
+
+/// The pair finder's scratch, carved from its mapping. Caller holds LOCK.
+fn pair_scratch(o: &Out) -> Option<compact::PairScratch<'static>> {
+    if o.pairs.is_null() {
+        return None;
+    }
+    let groups = PAIR_GROUPS * core::mem::size_of::<compact::Group>();
+    // SAFETY: `pairs` maps PAIR_SCRATCH_LEN zero-initialised bytes that only the LOCK holder
+    // touches, laid out as the groups (first: 8-byte alignment, page-aligned mapping), the table
+    // and the marks, disjoint; every bit pattern is a valid `u16` and `Group` (plain integers).
+    unsafe {
+        let g = o.pairs.cast::<compact::Group>();
+        let t = o.pairs.add(groups).cast::<u32>();
+        let m = t.add(PAIR_TABLE).cast::<u16>();
+        Some(compact::PairScratch {
+            groups: core::slice::from_raw_parts_mut(g, PAIR_GROUPS),
+            table: core::slice::from_raw_parts_mut(t, PAIR_TABLE),
+            marks: core::slice::from_raw_parts_mut(m, ring::RING_SLOTS as usize),
+        })
+    }
 }
 
 /// Flushes everything recorded so far. Blocks on LOCK.
@@ -474,7 +540,8 @@ fn push_stats() {
         walked += s.walked;
         repeated += s.repeated;
     });
-    let pairs = [
+    const N: usize = 9;
+    let pairs: [(u32, u64); N] = [
         (stat::EVENTS_LOST, EVENTS_LOST.load(Ordering::Relaxed)),
         (stat::RING_WAITS, RING_WAITS.load(Ordering::Relaxed)),
         (stat::UNTRACKED_ALLOCS, tracer::untracked()),
@@ -486,8 +553,9 @@ fn push_stats() {
         (stat::UNWIND_REUSED, reused),
         (stat::UNWIND_WALKED, walked),
         (stat::UNWIND_REPEATED, repeated),
+        (stat::ELIDED, ELIDED.load(Ordering::Relaxed)),
     ];
-    let mut body = [0u8; 4 + 8 * 12];
+    let mut body = [0u8; 4 + N * 12];
     body[..4].copy_from_slice(&(pairs.len() as u32).to_le_bytes());
     for (i, (k, v)) in pairs.iter().enumerate() {
         let at = 4 + i * 12;
@@ -511,12 +579,25 @@ fn push_exit(kind: ExitKind) {
 
 static EPOCHS: AtomicU64 = AtomicU64::new(0);
 
-/// Closes an epoch: flushes what was recorded, then writes the boundary (the events numbered
-/// below `seq` belong to it or earlier ones) with the time and the process's RSS. With a name,
-/// the boundary is also a snapshot. Allocation-free (names are cut at 255 bytes).
-pub fn epoch(seq: u64, name: Option<&[u8]>) {
+/// Closes an epoch: writes the boundary (the events numbered below `seq` belong to it or earlier
+/// ones) with the time and the process's RSS, then flushes what was recorded. With a name, the
+/// boundary is also a snapshot. Allocation-free (names are cut at 255 bytes).
+///
+/// `seq_now` reads the next sequence number: read under the lock, so that every batch the pair
+/// finder sees afterwards knows this boundary, and every batch it saw before held only numbers
+/// below it.
+pub fn epoch(seq_now: impl Fn() -> u64, name: Option<&[u8]>) {
     let _l = LOCK.lock();
-    flush_locked();
+    let seq = seq_now();
+    let o = out();
+    if o.nbounds == MAX_BOUNDS {
+        o.bound_floor = o.bounds[0];
+        o.bounds.copy_within(1.., 0);
+        o.nbounds -= 1;
+    }
+    o.bounds[o.nbounds] = seq;
+    o.nbounds += 1;
+    ensure_open();
     if STATE.load(Ordering::Relaxed) != OPEN {
         return;
     }
@@ -534,7 +615,11 @@ pub fn epoch(seq: u64, name: Option<&[u8]>) {
             push_sealed(tag::SNAPSHOT, &[&buf[..n]]);
         }
     }
-    write_buf();
+    // The events still in the rings go out after the boundary: numbered on both sides of it,
+    // they are put in order by the reader, which applies the boundary when every number below
+    // `seq` has been applied (had they gone first, it would see numbers past `seq` before it
+    // knew the boundary, and apply it late).
+    flush_locked();
 }
 
 /// Flushes everything and appends the statistics and, if known, how the process ends. From a

@@ -436,7 +436,7 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
             next_snap = (next_snap + snap_every).max(now + snap_every / 2);
         } else if every != 0 && now >= next_epoch {
             // Events numbered below this point were taken before the boundary.
-            out::epoch(SEQ.load(Ordering::Acquire), None);
+            out::epoch(|| SEQ.load(Ordering::Acquire), None);
             // A boundary late by more than an interval (the machine stalled) is not doubled.
             next_epoch = (next_epoch + every).max(now + every / 2);
         } else {
@@ -628,7 +628,7 @@ pub fn snapshot(name: &[u8]) {
     if STATE.load(Ordering::Acquire) != READY {
         return;
     }
-    out::epoch(SEQ.load(Ordering::Acquire), Some(name));
+    out::epoch(|| SEQ.load(Ordering::Acquire), Some(name));
 }
 
 /// A fatal signal is about to kill the process.
