@@ -328,6 +328,11 @@ pub fn find_pairs<'s>(
     {
         return None;
     }
+    // Only as much table and as many groups as this batch can use are cleared and used: a
+    // writer draining often sends small batches.
+    let (tn, gn) = (table.len(), groups.len());
+    let table = &mut table[..(2 * slots).next_power_of_two().max(64).min(tn)];
+    let groups = &mut groups[..(slots / 2 + 1).next_power_of_two().max(16).min(gn)];
     table.fill(0);
     groups.fill(Group::default());
     let marks = &mut marks[..slots];
