@@ -45,6 +45,26 @@ fn codec(c: &mut Criterion) {
             ))
         })
     });
+    g.bench_function("find pairs and compact-encode batch of 4096 events", |b| {
+        use leakhunt_format::compact::{self, Group, PairScratch};
+        let mut out = vec![0u8; 4096 * compact::MAX_SLOT_BYTES];
+        let (mut table, mut marks, mut groups) = (
+            vec![0u32; 8192],
+            vec![0u16; 4096],
+            vec![Group::default(); 1024],
+        );
+        b.iter(|| {
+            let mut sc = PairScratch {
+                table: &mut table,
+                marks: &mut marks,
+                groups: &mut groups,
+            };
+            let (pairs, elided) =
+                compact::find_pairs(&[black_box(&batch)], &[], 0, &mut sc).unwrap();
+            assert_eq!(elided, 4096);
+            black_box(compact::encode_elided(&[&batch], &mut out, &pairs))
+        })
+    });
     let mut packed = vec![0u8; 4096 * leakhunt_format::compact::MAX_SLOT_BYTES];
     let n = leakhunt_format::compact::encode(&[&batch], &mut packed).unwrap();
     g.bench_function("compact-expand batch of 4096 events", |b| {
