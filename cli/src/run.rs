@@ -140,6 +140,15 @@ fn live_view_hook() -> leakhunt::process::EpochHook {
     })
 }
 
+/// Accepts trace connections, one reader thread each, until the program has exited (`stop`) and,
+/// with children traced, no connection came for `grace`. Returns how many streams it started
+/// (each sends its result on `tx`).
+///
+/// Without children traced it blocks in accept (no polling delay at start or end): after the
+/// program exits, the caller connects once itself to wake it, and the first connection accepted
+/// after that ends it (the program's own, if it ended before it was accepted: the wake-up
+/// connection comes after it and is dropped; an empty stream is no process). With children
+/// traced it polls every millisecond, as a late child may connect after the program ended.
 fn serve(
     listener: UnixListener,
     live: bool,
@@ -148,12 +157,14 @@ fn serve(
     stop: Arc<AtomicBool>,
     active: Arc<AtomicUsize>,
     tx: crossbeam_channel::Sender<Stream>,
-) {
+) -> u32 {
     let mut n = 0u32;
     let mut quiet_since = Instant::now();
+    let _ = listener.set_nonblocking(!grace.is_zero());
     loop {
         match listener.accept() {
             Ok((conn, _)) => {
+                let last = grace.is_zero() && stop.load(Ordering::SeqCst);
                 n += 1;
                 quiet_since = Instant::now();
                 let _ = conn.set_nonblocking(false);
@@ -186,22 +197,25 @@ fn serve(
                     });
                     active.fetch_sub(1, Ordering::SeqCst);
                 });
+                if last {
+                    return n;
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 // After the program exits, wait for open streams, then (children traced) a short
                 // grace period for children that connect late.
                 if stop.load(Ordering::SeqCst) && active.load(Ordering::SeqCst) == 0 {
                     if quiet_since.elapsed() >= grace {
-                        return;
+                        return n;
                     }
                 } else if active.load(Ordering::SeqCst) > 0 {
                     quiet_since = Instant::now();
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(Duration::from_millis(1));
             }
             Err(e) => {
                 eprintln!("leakhunt: error: accepting trace connections: {e}");
-                return;
+                return n;
             }
         }
     }
@@ -230,7 +244,6 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     let sock = dir.join("trace.sock");
     let listener = UnixListener::bind(&sock)
         .with_context(|| format!("cannot listen on {}", sock.display()))?;
-    listener.set_nonblocking(true)?;
 
     let mut preload = lib.as_os_str().to_owned();
     if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
@@ -306,11 +319,21 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     };
     let status = child.wait().context("waiting for the program")?;
     stop.store(true, Ordering::SeqCst);
-    let _ = server.join();
+    if !a.trace_children {
+        // Wakes the accept loop; the connection itself ends it.
+        let _ = std::os::unix::net::UnixStream::connect(&sock);
+    }
+    let started = server.join().unwrap_or(0);
     sig_handle.close();
     let _ = std::fs::remove_dir_all(&dir);
 
-    let mut streams: Vec<Stream> = rx.try_iter().collect();
+    // Each stream ends when its process's end of the socket closes.
+    let mut streams: Vec<Stream> = (0..started)
+        .filter_map(|_| rx.recv().ok())
+        .filter(|s| {
+            s.process.complete_len > 0 || s.error.is_some() || s.process.truncated.is_some()
+        })
+        .collect();
     for s in &mut streams {
         // A process that ended without saying how (SIGKILL): take what reached its rings.
         if let (Some(d), None) = (&ring_dir, s.process.exit) {
