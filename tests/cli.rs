@@ -51,17 +51,24 @@ fn golden_trace_reports_its_known_figures() {
 }
 
 #[test]
-fn both_golden_traces_report_the_same_figures_and_progress_shows_on_request() {
-    // Version 1 (slots) and version 2 (compact events) traces of the same program.
+fn every_golden_trace_reports_the_same_figures_and_progress_shows_on_request() {
+    // Version 1 (slots), version 2 (compact events) and version 3 (elided pairs) traces of the
+    // same program.
     let v2 = workspace().join("format/golden/simple-v2.trace");
+    let v3 = workspace().join("format/golden/simple-v3.trace");
     let (_, a) = report_json(&golden());
     let (out, b) = report_json(&v2);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let (a, b) = (&a["processes"][0], &b["processes"][0]);
+    let (out, c) = report_json(&v3);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let (a, b, c) = (&a["processes"][0], &b["processes"][0], &c["processes"][0]);
     assert_eq!(a["summary"], b["summary"]);
+    assert_eq!(a["summary"], c["summary"]);
+    assert_eq!(c["captures"]["elided_events"], 4);
     let sizes =
         |p: &Value| -> Vec<(u64, u64)> { leaks(p).iter().map(|l| (l.bytes, l.blocks)).collect() };
     assert_eq!(sizes(a), sizes(b));
+    assert_eq!(sizes(a), sizes(c));
     // Progress: one line per redraw on stderr, ending at 100%; nothing on a small trace by
     // default (stderr is not a terminal here).
     let out = leakhunt_cmd(&["report", "--progress", "always", v2.to_str().unwrap()]);

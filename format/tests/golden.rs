@@ -1,6 +1,7 @@
 //! The committed golden traces (written by libleakhunt.so for the `simple` test fixture:
 //! `golden/simple.trace` in version 1 with `BATCH` records, `golden/simple-v2.trace` in version 2
-//! with an `EVENTS` record) still decode to exactly what they held when they were written. A
+//! with an `EVENTS` record, `golden/simple-v3.trace` in version 3 with elided pairs) still decode
+//! to exactly what they held when they were written. A
 //! change that breaks them breaks every trace users have kept: bump the version instead.
 
 use leakhunt_format::slot::{SlotIter, SlotRecord};
@@ -8,6 +9,65 @@ use leakhunt_format::{validate, ExitKind, Reader, Record, StopReason};
 
 const GOLDEN: &[u8] = include_bytes!("../golden/simple.trace");
 const GOLDEN_V2: &[u8] = include_bytes!("../golden/simple-v2.trace");
+const GOLDEN_V3: &[u8] = include_bytes!("../golden/simple-v3.trace");
+
+#[test]
+fn golden_v3_trace_with_elided_pairs_decodes_to_the_same_events() {
+    assert_eq!(validate(GOLDEN_V3), Ok(10), "header, 6 modules, events, stats, exit");
+    assert_eq!(&GOLDEN_V3[8..12], &3u32.to_le_bytes(), "a version 3 trace");
+    let mut r = Reader::new(GOLDEN_V3);
+    let mut slots = Vec::new();
+    let mut elided_stat = None;
+    while let Some(rec) = r.next_record().unwrap() {
+        match rec {
+            Record::Events {
+                tid, count, body, ..
+            } => {
+                assert_eq!((tid, count, body.len()), (9940, 21, 186));
+                leakhunt_format::compact::expand(&body, count as usize, &mut slots).unwrap();
+            }
+            Record::Stats(s) => elided_stat = s.iter().find(|(k, _)| *k == 9).map(|(_, v)| *v),
+            Record::Batch { .. } => panic!("the writer sends events records"),
+            _ => {}
+        }
+    }
+    let mut allocs = Vec::new();
+    let mut rest = Vec::new();
+    let mut stacks = Vec::new();
+    for s in SlotIter::new(&slots) {
+        match s.unwrap() {
+            SlotRecord::Alloc {
+                seq, size, stack, ..
+            } => allocs.push((seq, size, stack)),
+            SlotRecord::Stack { id, frames, .. } => stacks.push((id, frames.len())),
+            other => rest.push(other),
+        }
+    }
+    // The leaked blocks as they were; the malloc(50) freed at once and printf's 4 KiB buffer
+    // (freed at exit) as one PAIRS slot each, their other numbers NOPs (sent as SKIP runs).
+    assert_eq!(allocs, [(0, 100, 1), (1, 100, 1), (2, 100, 1), (3, 40, 2)]);
+    assert_eq!(stacks, [(1, 6), (2, 7), (3, 5), (4, 11)]);
+    assert_eq!(
+        rest,
+        [
+            SlotRecord::Nop { seq: 4 },
+            SlotRecord::Pairs {
+                seq: 5,
+                stack: 3,
+                count: 1,
+                bytes: 50
+            },
+            SlotRecord::Nop { seq: 6 },
+            SlotRecord::Pairs {
+                seq: 7,
+                stack: 4,
+                count: 1,
+                bytes: 4096
+            },
+        ]
+    );
+    assert_eq!(elided_stat, Some(4));
+}
 
 #[test]
 fn golden_v2_trace_with_an_events_record_decodes_to_the_same_events() {
