@@ -67,34 +67,9 @@ impl Series {
         }
     }
 
-    /// Blocks of `stack` appeared (positive) or went away (negative).
+    /// The stack's counter since the last boundary, marked as changed.
     #[inline]
-    /// `n` allocations from `stack` that were freed again in the same interval (elided pairs:
-    /// live bytes and blocks do not change).
-    pub fn add_allocs(&mut self, stack: u32, n: u64) {
-        self.allocs += n;
-        let i = stack as usize;
-        if i < DENSE {
-            if i >= self.now.len() {
-                let len = (i + 1).next_power_of_two();
-                self.now.resize(len, Counter::default());
-                self.is_dirty.resize(len, false);
-            }
-            self.now[i].allocs += n;
-            if !self.is_dirty[i] {
-                self.is_dirty[i] = true;
-                self.dirty.push(stack);
-            }
-        } else {
-            self.sparse_now.entry(stack).or_default().allocs += n;
-            self.dirty.push(stack);
-        }
-    }
-
-    pub fn add(&mut self, stack: u32, bytes: i64, blocks: i64) {
-        self.total.bytes += bytes;
-        self.total.blocks += blocks;
-        self.allocs += (blocks > 0) as u64;
+    fn now_mut(&mut self, stack: u32) -> &mut Counter {
         let i = stack as usize;
         if i < DENSE {
             if i >= self.now.len() {
@@ -102,20 +77,34 @@ impl Series {
                 self.now.resize(n, Counter::default());
                 self.is_dirty.resize(n, false);
             }
-            self.now[i].bytes += bytes;
-            self.now[i].blocks += blocks;
-            self.now[i].allocs += (blocks > 0) as u64;
             if !self.is_dirty[i] {
                 self.is_dirty[i] = true;
                 self.dirty.push(stack);
             }
+            &mut self.now[i]
         } else {
-            let c = self.sparse_now.entry(stack).or_default();
-            c.bytes += bytes;
-            c.blocks += blocks;
-            c.allocs += (blocks > 0) as u64;
             self.dirty.push(stack);
+            self.sparse_now.entry(stack).or_default()
         }
+    }
+
+    /// `n` allocations from `stack` that were freed again in the same interval (elided pairs:
+    /// live bytes and blocks do not change).
+    pub fn add_allocs(&mut self, stack: u32, n: u64) {
+        self.allocs += n;
+        self.now_mut(stack).allocs += n;
+    }
+
+    /// Blocks of `stack` appeared (positive) or went away (negative).
+    #[inline]
+    pub fn add(&mut self, stack: u32, bytes: i64, blocks: i64) {
+        self.total.bytes += bytes;
+        self.total.blocks += blocks;
+        self.allocs += (blocks > 0) as u64;
+        let c = self.now_mut(stack);
+        c.bytes += bytes;
+        c.blocks += blocks;
+        c.allocs += (blocks > 0) as u64;
     }
 
     /// A boundary read from the trace; it applies at its sequence number.

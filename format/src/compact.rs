@@ -784,10 +784,14 @@ mod tests {
         assert!(e.what.contains("a length of 9 bytes"), "{}", e.what);
     }
 
+    /// Room for batches of up to 32 slots.
+    fn small_scratch() -> (Vec<u32>, Vec<u16>, Vec<Group>) {
+        (vec![0u32; 64], vec![0u16; 32], vec![Group::default(); 16])
+    }
+
     fn scratch_run(v: &[u8], bounds: &[u64]) -> (Vec<u8>, usize, Vec<u8>) {
         let slots = v.len() / SLOT_LEN;
-        let (mut table, mut marks, mut groups) =
-            (vec![0u32; 64], vec![0u16; 32], vec![Group::default(); 16]);
+        let (mut table, mut marks, mut groups) = small_scratch();
         let mut sc = PairScratch {
             table: &mut table,
             marks: &mut marks,
@@ -879,8 +883,7 @@ mod tests {
     #[test]
     fn find_pairs_declines_a_batch_larger_than_its_scratch() {
         let v: Vec<u8> = (0..40).flat_map(slot::nop).collect();
-        let (mut table, mut marks, mut groups) =
-            (vec![0u32; 64], vec![0u16; 32], vec![Group::default(); 16]);
+        let (mut table, mut marks, mut groups) = small_scratch();
         let mut sc = PairScratch {
             table: &mut table,
             marks: &mut marks,

@@ -13,7 +13,11 @@ const GOLDEN_V3: &[u8] = include_bytes!("../golden/simple-v3.trace");
 
 #[test]
 fn golden_v3_trace_with_elided_pairs_decodes_to_the_same_events() {
-    assert_eq!(validate(GOLDEN_V3), Ok(10), "header, 6 modules, events, stats, exit");
+    assert_eq!(
+        validate(GOLDEN_V3),
+        Ok(10),
+        "header, 6 modules, events, stats, exit"
+    );
     assert_eq!(&GOLDEN_V3[8..12], &3u32.to_le_bytes(), "a version 3 trace");
     let mut r = Reader::new(GOLDEN_V3);
     let mut slots = Vec::new();
