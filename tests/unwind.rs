@@ -1,7 +1,8 @@
 //! The fast unwinder (validated reuse of the previous stack's outer frames) gives exactly the
 //! stacks a full walk of every frame gives, on a fixture built to stress it: random-depth
 //! recursion through frames with and without frame pointers and with alloca, libc frames in
-//! between (qsort's comparator), and signal handlers.
+//! between (qsort's comparator), and signal handlers. And leakhunt's stacks are those of an
+//! independent unwinder, libgcc's (glibc's backtrace()), address for address.
 
 use leakhunt_tests::*;
 
@@ -108,4 +109,72 @@ fn fast_unwinder_matches_the_full_walk_on_every_stack() {
         names.contains(&"raise") && names.last() == Some(&"main"),
         "{names:?}"
     );
+}
+
+#[test]
+fn stacks_match_libgccs_unwinder_frame_for_frame() {
+    // An unwinder independent of leakhunt's: glibc's backtrace() (libgcc's
+    // _Unwind_Backtrace), asked by the fixture before each allocation. Its stack from the
+    // allocating function's caller down to main must be leakhunt's, address for address, with
+    // as many allocations per stack as leakhunt counted.
+    let exe = fixture("unwind_ref.c");
+    let r = run(&exe, &["3000"], &["--max-frames", "128"]);
+    assert_eq!(r.out.status.code(), Some(0));
+    let mut reference: std::collections::BTreeMap<Vec<u64>, u64> = Default::default();
+    for line in r.stdout().lines() {
+        let stack: Vec<u64> = line
+            .split_whitespace()
+            .map(|w| u64::from_str_radix(w, 16).unwrap())
+            .collect();
+        *reference.entry(stack).or_default() += 1;
+    }
+    assert_eq!(reference.values().sum::<u64>(), 3000);
+    let mut ours: std::collections::BTreeMap<Vec<u64>, u64> = Default::default();
+    for l in r.main()["leaks"].as_array().unwrap() {
+        let frames: Vec<&Value> = l["stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["inlined"] == false)
+            .collect();
+        if frames.first().and_then(|f| f["function"].as_str()) != Some("traced") {
+            continue; // glibc's and libgcc's own blocks
+        }
+        let stack = frames[1..]
+            .iter()
+            .map(|f| f["offset"].as_u64().unwrap())
+            .collect();
+        *ours.entry(stack).or_default() += l["blocks"].as_u64().unwrap();
+    }
+    assert!(
+        reference.len() > 1000,
+        "{} distinct stacks",
+        reference.len()
+    );
+    let missing: Vec<_> = reference
+        .keys()
+        .filter(|k| !ours.contains_key(*k))
+        .take(3)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "stacks libgcc saw and leakhunt did not: {missing:x?}"
+    );
+    assert_eq!(ours, reference);
+    // The three kinds of caller all occurred.
+    let p = r.main();
+    let names: Vec<String> = leaks(p)
+        .iter()
+        .flat_map(|l| l.frames.iter().map(|f| f.0.clone()))
+        .collect();
+    for f in [
+        "with_fp",
+        "without_fp",
+        "with_alloca",
+        "cmp",
+        "on_usr1",
+        "raise",
+    ] {
+        assert!(names.iter().any(|n| n == f), "no stack through {f}");
+    }
 }

@@ -86,6 +86,8 @@ pub fn fixture(src: &str) -> PathBuf {
             fixtures_out().join("libplugin.so"),
             vec!["-shared", "-fPIC"],
         ),
+        // dladdr names `main` only in the dynamic symbol table.
+        ("unwind_ref", "c") => (fixtures_out().join(stem), vec!["-rdynamic"]),
         _ => (fixtures_out().join(stem), vec![]),
     };
     let fresh = |o: &Path| {
