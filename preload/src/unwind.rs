@@ -124,7 +124,7 @@ const CHECKS: usize = CHECK_SETS * CHECK_WAYS;
 /// Room for the checks' word lists (address, value), shared by the thread's checks and handed out
 /// in order; when it runs out every check is dropped and it starts over. Only the part used is
 /// ever touched.
-const CHECK_POOL: usize = 8192;
+const CHECK_POOL: usize = 4096;
 
 /// What a later capture must find unchanged to repeat a walk whole: every stack word the walk
 /// read, with the value read, the registers it started from, its result, and (filled in by the
