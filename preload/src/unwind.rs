@@ -122,8 +122,8 @@ const CHECK_SETS: usize = 32;
 const CHECKS: usize = CHECK_SETS * CHECK_WAYS;
 
 /// Room for the checks' word lists (address, value), shared by the thread's checks and handed out
-/// in order; when it runs out every check is dropped and it starts over. Only the part used is
-/// ever touched.
+/// in order; when it runs out every check is dropped and it starts over. Pages are touched as they
+/// are handed out (64 KiB a thread once checks have churned through all of it).
 const CHECK_POOL: usize = 4096;
 
 /// What a later capture must find unchanged to repeat a walk whole: every stack word the walk
