@@ -163,11 +163,22 @@ fn serve(
     let _ = listener.set_nonblocking(!grace.is_zero());
     loop {
         match listener.accept() {
-            Ok((conn, _)) => {
+            Ok((mut conn, _)) => {
                 let last = grace.is_zero() && stop.load(Ordering::SeqCst);
+                let _ = conn.set_nonblocking(false);
+                // After the program ended: the wake-up connection (closed at once, so it reads
+                // as empty), or the program's own if it was not accepted before it ended. An
+                // empty stream is no process: no reader for it (a reader costs ~1 MiB).
+                let mut first = Vec::new();
+                if last {
+                    let mut b = [0u8; 1];
+                    match conn.read(&mut b) {
+                        Ok(1) => first.push(b[0]),
+                        _ => return n,
+                    }
+                }
                 n += 1;
                 quiet_since = Instant::now();
-                let _ = conn.set_nonblocking(false);
                 active.fetch_add(1, Ordering::SeqCst);
                 let tee = output.as_ref().map(|o| {
                     let mut s = o.as_os_str().to_owned();
@@ -189,7 +200,8 @@ fn serve(
                     if view {
                         p.on_epoch = Some(live_view_hook());
                     }
-                    let (process, error) = Process::read_stream_with(p, Tee { inner: conn, file });
+                    let inner = std::io::Cursor::new(first).chain(conn);
+                    let (process, error) = Process::read_stream_with(p, Tee { inner, file });
                     let _ = tx.send(Stream {
                         process,
                         error,
