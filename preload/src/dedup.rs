@@ -37,16 +37,19 @@ static LEVEL_FILL: [AtomicU32; 5] = [const { AtomicU32::new(0) }; 5];
 /// Frame words in the arena (1 GiB of address space, touched only as used).
 const ARENA_WORDS: u64 = 1 << 27;
 
+/// 16 bytes: what a lookup compares first stays in the table; the stack itself (its meta word,
+/// then its frames) is in the arena, written before `id` is published.
 #[repr(C)]
 struct Entry {
     hash: AtomicU64,
-    /// Non-zero once `meta` and `off` are written.
+    /// Non-zero once the arena words at `off` are written.
     id: AtomicU32,
-    _pad: u32,
-    /// Frame count | stop reason << 16 | unload generation << 32.
-    meta: AtomicU64,
-    off: AtomicU64,
+    /// Arena word offset of the meta word (frame count | stop reason << 16 | unload generation
+    /// << 32), the frames follow it.
+    off: AtomicU32,
 }
+
+const _: () = assert!(ARENA_WORDS <= u32::MAX as u64);
 
 struct Table {
     entries: *mut Entry,
@@ -181,12 +184,16 @@ fn probe(t: &Table, l: usize, h: u64, frames: &[u64], meta: u64, insert: bool) -
                 core::hint::spin_loop();
                 id = e.id.load(Ordering::Acquire);
             }
-            if id != u32::MAX && e.meta.load(Ordering::Relaxed) == meta {
+            if id != u32::MAX {
                 let off = e.off.load(Ordering::Relaxed) as usize;
-                // SAFETY: the entry's frames were written before its id was published (Release /
-                // Acquire on `id`) and are never modified.
-                let stored = unsafe { core::slice::from_raw_parts(t.arena.add(off), frames.len()) };
-                if stored == frames {
+                // SAFETY: the entry's meta word and frames were written at `off` before its id
+                // was published (Release / Acquire on `id`) and are never modified; the meta word
+                // gives their count, checked equal before the frames are read.
+                let same = unsafe {
+                    *t.arena.add(off) == meta
+                        && core::slice::from_raw_parts(t.arena.add(off + 1), frames.len()) == frames
+                };
+                if same {
                     return Probe::Found(id);
                 }
             }
@@ -198,20 +205,18 @@ fn probe(t: &Table, l: usize, h: u64, frames: &[u64], meta: u64, insert: bool) -
 
 /// Fills in the entry this thread just claimed.
 fn claim(t: &Table, e: &Entry, frames: &[u64], meta: u64) -> Probe {
-    let off = t
-        .arena_next
-        .fetch_add(frames.len() as u64, Ordering::Relaxed);
-    if off + frames.len() as u64 > ARENA_WORDS {
-        e.meta.store(u64::MAX, Ordering::Relaxed);
+    let words = frames.len() as u64 + 1;
+    let off = t.arena_next.fetch_add(words, Ordering::Relaxed);
+    if off + words > ARENA_WORDS {
         e.id.store(u32::MAX, Ordering::Release);
         return Probe::Absent;
     }
-    // SAFETY: `[off, off + len)` was reserved for this entry alone and is in the arena.
+    // SAFETY: `[off, off + words)` was reserved for this entry alone and is in the arena.
     unsafe {
-        core::ptr::copy_nonoverlapping(frames.as_ptr(), t.arena.add(off as usize), frames.len())
+        *t.arena.add(off as usize) = meta;
+        core::ptr::copy_nonoverlapping(frames.as_ptr(), t.arena.add(off as usize + 1), frames.len())
     };
-    e.meta.store(meta, Ordering::Relaxed);
-    e.off.store(off, Ordering::Relaxed);
+    e.off.store(off as u32, Ordering::Relaxed);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     e.id.store(id, Ordering::Release);
     Probe::Created(id)

@@ -21,7 +21,7 @@ use leakhunt_format::StopReason;
 use crate::modules::{self, ModuleInfo};
 
 pub const MAX_FRAMES_CAP: usize = 256;
-const CACHE_SIZE: usize = 4096;
+const CACHE_SIZE: usize = 2048;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
