@@ -599,9 +599,15 @@ impl Process {
     #[inline]
     fn bump(&mut self) {
         // Wrapping: a corrupt trace's u64::MAX is counted as lost events later, not a panic.
-        self.next_seq = self.next_seq.wrapping_add(1);
-        if self.next_seq >= self.growth.next_seq {
-            self.reach(self.next_seq);
+        self.advance_to(self.next_seq.wrapping_add(1));
+    }
+
+    /// Every number below `next` applied: close the epochs that completes.
+    #[inline]
+    fn advance_to(&mut self, next: u64) {
+        self.next_seq = next;
+        if next >= self.growth.next_seq {
+            self.reach(next);
         }
     }
 
@@ -770,10 +776,7 @@ impl compact::Sink for Apply<'_> {
         };
         if self.p.pending.is_empty() && seq == self.p.next_seq {
             // In order: nothing to apply, only boundaries to close on the way.
-            self.p.next_seq = end;
-            if self.p.next_seq >= self.p.growth.next_seq {
-                self.p.reach(self.p.next_seq);
-            }
+            self.p.advance_to(end);
             return Ok(());
         }
         for i in 0..count {
