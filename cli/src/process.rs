@@ -673,7 +673,7 @@ impl Process {
             self.gaps += seq - self.next_seq;
             self.reach(seq);
             self.apply_event(ev);
-            self.next_seq = seq + 1;
+            self.next_seq = seq.wrapping_add(1);
         }
         // Boundaries past the last event (the stream ended, or events were lost).
         self.reach(u64::MAX);
@@ -1124,6 +1124,18 @@ mod tests {
         encode::sealed(leakhunt_format::tag::EVENTS, &[&head, &body], &mut data);
         let (_, err) = Process::read_stream(&data[..]);
         assert!(err.unwrap().to_string().contains("overflow"));
+        // A lone NOP numbered u64::MAX waits for the numbers below it; at the end they are lost.
+        let mut data = encode::preamble().to_vec();
+        head[4..].copy_from_slice(&1u32.to_le_bytes());
+        encode::sealed(
+            leakhunt_format::tag::EVENTS,
+            &[&head, &[CODE_NOP_BYTE, 0x01, 0x01]],
+            &mut data,
+        );
+        let (mut p, err) = Process::read_stream(&data[..]);
+        assert!(err.is_none(), "{err:?}");
+        p.finish();
+        assert_eq!(p.gaps, u64::MAX);
 
         for _ in 0..2_000 {
             let mut data = encode::preamble().to_vec();
