@@ -431,20 +431,15 @@ fn drain_all() {
             if !pack.is_null() && !plain {
                 // SAFETY: `pack` maps PACK_LEN bytes that only the LOCK holder (we) touches.
                 let pack = unsafe { core::slice::from_raw_parts_mut(pack, PACK_LEN) };
-                let encoded = match pair_scratch(o) {
-                    Some(mut sc) => {
-                        match compact::find_pairs(
-                            &[a, b],
-                            &o.bounds[..o.nbounds],
-                            o.bound_floor,
-                            &mut sc,
-                        ) {
-                            Some((pairs, n)) => {
-                                ELIDED.fetch_add(n as u64, Ordering::Relaxed);
-                                compact::encode_elided(&[a, b], pack, &pairs)
-                            }
-                            None => compact::encode(&[a, b], pack),
-                        }
+                let mut scratch = pair_scratch(o);
+                let bounds = &o.bounds[..o.nbounds];
+                let found = scratch
+                    .as_mut()
+                    .and_then(|sc| compact::find_pairs(&[a, b], bounds, o.bound_floor, sc));
+                let encoded = match found {
+                    Some((pairs, n)) => {
+                        ELIDED.fetch_add(n as u64, Ordering::Relaxed);
+                        compact::encode_elided(&[a, b], pack, &pairs)
                     }
                     None => compact::encode(&[a, b], pack),
                 };
