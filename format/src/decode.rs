@@ -93,6 +93,9 @@ pub enum Record {
     },
     Stats(Vec<(u32, u64)>),
     Warning(String),
+    /// The process's command line as it read when the record was written (empty arguments
+    /// kept).
+    Title(Vec<String>),
     /// A record this version does not know; skipped.
     Unknown {
         tag: u16,
@@ -358,6 +361,7 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         tag::EVENTS => "events",
         tag::EPOCH => "epoch",
         tag::SNAPSHOT => "snapshot",
+        tag::TITLE => "title",
         _ => {
             return Ok(Record::Unknown {
                 tag: t,
@@ -503,6 +507,7 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
             Record::Stats(v)
         }
         tag::WARNING => Record::Warning(p.string("text")?),
+        tag::TITLE => Record::Title(crate::split_cmdline(p.bytes("title")?)),
         _ => unreachable!("tags filtered above"),
     };
     Ok(rec)

@@ -214,3 +214,17 @@ pub fn warning(text: &str, out: &mut Vec<u8>) {
     let mut r = RecordBuf::new();
     r.bytes(text.as_bytes()).finish_into(tag::WARNING, out);
 }
+
+/// The body of a `TITLE` record: the command line's bytes as `/proc/self/cmdline` gives them.
+/// Returns the body's length in `buf` (the command line is cut to fit).
+pub fn title_body(cmdline: &[u8], buf: &mut [u8]) -> usize {
+    let n = cmdline.len().min(buf.len().saturating_sub(4));
+    buf[..4].copy_from_slice(&(n as u32).to_le_bytes());
+    buf[4..4 + n].copy_from_slice(&cmdline[..n]);
+    4 + n
+}
+
+pub fn title(cmdline: &[u8], out: &mut Vec<u8>) {
+    let mut r = RecordBuf::new();
+    r.bytes(cmdline).finish_into(tag::TITLE, out);
+}

@@ -43,6 +43,19 @@ pub fn record_crc(parts: &[&[u8]]) -> u32 {
     h.finalize()
 }
 
+/// The arguments of a command line as `/proc/PID/cmdline` gives it: NUL-terminated strings,
+/// empty ones kept (`printf '[%s]' a '' b` has five). A last argument without its NUL (a
+/// retitled process) counts too.
+pub fn split_cmdline(b: &[u8]) -> Vec<String> {
+    let b = b.strip_suffix(&[0]).unwrap_or(b);
+    if b.is_empty() {
+        return Vec::new();
+    }
+    b.split(|&c| c == 0)
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
 /// Frame header of a checksummed record whose body (without the checksum) is `body_len` bytes.
 pub fn sealed_header(tag: u16, body_len: usize) -> [u8; RECORD_HEADER_LEN] {
     let mut h = [0u8; RECORD_HEADER_LEN];
@@ -70,6 +83,9 @@ pub mod tag {
     pub const EPOCH: u16 = 9;
     /// A name for an epoch boundary (a snapshot asked for by the user or the program).
     pub const SNAPSHOT: u16 = 10;
+    /// The process's command line as it reads now (`/proc/self/cmdline`, NUL-separated): a
+    /// process that retitles itself (an nginx worker, a forked child) is named by its latest.
+    pub const TITLE: u16 = 11;
 }
 
 /// An epoch boundary, written by the tracer every epoch interval: the events numbered below
@@ -107,6 +123,9 @@ pub mod stat {
     pub const UNWIND_REPEATED: u32 = 8;
     /// Events sent as elided pairs (`PAIRS` slots and `NOP`s) instead of one by one.
     pub const ELIDED: u32 = 9;
+    /// Times the program took the trace's descriptor (closed it, or reused its number) and the
+    /// tracer re-opened the file or re-connected, losing nothing.
+    pub const OUTPUT_RETAKEN: u32 = 10;
 }
 
 /// How the process ended, as recorded by the tracer.
@@ -236,6 +255,112 @@ impl FreeFn {
             3 => FreeFn::Realloc,
             _ => return None,
         })
+    }
+}
+
+/// The first bytes `leakhunt run`'s socket receives on every connection, before any trace byte
+/// (not part of a trace file: preload and CLI of one build share it). A process's first
+/// connection says `NEW`; if the program later takes the connection's descriptor away (closes it,
+/// or closes every descriptor as daemons do), the tracer connects again and says `RESUME` with
+/// how many trace bytes it delivered before, and the stream goes on where it stopped. The token
+/// is the run's secret (`LEAKHUNT_TOKEN`), so that the CLI takes streams only from the processes
+/// it started. Layout, little-endian: magic (8), version `u32`, kind `u32`, token (16), pid `u32`,
+/// 0 `u32`, the header's monotonic start `u64` (with the pid, the stream's identity), offset
+/// `u64`.
+pub mod hello {
+    pub const MAGIC: [u8; 8] = *b"LKHUNTHI";
+    pub const VERSION: u32 = 1;
+    pub const LEN: usize = 56;
+    pub const NEW: u32 = 0;
+    pub const RESUME: u32 = 1;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Hello {
+        pub kind: u32,
+        pub token: [u8; 16],
+        pub pid: u32,
+        pub start_ns: u64,
+        /// Trace bytes delivered on earlier connections (0 for `NEW`).
+        pub offset: u64,
+    }
+
+    pub fn encode(h: &Hello) -> [u8; LEN] {
+        let mut b = [0u8; LEN];
+        b[..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&h.kind.to_le_bytes());
+        b[16..32].copy_from_slice(&h.token);
+        b[32..36].copy_from_slice(&h.pid.to_le_bytes());
+        b[40..48].copy_from_slice(&h.start_ns.to_le_bytes());
+        b[48..56].copy_from_slice(&h.offset.to_le_bytes());
+        b
+    }
+
+    /// The hello in `b`, or why `b` is not one.
+    pub fn decode(b: &[u8; LEN]) -> Result<Hello, &'static str> {
+        if b[..8] != MAGIC {
+            return Err("not a leakhunt connection");
+        }
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(a)
+        };
+        if u32_at(8) != VERSION {
+            return Err("a connection from another version of the preload library");
+        }
+        let kind = u32_at(12);
+        if kind != NEW && kind != RESUME {
+            return Err("an unknown kind of connection");
+        }
+        let mut token = [0u8; 16];
+        token.copy_from_slice(&b[16..32]);
+        Ok(Hello {
+            kind,
+            token,
+            pid: u32_at(32),
+            start_ns: u64_at(40),
+            offset: u64_at(48),
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn cmdlines_keep_empty_arguments() {
+            use crate::split_cmdline;
+            assert_eq!(
+                split_cmdline(b"printf\0[%s]\0a\0\0b\0"),
+                ["printf", "[%s]", "a", "", "b"]
+            );
+            assert_eq!(split_cmdline(b"x\0\0"), ["x", ""]);
+            assert_eq!(
+                split_cmdline(b"nginx: worker process"),
+                ["nginx: worker process"]
+            );
+            assert!(split_cmdline(b"").is_empty());
+        }
+
+        #[test]
+        fn hello_round_trips_and_rejects_strangers() {
+            let h = Hello {
+                kind: RESUME,
+                token: [7; 16],
+                pid: 4242,
+                start_ns: 1 << 40,
+                offset: 123_456,
+            };
+            assert_eq!(decode(&encode(&h)), Ok(h));
+            let mut b = encode(&h);
+            b[0] = b'X';
+            assert_eq!(decode(&b), Err("not a leakhunt connection"));
+            let mut b = encode(&h);
+            b[12] = 9;
+            assert!(decode(&b).is_err());
+        }
     }
 }
 
