@@ -497,8 +497,7 @@ unsafe extern "C" fn execl_family(
             break;
         }
     }
-    // SAFETY: environ is libc's environment pointer; read once.
-    let environ = unsafe { *core::ptr::addr_of!(environ_ptr::environ) };
+    let environ = crate::env::environ() as Argv;
     // SAFETY: forwarding to the shims above with a null-terminated argv that outlives the call.
     unsafe {
         match which {
@@ -506,12 +505,6 @@ unsafe extern "C" fn execl_family(
             1 => execvp(path, argv.as_ptr()),
             _ => execve(path, argv.as_ptr(), arg(i) as Argv),
         }
-    }
-}
-
-mod environ_ptr {
-    extern "C" {
-        pub static environ: *const *const core::ffi::c_char;
     }
 }
 
@@ -556,6 +549,9 @@ pub unsafe extern "C" fn __libc_start_main(
     stack_end: *mut c_void,
 ) -> c_int {
     let f = real::next_symbol(&REAL_START_MAIN, c"__libc_start_main");
+    // SAFETY: main's envp follows argv's terminating null (the process's initial stack); only
+    // this thread runs yet.
+    unsafe { tracer::before_main(argv.add(argc.max(0) as usize + 1)) };
     REAL_MAIN.store(main as *mut c_void, core::sync::atomic::Ordering::Release);
     // SAFETY: glibc's __libc_start_main with the caller's arguments, main replaced by a wrapper
     // of the same signature that calls it.

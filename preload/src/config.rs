@@ -12,6 +12,7 @@
 //! | `LEAKHUNT_ELIDE` | `0`: send every event, also allocations freed again before the next epoch boundary, which are otherwise counted per stack instead (FORMAT.md, "Elided pairs"; always sent when forks are traced) | `1` |
 //! | `LEAKHUNT_UNWIND_REUSE` | `0`: walk every frame of every stack (the reference the fast path is tested against) | `1` |
 //! | `LEAKHUNT_SNAPSHOT_MS` | milliseconds between automatic snapshots (`auto-1`, `auto-2`, ...); `0`: none | `0` |
+//! | `LEAKHUNT_TOKEN` | the run's secret (32 hex digits), sent first on every connection to `LEAKHUNT_SOCKET` so that `leakhunt run` knows its own processes | unset: zeros |
 //! | `LEAKHUNT_EPOCH_MS` | milliseconds between epoch boundaries (with the RSS) in the trace, 10-3,600,000; `0`: none | `1000` |
 
 extern crate alloc;
@@ -23,6 +24,7 @@ pub struct Config {
     socket: [u8; 256],
     ring_dir: [u8; 256],
     out: [u8; 4096],
+    pub token: [u8; 16],
     pub max_frames: usize,
     pub trace_children: bool,
     pub freeres: bool,
@@ -38,6 +40,7 @@ static mut CONFIG: Config = Config {
     socket: [0; 256],
     ring_dir: [0; 256],
     out: [0; 4096],
+    token: [0; 16],
     max_frames: 64,
     trace_children: false,
     freeres: true,
@@ -84,6 +87,9 @@ pub fn load() {
         copy_into(&mut c.socket, env(c"LEAKHUNT_SOCKET"));
         copy_into(&mut c.ring_dir, env(c"LEAKHUNT_RING_DIR"));
         copy_into(&mut c.out, env(c"LEAKHUNT_OUT"));
+        if let Some(t) = env(c"LEAKHUNT_TOKEN").and_then(|s| parse_token(s.to_bytes())) {
+            c.token = t;
+        }
         c.max_frames = max_frames;
         c.trace_children = trace_children;
         c.freeres = env(c"LEAKHUNT_FREERES").is_none_or(|s| s.to_bytes() != b"0");
@@ -107,6 +113,24 @@ pub fn load() {
         }
     }
     LOADED.store(true, Ordering::Release);
+}
+
+/// 32 hex digits as 16 bytes.
+fn parse_token(hex: &[u8]) -> Option<[u8; 16]> {
+    if hex.len() != 32 {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    let mut t = [0u8; 16];
+    for (i, b) in t.iter_mut().enumerate() {
+        *b = digit(hex[2 * i])? << 4 | digit(hex[2 * i + 1])?;
+    }
+    Some(t)
 }
 
 pub fn get() -> &'static Config {
@@ -138,4 +162,15 @@ pub fn fmt_usize(mut v: usize) -> alloc::vec::Vec<u8> {
     }
     d.reverse();
     d
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_are_32_hex_digits() {
+        let t = super::parse_token(b"000102030405060708090a0B0c0d0e0F").unwrap();
+        assert_eq!(t, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
+        assert!(super::parse_token(b"00").is_none());
+        assert!(super::parse_token(b"zz0102030405060708090a0b0c0d0e0f").is_none());
+    }
 }

@@ -73,6 +73,7 @@ pub fn open() {
         if fd < 0 {
             return;
         }
+        let fd = crate::fds::place_high(fd);
         libc::unlink(p.as_ptr().cast());
         let mut addr: libc::sockaddr_un = core::mem::zeroed();
         addr.sun_family = libc::AF_UNIX as libc::sa_family_t;

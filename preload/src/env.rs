@@ -1,9 +1,9 @@
-//! Keeps programs started by the traced one untraced (the default): this library's entry is
-//! removed from `LD_PRELOAD` in the constructor, before `main`, so exec'd children do not load it.
+//! The environment: keeps programs started by the traced one untraced (the default), or, with
+//! `--trace-children`, gives an exec'd image what it needs to be traced.
 
 extern crate alloc;
 use alloc::vec::Vec;
-use core::ffi::CStr;
+use core::ffi::{c_char, CStr};
 
 fn own_path() -> Option<&'static CStr> {
     // SAFETY: dladdr fills `info` for an address inside this library; dli_fname points to the
@@ -26,29 +26,80 @@ fn basename(p: &[u8]) -> &[u8] {
     }
 }
 
-pub fn remove_self_from_ld_preload() {
-    let Some(own) = own_path() else { return };
-    let own = own.to_bytes();
-    // SAFETY: getenv with a literal name; the value is copied before the environment changes.
-    let cur = unsafe { libc::getenv(c"LD_PRELOAD".as_ptr()) };
-    if cur.is_null() {
+/// Takes leakhunt out of the environment the program passes on (children untraced, the
+/// default): this library's entry in `LD_PRELOAD` (the variable goes when nothing else is left
+/// in it) and every `LEAKHUNT_*` variable, so that the programs it starts run as they would
+/// without leakhunt, and a program that prints its environment prints its own.
+///
+/// The array is edited in place rather than through `unsetenv`/`setenv`: a program may export
+/// its own versions of those (bash does, keeping its own table, so libc's `environ` never
+/// changed and every child was traced), and the array is what the program's `main` receives as
+/// `envp` and what libc's functions read. Called before `main` (the constructor, and again
+/// on `main`'s `envp` should another library have replaced `environ` first).
+///
+/// # Safety
+/// `env` is null or a null-terminated, writable array of NUL-terminated strings that no other
+/// thread touches (before `main`, only the loading thread runs).
+pub unsafe fn strip_from(env: *mut *mut c_char) {
+    if env.is_null() {
         return;
     }
-    // SAFETY: non-null getenv results are NUL-terminated.
-    let cur = unsafe { CStr::from_ptr(cur) }.to_bytes().to_vec();
-    let kept: Vec<&[u8]> = cur
+    let Some(own) = own_path() else { return };
+    let own = own.to_bytes();
+    let (mut r, mut w) = (0usize, 0usize);
+    loop {
+        // SAFETY: `r` stays within the array up to and including its terminating null.
+        let p = unsafe { *env.add(r) };
+        if p.is_null() {
+            break;
+        }
+        // SAFETY: entries are NUL-terminated strings (the caller's contract).
+        let entry = unsafe { CStr::from_ptr(p) }.to_bytes();
+        let keep = if let Some(list) = entry.strip_prefix(b"LD_PRELOAD=") {
+            without_own(list, own).map(|v| {
+                // The program may keep pointers into its environment: the new string lives
+                // as long as the process.
+                let mut s = b"LD_PRELOAD=".to_vec();
+                s.extend_from_slice(&v);
+                s.push(0);
+                let s = alloc::boxed::Box::leak(s.into_boxed_slice());
+                s.as_mut_ptr() as *mut c_char
+            })
+        } else if entry.starts_with(b"LEAKHUNT_") {
+            None
+        } else {
+            Some(p)
+        };
+        if let Some(k) = keep {
+            // SAFETY: `w <= r`, inside the array.
+            unsafe { *env.add(w) = k };
+            w += 1;
+        }
+        r += 1;
+    }
+    // SAFETY: `w <= r`, and `r` indexes the terminating null.
+    unsafe { *env.add(w) = core::ptr::null_mut() };
+}
+
+/// `LD_PRELOAD`'s value without this library; `None` when nothing else is left.
+fn without_own(list: &[u8], own: &[u8]) -> Option<Vec<u8>> {
+    let kept: Vec<&[u8]> = list
         .split(|&b| b == b':' || b == b' ')
         .filter(|e| !e.is_empty() && *e != own && basename(e) != basename(own))
         .collect();
-    if kept.is_empty() {
-        // SAFETY: literal name.
-        unsafe { libc::unsetenv(c"LD_PRELOAD".as_ptr()) };
-        return;
+    (!kept.is_empty()).then(|| kept.join(&b':'))
+}
+
+/// The environment `libc` reads and passes on.
+pub fn environ() -> *mut *mut c_char {
+    // SAFETY: libc's `environ`, read once.
+    unsafe { *core::ptr::addr_of!(environ_sym::environ) }
+}
+
+mod environ_sym {
+    extern "C" {
+        pub static mut environ: *mut *mut core::ffi::c_char;
     }
-    let mut v: Vec<u8> = kept.join(&b':');
-    v.push(0);
-    // SAFETY: `v` is NUL-terminated; setenv copies it.
-    unsafe { libc::setenv(c"LD_PRELOAD".as_ptr(), v.as_ptr().cast(), 1) };
 }
 
 /// With `--trace-children`, a program that execs with an environment of its own (execve, execle)
@@ -56,6 +107,13 @@ pub fn remove_self_from_ld_preload() {
 /// naming this library and every `LEAKHUNT_*` variable of ours added where missing; `None` when
 /// nothing needs adding. The strings and the array are leaked if the exec succeeds (the image is
 /// gone) and freed by the caller's drop if it fails.
+fn hex(b: &[u8]) -> Vec<u8> {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    b.iter()
+        .flat_map(|&x| [D[(x >> 4) as usize], D[(x & 15) as usize]])
+        .collect()
+}
+
 pub struct ChildEnv {
     _strings: Vec<Vec<u8>>,
     pub ptrs: Vec<*const core::ffi::c_char>,
@@ -105,7 +163,9 @@ pub fn child_env(envp: *const *const core::ffi::c_char) -> Option<ChildEnv> {
     }
     let cfg = crate::config::get();
     let frames = crate::config::fmt_usize(cfg.max_frames);
-    let ours: [(&[u8], Option<&[u8]>); 6] = [
+    let token = hex(&cfg.token);
+    let ours: [(&[u8], Option<&[u8]>); 7] = [
+        (b"LEAKHUNT_TOKEN", Some(token.as_slice())),
         (b"LEAKHUNT_SOCKET", cfg.socket().map(CStr::to_bytes)),
         (b"LEAKHUNT_RING_DIR", cfg.ring_dir().map(CStr::to_bytes)),
         (b"LEAKHUNT_OUT", cfg.out_path().map(CStr::to_bytes)),

@@ -11,6 +11,7 @@ mod config;
 mod control;
 mod dedup;
 mod env;
+mod fds;
 mod modules;
 mod out;
 mod real;

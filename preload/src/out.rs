@@ -10,12 +10,12 @@ extern crate alloc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
-use leakhunt_format::{compact, encode, sealed_header, stat, tag, ExitKind};
+use leakhunt_format::{compact, encode, hello, sealed_header, stat, tag, ExitKind};
 
 use crate::modules::{self, Change};
 use crate::ring::{self, FREE, ORPHAN};
 use crate::sys::{self, SpinLock};
-use crate::{config, tracer};
+use crate::{config, fds, tracer};
 
 pub static LOCK: SpinLock = SpinLock::new();
 
@@ -38,7 +38,16 @@ const BUF_LEN: usize = 2 << 20;
 /// State behind `LOCK`.
 struct Out {
     fd: i32,
+    /// What `fd` refers to: checked before every write and close (the program may have closed
+    /// it and reused the number).
+    id: fds::Ident,
     socket: bool,
+    /// Trace bytes handed to the kernel on this stream's connections so far (where a resumed
+    /// connection goes on).
+    sent: u64,
+    /// The trace file's absolute path (NUL-terminated), to re-open it if the program takes its
+    /// descriptor; empty for a socket.
+    path: [u8; PATH_LEN],
     buf: *mut u8,
     len: usize,
     /// Where a ring's slots are compacted before they go out (`PACK_LEN` bytes, or null).
@@ -55,9 +64,19 @@ struct Out {
     modules_sent: usize,
 }
 
+const PATH_LEN: usize = 4200;
+const NO_IDENT: fds::Ident = fds::Ident {
+    dev: 0,
+    ino: 0,
+    kind: 0,
+};
+
 static mut OUT: Out = Out {
     fd: -1,
+    id: NO_IDENT,
     socket: false,
+    sent: 0,
+    path: [0; PATH_LEN],
     buf: core::ptr::null_mut(),
     len: 0,
     pack: core::ptr::null_mut(),
@@ -88,9 +107,17 @@ fn out() -> &'static mut Out {
     unsafe { &mut *core::ptr::addr_of_mut!(OUT) }
 }
 
-fn write_all(fd: i32, socket: bool, data: &[u8]) -> Result<(), i32> {
-    if socket {
-        return write_loop(fd, true, data);
+/// Times the program took the output's descriptor and it was re-opened (`stat::OUTPUT_RETAKEN`).
+static RETAKEN: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `data` to the trace, checking before each system call that the descriptor is still
+/// ours; when the program has taken it (closed it, or reused its number), the file is re-opened
+/// or the socket re-connected and the bytes go on where they stopped: nothing reaches a
+/// descriptor of the program's, nothing is lost. Caller holds LOCK.
+fn write_all(data: &[u8]) -> Result<(), i32> {
+    let o = out();
+    if o.socket {
+        return write_loop(o, data);
     }
     // A file over RLIMIT_FSIZE raises SIGXFSZ in the writing thread, which would kill the
     // program: block it around our write, and take back the one our write raised.
@@ -102,7 +129,7 @@ fn write_all(fd: i32, socket: bool, data: &[u8]) -> Result<(), i32> {
         libc::sigemptyset(&mut xfsz);
         libc::sigaddset(&mut xfsz, libc::SIGXFSZ);
         libc::pthread_sigmask(libc::SIG_BLOCK, &xfsz, &mut old);
-        let r = write_loop(fd, false, data);
+        let r = write_loop(o, data);
         if r == Err(libc::EFBIG) && libc::sigismember(&old, libc::SIGXFSZ) == 0 {
             let zero = libc::timespec {
                 tv_sec: 0,
@@ -115,28 +142,143 @@ fn write_all(fd: i32, socket: bool, data: &[u8]) -> Result<(), i32> {
     }
 }
 
-fn write_loop(fd: i32, socket: bool, mut data: &[u8]) -> Result<(), i32> {
+fn write_loop(o: &mut Out, mut data: &[u8]) -> Result<(), i32> {
+    let mut retakes = 0;
     while !data.is_empty() {
+        if !fds::is(o.fd, o.id) {
+            // A program that keeps taking it back is left alone.
+            retakes += 1;
+            if retakes > 8 {
+                return Err(libc::EBADF);
+            }
+            retake(o)?;
+            continue;
+        }
         // SAFETY: `data` is a valid readable slice; MSG_NOSIGNAL keeps a dead peer from raising
         // SIGPIPE in the program.
         let n = unsafe {
-            if socket {
-                libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL)
+            if o.socket {
+                libc::send(o.fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL)
             } else {
-                libc::write(fd, data.as_ptr().cast(), data.len())
+                libc::write(o.fd, data.as_ptr().cast(), data.len())
             }
         };
         if n < 0 {
             // SAFETY: errno is thread-local.
             let e = unsafe { *libc::__errno_location() };
-            if e == libc::EINTR || e == libc::EAGAIN {
-                continue;
+            match e {
+                libc::EINTR | libc::EAGAIN => continue,
+                // Taken between the check and the call: checked (and re-opened) again.
+                libc::EBADF | libc::ENOTSOCK => continue,
+                _ => return Err(e),
             }
-            return Err(e);
         }
+        o.sent += n as u64;
         data = &data[n as usize..];
     }
     Ok(())
+}
+
+/// The program took the output's descriptor: open the trace file again (the same file: device
+/// and inode checked, never through a symbolic link) or connect to `leakhunt run` again (the
+/// connection's hello says where the stream goes on). The new descriptor goes high again.
+fn retake(o: &mut Out) -> Result<(), i32> {
+    let fd = if o.socket {
+        let sock = config::get().socket().ok_or(libc::EBADF)?;
+        connect(sock, hello::RESUME, o.sent)?
+    } else {
+        // SAFETY: `path` is NUL-terminated (set when the file was created).
+        let fd = unsafe {
+            libc::open(
+                o.path.as_ptr().cast(),
+                libc::O_WRONLY | libc::O_APPEND | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            // SAFETY: errno is thread-local.
+            return Err(unsafe { *libc::__errno_location() });
+        }
+        let fd = fds::place_high(fd);
+        if fds::ident(fd) != Some(o.id) {
+            // Another file now has the trace's name: ours is gone.
+            // SAFETY: our own descriptor, opened just above.
+            unsafe { libc::close(fd) };
+            return Err(libc::ESTALE);
+        }
+        fd
+    };
+    o.id = fds::ident(fd).ok_or(libc::EBADF)?;
+    o.fd = fd;
+    RETAKEN.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Connects to `leakhunt run` at `sock` and sends the connection's hello (`kind`, with the trace
+/// bytes already delivered). Returns the descriptor, placed high.
+fn connect(sock: &core::ffi::CStr, kind: u32, offset: u64) -> Result<i32, i32> {
+    // SAFETY: plain socket syscalls on a sockaddr_un we fill completely.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(*libc::__errno_location());
+        }
+        let fd = fds::place_high(fd);
+        let mut addr: libc::sockaddr_un = core::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let p = sock.to_bytes();
+        let n = p.len().min(addr.sun_path.len() - 1);
+        for (d, s) in addr.sun_path.iter_mut().zip(&p[..n]) {
+            *d = *s as libc::c_char;
+        }
+        let len = core::mem::size_of::<libc::sa_family_t>() + n + 1;
+        let fail = |fd: i32| {
+            let e = *libc::__errno_location();
+            libc::close(fd);
+            Err(e)
+        };
+        if libc::connect(
+            fd,
+            &addr as *const _ as *const libc::sockaddr,
+            len as libc::socklen_t,
+        ) != 0
+        {
+            return fail(fd);
+        }
+        // A deep socket buffer lets the writer run ahead of the CLI through bursts instead
+        // of the two taking turns (unix sockets count in-flight bytes on the sender).
+        let buf: libc::c_int = 8 << 20;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&buf as *const libc::c_int).cast(),
+            core::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let h = hello::encode(&hello::Hello {
+            kind,
+            token: config::get().token,
+            pid: tracer::PID.load(Ordering::Relaxed),
+            start_ns: tracer::START_NS.load(Ordering::Relaxed),
+            offset,
+        });
+        let mut at = 0;
+        while at < h.len() {
+            let n = libc::send(
+                fd,
+                h[at..].as_ptr().cast(),
+                h.len() - at,
+                libc::MSG_NOSIGNAL,
+            );
+            if n < 0 {
+                if *libc::__errno_location() == libc::EINTR {
+                    continue;
+                }
+                return fail(fd);
+            }
+            at += n as usize;
+        }
+        Ok(fd)
+    }
 }
 
 fn fail(errno: i32, what: &str) {
@@ -147,29 +289,42 @@ fn fail(errno: i32, what: &str) {
     }
     tracer::disable();
     let o = out();
-    if o.fd >= 0 {
-        // SAFETY: closing our own descriptor.
-        unsafe { libc::close(o.fd) };
-        o.fd = -1;
-    }
+    fds::close_own(o.fd, o.id);
+    o.fd = -1;
 }
 
-/// strerror without the allocation and locale machinery, for the errors output can meet.
-fn errno_text(errno: i32) -> &'static str {
+/// strerror without the allocation and locale machinery, for the errors output can meet: the
+/// symbol and what it means.
+fn errno_text(errno: i32) -> (&'static str, &'static str) {
     match errno {
-        libc::ENOSPC => "no space left on device",
-        libc::EDQUOT => "disk quota exceeded",
-        libc::EFBIG => "file too large",
-        libc::EIO => "input/output error",
-        libc::EPIPE | libc::ECONNRESET => "the leakhunt CLI went away",
-        libc::ECONNREFUSED => "the leakhunt CLI is not listening",
-        libc::ENOENT => "no such file or directory",
-        libc::EACCES | libc::EPERM => "permission denied",
-        libc::EEXIST => "file exists",
-        libc::EROFS => "read-only file system",
-        libc::EMFILE | libc::ENFILE => "too many open files",
-        libc::EBADF => "the program closed leakhunt's descriptor",
-        _ => "error",
+        libc::ENOSPC => ("ENOSPC", "no space left on device"),
+        libc::EDQUOT => ("EDQUOT", "disk quota exceeded"),
+        libc::EFBIG => ("EFBIG", "file too large"),
+        libc::EIO => ("EIO", "input/output error"),
+        libc::EPIPE => ("EPIPE", "the leakhunt CLI went away"),
+        libc::ECONNRESET => ("ECONNRESET", "the leakhunt CLI went away"),
+        libc::ECONNREFUSED => ("ECONNREFUSED", "the leakhunt CLI is not listening"),
+        libc::ENOENT => ("ENOENT", "no such file or directory"),
+        libc::EACCES => ("EACCES", "permission denied"),
+        libc::EPERM => ("EPERM", "operation not permitted"),
+        libc::EEXIST => ("EEXIST", "file exists"),
+        libc::EROFS => ("EROFS", "read-only file system"),
+        libc::EMFILE => ("EMFILE", "too many open files in the process"),
+        libc::ENFILE => ("ENFILE", "too many open files in the system"),
+        libc::EBADF => ("EBADF", "the program keeps closing leakhunt's descriptor"),
+        libc::ENOTSOCK => ("ENOTSOCK", "the program replaced leakhunt's socket"),
+        libc::ESTALE => ("ESTALE", "the trace file was removed or replaced"),
+        libc::ELOOP => ("ELOOP", "the name is a symbolic link"),
+        libc::ENOTDIR => ("ENOTDIR", "a component of the path is not a directory"),
+        libc::ENAMETOOLONG => ("ENAMETOOLONG", "the name is too long"),
+        libc::ENOMEM => ("ENOMEM", "out of memory"),
+        libc::EINVAL => ("EINVAL", "invalid argument"),
+        libc::ENOTCONN => ("ENOTCONN", "not connected"),
+        libc::ETIMEDOUT => ("ETIMEDOUT", "timed out"),
+        libc::EAGAIN => ("EAGAIN", "resource temporarily unavailable"),
+        libc::EISDIR => ("EISDIR", "is a directory"),
+        libc::ENXIO => ("ENXIO", "no such device or address"),
+        _ => ("", "error"),
     }
 }
 
@@ -180,12 +335,18 @@ fn fmt_err<'a>(buf: &'a mut [u8; 200], what: &str, errno: i32) -> &'a str {
         buf[n..n + k].copy_from_slice(&b[..k]);
         n += k;
     };
+    let (name, text) = errno_text(errno);
     push(what.as_bytes());
     push(b": ");
-    push(errno_text(errno).as_bytes());
-    push(b" (errno ");
+    push(text.as_bytes());
+    push(b" (");
     let mut d = [0u8; 20];
-    push(sys::fmt_u64(&mut d, errno.unsigned_abs() as u64));
+    if name.is_empty() {
+        push(b"errno ");
+        push(sys::fmt_u64(&mut d, errno.unsigned_abs() as u64));
+    } else {
+        push(name.as_bytes());
+    }
     push(b"); recording stopped, the program continues untraced");
     core::str::from_utf8(&buf[..n]).unwrap_or("trace output failed")
 }
@@ -211,52 +372,20 @@ fn ensure_open() -> bool {
         }
     }
     let cfg = config::get();
+    o.sent = 0;
     let fd = if let Some(sock) = cfg.socket() {
-        // SAFETY: plain socket syscalls on a sockaddr_un we fill completely.
-        unsafe {
-            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            if fd < 0 {
-                fail(
-                    *libc::__errno_location(),
-                    "cannot create a socket to leakhunt",
-                );
-                return false;
+        match connect(sock, hello::NEW, 0) {
+            Ok(fd) => {
+                o.socket = true;
+                fd
             }
-            let mut addr: libc::sockaddr_un = core::mem::zeroed();
-            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-            let p = sock.to_bytes();
-            let n = p.len().min(addr.sun_path.len() - 1);
-            for (d, s) in addr.sun_path.iter_mut().zip(&p[..n]) {
-                *d = *s as libc::c_char;
-            }
-            let len = core::mem::size_of::<libc::sa_family_t>() + n + 1;
-            if libc::connect(
-                fd,
-                &addr as *const _ as *const libc::sockaddr,
-                len as libc::socklen_t,
-            ) != 0
-            {
-                let e = *libc::__errno_location();
-                libc::close(fd);
+            Err(e) => {
                 fail(e, "cannot connect to the leakhunt CLI");
                 return false;
             }
-            // A deep socket buffer lets the writer run ahead of the CLI through bursts instead
-            // of the two taking turns (unix sockets count in-flight bytes on the sender).
-            let buf: libc::c_int = 8 << 20;
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&buf as *const libc::c_int).cast(),
-                core::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-            o.socket = true;
-            fd
         }
     } else {
-        let mut path = [0u8; 4200];
-        let fd = open_trace_file(&mut path, cfg);
+        let fd = open_trace_file(&mut o.path, cfg);
         if fd < 0 {
             // SAFETY: errno is thread-local.
             fail(
@@ -265,18 +394,18 @@ fn ensure_open() -> bool {
             );
             return false;
         }
-        fd
+        // Its absolute name, to open it again if the program takes the descriptor.
+        absolute_name(fd, &mut o.path);
+        fds::place_high(fd)
     };
-    // Move the descriptor out of the range programs commonly reuse or close.
-    // SAFETY: fcntl on our own descriptor.
-    let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 500) };
-    o.fd = if high >= 0 {
-        // SAFETY: closing the original, now duplicated.
-        unsafe { libc::close(fd) };
-        high
-    } else {
-        fd
-    };
+    match fds::ident(fd) {
+        Some(id) => o.id = id,
+        None => {
+            fail(libc::EBADF, "cannot keep the trace's descriptor");
+            return false;
+        }
+    }
+    o.fd = fd;
     o.len = 0;
     o.modules_sent = 0;
     EPOCHS.store(0, Ordering::Relaxed);
@@ -288,13 +417,32 @@ fn ensure_open() -> bool {
     true
 }
 
+/// The file `fd` names, as the kernel sees it (`/proc/self/fd/N`), into `path` (NUL-terminated);
+/// left as it is when the link cannot be read (the name given, relative to where we are).
+fn absolute_name(fd: i32, path: &mut [u8; PATH_LEN]) {
+    let mut link = [0u8; 40];
+    let mut digits = [0u8; 20];
+    let d = sys::fmt_u64(&mut digits, fd as u64);
+    link[..14].copy_from_slice(b"/proc/self/fd/");
+    link[14..14 + d.len()].copy_from_slice(d);
+    let mut buf = [0u8; PATH_LEN];
+    // SAFETY: `link` is NUL-terminated (zeroed beyond the digits); readlink writes at most
+    // `buf.len() - 1` bytes into our buffer.
+    let n = unsafe { libc::readlink(link.as_ptr().cast(), buf.as_mut_ptr().cast(), buf.len() - 1) };
+    if n > 0 && buf[0] == b'/' && !buf[..n as usize].ends_with(b" (deleted)") {
+        path[..n as usize].copy_from_slice(&buf[..n as usize]);
+        path[n as usize] = 0;
+    }
+}
+
 /// Creates `LEAKHUNT_OUT` (with `%p` replaced by the pid) or `leakhunt.<pid>.trace`, O_EXCL and
-/// mode 0600; if the name exists, `<name>.2`, `<name>.3`, ... are tried.
-fn open_trace_file(path: &mut [u8; 4200], cfg: &config::Config) -> i32 {
+/// mode 0600, never through a symbolic link; if the name exists, `<name>.2`, `<name>.3`, ... are
+/// tried, and the user is told which one was taken.
+fn open_trace_file(path: &mut [u8; PATH_LEN], cfg: &config::Config) -> i32 {
     // SAFETY: getpid cannot fail.
     let pid = unsafe { libc::getpid() } as u32;
     let mut n = 0;
-    fn put(path: &mut [u8; 4200], b: &[u8], n: &mut usize) {
+    fn put(path: &mut [u8; PATH_LEN], b: &[u8], n: &mut usize) {
         let k = b.len().min(path.len() - 1 - *n);
         path[*n..*n + k].copy_from_slice(&b[..k]);
         *n += k;
@@ -321,12 +469,17 @@ fn open_trace_file(path: &mut [u8; 4200], cfg: &config::Config) -> i32 {
             put(path, b".trace", &mut n);
         }
     }
-    let open = |p: &[u8; 4200]| {
+    let open = |p: &[u8; PATH_LEN]| {
         // SAFETY: `p` is NUL-terminated (the byte after the name is still zero).
         unsafe {
             libc::open(
                 p.as_ptr().cast(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                libc::O_WRONLY
+                    | libc::O_APPEND
+                    | libc::O_CREAT
+                    | libc::O_EXCL
+                    | libc::O_NOFOLLOW
+                    | libc::O_CLOEXEC,
                 0o600,
             )
         }
@@ -347,6 +500,20 @@ fn open_trace_file(path: &mut [u8; 4200], cfg: &config::Config) -> i32 {
         fd = open(path);
         k += 1;
     }
+    if fd >= 0 && k > 2 {
+        let mut msg = [0u8; 300];
+        let mut m = 0;
+        for part in [
+            &path[..base],
+            b" exists: the trace goes to ".as_slice(),
+            &path[..n],
+        ] {
+            let take = part.len().min(msg.len() - m);
+            msg[m..m + take].copy_from_slice(&part[..take]);
+            m += take;
+        }
+        sys::diag(core::str::from_utf8(&msg[..m]).unwrap_or("the trace's name exists"));
+    }
     fd
 }
 
@@ -359,7 +526,7 @@ fn push(data: &[u8]) {
     if o.len + data.len() > BUF_LEN {
         write_buf();
         if data.len() > BUF_LEN {
-            if let Err(e) = write_all(o.fd, o.socket, data) {
+            if let Err(e) = write_all(data) {
                 fail(e, "cannot write the trace");
             }
             return;
@@ -378,7 +545,7 @@ fn write_buf() {
     }
     // SAFETY: the first `o.len` bytes of the buffer are initialised.
     let data = unsafe { core::slice::from_raw_parts(o.buf, o.len) };
-    let r = write_all(o.fd, o.socket, data);
+    let r = write_all(data);
     o.len = 0;
     match r {
         Ok(()) => ring::for_each(|r| r.delivered()),
@@ -454,6 +621,8 @@ fn drain_all() {
         });
         if !open && n > 0 {
             EVENTS_LOST.fetch_add(n, Ordering::Relaxed);
+            // Dropped, not pending: a ring file read after a kill must not offer them.
+            r.delivered();
         }
         if r.state.load(Ordering::Acquire) == ORPHAN && r.space() == ring::RING_SLOTS {
             r.state.store(FREE, Ordering::Release);
@@ -535,7 +704,7 @@ fn push_stats() {
         walked += s.walked;
         repeated += s.repeated;
     });
-    const N: usize = 9;
+    const N: usize = 10;
     let pairs: [(u32, u64); N] = [
         (stat::EVENTS_LOST, EVENTS_LOST.load(Ordering::Relaxed)),
         (stat::RING_WAITS, RING_WAITS.load(Ordering::Relaxed)),
@@ -549,6 +718,7 @@ fn push_stats() {
         (stat::UNWIND_WALKED, walked),
         (stat::UNWIND_REPEATED, repeated),
         (stat::ELIDED, ELIDED.load(Ordering::Relaxed)),
+        (stat::OUTPUT_RETAKEN, RETAKEN.load(Ordering::Relaxed)),
     ];
     let mut body = [0u8; 4 + N * 12];
     body[..4].copy_from_slice(&(pairs.len() as u32).to_le_bytes());
@@ -573,6 +743,39 @@ fn push_exit(kind: ExitKind) {
 }
 
 static EPOCHS: AtomicU64 = AtomicU64::new(0);
+
+/// A hash of the command line last sent (the header's, then `TITLE` records').
+static TITLE_HASH: AtomicU64 = AtomicU64::new(0);
+
+fn hash(b: &[u8]) -> u64 {
+    // FNV-1a: a changed title, not an adversary, is what it must notice.
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &c| {
+        (h ^ c as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The command line the header carries.
+pub fn note_title(cmdline: &[u8]) {
+    TITLE_HASH.store(hash(cmdline), Ordering::Relaxed);
+}
+
+/// Sends the process's command line if it changed since it was last sent: a process that names
+/// itself (`setproctitle`, an nginx worker, a forked child that rewrites its argv) is reported
+/// under its own name. Caller holds LOCK. Raw reads, a stack buffer: safe in a signal handler.
+fn send_title() {
+    let mut cmdline = [0u8; 4096];
+    let n = sys::read_small(c"/proc/self/cmdline", &mut cmdline);
+    if n == 0 {
+        return;
+    }
+    let h = hash(&cmdline[..n]);
+    if TITLE_HASH.swap(h, Ordering::Relaxed) == h {
+        return;
+    }
+    let mut body = [0u8; 4100];
+    let len = encode::title_body(&cmdline[..n], &mut body);
+    push_sealed(tag::TITLE, &[&body[..len]]);
+}
 
 /// Closes an epoch: writes the boundary (the events numbered below `seq` belong to it or earlier
 /// ones) with the time and the process's RSS, then flushes what was recorded. With a name, the
@@ -603,6 +806,7 @@ pub fn epoch(seq_now: impl Fn() -> u64, name: Option<&[u8]>) {
         rss: sys::rss_bytes(),
     };
     push_sealed(tag::EPOCH, &[&encode::epoch_body(&e)]);
+    send_title();
     if let Some(name) = name {
         let mut buf = [0u8; 8 + 255];
         let name = &name[..name.len().min(255)];
@@ -627,6 +831,7 @@ pub fn finish(exit: Option<ExitKind>, in_signal: bool) {
     };
     let Some(_l) = guard else { return };
     flush_locked();
+    send_title();
     push_stats();
     if let Some(k) = exit {
         push_exit(k);
@@ -639,11 +844,10 @@ pub fn finish(exit: Option<ExitKind>, in_signal: bool) {
 /// prepare handler in the parent and is reset here.
 pub fn after_fork_child(trace: bool) {
     let o = out();
-    if o.fd >= 0 {
-        // SAFETY: closing the inherited copy of our own descriptor.
-        unsafe { libc::close(o.fd) };
-    }
+    // The inherited copy of our descriptor, if the child has not taken the number for itself.
+    fds::close_own(o.fd, o.id);
     o.fd = -1;
+    o.sent = 0;
     o.len = 0;
     o.modules_sent = 0;
     EPOCHS.store(0, Ordering::Relaxed);

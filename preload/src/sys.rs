@@ -2,7 +2,8 @@
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
-/// Writes `leakhunt: <msg>\n` to stderr with one `write(2)`.
+/// Writes `leakhunt: <msg>\n` with one `write(2)` to the stderr the program started with, if it
+/// still has it (see [`crate::fds::write_stderr`]).
 pub fn diag(msg: &str) {
     let mut buf = [0u8; 512];
     let mut n = 0;
@@ -11,10 +12,7 @@ pub fn diag(msg: &str) {
         buf[n..n + take].copy_from_slice(&part[..take]);
         n += take;
     }
-    // SAFETY: `buf[..n]` is initialised memory we own; write(2) only reads it.
-    unsafe {
-        libc::write(2, buf.as_ptr().cast(), n);
-    }
+    crate::fds::write_stderr(&buf[..n]);
 }
 
 /// Anonymous private mapping of `len` bytes, zero-filled; null on failure.
@@ -210,6 +208,27 @@ pub fn mapping_bounds(addr: usize) -> (usize, usize) {
     // SAFETY: closes the descriptor opened above, once.
     unsafe { libc::syscall(libc::SYS_close, fd) };
     found
+}
+
+/// Reads up to `buf.len()` bytes of a small file (under /proc) with raw system calls; returns
+/// how many.
+pub fn read_small(path: &core::ffi::CStr, buf: &mut [u8]) -> usize {
+    let fd = open_raw(path);
+    if fd < 0 {
+        return 0;
+    }
+    let mut n = 0;
+    while n < buf.len() {
+        // SAFETY: the rest of `buf` is writable.
+        let r = unsafe { libc::syscall(libc::SYS_read, fd, buf[n..].as_mut_ptr(), buf.len() - n) };
+        if r <= 0 {
+            break;
+        }
+        n += r as usize;
+    }
+    // SAFETY: closes the descriptor opened above, once.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
+    n
 }
 
 /// The process's resident set size in bytes, from `/proc/self/statm` (0 if it cannot be read).

@@ -10,7 +10,7 @@ extern crate alloc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use leakhunt_format::slot::{self, Slot, FRAMES_PER_SLOT};
 use leakhunt_format::{encode, AllocFn, ExitKind, FreeFn, StopReason};
@@ -36,11 +36,62 @@ pub fn disable() {
     STATE.store(DISABLED, Ordering::Release);
 }
 
+/// A word that reads 1 in the process that set it and 0 in any child: it lives in a page the
+/// kernel zeroes in every process made from this one (MADV_WIPEONFORK), by `fork` or by a raw
+/// `clone` that runs no fork handlers. One load on the hot path tells a new process from its
+/// parent before it can write into the parent's rings or trace. Where the kernel cannot wipe
+/// pages, it points to a word that always reads 1, and only the life-cycle paths (which compare
+/// pids) tell.
+static PROC_WORD: AtomicPtr<AtomicU32> =
+    AtomicPtr::new(core::ptr::addr_of!(ALWAYS_ONE) as *mut AtomicU32);
+static ALWAYS_ONE: AtomicU32 = AtomicU32::new(1);
+
+#[inline(always)]
+fn same_process() -> bool {
+    // SAFETY: PROC_WORD points to ALWAYS_ONE or to a page mapped once and never unmapped.
+    unsafe { (*PROC_WORD.load(Ordering::Relaxed)).load(Ordering::Relaxed) != 0 }
+}
+
+/// Maps the wipe-on-fork page and marks this process in it.
+fn init_proc_word() {
+    let p = sys::mmap_anon(4096);
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: advice on the page just mapped, which nothing else uses.
+    if unsafe { libc::madvise(p.cast(), 4096, libc::MADV_WIPEONFORK) } != 0 {
+        // SAFETY: unmapping that page.
+        unsafe { libc::munmap(p.cast(), 4096) };
+        return;
+    }
+    let w = p as *mut AtomicU32;
+    // SAFETY: a zeroed, aligned page: a valid AtomicU32 at its start.
+    unsafe { (*w).store(1, Ordering::Relaxed) };
+    PROC_WORD.store(w, Ordering::Release);
+}
+
+/// This process is the one whose trace the tracer's state describes: not a child made without
+/// fork handlers (adopted here: traced as a child, or not at all) and not a `vfork` child or
+/// other process sharing our memory (which must leave the parent's state alone).
+fn this_process() -> bool {
+    if STATE.load(Ordering::Acquire) != READY {
+        return false;
+    }
+    if !same_process() {
+        let Some(g) = Guard::enter() else {
+            return false;
+        };
+        g.forwarding(become_child);
+        return STATE.load(Ordering::Acquire) == READY;
+    }
+    sys::getpid() == PID.load(Ordering::Relaxed)
+}
+
 /// Enters the tracer for one hook call, or `None` when the event must not be recorded (tracer
 /// off, not yet initialised, or this thread is already inside it).
 #[inline(always)]
 pub fn enter() -> Option<Guard> {
-    if STATE.load(Ordering::Acquire) != READY {
+    if STATE.load(Ordering::Acquire) != READY || !same_process() {
         return enter_slow();
     }
     Guard::enter()
@@ -49,7 +100,15 @@ pub fn enter() -> Option<Guard> {
 #[cold]
 fn enter_slow() -> Option<Guard> {
     match STATE.load(Ordering::Acquire) {
-        READY => Guard::enter(),
+        READY if same_process() => Guard::enter(),
+        READY => {
+            // The first call in a process made without fork handlers (a raw `clone`, `_Fork`):
+            // its memory is a copy of its parent's, the tracer's state included. Inside a fork's
+            // own handlers this thread is guarded, and the child handler does the same.
+            let g = Guard::enter()?;
+            g.forwarding(become_child);
+            (STATE.load(Ordering::Acquire) == READY).then_some(g)
+        }
         UNINIT => {
             if !real::ensure() {
                 return None;
@@ -75,6 +134,8 @@ fn enter_slow() -> Option<Guard> {
 /// guard, so allocations here go untraced.
 fn init_core() {
     config::load();
+    crate::fds::note_stderr();
+    init_proc_word();
     if !dedup::reset() {
         sys::diag("cannot map the stack table; the program runs untraced");
         STATE.store(DISABLED, Ordering::Release);
@@ -108,11 +169,9 @@ fn read_file(path: &core::ffi::CStr) -> Vec<u8> {
 }
 
 fn build_header() {
-    let argv: Vec<String> = read_file(c"/proc/self/cmdline")
-        .split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
+    let cmdline = read_file(c"/proc/self/cmdline");
+    out::note_title(&cmdline);
+    let argv = leakhunt_format::split_cmdline(&cmdline);
     let exe = modules::current()
         .and_then(|t| t.modules.first())
         .map(|m| m.path.clone())
@@ -355,7 +414,7 @@ pub fn on_realloc(
 /// Before `fork()` with children traced: the sequence number that marks the fork point (the
 /// child's heap is the parent's live blocks as of the events before it).
 pub fn before_fork() -> Option<u64> {
-    if STATE.load(Ordering::Acquire) != READY || !config::get().trace_children {
+    if !config::get().trace_children || !this_process() {
         return None;
     }
     Some(SEQ.fetch_add(1, Ordering::Relaxed))
@@ -484,6 +543,18 @@ extern "C" fn fork_parent() {
 }
 
 extern "C" fn fork_child() {
+    become_child();
+    // SAFETY: this thread's own TLS; undoes the guard taken in prepare.
+    unsafe { (*crate::tls::state()).depth = 0 };
+}
+
+/// In a new process (a fork child, or one made without fork handlers), with one thread, guarded:
+/// forget the parent's output, control socket and unsent events; with children traced, start
+/// this process's own trace, else stop recording for good. Whatever the parent's other threads
+/// held (locks) is gone with them.
+fn become_child() {
+    // SAFETY: the proc word's page, zeroed in this process: mark it as this process's.
+    unsafe { (*PROC_WORD.load(Ordering::Relaxed)).store(1, Ordering::Relaxed) };
     modules::LOCK.reset();
     // The parent's control socket is the parent's (a traced child opens its own).
     crate::control::close(false);
@@ -507,8 +578,6 @@ extern "C" fn fork_child() {
         ring::after_fork_child(false);
         disable();
     }
-    // SAFETY: as above.
-    unsafe { (*ts).depth = 0 };
 }
 
 /// The library constructor: initialise (if no hook did yet), open the output, start the writer,
@@ -525,7 +594,8 @@ pub extern "C" fn constructor() {
         // SAFETY: registering plain C callbacks.
         unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
         if !config::get().trace_children {
-            crate::env::remove_self_from_ld_preload();
+            // SAFETY: before main, only this thread runs; `environ` is libc's array.
+            unsafe { crate::env::strip_from(crate::env::environ()) };
         }
         out::flush();
         if out::is_off() {
@@ -543,15 +613,35 @@ pub static START_NS: AtomicU64 = AtomicU64::new(0);
 
 static EXIT_CODE: AtomicU64 = AtomicU64::new(u64::MAX);
 
-/// `exit(code)` seen: remember the code for the exit record.
+/// `exit(code)` seen: remember the code for the exit record (not a vfork child's: it shares
+/// our memory, and its exit is not ours).
 pub fn note_exit_code(code: i32) {
-    EXIT_CODE.store(code as u32 as u64, Ordering::Relaxed);
+    if sys::getpid() == PID.load(Ordering::Relaxed) {
+        EXIT_CODE.store(code as u32 as u64, Ordering::Relaxed);
+    }
+}
+
+/// `__libc_start_main` is about to call `main` with `envp`: when children are not traced, take
+/// leakhunt out of that array too, should it differ from `environ` (another library's
+/// constructor replaced `environ` before ours ran).
+///
+/// # Safety
+/// `envp` is main's environment array (null-terminated, writable); only this thread runs.
+pub unsafe fn before_main(envp: *mut *mut core::ffi::c_char) {
+    if STATE.load(Ordering::Acquire) == UNINIT || config::get().trace_children {
+        return;
+    }
+    if envp != crate::env::environ() {
+        let Some(g) = Guard::enter() else { return };
+        // SAFETY: the caller's contract.
+        g.forwarding(|| unsafe { crate::env::strip_from(envp) });
+    }
 }
 
 /// The library destructor (late in exit): flush, write statistics and the exit code if known,
 /// and from now on flush every event at once.
 pub extern "C" fn destructor() {
-    if STATE.load(Ordering::Acquire) != READY {
+    if !this_process() {
         return;
     }
     if config::get().freeres {
@@ -592,7 +682,8 @@ fn run_freeres() {
 
 /// `_exit(code)`: nothing else runs after it.
 pub fn on_underscore_exit(code: i32) {
-    if STATE.load(Ordering::Acquire) != READY {
+    // A vfork child whose exec failed calls `_exit(127)` here: its end is not ours.
+    if !this_process() {
         return;
     }
     crate::control::close(true);
@@ -604,7 +695,7 @@ pub fn on_underscore_exit(code: i32) {
 /// reader treats the record as void. A vfork child shares our memory but is another process: it
 /// must not touch the parent's rings or stream.
 pub fn before_exec() {
-    if STATE.load(Ordering::Acquire) != READY || sys::getpid() != PID.load(Ordering::Relaxed) {
+    if !this_process() {
         return;
     }
     // The new image, if traced, opens its own control socket.
@@ -618,6 +709,9 @@ pub fn exec_env(envp: *const *const core::ffi::c_char) -> Option<crate::env::Chi
     if STATE.load(Ordering::Acquire) != READY || !config::get().trace_children {
         return None;
     }
+    // A child made without fork handlers about to exec: adopt it first (the new image is traced
+    // as its own process either way).
+    this_process();
     let g = Guard::enter()?;
     g.forwarding(|| crate::env::child_env(envp))
 }
@@ -625,7 +719,7 @@ pub fn exec_env(envp: *const *const core::ffi::c_char) -> Option<crate::env::Chi
 /// Marks a named point (a snapshot): an epoch boundary with a name. Events numbered below the
 /// sequence number read here happened before it.
 pub fn snapshot(name: &[u8]) {
-    if STATE.load(Ordering::Acquire) != READY {
+    if !this_process() {
         return;
     }
     out::epoch(|| SEQ.load(Ordering::Acquire), Some(name));
@@ -633,7 +727,7 @@ pub fn snapshot(name: &[u8]) {
 
 /// A fatal signal is about to kill the process.
 pub fn on_fatal_signal(sig: i32) {
-    if STATE.load(Ordering::Acquire) != READY {
+    if !this_process() {
         return;
     }
     crate::control::close(true);
