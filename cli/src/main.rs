@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod run;
+mod serve;
 
 use leakhunt::{compare, parse_duration, process, recover, report, verdict};
 
@@ -89,7 +90,8 @@ pub struct Output {
     /// Also write the report as JSON to FILE ("-" for stdout).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Exit with N instead of the program's status when leaks are found.
+    /// Exit with N instead of the program's status when leaks are found, or when the recording
+    /// is incomplete (leaks may be missing).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..))]
     error_exitcode: Option<u8>,
     /// Print only processes with leaks or warnings.
@@ -170,7 +172,8 @@ fn parse_epoch(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
-/// Prints the reports (text to `text_to`, JSON where asked) and says whether leaks were found.
+/// Prints the reports (text to `text_to`, JSON where asked) and says whether `--error-exitcode`
+/// fails: leaks were found, or a recording is incomplete (leaks may be missing).
 pub fn emit(report: &Report, out: &Output, text_to_stderr: bool) -> Result<bool> {
     let mut text = String::new();
     for p in &report.processes {
@@ -202,7 +205,7 @@ pub fn emit(report: &Report, out: &Output, text_to_stderr: bool) -> Result<bool>
                 .with_context(|| format!("writing {}", path.display()))?;
         }
     }
-    Ok(report.has_leaks())
+    Ok(report.failed())
 }
 
 fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
@@ -236,8 +239,8 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
     for w in sym.warnings() {
         eprintln!("leakhunt: warning: {w}");
     }
-    let leaks = emit(&Report::new(procs), &a.out, false)?;
-    Ok(match (leaks, a.out.error_exitcode) {
+    let failed = emit(&Report::new(procs), &a.out, false)?;
+    Ok(match (failed, a.out.error_exitcode) {
         (true, Some(n)) => ExitCode::from(n),
         _ => ExitCode::SUCCESS,
     })

@@ -192,6 +192,14 @@ pub struct Process {
     pub snapshots: Vec<(String, u32)>,
     /// Called after epoch boundaries close (the live view of `leakhunt run --live`).
     pub on_epoch: Option<EpochHook>,
+    /// Set while the stream's last record says how the process ended (read by `leakhunt run`'s
+    /// socket reader: such a stream needs no waiting for more at its end).
+    pub ended: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The process's latest command line, when it renamed itself after the header was written.
+    pub title: Option<Vec<String>>,
+    /// Why the recording is known to be incomplete, beyond what the trace itself shows (set by
+    /// `leakhunt run`, which saw the process end).
+    pub incomplete: Option<String>,
     records: u64,
 }
 
@@ -407,12 +415,20 @@ impl Process {
         }
     }
 
+    fn set_ended(&self, v: bool) {
+        if let Some(f) = &self.ended {
+            f.store(v, std::sync::atomic::Ordering::Release);
+        }
+    }
+
     /// Applies one record, which starts at byte `at` of the stream.
     pub fn apply(&mut self, rec: Record, at: u64) -> Result<(), DecodeError> {
         self.records += 1;
-        if self.exit == Some(ExitKind::Exec) && !matches!(rec, Record::Stats(_)) {
+        if self.exit == Some(ExitKind::Exec) && !matches!(rec, Record::Stats(_) | Record::Title(_))
+        {
             // Recording went on after an exec announcement: that exec failed.
             self.exit = None;
+            self.set_ended(false);
         }
         match rec {
             Record::Header(h) => {
@@ -476,7 +492,14 @@ impl Process {
                     }));
                 }
             }
-            Record::Exit(k) => self.exit = Some(k),
+            Record::Exit(k) => {
+                self.exit = Some(k);
+                self.set_ended(true);
+            }
+            Record::Title(t) => {
+                let same = self.header.as_ref().is_some_and(|h| h.argv == t);
+                self.title = (!same && !t.is_empty()).then_some(t);
+            }
             Record::Epoch(e) => {
                 self.growth.push(e);
                 self.reach(self.next_seq);

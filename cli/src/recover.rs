@@ -49,15 +49,29 @@ pub fn undelivered(data: &[u8]) -> Result<(u32, Vec<u8>), String> {
     Ok((u32_at(data, ringfile::TID), out))
 }
 
-/// Feeds `p` what its ring files in `dir` hold beyond what its stream delivered; returns the
-/// events recovered and the batches to append to a kept trace. Problems become warnings on `p`.
-pub fn from_ring_files(p: &mut Process, dir: &Path) -> (u64, Vec<(u32, Vec<u8>)>) {
+/// What the ring files of a dead process gave back.
+#[derive(Default)]
+pub struct Recovered {
+    /// Events the stream had not delivered.
+    pub events: u64,
+    /// Their batches, to append to a kept trace.
+    pub batches: Vec<(u32, Vec<u8>)>,
+    /// Ring files that could not be read back (each also a warning on the process).
+    pub failed: usize,
+}
+
+/// Feeds `p` what its ring files in `dir` hold beyond what its stream delivered. Problems
+/// become warnings on `p`.
+pub fn from_ring_files(p: &mut Process, dir: &Path) -> Recovered {
+    let mut got = Recovered::default();
     let Some(h) = &p.header else {
-        return (0, vec![]);
+        got.failed = 1;
+        return got;
     };
     let prefix = format!("{}-{}-", h.pid, h.start_monotonic_ns);
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return (0, vec![]);
+        got.failed = 1;
+        return got;
     };
     let mut files: Vec<_> = entries
         .flatten()
@@ -69,26 +83,28 @@ pub fn from_ring_files(p: &mut Process, dir: &Path) -> (u64, Vec<(u32, Vec<u8>)>
         })
         .collect();
     files.sort();
-    let (mut total, mut batches) = (0, Vec::new());
     for f in files {
-        let got = std::fs::read(&f)
+        let one = std::fs::read(&f)
             .map_err(|e| e.to_string())
             .and_then(|d| undelivered(&d))
             .and_then(|(tid, slots)| Ok((tid, p.recover(tid, &slots)?, slots)));
-        match got {
+        match one {
             Ok((tid, n, slots)) => {
-                total += n;
+                got.events += n;
                 if n > 0 {
-                    batches.push((tid, slots));
+                    got.batches.push((tid, slots));
                 }
             }
-            Err(e) => p.warnings.push(format!(
-                "ring file {} could not be recovered: {e}",
-                f.display()
-            )),
+            Err(e) => {
+                got.failed += 1;
+                p.warnings.push(format!(
+                    "ring file {} could not be recovered: {e}",
+                    f.display()
+                ))
+            }
         }
     }
-    (total, batches)
+    got
 }
 
 /// Whether the process `pid` is gone (or a zombie): its ring files no longer change.

@@ -42,6 +42,11 @@ pub struct Summary {
     pub frees: u64,
     pub bytes_allocated: u64,
     pub events_lost: u64,
+    /// Why the recording is incomplete (it stopped before the process ended, the trace was cut,
+    /// events were lost), when it is: the figures then cover only what was recorded, and
+    /// `--error-exitcode` fails.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recording_incomplete: Option<String>,
     /// Frees of addresses the trace never saw allocated (blocks from before tracing began, such
     /// as a fork child's inherited heap); counted in `frees`.
     pub unmatched_frees: u64,
@@ -70,6 +75,9 @@ pub struct Captures {
     /// Events the writer sent as elided pairs (allocations freed again within an epoch,
     /// counted per stack instead of sent one by one).
     pub elided_events: u64,
+    /// Times the program took the trace's descriptor (closed it, reused its number) and the
+    /// tracer re-opened its file or re-connected, losing nothing.
+    pub output_retaken: u64,
 }
 
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
@@ -86,6 +94,10 @@ pub struct ProcReport {
     pub pid: u32,
     pub ppid: u32,
     pub argv: Vec<String>,
+    /// The command line the process gave itself later (`setproctitle`, a forked worker), when it
+    /// differs from `argv`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<Vec<String>>,
     pub exe: String,
     pub exit: Option<Exit>,
     pub summary: Summary,
@@ -130,6 +142,16 @@ impl Report {
 
     pub fn has_leaks(&self) -> bool {
         self.processes.iter().any(|p| !p.leaks.is_empty())
+    }
+
+    /// Leaks were found, or a recording is incomplete (so leaks may have been missed): what
+    /// `--error-exitcode` fails on.
+    pub fn failed(&self) -> bool {
+        self.has_leaks()
+            || self
+                .processes
+                .iter()
+                .any(|p| p.summary.recording_incomplete.is_some())
     }
 }
 
@@ -353,6 +375,23 @@ pub fn build_with(
             "{lost} events were lost: the figures below are uncertain"
         ));
     }
+    let incomplete = p
+        .incomplete
+        .clone()
+        .or_else(|| {
+            p.truncated
+                .as_ref()
+                .map(|t| format!("the trace was cut short ({t})"))
+        })
+        .or_else(|| {
+            // The trace stops without the process's end while nothing else says how it ended
+            // (a report of a kept trace: the process was killed, or recording stopped).
+            (p.exit.is_none() && exit.is_none()).then(|| {
+                "the trace ends without the process's end (killed, or recording stopped)"
+                    .to_string()
+            })
+        })
+        .or_else(|| (lost > 0).then(|| format!("{lost} events were lost")));
     if let Some(&u) = p.stats.get(&leakhunt_format::stat::UNTRACKED_ALLOCS) {
         if u > 0 {
             warnings.push(format!(
@@ -374,6 +413,7 @@ pub fn build_with(
         pid: p.pid(),
         ppid: h.map_or(0, |h| h.ppid),
         argv: h.map_or_else(Vec::new, |h| h.argv.clone()),
+        title: p.title.clone(),
         exe: h.map_or_else(String::new, |h| h.exe.clone()),
         exit,
         summary: Summary {
@@ -383,6 +423,7 @@ pub fn build_with(
             frees: p.totals.frees,
             bytes_allocated: p.totals.bytes_allocated,
             events_lost: lost,
+            recording_incomplete: incomplete,
             unmatched_frees: p.totals.unknown_frees,
         },
         unwind,
@@ -394,6 +435,7 @@ pub fn build_with(
                 joined: stat(stat::UNWIND_REUSED),
                 repeated: stat(stat::UNWIND_REPEATED),
                 elided_events: stat(stat::ELIDED),
+                output_retaken: stat(stat::OUTPUT_RETAKEN),
             }
         },
         leaks,
@@ -496,7 +538,9 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
         thousands(s.bytes_allocated)
     ));
     line("");
-    if total == 0 {
+    if total == 0 && s.recording_incomplete.is_some() {
+        line("No unfreed blocks in what was recorded, but the recording is incomplete: leaks may be missing");
+    } else if total == 0 {
         line("All heap blocks were freed -- no leaks are possible");
     } else {
         line(&format!(
@@ -519,7 +563,11 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
     for (why, n) in &u.stopped_early {
         line(&format!("    {}: {why}", thousands(*n)));
     }
-    line(&format!("EVENTS LOST: {}", s.events_lost));
+    match &s.recording_incomplete {
+        Some(why) if s.events_lost == 0 => line(&format!("EVENTS LOST: unknown: {why}")),
+        Some(why) => line(&format!("EVENTS LOST: {} ({why})", s.events_lost)),
+        None => line(&format!("EVENTS LOST: {}", s.events_lost)),
+    }
     match &r.exit {
         Some(Exit::Code(c)) => line(&format!("process exited with code {c}")),
         Some(Exit::Signal(sig)) => line(&format!(

@@ -4,7 +4,7 @@
 //! is the program's (a death by signal is re-raised), or `--error-exitcode` when leaks are found.
 
 use std::fs::File;
-use std::io::{Read, Seek, Write};
+use std::io::{IsTerminal, Read, Seek, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::ExitStatusExt;
@@ -21,6 +21,7 @@ use leakhunt_symbolizer::Symbolizer;
 use crate::process::Process;
 use crate::recover;
 use crate::report::{self, Report};
+use crate::serve;
 use crate::RunArgs;
 
 const LIB: &str = "libleakhunt.so";
@@ -77,12 +78,20 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Appends recovered batches to a kept trace, so that `leakhunt report` on it says what this
-/// run said.
-fn append_batches(trace: &std::path::Path, complete_len: u64, batches: &[(u32, Vec<u8>)]) {
+/// Appends recovered batches (and the process's end, when waitpid told it) to a kept trace, so
+/// that `leakhunt report` on it says what this run said.
+fn append_records(
+    trace: &std::path::Path,
+    complete_len: u64,
+    batches: &[(u32, Vec<u8>)],
+    end: Option<ExitKind>,
+) {
     let mut out = Vec::new();
     for (tid, slots) in batches {
         leakhunt_format::encode::batch(*tid, slots, &mut out);
+    }
+    if let Some(k) = end {
+        leakhunt_format::encode::exit(k, &mut out);
     }
     let r = std::fs::OpenOptions::new()
         .write(true)
@@ -122,115 +131,71 @@ impl<R: Read> Read for Tee<R> {
 struct Stream {
     process: Process,
     error: Option<DecodeError>,
+    /// Where the stream's bytes were kept (`--output`), until renamed.
     tee: Option<PathBuf>,
+    /// Bytes a resumed connection said were sent but never arrived.
+    missing: u64,
 }
 
-/// Redraws the live view on stderr after epochs, at most twice a second.
+/// Redraws the live view on stderr after epochs, at most twice a second: in place on a
+/// terminal; elsewhere (a file, a pipe) as plain text, once a second, without the terminal's
+/// control codes.
 fn live_view_hook() -> leakhunt::process::EpochHook {
     let mut sym = leakhunt_symbolizer::Symbolizer::new();
     let mut last: Option<Instant> = None;
+    let tty = std::io::stderr().is_terminal();
+    let every = Duration::from_millis(if tty { 500 } else { 1000 });
     Box::new(move |p: &Process| {
-        if last.is_some_and(|l| l.elapsed() < Duration::from_millis(500)) {
+        if last.is_some_and(|l| l.elapsed() < every) {
             return;
         }
         last = Some(Instant::now());
         let view = leakhunt::growth::live_view(p, &mut sym);
-        // Home and clear, then the view: a terminal shows it in place.
-        eprint!("\x1b[H\x1b[2J{view}");
+        if tty {
+            // Home and clear, then the view: a terminal shows it in place.
+            eprint!("\x1b[H\x1b[2J{view}");
+        } else {
+            eprintln!("{view}");
+        }
     })
 }
 
-/// Accepts trace connections, one reader thread each, until the program has exited (`stop`) and,
-/// with children traced, no connection came for `grace`. Returns how many streams it started
-/// (each sends its result on `tx`).
-///
-/// Without children traced it blocks in accept (no polling delay at start or end): after the
-/// program exits, the caller connects once itself to wake it, and the first connection accepted
-/// after that ends it (the program's own, if it ended before it was accepted: the wake-up
-/// connection comes after it and is dropped; an empty stream is no process). With children
-/// traced it polls every millisecond, as a late child may connect after the program ended.
-fn serve(
-    listener: UnixListener,
-    live: bool,
-    output: Option<PathBuf>,
-    grace: Duration,
-    stop: Arc<AtomicBool>,
-    active: Arc<AtomicUsize>,
-    tx: crossbeam_channel::Sender<Stream>,
-) -> u32 {
-    let mut n = 0u32;
-    let mut quiet_since = Instant::now();
-    let _ = listener.set_nonblocking(!grace.is_zero());
-    loop {
-        match listener.accept() {
-            Ok((mut conn, _)) => {
-                let last = grace.is_zero() && stop.load(Ordering::SeqCst);
-                let _ = conn.set_nonblocking(false);
-                // After the program ended: the wake-up connection (closed at once, so it reads
-                // as empty), or the program's own if it was not accepted before it ended. An
-                // empty stream is no process: no reader for it (a reader costs ~1 MiB).
-                let mut first = Vec::new();
-                if last {
-                    let mut b = [0u8; 1];
-                    match conn.read(&mut b) {
-                        Ok(1) => first.push(b[0]),
-                        _ => return n,
-                    }
-                }
-                n += 1;
-                quiet_since = Instant::now();
-                active.fetch_add(1, Ordering::SeqCst);
-                let tee = output.as_ref().map(|o| {
-                    let mut s = o.as_os_str().to_owned();
-                    s.push(format!(".partial-{n}"));
-                    PathBuf::from(s)
-                });
-                let file = tee.as_ref().and_then(|p| match File::create(p) {
-                    Ok(f) => Some(f),
-                    Err(e) => {
-                        eprintln!("leakhunt: warning: cannot create {}: {e}", p.display());
-                        None
-                    }
-                });
-                let (tx, active) = (tx.clone(), active.clone());
-                // The live view follows the program (the first stream), not its children.
-                let view = live && n == 1;
-                std::thread::spawn(move || {
-                    let mut p = Process::new();
-                    if view {
-                        p.on_epoch = Some(live_view_hook());
-                    }
-                    let inner = std::io::Cursor::new(first).chain(conn);
-                    let (process, error) = Process::read_stream_with(p, Tee { inner, file });
-                    let _ = tx.send(Stream {
-                        process,
-                        error,
-                        tee,
-                    });
-                    active.fetch_sub(1, Ordering::SeqCst);
-                });
-                if last {
-                    return n;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // After the program exits, wait for open streams, then (children traced) a short
-                // grace period for children that connect late.
-                if stop.load(Ordering::SeqCst) && active.load(Ordering::SeqCst) == 0 {
-                    if quiet_since.elapsed() >= grace {
-                        return n;
-                    }
-                } else if active.load(Ordering::SeqCst) > 0 {
-                    quiet_since = Instant::now();
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
+/// Creates the file that keeps a stream's bytes (`--output`): a new name next to TRACE, made
+/// with O_EXCL (so never through a link someone planted) and mode 0600.
+fn create_partial(dest: &Path, n: usize) -> Option<(PathBuf, File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    for k in 0..100 {
+        let p = serve::partial_name(dest, n * 100 + k);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+        {
+            Ok(f) => return Some((p, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => {
-                eprintln!("leakhunt: error: accepting trace connections: {e}");
-                return n;
+                eprintln!("leakhunt: warning: cannot create {}: {e}", p.display());
+                return None;
             }
         }
     }
+    eprintln!(
+        "leakhunt: warning: cannot create a file next to {}: every name tried exists",
+        dest.display()
+    );
+    None
+}
+
+/// What a signal to leakhunt does: before the program ends, SIGTERM and SIGHUP are passed on to
+/// it (Ctrl-C and Ctrl-\ reach it through the terminal's process group); after, while the report
+/// is made, the first SIGINT, SIGTERM or SIGHUP stops the analysis and prints what is ready, the
+/// second ends leakhunt at once (the kept trace is in place by then).
+static REPORTING: AtomicBool = AtomicBool::new(false);
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 pub fn run(a: &RunArgs) -> Result<ExitCode> {
@@ -256,6 +221,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     let sock = dir.join("trace.sock");
     let listener = UnixListener::bind(&sock)
         .with_context(|| format!("cannot listen on {}", sock.display()))?;
+    let token = serve::new_token().context("cannot read /dev/urandom for the run's token")?;
 
     let mut preload = lib.as_os_str().to_owned();
     if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
@@ -267,6 +233,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     cmd.args(&a.command[1..])
         .env("LD_PRELOAD", preload)
         .env("LEAKHUNT_SOCKET", &sock)
+        .env("LEAKHUNT_TOKEN", serve::hex(&token))
         .env("LEAKHUNT_MAX_FRAMES", a.max_frames.to_string())
         .env("LEAKHUNT_EPOCH_MS", a.epoch.as_millis().to_string())
         .env(
@@ -284,8 +251,6 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         None => cmd.env_remove("LEAKHUNT_RING_DIR"),
     };
 
-    // Ctrl-C and Ctrl-\ reach the program through the terminal's process group: leakhunt only
-    // survives them to report. SIGTERM and SIGHUP sent to leakhunt are passed on.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGQUIT,
@@ -308,57 +273,118 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         }
     };
     let child_pid = child.id();
-    let sig_handle = signals.handle();
     std::thread::spawn(move || {
         for sig in signals.forever() {
-            if sig == signal_hook::consts::SIGTERM || sig == signal_hook::consts::SIGHUP {
-                let _ = Command::new("kill")
-                    .arg(format!("-{sig}"))
-                    .arg(child_pid.to_string())
-                    .status();
+            let stop = sig != signal_hook::consts::SIGQUIT;
+            if REPORTING.load(Ordering::SeqCst) {
+                if !stop {
+                    continue;
+                }
+                if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                    eprintln!("leakhunt: stopped");
+                    std::process::exit(128 + sig);
+                }
+                eprintln!("leakhunt: interrupted: printing what is ready (again to stop at once)");
+            } else if sig == signal_hook::consts::SIGTERM || sig == signal_hook::consts::SIGHUP {
+                if let Some(pid) = rustix::process::Pid::from_raw(child_pid as i32) {
+                    let sig = if sig == signal_hook::consts::SIGTERM {
+                        rustix::process::Signal::TERM
+                    } else {
+                        rustix::process::Signal::HUP
+                    };
+                    let _ = rustix::process::kill_process(pid, sig);
+                }
             }
         }
     });
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let active = Arc::new(AtomicUsize::new(0));
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let server = {
-        let (stop, active, output) = (stop.clone(), active.clone(), a.output.clone());
-        let grace = Duration::from_millis(if a.trace_children { 200 } else { 0 });
-        let live = a.live;
-        std::thread::spawn(move || serve(listener, live, output, grace, stop, active, tx))
+    let shared = Arc::new(serve::Shared::default());
+    let gate = Arc::new(serve::Gate {
+        token,
+        program: child_pid,
+        children: a.trace_children,
+    });
+    let (tx, rx) = crossbeam_channel::unbounded::<Stream>();
+    let on_stream: Arc<dyn Fn(serve::Accepted) + Send + Sync> = {
+        let (output, live) = (a.output.clone(), a.live);
+        let first = AtomicBool::new(true);
+        let count = AtomicUsize::new(0);
+        Arc::new(move |acc: serve::Accepted| {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let (tee, file) = match output.as_deref().and_then(|o| create_partial(o, n)) {
+                Some((p, f)) => (Some(p), Some(f)),
+                None => (None, None),
+            };
+            let mut p = Process::new();
+            p.ended = Some(acc.ended.clone());
+            // The live view follows the program (its first image), not its children.
+            if live && acc.hello.pid == child_pid && first.swap(false, Ordering::SeqCst) {
+                p.on_epoch = Some(live_view_hook());
+            }
+            let missing = acc.source.missing.clone();
+            let (process, error) = Process::read_stream_with(
+                p,
+                Tee {
+                    inner: acc.source,
+                    file,
+                },
+            );
+            let _ = tx.send(Stream {
+                process,
+                error,
+                tee,
+                missing: missing.load(Ordering::Relaxed),
+            });
+        })
+    };
+    let acceptor = {
+        let (gate, shared) = (gate.clone(), shared.clone());
+        std::thread::spawn(move || serve::accept_loop(listener, gate, shared, on_stream))
     };
     let status = child.wait().context("waiting for the program")?;
-    stop.store(true, Ordering::SeqCst);
-    if !a.trace_children {
-        // Wakes the accept loop; the connection itself ends it.
-        let _ = std::os::unix::net::UnixStream::connect(&sock);
-    }
-    let started = server.join().unwrap_or(0);
-    sig_handle.close();
+    let grace = Duration::from_millis(if a.trace_children { 200 } else { 0 });
+    serve::finish(&shared, &sock, grace, acceptor);
+    REPORTING.store(true, Ordering::SeqCst);
     let _ = std::fs::remove_dir_all(&dir);
 
     // Each stream ends when its process's end of the socket closes.
-    let mut streams: Vec<Stream> = (0..started)
-        .filter_map(|_| rx.recv().ok())
+    let mut streams: Vec<Stream> = rx
+        .try_iter()
         .filter(|s| {
             s.process.complete_len > 0 || s.error.is_some() || s.process.truncated.is_some()
         })
         .collect();
+    let main_exit = match (status.code(), status.signal()) {
+        (Some(c), _) => Some(ExitKind::Code(c)),
+        (None, Some(s)) => Some(ExitKind::Signal(s)),
+        _ => None,
+    };
     for s in &mut streams {
         // A process that ended without saying how (SIGKILL): take what reached its rings.
         if let (Some(d), None) = (&ring_dir, s.process.exit) {
             if recover::is_dead(s.process.pid()) {
-                let (n, batches) = recover::from_ring_files(&mut s.process, d);
-                if n > 0 {
+                let got = recover::from_ring_files(&mut s.process, d);
+                if got.events > 0 {
                     s.process.warnings.push(format!(
-                        "the trace ended without the process's end: {n} events were recovered from its rings"
+                        "the trace ended without the process's end: {} events were recovered from its rings",
+                        got.events
                     ));
-                    if let Some(tee) = &s.tee {
-                        append_batches(tee, s.process.complete_len, &batches);
-                    }
                     // The record the kill cut short is superseded by what the rings held.
+                    s.process.truncated = None;
+                }
+                // The program killed outright (no handler of ours ran), everything it recorded
+                // now read back: its end is the one waitpid gave, and a kept trace says so too.
+                let killed = matches!(main_exit, Some(ExitKind::Signal(_)));
+                let end = (killed && s.process.pid() == child_pid && got.failed == 0)
+                    .then_some(main_exit)
+                    .flatten();
+                if let Some(tee) = &s.tee {
+                    if got.events > 0 || end.is_some() {
+                        append_records(tee, s.process.complete_len, &got.batches, end);
+                    }
+                }
+                if end.is_some() {
+                    s.process.exit = end;
                     s.process.truncated = None;
                 }
             }
@@ -386,18 +412,8 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     let mut images: std::collections::HashMap<u32, u32> = Default::default();
     let mut sym = Symbolizer::new();
     let mut procs = Vec::new();
-    let main_exit = match (status.code(), status.signal()) {
-        (Some(c), _) => Some(ExitKind::Code(c)),
-        (None, Some(s)) => Some(ExitKind::Signal(s)),
-        _ => None,
-    };
+    // Keep the traces first: whatever happens to the analysis, they are in place.
     for s in &mut streams {
-        if let Some(e) = &s.error {
-            eprintln!(
-                "leakhunt: warning: trace of pid {}: {e}; the report covers what came before",
-                s.process.pid()
-            );
-        }
         let image = images.entry(s.process.pid()).or_insert(0);
         *image += 1;
         if let (Some(out), Some(tee)) = (&a.output, &s.tee) {
@@ -410,14 +426,49 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
                 o.push(format!(".{image}"));
             }
             let dest = PathBuf::from(o);
+            // rename() replaces a name, never writes through a link planted at it.
             if let Err(e) = std::fs::rename(tee, &dest) {
                 eprintln!(
-                    "leakhunt: warning: cannot save the trace as {}: {e}",
-                    dest.display()
+                    "leakhunt: warning: cannot save the trace as {}: {e}; it is kept as {}",
+                    dest.display(),
+                    tee.display()
                 );
             }
         }
+        if let Some(e) = &s.error {
+            eprintln!(
+                "leakhunt: warning: trace of pid {}: {e}; the report covers what came before",
+                s.process.pid()
+            );
+        }
+        if s.missing > 0 {
+            s.process.incomplete = Some(format!(
+                "{} bytes of the trace were lost when the process's connection was re-made",
+                s.missing
+            ));
+        }
+    }
+    let refused = std::mem::take(&mut *shared.refused.lock().unwrap_or_else(|e| e.into_inner()));
+    for r in &refused {
+        eprintln!("leakhunt: warning: {r}");
+    }
+    let test_delay = std::env::var("LEAKHUNT_TEST_REPORT_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut skipped = 0;
+    for s in &mut streams {
         if s.process.header.is_none() {
+            continue;
+        }
+        if let Some(ms) = test_delay {
+            // For the test of an interrupted report: a slow analysis, interruptible.
+            let until = Instant::now() + Duration::from_millis(ms);
+            while Instant::now() < until && !interrupted() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        if interrupted() {
+            skipped += 1;
             continue;
         }
         let exit = (s.process.pid() == child_pid)
@@ -425,8 +476,13 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
             .flatten();
         if s.process.exit.is_none() && matches!(exit, Some(ExitKind::Code(_))) {
             // It exited normally, yet its trace stopped before: recording failed (the program
-            // closed leakhunt's descriptor, say); the preload said why on stderr.
-            s.process.warnings.push("recording stopped before the process exited (see leakhunt's message above): the figures cover only what was recorded until then".to_string());
+            // took leakhunt's descriptor and it could not be re-made, say).
+            s.process.incomplete.get_or_insert_with(|| {
+                "recording stopped before the process exited: the figures cover only what was recorded until then".to_string()
+            });
+        }
+        if s.process.pid() == child_pid {
+            s.process.warnings.extend(refused.iter().cloned());
         }
         procs.push(report::build_with(
             &s.process,
@@ -435,7 +491,17 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
             &mut sym,
         ));
     }
-    if !procs.iter().any(|p| p.pid == child_pid) {
+    if skipped > 0 {
+        eprintln!(
+            "leakhunt: the report was interrupted: {skipped} process{} not reported{}",
+            if skipped == 1 { "" } else { "es" },
+            match &a.output {
+                Some(o) => format!("; `leakhunt report {}` makes the whole report", o.display()),
+                None => " (run with -o TRACE to keep the trace for `leakhunt report`)".into(),
+            }
+        );
+    }
+    if !procs.iter().any(|p| p.pid == child_pid) && skipped == 0 {
         eprintln!("leakhunt: warning: the program (pid {child_pid}) sent no trace: it may not be dynamically linked, or it exited before its first allocation");
     }
     for w in sym.warnings() {
@@ -447,9 +513,15 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
             .iter()
             .any(|g| g.verdict == crate::verdict::Verdict::Leak)
     });
-    let leaks = crate::emit(&report, &a.out, true)?;
-    if let (true, Some(n)) = (leaks, a.out.error_exitcode) {
+    let failed = crate::emit(&report, &a.out, true)?;
+    if let (true, Some(n)) = (failed, a.out.error_exitcode) {
         return Ok(ExitCode::from(n));
+    }
+    if skipped > 0 {
+        let _ = std::io::stderr().flush();
+        let sig = signal_hook::consts::SIGINT;
+        let _ = signal_hook::low_level::emulate_default_handler(sig);
+        return Ok(ExitCode::from(128 + sig as u8));
     }
     if a.fail_on_growth && leaking {
         eprintln!("leakhunt: memory grows steadily under this load (a leak verdict above): failing as --fail-on-growth asks");
