@@ -519,11 +519,15 @@ fn the_live_view_shows_the_growing_callsites_while_the_program_runs() {
         &["--live", "--epoch", "100ms"],
     );
     let err = r.stderr();
-    let frames: Vec<&str> = err.split("\x1b[H\x1b[2J").skip(1).collect();
-    assert!(frames.len() >= 2, "redrawn while running: {err}");
-    // The last frame before the report names the leak.
+    // stderr is a pipe here: plain views, no terminal control codes in it.
+    assert!(
+        !err.contains('\x1b'),
+        "control codes in a stderr that is not a terminal: {err}"
+    );
+    let frames: Vec<&str> = err.split("leakhunt live: ").skip(1).collect();
+    assert!(frames.len() >= 2, "shown while running: {err}");
+    // The last view before the report names the leak.
     let last = frames.last().unwrap();
-    assert!(last.starts_with("leakhunt live: "), "{last}");
     assert!(
         last.lines()
             .any(|l| l.trim_start().starts_with("leak") && l.contains("remember_session")),
@@ -537,4 +541,18 @@ fn the_live_view_shows_the_growing_callsites_while_the_program_runs() {
             && out.ends_with("bytes of replies\n"),
         "{out}"
     );
+
+    // On a terminal (script(1) gives it one), each view is redrawn in place.
+    let cmd = format!(
+        "{} run --live --epoch 100ms -- {} --seconds 2 --rate 3000",
+        leakhunt().display(),
+        exe.display()
+    );
+    let tty = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .expect("script(1), from util-linux, is on every Debian machine");
+    let text = String::from_utf8_lossy(&tty.stdout);
+    let redraws = text.matches("\x1b[H\x1b[2Jleakhunt live: ").count();
+    assert!(redraws >= 2, "redrawn in place on a terminal: {text}");
 }

@@ -330,27 +330,3 @@ fn a_dead_cli_an_unwritable_or_a_full_trace_never_stops_the_program() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
-
-#[test]
-fn a_program_that_closes_leakhunts_descriptor_runs_on_and_the_report_says_so() {
-    let exe = fixture("closefds.c");
-    let r = run(&exe, &[], &[]);
-    assert_eq!(r.stdout(), "daemonized\n");
-    assert_eq!(r.out.status.code(), Some(0));
-    let err = r.stderr();
-    assert_eq!(
-        err.matches("the program closed leakhunt's descriptor")
-            .count(),
-        1,
-        "{err}"
-    );
-    let w = r.main()["warnings"].as_array().unwrap();
-    assert!(
-        w.iter().any(|w| w
-            .as_str()
-            .unwrap()
-            .starts_with("recording stopped before the process exited")),
-        "{w:?}"
-    );
-    assert_eq!(r.main()["exit"], json!({"code": 0}));
-}
