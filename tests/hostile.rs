@@ -43,11 +43,11 @@ fn without_leakhunt(stderr: &[u8]) -> String {
     String::from_utf8_lossy(stderr)
         .lines()
         .filter(|l| {
-            !l.starts_with("leakhunt: ")
-                && !(l.starts_with("==")
-                    && l[2..].split_once("==").is_some_and(|(pid, _)| {
-                        !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
-                    }))
+            let report_line = l.starts_with("==")
+                && l[2..].split_once("==").is_some_and(|(pid, _)| {
+                    !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+                });
+            !l.starts_with("leakhunt: ") && !report_line
         })
         .map(|l| format!("{l}\n"))
         .collect()
@@ -246,7 +246,7 @@ fn a_vfork_child_that_fails_to_exec_leaves_the_parents_control_socket() {
     let exe = fixture("clones.c");
     let dir = fresh("vforkwait");
     let trace = dir.join("t.trace");
-    let mut child = Command::new(&exe)
+    let child = Command::new(&exe)
         .args(["vforkwait", dir.to_str().unwrap()])
         .env("LD_PRELOAD", preload())
         .env("LEAKHUNT_OUT", &trace)
@@ -316,4 +316,414 @@ fn a_shell_passes_on_neither_the_preload_nor_leakhunts_variables() {
         assert_eq!(ps.len(), 1, "children untraced: {r:#}");
         assert_eq!(ps[0]["argv"][0], "/bin/bash");
     }
+}
+
+#[test]
+fn a_recording_that_fails_says_so_and_fails_the_exit_code() {
+    // The program takes every descriptor there is: leakhunt's is closed and no new one can be
+    // made. The program must run on as it would; the report must not claim success.
+    let exe = fixture("daemon_fds.c");
+    let dir = fresh("exhaust");
+    let r = leakhunt_tests::run(
+        &exe,
+        &[dir.to_str().unwrap(), "exhaust"],
+        &["--error-exitcode", "9"],
+    );
+    assert_eq!(r.stdout(), "exhaust done\n");
+    let p = r.main();
+    let err = r.stderr();
+    match p["summary"].get("recording_incomplete") {
+        Some(why) => {
+            assert_eq!(r.out.status.code(), Some(9), "{err}");
+            assert!(
+                why.as_str()
+                    .unwrap()
+                    .starts_with("recording stopped before the process exited"),
+                "{why}"
+            );
+            assert!(
+                err.contains("EVENTS LOST: unknown: recording stopped"),
+                "{err}"
+            );
+            assert!(!err.contains("no leaks are possible"), "{err}");
+            assert_eq!(
+                err.matches("too many open files in the process (EMFILE)")
+                    .count(),
+                1,
+                "told once: {err}"
+            );
+        }
+        // leakhunt got a descriptor back before the program took them all: then the leak is
+        // there, exactly.
+        None => {
+            expect_leak(p, "daemon_fds.c", "DF_LEAK", 200 * 24, 200);
+            assert_eq!(r.out.status.code(), Some(9));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn messages_never_reach_a_stderr_the_program_reopened() {
+    // The program's fd 2 is its data file by the time the trace outgrows the file-size limit:
+    // leakhunt's words about it must not land there.
+    let exe = fixture("daemon_fds.c");
+    let dir = fresh("stdlimit");
+    let trace = dir.join("t.trace");
+    let data = dir.join("files");
+    std::fs::create_dir_all(&data).unwrap();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg("ulimit -f 48; exec env LD_PRELOAD=\"$1\" \"$0\" \"$2\" std")
+        .arg(&exe)
+        .arg(preload())
+        .arg(&data)
+        .env("LEAKHUNT_OUT", &trace)
+        .env("LEAKHUNT_ELIDE", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let written = std::fs::read_to_string(data.join("data")).unwrap();
+    assert!(!written.contains("leakhunt"), "{written}");
+    assert_eq!(written.lines().count(), 200);
+    let (_, r) = report(&[&trace]);
+    let why = r["processes"][0]["summary"]["recording_incomplete"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}", r["processes"][0]["summary"]))
+        .to_string();
+    assert!(
+        why.contains("ends without the process's end") || why.contains("cut short"),
+        "{why}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_retitled_worker_is_named_by_its_title_and_empty_arguments_stay() {
+    let exe = fixture("retitle.c");
+    let args = ["a", "", "b c"];
+    let want = plain(&exe, &args);
+    let r = leakhunt_tests::run(&exe, &args, &["--trace-children"]);
+    assert_eq!(r.out.stdout, want.stdout);
+    assert_eq!(r.stdout(), "[a][][b c]\nworker exited 0\n");
+    let ps = r.processes();
+    assert_eq!(ps.len(), 2);
+    let argv = serde_json::json!([exe.to_str().unwrap(), "a", "", "b c"]);
+    assert_eq!(ps[0]["argv"], argv);
+    assert!(ps[0].get("title").is_none(), "{}", ps[0]);
+    assert_eq!(ps[1]["argv"], argv, "a child starts with its parent's argv");
+    assert_eq!(
+        ps[1]["title"],
+        serde_json::json!(["retitle: worker process"])
+    );
+    expect_leak(&ps[1], "retitle.c", "RT_WORKER", 120, 3);
+    expect_leak(&ps[0], "retitle.c", "RT_MASTER", 8, 1);
+    assert!(
+        r.stderr().contains("retitle: worker process"),
+        "the text report names the worker: {}",
+        r.stderr()
+    );
+}
+
+/// Spawns `leakhunt run` with its private directory under `tmp`; returns the child and the
+/// path of its trace socket once it exists.
+#[allow(clippy::zombie_processes)] // the caller waits for it
+fn run_in(tmp: &Path, args: &[&str]) -> (std::process::Child, PathBuf) {
+    let child = Command::new(leakhunt())
+        .arg("run")
+        .args(args)
+        .env("TMPDIR", tmp)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..500 {
+        let sock = std::fs::read_dir(tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path().join("trace.sock"))
+            .find(|p| p.exists());
+        if let Some(s) = sock {
+            return (child, s);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("leakhunt run made no socket in {}", tmp.display());
+}
+
+/// The program `leakhunt run` (pid `cli`) started.
+fn program_of(cli: u32) -> u32 {
+    for _ in 0..500 {
+        let kids =
+            std::fs::read_to_string(format!("/proc/{cli}/task/{cli}/children")).unwrap_or_default();
+        if let Some(k) = kids.split_whitespace().next() {
+            return k.parse().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("no program under leakhunt {cli}");
+}
+
+#[test]
+fn a_connection_from_a_process_run_did_not_start_is_refused() {
+    use std::io::Write;
+    let tmp = fresh("rogue");
+    let started = std::time::Instant::now();
+    let json = tmp.join("r.json");
+    let (child, sock) = run_in(
+        &tmp,
+        &["--json", json.to_str().unwrap(), "--", "sleep", "1.5"],
+    );
+    let program = program_of(child.id());
+    // The run's token, as any process of the same user can read it from the program's
+    // environment: with it, a process that is not the program's is still refused.
+    // (Read once the program has been exec'd: before, its environment is leakhunt's own.)
+    let token_hex = (0..500)
+        .find_map(|_| {
+            let environ = std::fs::read(format!("/proc/{program}/environ")).unwrap_or_default();
+            let t = environ
+                .split(|&b| b == 0)
+                .find_map(|v| v.strip_prefix(b"LEAKHUNT_TOKEN="))
+                .map(<[u8]>::to_vec);
+            if t.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            t
+        })
+        .expect("the program's initial environment holds the token");
+    let mut token = [0u8; 16];
+    for (i, t) in token.iter_mut().enumerate() {
+        *t = u8::from_str_radix(
+            std::str::from_utf8(&token_hex[2 * i..2 * i + 2]).unwrap(),
+            16,
+        )
+        .unwrap();
+    }
+    let golden = std::fs::read(workspace().join("format/golden/simple.trace")).unwrap();
+    for tok in [[0u8; 16], token] {
+        let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let hello = leakhunt_format::hello::encode(&leakhunt_format::hello::Hello {
+            kind: leakhunt_format::hello::NEW,
+            token: tok,
+            pid: std::process::id(),
+            start_ns: 1,
+            offset: 0,
+        });
+        let _ = c.write_all(&hello);
+        let _ = c.write_all(&golden);
+    }
+    // And one that connects and says nothing, held open for as long as this test lives.
+    let _silent = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(6),
+        "a connection held open does not hold the run: {took:?}"
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let me = std::process::id();
+    assert_eq!(
+        err.matches(&format!(
+            "leakhunt: warning: refused a trace connection from pid {me}"
+        ))
+        .count(),
+        3,
+        "{err}"
+    );
+    assert!(err.contains("it does not hold this run's token"), "{err}");
+    assert!(err.contains("it was not started by this run"), "{err}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let ps = r["processes"].as_array().unwrap();
+    assert_eq!(ps.len(), 1, "nothing added to the report: {r:#}");
+    assert_eq!(ps[0]["pid"], program);
+    let w = ps[0]["warnings"].as_array().unwrap();
+    assert_eq!(
+        w.iter()
+            .filter(|w| w
+                .as_str()
+                .unwrap()
+                .starts_with("refused a trace connection"))
+            .count(),
+        3,
+        "{w:?}"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn an_interrupted_report_keeps_the_trace_and_stops() {
+    use std::os::unix::process::ExitStatusExt;
+    let exe = fixture("simple.c");
+    let dir = fresh("interrupt");
+    let trace = dir.join("t.trace");
+    // Once: the analysis stops at its next step (the test hook holds each step for a while)
+    // and prints what is ready. Twice: leakhunt ends at once.
+    for (sig, twice, delay) in [
+        (libc_sig::INT, false, "1500"),
+        (libc_sig::TERM, false, "1500"),
+        (libc_sig::TERM, true, "30000"),
+    ] {
+        let _ = std::fs::remove_file(&trace);
+        let child = Command::new(leakhunt())
+            .args(["run", "-o"])
+            .arg(&trace)
+            .arg("--")
+            .arg(&exe)
+            .env("LEAKHUNT_TEST_REPORT_DELAY_MS", delay)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The program is quick; then the (slowed) analysis runs.
+        for _ in 0..500 {
+            if trace.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(trace.exists(), "the trace is in place before the analysis");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let t0 = std::time::Instant::now();
+        let kill = |s: i32| {
+            Command::new("kill")
+                .arg(format!("-{s}"))
+                .arg(child.id().to_string())
+                .status()
+                .unwrap()
+        };
+        kill(sig);
+        if twice {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            kill(sig);
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "stopped at once: {:?}",
+            t0.elapsed()
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("leakhunt: interrupted"), "{err}");
+        if twice {
+            assert!(err.contains("leakhunt: stopped"), "{err}");
+            assert_eq!(out.status.code(), Some(128 + sig), "{:?}", out.status);
+        } else {
+            assert!(err.contains("the report was interrupted"), "{err}");
+            assert!(
+                err.contains(&format!("leakhunt report {}", trace.display())),
+                "{err}"
+            );
+            assert_eq!(out.status.signal(), Some(sig), "{:?}", out.status);
+        }
+        // The kept trace is whole.
+        let (rep, r) = report(&[&trace]);
+        assert!(rep.status.success());
+        assert_eq!(r["processes"][0]["exit"], serde_json::json!({"code": 0}));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+mod libc_sig {
+    pub const INT: i32 = 2;
+    pub const TERM: i32 = 15;
+}
+
+/// Plants a symbolic link at `at` pointing to `to`, owned by uid 65534 (another user).
+fn plant(at: &Path, to: &Path) {
+    let _ = std::fs::remove_file(at);
+    std::os::unix::fs::symlink(to, at).unwrap();
+    let ok = Command::new("chown")
+        .args(["-h", "65534:65534"])
+        .arg(at)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+#[test]
+fn planted_links_at_every_name_leakhunt_creates_are_never_written_through() {
+    if !std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    }) {
+        eprintln!("skipped: planting links as another user needs root (CI runs as root)");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let exe = fixture("simple.c");
+    let base = fresh("links");
+    // A shared directory anyone can write to (no sticky bit: the kernel's protected_symlinks
+    // does not help here), and a file of ours outside it.
+    let shared = base.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let victim = base.join("precious");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let names = ["t.trace", "r.json", "r.html", "p.trace"];
+    for n in names {
+        plant(&shared.join(n), &victim);
+    }
+    // The partial trace's names hold the CLI's pid: plant them for the pids that come next.
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for pid in last + 1..last + 40 {
+        for n in [0, 1] {
+            plant(&shared.join(format!("t.trace.partial-{pid}-{n}")), &victim);
+        }
+    }
+    let out = Command::new(leakhunt())
+        .arg("run")
+        .arg("-o")
+        .arg(shared.join("t.trace"))
+        .arg("--json")
+        .arg(shared.join("r.json"))
+        .arg("--html")
+        .arg(shared.join("r.html"))
+        .arg("--")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "refused to write the report: {err}"
+    );
+    assert!(
+        err.contains("is a symbolic link that belongs to uid 65534, not to you"),
+        "{err}"
+    );
+    // The kept trace replaced the link with a file of ours, readable by us alone.
+    let t = shared.join("t.trace");
+    let m = std::fs::symlink_metadata(&t).unwrap();
+    assert!(m.is_file(), "{m:?}");
+    assert_eq!(m.permissions().mode() & 0o777, 0o600);
+    let (rep, _) = report(&[&t]);
+    assert!(rep.status.success());
+
+    // The preload alone: LEAKHUNT_OUT names a planted link.
+    let out = Command::new(&exe)
+        .env("LD_PRELOAD", preload())
+        .env("LEAKHUNT_OUT", shared.join("p.trace"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), plain(&exe, &[]).status.code());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("p.trace exists: the trace goes to ") && err.contains("p.trace.2"),
+        "{err}"
+    );
+    let p2 = std::fs::symlink_metadata(shared.join("p.trace.2")).unwrap();
+    assert!(p2.is_file() && p2.permissions().mode() & 0o777 == 0o600);
+
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert_eq!(
+        std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    let _ = std::fs::remove_dir_all(&base);
 }

@@ -193,7 +193,7 @@ pub fn emit(report: &Report, out: &Output, text_to_stderr: bool) -> Result<bool>
         }
     }
     if let Some(path) = &out.html {
-        std::fs::write(path, leakhunt::html::render(report))
+        leakhunt::outfile::write(path, leakhunt::html::render(report).as_bytes(), 0o644)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &out.json {
@@ -201,7 +201,7 @@ pub fn emit(report: &Report, out: &Output, text_to_stderr: bool) -> Result<bool>
         if path.as_os_str() == "-" {
             println!("{json}");
         } else {
-            std::fs::write(path, json + "\n")
+            leakhunt::outfile::write(path, (json + "\n").as_bytes(), 0o644)
                 .with_context(|| format!("writing {}", path.display()))?;
         }
     }
@@ -332,19 +332,47 @@ fn verify_cmd(a: &VerifyArgs) -> Result<ExitCode> {
 }
 
 fn snapshot_cmd(a: &SnapshotArgs) -> Result<ExitCode> {
-    use std::os::unix::fs::MetadataExt;
-    let uid = std::fs::metadata("/proc/self").map(|m| m.uid())?;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let uid = rustix::process::geteuid().as_raw();
     let dir = PathBuf::from(format!("/tmp/leakhunt-{uid}"));
     let sock = dir.join(format!("{}.sock", a.pid));
-    if !std::path::Path::new(&format!("/proc/{}", a.pid)).exists() {
+    let Ok(proc_meta) = std::fs::metadata(format!("/proc/{}", a.pid)) else {
         bail!("no process {}", a.pid);
-    }
-    if !sock.exists() {
+    };
+    if proc_meta.uid() != uid && uid != 0 {
         bail!(
+            "process {} belongs to uid {}, not to you",
+            a.pid,
+            proc_meta.uid()
+        );
+    }
+    // The directory and the socket must be this user's own: in /tmp, anyone can create a
+    // directory of that name and a socket in it to receive the request.
+    match std::fs::symlink_metadata(&dir) {
+        Err(_) => bail!(
+            "process {} is not traced by leakhunt, or cannot take snapshots (no {})",
+            a.pid,
+            dir.display()
+        ),
+        Ok(m) if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 => bail!(
+            "refusing {}: it is not a directory of yours that only you can enter (owner uid {}, mode {:o}); someone else made it",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        ),
+        Ok(_) => {}
+    }
+    match std::fs::symlink_metadata(&sock) {
+        Err(_) => bail!(
             "process {} is not traced by leakhunt, or cannot take snapshots (no control socket at {})",
             a.pid,
             sock.display()
-        );
+        ),
+        Ok(m) if !m.file_type().is_socket() || m.uid() != uid => bail!(
+            "refusing {}: not a socket of yours",
+            sock.display()
+        ),
+        Ok(_) => {}
     }
     let name = a.name.clone().unwrap_or_else(|| {
         let secs = std::time::SystemTime::now()

@@ -496,8 +496,12 @@ impl Process {
                 self.exit = Some(k);
                 self.set_ended(true);
             }
-            Record::Title(t) => {
+            Record::Title(mut t) => {
+                // A process that writes its title over its argv pads it with NULs.
                 let same = self.header.as_ref().is_some_and(|h| h.argv == t);
+                while t.last().is_some_and(|a| a.is_empty()) {
+                    t.pop();
+                }
                 self.title = (!same && !t.is_empty()).then_some(t);
             }
             Record::Epoch(e) => {

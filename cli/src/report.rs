@@ -497,7 +497,14 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
     let mut line = |s: &str| {
         let _ = writeln!(out, "{pfx} {s}");
     };
-    line(&format!("leakhunt: {}", r.argv.join(" ")));
+    match &r.title {
+        Some(t) => line(&format!(
+            "leakhunt: {} (renamed itself: {})",
+            r.argv.join(" "),
+            t.join(" ")
+        )),
+        None => line(&format!("leakhunt: {}", r.argv.join(" "))),
+    }
     line("");
     let total = r.leaks.len();
     for (i, l) in r.leaks.iter().enumerate() {
