@@ -727,3 +727,61 @@ fn planted_links_at_every_name_leakhunt_creates_are_never_written_through() {
     );
     let _ = std::fs::remove_dir_all(&base);
 }
+
+#[test]
+fn snapshot_refuses_a_socket_directory_someone_else_made() {
+    if !std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    }) {
+        eprintln!("skipped: acting as two users needs root (CI runs as root)");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    // User 65534 runs a process; another user (root here) made /tmp/leakhunt-65534 first and
+    // put a socket named after that process in it. A snapshot request must not go there.
+    let as_nobody = |cmd: &mut Command| {
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+    };
+    let mut sleeper = Command::new("setpriv");
+    as_nobody(&mut sleeper);
+    let mut sleeper = sleeper.args(["sleep", "5"]).spawn().unwrap();
+    let pid = sleeper.id();
+    let dir = Path::new("/tmp/leakhunt-65534");
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir(dir).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let trap = std::os::unix::net::UnixDatagram::bind(dir.join(format!("{pid}.sock"))).unwrap();
+    trap.set_nonblocking(true).unwrap();
+    // Wait until setpriv has become the sleeper (its pid then belongs to uid 65534).
+    for _ in 0..200 {
+        if std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.contains("65534"))
+        }) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut snap = Command::new("setpriv");
+    as_nobody(&mut snap);
+    let out = snap
+        .arg(leakhunt())
+        .args(["snapshot", &pid.to_string(), "--name", "x"])
+        .output()
+        .unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("refusing /tmp/leakhunt-65534: it is not a directory of yours that only you can enter (owner uid 0, mode 777)"),
+        "{err}"
+    );
+    let mut buf = [0u8; 64];
+    assert!(
+        trap.recv(&mut buf).is_err(),
+        "nothing was sent to the planted socket"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
