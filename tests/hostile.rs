@@ -69,6 +69,21 @@ struct Case<'a> {
     /// `{dir}` stands for the run's own directory.
     args: Vec<String>,
     run_opts: Vec<&'a str>,
+    /// A file the program's last process writes when it is done (a daemon outlives the
+    /// program): the outcome is taken once it exists.
+    settle: Option<&'a str>,
+}
+
+fn settle(c: &Case, dir: &Path) {
+    if let Some(f) = c.settle {
+        for _ in 0..1000 {
+            if dir.join(f).exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("{}: {f} never appeared in {}", c.name, dir.display());
+    }
 }
 
 /// A scratch directory, emptied.
@@ -102,6 +117,7 @@ fn matrix(c: &Case) -> (Outcome, Value, Value) {
     // Plain.
     let d0 = fresh(&format!("{}-plain", c.name));
     let o = base(&d0).output().unwrap();
+    settle(c, &d0);
     let plain = outcome(o.status, &o.stdout, &o.stderr, &d0);
 
     // The preload alone, its trace outside the program's directory.
@@ -113,6 +129,13 @@ fn matrix(c: &Case) -> (Outcome, Value, Value) {
         .env("LEAKHUNT_OUT", &trace)
         .output()
         .unwrap();
+    settle(c, &d1);
+    // The last process's trace is complete once the file it writes last is there and it exited.
+    std::thread::sleep(std::time::Duration::from_millis(if c.settle.is_some() {
+        300
+    } else {
+        0
+    }));
     let pre = outcome(o.status, &o.stdout, &o.stderr, &d1);
     assert_eq!(pre, plain, "{}: under the preload alone", c.name);
     let (rep_out, pre_report) = report(&[&trace]);
@@ -138,6 +161,7 @@ fn matrix(c: &Case) -> (Outcome, Value, Value) {
         .env_remove("LD_PRELOAD")
         .output()
         .unwrap();
+    settle(c, &d2);
     let run = outcome(o.status, &o.stdout, &o.stderr, &d2);
     assert_eq!(run, plain, "{}: under leakhunt run", c.name);
     let run_report: Value = serde_json::from_str(
@@ -174,6 +198,7 @@ fn daemons_that_take_every_descriptor_keep_their_files_and_their_leaks_are_repor
             program: exe.clone(),
             args: vec!["{dir}".into(), how.into()],
             run_opts: vec![],
+            settle: None,
         };
         let (plain, pre, run) = matrix(&c);
         let n_files = if how == "std" { 3 } else { 600 };
@@ -208,6 +233,7 @@ fn children_made_without_fork_handlers_are_never_traced_as_their_parent() {
             program: exe.clone(),
             args: vec![how.into()],
             run_opts: vec![],
+            settle: None,
         };
         let (plain, pre, run) = matrix(&c);
         let child = if how == "vfork" { 127 } else { 5 };
@@ -239,6 +265,44 @@ fn children_made_without_fork_handlers_are_never_traced_as_their_parent() {
             assert_eq!(leaks(&ps[0]).len(), 2);
         }
     }
+}
+
+#[test]
+fn a_daemon_that_detaches_is_traced_to_its_end_with_trace_children() {
+    let exe = fixture("daemonize.c");
+    let c = Case {
+        name: "daemonize",
+        program: exe.clone(),
+        args: vec!["{dir}".into()],
+        run_opts: vec!["--trace-children"],
+        settle: Some("done"),
+    };
+    let (plain, _, run) = matrix(&c);
+    assert_eq!(plain.stdout, "started\n");
+    assert_eq!(
+        plain.files.keys().collect::<Vec<_>>(),
+        ["daemon.pid", "done"]
+    );
+    // leakhunt run waited for the daemon, reparented away from the program, and took its
+    // stream: the program, the first child and the daemon.
+    let ps = run["processes"].as_array().unwrap();
+    assert_eq!(ps.len(), 3, "{run:#}");
+    assert!(
+        ps[0]
+            .get("warnings")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "nothing refused: {}",
+        ps[0]["warnings"]
+    );
+    let daemon = ps
+        .iter()
+        .find(|p| !leaks(p).is_empty() && leaks(p)[0].bytes == 5 * 64)
+        .unwrap_or_else(|| panic!("{run:#}"));
+    expect_leak(daemon, "daemonize.c", "DZ_LEAK", 5 * 64, 5);
+    assert_eq!(daemon["exit"], serde_json::json!({"code": 0}));
 }
 
 #[test]
@@ -307,6 +371,7 @@ fn a_shell_passes_on_neither_the_preload_nor_leakhunts_variables() {
         program: PathBuf::from("/bin/bash"),
         args: vec!["-c".into(), script.into()],
         run_opts: vec![],
+        settle: None,
     };
     let (plain, pre, run) = matrix(&c);
     assert_eq!(plain.stdout, "0\nchild sees []\nbash done\nlate child\n");

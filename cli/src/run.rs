@@ -343,9 +343,18 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         std::thread::spawn(move || serve::accept_loop(listener, gate, shared, on_stream))
     };
     let status = child.wait().context("waiting for the program")?;
-    let grace = Duration::from_millis(if a.trace_children { 200 } else { 0 });
-    serve::finish(&shared, &sock, grace, acceptor);
+    // From here on, Ctrl-C and SIGTERM are leakhunt's: they cut short the wait for traced
+    // children that live on, and the analysis.
     REPORTING.store(true, Ordering::SeqCst);
+    let unfinished = serve::finish(&shared, &sock, &gate, acceptor, &interrupted);
+    if unfinished > 0 {
+        eprintln!(
+            "leakhunt: not waiting for {unfinished} traced process{} still running",
+            if unfinished == 1 { "" } else { "es" }
+        );
+    }
+    // That signal ended the wait; the next one stops the analysis.
+    INTERRUPTED.store(0, Ordering::SeqCst);
     let _ = std::fs::remove_dir_all(&dir);
 
     // Each stream ends when its process's end of the socket closes.

@@ -169,7 +169,8 @@ impl Read for StreamSource {
 }
 
 /// Whether `pid` is `ancestor` or descends from it (following parent pids through /proc).
-/// `None` when the chain cannot be read (the process is gone).
+/// `None` when the chain cannot be read: the process is gone, or a zombie (it exited, and its
+/// parent, if it exited too, is no longer its parent).
 fn descends_from(pid: u32, ancestor: u32) -> Option<bool> {
     let mut p = pid;
     for _ in 0..64 {
@@ -181,6 +182,10 @@ fn descends_from(pid: u32, ancestor: u32) -> Option<bool> {
         }
         let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
         let (_, rest) = stat.rsplit_once(") ")?;
+        let mut fields = rest.split_whitespace();
+        if p == pid && matches!(fields.next(), Some("Z" | "X")) {
+            return None;
+        }
         p = rest.split_whitespace().nth(1)?.parse().ok()?;
     }
     Some(false)
@@ -247,11 +252,41 @@ fn admit(conn: &UnixStream, h: &Hello, gate: &Gate) -> Result<(), String> {
     match descends_from(pid, gate.program) {
         Some(true) if pid == gate.program || gate.children => Ok(()),
         Some(true) => Err("it is a child of the program, and children are not traced".into()),
+        // Not (or no longer: a daemon's grandchild is reparented when its parent exits) below
+        // the program: it must have been started with this run's environment.
+        Some(false) if gate.children && started_with_token(pid, &gate.token) => Ok(()),
         Some(false) => Err("it was not started by this run".into()),
         // Gone already (it said all it had to say and exited, its parent reaped it): the token
         // is its proof.
         None => Ok(()),
     }
+}
+
+/// Whether any live process of ours was started with this run's token in its environment.
+fn any_started_with_token(token: &[u8; 16]) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid().as_raw();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            return false;
+        };
+        pid != std::process::id()
+            && e.metadata().is_ok_and(|m| m.uid() == me)
+            && started_with_token(pid, token)
+    })
+}
+
+/// Whether process `pid` was started with this run's token in its environment (as the
+/// program's descendants are: forks share the initial environment, and exec'd images get it
+/// with children traced). `/proc/PID/environ` shows the environment a process started with.
+fn started_with_token(pid: u32, token: &[u8; 16]) -> bool {
+    let want = format!("LEAKHUNT_TOKEN={}", hex(token));
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .is_ok_and(|e| e.split(|&b| b == 0).any(|v| v == want.as_bytes()))
 }
 
 /// Accepts connections until [`finish`] is called; each is checked on a thread of its own, and
@@ -353,29 +388,64 @@ pub fn accept_loop(
 }
 
 /// After the program ended: waits until every stream has been read and no handshake is pending
-/// (with children traced, also `grace` without any connection, for children that connect late),
-/// then stops the acceptor once it has taken every connection made before that point.
+/// (with children traced, also `grace` without any connection, for children that connect late,
+/// and as long as traced descendants live on), then stops the acceptor once it has taken every
+/// connection made before that point. `give_up` (the user's Ctrl-C) ends the wait at once;
+/// returns how many streams were still being read then.
 pub fn finish(
     shared: &Shared,
     sock: &Path,
-    grace: Duration,
+    gate: &Gate,
     acceptor: std::thread::JoinHandle<()>,
-) {
+    give_up: &dyn Fn() -> bool,
+) -> usize {
     shared.stop.store(true, Ordering::SeqCst);
-    let wait_idle = |grace: Duration| loop {
+    let started = Instant::now();
+    // With children traced: a little while for one that connects late, and as long as a
+    // process started with this run's environment lives (a daemon's grandchild included).
+    let grace = Duration::from_millis(if gate.children { 200 } else { 0 });
+    let mut holders_checked: Option<(Instant, bool)> = None;
+    let mut descendants_alive = || {
+        if !gate.children {
+            return false;
+        }
+        match holders_checked {
+            Some((at, alive)) if at.elapsed() < Duration::from_millis(50) => alive,
+            _ => {
+                let alive = any_started_with_token(&gate.token);
+                holders_checked = Some((Instant::now(), alive));
+                alive
+            }
+        }
+    };
+    let mut wait_idle = |grace: Duration| loop {
         let idle = shared.active.load(Ordering::SeqCst) == 0
             && shared.handshakes.load(Ordering::SeqCst) == 0;
-        if idle && (grace.is_zero() || shared.quiet_for() >= grace) {
-            break;
+        if idle && (grace.is_zero() || shared.quiet_for() >= grace) && !descendants_alive() {
+            return true;
         }
-        std::thread::sleep(Duration::from_millis(1));
+        if give_up() {
+            return false;
+        }
+        // Promptly at first; a long-lived traced daemon is waited for without spinning.
+        let nap = if started.elapsed() < Duration::from_millis(500) {
+            1
+        } else {
+            20
+        };
+        std::thread::sleep(Duration::from_millis(nap));
     };
-    wait_idle(grace);
+    if !wait_idle(grace) {
+        return shared.active.load(Ordering::SeqCst);
+    }
     shared.quit.store(true, Ordering::SeqCst);
     // Queued behind every connection made before it: the acceptor hands those on, then returns.
     let _ = UnixStream::connect(sock);
     let _ = acceptor.join();
-    wait_idle(Duration::ZERO);
+    if !wait_idle(Duration::ZERO) {
+        return shared.active.load(Ordering::SeqCst);
+    }
+    0
 }
 
 /// 16 random bytes for the run's token.
