@@ -146,8 +146,10 @@ pub fn poll(name: &mut [u8; 255]) -> Option<usize> {
         return None;
     }
     if !is_ours(fd, INO.load(Ordering::Relaxed)) {
-        // The program closed it (and may have reused the number): stop listening.
+        // The program closed it (and may have reused the number, which stays the program's):
+        // make a new one at the same name, so that snapshots by pid keep working.
         FD.store(-1, Ordering::Release);
+        open();
         return None;
     }
     let mut buf = [0u8; SNAPSHOT.len() + 255];

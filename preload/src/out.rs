@@ -143,14 +143,15 @@ fn write_all(data: &[u8]) -> Result<(), i32> {
 }
 
 fn write_loop(o: &mut Out, mut data: &[u8]) -> Result<(), i32> {
-    let mut retakes = 0;
+    // Failures in a row; a program that keeps taking the descriptor (or made it unwritable) is
+    // left alone after a few.
+    let mut strikes = 0;
     while !data.is_empty() {
+        if strikes > 8 {
+            return Err(libc::EBADF);
+        }
         if !fds::is(o.fd, o.id) {
-            // A program that keeps taking it back is left alone.
-            retakes += 1;
-            if retakes > 8 {
-                return Err(libc::EBADF);
-            }
+            strikes += 1;
             retake(o)?;
             continue;
         }
@@ -167,12 +168,27 @@ fn write_loop(o: &mut Out, mut data: &[u8]) -> Result<(), i32> {
             // SAFETY: errno is thread-local.
             let e = unsafe { *libc::__errno_location() };
             match e {
-                libc::EINTR | libc::EAGAIN => continue,
+                libc::EINTR => continue,
+                // The program made our descriptor non-blocking: wait until it takes more.
+                libc::EAGAIN => {
+                    let mut p = libc::pollfd {
+                        fd: o.fd,
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    // SAFETY: one pollfd of ours.
+                    unsafe { libc::poll(&mut p, 1, 100) };
+                    continue;
+                }
                 // Taken between the check and the call: checked (and re-opened) again.
-                libc::EBADF | libc::ENOTSOCK => continue,
+                libc::EBADF | libc::ENOTSOCK => {
+                    strikes += 1;
+                    continue;
+                }
                 _ => return Err(e),
             }
         }
+        strikes = 0;
         o.sent += n as u64;
         data = &data[n as usize..];
     }
