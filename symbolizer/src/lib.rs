@@ -3,10 +3,15 @@
 //! neither. Separate debug files are found through `/usr/lib/debug/.build-id/` and
 //! `.gnu_debuglink`. Modules are loaded lazily, once, and a module that cannot be read is a
 //! warning, never an error: missing debug info never fails a report.
+//!
+//! Module paths come from the trace, which can name anything: only regular ELF files of at most
+//! [`MAX_FILE_BYTES`] are read (see [`read_elf`]); a FIFO, a device, a directory or a huge file is
+//! a warning that names it, never a hang or a read until memory runs out.
 #![forbid(unsafe_code)]
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -23,6 +28,100 @@ pub struct SymFrame {
 }
 
 type Reader = gimli::EndianArcSlice<gimli::RunTimeEndian>;
+
+/// The largest module or separate debug file read (4 GiB): each is read whole into memory, and
+/// a larger one is refused with a warning rather than read.
+pub const MAX_FILE_BYTES: u64 = 4 << 30;
+
+/// Why a file was not read (see [`read_elf`]).
+#[derive(Debug)]
+enum Unread {
+    /// It could not be opened or read: missing, not permitted, an I/O error.
+    Io(std::io::Error),
+    /// It is not a regular ELF file of a size that is read: what it is instead, as the words
+    /// after its path ("is a FIFO, not an ELF file").
+    Refused(String),
+}
+
+/// What a file that is not a regular file is, with its article ("a FIFO").
+fn kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "a special file"
+    }
+}
+
+/// Reads `path` whole if it is a regular ELF file of at most [`MAX_FILE_BYTES`]. It is opened
+/// with `O_NONBLOCK` (opening a FIFO never blocks) and checked on the open descriptor (a rename
+/// in between cannot swap it), and its first four bytes must be the ELF magic before the rest is
+/// read (a huge sparse file of zeros fails at once). Returns the data and the open file.
+fn read_elf(path: &Path) -> Result<(Vec<u8>, File), Unread> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match std::fs::metadata(path) {
+            // A socket cannot be opened at all (ENXIO): say what it is.
+            Ok(m) if !m.is_file() => {
+                Unread::Refused(format!("is {}, not an ELF file", kind(m.file_type())))
+            }
+            _ => Unread::Io(e),
+        })?;
+    let meta = file.metadata().map_err(Unread::Io)?;
+    if !meta.is_file() {
+        return Err(Unread::Refused(format!(
+            "is {}, not an ELF file",
+            kind(meta.file_type())
+        )));
+    }
+    let len = meta.len();
+    if len > MAX_FILE_BYTES {
+        return Err(Unread::Refused(format!(
+            "is {len} bytes, more than the {} GiB leakhunt reads of one file",
+            MAX_FILE_BYTES >> 30
+        )));
+    }
+    // Files of /proc that show a size of 0 (/proc/self/mem) are not read at all.
+    if len < 4 {
+        return Err(Unread::Refused(format!(
+            "is {len} bytes long, not an ELF file"
+        )));
+    }
+    let mut data = Vec::new();
+    (&file).take(4).read_to_end(&mut data).map_err(Unread::Io)?;
+    if data != b"\x7fELF" {
+        return Err(Unread::Refused(
+            "is not an ELF file (it does not start with the ELF magic)".into(),
+        ));
+    }
+    if data.try_reserve_exact(len as usize - 4).is_err() {
+        return Err(Unread::Refused(format!(
+            "is {len} bytes, more than this machine's memory holds"
+        )));
+    }
+    (&file)
+        .take(len - 4)
+        .read_to_end(&mut data)
+        .map_err(Unread::Io)?;
+    Ok((data, file))
+}
+
+/// Whether an error opening a candidate path only says that nothing is there.
+fn absent(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
+}
 
 /// A separate debug file's DWARF (see [`DebugFile::load`]).
 struct DebugFile {
@@ -80,9 +179,8 @@ impl DebugFile {
     /// symbolization never reads, are left alone. Units are parsed only when an address in them
     /// is looked up: addr2line's context over the whole of libc's 1,700 units cost 28 ms to build
     /// for the two frames a thread's stack has there (start_thread, clone3).
-    fn load(path: &Path) -> Option<DebugFile> {
-        let data = std::fs::read(path).ok()?;
-        let obj = object::File::parse(&*data).ok()?;
+    fn parse(data: &[u8]) -> Option<DebugFile> {
+        let obj = object::File::parse(data).ok()?;
         let endian = if obj.is_little_endian() {
             gimli::RunTimeEndian::Little
         } else {
@@ -317,46 +415,110 @@ impl Symbolizer {
         }
     }
 
-    /// The separate debug file for a module, if one is installed.
-    fn debug_file(&self, path: &Path, build_id: &[u8], data: &[u8]) -> Option<PathBuf> {
+    /// Where a module's separate debug file may be, in the order searched: by build-id under
+    /// each debug root, then by `.gnu_debuglink` beside the module, in its `.debug/` and under
+    /// each debug root.
+    fn debug_candidates(&self, path: &Path, build_id: &[u8], data: &[u8]) -> Vec<PathBuf> {
+        let mut candidates = Vec::new();
         if build_id.len() >= 2 {
             let h = hex(build_id);
             for root in &self.debug_roots {
-                let p = root
-                    .join(".build-id")
-                    .join(&h[..2])
-                    .join(format!("{}.debug", &h[2..]));
-                if p.is_file() {
-                    return Some(p);
-                }
+                candidates.push(
+                    root.join(".build-id")
+                        .join(&h[..2])
+                        .join(format!("{}.debug", &h[2..])),
+                );
             }
         }
-        let obj = object::File::parse(data).ok()?;
-        let (name, _crc) = obj.gnu_debuglink().ok().flatten()?;
-        let name = String::from_utf8_lossy(name).into_owned();
-        let dir = path.parent()?;
-        let mut candidates = vec![dir.join(&name), dir.join(".debug").join(&name)];
-        for root in &self.debug_roots {
-            candidates.push(root.join(dir.strip_prefix("/").unwrap_or(dir)).join(&name));
+        let link = object::File::parse(data)
+            .ok()
+            .and_then(|o| o.gnu_debuglink().ok().flatten().map(|(n, _crc)| n.to_vec()));
+        if let (Some(name), Some(dir)) = (link, path.parent()) {
+            let name = String::from_utf8_lossy(&name).into_owned();
+            candidates.push(dir.join(&name));
+            candidates.push(dir.join(".debug").join(&name));
+            for root in &self.debug_roots {
+                candidates.push(root.join(dir.strip_prefix("/").unwrap_or(dir)).join(&name));
+            }
         }
-        candidates.into_iter().find(|p| p.is_file() && p != path)
+        candidates.retain(|c| c != path);
+        candidates
+    }
+
+    /// The separate debug file for a module, read: the first candidate that is there. One that
+    /// is there but cannot be read, or is not a regular ELF file, is a warning, and the search
+    /// goes on.
+    fn debug_file(
+        &mut self,
+        path: &Path,
+        build_id: &[u8],
+        data: &[u8],
+    ) -> Option<(PathBuf, Vec<u8>)> {
+        for c in self.debug_candidates(path, build_id, data) {
+            match read_elf(&c) {
+                Ok((d, _)) => return Some((c, d)),
+                Err(Unread::Io(e)) if absent(&e) => {}
+                Err(Unread::Io(e)) => self.warn(format!(
+                    "cannot read debug file {} of {}: {e}; its frames may show without file:line",
+                    c.display(),
+                    path.display()
+                )),
+                Err(Unread::Refused(why)) => self.warn(format!(
+                    "debug file {} of {} {why}; its frames may show without file:line",
+                    c.display(),
+                    path.display()
+                )),
+            }
+        }
+        None
+    }
+
+    /// The path addr2line's loader opens for the module at `path`, already open and checked as
+    /// `file`: that same open file through `/proc/self/fd`, so that a module swapped for a FIFO
+    /// since the check cannot block the loader. The module's own path only where a DWARF package
+    /// (`PATH.dwp`, which the loader looks for beside the path it is given) is a regular file.
+    fn loader_path(&mut self, path: &Path, file: &File) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        let mut dwp = path.as_os_str().to_owned();
+        dwp.push(".dwp");
+        match std::fs::metadata(&dwp) {
+            Ok(m) if m.is_file() => return path.to_path_buf(),
+            Ok(m) => self.warn(format!(
+                "{} is {}, not a DWARF package; {} is read without it",
+                Path::new(&dwp).display(),
+                kind(m.file_type()),
+                path.display()
+            )),
+            Err(_) => {}
+        }
+        let fd = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        if fd.exists() {
+            fd
+        } else {
+            path.to_path_buf()
+        }
     }
 
     fn load(&mut self, path: &str, build_id: &[u8]) -> Module {
         let p = Path::new(path);
-        let data = match std::fs::read(p) {
+        let none = || Module {
+            dwarf: None,
+            symbols: None,
+            functions: vec![],
+        };
+        let (data, file) = match read_elf(p) {
             Ok(d) => d,
-            Err(e) => {
+            Err(Unread::Io(e)) => {
                 if !path.starts_with('[') && !path.starts_with("linux-vdso") {
                     self.warn(format!(
                         "cannot read module {path}: {e}; its frames show as module+offset"
                     ));
                 }
-                return Module {
-                    dwarf: None,
-                    symbols: None,
-                    functions: vec![],
-                };
+                return none();
+            }
+            Err(Unread::Refused(why)) => {
+                self.warn(format!("{path} {why}; its frames show as module+offset"));
+                return none();
             }
         };
         let obj = match object::File::parse(&*data) {
@@ -365,11 +527,7 @@ impl Symbolizer {
                 self.warn(format!(
                     "{path} is not a readable ELF file ({e}); its frames show as module+offset"
                 ));
-                return Module {
-                    dwarf: None,
-                    symbols: None,
-                    functions: vec![],
-                };
+                return none();
             }
         };
         if !build_id.is_empty() {
@@ -380,11 +538,7 @@ impl Symbolizer {
                         hex(build_id),
                         hex(&found)
                     ));
-                    return Module {
-                        dwarf: None,
-                        symbols: None,
-                        functions: vec![],
-                    };
+                    return none();
                 }
                 _ => {}
             }
@@ -394,12 +548,13 @@ impl Symbolizer {
             .section_by_name(".debug_info")
             .is_some_and(|s| s.size() > 0);
         drop(obj);
-        let symbols = addr2line::Loader::new(p).ok();
+        let symbols = addr2line::Loader::new(self.loader_path(p, &file)).ok();
+        drop(file);
         let dwarf = if has_dwarf {
             None
         } else {
             self.debug_file(p, build_id, &data)
-                .and_then(|d| DebugFile::load(&d))
+                .and_then(|(_, d)| DebugFile::parse(&d))
         };
         Module {
             dwarf,
@@ -485,11 +640,11 @@ mod tests {
         let data = std::fs::read(libc).unwrap();
         let obj = object::File::parse(&*data).unwrap();
         let build_id = obj.build_id().unwrap().unwrap().to_vec();
-        let s = Symbolizer::new();
-        let debug = s
+        let mut s = Symbolizer::new();
+        let (debug, debug_data) = s
             .debug_file(libc, &build_id, &data)
             .expect("libc's debug information (libc6-dbg) is installed");
-        let mut file = DebugFile::load(&debug).unwrap();
+        let mut file = DebugFile::parse(&debug_data).unwrap();
         let whole = addr2line::Loader::new(&debug).unwrap();
         let functions = function_symbols(&obj);
         let (mut compared, mut inlined) = (0, 0);
@@ -560,5 +715,180 @@ mod alias_tests {
             preferred(["memcpy@GLIBC_2.2.5", "memcpy_x"].into_iter()),
             Some("memcpy_x")
         );
+    }
+}
+
+#[cfg(test)]
+mod hostile_tests {
+    //! Module and debug-file paths that name what is not a regular ELF file: each is a warning
+    //! naming the path and what it is, given at once (a hang fails after 20 s).
+    use super::*;
+    use std::process::Command;
+    use std::time::Duration;
+
+    /// A fresh directory for one test.
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("leakhunt-sym-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn mkfifo(p: &Path) {
+        let st = Command::new("mkfifo").arg(p).status().unwrap();
+        assert!(st.success(), "mkfifo {}", p.display());
+    }
+
+    /// Frames and warnings of one address of module `path` (build-id `bid`), on a thread given
+    /// 20 s: a hang fails the test instead of blocking it.
+    fn within_20s(
+        path: &str,
+        bid: &[u8],
+        vaddr: u64,
+        roots: Option<Vec<PathBuf>>,
+    ) -> (Vec<SymFrame>, Vec<String>) {
+        let (p, bid) = (path.to_string(), bid.to_vec());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut s = Symbolizer::new();
+            if let Some(r) = roots {
+                s.debug_roots = r;
+            }
+            let f = s.symbolize(&p, &bid, vaddr);
+            let _ = tx.send((f, s.warnings().to_vec()));
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("symbolizing in {path} did not finish within 20 s"))
+    }
+
+    fn refused(path: &str, why: &str) {
+        let (frames, w) = within_20s(path, &[], 0x1000, None);
+        assert!(frames.is_empty(), "{frames:?}");
+        assert_eq!(
+            w,
+            [format!("{path} {why}; its frames show as module+offset")]
+        );
+    }
+
+    #[test]
+    fn fifo_device_directory_socket_and_proc_files_are_refused_by_name() {
+        let d = scratch("kinds");
+        let fifo = d.join("fifo");
+        mkfifo(&fifo);
+        refused(fifo.to_str().unwrap(), "is a FIFO, not an ELF file");
+        refused("/dev/zero", "is a character device, not an ELF file");
+        refused(d.to_str().unwrap(), "is a directory, not an ELF file");
+        let sock = d.join("sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        refused(sock.to_str().unwrap(), "is a socket, not an ELF file");
+        refused("/proc/self/mem", "is 0 bytes long, not an ELF file");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn huge_and_sparse_files_are_refused_without_reading_them() {
+        let d = scratch("huge");
+        // Sparse: neither costs disk space, and reading either whole would take seconds and
+        // gigabytes.
+        let huge = d.join("huge.so");
+        File::create(&huge)
+            .unwrap()
+            .set_len(MAX_FILE_BYTES + 1)
+            .unwrap();
+        refused(
+            huge.to_str().unwrap(),
+            "is 4294967297 bytes, more than the 4 GiB leakhunt reads of one file",
+        );
+        let zeros = d.join("zeros.so");
+        File::create(&zeros).unwrap().set_len(1 << 30).unwrap();
+        refused(
+            zeros.to_str().unwrap(),
+            "is not an ELF file (it does not start with the ELF magic)",
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_debug_file_that_is_a_fifo_is_a_warning_and_the_search_goes_on() {
+        // /bin/true has a build-id and a .gnu_debuglink and no DWARF of its own, so its debug
+        // file is searched for: here a FIFO under the build-id path, then a directory named as
+        // its debuglink beside a copy.
+        let d = scratch("debug");
+        let data = std::fs::read("/bin/true").unwrap();
+        let obj = object::File::parse(&*data).unwrap();
+        let bid = obj.build_id().unwrap().unwrap().to_vec();
+        let link = String::from_utf8(obj.gnu_debuglink().unwrap().unwrap().0.to_vec()).unwrap();
+        let h = hex(&bid);
+        let by_id = d.join(".build-id").join(&h[..2]);
+        std::fs::create_dir_all(&by_id).unwrap();
+        let fifo = by_id.join(format!("{}.debug", &h[2..]));
+        mkfifo(&fifo);
+        let copy = d.join("true");
+        std::fs::write(&copy, &data).unwrap();
+        std::fs::create_dir(d.join(&link)).unwrap();
+        let (_, w) = within_20s(copy.to_str().unwrap(), &bid, 0x1000, Some(vec![d.clone()]));
+        let copy = copy.display();
+        assert_eq!(
+            w,
+            [
+                format!(
+                    "debug file {} of {copy} is a FIFO, not an ELF file; its frames may show without file:line",
+                    fifo.display()
+                ),
+                format!(
+                    "debug file {} of {copy} is a directory, not an ELF file; its frames may show without file:line",
+                    d.join(&link).display()
+                ),
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A function of this test binary to look up by address.
+    #[inline(never)]
+    fn marker_for_the_dwp_test() -> usize {
+        std::hint::black_box(7)
+    }
+
+    #[test]
+    fn a_dwarf_package_that_is_a_fifo_is_skipped_and_the_module_still_symbolizes() {
+        // This test binary has DWARF: copied beside a FIFO named as its DWARF package, it still
+        // gives a function its name and source file (addr2line's loader reads the open file
+        // through /proc/self/fd and never opens the FIFO).
+        assert_eq!(
+            std::hint::black_box(marker_for_the_dwp_test as fn() -> usize)(),
+            7
+        );
+        let d = scratch("dwp");
+        let exe = std::env::current_exe().unwrap();
+        let copy = d.join("exe");
+        std::fs::copy(&exe, &copy).unwrap();
+        let dwp = d.join("exe.dwp");
+        mkfifo(&dwp);
+        let data = std::fs::read(&copy).unwrap();
+        let obj = object::File::parse(&*data).unwrap();
+        let f = function_symbols(&obj)
+            .into_iter()
+            .find(|f| f.2.contains("marker_for_the_dwp_test"))
+            .expect("the test binary has the marker's symbol");
+        let (frames, w) = within_20s(copy.to_str().unwrap(), &[], f.0, None);
+        assert_eq!(
+            w,
+            [format!(
+                "{} is a FIFO, not a DWARF package; {} is read without it",
+                dwp.display(),
+                copy.display()
+            )]
+        );
+        let last = frames.last().expect("frames");
+        assert_eq!(
+            last.function.as_deref(),
+            Some("leakhunt_symbolizer::hostile_tests::marker_for_the_dwp_test")
+        );
+        assert!(
+            last.file.as_deref().is_some_and(|f| f.ends_with("lib.rs")),
+            "{frames:?}"
+        );
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
