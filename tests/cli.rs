@@ -150,7 +150,7 @@ fn corrupt_newer_and_foreign_input_are_clear_errors() {
         "elf.trace",
         "not a leakhunt trace: expected magic \"LKHUNTTR\" at byte offset 0",
     );
-    one_line_error(b"", "empty.trace", "byte offset 0");
+    one_line_error(b"", "empty.trace", "empty.trace: empty, not a trace");
     let out = leakhunt_cmd(&["report", "/nonexistent/x.trace"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -264,4 +264,233 @@ fn error_exitcode_only_when_leaks_are_found() {
         Some(3),
         "the program's own status otherwise"
     );
+}
+
+/// Runs `cmd` with its output in files, failing the test if it has not finished after 20 s: a
+/// hang fails, and the test does not hang with it.
+fn within_20s(cmd: &mut Command) -> Output {
+    use std::process::Stdio;
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (out, err) = (
+        scratch(&format!("stdout{n}")),
+        scratch(&format!("stderr{n}")),
+    );
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let o = Output {
+        status,
+        stdout: std::fs::read(&out).unwrap(),
+        stderr: std::fs::read(&err).unwrap(),
+    };
+    let _ = (std::fs::remove_file(&out), std::fs::remove_file(&err));
+    o
+}
+
+fn leakhunt_within_20s(args: &[&std::ffi::OsStr]) -> Output {
+    within_20s(Command::new(leakhunt()).args(args))
+}
+
+fn mkfifo(p: &std::path::Path) {
+    let _ = std::fs::remove_file(p);
+    let st = Command::new("mkfifo").arg(p).status().unwrap();
+    assert!(st.success(), "mkfifo {}", p.display());
+}
+
+/// A FIFO, a directory, a socket, a 20 GiB sparse file and an empty file in a fresh directory,
+/// named in that order.
+fn hostile_files(name: &str) -> (PathBuf, [PathBuf; 5], std::os::unix::net::UnixListener) {
+    let d = scratch(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let fifo = d.join("fifo");
+    mkfifo(&fifo);
+    let dir = d.join("dir");
+    std::fs::create_dir(&dir).unwrap();
+    let sock = d.join("sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let huge = d.join("huge");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(20 << 30)
+        .unwrap();
+    let empty = d.join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    (d, [fifo, dir, sock, huge, empty], listener)
+}
+
+#[test]
+fn a_fifo_a_device_a_directory_a_socket_or_a_huge_file_as_the_trace_is_a_clear_error_at_once() {
+    let (d, [fifo, dir, sock, huge, empty], _l) = hostile_files("hostile-traces");
+    let cases: [(&std::path::Path, String); 6] = [
+        (
+            &fifo,
+            format!(
+                "{}: a pipe or FIFO with no writer, or whose writer sent nothing: empty, not a trace",
+                fifo.display()
+            ),
+        ),
+        (
+            "/dev/zero".as_ref(),
+            "/dev/zero is a character device, not a trace".into(),
+        ),
+        (&dir, format!("{} is a directory, not a trace", dir.display())),
+        (&sock, format!("{} is a socket, not a trace", sock.display())),
+        (
+            &huge,
+            format!(
+                "{}: not a leakhunt trace: expected magic \"LKHUNTTR\" at byte offset 0, found \"\\0\\0\\0\\0\\0\\0\\0\\0\"",
+                huge.display()
+            ),
+        ),
+        (&empty, format!("{}: empty, not a trace", empty.display())),
+    ];
+    let g = golden();
+    for (path, want) in &cases {
+        let p = path.as_os_str();
+        for args in [
+            vec!["report".as_ref(), p],
+            vec!["diff".as_ref(), p],
+            vec!["diff".as_ref(), g.as_os_str(), p],
+            vec!["verify".as_ref(), g.as_os_str(), p],
+            vec!["dump".as_ref(), p],
+        ] {
+            let out = leakhunt_within_20s(&args);
+            assert_eq!(
+                (out.status.code(), stderr(&out)),
+                (Some(2), format!("leakhunt: error: {want}\n")),
+                "{args:?}"
+            );
+            assert!(out.stdout.is_empty(), "{args:?}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_trace_through_a_pipe_is_read_and_a_diff_of_one_asks_for_a_file() {
+    // bash's process substitution gives a pipe with a writer (/dev/fd/63): read to its end.
+    let json = scratch("piped.json");
+    let out = within_20s(
+        Command::new("bash")
+            .arg("-c")
+            .arg(r#"exec "$0" report --json "$1" <(cat "$2")"#)
+            .arg(leakhunt())
+            .arg(&json)
+            .arg(golden()),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let p = &v["processes"][0];
+    assert_eq!(summary(p, "in_use_at_exit_bytes"), 340);
+    let l: Vec<(u64, u64)> = leaks(p).iter().map(|l| (l.bytes, l.blocks)).collect();
+    assert_eq!(l, [(300, 3), (40, 1)]);
+    // A diff of points of one trace reads it twice, which a pipe cannot give.
+    let out = within_20s(
+        Command::new("bash")
+            .arg("-c")
+            .arg(r#"exec "$0" diff <(cat "$1")"#)
+            .arg(leakhunt())
+            .arg(golden()),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("leakhunt: error: /dev/fd/")
+            && err.ends_with(": a diff of one trace reads it twice: give a file, not a pipe\n"),
+        "{err}"
+    );
+}
+
+/// The golden trace with every module record's path replaced by `path`.
+fn with_module_paths(path: &std::path::Path) -> Vec<u8> {
+    use leakhunt_format::{encode, Reader, Record};
+    let data = std::fs::read(golden()).unwrap();
+    let mut r = Reader::new(&data[..]);
+    let mut out = encode::preamble().to_vec();
+    while let Some(rec) = r.next_record().unwrap() {
+        match rec {
+            Record::Header(h) => encode::header(&h, &mut out),
+            Record::Module(mut m) => {
+                m.path = path.to_str().unwrap().into();
+                encode::module(&m, &mut out)
+            }
+            Record::Batch { tid, slots, .. } => encode::batch(tid, &slots, &mut out),
+            Record::Stats(s) => encode::stats(&s, &mut out),
+            Record::Exit(e) => encode::exit(e, &mut out),
+            other => panic!("the golden trace holds no {other:?}"),
+        }
+    }
+    out
+}
+
+#[test]
+fn module_records_naming_a_fifo_a_device_a_directory_or_a_huge_file_are_warnings_at_once() {
+    let (d, [fifo, dir, sock, huge, empty], _l) = hostile_files("hostile-modules");
+    let cases: [(&std::path::Path, &str); 7] = [
+        (&fifo, "is a FIFO, not an ELF file"),
+        (
+            "/dev/zero".as_ref(),
+            "is a character device, not an ELF file",
+        ),
+        (&dir, "is a directory, not an ELF file"),
+        (&sock, "is a socket, not an ELF file"),
+        (
+            &huge,
+            "is 21474836480 bytes, more than the 4 GiB leakhunt reads of one file",
+        ),
+        (&empty, "is 0 bytes long, not an ELF file"),
+        (
+            "/proc/self/mem".as_ref(),
+            "is 0 bytes long, not an ELF file",
+        ),
+    ];
+    for (i, (module, why)) in cases.iter().enumerate() {
+        let trace = d.join(format!("{i}.trace"));
+        std::fs::write(&trace, with_module_paths(module)).unwrap();
+        let json = d.join(format!("{i}.json"));
+        let out = leakhunt_within_20s(&[
+            "report".as_ref(),
+            "--json".as_ref(),
+            json.as_os_str(),
+            trace.as_os_str(),
+        ]);
+        assert_eq!(
+            (out.status.code(), stderr(&out)),
+            (
+                Some(0),
+                format!(
+                    "leakhunt: warning: {} {why}; its frames show as module+offset\n",
+                    module.display()
+                )
+            )
+        );
+        // The figures stand, the frames are module+offset.
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let p = &v["processes"][0];
+        assert_eq!(summary(p, "in_use_at_exit_bytes"), 340);
+        let l: Vec<(u64, u64)> = leaks(p).iter().map(|l| (l.bytes, l.blocks)).collect();
+        assert_eq!(l, [(300, 3), (40, 1)]);
+        let top = &p["leaks"][0]["stack"][0];
+        assert_eq!(top["module"], module.to_str().unwrap());
+        assert_eq!(top["offset"], 0x1162);
+        assert_eq!(top["function"], Value::Null);
+    }
+    let _ = std::fs::remove_dir_all(&d);
 }

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use leakhunt_symbolizer::Symbolizer;
 
 use crate::growth::{self, GrowthEntry, Timeline};
+use crate::input::open_trace;
 use crate::process::Process;
 use crate::report::{callsite_key, render_frame, stack_lines, symbolize, thousands, Frame};
 
@@ -48,9 +49,7 @@ pub fn checked(
 }
 
 fn read(path: &std::path::Path) -> Result<Process> {
-    let f = std::fs::File::open(path)
-        .with_context(|| format!("cannot open trace {}", path.display()))?;
-    checked(path, Process::read_stream(f))
+    checked(path, Process::read_stream(open_trace(path)?))
 }
 
 /// A run's growth report, or an error saying why there is none.
@@ -224,16 +223,25 @@ pub fn diff_one(
     warmup_s: Option<f64>,
     sym: &mut Symbolizer,
 ) -> Result<String> {
-    let p = read(path)?;
+    let f = open_trace(path)?;
+    if f.is_pipe() {
+        bail!(
+            "{}: a diff of one trace reads it twice: give a file, not a pipe",
+            path.display()
+        );
+    }
+    let p = checked(path, Process::read_stream(f))?;
     let (t, _) = growth_of(path, &p, warmup_s, sym)?;
     let (a, b) = (point(&p, &t, from)?, point(&p, &t, to)?);
     if a >= b {
         bail!("--from ({from}) must come before --to ({to})");
     }
     // Second pass for the blocks born after A and still live at B.
-    let f = std::fs::File::open(path)?;
     let bs = &p.growth.boundaries;
-    let (probe, _) = Process::read_stream_probe(f, bs[a].index, bs[b].index);
+    let (probe, err) = Process::read_stream_probe(open_trace(path)?, bs[a].index, bs[b].index);
+    if let Some(e) = err {
+        bail!("{}: {e}", path.display());
+    }
     let mut rows: HashMap<Vec<crate::report::FrameKey>, (u32, i64, i64, u64)> = HashMap::new();
     for id in p.growth.stacks() {
         let s = p.growth.of(id);

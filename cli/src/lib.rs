@@ -6,6 +6,7 @@
 pub mod compare;
 pub mod growth;
 pub mod html;
+pub mod input;
 pub mod outfile;
 pub mod process;
 pub mod recover;

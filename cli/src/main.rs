@@ -5,7 +5,7 @@
 mod run;
 mod serve;
 
-use leakhunt::{compare, parse_duration, process, recover, report, verdict};
+use leakhunt::{compare, input, parse_duration, process, recover, report, verdict};
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -212,9 +212,8 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
     let mut sym = Symbolizer::new();
     let mut read = Vec::new();
     for t in &a.traces {
-        let f =
-            std::fs::File::open(t).with_context(|| format!("cannot open trace {}", t.display()))?;
-        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let f = input::open_trace(t)?;
+        let size = f.size.unwrap_or(0);
         let show = match a.progress.as_str() {
             "always" => true,
             "never" => false,
@@ -390,9 +389,8 @@ fn snapshot_cmd(a: &SnapshotArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn dump(path: &PathBuf) -> Result<ExitCode> {
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut r = leakhunt_format::Reader::new(std::io::BufReader::new(f));
+fn dump(path: &std::path::Path) -> Result<ExitCode> {
+    let mut r = leakhunt_format::Reader::new(std::io::BufReader::new(input::open_trace(path)?));
     loop {
         match r.next_record() {
             Ok(Some(leakhunt_format::Record::Batch { tid, offset, slots })) => {
