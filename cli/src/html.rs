@@ -8,11 +8,16 @@ use crate::growth::{human, GrowthEntry, Timeline};
 use crate::report::{stack_lines, thousands, ProcReport, Report};
 use crate::verdict::Verdict;
 
+/// `s` as HTML text or attribute value: markup characters as entities, control characters as
+/// escapes ([`crate::report::escape_control`]; a page has no use for them, and some are not
+/// allowed in HTML at all).
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
+    crate::report::escape_control(s)
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+        .replace('\'', "&#39;")
 }
 
 const COLORS: [&str; 7] = [
@@ -101,7 +106,7 @@ fn process(p: &ProcReport, out: &mut String) {
         out,
         "<section><h2>Process {} <code>{}</code></h2>",
         p.pid,
-        esc(&p.argv.join(" "))
+        esc(&crate::report::shell_words(&p.argv))
     );
     if let Some(t) = &p.timeline {
         let flagged: Vec<&GrowthEntry> = p.growth.iter().filter(|e| e.verdict.flagged()).collect();

@@ -236,7 +236,7 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
         .map(|p| report::build_with(p, None, a.out.warmup_s(), &mut sym))
         .collect();
     for w in sym.warnings() {
-        eprintln!("leakhunt: warning: {w}");
+        eprintln!("leakhunt: warning: {}", report::escape_control(w));
     }
     let failed = emit(&Report::new(procs), &a.out, false)?;
     Ok(match (failed, a.out.error_exitcode) {
@@ -310,7 +310,7 @@ fn diff_cmd(a: &DiffArgs) -> Result<ExitCode> {
         [x, y] => compare::diff_two(x, y, &mut sym)?,
         _ => bail!("give one or two traces"),
     };
-    print!("{text}");
+    print!("{}", report::escape_control_lines(&text));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -322,7 +322,7 @@ fn verify_cmd(a: &VerifyArgs) -> Result<ExitCode> {
         a.warmup.map(|d| d.as_secs_f64()),
         &mut sym,
     )?;
-    print!("{text}");
+    print!("{}", report::escape_control_lines(&text));
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
@@ -443,7 +443,10 @@ fn main() -> ExitCode {
     match r {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("leakhunt: error: {e:#}");
+            eprintln!(
+                "leakhunt: error: {}",
+                report::escape_control(&format!("{e:#}"))
+            );
             ExitCode::from(2)
         }
     }

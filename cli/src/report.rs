@@ -491,19 +491,102 @@ pub fn render_frame(f: &Frame) -> String {
     format!("{:#x}: {func}{loc}{inl}", f.address)
 }
 
-/// Text report of one process, valgrind-style (`==PID==` prefix on every line).
+/// The escape of one control character: `\n`, `\t`, `\r`, `\xHH` for the other C0 ones and
+/// DEL, `\uHHHH` for C1 (the forms bash's `$'...'` reads back).
+fn control_escape(c: char, out: &mut String) {
+    match c {
+        '\n' => out.push_str("\\n"),
+        '\t' => out.push_str("\\t"),
+        '\r' => out.push_str("\\r"),
+        c if (c as u32) < 0x80 => {
+            let _ = write!(out, "\\x{:02x}", c as u32);
+        }
+        c => {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        }
+    }
+}
+
+/// `s` with its control characters written as escapes (`\n`, `\t`, `\x1b`, `\u0085`), for text
+/// that reaches a terminal: a name from the trace (an argument, a module path, a warning) can
+/// then neither forge a line of the report nor send the terminal an escape sequence.
+pub fn escape_control(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            control_escape(c, &mut out);
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
+/// As [`escape_control`] for text of several lines: its line breaks are kept.
+pub fn escape_control_lines(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, l) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&escape_control(l));
+    }
+    out
+}
+
+/// A command line as one line that a POSIX shell (bash for `$'...'`) reads back into the same
+/// words, so that empty arguments, spaces and control characters show: a word of only
+/// `A-Za-z0-9_@%+=:,./-` as it is, a word with control characters as `$'...'` with escapes,
+/// any other (an empty one included) in single quotes (`printf '[%s]' a '' b`).
+pub fn shell_words(argv: &[String]) -> String {
+    let mut out = String::new();
+    for (i, w) in argv.iter().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        let plain = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
+        if !w.is_empty() && w.chars().all(plain) {
+            out.push_str(w);
+        } else if w.chars().any(char::is_control) {
+            out.push_str("$'");
+            for c in w.chars() {
+                match c {
+                    '\\' | '\'' => {
+                        out.push('\\');
+                        out.push(c);
+                    }
+                    c if c.is_control() => control_escape(c, &mut out),
+                    c => out.push(c),
+                }
+            }
+            out.push('\'');
+        } else {
+            out.push('\'');
+            out.push_str(&w.replace('\'', "'\\''"));
+            out.push('\'');
+        }
+    }
+    out
+}
+
+/// Text report of one process, valgrind-style (`==PID==` prefix on every line). Names from the
+/// trace are shown with their control characters escaped ([`escape_control`]), the command
+/// line as the shell would take it ([`shell_words`]).
 pub fn render_text(r: &ProcReport, out: &mut String) {
     let pfx = format!("=={}==", r.pid);
     let mut line = |s: &str| {
-        let _ = writeln!(out, "{pfx} {s}");
+        let _ = writeln!(out, "{pfx} {}", escape_control(s));
     };
     match &r.title {
         Some(t) => line(&format!(
             "leakhunt: {} (renamed itself: {})",
-            r.argv.join(" "),
-            t.join(" ")
+            shell_words(&r.argv),
+            shell_words(t)
         )),
-        None => line(&format!("leakhunt: {}", r.argv.join(" "))),
+        None => line(&format!("leakhunt: {}", shell_words(&r.argv))),
     }
     line("");
     let total = r.leaks.len();
@@ -588,5 +671,91 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
     }
     for w in &r.warnings {
         line(&format!("warning: {w}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leakhunt_format::encode::{self, Header};
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_is_kept() {
+        assert_eq!(escape_control("plain ünïcode"), "plain ünïcode");
+        assert_eq!(
+            escape_control("a\nb\tc\rd\x1b[2J\x7f\u{85}e"),
+            r"a\nb\tc\rd\x1b[2J\x7f\u0085e"
+        );
+        assert_eq!(escape_control_lines("a\x1b\nb\n"), "a\\x1b\nb\n");
+    }
+
+    #[test]
+    fn argv_is_shown_as_the_shell_would_take_it() {
+        let w = |v: &[&str]| shell_words(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(w(&["printf", "[%s]", "a", "", "b"]), "printf '[%s]' a '' b");
+        assert_eq!(
+            w(&["ls", "-l", "/tmp/x_y@z%1+2=3:4,5.6"]),
+            "ls -l /tmp/x_y@z%1+2=3:4,5.6"
+        );
+        assert_eq!(
+            w(&["echo", "two words", "it's"]),
+            r"echo 'two words' 'it'\''s'"
+        );
+        assert_eq!(
+            w(&["a\nb", "tab\there", "\x1b[31m", "it's\\\n"]),
+            r"$'a\nb' $'tab\there' $'\x1b[31m' $'it\'s\\\n'"
+        );
+        assert_eq!(w(&[]), "");
+    }
+
+    #[test]
+    fn the_text_report_escapes_names_from_the_trace_and_json_keeps_them() {
+        let argv = ["prog", "", "two words", "\x1b[2Jx\ny"];
+        let mut t = encode::preamble().to_vec();
+        encode::header(
+            &Header {
+                arch: "x86_64".into(),
+                pointer_size: 8,
+                little_endian: true,
+                pid: 7,
+                ppid: 1,
+                start_realtime_ns: 0,
+                start_monotonic_ns: 0,
+                exe: "/bin/prog".into(),
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                max_frames: 64,
+            },
+            &mut t,
+        );
+        encode::warning("from the trace:\x1b]0;title\x07\nforged line", &mut t);
+        encode::exit(leakhunt_format::ExitKind::Code(0), &mut t);
+        let (p, err) = Process::read_stream(&t[..]);
+        assert_eq!(err, None);
+        let r = build(&p, None, &mut Symbolizer::new());
+        let mut text = String::new();
+        render_text(&r, &mut text);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            r"==7== leakhunt: prog '' 'two words' $'\x1b[2Jx\ny'"
+        );
+        assert_eq!(
+            lines.last().copied(),
+            Some(r"==7== warning: from the trace:\x1b]0;title\x07\nforged line")
+        );
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+        // JSON keeps the strings as they are (escaped as JSON escapes them).
+        let json: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(json["argv"], serde_json::json!(argv));
+        // HTML: the same shell words, markup and control characters escaped.
+        let html = crate::html::render(&Report::new(vec![r]));
+        assert!(
+            html.contains(
+                r"<code>prog &#39;&#39; &#39;two words&#39; $&#39;\x1b[2Jx\ny&#39;</code>"
+            ),
+            "{html}"
+        );
+        assert!(!html.contains('\x1b'));
     }
 }
