@@ -188,7 +188,12 @@ pub fn callsite_key(p: &Process, id: u32) -> Vec<FrameKey> {
             .frames
             .iter()
             .map(|&a| match p.module_at(a, s.gen) {
-                Some(m) => (Some((m.path.clone(), m.build_id.clone())), a - m.bias),
+                // The bias is modulo 2^64 (a library loaded below its link address has a
+                // "negative" one), and a trace's can be anything: wrap, never overflow.
+                Some(m) => (
+                    Some((m.path.clone(), m.build_id.clone())),
+                    a.wrapping_sub(m.bias),
+                ),
                 None => (None, a),
             })
             .collect(),
