@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod compare;
+pub mod fuzzing;
 pub mod growth;
 pub mod html;
 pub mod input;
