@@ -10,6 +10,7 @@ pub mod html;
 pub mod input;
 pub mod outfile;
 pub mod process;
+pub mod program;
 pub mod recover;
 pub mod report;
 pub mod series;
