@@ -494,3 +494,39 @@ fn module_records_naming_a_fifo_a_device_a_directory_or_a_huge_file_are_warnings
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn argv_reaches_the_report_exactly_with_empty_arguments_and_control_characters() {
+    // The coreutils program, not the shell's builtin: a dynamically linked, traced process.
+    let exe = std::path::Path::new("/usr/bin/printf");
+    assert!(exe.is_file(), "coreutils' printf");
+    let r = run(exe, &["[%s]", "a", "", "b"], &[]);
+    assert_eq!(r.stdout(), "[a][][b]");
+    assert_eq!(
+        r.main()["argv"],
+        json!(["/usr/bin/printf", "[%s]", "a", "", "b"])
+    );
+    let pid = r.main()["pid"].as_u64().unwrap();
+    let header = format!("=={pid}== leakhunt: /usr/bin/printf '[%s]' a '' b\n");
+    assert!(r.stderr().contains(&header), "{}", r.stderr());
+    // Control characters: raw in JSON, escaped in the text (no escape sequence reaches the
+    // terminal, no forged line).
+    let r = run(exe, &["%s|", "\x1b[2Jred", "two\nlines", "tab\t"], &[]);
+    assert_eq!(r.stdout(), "\x1b[2Jred|two\nlines|tab\t|");
+    assert_eq!(
+        r.main()["argv"],
+        json!([
+            "/usr/bin/printf",
+            "%s|",
+            "\x1b[2Jred",
+            "two\nlines",
+            "tab\t"
+        ])
+    );
+    let pid = r.main()["pid"].as_u64().unwrap();
+    let header = format!(
+        "=={pid}== leakhunt: /usr/bin/printf '%s|' $'\\x1b[2Jred' $'two\\nlines' $'tab\\t'\n"
+    );
+    assert!(r.stderr().contains(&header), "{}", r.stderr());
+    assert!(!r.stderr().contains('\x1b'), "{}", r.stderr());
+}
