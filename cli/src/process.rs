@@ -16,6 +16,10 @@ use leakhunt_format::{stat, AllocFn, DecodeError, ExitKind, FreeFn, Reader, Reco
 /// Stack ids of blocks a fork child inherited: the parent's id with this bit set.
 pub const INHERITED_STACK: u32 = 1 << 31;
 
+/// No allocation is larger than a process's address space (x86_64: 47 bits of user space);
+/// a larger size is corruption, not a figure to add up.
+const MAX_ALLOC_SIZE: u64 = 1 << 47;
+
 /// Module ids are dense from 0; no real process has more modules than this.
 const MAX_MODULE_ID: usize = 1 << 20;
 
@@ -331,10 +335,28 @@ impl Process {
                 addr,
                 size,
                 ..
-            } => self.event(tid, seq, Ev::Alloc { addr, size, stack }, offset),
+            } => {
+                if size > MAX_ALLOC_SIZE {
+                    return Err(DecodeError::Corrupt {
+                        offset,
+                        what: format!("an allocation of {size} bytes is beyond any address space"),
+                    });
+                }
+                self.event(tid, seq, Ev::Alloc { addr, size, stack }, offset)
+            }
             SlotRecord::Free { seq, addr, .. } => self.event(tid, seq, Ev::Free { addr }, offset),
             SlotRecord::Nop { seq } => self.event(tid, seq, Ev::Nop, offset),
             SlotRecord::Fork { seq, child } => self.event(tid, seq, Ev::Fork { child }, offset),
+            SlotRecord::Pairs { count, bytes, .. }
+                if bytes > count.saturating_mul(MAX_ALLOC_SIZE) =>
+            {
+                Err(DecodeError::Corrupt {
+                    offset,
+                    what: format!(
+                        "{count} allocations of {bytes} bytes in all are beyond any address space"
+                    ),
+                })
+            }
             SlotRecord::Pairs {
                 seq,
                 stack,
@@ -527,7 +549,9 @@ impl Process {
             let word = |at: usize| u64::from_le_bytes(s[at..at + 8].try_into().unwrap_or([0; 8]));
             if self.pending.is_empty() && word(8) == self.next_seq {
                 match s[0] {
-                    slot::KIND_ALLOC if AllocFn::from_u8(s[1]).is_some() => {
+                    slot::KIND_ALLOC
+                        if AllocFn::from_u8(s[1]).is_some() && word(24) <= MAX_ALLOC_SIZE =>
+                    {
                         let stack = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
                         self.alloc(word(16), word(24), stack);
                         self.bump();
@@ -677,9 +701,9 @@ impl Process {
                 count,
                 bytes,
             } => {
-                self.totals.allocs += count;
-                self.totals.frees += count;
-                self.totals.bytes_allocated += bytes;
+                self.totals.allocs = self.totals.allocs.saturating_add(count);
+                self.totals.frees = self.totals.frees.saturating_add(count);
+                self.totals.bytes_allocated = self.totals.bytes_allocated.saturating_add(bytes);
                 self.growth.add_allocs(stack, count);
             }
         }
@@ -756,6 +780,11 @@ impl compact::Sink for Apply<'_> {
         if AllocFn::from_u8(func).is_none() {
             return Err(format!("unknown allocation function {func}"));
         }
+        if size > MAX_ALLOC_SIZE {
+            return Err(format!(
+                "an allocation of {size} bytes is beyond any address space"
+            ));
+        }
         if self.p.pending.is_empty() && seq == self.p.next_seq {
             self.p.alloc(addr, size, stack);
             self.p.bump();
@@ -786,6 +815,11 @@ impl compact::Sink for Apply<'_> {
     }
 
     fn pairs(&mut self, seq: u64, stack: u32, count: u64, bytes: u64) -> Result<(), String> {
+        if bytes > count.saturating_mul(MAX_ALLOC_SIZE) {
+            return Err(format!(
+                "{count} allocations of {bytes} bytes in all are beyond any address space"
+            ));
+        }
         self.event(
             seq,
             Ev::Pairs {
@@ -892,6 +926,23 @@ mod tests {
         let (p, _) = Process::read_stream(&data[..]);
         assert_eq!(p.gaps, 2);
         assert_eq!(p.events_lost(), 2);
+    }
+
+    #[test]
+    fn sizes_beyond_any_address_space_are_corruption() {
+        for f in [encode::batch, encode::events] {
+            let mut data = encode::preamble().to_vec();
+            let s = slot::alloc(AllocFn::Malloc, 0, 0, 0x10, 1 << 63);
+            f(1, &s, &mut data);
+            let (p, err) = Process::read_stream(&data[..]);
+            assert!(
+                err.unwrap()
+                    .to_string()
+                    .contains("beyond any address space"),
+                "no wrapped totals"
+            );
+            assert_eq!(p.totals.bytes_allocated, 0);
+        }
     }
 
     #[test]

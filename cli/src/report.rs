@@ -589,7 +589,7 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
         Some(t) => line(&format!(
             "leakhunt: {} (renamed itself: {})",
             shell_words(&r.argv),
-            shell_words(t)
+            escape_control(&t.join(" "))
         )),
         None => line(&format!("leakhunt: {}", shell_words(&r.argv))),
     }

@@ -263,7 +263,10 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         Ok(c) => c,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
-            eprintln!("leakhunt: cannot run {}: {e}", program.to_string_lossy());
+            eprintln!(
+                "leakhunt: cannot run {}: {e}",
+                leakhunt::report::escape_control(&program.to_string_lossy())
+            );
             return Ok(ExitCode::from(
                 if e.kind() == std::io::ErrorKind::NotFound {
                     127
@@ -509,7 +512,10 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         );
     }
     if !procs.iter().any(|p| p.pid == child_pid) && skipped == 0 {
-        eprintln!("leakhunt: warning: the program (pid {child_pid}) sent no trace: it may not be dynamically linked, or it exited before its first allocation");
+        eprintln!(
+            "leakhunt: warning: the program (pid {child_pid}) sent no trace: {}",
+            leakhunt::program::why_no_trace(program)
+        );
     }
     for w in sym.warnings() {
         eprintln!("leakhunt: warning: {w}");

@@ -194,9 +194,9 @@ fn descends_from(pid: u32, ancestor: u32) -> Option<bool> {
 fn command_of(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .ok()
-        .map(|b| leakhunt_format::split_cmdline(&b).join(" "))
-        .filter(|s| !s.is_empty())
-        .map(|s| format!(" ({})", s.escape_debug()))
+        .map(|b| leakhunt_format::split_cmdline(&b))
+        .filter(|a| !a.is_empty())
+        .map(|a| format!(" ({})", leakhunt::report::shell_words(&a)))
         .unwrap_or_default()
 }
 
