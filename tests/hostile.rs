@@ -850,3 +850,34 @@ fn snapshot_refuses_a_socket_directory_someone_else_made() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_program_leakhunt_cannot_trace_is_run_unchanged_and_the_reason_named() {
+    let src = fixtures_src().join("simple.c");
+    let dir = fresh("static");
+    let exe = dir.join("simple-static");
+    let built = Command::new("gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(built.success(), "gcc -static (libc6-dev has libc.a)");
+    let want = plain(&exe, &[]);
+    let out = Command::new(leakhunt())
+        .args(["run", "--"])
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, want.stdout);
+    assert_eq!(out.status.code(), want.status.code());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "sent no trace: {} is statically linked: no dynamic loader runs to load leakhunt's library",
+            exe.display()
+        )),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
