@@ -616,7 +616,9 @@ static EXIT_CODE: AtomicU64 = AtomicU64::new(u64::MAX);
 /// `exit(code)` seen: remember the code for the exit record (not a vfork child's: it shares
 /// our memory, and its exit is not ours).
 pub fn note_exit_code(code: i32) {
-    if sys::getpid() == PID.load(Ordering::Relaxed) {
+    // A child made without fork handlers that calls exit() before anything else is adopted
+    // here, so that its own exit record has its code.
+    if this_process() {
         EXIT_CODE.store(code as u32 as u64, Ordering::Relaxed);
     }
 }
