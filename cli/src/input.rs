@@ -10,24 +10,6 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use rustix::fs::OFlags;
 
-/// What a file that is neither a regular file nor a pipe is, with its article.
-fn kind(t: std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else {
-        "a special file"
-    }
-}
-
 /// A trace opened for reading: the first bytes (read to see that there is something), then the
 /// rest of the file or pipe.
 pub struct TraceInput {
@@ -65,7 +47,11 @@ pub fn open_trace(path: &Path) -> Result<TraceInput> {
             // A socket cannot be opened (ENXIO): say what it is.
             if let Ok(m) = std::fs::metadata(path) {
                 if !m.is_file() && !std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()) {
-                    bail!("{} is {}, not a trace", path.display(), kind(m.file_type()));
+                    bail!(
+                        "{} is {}, not a trace",
+                        path.display(),
+                        leakhunt_symbolizer::file_kind(m.file_type())
+                    );
                 }
             }
             return Err(e).with_context(|| format!("cannot open trace {}", path.display()));
@@ -85,7 +71,11 @@ pub fn open_trace(path: &Path) -> Result<TraceInput> {
         flags.with_context(|| format!("cannot read trace {}", path.display()))?;
         None
     } else {
-        bail!("{} is {}, not a trace", path.display(), kind(t));
+        bail!(
+            "{} is {}, not a trace",
+            path.display(),
+            leakhunt_symbolizer::file_kind(t)
+        );
     };
     let mut first = vec![0u8; leakhunt_format::PREAMBLE_LEN];
     let n = loop {

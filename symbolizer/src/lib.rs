@@ -43,8 +43,9 @@ enum Unread {
     Refused(String),
 }
 
-/// What a file that is not a regular file is, with its article ("a FIFO").
-fn kind(t: std::fs::FileType) -> &'static str {
+/// What a file that is not a regular file is, with its article ("a FIFO"): for messages that
+/// refuse it (the CLI names a trace that is not a file the same way).
+pub fn file_kind(t: std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if t.is_fifo() {
         "a FIFO"
@@ -75,7 +76,7 @@ fn read_elf(path: &Path) -> Result<(Vec<u8>, File), Unread> {
         .map_err(|e| match std::fs::metadata(path) {
             // A socket cannot be opened at all (ENXIO): say what it is.
             Ok(m) if !m.is_file() => {
-                Unread::Refused(format!("is {}, not an ELF file", kind(m.file_type())))
+                Unread::Refused(format!("is {}, not an ELF file", file_kind(m.file_type())))
             }
             _ => Unread::Io(e),
         })?;
@@ -83,7 +84,7 @@ fn read_elf(path: &Path) -> Result<(Vec<u8>, File), Unread> {
     if !meta.is_file() {
         return Err(Unread::Refused(format!(
             "is {}, not an ELF file",
-            kind(meta.file_type())
+            file_kind(meta.file_type())
         )));
     }
     let len = meta.len();
@@ -486,7 +487,7 @@ impl Symbolizer {
             Ok(m) => self.warn(format!(
                 "{} is {}, not a DWARF package; {} is read without it",
                 Path::new(&dwp).display(),
-                kind(m.file_type()),
+                file_kind(m.file_type()),
                 path.display()
             )),
             Err(_) => {}
