@@ -349,7 +349,7 @@ fn snapshots_of_a_running_process_by_pid_diff_to_the_leak() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // The program is the CLI's child: find it, then its control socket.
+    // The program is the CLI's child: find it, then its control mailbox.
     let uid = std::fs::read_to_string("/proc/self/status")
         .unwrap()
         .lines()
@@ -362,12 +362,12 @@ fn snapshots_of_a_running_process_by_pid_diff_to_the_leak() {
             std::fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id()))
                 .unwrap_or_default();
         if let Some(pid) = children.split_whitespace().next() {
-            let sock = format!("/tmp/leakhunt-{uid}/{pid}.sock");
+            let sock = format!("/tmp/leakhunt-{uid}/{pid}.ctl");
             if Path::new(&sock).exists() {
                 break pid.to_string();
             }
         }
-        assert!(std::time::Instant::now() < deadline, "no control socket");
+        assert!(std::time::Instant::now() < deadline, "no control mailbox");
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     std::thread::sleep(std::time::Duration::from_millis(800));
@@ -388,8 +388,8 @@ fn snapshots_of_a_running_process_by_pid_diff_to_the_leak() {
     );
     assert!(child.wait().unwrap().success());
     assert!(
-        !Path::new(&format!("/tmp/leakhunt-{uid}/{pid}.sock")).exists(),
-        "the control socket goes away with the process"
+        !Path::new(&format!("/tmp/leakhunt-{uid}/{pid}.ctl")).exists(),
+        "the control mailbox goes away with the process"
     );
     let d = leakhunt_out(&[
         "diff",

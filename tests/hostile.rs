@@ -804,7 +804,7 @@ fn snapshot_refuses_a_socket_directory_someone_else_made() {
     }
     use std::os::unix::fs::PermissionsExt;
     // User 65534 runs a process; another user (root here) made /tmp/leakhunt-65534 first and
-    // put a socket named after that process in it. A snapshot request must not go there.
+    // put a mailbox named after that process in it. A snapshot request must not go there.
     let as_nobody = |cmd: &mut Command| {
         cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
     };
@@ -816,8 +816,11 @@ fn snapshot_refuses_a_socket_directory_someone_else_made() {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir(dir).unwrap();
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let trap = std::os::unix::net::UnixDatagram::bind(dir.join(format!("{pid}.sock"))).unwrap();
-    trap.set_nonblocking(true).unwrap();
+    let trap = dir.join(format!("{pid}.ctl"));
+    let mut planted = vec![0u8; 4096];
+    planted[..4].copy_from_slice(b"LKCT");
+    std::fs::write(&trap, &planted).unwrap();
+    std::fs::set_permissions(&trap, std::fs::Permissions::from_mode(0o666)).unwrap();
     // Wait until setpriv has become the sleeper (its pid then belongs to uid 65534).
     for _ in 0..200 {
         if std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
@@ -843,10 +846,10 @@ fn snapshot_refuses_a_socket_directory_someone_else_made() {
         err.contains("refusing /tmp/leakhunt-65534: it is not a directory of yours that only you can enter (owner uid 0, mode 777)"),
         "{err}"
     );
-    let mut buf = [0u8; 64];
-    assert!(
-        trap.recv(&mut buf).is_err(),
-        "nothing was sent to the planted socket"
+    assert_eq!(
+        std::fs::read(&trap).unwrap(),
+        planted,
+        "nothing was written into the planted mailbox"
     );
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -880,4 +883,38 @@ fn a_program_leakhunt_cannot_trace_is_run_unchanged_and_the_reason_named() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_program_sees_one_descriptor_of_leakhunts_high_and_close_on_exec() {
+    let ls = Path::new("/bin/ls");
+    let fds = |out: &std::process::Output| -> Vec<u32> {
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(|f| f.parse().unwrap())
+            .collect()
+    };
+    let want = fds(&plain(ls, &["/proc/self/fd"]));
+    for preload_alone in [true, false] {
+        let dir = fresh("fds");
+        let out = if preload_alone {
+            Command::new(ls)
+                .arg("/proc/self/fd")
+                .env("LD_PRELOAD", preload())
+                .env("LEAKHUNT_OUT", dir.join("t.trace"))
+                .output()
+                .unwrap()
+        } else {
+            Command::new(leakhunt())
+                .args(["run", "-q", "--", "/bin/ls", "/proc/self/fd"])
+                .output()
+                .unwrap()
+        };
+        let got = fds(&out);
+        let extra: Vec<u32> = got.iter().filter(|f| !want.contains(f)).copied().collect();
+        assert_eq!(extra.len(), 1, "{want:?} -> {got:?}");
+        assert!(extra[0] >= 64, "out of the way: {extra:?}");
+        assert!(want.iter().all(|f| got.contains(f)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

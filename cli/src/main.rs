@@ -331,10 +331,11 @@ fn verify_cmd(a: &VerifyArgs) -> Result<ExitCode> {
 }
 
 fn snapshot_cmd(a: &SnapshotArgs) -> Result<ExitCode> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use leakhunt_format::control;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let uid = rustix::process::geteuid().as_raw();
     let dir = PathBuf::from(format!("/tmp/leakhunt-{uid}"));
-    let sock = dir.join(format!("{}.sock", a.pid));
+    let mailbox = dir.join(format!("{}.ctl", a.pid));
     let Ok(proc_meta) = std::fs::metadata(format!("/proc/{}", a.pid)) else {
         bail!("no process {}", a.pid);
     };
@@ -345,34 +346,6 @@ fn snapshot_cmd(a: &SnapshotArgs) -> Result<ExitCode> {
             proc_meta.uid()
         );
     }
-    // The directory and the socket must be this user's own: in /tmp, anyone can create a
-    // directory of that name and a socket in it to receive the request.
-    match std::fs::symlink_metadata(&dir) {
-        Err(_) => bail!(
-            "process {} is not traced by leakhunt, or cannot take snapshots (no {})",
-            a.pid,
-            dir.display()
-        ),
-        Ok(m) if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 => bail!(
-            "refusing {}: it is not a directory of yours that only you can enter (owner uid {}, mode {:o}); someone else made it",
-            dir.display(),
-            m.uid(),
-            m.mode() & 0o7777
-        ),
-        Ok(_) => {}
-    }
-    match std::fs::symlink_metadata(&sock) {
-        Err(_) => bail!(
-            "process {} is not traced by leakhunt, or cannot take snapshots (no control socket at {})",
-            a.pid,
-            sock.display()
-        ),
-        Ok(m) if !m.file_type().is_socket() || m.uid() != uid => bail!(
-            "refusing {}: not a socket of yours",
-            sock.display()
-        ),
-        Ok(_) => {}
-    }
     let name = a.name.clone().unwrap_or_else(|| {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -382,10 +355,70 @@ fn snapshot_cmd(a: &SnapshotArgs) -> Result<ExitCode> {
     if name.is_empty() || name.len() > 255 || name.contains(['\n', '\0']) {
         bail!("a snapshot name is 1 to 255 bytes, on one line");
     }
-    let s = std::os::unix::net::UnixDatagram::unbound()?;
-    s.send_to(format!("snapshot {name}").as_bytes(), &sock)
-        .with_context(|| format!("cannot reach process {} at {}", a.pid, sock.display()))?;
-    eprintln!("leakhunt: snapshot {name} asked of process {}", a.pid);
+    // The directory and the mailbox must be this user's own: in /tmp, anyone can create a
+    // directory of that name and a file in it to receive the request.
+    let not_traced = || {
+        anyhow::anyhow!(
+            "process {} is not traced by leakhunt, or cannot take snapshots (no {})",
+            a.pid,
+            mailbox.display()
+        )
+    };
+    match std::fs::symlink_metadata(&dir) {
+        Err(_) => return Err(not_traced()),
+        Ok(m) if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 => bail!(
+            "refusing {}: it is not a directory of yours that only you can enter (owner uid {}, mode {:o}); someone else made it",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        ),
+        Ok(_) => {}
+    }
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&mailbox)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_traced()),
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", mailbox.display())),
+    };
+    let m = f.metadata()?;
+    let read_u32 = |at: usize| -> Result<u32> {
+        let mut b = [0u8; 4];
+        rustix::io::pread(&f, &mut b, at as u64)?;
+        Ok(u32::from_le_bytes(b))
+    };
+    if !m.is_file()
+        || m.uid() != uid
+        || m.mode() & 0o077 != 0
+        || m.len() < control::LEN as u64
+        || read_u32(0)? != control::MAGIC
+    {
+        bail!(
+            "refusing {}: not a control mailbox of yours",
+            mailbox.display()
+        );
+    }
+    // One asker at a time; the name first, then the request number the process watches.
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)?;
+    let req = read_u32(control::REQUEST)?.wrapping_add(1).max(1);
+    let mut body = (name.len() as u32).to_le_bytes().to_vec();
+    body.extend_from_slice(name.as_bytes());
+    rustix::io::pwrite(&f, &body, control::NAME_LEN as u64)?;
+    rustix::io::pwrite(&f, &req.to_le_bytes(), control::REQUEST as u64)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while read_u32(control::ACK)? != req {
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "process {} did not take the snapshot within 3 s (it may be stopped, or its recording may have ended)",
+                a.pid
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    eprintln!("leakhunt: snapshot {name} taken in process {}", a.pid);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -364,6 +364,23 @@ pub mod hello {
     }
 }
 
+/// The control mailbox of a traced process, `/tmp/leakhunt-<uid>/<pid>.ctl`: one page the
+/// preload maps shared (keeping no descriptor) and its writer thread reads between flushes.
+/// `leakhunt snapshot` writes a name, then a new request number; the writer takes the snapshot
+/// and writes the number back as acknowledged. Little-endian `u32` fields at these offsets.
+pub mod control {
+    /// `LKCT` at offset 0: the preload made this file.
+    pub const MAGIC: u32 = u32::from_le_bytes(*b"LKCT");
+    /// The request number, written last by the asker (never 0).
+    pub const REQUEST: usize = 4;
+    /// The last request number the preload has done.
+    pub const ACK: usize = 8;
+    /// The snapshot name's length (at most 255), and its bytes.
+    pub const NAME_LEN: usize = 12;
+    pub const NAME: usize = 16;
+    pub const LEN: usize = 4096;
+}
+
 /// Shared ring files: with `LEAKHUNT_RING_DIR` set (by `leakhunt run`), each thread's ring lives
 /// in a file `<pid>-<start monotonic ns>-<n>.ring` there, so that when the process is killed
 /// before it could send them, the CLI still reads the events that reached the ring. Not part of

@@ -1,26 +1,30 @@
-//! The control channel of a traced process: a Unix datagram socket at
-//! `/tmp/leakhunt-<uid>/<pid>.sock`, in a directory only its user can enter (created 0700,
-//! refused if it belongs to someone else or others can enter it), read by the writer thread
-//! between flushes. `leakhunt snapshot PID --name NAME` sends `snapshot NAME` there.
+//! The control channel of a traced process: a one-page mailbox file at
+//! `/tmp/leakhunt-<uid>/<pid>.ctl`, in a directory only its user can enter (created 0700,
+//! refused if it belongs to someone else or others can enter it), mapped shared and read by the
+//! writer thread between flushes. `leakhunt snapshot PID --name NAME` writes the name into it,
+//! then a new request number, and waits until the writer acknowledges that number.
 //!
-//! The socket never disturbs the program: it is close-on-exec and non-blocking, and before each
-//! read the descriptor is checked to still be our socket (a program that closes descriptors it
-//! does not own may reuse the number for a socket of its own, whose messages must not be taken).
+//! It holds no descriptor: the file is mapped and closed, so a program that counts, closes or
+//! reuses its descriptors never meets it. The mapping is not inherited by fork children
+//! (MADV_DONTFORK); a child forgets it before anything reads it and, traced, makes its own.
+//!
+//! Layout, little-endian `u32`s: magic at 0, request number at 4 (written last by the CLI),
+//! acknowledged number at 8 (written by the writer after the snapshot), name length at 12, then
+//! the name (at most 255 bytes) at 16.
 
-use core::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+
+use leakhunt_format::control::{ACK, LEN, MAGIC, NAME, NAME_LEN, REQUEST};
 
 use crate::sys;
 
-static FD: AtomicI32 = AtomicI32::new(-1);
-/// Device and inode of our socket, to recognise the descriptor.
-static DEV: AtomicU64 = AtomicU64::new(0);
-static INO: AtomicU64 = AtomicU64::new(0);
+/// The mapped mailbox (null: none).
+static BOX: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
+/// The last request number seen.
+static SEEN: AtomicU32 = AtomicU32::new(0);
 static mut PATH: [u8; 108] = [0; 108];
 
-/// The message prefix of a snapshot request.
-const SNAPSHOT: &[u8] = b"snapshot ";
-
-/// Writes `/tmp/leakhunt-<uid>` (and with `pid`, `/<pid>.sock`) NUL-terminated into `out`.
+/// Writes `/tmp/leakhunt-<uid>` (and with `pid`, `/<pid>.ctl`) NUL-terminated into `out`.
 fn path(out: &mut [u8; 108], pid: Option<u32>) -> usize {
     let mut n = 0;
     let mut put = |b: &[u8]| {
@@ -35,14 +39,20 @@ fn path(out: &mut [u8; 108], pid: Option<u32>) -> usize {
     if let Some(pid) = pid {
         put(b"/");
         put(sys::fmt_u64(&mut digits, pid as u64));
-        put(b".sock");
+        put(b".ctl");
     }
     out[n] = 0;
     n
 }
 
-/// Creates this process's control socket (in the writer thread, at its start). Failing is not
-/// an error: snapshots by PID are then unavailable, and the program runs on.
+fn word(b: *mut u8, at: usize) -> &'static AtomicU32 {
+    // SAFETY: `b` is the mailbox mapping (LEN bytes, page-aligned, never unmapped while
+    // published in BOX) and `at` a 4-aligned offset inside it.
+    unsafe { &*(b.add(at) as *const AtomicU32) }
+}
+
+/// Creates this process's mailbox (in the writer thread, at its start). Failing is not an
+/// error: snapshots by pid are then unavailable, and the program runs on.
 pub fn open() {
     let mut dir = [0u8; 108];
     path(&mut dir, None);
@@ -59,45 +69,49 @@ pub fn open() {
         }
     }
     sweep(&dir);
-    // SAFETY: PATH is written here, by the writer thread alone, before FD is published.
+    // SAFETY: PATH is written here, by the writer thread alone, before BOX is published.
     let p = unsafe { &mut *core::ptr::addr_of_mut!(PATH) };
     path(p, Some(sys::getpid()));
-    // SAFETY: socket/bind/chmod/fstat on our own descriptor and buffers; `addr` is a zeroed
-    // sockaddr_un whose path fits (108 bytes with the NUL).
-    let fd = unsafe {
-        let fd = libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
+    // SAFETY: open/ftruncate/mmap/close on our own new file; the mapping is LEN bytes.
+    let b = unsafe {
+        // A mailbox left by an earlier process of this pid is stale.
+        libc::unlink(p.as_ptr().cast());
+        let fd = libc::open(
+            p.as_ptr().cast(),
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600,
         );
         if fd < 0 {
             return;
         }
-        let fd = crate::fds::place_high(fd);
-        libc::unlink(p.as_ptr().cast());
-        let mut addr: libc::sockaddr_un = core::mem::zeroed();
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (d, s) in addr.sun_path.iter_mut().zip(p.iter()) {
-            *d = *s as libc::c_char;
-        }
-        let len = core::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-        let mut st: libc::stat = core::mem::zeroed();
-        if libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) != 0
-            || libc::fstat(fd, &mut st) != 0
-        {
-            libc::close(fd);
+        let mapped = if libc::ftruncate(fd, LEN as libc::off_t) == 0 {
+            libc::mmap(
+                core::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        } else {
+            libc::MAP_FAILED
+        };
+        libc::close(fd);
+        if mapped == libc::MAP_FAILED {
+            libc::unlink(p.as_ptr().cast());
             return;
         }
-        libc::chmod(p.as_ptr().cast(), 0o600);
-        DEV.store(st.st_dev, Ordering::Relaxed);
-        INO.store(st.st_ino, Ordering::Relaxed);
-        fd
+        libc::madvise(mapped, LEN, libc::MADV_DONTFORK);
+        mapped as *mut u8
     };
-    FD.store(fd, Ordering::Release);
+    word(b, 0).store(MAGIC, Ordering::Relaxed);
+    SEEN.store(0, Ordering::Relaxed);
+    BOX.store(b, Ordering::Release);
 }
 
-/// Removes the sockets of processes that are gone (killed before they could remove their own).
-/// Runs in the writer thread, whose allocations (opendir's) are not traced.
+/// Removes the mailboxes of processes that are gone (killed before they could remove their own),
+/// and sockets of older versions. Runs in the writer thread, whose allocations (opendir's) are
+/// not traced.
 fn sweep(dir: &[u8; 108]) {
     // SAFETY: opendir/readdir/closedir on our NUL-terminated path; entries are read before the
     // next readdir; unlinkat by name relative to the directory's descriptor.
@@ -112,7 +126,10 @@ fn sweep(dir: &[u8; 108]) {
                 break;
             }
             let name = core::ffi::CStr::from_ptr((*e).d_name.as_ptr()).to_bytes();
-            let Some(pid) = name.strip_suffix(b".sock") else {
+            let Some(pid) = name
+                .strip_suffix(b".ctl")
+                .or_else(|| name.strip_suffix(b".sock"))
+            else {
                 continue;
             };
             let pid = pid.iter().try_fold(0i32, |v, &c| {
@@ -128,56 +145,41 @@ fn sweep(dir: &[u8; 108]) {
     }
 }
 
-fn is_ours(fd: i32, ino: u64) -> bool {
-    // SAFETY: fstat into a zeroed local.
-    unsafe {
-        let mut st: libc::stat = core::mem::zeroed();
-        libc::fstat(fd, &mut st) == 0
-            && st.st_ino == ino
-            && st.st_dev == DEV.load(Ordering::Relaxed)
-            && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
+/// A snapshot request, if one is waiting: its name is copied into `name`; returns its length
+/// and a token for [`done`].
+pub fn poll(name: &mut [u8; 255]) -> Option<(usize, u32)> {
+    let b = BOX.load(Ordering::Acquire);
+    if b.is_null() {
+        return None;
+    }
+    let req = word(b, REQUEST).load(Ordering::Acquire);
+    if req == SEEN.load(Ordering::Relaxed) {
+        return None;
+    }
+    SEEN.store(req, Ordering::Relaxed);
+    let n = (word(b, NAME_LEN).load(Ordering::Relaxed) as usize).min(name.len());
+    // SAFETY: the name field lies inside the mapping (NAME + 255 < LEN).
+    let src = unsafe { core::slice::from_raw_parts(b.add(NAME), n) };
+    name[..n].copy_from_slice(src);
+    Some((n, req))
+}
+
+/// The snapshot of request `req` is in the trace: let the asking `leakhunt snapshot` return.
+pub fn done(req: u32) {
+    let b = BOX.load(Ordering::Acquire);
+    if !b.is_null() {
+        word(b, ACK).store(req, Ordering::Release);
     }
 }
 
-/// A snapshot request, if one is waiting: its name is copied into `name`; returns its length.
-pub fn poll(name: &mut [u8; 255]) -> Option<usize> {
-    let fd = FD.load(Ordering::Acquire);
-    if fd < 0 {
-        return None;
-    }
-    if !is_ours(fd, INO.load(Ordering::Relaxed)) {
-        // The program closed it (and may have reused the number, which stays the program's):
-        // make a new one at the same name, so that snapshots by pid keep working.
-        FD.store(-1, Ordering::Release);
-        open();
-        return None;
-    }
-    let mut buf = [0u8; SNAPSHOT.len() + 255];
-    // SAFETY: a non-blocking receive into our buffer, on the descriptor checked just above.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-    if n <= 0 {
-        return None;
-    }
-    let msg = &buf[..n as usize];
-    let rest = msg.strip_prefix(SNAPSHOT)?;
-    let k = rest.len().min(name.len());
-    name[..k].copy_from_slice(&rest[..k]);
-    Some(k)
-}
-
-/// Removes the socket (at exit; in a fork child, forgets the parent's without removing it).
+/// Drops the mailbox: at exit, removing its file; in a fork child (whose copy of the parent's
+/// mapping does not exist), forgetting it without touching the parent's file.
 pub fn close(remove: bool) {
-    let fd = FD.swap(-1, Ordering::AcqRel);
-    if fd < 0 {
+    let b = BOX.swap(core::ptr::null_mut(), Ordering::AcqRel);
+    if b.is_null() || !remove {
         return;
     }
-    // SAFETY: our own descriptor (checked by inode) and our own path.
-    unsafe {
-        if is_ours(fd, INO.load(Ordering::Relaxed)) {
-            libc::close(fd);
-        }
-        if remove {
-            libc::unlink(core::ptr::addr_of!(PATH).cast());
-        }
-    }
+    // SAFETY: our own path, written before BOX was published; the mapping stays (the writer
+    // may still read it) until the process ends.
+    unsafe { libc::unlink(core::ptr::addr_of!(PATH).cast()) };
 }

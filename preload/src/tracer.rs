@@ -481,9 +481,10 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
         }
         let now = sys::monotonic_ns();
         let mut name_buf = [0u8; 255];
-        if let Some(n) = crate::control::poll(&mut name_buf) {
+        if let Some((n, req)) = crate::control::poll(&mut name_buf) {
             // `leakhunt snapshot PID --name NAME`.
             snapshot(&name_buf[..n]);
+            crate::control::done(req);
         } else if snap_every != 0 && now >= next_snap {
             snaps += 1;
             let mut buf = [0u8; 32];
