@@ -3,6 +3,7 @@
 //! it.
 #![forbid(unsafe_code)]
 
+pub mod callsite;
 pub mod compare;
 pub mod growth;
 pub mod html;
