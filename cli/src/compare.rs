@@ -11,10 +11,11 @@ use std::fmt::Write as _;
 use anyhow::{bail, Context, Result};
 use leakhunt_symbolizer::Symbolizer;
 
+use crate::callsite::Callsites;
 use crate::growth::{self, GrowthEntry, Timeline};
 use crate::input::open_trace;
 use crate::process::Process;
-use crate::report::{callsite_key, render_frame, stack_lines, symbolize, thousands, Frame};
+use crate::report::{render_frame, stack_lines, thousands, Frame};
 
 type SiteKey = Vec<(Option<String>, Option<String>, Option<u32>, u64)>;
 
@@ -242,20 +243,27 @@ pub fn diff_one(
     if let Some(e) = err {
         bail!("{}: {e}", path.display());
     }
-    let mut rows: HashMap<Vec<crate::report::FrameKey>, (u32, i64, i64, u64)> = HashMap::new();
-    for id in p.growth.stacks() {
-        let s = p.growth.of(id);
-        let key = callsite_key(&p, id);
-        let r = rows.entry(key).or_insert((id, 0, 0, 0));
-        r.1 += s[b].0 as i64 - s[a].0 as i64;
-        r.2 += s[b].1 as i64 - s[a].1 as i64;
-        r.3 += probe.probe_born.get(&id).copied().unwrap_or(0);
+    // Per callsite (shown with the addresses of its first stack): (callsite, stack, bytes,
+    // blocks, born).
+    let mut sites = Callsites::new(&p);
+    let mut ids: Vec<u32> = p.growth.stacks().collect();
+    ids.sort_unstable();
+    let mut slot: HashMap<u32, usize> = HashMap::new();
+    let mut rows: Vec<(u32, u32, i64, i64, u64)> = Vec::new();
+    for id in ids {
+        let site = sites.site(id);
+        let i = *slot.entry(site).or_insert_with(|| {
+            rows.push((site, id, 0, 0, 0));
+            rows.len() - 1
+        });
+        let (from, to) = (p.growth.at(id, a), p.growth.at(id, b));
+        let r = &mut rows[i];
+        r.2 += to.0 as i64 - from.0 as i64;
+        r.3 += to.1 as i64 - from.1 as i64;
+        r.4 += probe.probe_born.get(&id).copied().unwrap_or(0);
     }
-    let mut rows: Vec<_> = rows
-        .into_iter()
-        .filter(|(_, r)| r.1 != 0 || r.2 != 0 || r.3 != 0)
-        .collect();
-    rows.sort_by(|x, y| y.1 .1.cmp(&x.1 .1).then(y.1 .3.cmp(&x.1 .3)));
+    rows.retain(|r| r.2 != 0 || r.3 != 0 || r.4 != 0);
+    rows.sort_by(|x, y| y.2.cmp(&x.2).then(y.4.cmp(&x.4)));
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -268,13 +276,13 @@ pub fn diff_one(
         t.live_bytes[b] as i64 - t.live_bytes[a] as i64,
         t.live_blocks[b] as i64 - t.live_blocks[a] as i64
     );
-    for (key, (id, bytes, blocks, born)) in rows.iter().take(30) {
+    for &(site, id, bytes, blocks, born) in rows.iter().take(30) {
         let _ = writeln!(
             out,
             "{bytes:+} bytes in {blocks:+} blocks, {} born since and live at the end point",
-            thousands(*born)
+            thousands(born)
         );
-        for l in stack_lines(&symbolize(&p, *id, key, sym), 8) {
+        for l in stack_lines(&sites.frames(site, id, sym), 8) {
             let _ = writeln!(out, "   {l}");
         }
     }
@@ -288,20 +296,16 @@ pub fn diff_one(
 pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) -> Result<String> {
     let (pa, pb) = (read(a)?, read(b)?);
     // Callsites match by (module build-id, offset) of every frame when the builds are the same;
-    // when they differ (or a module has no build-id), by their symbolized frames.
+    // when they differ (or a module has no build-id), by their symbolized frames: a stack joins
+    // the first row made with its exact key, else the first made with its names.
     type Exact = Vec<(Vec<u8>, u64)>;
-    let exact_key = |key: &[crate::report::FrameKey]| -> Option<Exact> {
-        key.iter()
-            .map(|(m, off)| match m {
-                Some((_, bid)) if !bid.is_empty() => Some((bid.clone(), *off)),
-                _ => None,
-            })
-            .collect()
-    };
-    /// (exact key, name key, frames, bytes, blocks)
-    type Row = (Option<Exact>, SiteKey, Vec<Frame>, i64, i64);
+    /// (frames, bytes, blocks)
+    type Row = (Vec<Frame>, i64, i64);
     let mut table: Vec<Row> = Vec::new();
+    let mut by_exact: HashMap<Exact, usize> = HashMap::new();
+    let mut by_names: HashMap<SiteKey, usize> = HashMap::new();
     for (p, sign) in [(&pa, -1i64), (&pb, 1)] {
+        let mut sites = Callsites::new(p);
         let mut by_stack: HashMap<u32, (i64, i64)> = HashMap::new();
         for l in p.live.values() {
             let e = by_stack.entry(l.stack).or_default();
@@ -311,25 +315,31 @@ pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) 
         let mut ids: Vec<_> = by_stack.into_iter().collect();
         ids.sort_unstable_by_key(|(id, _)| *id);
         for (id, (bytes, blocks)) in ids {
-            let key = callsite_key(p, id);
-            let exact = exact_key(&key);
-            let frames = symbolize(p, id, &key, sym);
+            let site = sites.site(id);
+            let exact = sites.exact(site);
+            let frames = sites.frames(site, id, sym);
             let names = site_key(&frames);
-            let hit = table
-                .iter()
-                .position(|r| exact.is_some() && r.0 == exact)
-                .or_else(|| table.iter().position(|r| r.1 == names));
+            let hit = exact
+                .as_ref()
+                .and_then(|e| by_exact.get(e))
+                .or_else(|| by_names.get(&names))
+                .copied();
             match hit {
                 Some(i) => {
-                    table[i].3 += sign * bytes;
-                    table[i].4 += sign * blocks;
+                    table[i].1 += sign * bytes;
+                    table[i].2 += sign * blocks;
                 }
-                None => table.push((exact, names, frames, sign * bytes, sign * blocks)),
+                None => {
+                    let i = table.len();
+                    if let Some(e) = exact {
+                        by_exact.entry(e).or_insert(i);
+                    }
+                    by_names.entry(names).or_insert(i);
+                    table.push((frames, sign * bytes, sign * blocks));
+                }
             }
         }
     }
-    let table: Vec<(Vec<Frame>, i64, i64)> =
-        table.into_iter().map(|(_, _, f, b, n)| (f, b, n)).collect();
     let mut rows: Vec<_> = table.into_iter().filter(|r| r.1 != 0 || r.2 != 0).collect();
     rows.sort_by_key(|y| std::cmp::Reverse(y.1));
     let mut out = String::new();

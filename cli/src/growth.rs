@@ -4,13 +4,12 @@
 //! (confirmation evidence, the leaking callsites, root-cause guidance, verification) and as the
 //! JSON report's `"growth"` and `"timeline"`.
 
-use std::collections::HashMap;
-
 use leakhunt_symbolizer::Symbolizer;
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
+use crate::callsite::Callsites;
 use crate::process::Process;
-use crate::report::{callsite_key, symbolize, FrameKey};
 use crate::report::{render_frame, stack_lines, thousands, Frame};
 use crate::verdict::{classify, Evidence, Verdict};
 
@@ -59,6 +58,16 @@ pub fn build(
     warmup_s: Option<f64>,
     sym: &mut Symbolizer,
 ) -> Option<(Timeline, Vec<GrowthEntry>)> {
+    build_in(p, &mut Callsites::new(p), warmup_s, sym)
+}
+
+/// As [`build`], with the process's callsites already known.
+pub fn build_in(
+    p: &Process,
+    sites: &mut Callsites,
+    warmup_s: Option<f64>,
+    sym: &mut Symbolizer,
+) -> Option<(Timeline, Vec<GrowthEntry>)> {
     let b = &p.growth.boundaries;
     if b.len() < 3 {
         return None;
@@ -93,52 +102,76 @@ pub fn build(
         evidence,
     };
 
-    // Callsites: stack ids of the same code (module reloads) summed.
-    let mut sites: HashMap<Vec<FrameKey>, (u32, Vec<u64>, Vec<u64>)> = HashMap::new();
-    for id in p.growth.stacks() {
-        let s = p.growth.of(id);
-        let e = sites
-            .entry(callsite_key(p, id))
-            .or_insert_with(|| (id, vec![0; s.len()], vec![0; s.len()]));
-        for (i, (bytes, blocks)) in s.into_iter().enumerate() {
-            e.1[i] += bytes;
-            e.2[i] += blocks;
-        }
-    }
-    let mut born: HashMap<u32, u64> = HashMap::new();
+    // Callsites: stack ids of the same code (module reloads) summed, each callsite shown with
+    // the addresses of its first stack. A series is built from the stacks' points (where their
+    // value changed): changes summed per boundary, then added up.
+    let mut ids: Vec<u32> = p.growth.stacks().collect();
+    ids.sort_unstable();
+    let mut born: FxHashMap<u32, u64> = FxHashMap::default();
     for l in p.live.values() {
         if l.born >= b[w].index {
             *born.entry(l.stack).or_default() += 1;
         }
     }
-    let mut entries: Vec<GrowthEntry> = sites
-        .into_iter()
-        .filter_map(|(key, (id, bytes, blocks))| {
-            let (verdict, evidence) = classify(&times[w..], &yf(&bytes));
-            if verdict == Verdict::Stable {
-                return None;
-            }
-            // The last point the verdict used (a teardown at exit is left out).
-            let last = (w + evidence.points.max(1) - 1).min(bytes.len() - 1);
-            let born_live = p
-                .growth
-                .stacks()
-                .filter(|&s| s == id || callsite_key(p, s) == key)
-                .map(|s| born.get(&s).copied().unwrap_or(0))
-                .sum();
-            Some(GrowthEntry {
-                verdict,
-                delta_bytes: bytes[last] as i64 - bytes[w] as i64,
-                delta_blocks: blocks[last] as i64 - blocks[w] as i64,
-                born_after_warmup_live: born_live,
-                slope_bytes_per_s: evidence.slope_bytes_per_s,
-                evidence,
-                stack: symbolize(p, id, &key, sym),
-                series: bytes,
-                blocks_series: blocks,
+    struct Site {
+        site: u32,
+        id: u32,
+        bytes: Vec<i64>,
+        blocks: Vec<i64>,
+        born: u64,
+    }
+    let mut slot: FxHashMap<u32, usize> = FxHashMap::default();
+    let mut acc: Vec<Site> = Vec::new();
+    for id in ids {
+        let site = sites.site(id);
+        let i = *slot.entry(site).or_insert_with(|| {
+            acc.push(Site {
+                site,
+                id,
+                bytes: vec![0; b.len()],
+                blocks: vec![0; b.len()],
+                born: 0,
+            });
+            acc.len() - 1
+        });
+        let a = &mut acc[i];
+        let mut prev = (0, 0);
+        for &(pos, bytes, blocks) in p.growth.points(id) {
+            a.bytes[pos as usize] += bytes as i64 - prev.0 as i64;
+            a.blocks[pos as usize] += blocks as i64 - prev.1 as i64;
+            prev = (bytes, blocks);
+        }
+        a.born += born.get(&id).copied().unwrap_or(0);
+    }
+    let sum = |d: Vec<i64>| -> Vec<u64> {
+        d.into_iter()
+            .scan(0i64, |v, x| {
+                *v += x;
+                Some(*v as u64)
             })
-        })
-        .collect();
+            .collect()
+    };
+    let mut entries: Vec<GrowthEntry> = Vec::new();
+    for a in acc {
+        let (bytes, blocks) = (sum(a.bytes), sum(a.blocks));
+        let (verdict, evidence) = classify(&times[w..], &yf(&bytes));
+        if verdict == Verdict::Stable {
+            continue;
+        }
+        // The last point the verdict used (a teardown at exit is left out).
+        let last = (w + evidence.points.max(1) - 1).min(bytes.len() - 1);
+        entries.push(GrowthEntry {
+            verdict,
+            delta_bytes: bytes[last] as i64 - bytes[w] as i64,
+            delta_blocks: blocks[last] as i64 - blocks[w] as i64,
+            born_after_warmup_live: a.born,
+            slope_bytes_per_s: evidence.slope_bytes_per_s,
+            evidence,
+            stack: sites.frames(a.site, a.id, sym),
+            series: bytes,
+            blocks_series: blocks,
+        });
+    }
     entries.sort_by(|a, b| {
         a.verdict
             .cmp(&b.verdict)
@@ -148,6 +181,14 @@ pub fn build(
                     .iter()
                     .map(|f| &f.function)
                     .cmp(b.stack.iter().map(|f| &f.function))
+            })
+            // Callsites with the same functions (two calls in one function): by source line,
+            // then module offset, so that the same trace always gives the same order.
+            .then_with(|| {
+                fn at(f: &Frame) -> (Option<&str>, Option<u32>, Option<&str>, u64) {
+                    (f.file.as_deref(), f.line, f.module.as_deref(), f.offset)
+                }
+                a.stack.iter().map(at).cmp(b.stack.iter().map(at))
             })
     });
     Some((timeline, entries))

@@ -3,6 +3,7 @@
 //! it.
 #![forbid(unsafe_code)]
 
+pub mod callsite;
 pub mod compare;
 pub mod fuzzing;
 pub mod growth;

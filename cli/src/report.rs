@@ -1,13 +1,15 @@
 //! The exit report: blocks still live at exit grouped by allocation stack, symbolized, with the
 //! heap summary, unwind quality and lost events; rendered as text (valgrind-like) or JSON.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use leakhunt_format::{ExitKind, StopReason};
 use leakhunt_symbolizer::Symbolizer;
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
+use crate::callsite::Callsites;
 use crate::process::Process;
 
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
@@ -177,91 +179,6 @@ pub fn signal_name(sig: i32) -> String {
     name.to_string()
 }
 
-/// Callsite identity of one frame: module (path, build-id) and offset, or a bare address.
-pub type FrameKey = (Option<(String, Vec<u8>)>, u64);
-
-/// A callsite: the stack's frames as (module path and build-id, ELF offset), so that stacks of
-/// the same code match across module reloads (and, by build-id, across runs).
-pub fn callsite_key(p: &Process, id: u32) -> Vec<FrameKey> {
-    match p.stacks.get(&id) {
-        Some(s) => s
-            .frames
-            .iter()
-            .map(|&a| match p.module_at(a, s.gen) {
-                // The bias is modulo 2^64 (a library loaded below its link address has a
-                // "negative" one), and a trace's can be anything: wrap, never overflow.
-                Some(m) => (
-                    Some((m.path.clone(), m.build_id.clone())),
-                    a.wrapping_sub(m.bias),
-                ),
-                None => (None, a),
-            })
-            .collect(),
-        None => vec![(None, u64::from(id) << 32)],
-    }
-}
-
-/// The symbolized frames of callsite `key` (stack `id`), innermost first, cut below `main`.
-pub fn symbolize(p: &Process, id: u32, key: &[FrameKey], sym: &mut Symbolizer) -> Vec<Frame> {
-    let stack = p.stacks.get(&id);
-    let mut frames: Vec<Frame> = Vec::new();
-    for (i, (m, off)) in key.iter().enumerate() {
-        // Like valgrind, stop at main: what lies below is libc start-up code, and not looking it
-        // up spares loading libc's debug information.
-        if frames
-            .last()
-            .is_some_and(|f| f.function.as_deref() == Some("main") && !f.inlined)
-        {
-            break;
-        }
-        let address = stack.map_or(0, |s| s.frames.get(i).copied().unwrap_or(0));
-        match m {
-            Some((path, bid)) => {
-                let syms = sym.symbolize(path, bid, off.saturating_sub(1));
-                if syms.is_empty() {
-                    frames.push(Frame {
-                        function: None,
-                        file: None,
-                        line: None,
-                        module: Some(path.clone()),
-                        offset: *off,
-                        address,
-                        inlined: false,
-                    });
-                }
-                for s in syms {
-                    frames.push(Frame {
-                        function: s.function,
-                        file: s.file,
-                        line: s.line,
-                        module: Some(path.clone()),
-                        offset: *off,
-                        address,
-                        inlined: s.inlined,
-                    });
-                }
-            }
-            None => frames.push(Frame {
-                function: None,
-                file: None,
-                line: None,
-                module: None,
-                offset: *off,
-                address,
-                inlined: false,
-            }),
-        }
-    }
-    // Like valgrind, hide what lies below main (libc start-up code).
-    if let Some(i) = frames
-        .iter()
-        .position(|f| f.function.as_deref() == Some("main") && !f.inlined)
-    {
-        frames.truncate(i + 1);
-    }
-    frames
-}
-
 /// Builds the report of one process. `exit` (from waitpid, when we ran it) wins over the trace's.
 pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcReport {
     build_with(p, exit, None, sym)
@@ -275,27 +192,37 @@ pub fn build_with(
     warmup_s: Option<f64>,
     sym: &mut Symbolizer,
 ) -> ProcReport {
-    let (timeline, growth) = match crate::growth::build(p, warmup_s, sym) {
+    let mut sites = Callsites::new(p);
+    let (timeline, growth) = match crate::growth::build_in(p, &mut sites, warmup_s, sym) {
         Some((t, g)) => (Some(t), g),
         None => (None, Vec::new()),
     };
     let h = p.header.as_ref();
-    // Group live blocks by stack id, then stacks by callsite (ids differ across module reloads).
-    let mut by_stack: HashMap<u32, (u64, u64)> = HashMap::new();
+    // Group live blocks by stack id, then stacks by callsite (ids differ across module reloads);
+    // a callsite's frames are shown with the addresses of its first stack.
+    let mut by_stack: FxHashMap<u32, (u64, u64)> = FxHashMap::default();
     for l in p.live.values() {
         let e = by_stack.entry(l.stack).or_default();
         e.0 += l.size;
         e.1 += 1;
     }
-    let mut groups: HashMap<Vec<FrameKey>, (u64, u64, u32)> = HashMap::new();
-    for (&id, &(bytes, blocks)) in &by_stack {
-        let g = groups.entry(callsite_key(p, id)).or_insert((0, 0, id));
-        g.0 += bytes;
-        g.1 += blocks;
+    let mut by_stack: Vec<(u32, (u64, u64))> = by_stack.into_iter().collect();
+    by_stack.sort_unstable_by_key(|&(id, _)| id);
+    let mut slot: FxHashMap<u32, usize> = FxHashMap::default();
+    // (callsite, its first stack, bytes, blocks)
+    let mut groups: Vec<(u32, u32, u64, u64)> = Vec::new();
+    for (id, (bytes, blocks)) in by_stack {
+        let site = sites.site(id);
+        let i = *slot.entry(site).or_insert_with(|| {
+            groups.push((site, id, 0, 0));
+            groups.len() - 1
+        });
+        groups[i].2 += bytes;
+        groups[i].3 += blocks;
     }
     let mut leaks: Vec<Leak> = groups
         .into_iter()
-        .map(|(key, (bytes, blocks, id))| {
+        .map(|(site, id, bytes, blocks)| {
             let stack = p.stacks.get(&id);
             let unwind =
                 stack.and_then(|s| (s.reason != StopReason::End).then(|| s.reason.describe()));
@@ -303,7 +230,7 @@ pub fn build_with(
                 kind: "unfreed",
                 bytes,
                 blocks,
-                stack: symbolize(p, id, &key, sym),
+                stack: sites.frames(site, id, sym),
                 unwind,
             }
         })

@@ -212,6 +212,20 @@ impl Series {
         self.points.keys().copied()
     }
 
+    /// The points of `stack`: (boundary position, live bytes, live blocks) at each boundary where
+    /// its value changed, in boundary order; before the first, it had none.
+    pub fn points(&self, stack: u32) -> &[(u32, u64, u64)] {
+        self.points.get(&stack).map_or(&[], |v| v.as_slice())
+    }
+
+    /// Live (bytes, blocks) of `stack` at boundary position `pos` (a binary search, where
+    /// [`Series::of`] gives every boundary).
+    pub fn at(&self, stack: u32, pos: usize) -> (u64, u64) {
+        let pts = self.points(stack);
+        let i = pts.partition_point(|&(p, _, _)| p as usize <= pos);
+        i.checked_sub(1).map_or((0, 0), |i| (pts[i].1, pts[i].2))
+    }
+
     /// Live (bytes, blocks) of `stack` at every boundary.
     pub fn of(&self, stack: u32) -> Vec<(u64, u64)> {
         let mut out = Vec::with_capacity(self.boundaries.len());
@@ -272,6 +286,10 @@ mod tests {
         assert_eq!(s.of(1), [(100, 1), (100, 1), (0, 0)]);
         assert_eq!(s.of(7), [(0, 0), (30, 1), (30, 1)]);
         assert_eq!(s.of(99), [(0, 0), (0, 0), (0, 0)]);
+        for stack in [1, 7, 99] {
+            let at: Vec<_> = (0..3).map(|pos| s.at(stack, pos)).collect();
+            assert_eq!(at, s.of(stack), "stack {stack}");
+        }
         // Stack 1 did not change at the second boundary: no point stored for it.
         assert_eq!(s.points[&1].len(), 2);
         let totals: Vec<_> = s.boundaries.iter().map(|b| (b.live_bytes, b.rss)).collect();
