@@ -376,7 +376,8 @@ pub fn live_view(p: &Process, sym: &mut Symbolizer) -> String {
         .map_or(0.0, |x| x.time_ns.saturating_sub(t0) as f64 / 1e9);
     out.push_str(&format!(
         "leakhunt live: {} (pid {}): {secs:.1} s, {} epochs\n",
-        h.map(|h| h.argv.join(" ")).unwrap_or_default(),
+        h.map(|h| crate::report::shell_words(&h.argv))
+            .unwrap_or_default(),
         p.pid(),
         b.len()
     ));
