@@ -96,6 +96,10 @@ pub enum Record {
     /// The process's command line as it read when the record was written (empty arguments
     /// kept).
     Title(Vec<String>),
+    /// The process holds for a heap scan ([`crate::reach`]).
+    Reach(crate::reach::Request),
+    /// A chunk of the heap scan's outcome.
+    ReachResult(crate::reach::Outcome),
     /// A record this version does not know; skipped.
     Unknown {
         tag: u16,
@@ -362,6 +366,8 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         tag::EPOCH => "epoch",
         tag::SNAPSHOT => "snapshot",
         tag::TITLE => "title",
+        tag::REACH => "reach",
+        tag::REACH_RESULT => "reach-result",
         _ => {
             return Ok(Record::Unknown {
                 tag: t,
@@ -508,6 +514,75 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         }
         tag::WARNING => Record::Warning(p.string("text")?),
         tag::TITLE => Record::Title(crate::split_cmdline(p.bytes("title")?)),
+        tag::REACH => {
+            let phase = p.u8("phase")?;
+            p.take(3, "padding")?;
+            let tid = p.u32("thread id")?;
+            let sp = p.u64("stack pointer")?;
+            let nt = p.u32("thread count")? as usize;
+            let nr = p.u32("range count")? as usize;
+            if nt.saturating_mul(4).saturating_add(nr.saturating_mul(16)) > p.data.len() - p.pos {
+                return Err(p.err(format!("{nt} threads and {nr} ranges exceed the record")));
+            }
+            let skip_tids = (0..nt)
+                .map(|_| p.u32("thread id"))
+                .collect::<Result<_, _>>()?;
+            let mut skip_ranges = Vec::with_capacity(nr);
+            for _ in 0..nr {
+                let (s, e) = (p.u64("range start")?, p.u64("range end")?);
+                if e < s {
+                    return Err(p.err(format!("range end {e:#x} below start {s:#x}")));
+                }
+                skip_ranges.push((s, e));
+            }
+            if phase > crate::reach::READY {
+                return Err(p.err(format!("unknown phase {phase}")));
+            }
+            Record::Reach(crate::reach::Request {
+                phase,
+                tid,
+                sp,
+                skip_tids,
+                skip_ranges,
+            })
+        }
+        tag::REACH_RESULT => {
+            let flags = p.u32("flags")?;
+            let blocks = p.u64("blocks")?;
+            let words = p.u64("words")?;
+            let threads = p.u32("threads")?;
+            let held_us = p.u64("time held")?;
+            let note = p.string("note")?;
+            let n = p.count(crate::reach::ENTRY_LEN, "entry")?;
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                let addr = p.u64("block address")?;
+                let kind = p.u8("kind")?;
+                let heuristic = p.u8("heuristic")?;
+                let indirect = p.u64("indirect bytes")?;
+                if kind > 3 || (heuristic > 3 && heuristic != crate::reach::NO_HEURISTIC) {
+                    return Err(p.err(format!(
+                        "block {addr:#x}: unknown kind {kind} or heuristic {heuristic}"
+                    )));
+                }
+                entries.push(crate::reach::Entry {
+                    addr,
+                    kind,
+                    heuristic,
+                    indirect,
+                });
+            }
+            Record::ReachResult(crate::reach::Outcome {
+                last: flags & 1 != 0,
+                unavailable: flags & 2 != 0,
+                blocks,
+                words,
+                threads,
+                held_us,
+                note,
+                entries,
+            })
+        }
         _ => unreachable!("tags filtered above"),
     };
     Ok(rec)

@@ -47,6 +47,10 @@ impl RecordBuf {
         self.buf.extend_from_slice(v);
         self
     }
+    /// The payload built so far.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.buf
+    }
     /// Appends the framed, checksummed record to `out` and clears self.
     pub fn finish_into(&mut self, tag: u16, out: &mut Vec<u8>) {
         sealed(tag, &[&self.buf], out);

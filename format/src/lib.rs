@@ -12,6 +12,7 @@
 pub mod compact;
 pub mod decode;
 pub mod encode;
+pub mod reach;
 pub mod slot;
 
 pub use decode::{validate, DecodeError, Reader, Record};
@@ -86,6 +87,12 @@ pub mod tag {
     /// The process's command line as it reads now (`/proc/self/cmdline`, NUL-separated): a
     /// process that retitles itself (an nginx worker, a forked child) is named by its latest.
     pub const TITLE: u16 = 11;
+    /// The process holds at exit for a heap scan by `leakhunt run` ([`crate::reach`]): phase 0
+    /// asks (with what the scan must leave out), phase 1 says the rings are drained.
+    pub const REACH: u16 = 12;
+    /// The heap scan's outcome ([`crate::reach::Outcome`]), echoed into the trace by the
+    /// process that was scanned, so that a kept trace reports the same kinds.
+    pub const REACH_RESULT: u16 = 13;
 }
 
 /// An epoch boundary, written by the tracer every epoch interval: the events numbered below
