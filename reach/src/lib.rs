@@ -205,6 +205,9 @@ pub struct Scan<'b> {
     pending: Vec<bool>,
     stack: Vec<u32>,
     words: u64,
+    /// The offset in a block of a given size where the allocator's own pointers land (see
+    /// [`Scan::allocator_offset`]).
+    allocator_offset: Option<fn(u64) -> Option<u64>>,
 }
 
 /// A finished scan: per block (in the order given), its kind, the heuristic that last accepted
@@ -251,7 +254,32 @@ impl<'b> Scan<'b> {
             pending: vec![false; n],
             stack: Vec::new(),
             words: 0,
+            allocator_offset: None,
         })
+    }
+
+    /// Words that point at `f(size)` bytes into a block of `size` bytes are the allocator's, not
+    /// the program's, and point nowhere. For glibc's malloc that is the header of the chunk
+    /// after the block: its bins, its top chunk and the stale links left in reused memory
+    /// point there, and it can lie inside the block's last word. memcheck, which replaces the
+    /// allocator and knows which bytes were written, never sees such words.
+    pub fn allocator_offset(&mut self, f: fn(u64) -> Option<u64>) {
+        self.allocator_offset = Some(f);
+    }
+
+    /// The block `w` points into, unless it is the allocator's own pointer.
+    fn target(&self, w: u64) -> Option<u32> {
+        let i = self.find(w)?;
+        let b = &self.blocks[i as usize];
+        match self.allocator_offset.and_then(|f| f(b.size)) {
+            Some(off) if w - b.start == off && off != 0 => None,
+            _ => Some(i),
+        }
+    }
+
+    /// The block `w` points into, if any (its index).
+    pub fn block_of(&self, w: u64) -> Option<u32> {
+        self.find(w)
     }
 
     /// The block `w` points into, if any.
@@ -274,6 +302,11 @@ impl<'b> Scan<'b> {
     /// A root word (a register's value).
     pub fn root_word(&mut self, mem: &dyn Memory, w: u64) {
         self.mark(mem, w, true, Via::Root(0));
+    }
+
+    /// A root word read at `at` by the caller (who filtered the range's words itself).
+    pub fn root_word_at(&mut self, mem: &dyn Memory, w: u64, at: u64) {
+        self.mark(mem, w, true, Via::Root(at));
     }
 
     /// Reads the aligned words of `[start, end)` and hands each to `f` with its address.
@@ -304,7 +337,7 @@ impl<'b> Scan<'b> {
 
     /// Pass 1: the word `w` seen in a root (`definite`) or in a block.
     fn mark(&mut self, mem: &dyn Memory, w: u64, definite: bool, via: Via) {
-        let Some(i) = self.find(w) else { return };
+        let Some(i) = self.target(w) else { return };
         let iu = i as usize;
         let b = self.blocks[iu];
         if self.kind[iu] == Kind::Reachable {
@@ -436,7 +469,7 @@ impl<'b> Scan<'b> {
         while let Some(i) = self.stack.pop() {
             let b = self.blocks[i as usize];
             self.scan_range(mem, b.start, b.start + b.size, |s, w, _| {
-                let Some(x) = s.find(w) else { return };
+                let Some(x) = s.target(w) else { return };
                 let xu = x as usize;
                 if x != lead && s.kind[xu] == Kind::Definite {
                     s.kind[xu] = Kind::Indirect;

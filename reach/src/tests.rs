@@ -323,3 +323,20 @@ fn heuristics_parse_like_memcheck() {
     );
     assert_eq!(Heuristics::parse("stdstring,bogus"), Err("bogus"));
 }
+
+#[test]
+fn the_allocators_own_pointers_point_nowhere() {
+    // glibc: a 40-byte block's chunk is 48 bytes; the next chunk's header is 32 bytes in.
+    fn glibc(size: u64) -> Option<u64> {
+        Some(((size + 8 + 15) & !15).max(32) - 16)
+    }
+    let (blocks, mut m) = heap(&[40, 16]);
+    m.put(ROOT.0, b(0) + 32).put(ROOT.0 + 8, b(1) + 8);
+    let mut s = Scan::new(&blocks, Heuristics::NONE).unwrap();
+    s.allocator_offset(glibc);
+    s.root_range(&m, ROOT.0, ROOT.1);
+    // Block 1 is 16 bytes: its chunk header offset (16) lies past its end anyway.
+    assert_eq!(s.finish(&m).kind, [Definite, Possible]);
+    let o = run(&blocks, &m, Heuristics::NONE);
+    assert_eq!(o.kind, [Possible, Possible]);
+}
