@@ -307,6 +307,7 @@ pub unsafe extern "C" fn dlclose(h: *mut c_void) -> c_int {
 
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn exit(code: c_int) -> ! {
+    tracer::note_exit_sp(crate::sys::stack_pointer());
     tracer::note_exit_code(code);
     let f = real::next_symbol(&REAL_EXIT, c"exit");
     // SAFETY: libc's exit, same signature; it does not return.
@@ -532,6 +533,8 @@ unsafe extern "C" fn main_wrapper(
     let m = REAL_MAIN.load(core::sync::atomic::Ordering::Acquire);
     // SAFETY: the program's own main, stored by __libc_start_main below before this runs.
     let rc = unsafe { core::mem::transmute::<*mut c_void, MainFn>(m)(argc, argv, envp) };
+    // main's frame is gone: the scan at exit starts above it, as memcheck's does.
+    tracer::note_exit_sp(crate::sys::stack_pointer());
     tracer::note_exit_code(rc);
     rc
 }

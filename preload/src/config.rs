@@ -30,6 +30,8 @@ pub struct Config {
     pub freeres: bool,
     pub unwind_reuse: bool,
     pub elide: bool,
+    /// Hold at exit for `leakhunt run`'s heap scan (`LEAKHUNT_REACH=0`: no scan).
+    pub reach: bool,
     /// Nanoseconds between epoch boundaries (0: none).
     pub epoch_ns: u64,
     /// Nanoseconds between automatic snapshots (0: none).
@@ -46,6 +48,7 @@ static mut CONFIG: Config = Config {
     freeres: true,
     unwind_reuse: true,
     elide: true,
+    reach: true,
     epoch_ns: 1_000_000_000,
     snapshot_ns: 0,
 };
@@ -93,6 +96,7 @@ pub fn load() {
         c.max_frames = max_frames;
         c.trace_children = trace_children;
         c.freeres = env(c"LEAKHUNT_FREERES").is_none_or(|s| s.to_bytes() != b"0");
+        c.reach = env(c"LEAKHUNT_REACH").is_none_or(|s| s.to_bytes() != b"0");
         c.unwind_reuse = env(c"LEAKHUNT_UNWIND_REUSE").is_none_or(|s| s.to_bytes() != b"0");
         // A fork point needs the live set exactly as the events give it: no elided pairs when
         // forks are traced.

@@ -837,6 +837,150 @@ pub fn epoch(seq_now: impl Fn() -> u64, name: Option<&[u8]>) {
     flush_locked();
 }
 
+/// Under `leakhunt run`, at exit: holds this thread here while the CLI scans the heap, as
+/// [`leakhunt_format::reach`] describes (ask, drain when told, echo the result into the trace,
+/// go on when told or when the CLI is gone). `sp` is where the program's part of this thread's
+/// stack ends. Without a socket (a trace file), nothing happens.
+pub fn reach_scan(sp: u64) {
+    use leakhunt_format::reach::{self, reply};
+    let _l = LOCK.lock();
+    let o = out();
+    if !ensure_open() || !o.socket {
+        return;
+    }
+    let mut skip_ranges = [(0u64, 0u64); reach::MAX_SKIPS * 4];
+    let mut n = sys::own_ranges(&mut skip_ranges[1..]);
+    // This thread's alternate signal stack (a handler's frames, long gone, perhaps in a heap
+    // block): memcheck knows those words went dead when the handler returned, so none of them
+    // is read.
+    // SAFETY: stack_t is plain data; all zeros is a valid value.
+    let mut ss: libc::stack_t = unsafe { core::mem::zeroed() };
+    // SAFETY: sigaltstack with a null new stack only reads the current one into `ss`.
+    let got = unsafe { libc::sigaltstack(core::ptr::null(), &mut ss) };
+    if got == 0 && ss.ss_flags & (libc::SS_DISABLE | libc::SS_ONSTACK) == 0 && !ss.ss_sp.is_null() {
+        skip_ranges[0] = (ss.ss_sp as u64, ss.ss_sp as u64 + ss.ss_size as u64);
+        n += 1;
+    } else {
+        skip_ranges.copy_within(1..=n, 0);
+    }
+    let writer = tracer::WRITER_TID.load(Ordering::Relaxed);
+    let tids = [writer];
+    let request = |phase| reach::RequestRef {
+        phase,
+        tid: sys::gettid(),
+        sp,
+        skip_tids: if writer == 0 { &[] } else { &tids },
+        skip_ranges: &skip_ranges[..n],
+    };
+    let mut body = [0u8; reach::request_len(1, reach::MAX_SKIPS * 4)];
+    flush_locked();
+    let Some(len) = reach::request_body(&request(reach::ASK), &mut body) else {
+        return;
+    };
+    push_sealed(tag::REACH, &[&body[..len]]);
+    write_buf();
+    let mut chunk: *mut u8 = core::ptr::null_mut();
+    loop {
+        if STATE.load(Ordering::Relaxed) != OPEN {
+            break;
+        }
+        let mut b = [0u8; 1];
+        if !recv_exact(o, &mut b) {
+            break;
+        }
+        match b[0] {
+            reply::DRAIN => {
+                flush_locked();
+                if let Some(len) = reach::request_body(&request(reach::READY), &mut body) {
+                    push_sealed(tag::REACH, &[&body[..len]]);
+                }
+                write_buf();
+            }
+            reply::RESULT => {
+                let mut l = [0u8; 4];
+                if !recv_exact(o, &mut l) {
+                    break;
+                }
+                let len = u32::from_le_bytes(l) as usize;
+                if len > reach::MAX_CHUNK {
+                    break;
+                }
+                if chunk.is_null() {
+                    chunk = sys::mmap_anon(reach::MAX_CHUNK);
+                    if chunk.is_null() {
+                        break;
+                    }
+                }
+                // SAFETY: `chunk` maps MAX_CHUNK bytes, `len` is at most that, and nothing else
+                // uses the mapping.
+                let data = unsafe { core::slice::from_raw_parts_mut(chunk, len) };
+                if !recv_exact(o, data) {
+                    break;
+                }
+                push_sealed(tag::REACH_RESULT, &[data]);
+                write_buf();
+            }
+            _ => break,
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes from the CLI on the trace socket, checking before each call
+/// that the descriptor is still ours; false when the connection ended, the descriptor was taken,
+/// or nothing came for a long while (the CLI is stuck: the program must not be).
+fn recv_exact(o: &mut Out, buf: &mut [u8]) -> bool {
+    let mut at = 0;
+    let mut quiet_ms = 0;
+    while at < buf.len() {
+        if !fds::is(o.fd, o.id) {
+            return false;
+        }
+        let mut p = libc::pollfd {
+            fd: o.fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd of ours.
+        let r = unsafe { libc::poll(&mut p, 1, 1000) };
+        if r == 0 {
+            quiet_ms += 1000;
+            if quiet_ms >= REACH_PATIENCE_MS {
+                sys::diag("the heap scan at exit got no answer from leakhunt run; going on");
+                return false;
+            }
+            continue;
+        }
+        if r < 0 {
+            continue;
+        }
+        // SAFETY: `buf[at..]` is writable; MSG_DONTWAIT since poll said there is something.
+        let n = unsafe {
+            libc::recv(
+                o.fd,
+                buf[at..].as_mut_ptr().cast(),
+                buf.len() - at,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n == 0 {
+            return false;
+        }
+        if n < 0 {
+            // SAFETY: errno is thread-local.
+            match unsafe { *libc::__errno_location() } {
+                libc::EINTR | libc::EAGAIN => continue,
+                _ => return false,
+            }
+        }
+        quiet_ms = 0;
+        at += n as usize;
+    }
+    true
+}
+
+/// How long the process waits at exit for a word from the CLI during a heap scan.
+const REACH_PATIENCE_MS: u32 = 120_000;
+
 /// Flushes everything and appends the statistics and, if known, how the process ends. From a
 /// signal handler (`in_signal`), gives up rather than wait on a lock this thread may hold.
 pub fn finish(exit: Option<ExitKind>, in_signal: bool) {

@@ -136,6 +136,9 @@ fn map_ring_file(at: *mut u8, tid: u32, head: u64) -> Option<*mut u8> {
             return None;
         }
         libc::madvise(p, len, libc::MADV_DONTFORK);
+        if at.is_null() {
+            sys::note_own(p.cast(), len);
+        }
         p as *mut u8
     };
     // SAFETY: the header page is ours, mapped just above.

@@ -1,6 +1,6 @@
 //! Raw system calls and the diagnostics channel. Nothing here allocates or takes a lock.
 
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Writes `leakhunt: <msg>\n` with one `write(2)` to the stderr the program started with, if it
 /// still has it (see [`crate::fds::write_stderr`]).
@@ -15,7 +15,39 @@ pub fn diag(msg: &str) {
     crate::fds::write_stderr(&buf[..n]);
 }
 
-/// Anonymous private mapping of `len` bytes, zero-filled; null on failure.
+/// Mappings of the tracer's own (rings, buffers, tables), which a heap scan must not take for
+/// the program's roots: (start, end) pairs, appended once each, never removed (none is unmapped
+/// while the process runs, and a fork child re-maps the same ranges).
+const MAX_OWN: usize = 512;
+static OWN: [[AtomicU64; 2]; MAX_OWN] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; MAX_OWN];
+static OWN_LEN: AtomicU32 = AtomicU32::new(0);
+
+/// Records `[addr, addr + len)` as the tracer's own memory.
+pub fn note_own(addr: *const u8, len: usize) {
+    let i = OWN_LEN.fetch_add(1, Ordering::AcqRel) as usize;
+    if let Some(slot) = OWN.get(i) {
+        slot[0].store(addr as u64, Ordering::Relaxed);
+        slot[1].store(addr as u64 + len as u64, Ordering::Release);
+    }
+}
+
+/// Copies the tracer's own ranges into `out`; returns how many.
+pub fn own_ranges(out: &mut [(u64, u64)]) -> usize {
+    let n = (OWN_LEN.load(Ordering::Acquire) as usize).min(MAX_OWN);
+    let mut k = 0;
+    for slot in &OWN[..n] {
+        let end = slot[1].load(Ordering::Acquire);
+        let Some(o) = out.get_mut(k) else { break };
+        if end != 0 {
+            *o = (slot[0].load(Ordering::Relaxed), end);
+            k += 1;
+        }
+    }
+    k
+}
+
+/// Anonymous private mapping of `len` bytes, zero-filled, recorded as the tracer's own; null on
+/// failure.
 pub fn mmap_anon(len: usize) -> *mut u8 {
     // SAFETY: an anonymous mapping with no address hint touches no existing memory.
     let p = unsafe {
@@ -31,8 +63,26 @@ pub fn mmap_anon(len: usize) -> *mut u8 {
     if p == libc::MAP_FAILED {
         core::ptr::null_mut()
     } else {
+        note_own(p.cast(), len);
         p.cast()
     }
+}
+
+/// The calling thread's stack pointer, here.
+#[inline(always)]
+pub fn stack_pointer() -> u64 {
+    let sp: u64;
+    // SAFETY: reads the stack pointer register; touches no memory.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        core::arch::asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack, preserves_flags))
+    };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: as above.
+    unsafe {
+        core::arch::asm!("mov {}, sp", out(reg) sp, options(nomem, nostack, preserves_flags))
+    };
+    sp
 }
 
 /// The calling process's pid from the kernel (libc's getpid may be stale in a vfork child).

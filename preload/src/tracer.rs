@@ -450,8 +450,12 @@ fn abandon_seq(_seq: u64) {
 
 // ---- writer thread -------------------------------------------------------------------------
 
+/// The writer thread's id (0 before it runs): its stack and registers are no roots of a heap scan.
+pub static WRITER_TID: AtomicU32 = AtomicU32::new(0);
+
 extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
     Guard::mark_internal();
+    WRITER_TID.store(sys::gettid(), Ordering::Relaxed);
     // SAFETY: blocking every signal in this thread only; the program's signals go to its threads.
     unsafe {
         let mut all: libc::sigset_t = core::mem::zeroed();
@@ -624,6 +628,36 @@ pub fn note_exit_code(code: i32) {
     }
 }
 
+/// Where the program's part of the exiting thread's stack ends, seen when it called `exit` (or
+/// returned from `main`), and that thread: the heap scan at exit starts there, as memcheck's
+/// does from the stack pointer of that moment. What lies below (the frames of exit handlers,
+/// of libc's clean-up, of the tracer's own hooks, long gone) holds stale words that memcheck,
+/// which knows which stack words were written since, does not read either.
+static EXIT_SP: AtomicU64 = AtomicU64::new(0);
+static EXIT_TID: AtomicU32 = AtomicU32::new(0);
+
+/// The program's thread calls `exit` (or `main` returned) with its stack pointer at `sp`.
+pub fn note_exit_sp(sp: u64) {
+    if this_process()
+        && EXIT_SP
+            .compare_exchange(0, sp, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    {
+        EXIT_TID.store(sys::gettid(), Ordering::Release);
+    }
+}
+
+/// The stack pointer the heap scan starts this thread's stack at: where the program called
+/// `exit`, when this thread did, else `here`.
+fn scan_sp(here: u64) -> u64 {
+    let sp = EXIT_SP.load(Ordering::Acquire);
+    if sp > here && EXIT_TID.load(Ordering::Acquire) == sys::gettid() {
+        sp
+    } else {
+        here
+    }
+}
+
 /// `__libc_start_main` is about to call `main` with `envp`: when children are not traced, take
 /// leakhunt out of that array too, should it differ from `environ` (another library's
 /// constructor replaced `environ` before ours ran).
@@ -644,6 +678,8 @@ pub unsafe fn before_main(envp: *mut *mut core::ffi::c_char) {
 /// The library destructor (late in exit): flush, write statistics and the exit code if known,
 /// and from now on flush every event at once.
 pub extern "C" fn destructor() {
+    // The program's part of this thread's stack ends here: what lies below is ours.
+    let sp = sys::stack_pointer();
     if !this_process() {
         return;
     }
@@ -652,6 +688,9 @@ pub extern "C" fn destructor() {
     }
     let code = EXIT_CODE.load(Ordering::Relaxed);
     let exit = (code != u64::MAX).then_some(ExitKind::Code(code as u32 as i32));
+    if config::get().reach {
+        out::reach_scan(scan_sp(sp));
+    }
     crate::control::close(true);
     out::finish(exit, false);
     out::FINAL.store(true, Ordering::Release);
@@ -685,9 +724,13 @@ fn run_freeres() {
 
 /// `_exit(code)`: nothing else runs after it.
 pub fn on_underscore_exit(code: i32) {
+    let sp = sys::stack_pointer();
     // A vfork child whose exec failed calls `_exit(127)` here: its end is not ours.
     if !this_process() {
         return;
+    }
+    if config::get().reach {
+        out::reach_scan(sp);
     }
     crate::control::close(true);
     out::finish(Some(ExitKind::Code(code)), false);
