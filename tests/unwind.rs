@@ -6,34 +6,32 @@
 
 use leakhunt_tests::*;
 
-/// (bytes, blocks, frames as (function, line, module offset)).
-type Record = (u64, u64, Vec<(String, u64, u64)>);
+/// A frame as (function, line, module offset).
+type Frame = (String, u64, u64);
+/// (bytes, blocks, frames).
+type Record = (u64, u64, Vec<Frame>);
 
 fn stacks(p: &Value) -> Vec<Record> {
-    p["leaks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            let frames = l["stack"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|f| {
-                    (
-                        f["function"].as_str().unwrap_or("???").to_string(),
-                        f["line"].as_u64().unwrap_or(0),
-                        f["offset"].as_u64().unwrap(),
-                    )
-                })
-                .collect();
-            (
-                l["bytes"].as_u64().unwrap(),
-                l["blocks"].as_u64().unwrap(),
-                frames,
-            )
-        })
-        .collect()
+    // Per callsite, whatever the kinds its blocks came out as at exit.
+    let mut by: std::collections::BTreeMap<Vec<Frame>, (u64, u64)> = Default::default();
+    for l in p["leaks"].as_array().unwrap() {
+        let frames = l["stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                (
+                    f["function"].as_str().unwrap_or("???").to_string(),
+                    f["line"].as_u64().unwrap_or(0),
+                    f["offset"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let e = by.entry(frames).or_default();
+        e.0 += l["bytes"].as_u64().unwrap();
+        e.1 += l["blocks"].as_u64().unwrap();
+    }
+    by.into_iter().map(|(f, (b, n))| (b, n, f)).collect()
 }
 
 #[test]

@@ -14,6 +14,7 @@ pub mod process;
 pub mod program;
 pub mod recover;
 pub mod report;
+pub mod scan;
 pub mod series;
 pub mod verdict;
 

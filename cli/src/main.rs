@@ -104,9 +104,22 @@ pub struct Output {
     /// Also write the report as one self-contained HTML file (with the memory chart).
     #[arg(long, value_name = "FILE")]
     html: Option<PathBuf>,
+    /// Which kinds of unfreed blocks the text lists, as memcheck names them: definite, indirect,
+    /// possible, reachable, all or none, comma-separated (default: definite,possible).
+    #[arg(long, value_name = "KINDS", value_parser = report::Kinds::parse, default_value = "definite,possible")]
+    show_leak_kinds: report::Kinds,
+    /// Which kinds fail `--error-exitcode` (the same words; default: definite,possible).
+    #[arg(long, value_name = "KINDS", value_parser = report::Kinds::parse, default_value = "definite,possible")]
+    errors_for_leak_kinds: report::Kinds,
 }
 
 impl Output {
+    /// The report with the kinds shown and failing as asked.
+    pub fn apply(&self, mut r: Report) -> Report {
+        r.set_kinds(self.show_leak_kinds, self.errors_for_leak_kinds);
+        r
+    }
+
     pub fn warmup_s(&self) -> Option<f64> {
         self.warmup.map(|d| d.as_secs_f64())
     }
@@ -141,6 +154,14 @@ pub struct RunArgs {
     /// Do not ask libc and libstdc++ to free their internal buffers at exit (as valgrind does).
     #[arg(long)]
     no_freeres: bool,
+    /// The interior pointers the heap scan at exit takes for start pointers, as memcheck names
+    /// its heuristics: stdstring, length64, newarray, multipleinheritance, all or none
+    /// (default: all, as memcheck).
+    #[arg(long, value_name = "SET", default_value = "all", value_parser = parse_heuristics)]
+    leak_check_heuristics: leakhunt_reach::Heuristics,
+    /// No heap scan at exit: unfreed blocks are not sorted into memcheck's kinds.
+    #[arg(long)]
+    no_reachability: bool,
     /// The preload library (default: libleakhunt.so next to this executable, or $LEAKHUNT_PRELOAD).
     #[arg(long, value_name = "PATH")]
     preload: Option<PathBuf>,
@@ -170,6 +191,12 @@ fn parse_epoch(s: &str) -> Result<std::time::Duration, String> {
         return Err(format!("an epoch of {s} is outside 10ms to 1h"));
     }
     Ok(d)
+}
+
+fn parse_heuristics(s: &str) -> Result<leakhunt_reach::Heuristics, String> {
+    leakhunt_reach::Heuristics::parse(s).map_err(|w| {
+        format!("unknown heuristic {w:?}: use stdstring, length64, newarray, multipleinheritance, all or none")
+    })
 }
 
 /// Prints the reports (text to `text_to`, JSON where asked) and says whether `--error-exitcode`
@@ -238,7 +265,7 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
     for w in sym.warnings() {
         eprintln!("leakhunt: warning: {}", report::escape_control(w));
     }
-    let failed = emit(&Report::new(procs), &a.out, false)?;
+    let failed = emit(&a.out.apply(Report::new(procs)), &a.out, false)?;
     Ok(match (failed, a.out.error_exitcode) {
         (true, Some(n)) => ExitCode::from(n),
         _ => ExitCode::SUCCESS,

@@ -164,6 +164,38 @@ pub struct ModuleEntry {
 /// Called with the process after epoch boundaries close.
 pub type EpochHook = Box<dyn FnMut(&Process) + Send>;
 
+/// Called with the process when its stream asks for a heap scan (`leakhunt run` answers it:
+/// see `scan.rs`).
+pub type ReachHook = Box<dyn FnMut(&Process, &leakhunt_format::reach::Request) + Send>;
+
+/// How one block came out of the heap scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Class {
+    /// 0 still reachable, 1 possibly lost, 2 indirectly lost, 3 definitely lost.
+    pub kind: u8,
+    /// The heuristic that last accepted an interior pointer to it (`reach::NO_HEURISTIC`: none).
+    pub heuristic: u8,
+    /// Definitely lost: the bytes of the blocks it alone reaches.
+    pub indirect: u64,
+}
+
+/// The heap scan's outcome, as the trace gives it.
+#[derive(Clone, Debug, Default)]
+pub struct Reach {
+    /// The class of every block live at the scan and still live (a block freed or allocated
+    /// since is dropped: it was not, or is no longer, what was scanned).
+    pub classes: FxHashMap<u64, Class>,
+    /// Why there is no classification (the scan could not be made).
+    pub unavailable: Option<String>,
+    pub note: String,
+    pub blocks: u64,
+    pub words: u64,
+    pub threads: u32,
+    pub held_us: u64,
+    /// The last chunk arrived.
+    pub complete: bool,
+}
+
 #[derive(Default)]
 pub struct Process {
     pub header: Option<Header>,
@@ -196,6 +228,10 @@ pub struct Process {
     pub snapshots: Vec<(String, u32)>,
     /// Called after epoch boundaries close (the live view of `leakhunt run --live`).
     pub on_epoch: Option<EpochHook>,
+    /// Answers the stream's requests for a heap scan (`leakhunt run`).
+    pub on_reach: Option<ReachHook>,
+    /// The heap scan's outcome, once its records were read.
+    pub reach: Option<Reach>,
     /// Set while the stream's last record says how the process ended (read by `leakhunt run`'s
     /// socket reader: such a stream needs no waiting for more at its end).
     pub ended: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -535,6 +571,13 @@ impl Process {
                 self.snapshots.push((name, epoch));
             }
             Record::Stats(v) => self.stats.extend(v),
+            Record::Reach(r) => {
+                if let Some(mut hook) = self.on_reach.take() {
+                    hook(self, &r);
+                    self.on_reach = Some(hook);
+                }
+            }
+            Record::ReachResult(o) => self.reach_result(o),
             Record::Warning(w) => self.warnings.push(w),
             Record::Unknown { .. } => {}
         }
@@ -628,6 +671,9 @@ impl Process {
         self.totals.bytes_allocated += size;
         let born = self.growth.last_index;
         self.growth.add(stack, size as i64, 1);
+        if let Some(r) = &mut self.reach {
+            r.classes.remove(&addr);
+        }
         if let Some(old) = self.live.insert(addr, Live { size, stack, born }) {
             self.totals.reused_live += 1;
             self.growth.add(old.stack, -(old.size as i64), -1);
@@ -635,8 +681,53 @@ impl Process {
     }
 
     #[inline]
+    /// A chunk of the heap scan's outcome: the first classifies every live block as still
+    /// reachable, the entries say which are not.
+    fn reach_result(&mut self, o: leakhunt_format::reach::Outcome) {
+        let r = match &mut self.reach {
+            Some(r) if !r.complete => r,
+            _ => {
+                let classes = self
+                    .live
+                    .keys()
+                    .map(|&a| {
+                        let c = Class {
+                            kind: 0,
+                            heuristic: leakhunt_format::reach::NO_HEURISTIC,
+                            indirect: 0,
+                        };
+                        (a, c)
+                    })
+                    .collect();
+                self.reach.insert(Reach {
+                    classes,
+                    ..Reach::default()
+                })
+            }
+        };
+        if o.unavailable {
+            r.unavailable = Some(o.note.clone());
+            r.classes.clear();
+        }
+        r.note = o.note;
+        (r.blocks, r.words, r.threads, r.held_us) = (o.blocks, o.words, o.threads, o.held_us);
+        for e in o.entries {
+            if let Some(c) = r.classes.get_mut(&e.addr) {
+                *c = Class {
+                    kind: e.kind,
+                    heuristic: e.heuristic,
+                    indirect: e.indirect,
+                };
+            }
+        }
+        r.complete |= o.last;
+    }
+
     fn free(&mut self, addr: u64) {
         self.totals.frees += 1;
+        if let Some(r) = &mut self.reach {
+            r.classes.remove(&addr);
+        }
         match self.live.remove(&addr) {
             Some(l) => self.growth.add(l.stack, -(l.size as i64), -1),
             None => {

@@ -27,13 +27,175 @@ pub struct Frame {
 
 #[derive(Serialize, Clone, Debug)]
 pub struct Leak {
+    /// `definitely_lost`, `indirectly_lost`, `possibly_lost`, `still_reachable` (memcheck's
+    /// kinds, from the heap scan at exit), `not_scanned` (allocated after the scan), or
+    /// `unfreed` (no scan: the trace has none, or it could not be made).
     pub kind: &'static str,
     pub bytes: u64,
+    /// Definitely lost: the bytes of the blocks only these blocks reach (memcheck's "indirect").
+    #[serde(skip_serializing_if = "is_zero")]
+    pub indirect_bytes: u64,
     pub blocks: u64,
     pub stack: Vec<Frame>,
     /// Why this stack's unwind stopped, when it did not reach the outermost frame.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unwind: Option<&'static str>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// A block's kind in the exit report (memcheck's four, then leakhunt's two).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Reachable,
+    Possible,
+    Indirect,
+    Definite,
+    /// Allocated after the heap scan.
+    NotScanned,
+    /// No heap scan.
+    Unfreed,
+}
+
+impl Kind {
+    pub const MEMCHECK: [Kind; 4] = [
+        Kind::Definite,
+        Kind::Indirect,
+        Kind::Possible,
+        Kind::Reachable,
+    ];
+
+    fn from_code(c: u8) -> Kind {
+        match c {
+            0 => Kind::Reachable,
+            1 => Kind::Possible,
+            2 => Kind::Indirect,
+            _ => Kind::Definite,
+        }
+    }
+
+    /// The JSON name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Reachable => "still_reachable",
+            Kind::Possible => "possibly_lost",
+            Kind::Indirect => "indirectly_lost",
+            Kind::Definite => "definitely_lost",
+            Kind::NotScanned => "not_scanned",
+            Kind::Unfreed => "unfreed",
+        }
+    }
+
+    pub fn from_name(n: &str) -> Option<Kind> {
+        [
+            Kind::Reachable,
+            Kind::Possible,
+            Kind::Indirect,
+            Kind::Definite,
+            Kind::NotScanned,
+            Kind::Unfreed,
+        ]
+        .into_iter()
+        .find(|k| k.name() == n)
+    }
+
+    /// memcheck's words ("definitely lost").
+    pub fn words(self) -> &'static str {
+        match self {
+            Kind::Reachable => "still reachable",
+            Kind::Possible => "possibly lost",
+            Kind::Indirect => "indirectly lost",
+            Kind::Definite => "definitely lost",
+            Kind::NotScanned => "not scanned (allocated after the heap scan)",
+            Kind::Unfreed => "unfreed at exit",
+        }
+    }
+}
+
+/// A set of kinds, as memcheck's `--show-leak-kinds` and `--errors-for-leak-kinds` name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kinds(u8);
+
+impl Kinds {
+    pub const fn of(kinds: &[Kind]) -> Kinds {
+        let mut v = 0;
+        let mut i = 0;
+        while i < kinds.len() {
+            v |= 1 << kinds[i] as u8;
+            i += 1;
+        }
+        Kinds(v)
+    }
+
+    /// memcheck's default for both options: definite and possible (and what has no kind, which
+    /// may be either).
+    pub const DEFAULT: Kinds = Kinds::of(&[
+        Kind::Definite,
+        Kind::Possible,
+        Kind::NotScanned,
+        Kind::Unfreed,
+    ]);
+
+    pub fn contains(self, k: Kind) -> bool {
+        self.0 & 1 << k as u8 != 0
+    }
+
+    /// Parses memcheck's `definite,indirect,possible,reachable`, `all` or `none`.
+    pub fn parse(s: &str) -> Result<Kinds, String> {
+        let mut v = Kinds::of(&[Kind::NotScanned, Kind::Unfreed]);
+        for w in s.split(',') {
+            v = match w.trim() {
+                "all" => Kinds::of(&[
+                    Kind::Definite,
+                    Kind::Indirect,
+                    Kind::Possible,
+                    Kind::Reachable,
+                    Kind::NotScanned,
+                    Kind::Unfreed,
+                ]),
+                "none" => Kinds(0),
+                "definite" => Kinds(v.0 | 1 << Kind::Definite as u8),
+                "indirect" => Kinds(v.0 | 1 << Kind::Indirect as u8),
+                "possible" => Kinds(v.0 | 1 << Kind::Possible as u8),
+                "reachable" => Kinds(v.0 | 1 << Kind::Reachable as u8),
+                w => {
+                    return Err(format!(
+                        "unknown leak kind {w:?}: use definite, indirect, possible, reachable, all or none"
+                    ))
+                }
+            };
+        }
+        Ok(v)
+    }
+}
+
+impl Default for Kinds {
+    fn default() -> Kinds {
+        Kinds::DEFAULT
+    }
+}
+
+/// The heap scan at exit, as the report tells it.
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct ReachSummary {
+    /// Whether blocks were classified (false: `unavailable` says why).
+    pub scanned: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+    pub blocks: u64,
+    pub words: u64,
+    pub threads_held: u32,
+    pub held_ms: f64,
+    /// Bytes and blocks of each kind (memcheck's LEAK SUMMARY; indirect bytes once).
+    pub definitely_lost: (u64, u64),
+    pub indirectly_lost: (u64, u64),
+    pub possibly_lost: (u64, u64),
+    pub still_reachable: (u64, u64),
+    pub not_scanned: (u64, u64),
+    /// Blocks a heuristic accepted an interior pointer to, by heuristic name.
+    pub heuristics: BTreeMap<&'static str, (u64, u64)>,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -103,6 +265,15 @@ pub struct ProcReport {
     pub exe: String,
     pub exit: Option<Exit>,
     pub summary: Summary,
+    /// The heap scan at exit, when the trace has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reachability: Option<ReachSummary>,
+    /// Which kinds the text shows and which fail `--error-exitcode` (memcheck's
+    /// `--show-leak-kinds`, `--errors-for-leak-kinds`).
+    #[serde(skip)]
+    pub show_kinds: Kinds,
+    #[serde(skip)]
+    pub error_kinds: Kinds,
     pub unwind: Unwind,
     pub captures: Captures,
     pub leaks: Vec<Leak>,
@@ -136,14 +307,27 @@ impl Report {
     pub fn new(processes: Vec<ProcReport>) -> Report {
         Report {
             format: "leakhunt-report",
-            version: 1,
+            // 2: `kind` is memcheck's (from the heap scan at exit), `reachability` added.
+            version: 2,
             processes,
             cli_peak_rss_bytes: own_peak_rss(),
         }
     }
 
     pub fn has_leaks(&self) -> bool {
-        self.processes.iter().any(|p| !p.leaks.is_empty())
+        self.processes.iter().any(|p| {
+            p.leaks
+                .iter()
+                .any(|l| Kind::from_name(l.kind).is_some_and(|k| p.error_kinds.contains(k)))
+        })
+    }
+
+    /// Sets the kinds shown and counted as errors, for every process.
+    pub fn set_kinds(&mut self, show: Kinds, errors: Kinds) {
+        for p in &mut self.processes {
+            p.show_kinds = show;
+            p.error_kinds = errors;
+        }
     }
 
     /// Leaks were found, or a recording is incomplete (so leaks may have been missed): what
@@ -198,46 +382,96 @@ pub fn build_with(
         None => (None, Vec::new()),
     };
     let h = p.header.as_ref();
-    // Group live blocks by stack id, then stacks by callsite (ids differ across module reloads);
-    // a callsite's frames are shown with the addresses of its first stack.
-    let mut by_stack: FxHashMap<u32, (u64, u64)> = FxHashMap::default();
-    for l in p.live.values() {
-        let e = by_stack.entry(l.stack).or_default();
+    // The heap scan's kinds, when the trace has one.
+    let classes = p
+        .reach
+        .as_ref()
+        .filter(|r| r.unavailable.is_none())
+        .map(|r| &r.classes);
+    let kind_of = |addr: u64| -> (Kind, u64, u8) {
+        match classes {
+            None => (Kind::Unfreed, 0, leakhunt_format::reach::NO_HEURISTIC),
+            Some(c) => match c.get(&addr) {
+                Some(c) => (Kind::from_code(c.kind), c.indirect, c.heuristic),
+                None => (Kind::NotScanned, 0, leakhunt_format::reach::NO_HEURISTIC),
+            },
+        }
+    };
+    let mut reach_summary = p.reach.as_ref().map(|r| ReachSummary {
+        scanned: r.unavailable.is_none(),
+        unavailable: r.unavailable.clone(),
+        blocks: r.blocks,
+        words: r.words,
+        threads_held: r.threads,
+        held_ms: r.held_us as f64 / 1000.0,
+        ..ReachSummary::default()
+    });
+    // Group live blocks by (kind, stack id), then stacks by callsite (ids differ across module
+    // reloads); a callsite's frames are shown with the addresses of its first stack.
+    let mut by_stack: FxHashMap<(Kind, u32), (u64, u64, u64)> = FxHashMap::default();
+    for (&addr, l) in &p.live {
+        let (kind, indirect, heur) = kind_of(addr);
+        let e = by_stack.entry((kind, l.stack)).or_default();
         e.0 += l.size;
         e.1 += 1;
+        e.2 += indirect;
+        if let Some(r) = reach_summary.as_mut() {
+            let slot = match kind {
+                Kind::Definite => Some(&mut r.definitely_lost),
+                Kind::Indirect => Some(&mut r.indirectly_lost),
+                Kind::Possible => Some(&mut r.possibly_lost),
+                Kind::Reachable => Some(&mut r.still_reachable),
+                Kind::NotScanned => Some(&mut r.not_scanned),
+                Kind::Unfreed => None,
+            };
+            if let Some(slot) = slot {
+                slot.0 += l.size;
+                slot.1 += 1;
+            }
+            if let Some(h) = leakhunt_reach::Heuristic::ALL.get(heur as usize) {
+                let e = r.heuristics.entry(h.name()).or_default();
+                e.0 += l.size;
+                e.1 += 1;
+            }
+        }
     }
-    let mut by_stack: Vec<(u32, (u64, u64))> = by_stack.into_iter().collect();
-    by_stack.sort_unstable_by_key(|&(id, _)| id);
-    let mut slot: FxHashMap<u32, usize> = FxHashMap::default();
-    // (callsite, its first stack, bytes, blocks)
-    let mut groups: Vec<(u32, u32, u64, u64)> = Vec::new();
-    for (id, (bytes, blocks)) in by_stack {
+    let mut by_stack: Vec<_> = by_stack.into_iter().collect();
+    by_stack.sort_unstable_by_key(|&((k, id), _)| (id, k));
+    let mut slot: FxHashMap<(Kind, u32), usize> = FxHashMap::default();
+    // (kind, callsite, its first stack, bytes, blocks, indirect bytes)
+    let mut groups: Vec<(Kind, u32, u32, u64, u64, u64)> = Vec::new();
+    for ((kind, id), (bytes, blocks, indirect)) in by_stack {
         let site = sites.site(id);
-        let i = *slot.entry(site).or_insert_with(|| {
-            groups.push((site, id, 0, 0));
+        let i = *slot.entry((kind, site)).or_insert_with(|| {
+            groups.push((kind, site, id, 0, 0, 0));
             groups.len() - 1
         });
-        groups[i].2 += bytes;
-        groups[i].3 += blocks;
+        groups[i].3 += bytes;
+        groups[i].4 += blocks;
+        groups[i].5 += indirect;
     }
-    let mut leaks: Vec<Leak> = groups
+    let mut leaks: Vec<(Kind, Leak)> = groups
         .into_iter()
-        .map(|(site, id, bytes, blocks)| {
+        .map(|(kind, site, id, bytes, blocks, indirect_bytes)| {
             let stack = p.stacks.get(&id);
             let unwind =
                 stack.and_then(|s| (s.reason != StopReason::End).then(|| s.reason.describe()));
-            Leak {
-                kind: "unfreed",
+            let leak = Leak {
+                kind: kind.name(),
                 bytes,
+                indirect_bytes,
                 blocks,
                 stack: sites.frames(site, id, sym),
                 unwind,
-            }
+            };
+            (kind, leak)
         })
         .collect();
-    // Largest first; ties in a fixed order (the symbolized stack, then module offsets), so the
-    // same trace always gives the same report.
-    let order = |l: &Leak| {
+    // Without a scan: largest first. With one, memcheck's order: smallest first by bytes
+    // (direct and indirect), then kind, then blocks. Ties in a fixed order (the symbolized stack,
+    // then module offsets), so the same trace always gives the same report.
+    let scanned = classes.is_some();
+    let order = |(k, l): &(Kind, Leak)| {
         let syms: Vec<_> = l
             .stack
             .iter()
@@ -248,14 +482,16 @@ pub fn build_with(
             .iter()
             .map(|f| (f.module.clone(), f.offset))
             .collect();
-        (
-            std::cmp::Reverse(l.bytes),
-            std::cmp::Reverse(l.blocks),
-            syms,
-            offs,
-        )
+        let total = l.bytes + l.indirect_bytes;
+        let (size, blocks) = if scanned {
+            (total as i128, l.blocks as i128)
+        } else {
+            (-(total as i128), -(l.blocks as i128))
+        };
+        (size, *k, blocks, syms, offs)
     };
     leaks.sort_by_cached_key(order);
+    let leaks: Vec<Leak> = leaks.into_iter().map(|(_, l)| l).collect();
 
     let mut unwind = Unwind {
         allocations: 0,
@@ -348,6 +584,9 @@ pub fn build_with(
         title: p.title.clone(),
         exe: h.map_or_else(String::new, |h| h.exe.clone()),
         exit,
+        reachability: reach_summary,
+        show_kinds: Kinds::DEFAULT,
+        error_kinds: Kinds::DEFAULT,
         summary: Summary {
             in_use_at_exit_bytes: p.live.values().map(|l| l.size).sum(),
             in_use_at_exit_blocks: p.live.len() as u64,
@@ -522,13 +761,39 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
     }
     line("");
     let total = r.leaks.len();
+    let scanned = r.reachability.as_ref().filter(|x| x.scanned);
     for (i, l) in r.leaks.iter().enumerate() {
-        line(&format!(
-            "{} bytes in {} are unfreed at exit (record {} of {total})",
-            thousands(l.bytes),
-            plural(l.blocks, "block"),
-            i + 1
-        ));
+        let kind = Kind::from_name(l.kind).unwrap_or(Kind::Unfreed);
+        if !r.show_kinds.contains(kind) {
+            continue;
+        }
+        if scanned.is_some() {
+            // memcheck's words (and its "1 blocks").
+            let amount = if l.indirect_bytes > 0 {
+                format!(
+                    "{} ({} direct, {} indirect) bytes",
+                    thousands(l.bytes + l.indirect_bytes),
+                    thousands(l.bytes),
+                    thousands(l.indirect_bytes)
+                )
+            } else {
+                format!("{} bytes", thousands(l.bytes))
+            };
+            line(&format!(
+                "{amount} in {} blocks are {} in loss record {} of {}",
+                thousands(l.blocks),
+                kind.words(),
+                thousands(i as u64 + 1),
+                thousands(total as u64)
+            ));
+        } else {
+            line(&format!(
+                "{} bytes in {} are unfreed at exit (record {} of {total})",
+                thousands(l.bytes),
+                plural(l.blocks, "block"),
+                i + 1
+            ));
+        }
         for s in stack_lines(&l.stack, usize::MAX) {
             line(&format!("   {s}"));
         }
@@ -564,12 +829,52 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
         line("No unfreed blocks in what was recorded, but the recording is incomplete: leaks may be missing");
     } else if total == 0 {
         line("All heap blocks were freed -- no leaks are possible");
+    } else if let Some(x) = scanned {
+        // memcheck's LEAK SUMMARY, its labels aligned on the colon.
+        line("LEAK SUMMARY:");
+        let kind_line = |label: &str, (b, n): (u64, u64)| {
+            format!(
+                "{label:>18}: {} bytes in {} blocks",
+                thousands(b),
+                thousands(n)
+            )
+        };
+        line(&kind_line("definitely lost", x.definitely_lost));
+        line(&kind_line("indirectly lost", x.indirectly_lost));
+        line(&kind_line("possibly lost", x.possibly_lost));
+        line(&kind_line("still reachable", x.still_reachable));
+        if !x.heuristics.is_empty() {
+            line("                      of which reachable via heuristic:");
+            for h in leakhunt_reach::Heuristic::ALL {
+                if let Some(&(b, n)) = x.heuristics.get(h.name()) {
+                    line(&format!(
+                        "                        {:<19}: {} bytes in {} blocks",
+                        h.name(),
+                        thousands(b),
+                        thousands(n)
+                    ));
+                }
+            }
+        }
+        line(&kind_line("suppressed", (0, 0)));
+        if x.not_scanned.1 > 0 {
+            line(&kind_line("not scanned", x.not_scanned));
+        }
+        if x.still_reachable.1 > 0 && !r.show_kinds.contains(Kind::Reachable) {
+            line("Reachable blocks (those to which a pointer was found) are not shown.");
+            line("To see them, rerun with: --leak-check=full --show-leak-kinds=all");
+        }
     } else {
         line(&format!(
             "LEAK SUMMARY: {} bytes in {} unfreed, in {} records",
             thousands(s.in_use_at_exit_bytes),
             plural(s.in_use_at_exit_blocks, "block"),
             total
+        ));
+    }
+    if let Some(why) = r.reachability.as_ref().and_then(|x| x.unavailable.as_ref()) {
+        line(&format!(
+            "HEAP SCAN: not made ({why}): unfreed blocks are not sorted into kinds"
         ));
     }
     let u = &r.unwind;

@@ -246,6 +246,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
             if a.trace_children { "1" } else { "0" },
         )
         .env("LEAKHUNT_FREERES", if a.no_freeres { "0" } else { "1" })
+        .env("LEAKHUNT_REACH", if a.no_reachability { "0" } else { "1" })
         .env_remove("LEAKHUNT_OUT");
     match &ring_dir {
         Some(d) => cmd.env("LEAKHUNT_RING_DIR", d),
@@ -311,6 +312,8 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     let (tx, rx) = crossbeam_channel::unbounded::<Stream>();
     let on_stream: Arc<dyn Fn(serve::Accepted) + Send + Sync> = {
         let (output, live) = (a.output.clone(), a.live);
+        let (lib, ring_dir, reach) = (lib.clone(), ring_dir.clone(), !a.no_reachability);
+        let heuristics = a.leak_check_heuristics;
         let first = AtomicBool::new(true);
         let count = AtomicUsize::new(0);
         Arc::new(move |acc: serve::Accepted| {
@@ -324,6 +327,19 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
             // The live view follows the program (its first image), not its children.
             if live && acc.hello.pid == child_pid && first.swap(false, Ordering::SeqCst) {
                 p.on_epoch = Some(live_view_hook());
+            }
+            if reach {
+                let own = [Some(lib.clone()), ring_dir.clone()]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let scanner = leakhunt::scan::Scanner::new(
+                    acc.hello.pid,
+                    acc.source.replies.clone(),
+                    own,
+                    heuristics,
+                );
+                p.on_reach = Some(scanner.into_hook());
             }
             let missing = acc.source.missing.clone();
             let (process, error) = Process::read_stream_with(
@@ -520,7 +536,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     for w in sym.warnings() {
         eprintln!("leakhunt: warning: {w}");
     }
-    let report = Report::new(procs);
+    let report = a.out.apply(Report::new(procs));
     let leaking = report.processes.iter().any(|p| {
         p.growth
             .iter()

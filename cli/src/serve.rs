@@ -103,6 +103,8 @@ pub struct StreamSource {
     /// Bytes a resumed connection said went before but never arrived (cannot happen with a
     /// stream socket; counted, never hidden).
     pub missing: Arc<std::sync::atomic::AtomicU64>,
+    /// The current connection, for replies to the process (its heap scan at exit).
+    pub replies: leakhunt::scan::Replies,
 }
 
 impl StreamSource {
@@ -143,6 +145,7 @@ impl Read for StreamSource {
                 let Some((conn, offset)) = self.next_conn() else {
                     return Ok(0);
                 };
+                *self.replies.lock().unwrap_or_else(|e| e.into_inner()) = conn.try_clone().ok();
                 self.cur = conn;
                 if offset > self.read {
                     self.missing
@@ -362,7 +365,9 @@ pub fn accept_loop(
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(key, tx);
             let ended = Arc::new(AtomicBool::new(false));
+            let replies = Arc::new(std::sync::Mutex::new(conn.try_clone().ok()));
             let source = StreamSource {
+                replies,
                 cur: conn,
                 rx,
                 read: 0,
@@ -376,13 +381,21 @@ pub fn accept_loop(
             shared.streams.fetch_add(1, Ordering::SeqCst);
             shared.touch();
             shared.handshakes.fetch_sub(1, Ordering::SeqCst);
+            // The stream counts as read when this thread is done with it, even if reading it
+            // panicked: `run` must never wait for a reader that is gone.
+            struct Done(Arc<Shared>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.touch();
+                    self.0.active.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            let _done = Done(shared.clone());
             on_stream(Accepted {
                 hello: h,
                 source,
                 ended,
             });
-            shared.touch();
-            shared.active.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }

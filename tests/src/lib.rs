@@ -248,10 +248,16 @@ pub fn plain(program: &Path, args: &[&str]) -> Output {
     Command::new(program).args(args).output().unwrap()
 }
 
-/// A leak record in leakhunt's JSON, flattened for assertions.
+/// A leak record in leakhunt's JSON (or memcheck's XML), flattened for assertions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leak {
+    /// `definitely_lost`, `indirectly_lost`, `possibly_lost`, `still_reachable` (memcheck's
+    /// `Leak_DefinitelyLost` ... read as the same), or leakhunt's `not_scanned` / `unfreed`.
+    pub kind: String,
+    /// Direct bytes.
     pub bytes: u64,
+    /// Bytes of the blocks only these reach (definitely lost records).
+    pub indirect: u64,
     pub blocks: u64,
     /// (function, file basename, line) per frame, innermost first.
     pub frames: Vec<(String, String, u32)>,
@@ -261,13 +267,16 @@ fn base(p: &str) -> String {
     p.rsplit('/').next().unwrap_or(p).to_string()
 }
 
-pub fn leaks(process: &Value) -> Vec<Leak> {
+/// Every loss record of a process's report, as the JSON lists them (one per kind and callsite).
+pub fn records(process: &Value) -> Vec<Leak> {
     process["leaks"]
         .as_array()
         .unwrap()
         .iter()
         .map(|l| Leak {
+            kind: l["kind"].as_str().unwrap().to_string(),
             bytes: l["bytes"].as_u64().unwrap(),
+            indirect: l["indirect_bytes"].as_u64().unwrap_or(0),
             blocks: l["blocks"].as_u64().unwrap(),
             frames: l["stack"]
                 .as_array()
@@ -283,6 +292,44 @@ pub fn leaks(process: &Value) -> Vec<Leak> {
                 .collect(),
         })
         .collect()
+}
+
+/// The blocks unfreed at exit per callsite, whatever their kinds (the records of one callsite
+/// summed; `kind` lists theirs, comma-separated), largest first: what the tests that are not
+/// about kinds count.
+pub fn leaks(process: &Value) -> Vec<Leak> {
+    let offsets = |l: &Value| -> Vec<u64> {
+        l["stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["offset"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    let raw = process["leaks"].as_array().unwrap();
+    let mut out: Vec<(Vec<u64>, Leak)> = Vec::new();
+    for (json, rec) in raw.iter().zip(records(process)) {
+        let key = offsets(json);
+        match out
+            .iter_mut()
+            .find(|(k, l)| *k == key && l.frames == rec.frames)
+        {
+            Some((_, l)) => {
+                l.bytes += rec.bytes;
+                l.indirect += rec.indirect;
+                l.blocks += rec.blocks;
+                l.kind = format!("{},{}", l.kind, rec.kind);
+            }
+            None => out.push((key, rec)),
+        }
+    }
+    let mut out: Vec<Leak> = out.into_iter().map(|(_, l)| l).collect();
+    out.sort_by(|a, b| {
+        (b.bytes, b.blocks)
+            .cmp(&(a.bytes, a.blocks))
+            .then_with(|| a.frames.cmp(&b.frames))
+    });
+    out
 }
 
 /// The leak whose stack contains `function` at `file:line` (exactly one must).
@@ -321,13 +368,24 @@ pub fn summary(process: &Value, key: &str) -> u64 {
 /// valgrind memcheck's definitely-lost records for a program: (bytes, blocks, frames) with
 /// valgrind's own replacement frames (vg_replace_malloc) removed.
 pub fn valgrind_definite(program: &Path, args: &[&str]) -> Vec<Leak> {
+    valgrind_records(program, args, &[])
+        .into_iter()
+        .filter(|l| l.kind == "definitely_lost")
+        .collect()
+}
+
+/// Every loss record of memcheck (`--leak-check=full --show-leak-kinds=all`, and `flags`) for a
+/// program, with leakhunt's kind names and valgrind's replacement frames removed.
+pub fn valgrind_records(program: &Path, args: &[&str], flags: &[&str]) -> Vec<Leak> {
     let xml = scratch("vg.xml");
     let out = Command::new("valgrind")
         .args([
             "--leak-check=full",
+            "--show-leak-kinds=all",
             "--xml=yes",
             "--child-silent-after-fork=yes",
         ])
+        .args(flags)
         .arg(format!("--xml-file={}", xml.display()))
         .arg(program)
         .args(args)
@@ -348,9 +406,13 @@ pub fn valgrind_definite(program: &Path, args: &[&str]) -> Vec<Leak> {
             .find(|c| c.has_tag_name("kind"))
             .and_then(|k| k.text())
             .unwrap_or("");
-        if kind != "Leak_DefinitelyLost" {
-            continue;
-        }
+        let kind = match kind {
+            "Leak_DefinitelyLost" => "definitely_lost",
+            "Leak_IndirectlyLost" => "indirectly_lost",
+            "Leak_PossiblyLost" => "possibly_lost",
+            "Leak_StillReachable" => "still_reachable",
+            _ => continue,
+        };
         let xw = e.children().find(|c| c.has_tag_name("xwhat")).unwrap();
         let num = |tag: &str| -> u64 {
             xw.children()
@@ -397,8 +459,12 @@ pub fn valgrind_definite(program: &Path, args: &[&str]) -> Vec<Leak> {
             .split_once(" (")
             .and_then(|(_, rest)| rest.split_once(" direct"))
             .map(|(n, _)| n.replace(',', "").parse::<u64>().unwrap());
+        let total = num("leakedbytes");
+        let bytes = direct.unwrap_or(total);
         v.push(Leak {
-            bytes: direct.unwrap_or_else(|| num("leakedbytes")),
+            kind: kind.to_string(),
+            bytes,
+            indirect: total - bytes,
             blocks: num("leakedblocks"),
             frames,
         });
