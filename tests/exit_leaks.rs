@@ -282,3 +282,55 @@ fn abort_and_sigsegv_are_reported_and_reraised() {
         );
     }
 }
+
+/// A leaked list of 600,000 blocks: the heap scan's result (one entry per lost block, ~11 MB)
+/// is larger than the socket's buffers both ways, and the process echoes it into its stream
+/// while the CLI sends it. Exact kinds, and the run ends (it once waited on itself forever).
+#[test]
+fn a_result_larger_than_the_socket_buffers_goes_through() {
+    let (exe, _) = generated_fixture(
+        "long_list",
+        "#include <stdlib.h>\n\
+         struct n { struct n *next; long v; };\n\
+         int main(void) {\n\
+             struct n *h = 0;\n\
+             for (long i = 0; i < 600000; i++) {\n\
+                 struct n *x = malloc(sizeof *x);\n\
+                 x->next = h; x->v = i; h = x;\n\
+             }\n\
+             h = 0;\n\
+             return 0;\n\
+         }\n",
+    );
+    let json = std::env::temp_dir().join(format!("lh-long-list-{}.json", std::process::id()));
+    let out = std::process::Command::new("timeout")
+        .args(["120", leakhunt().to_str().unwrap(), "run", "--json"])
+        .arg(&json)
+        .arg("--")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let p = &r["processes"][0];
+    assert_eq!(
+        p["reachability"]["definitely_lost"],
+        serde_json::json!([16, 1])
+    );
+    assert_eq!(
+        p["reachability"]["indirectly_lost"],
+        serde_json::json!([599_999 * 16, 599_999])
+    );
+    let recs = records(p);
+    let head = recs.iter().find(|l| l.kind == "definitely_lost").unwrap();
+    assert_eq!(
+        (head.bytes, head.indirect, head.blocks),
+        (16, 599_999 * 16, 1)
+    );
+}

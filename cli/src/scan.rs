@@ -103,15 +103,38 @@ impl Scanner {
                 ..Outcome::default()
             }],
         };
-        for c in chunks {
-            let body = reach::outcome_body(&c);
-            let mut msg = Vec::with_capacity(body.len() + 5);
-            msg.push(reply::RESULT);
-            msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
-            msg.extend_from_slice(&body);
-            self.send(&msg);
+        // The process echoes each chunk into its stream while this thread is the stream's only
+        // reader: the chunks go out from a thread of their own, or both sides would wait for
+        // the other to read once the socket buffers fill.
+        let replies = self.replies.clone();
+        let sender = std::thread::Builder::new()
+            .name("reach-result".into())
+            .spawn(move || {
+                let mut msgs: Vec<Vec<u8>> = chunks
+                    .iter()
+                    .map(|c| {
+                        let body = reach::outcome_body(c);
+                        let mut msg = Vec::with_capacity(body.len() + 5);
+                        msg.push(reply::RESULT);
+                        msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                        msg.extend_from_slice(&body);
+                        msg
+                    })
+                    .collect();
+                msgs.push(vec![reply::CONTINUE]);
+                let mut g = replies.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(s) = g.as_mut() {
+                    for m in msgs {
+                        if s.write_all(&m).is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+        if sender.is_err() {
+            // No thread: the process goes on when the connection ends, without the result.
+            self.send(&[reply::CONTINUE]);
         }
-        self.send(&[reply::CONTINUE]);
     }
 
     fn send(&self, bytes: &[u8]) {
