@@ -179,3 +179,45 @@ fn heuristics_match_memcheck() {
     );
     assert!(lh.iter().all(|l| l.kind == "possibly_lost"), "{lh:#?}");
 }
+
+/// `--xml-file` reads like memcheck's XML: the same parser (and protocol 4's structural
+/// check, which memcheck's own document passes too) finds every record of the JSON report,
+/// shown kinds only, with the same kind, bytes and blocks.
+#[test]
+fn xml_reads_like_memchecks() {
+    let exe = fixture("kinds.c");
+    let xml = std::env::temp_dir().join(format!("lh-kinds-{}.xml", std::process::id()));
+    let r = run(
+        &exe,
+        &[],
+        &[
+            "--xml-file",
+            xml.to_str().unwrap(),
+            "--show-leak-kinds",
+            "definite,possible",
+        ],
+    );
+    let text = std::fs::read_to_string(&xml).unwrap();
+    let _ = std::fs::remove_file(&xml);
+    let from_xml = parse_memcheck_xml(&text);
+    let from_json: Vec<Leak> = records(r.main())
+        .into_iter()
+        .filter(|l| l.kind == "definitely_lost" || l.kind == "possibly_lost")
+        .collect();
+    assert_eq!(from_xml.len(), from_json.len(), "{from_xml:#?}");
+    for (x, j) in from_xml.iter().zip(&from_json) {
+        assert_eq!(
+            (&x.kind, x.bytes, x.indirect, x.blocks),
+            (&j.kind, j.bytes, j.indirect, j.blocks)
+        );
+        assert!(x
+            .frames
+            .iter()
+            .zip(&j.frames)
+            .take(3)
+            .all(|(a, b)| a.0 == b.0));
+    }
+    assert!(text.contains("<protocoltool>memcheck</protocoltool>"));
+    // memcheck's own document passes the same structural check.
+    assert!(!valgrind_records(&exe, &[], &[]).is_empty());
+}

@@ -17,6 +17,7 @@ pub mod report;
 pub mod scan;
 pub mod series;
 pub mod verdict;
+pub mod xml;
 
 /// A duration such as `250ms`, `1s`, `1.5s`, `2m`, `1h` (a bare number is seconds).
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

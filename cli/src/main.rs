@@ -104,6 +104,10 @@ pub struct Output {
     /// Also write the report as one self-contained HTML file (with the memory chart).
     #[arg(long, value_name = "FILE")]
     html: Option<PathBuf>,
+    /// Also write memcheck's XML (protocol 4) to FILE: `%p` is the pid; without it, the first
+    /// process writes FILE and every other FILE.<pid>.
+    #[arg(long, value_name = "FILE")]
+    xml_file: Option<PathBuf>,
     /// Which kinds of unfreed blocks the text lists, as memcheck names them: definite, indirect,
     /// possible, reachable, all or none, comma-separated (default: definite,possible).
     #[arg(long, value_name = "KINDS", value_parser = report::Kinds::parse, default_value = "definite,possible")]
@@ -222,6 +226,14 @@ pub fn emit(report: &Report, out: &Output, text_to_stderr: bool) -> Result<bool>
     if let Some(path) = &out.html {
         leakhunt::outfile::write(path, leakhunt::html::render(report).as_bytes(), 0o644)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &out.xml_file {
+        let argv: Vec<String> = std::env::args().collect();
+        for (i, p) in report.processes.iter().enumerate() {
+            let dest = leakhunt::xml::path_for(path, p.pid, i == 0);
+            leakhunt::outfile::write(&dest, leakhunt::xml::render(p, &argv).as_bytes(), 0o644)
+                .with_context(|| format!("writing {}", dest.display()))?;
+        }
     }
     if let Some(path) = &out.json {
         let json = serde_json::to_string_pretty(report)?;

@@ -769,23 +769,7 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
         }
         if scanned.is_some() {
             // memcheck's words (and its "1 blocks").
-            let amount = if l.indirect_bytes > 0 {
-                format!(
-                    "{} ({} direct, {} indirect) bytes",
-                    thousands(l.bytes + l.indirect_bytes),
-                    thousands(l.bytes),
-                    thousands(l.indirect_bytes)
-                )
-            } else {
-                format!("{} bytes", thousands(l.bytes))
-            };
-            line(&format!(
-                "{amount} in {} blocks are {} in loss record {} of {}",
-                thousands(l.blocks),
-                kind.words(),
-                thousands(i as u64 + 1),
-                thousands(total as u64)
-            ));
+            line(&crate::xml::record_text(l, kind, i + 1, total));
         } else {
             line(&format!(
                 "{} bytes in {} are unfreed at exit (record {} of {total})",

@@ -398,7 +398,15 @@ pub fn valgrind_records(program: &Path, args: &[&str], flags: &[&str]) -> Vec<Le
         )
     });
     let _ = std::fs::remove_file(&xml);
-    let doc = roxmltree::Document::parse(&text).unwrap();
+    parse_memcheck_xml(&text)
+}
+
+/// The loss records of a memcheck XML document (protocol 4), with leakhunt's kind names and
+/// valgrind's replacement frames removed: what reads memcheck's XML reads leakhunt's with it.
+/// Panics when the document breaks the protocol's structure ([`check_protocol4`]).
+pub fn parse_memcheck_xml(text: &str) -> Vec<Leak> {
+    let doc = roxmltree::Document::parse(text).unwrap();
+    check_protocol4(&doc);
     let mut v = Vec::new();
     for e in doc.descendants().filter(|n| n.has_tag_name("error")) {
         let kind = e
@@ -470,4 +478,88 @@ pub fn valgrind_records(program: &Path, args: &[&str], flags: &[&str]) -> Vec<Le
         });
     }
     v
+}
+
+/// The structure protocol 4 asks of a document (valgrind's docs/internals/xml-output-protocol4.txt):
+/// the top-level elements in order, each error's fields in order, every frame with an `ip` first
+/// and its optional fields in order.
+pub fn check_protocol4(doc: &roxmltree::Document) {
+    let root = doc.root_element();
+    assert_eq!(root.tag_name().name(), "valgrindoutput");
+    let top: Vec<&str> = root
+        .children()
+        .filter(|c| c.is_element())
+        .map(|c| c.tag_name().name())
+        .collect();
+    // protocolversion, protocoltool, preamble, pid, ppid, tool, [logfilequalifier|usercomment]*,
+    // args, status, (errorcounts|error|clientmsg)*, status, (errorcounts|error)*, suppcounts.
+    let head = [
+        "protocolversion",
+        "protocoltool",
+        "preamble",
+        "pid",
+        "ppid",
+        "tool",
+    ];
+    assert_eq!(&top[..6], head, "{top:?}");
+    let mut at = 6;
+    while matches!(top[at], "logfilequalifier" | "usercomment") {
+        at += 1;
+    }
+    assert_eq!(top[at], "args", "{top:?}");
+    assert_eq!(top[at + 1], "status", "{top:?}");
+    let rest = &top[at + 2..];
+    let finished = rest
+        .iter()
+        .position(|t| *t == "status")
+        .expect("a FINISHED status");
+    assert!(rest[..finished]
+        .iter()
+        .all(|t| matches!(*t, "errorcounts" | "error" | "clientmsg")));
+    let after = &rest[finished + 1..];
+    assert_eq!(after.last(), Some(&"suppcounts"), "{top:?}");
+    assert!(after[..after.len() - 1]
+        .iter()
+        .all(|t| matches!(*t, "errorcounts" | "error")));
+    assert_eq!(
+        root.children()
+            .find(|c| c.has_tag_name("protocolversion"))
+            .and_then(|c| c.text()),
+        Some("4")
+    );
+    for e in root.children().filter(|c| c.has_tag_name("error")) {
+        let f: Vec<&str> = e
+            .children()
+            .filter(|c| c.is_element())
+            .map(|c| c.tag_name().name())
+            .collect();
+        assert_eq!(&f[..2], ["unique", "tid"], "{f:?}");
+        let k = if f[2] == "threadname" { 3 } else { 2 };
+        assert_eq!(f[k], "kind", "{f:?}");
+        assert!(matches!(f[k + 1], "what" | "xwhat"), "{f:?}");
+        assert!(f.contains(&"stack"), "{f:?}");
+        let xw = e.children().find(|c| c.has_tag_name("xwhat"));
+        if let Some(xw) = xw {
+            assert!(xw.children().any(|c| c.has_tag_name("text")));
+        }
+        for fr in e.descendants().filter(|c| c.has_tag_name("frame")) {
+            let fields: Vec<&str> = fr
+                .children()
+                .filter(|c| c.is_element())
+                .map(|c| c.tag_name().name())
+                .collect();
+            assert_eq!(fields.first(), Some(&"ip"), "{fields:?}");
+            let order = ["ip", "obj", "fn", "dir", "file", "line"];
+            let pos: Vec<usize> = fields
+                .iter()
+                .map(|f| {
+                    order
+                        .iter()
+                        .position(|o| o == f)
+                        .expect("a known frame field")
+                })
+                .collect();
+            assert!(pos.windows(2).all(|w| w[0] < w[1]), "{fields:?}");
+        }
+    }
 }
