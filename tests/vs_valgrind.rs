@@ -221,3 +221,97 @@ fn xml_reads_like_memchecks() {
     // memcheck's own document passes the same structural check.
     assert!(!valgrind_records(&exe, &[], &[]).is_empty());
 }
+
+/// A suppression file written by hand and one written by memcheck's `--gen-suppressions=all`
+/// both suppress the records they match; the LEAK SUMMARY counts them as suppressed, not in
+/// their kinds, and `--error-exitcode` no longer fails on them.
+#[test]
+fn suppressions_by_hand_and_by_memcheck() {
+    let exe = fixture("kinds.c");
+    let dir = std::env::temp_dir().join(format!("lh-supp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hand = dir.join("hand.supp");
+    std::fs::write(
+        &hand,
+        format!(
+            "# the leaked tree, wherever it is allocated below leak_tree\n{{\n   tree\n   Memcheck:Leak\n   match-leak-kinds: definite,indirect\n   ...\n   fun:leak_tree\n}}\n{{\n   global-by-source\n   Memcheck:Leak\n   match-leak-kinds: reachable\n   src:kinds.c:{}\n}}\n",
+            line_of("kinds.c", "K_GLOBAL")
+        ),
+    )
+    .unwrap();
+    let r = run(
+        &exe,
+        &[],
+        &[
+            "--suppressions",
+            hand.to_str().unwrap(),
+            "--show-leak-kinds=all",
+        ],
+    );
+    let reach = &r.main()["reachability"];
+    // The tree (32 + 2 x 32) and the global (100) left their kinds.
+    assert_eq!(reach["suppressed"], serde_json::json!([196, 4]), "{reach}");
+    assert_eq!(reach["definitely_lost"], serde_json::json!([88, 2]));
+    assert_eq!(reach["indirectly_lost"], serde_json::json!([48, 1]));
+    let suppressed: Vec<_> = records(r.main())
+        .into_iter()
+        .zip(r.main()["leaks"].as_array().unwrap())
+        .filter(|(_, j)| j.get("suppressed").is_some())
+        .map(|(l, j)| {
+            (
+                l.frames[0].0.clone(),
+                j["suppressed"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(suppressed.len(), 4, "{suppressed:?}");
+    assert!(
+        r.stderr()
+            .contains("        suppressed: 196 bytes in 4 blocks"),
+        "{}",
+        r.stderr()
+    );
+    assert!(
+        !r.stderr().contains("leak_tree (kinds.c"),
+        "suppressed records are not shown"
+    );
+
+    // memcheck's own: every record of the fixture it printed a suppression for is suppressed,
+    // and what remains fails nothing.
+    let out = std::process::Command::new("valgrind")
+        .args([
+            "--leak-check=full",
+            "--show-leak-kinds=all",
+            "--gen-suppressions=all",
+        ])
+        .arg(&exe)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    let gen: String = text
+        .lines()
+        .filter(|l| !l.starts_with("=="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(gen.matches("Memcheck:Leak").count() >= 13, "{text}");
+    let vg = dir.join("memcheck.supp");
+    std::fs::write(&vg, &gen).unwrap();
+    let r = run(
+        &exe,
+        &[],
+        &[
+            "--suppressions",
+            vg.to_str().unwrap(),
+            "--error-exitcode",
+            "9",
+        ],
+    );
+    let leaks = r.main()["leaks"].as_array().unwrap().clone();
+    for l in &leaks {
+        let top = l["stack"][0]["file"].as_str().unwrap_or("");
+        if top.ends_with("kinds.c") {
+            assert!(l.get("suppressed").is_some(), "not suppressed: {l:#}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

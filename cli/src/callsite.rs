@@ -235,6 +235,7 @@ impl<'p> Callsites<'p> {
                 let s = &self.lines[l as usize];
                 Frame {
                     function: s.function.clone(),
+                    mangled: s.mangled.clone(),
                     file: s.file.clone(),
                     line: s.line,
                     module: self.modules.get(k.module as usize).map(|m| m.0.to_string()),

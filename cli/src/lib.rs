@@ -16,6 +16,7 @@ pub mod recover;
 pub mod report;
 pub mod scan;
 pub mod series;
+pub mod supp;
 pub mod verdict;
 pub mod xml;
 

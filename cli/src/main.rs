@@ -108,6 +108,14 @@ pub struct Output {
     /// process writes FILE and every other FILE.<pid>.
     #[arg(long, value_name = "FILE")]
     xml_file: Option<PathBuf>,
+    /// A memcheck suppression file (repeatable): matching leak records are counted as
+    /// suppressed, not shown, and fail nothing.
+    #[arg(long, value_name = "FILE")]
+    pub suppressions: Vec<PathBuf>,
+    /// `all`: print a ready suppression after each shown record (as memcheck's
+    /// `--gen-suppressions=all`); `no` (default).
+    #[arg(long, value_name = "WHEN", default_value = "no", value_parser = ["no", "all"])]
+    gen_suppressions: String,
     /// Which kinds of unfreed blocks the text lists, as memcheck names them: definite, indirect,
     /// possible, reachable, all or none, comma-separated (default: definite,possible).
     #[arg(long, value_name = "KINDS", value_parser = report::Kinds::parse, default_value = "definite,possible")]
@@ -118,10 +126,19 @@ pub struct Output {
 }
 
 impl Output {
-    /// The report with the kinds shown and failing as asked.
-    pub fn apply(&self, mut r: Report) -> Report {
+    /// The report with the kinds shown and failing as asked, and the suppressions applied.
+    pub fn apply(&self, mut r: Report) -> Result<Report> {
         r.set_kinds(self.show_leak_kinds, self.errors_for_leak_kinds);
-        r
+        // memcheck tries the last file read first.
+        let mut supps = Vec::new();
+        for f in self.suppressions.iter().rev() {
+            supps.extend(leakhunt::supp::read(f)?);
+        }
+        r.suppress(&supps);
+        for p in &mut r.processes {
+            p.gen_suppressions = self.gen_suppressions == "all";
+        }
+        Ok(r)
     }
 
     pub fn warmup_s(&self) -> Option<f64> {
@@ -277,7 +294,7 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
     for w in sym.warnings() {
         eprintln!("leakhunt: warning: {}", report::escape_control(w));
     }
-    let failed = emit(&a.out.apply(Report::new(procs)), &a.out, false)?;
+    let failed = emit(&a.out.apply(Report::new(procs))?, &a.out, false)?;
     Ok(match (failed, a.out.error_exitcode) {
         (true, Some(n)) => ExitCode::from(n),
         _ => ExitCode::SUCCESS,

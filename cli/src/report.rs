@@ -15,6 +15,9 @@ use crate::process::Process;
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
 pub struct Frame {
     pub function: Option<String>,
+    /// The linkage (mangled) name, when it differs from `function`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mangled: Option<String>,
     pub file: Option<String>,
     pub line: Option<u32>,
     pub module: Option<String>,
@@ -37,6 +40,9 @@ pub struct Leak {
     pub indirect_bytes: u64,
     pub blocks: u64,
     pub stack: Vec<Frame>,
+    /// The suppression (its name) that matched this record: it is not shown and fails nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<String>,
     /// Why this stack's unwind stopped, when it did not reach the outermost frame.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unwind: Option<&'static str>,
@@ -194,6 +200,8 @@ pub struct ReachSummary {
     pub possibly_lost: (u64, u64),
     pub still_reachable: (u64, u64),
     pub not_scanned: (u64, u64),
+    /// Records a suppression matched (not counted in their kind's line, as memcheck).
+    pub suppressed: (u64, u64),
     /// Blocks a heuristic accepted an interior pointer to, by heuristic name.
     pub heuristics: BTreeMap<&'static str, (u64, u64)>,
 }
@@ -274,6 +282,9 @@ pub struct ProcReport {
     pub show_kinds: Kinds,
     #[serde(skip)]
     pub error_kinds: Kinds,
+    /// Print a suppression for each shown record (`--gen-suppressions=all`).
+    #[serde(skip)]
+    pub gen_suppressions: bool,
     pub unwind: Unwind,
     pub captures: Captures,
     pub leaks: Vec<Leak>,
@@ -316,10 +327,39 @@ impl Report {
 
     pub fn has_leaks(&self) -> bool {
         self.processes.iter().any(|p| {
-            p.leaks
-                .iter()
-                .any(|l| Kind::from_name(l.kind).is_some_and(|k| p.error_kinds.contains(k)))
+            p.leaks.iter().any(|l| {
+                l.suppressed.is_none()
+                    && Kind::from_name(l.kind).is_some_and(|k| p.error_kinds.contains(k))
+            })
         })
+    }
+
+    /// Marks the records a suppression matches (the first that does, in the order given), and
+    /// moves their blocks from their kind's line of the LEAK SUMMARY to `suppressed`.
+    pub fn suppress(&mut self, supps: &[crate::supp::Suppression]) {
+        for p in &mut self.processes {
+            for l in &mut p.leaks {
+                let kind = Kind::from_name(l.kind).unwrap_or(Kind::Unfreed);
+                let Some(s) = supps.iter().find(|s| s.suppresses(kind, &l.stack)) else {
+                    continue;
+                };
+                l.suppressed = Some(s.name.clone());
+                if let Some(x) = p.reachability.as_mut() {
+                    let from = match kind {
+                        Kind::Definite => &mut x.definitely_lost,
+                        Kind::Indirect => &mut x.indirectly_lost,
+                        Kind::Possible => &mut x.possibly_lost,
+                        Kind::Reachable => &mut x.still_reachable,
+                        Kind::NotScanned => &mut x.not_scanned,
+                        Kind::Unfreed => continue,
+                    };
+                    from.0 -= l.bytes;
+                    from.1 -= l.blocks;
+                    x.suppressed.0 += l.bytes;
+                    x.suppressed.1 += l.blocks;
+                }
+            }
+        }
     }
 
     /// Sets the kinds shown and counted as errors, for every process.
@@ -462,6 +502,7 @@ pub fn build_with(
                 indirect_bytes,
                 blocks,
                 stack: sites.frames(site, id, sym),
+                suppressed: None,
                 unwind,
             };
             (kind, leak)
@@ -587,6 +628,7 @@ pub fn build_with(
         reachability: reach_summary,
         show_kinds: Kinds::DEFAULT,
         error_kinds: Kinds::DEFAULT,
+        gen_suppressions: false,
         summary: Summary {
             in_use_at_exit_bytes: p.live.values().map(|l| l.size).sum(),
             in_use_at_exit_blocks: p.live.len() as u64,
@@ -748,9 +790,12 @@ pub fn shell_words(argv: &[String]) -> String {
 /// line as the shell would take it ([`shell_words`]).
 pub fn render_text(r: &ProcReport, out: &mut String) {
     let pfx = format!("=={}==", r.pid);
-    let mut line = |s: &str| {
-        let _ = writeln!(out, "{pfx} {}", escape_control(s));
+    // Lines with the prefix, and (generated suppressions) without.
+    let text = std::cell::RefCell::new(std::mem::take(out));
+    let line = |s: &str| {
+        let _ = writeln!(text.borrow_mut(), "{pfx} {}", escape_control(s));
     };
+    let raw = |s: &str| text.borrow_mut().push_str(&escape_control_lines(s));
     match &r.title {
         Some(t) => line(&format!(
             "leakhunt: {} (renamed itself: {})",
@@ -764,7 +809,7 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
     let scanned = r.reachability.as_ref().filter(|x| x.scanned);
     for (i, l) in r.leaks.iter().enumerate() {
         let kind = Kind::from_name(l.kind).unwrap_or(Kind::Unfreed);
-        if !r.show_kinds.contains(kind) {
+        if !r.show_kinds.contains(kind) || l.suppressed.is_some() {
             continue;
         }
         if scanned.is_some() {
@@ -788,6 +833,9 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
             line(&format!("   (stack {u})"));
         }
         line("");
+        if r.gen_suppressions {
+            raw(&crate::supp::generate(kind, &l.stack));
+        }
     }
     if let Some(t) = &r.timeline {
         for l in crate::growth::render(t, &r.growth) {
@@ -840,7 +888,7 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
                 }
             }
         }
-        line(&kind_line("suppressed", (0, 0)));
+        line(&kind_line("suppressed", x.suppressed));
         if x.not_scanned.1 > 0 {
             line(&kind_line("not scanned", x.not_scanned));
         }
@@ -893,6 +941,7 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
     for w in &r.warnings {
         line(&format!("warning: {w}"));
     }
+    *out = text.into_inner();
 }
 
 #[cfg(test)]

@@ -201,6 +201,10 @@ fn interrupted() -> bool {
 
 pub fn run(a: &RunArgs) -> Result<ExitCode> {
     let lib = find_preload(a.preload.as_deref())?;
+    // A bad suppression file is said before the program runs, not after.
+    for f in &a.out.suppressions {
+        leakhunt::supp::read(f)?;
+    }
     let dir = private_dir(std::env::temp_dir())?;
     // The rings go in memory-backed files where there is /dev/shm (no disk writeback); if that
     // fails the preload uses anonymous memory and only SIGKILL recovery is lost.
@@ -536,7 +540,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     for w in sym.warnings() {
         eprintln!("leakhunt: warning: {w}");
     }
-    let report = a.out.apply(Report::new(procs));
+    let report = a.out.apply(Report::new(procs))?;
     let leaking = report.processes.iter().any(|p| {
         p.growth
             .iter()

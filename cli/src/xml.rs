@@ -148,7 +148,7 @@ pub fn render(r: &ProcReport, tool_argv: &[String]) -> String {
     let total = r.leaks.len();
     for (i, l) in r.leaks.iter().enumerate() {
         let kind = Kind::from_name(l.kind).unwrap_or(Kind::Unfreed);
-        if !r.show_kinds.contains(kind) {
+        if !r.show_kinds.contains(kind) || l.suppressed.is_some() {
             continue;
         }
         line(0, "<error>");
@@ -197,6 +197,19 @@ pub fn render(r: &ProcReport, tool_argv: &[String]) -> String {
     line(0, "</errorcounts>");
     line(0, "");
     line(0, "<suppcounts>");
+    let mut used: Vec<(&str, usize)> = Vec::new();
+    for name in r.leaks.iter().filter_map(|l| l.suppressed.as_deref()) {
+        match used.iter_mut().find(|u| u.0 == name) {
+            Some(u) => u.1 += 1,
+            None => used.push((name, 1)),
+        }
+    }
+    for (name, count) in used {
+        line(2, "<pair>");
+        line(4, &format!("<count>{count}</count>"));
+        line(4, &format!("<name>{}</name>", esc(name)));
+        line(2, "</pair>");
+    }
     line(0, "</suppcounts>");
     line(0, "");
     line(0, "</valgrindoutput>");

@@ -22,6 +22,9 @@ use object::{Object, ObjectSection};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SymFrame {
     pub function: Option<String>,
+    /// The function's linkage (mangled) name, when it differs from `function`: what memcheck's
+    /// suppressions match `fun:` against.
+    pub mangled: Option<String>,
     pub file: Option<String>,
     pub line: Option<u32>,
     pub inlined: bool,
@@ -371,12 +374,19 @@ fn push_frames<R: gimli::Reader>(mut frames: addr2line::FrameIter<'_, R>, out: &
             .as_ref()
             .and_then(|n| n.demangle().ok())
             .map(Cow::into_owned);
+        let mangled = f
+            .function
+            .as_ref()
+            .and_then(|n| n.raw_name().ok())
+            .filter(|raw| function.as_deref() != Some(raw.as_ref()))
+            .map(Cow::into_owned);
         let (file, line) = match &f.location {
             Some(l) => (l.file.map(str::to_string), l.line),
             None => (None, None),
         };
         out.push(SymFrame {
             function,
+            mangled,
             file,
             line,
             inlined: true,
@@ -597,19 +607,24 @@ impl Symbolizer {
                 .and_then(|f| m.public_name(f, vaddr))
             {
                 last.function = Some(name.to_string());
+                last.mangled = None;
             }
         }
         if out.iter().all(|f| f.function.is_none()) {
-            let name = m
-                .symbols
-                .as_ref()
-                .and_then(|l| l.find_symbol(vaddr))
-                .map(|n| addr2line::demangle_auto(Cow::Borrowed(n), None).into_owned());
+            let raw = m.symbols.as_ref().and_then(|l| l.find_symbol(vaddr));
+            let name = raw.map(|n| addr2line::demangle_auto(Cow::Borrowed(n), None).into_owned());
+            let mangled = raw
+                .filter(|r| Some(*r) != name.as_deref())
+                .map(str::to_string);
             if let Some(name) = name {
                 match out.last_mut() {
-                    Some(f) => f.function = Some(name),
+                    Some(f) => {
+                        f.function = Some(name);
+                        f.mangled = mangled;
+                    }
                     None => out.push(SymFrame {
                         function: Some(name),
+                        mangled,
                         ..Default::default()
                     }),
                 }
