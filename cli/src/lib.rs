@@ -18,6 +18,7 @@ pub mod scan;
 pub mod series;
 pub mod supp;
 pub mod verdict;
+pub mod vgcompare;
 pub mod xml;
 
 /// A duration such as `250ms`, `1s`, `1.5s`, `2m`, `1h` (a bare number is seconds).

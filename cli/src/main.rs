@@ -44,6 +44,15 @@ enum Cmd {
     /// Mark a named point in a process traced by leakhunt (live run or preload alone), for
     /// `leakhunt diff --from NAME --to NAME`.
     Snapshot(SnapshotArgs),
+    /// memcheck's loss records against leakhunt's, both as memcheck's XML (`valgrind
+    /// --leak-check=full --xml=yes --xml-file=A`, `leakhunt run --xml-file B`): what agrees,
+    /// what differs; exit 0 when every record has its twin.
+    CompareValgrind {
+        /// memcheck's XML.
+        memcheck: PathBuf,
+        /// leakhunt's XML.
+        leakhunt: PathBuf,
+    },
     /// Print a trace's records (for debugging leakhunt itself).
     #[command(hide = true)]
     Dump { trace: PathBuf },
@@ -528,6 +537,17 @@ fn main() -> ExitCode {
         Cmd::Verify(a) => verify_cmd(a),
         Cmd::Snapshot(a) => snapshot_cmd(a),
         Cmd::Dump { trace } => dump(trace),
+        Cmd::CompareValgrind { memcheck, leakhunt } => (|| {
+            let vg = leakhunt::vgcompare::read(memcheck)?;
+            let lh = leakhunt::vgcompare::read(leakhunt)?;
+            let (text, agree) = leakhunt::vgcompare::compare(&vg, &lh);
+            print!("{}", report::escape_control_lines(&text));
+            Ok(if agree {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        })(),
     };
     match r {
         Ok(c) => c,
