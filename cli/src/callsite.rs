@@ -68,6 +68,14 @@ pub struct Callsites<'p> {
     symbolized: Vec<Option<SiteLines>>,
 }
 
+/// libc's start-up functions, below `main` (memcheck's list for Linux).
+fn below_main(f: &str) -> bool {
+    f.starts_with("__libc_start_main")
+        || f == "__libc_start_call_main"
+        || f.starts_with("generic_start_main")
+        || f == "_start"
+}
+
 impl<'p> Callsites<'p> {
     /// The callsites of `p`'s stacks, each found when first asked for (numbered in that order).
     pub fn new(p: &'p Process) -> Callsites<'p> {
@@ -260,6 +268,10 @@ impl<'p> Callsites<'p> {
             {
                 break;
             }
+            // The tracer's own frames (its wrapper of main) are never part of a stack.
+            if self.is_tracer(self.keys[at]) {
+                continue;
+            }
             let (first, n) = self.frame_lines(self.keys[at], sym);
             out.extend((first..first + n).map(|l| (i as u32, l)));
         }
@@ -268,8 +280,31 @@ impl<'p> Callsites<'p> {
             .position(|&(_, l)| is_main(&self.lines[l as usize]))
         {
             out.truncate(i + 1);
+        } else if let Some(i) = out.iter().position(|&(_, l)| {
+            self.lines[l as usize]
+                .function
+                .as_deref()
+                .is_some_and(below_main)
+        }) {
+            // No main (a stripped program): as memcheck, cut at the innermost libc start-up
+            // function and call it "(below main)".
+            let mut f = self.lines[out[i].1 as usize].clone();
+            f.function = Some("(below main)".into());
+            f.mangled = None;
+            self.lines.push(f);
+            out[i].1 = self.lines.len() as u32 - 1;
+            out.truncate(i + 1);
         }
         out.into_boxed_slice()
+    }
+
+    /// Whether a frame lies in the preload library itself.
+    fn is_tracer(&self, k: FrameKey) -> bool {
+        self.modules.get(k.module as usize).is_some_and(|m| {
+            m.0.rsplit('/')
+                .next()
+                .is_some_and(|f| f.starts_with("libleakhunt"))
+        })
     }
 
     /// The source frames of one (module, offset), looked up once: at least one (a frame with
