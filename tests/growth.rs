@@ -169,6 +169,23 @@ fn the_example_leak_is_a_leak_the_cache_a_plateau_and_the_fix_verifies() {
         "{leak}"
     );
     assert!(leak["series"].as_array().unwrap().len() >= 25);
+    // The heap scan at exit tells the two apart: the sessions are lost (the newest may still
+    // sit in `last_session`), the cache's blocks all still reachable (600 of them: it is full).
+    let at_exit = &leak["at_exit"];
+    let lost = at_exit["definitely_lost"][1].as_u64().unwrap();
+    let held = at_exit["still_reachable"][1].as_u64().unwrap_or(0);
+    assert!(lost > 100 && held <= 1, "{at_exit}");
+    let caches: Vec<&Value> = b.main()["growth"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["verdict"] == "plateau")
+        .collect();
+    assert!(caches
+        .iter()
+        .all(|g| g["at_exit"]["still_reachable"][1] == 600
+            && g["at_exit"].as_object().unwrap().len() == 1));
+    assert!(b.stderr().contains("a missing free"), "{}", b.stderr());
     let tl = &b.main()["timeline"];
     assert_eq!(tl["epochs"], leak["series"].as_array().unwrap().len());
     assert!(tl["rss_bytes"][0].as_u64().unwrap() > 0);

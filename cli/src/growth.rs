@@ -48,6 +48,10 @@ pub struct GrowthEntry {
     pub series: Vec<u64>,
     /// Live blocks at each boundary.
     pub blocks_series: Vec<u64>,
+    /// The callsite's blocks still live at exit by memcheck's kind (`definitely_lost` ...:
+    /// bytes and blocks), when the trace has a heap scan: whether anything still holds them.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub at_exit: std::collections::BTreeMap<&'static str, (u64, u64)>,
 }
 
 /// Builds the growth report, or `None` when the trace holds too few epoch boundaries to say
@@ -113,12 +117,30 @@ pub fn build_in(
             *born.entry(l.stack).or_default() += 1;
         }
     }
+    // Kinds at exit per stack, from the heap scan.
+    let mut kinds: FxHashMap<u32, std::collections::BTreeMap<&'static str, (u64, u64)>> =
+        FxHashMap::default();
+    if let Some(r) = p.reach.as_ref().filter(|r| r.unavailable.is_none()) {
+        for (addr, l) in &p.live {
+            let kind = match r.classes.get(addr).map(|c| c.kind) {
+                Some(0) => "still_reachable",
+                Some(1) => "possibly_lost",
+                Some(2) => "indirectly_lost",
+                Some(_) => "definitely_lost",
+                None => "not_scanned",
+            };
+            let e = kinds.entry(l.stack).or_default().entry(kind).or_default();
+            e.0 += l.size;
+            e.1 += 1;
+        }
+    }
     struct Site {
         site: u32,
         id: u32,
         bytes: Vec<i64>,
         blocks: Vec<i64>,
         born: u64,
+        at_exit: std::collections::BTreeMap<&'static str, (u64, u64)>,
     }
     let mut slot: FxHashMap<u32, usize> = FxHashMap::default();
     let mut acc: Vec<Site> = Vec::new();
@@ -131,6 +153,7 @@ pub fn build_in(
                 bytes: vec![0; b.len()],
                 blocks: vec![0; b.len()],
                 born: 0,
+                at_exit: Default::default(),
             });
             acc.len() - 1
         });
@@ -142,6 +165,11 @@ pub fn build_in(
             prev = (bytes, blocks);
         }
         a.born += born.get(&id).copied().unwrap_or(0);
+        for (&k, &(bytes, n)) in kinds.get(&id).into_iter().flatten() {
+            let e = a.at_exit.entry(k).or_default();
+            e.0 += bytes;
+            e.1 += n;
+        }
     }
     let sum = |d: Vec<i64>| -> Vec<u64> {
         d.into_iter()
@@ -170,6 +198,7 @@ pub fn build_in(
             stack: sites.frames(a.site, a.id, sym),
             series: bytes,
             blocks_series: blocks,
+            at_exit: a.at_exit,
         });
     }
     entries.sort_by(|a, b| {
@@ -272,6 +301,28 @@ pub fn guidance(e: &GrowthEntry) -> String {
     let at = first_source(&e.stack)
         .map(render_frame)
         .unwrap_or_else(|| "the innermost frame above".into());
+    // The heap scan at exit says which of the two it is.
+    let held = |k: &str| e.at_exit.get(k).map_or(0, |v| v.1);
+    let lost = held("definitely_lost") + held("indirectly_lost");
+    let reachable = held("still_reachable");
+    let all: u64 = e.at_exit.values().map(|v| v.1).sum();
+    if e.verdict.grows() && lost + reachable > 0 {
+        // Nearly all of them either way (the newest block may still sit in a variable).
+        if lost > 9 * reachable {
+            return format!(
+                "Blocks made at {at} keep accumulating and at exit nothing points at them any more \
+                 ({lost} of {all} blocks lost): a missing free. Free each where its owner is done with it."
+            );
+        }
+        if reachable > 9 * lost {
+            return format!(
+                "Blocks made at {at} keep accumulating and at exit they are still reachable \
+                 ({reachable} of {all} blocks): something \
+                 keeps them (a registry, a cache, a list that only grows). Bound that container, or \
+                 remove entries when they are done."
+            );
+        }
+    }
     match e.verdict {
         Verdict::Leak => format!(
             "Blocks made at {at} keep accumulating and none of the newer ones is freed: nothing releases them. \
@@ -346,6 +397,22 @@ pub fn render(t: &Timeline, entries: &[GrowthEntry]) -> Vec<String> {
                 .unwrap_or_default()
         ));
         out.extend(stack_lines(&e.stack, 8).map(|s| format!("   {s}")));
+        if !e.at_exit.is_empty() {
+            let parts: Vec<String> = e
+                .at_exit
+                .iter()
+                .rev()
+                .map(|(k, (bytes, n))| {
+                    format!(
+                        "{} bytes in {} blocks {}",
+                        thousands(*bytes),
+                        thousands(*n),
+                        k.replace('_', " ")
+                    )
+                })
+                .collect();
+            out.push(format!("   At exit: {}", parts.join(", ")));
+        }
         out.push(format!("   Root cause: {}", guidance(e)));
         out.push(String::new());
     }
