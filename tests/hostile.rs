@@ -177,6 +177,20 @@ fn matrix(c: &Case) -> (Outcome, Value, Value) {
 /// The process's leaks are exactly `want` (file, marker, bytes, blocks), and its recording is
 /// complete.
 fn exactly(p: &Value, want: &[(&str, &str, u64, u64)], what: &str) {
+    // The whole process on failure: which run, what it says of itself.
+    let context = || {
+        let mut q = p.clone();
+        if let Some(o) = q.as_object_mut() {
+            o.remove("growth");
+            o.remove("timeline");
+        }
+        format!("{what}: {q:#}")
+    };
+    assert!(
+        leaks(p).len() >= want.len(),
+        "fewer records than expected: {}",
+        context()
+    );
     for (file, marker, bytes, blocks) in want {
         expect_leak(p, file, marker, *bytes, *blocks);
     }
