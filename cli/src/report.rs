@@ -66,11 +66,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const MEMCHECK: [Kind; 4] = [
-        Kind::Definite,
-        Kind::Indirect,
-        Kind::Possible,
+    pub const ALL: [Kind; 6] = [
         Kind::Reachable,
+        Kind::Possible,
+        Kind::Indirect,
+        Kind::Definite,
+        Kind::NotScanned,
+        Kind::Unfreed,
     ];
 
     fn from_code(c: u8) -> Kind {
@@ -95,16 +97,7 @@ impl Kind {
     }
 
     pub fn from_name(n: &str) -> Option<Kind> {
-        [
-            Kind::Reachable,
-            Kind::Possible,
-            Kind::Indirect,
-            Kind::Definite,
-            Kind::NotScanned,
-            Kind::Unfreed,
-        ]
-        .into_iter()
-        .find(|k| k.name() == n)
+        Kind::ALL.into_iter().find(|k| k.name() == n)
     }
 
     /// memcheck's words ("definitely lost").
@@ -137,6 +130,8 @@ impl Kinds {
 
     /// memcheck's default for both options: definite and possible (and what has no kind, which
     /// may be either).
+    pub const ALL: Kinds = Kinds::of(&Kind::ALL);
+
     pub const DEFAULT: Kinds = Kinds::of(&[
         Kind::Definite,
         Kind::Possible,
@@ -153,14 +148,7 @@ impl Kinds {
         let mut v = Kinds::of(&[Kind::NotScanned, Kind::Unfreed]);
         for w in s.split(',') {
             v = match w.trim() {
-                "all" => Kinds::of(&[
-                    Kind::Definite,
-                    Kind::Indirect,
-                    Kind::Possible,
-                    Kind::Reachable,
-                    Kind::NotScanned,
-                    Kind::Unfreed,
-                ]),
+                "all" => Kinds::ALL,
                 "none" => Kinds(0),
                 "definite" => Kinds(v.0 | 1 << Kind::Definite as u8),
                 "indirect" => Kinds(v.0 | 1 << Kind::Indirect as u8),

@@ -66,14 +66,7 @@ pub fn parse(text: &str, file: &str) -> Result<Vec<Suppression>> {
             .split_once(':')
             .ok_or_else(|| bad(kn, "expected TOOL:KIND, such as Memcheck:Leak"))?;
         let ours = tools.split(',').any(|t| t.trim() == "Memcheck") && what == "Leak";
-        let mut kinds = Kinds::of(&[
-            Kind::Definite,
-            Kind::Indirect,
-            Kind::Possible,
-            Kind::Reachable,
-            Kind::NotScanned,
-            Kind::Unfreed,
-        ]);
+        let mut kinds = Kinds::ALL;
         let mut locs = Vec::new();
         let mut closed = false;
         let mut first = true;
