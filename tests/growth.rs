@@ -259,6 +259,12 @@ fn the_example_leak_is_a_leak_the_cache_a_plateau_and_the_fix_verifies() {
         text.contains("FIXED") && text.contains("remember_session"),
         "{text}"
     );
+    // The kept trace carries the heap scan: what the leaking blocks were at exit.
+    assert!(text.contains("definitely lost"), "{text}");
+    assert_eq!(
+        offline["processes"][0]["growth"][0]["at_exit"],
+        b.main()["growth"][0]["at_exit"]
+    );
     let bad = leakhunt_out(&["verify", bs, bs]);
     let text = String::from_utf8_lossy(&bad.stdout);
     assert_eq!(bad.status.code(), Some(1), "{text}");

@@ -132,7 +132,7 @@ pub fn verify(
         ok &= fixed;
         let _ = writeln!(
             out,
-            "  {} {}: {} before ({:+} bytes in {:+} blocks), {} after",
+            "  {} {}: {} before ({:+} bytes in {:+} blocks{}), {} after{}",
             if fixed {
                 "FIXED        "
             } else {
@@ -142,7 +142,12 @@ pub fn verify(
             e.verdict.as_str(),
             e.delta_bytes,
             e.delta_blocks,
-            if state == "gone" { "stable" } else { state }
+            exit_kinds(e),
+            if state == "gone" { "stable" } else { state },
+            now.filter(|a| a.verdict.grows())
+                .map(|a| format!(" ({})", exit_kinds(a).trim_start_matches(", ")))
+                .filter(|s| s != " ()")
+                .unwrap_or_default()
         );
     }
     let before_sites: HashMap<SiteKey, &GrowthEntry> =
@@ -152,11 +157,12 @@ pub fn verify(
             ok = false;
             let _ = writeln!(
                 out,
-                "  NEW GROWTH    {}: {} after ({:+} bytes in {:+} blocks)",
+                "  NEW GROWTH    {}: {} after ({:+} bytes in {:+} blocks{})",
                 first_frame(&e.stack),
                 e.verdict.as_str(),
                 e.delta_bytes,
-                e.delta_blocks
+                e.delta_blocks,
+                exit_kinds(e)
             );
         }
     }
@@ -182,6 +188,18 @@ pub fn verify(
         (false, None) => {}
     }
     Ok((out, ok))
+}
+
+/// `, at exit N blocks definitely lost, M still reachable` for an entry with a heap scan
+/// (memcheck's kinds of the callsite's blocks live at exit), else nothing.
+fn exit_kinds(e: &GrowthEntry) -> String {
+    if e.at_exit.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = crate::growth::by_kind(&e.at_exit)
+        .map(|(k, (_, n))| format!("{} {}", thousands(n), k.replace('_', " ")))
+        .collect();
+    format!(", at exit {}", parts.join(", "))
 }
 
 /// A point of a run: a snapshot's name, an epoch number (`3`), a time from the start (`2.5s`,

@@ -297,6 +297,21 @@ fn first_source(stack: &[Frame]) -> Option<&Frame> {
         .find(|f| f.file.is_some() && f.function.is_some())
 }
 
+/// A callsite's kinds at exit in memcheck's order (definitely lost first), then not scanned.
+pub fn by_kind<'a>(
+    at_exit: &'a std::collections::BTreeMap<&'static str, (u64, u64)>,
+) -> impl Iterator<Item = (&'static str, (u64, u64))> + 'a {
+    [
+        "definitely_lost",
+        "indirectly_lost",
+        "possibly_lost",
+        "still_reachable",
+        "not_scanned",
+    ]
+    .into_iter()
+    .filter_map(|k| at_exit.get(k).map(|&v| (k, v)))
+}
+
 pub fn guidance(e: &GrowthEntry) -> String {
     let at = first_source(&e.stack)
         .map(render_frame)
@@ -398,15 +413,12 @@ pub fn render(t: &Timeline, entries: &[GrowthEntry]) -> Vec<String> {
         ));
         out.extend(stack_lines(&e.stack, 8).map(|s| format!("   {s}")));
         if !e.at_exit.is_empty() {
-            let parts: Vec<String> = e
-                .at_exit
-                .iter()
-                .rev()
+            let parts: Vec<String> = by_kind(&e.at_exit)
                 .map(|(k, (bytes, n))| {
                     format!(
                         "{} bytes in {} blocks {}",
-                        thousands(*bytes),
-                        thousands(*n),
+                        thousands(bytes),
+                        thousands(n),
                         k.replace('_', " ")
                     )
                 })
