@@ -57,7 +57,7 @@ pub struct Shared {
     /// Streams taken so far.
     pub streams: AtomicUsize,
     /// Continuation channels of the streams, by (pid, start time).
-    conts: Mutex<HashMap<(u32, u64), Sender<Resumed>>>,
+    conts: Mutex<HashMap<(u32, u64), Cont>>,
     /// Connections refused, as messages for the report.
     pub refused: Mutex<Vec<String>>,
     /// Set last: the acceptor returns at its next connection.
@@ -88,6 +88,23 @@ impl Shared {
 
 /// A connection that resumes a stream, and the trace bytes its process sent before it.
 type Resumed = (UnixStream, u64);
+
+/// The continuation channel of one stream. Each connection's handshake runs on a thread of its
+/// own, so a resuming connection can be admitted before the first connection of its stream (the
+/// program closed the first one right after it was made): it waits in the channel until the
+/// first connection takes the receiving end.
+struct Cont {
+    tx: Sender<Resumed>,
+    /// Still here while the stream's first connection has not been taken.
+    rx: Option<Receiver<Resumed>>,
+}
+
+impl Cont {
+    fn new() -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Cont { tx, rx: Some(rx) }
+    }
+}
 
 /// Reads a process's stream from its first connection, then from each connection that resumes it.
 pub struct StreamSource {
@@ -344,26 +361,33 @@ pub fn accept_loop(
                     .conts
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .get(&key)
-                    .cloned();
-                match tx {
-                    Some(tx) if tx.send((conn, h.offset)).is_ok() => {}
-                    _ => shared.refuse(format!(
-                        "refused a trace connection from pid {}{}: it resumes a stream this run never had",
+                    .entry(key)
+                    .or_insert_with(Cont::new)
+                    .tx
+                    .clone();
+                if tx.send((conn, h.offset)).is_err() {
+                    shared.refuse(format!(
+                        "refused a trace connection from pid {}{}: its stream was already over",
                         h.pid,
                         command_of(h.pid)
-                    )),
+                    ));
                 }
                 shared.touch();
                 shared.handshakes.fetch_sub(1, Ordering::SeqCst);
                 return;
             }
-            let (tx, rx) = crossbeam_channel::unbounded();
-            shared
-                .conts
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key, tx);
+            let rx = {
+                let mut conts = shared.conts.lock().unwrap_or_else(|e| e.into_inner());
+                let cont = conts.entry(key).or_insert_with(Cont::new);
+                match cont.rx.take() {
+                    Some(rx) => rx,
+                    None => {
+                        // A second first connection of one process: a new stream.
+                        *cont = Cont::new();
+                        cont.rx.take().expect("a new channel has its receiver")
+                    }
+                }
+            };
             let ended = Arc::new(AtomicBool::new(false));
             let replies = Arc::new(std::sync::Mutex::new(conn.try_clone().ok()));
             let source = StreamSource {
@@ -458,6 +482,21 @@ pub fn finish(
     if !wait_idle(Duration::ZERO) {
         return shared.active.load(Ordering::SeqCst);
     }
+    // Resuming connections whose stream never began: said, never read.
+    let orphans: Vec<u32> = shared
+        .conts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(_, c)| c.rx.as_ref().is_some_and(|rx| !rx.is_empty()))
+        .map(|(&(pid, _), _)| pid)
+        .collect();
+    for pid in orphans {
+        shared.refuse(format!(
+            "refused a trace connection from pid {pid}{}: it resumes a stream this run never had",
+            command_of(pid)
+        ));
+    }
     0
 }
 
@@ -477,4 +516,67 @@ pub fn partial_name(dest: &Path, n: usize) -> PathBuf {
     let mut s = dest.as_os_str().to_owned();
     s.push(format!(".partial-{}-{n}", std::process::id()));
     PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn hello_of(kind: u32, token: [u8; 16], offset: u64) -> [u8; hello::LEN] {
+        hello::encode(&Hello {
+            kind,
+            token,
+            pid: std::process::id(),
+            start_ns: 42,
+            offset,
+        })
+    }
+
+    /// The program closes the preload's first connection at once and the preload resumes on a
+    /// second one, whose handshake ends first: the stream still reads both, in order.
+    #[test]
+    fn a_resume_admitted_before_its_first_connection_waits_for_it() {
+        let dir = std::env::temp_dir().join(format!("lh-serve-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let token = [7u8; 16];
+        let gate = Arc::new(Gate {
+            token,
+            program: std::process::id(),
+            children: false,
+        });
+        let shared = Arc::new(Shared::default());
+        let (got_tx, got_rx) = crossbeam_channel::unbounded();
+        let on_stream: Arc<dyn Fn(Accepted) + Send + Sync> = Arc::new(move |mut a: Accepted| {
+            a.ended.store(true, Ordering::Release);
+            let mut all = Vec::new();
+            a.source.read_to_end(&mut all).unwrap();
+            got_tx.send(all).unwrap();
+        });
+        let acceptor = {
+            let (gate, shared) = (gate.clone(), shared.clone());
+            std::thread::spawn(move || accept_loop(listener, gate, shared, on_stream))
+        };
+        let mut first = UnixStream::connect(&sock).unwrap();
+        let mut second = UnixStream::connect(&sock).unwrap();
+        second
+            .write_all(&hello_of(hello::RESUME, token, 5))
+            .unwrap();
+        second.write_all(b"world").unwrap();
+        drop(second);
+        // The resume is parked by now; then the first connection says who it is.
+        std::thread::sleep(Duration::from_millis(200));
+        first.write_all(&hello_of(hello::NEW, token, 0)).unwrap();
+        first.write_all(b"hello").unwrap();
+        drop(first);
+        let all = got_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(std::str::from_utf8(&all).unwrap(), "helloworld");
+        assert_eq!(finish(&shared, &sock, &gate, acceptor, &|| false), 0);
+        let refused = shared.refused.lock().unwrap().clone();
+        assert!(refused.is_empty(), "{refused:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
