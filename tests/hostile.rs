@@ -69,6 +69,8 @@ struct Case<'a> {
     /// `{dir}` stands for the run's own directory.
     args: Vec<String>,
     run_opts: Vec<&'a str>,
+    /// The environment of the run under the preload alone (`run_opts`' counterpart).
+    preload_env: Vec<(&'a str, &'a str)>,
     /// A file the program's last process writes when it is done (a daemon outlives the
     /// program): the outcome is taken once it exists.
     settle: Option<&'a str>,
@@ -127,6 +129,7 @@ fn matrix(c: &Case) -> (Outcome, Value, Value) {
     let o = base(&d1)
         .env("LD_PRELOAD", preload())
         .env("LEAKHUNT_OUT", &trace)
+        .envs(c.preload_env.iter().copied())
         .output()
         .unwrap();
     settle(c, &d1);
@@ -203,6 +206,32 @@ fn exactly(p: &Value, want: &[(&str, &str, u64, u64)], what: &str) {
     );
 }
 
+/// A program that closes 0 and counts on its next open() getting 0, again and again for 3 s,
+/// while leakhunt ends an epoch every 10 ms (reading its resident size) and sets up its snapshot
+/// mailbox: leakhunt's own files are never opened in the program's descriptor table.
+#[test]
+fn the_lowest_free_descriptor_stays_the_programs() {
+    let c = Case {
+        name: "lowest",
+        program: fixture("daemon_fds.c"),
+        args: vec!["{dir}".into(), "lowest".into()],
+        run_opts: vec!["--epoch", "10ms"],
+        preload_env: vec![("LEAKHUNT_EPOCH_MS", "10")],
+        settle: None,
+    };
+    let (plain, pre, run) = matrix(&c);
+    assert_eq!(plain.code, Some(0), "{}", plain.stderr);
+    for (what, r) in [("preload", &pre), ("run", &run)] {
+        let p = &r["processes"][0];
+        exactly(p, &[("daemon_fds.c", "DF_LEAK", 200 * 24, 200)], what);
+        // Every epoch read the resident size (not 0: it was read, through leakhunt's own table).
+        let t = &p["timeline"];
+        assert!(t["epochs"].as_u64().unwrap() >= 100, "{what}: {t}");
+        let rss = t["rss_bytes"].as_array().unwrap();
+        assert!(rss.iter().all(|v| v.as_u64().unwrap() > 0), "{what}: {t}");
+    }
+}
+
 #[test]
 fn daemons_that_take_every_descriptor_keep_their_files_and_their_leaks_are_reported() {
     let exe = fixture("daemon_fds.c");
@@ -212,6 +241,7 @@ fn daemons_that_take_every_descriptor_keep_their_files_and_their_leaks_are_repor
             program: exe.clone(),
             args: vec!["{dir}".into(), how.into()],
             run_opts: vec![],
+            preload_env: vec![],
             settle: None,
         };
         let (plain, pre, run) = matrix(&c);
@@ -247,6 +277,7 @@ fn children_made_without_fork_handlers_are_never_traced_as_their_parent() {
             program: exe.clone(),
             args: vec![how.into()],
             run_opts: vec![],
+            preload_env: vec![],
             settle: None,
         };
         let (plain, pre, run) = matrix(&c);
@@ -289,6 +320,7 @@ fn a_daemon_that_detaches_is_traced_to_its_end_with_trace_children() {
         program: exe.clone(),
         args: vec!["{dir}".into()],
         run_opts: vec!["--trace-children"],
+        preload_env: vec![],
         settle: Some("done"),
     };
     let (plain, _, run) = matrix(&c);
@@ -385,6 +417,7 @@ fn a_shell_passes_on_neither_the_preload_nor_leakhunts_variables() {
         program: PathBuf::from("/bin/bash"),
         args: vec!["-c".into(), script.into()],
         run_opts: vec![],
+        preload_env: vec![],
         settle: None,
     };
     let (plain, pre, run) = matrix(&c);

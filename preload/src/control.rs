@@ -51,7 +51,7 @@ fn word(b: *mut u8, at: usize) -> &'static AtomicU32 {
     unsafe { &*(b.add(at) as *const AtomicU32) }
 }
 
-/// Creates this process's mailbox (in the writer thread, at its start). Failing is not an
+/// Creates this process's mailbox (in the side thread, at its start: see `side`). Failing is not an
 /// error: snapshots by pid are then unavailable, and the program runs on.
 pub fn open() {
     let mut dir = [0u8; 108];
@@ -69,7 +69,7 @@ pub fn open() {
         }
     }
     sweep(&dir);
-    // SAFETY: PATH is written here, by the writer thread alone, before BOX is published.
+    // SAFETY: PATH is written here, by the side thread alone, before BOX is published.
     let p = unsafe { &mut *core::ptr::addr_of_mut!(PATH) };
     path(p, Some(sys::getpid()));
     // SAFETY: open/ftruncate/mmap/close on our own new file; the mapping is LEN bytes.
@@ -110,7 +110,7 @@ pub fn open() {
 }
 
 /// Removes the mailboxes of processes that are gone (killed before they could remove their own),
-/// and sockets of older versions. Runs in the writer thread, whose allocations (opendir's) are
+/// and sockets of older versions. Runs in the side thread, whose allocations (opendir's) are
 /// not traced.
 fn sweep(dir: &[u8; 108]) {
     // SAFETY: opendir/readdir/closedir on our NUL-terminated path; entries are read before the

@@ -51,17 +51,7 @@ pub fn close_own(fd: i32, id: Ident) {
 /// program that opens files gets last. A program that lowers its limit later keeps our numbers
 /// valid; a program that closes them is handled by the identity checks.
 fn high_base() -> i32 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit fills a local.
-    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        lim.rlim_cur.min(1024) as i32
-    } else {
-        1024
-    };
-    (soft - 16).max(3)
+    (crate::sys::fd_limit().min(1024) - 16).max(3)
 }
 
 /// Moves our freshly opened `fd` to a high number, close-on-exec; returns the new number (or

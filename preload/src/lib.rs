@@ -16,6 +16,7 @@ mod modules;
 mod out;
 mod real;
 mod ring;
+mod side;
 mod signals;
 mod sys;
 mod tls;

@@ -260,9 +260,14 @@ pub fn mapping_bounds(addr: usize) -> (usize, usize) {
     found
 }
 
-/// Reads up to `buf.len()` bytes of a small file (under /proc) with raw system calls; returns
-/// how many.
+/// Reads up to `buf.len()` bytes of a small file (under /proc); returns how many. Through the
+/// side thread where it runs (its opens never take a number the program expects), else here.
 pub fn read_small(path: &core::ffi::CStr, buf: &mut [u8]) -> usize {
+    crate::side::read_small(path, buf).unwrap_or_else(|| read_small_direct(path, buf))
+}
+
+/// Reads up to `buf.len()` bytes of a small file with raw system calls, in this thread.
+pub fn read_small_direct(path: &core::ffi::CStr, buf: &mut [u8]) -> usize {
     let fd = open_raw(path);
     if fd < 0 {
         return 0;
@@ -281,23 +286,30 @@ pub fn read_small(path: &core::ffi::CStr, buf: &mut [u8]) -> usize {
     n
 }
 
+/// The soft limit on descriptors (1024 when it cannot be read; capped at 1 << 20).
+pub fn fd_limit() -> i32 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills a local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur.min(1 << 20) as i32
+    } else {
+        1024
+    }
+}
+
 /// The process's resident set size in bytes, from `/proc/self/statm` (0 if it cannot be read).
 /// Raw syscalls and a stack buffer: no allocation, no stdio.
 pub fn rss_bytes() -> u64 {
-    let fd = open_raw(c"/proc/self/statm");
-    if fd < 0 {
-        return 0;
-    }
     let mut buf = [0u8; 128];
-    // SAFETY: `buf` is writable for its whole length.
-    let n = unsafe { libc::syscall(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len()) };
-    // SAFETY: closes the descriptor opened above, once.
-    unsafe { libc::syscall(libc::SYS_close, fd) };
-    if n <= 0 {
+    let n = read_small(c"/proc/self/statm", &mut buf);
+    if n == 0 {
         return 0;
     }
     // "size resident shared text lib data dt", in pages: the second field.
-    let resident = buf[..n as usize]
+    let resident = buf[..n]
         .split(|&c| c == b' ')
         .nth(1)
         .map(|f| {

@@ -468,7 +468,6 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
     let mut next_epoch = start.saturating_add(every);
     let mut next_snap = start.saturating_add(snap_every);
     let mut snaps = 0u64;
-    crate::control::open();
     loop {
         let wait_ms = if every == 0 {
             20
@@ -510,6 +509,7 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
 }
 
 fn start_writer() {
+    crate::side::start();
     // SAFETY: a detached thread with our own start routine; its first act is to mark itself
     // internal, so its own allocations (pthread's, glibc's) are never traced.
     unsafe {
@@ -563,6 +563,7 @@ fn become_child() {
     modules::LOCK.reset();
     // The parent's control socket is the parent's (a traced child opens its own).
     crate::control::close(false);
+    crate::side::after_fork_child();
     let trace = config::get().trace_children && STATE.load(Ordering::Acquire) == READY;
     out::after_fork_child(trace);
     let ts = crate::tls::state();
