@@ -863,16 +863,27 @@ pub fn reach_scan(sp: u64) {
     } else {
         skip_ranges.copy_within(1..=n, 0);
     }
-    let writer = tracer::WRITER_TID.load(Ordering::Relaxed);
-    let tids = [writer];
+    allow_cli_to_trace(o.fd);
+    // leakhunt's own threads: their stacks hold none of the program's pointers.
+    let mut tids = [0u32; 2];
+    let mut ntids = 0;
+    for t in [
+        tracer::WRITER_TID.load(Ordering::Relaxed),
+        crate::side::TID.load(Ordering::Relaxed),
+    ] {
+        if t != 0 {
+            tids[ntids] = t;
+            ntids += 1;
+        }
+    }
     let request = |phase| reach::RequestRef {
         phase,
         tid: sys::gettid(),
         sp,
-        skip_tids: if writer == 0 { &[] } else { &tids },
+        skip_tids: &tids[..ntids],
         skip_ranges: &skip_ranges[..n],
     };
-    let mut body = [0u8; reach::request_len(1, reach::MAX_SKIPS * 4)];
+    let mut body = [0u8; reach::request_len(2, reach::MAX_SKIPS * 4)];
     flush_locked();
     let Some(len) = reach::request_body(&request(reach::ASK), &mut body) else {
         return;
@@ -922,6 +933,30 @@ pub fn reach_scan(sp: u64) {
             }
             _ => break,
         }
+    }
+}
+
+/// Lets the CLI at the other end of `sock` attach to this process for the heap scan where Yama
+/// (`kernel.yama.ptrace_scope = 1`) allows only ancestors: a daemon that detached from `leakhunt
+/// run` is no longer its descendant. Only that one process (by the kernel's word on the peer, not
+/// ours) is allowed; without Yama the call fails and changes nothing.
+fn allow_cli_to_trace(sock: i32) {
+    // SAFETY: ucred is plain data; getsockopt fills it and its length.
+    let mut cred: libc::ucred = unsafe { core::mem::zeroed() };
+    let mut len = core::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given.
+    let got = unsafe {
+        libc::getsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if got == 0 && cred.pid > 0 {
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_PTRACER, cred.pid as libc::c_ulong, 0, 0, 0) };
     }
 }
 

@@ -42,6 +42,8 @@ static LEN: AtomicUsize = AtomicUsize::new(0);
 static POSTED: AtomicU32 = AtomicU32::new(0);
 static DONE: AtomicU32 = AtomicU32::new(0);
 static LOCK: sys::SpinLock = sys::SpinLock::new();
+/// The side thread's id (0 before it runs): its stack is no root of a heap scan.
+pub static TID: AtomicU32 = AtomicU32::new(0);
 /// The thread runs with its own table and answers.
 static ALIVE: AtomicBool = AtomicBool::new(false);
 
@@ -68,11 +70,13 @@ pub fn start() {
 /// In a fork child: the side thread stayed in the parent.
 pub fn after_fork_child() {
     ALIVE.store(false, Ordering::Release);
+    TID.store(0, Ordering::Relaxed);
     LOCK.reset();
 }
 
 extern "C" fn side_main(_: *mut c_void) -> *mut c_void {
     crate::tls::Guard::mark_internal();
+    TID.store(sys::gettid(), Ordering::Relaxed);
     // SAFETY: blocking every signal in this thread only, then making its descriptor table a
     // private copy and closing every entry of that copy (the program's own descriptors stay open
     // in the program's table; close_range acts on this thread's table only).
