@@ -341,7 +341,13 @@ fn preferred<'a>(names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
 impl Module {
     /// The public alias of the C function that `dwarf_name` names at `vaddr`, if it has one.
     fn public_name(&self, dwarf_name: &str, vaddr: u64) -> Option<&str> {
-        if dwarf_name.starts_with("_Z") || dwarf_name.starts_with("_R") {
+        // A C function's name is a bare identifier (a C++ or Rust one is mangled or demangled).
+        if dwarf_name.starts_with("_Z")
+            || dwarf_name.starts_with("_R")
+            || !dwarf_name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'_')
+        {
             return None;
         }
         let f = &self.functions;
@@ -356,13 +362,22 @@ impl Module {
                 .trim_start_matches('_')
                 .to_string()
         };
-        if !at
+        // Either one of the names is the DWARF one (`__GI___strdup` at `strdup`), or the module
+        // keeps only its exported names and the one covering the address is the function's
+        // (glibc's `__pthread_create_2_1` is exported as `pthread_create@@GLIBC_2.34`): the
+        // address lies inside that symbol, so it is the same function under its public name.
+        if at
             .iter()
             .any(|s| s.2 == dwarf_name || bare(&s.2) == bare(dwarf_name))
         {
-            return None;
+            return preferred(at.iter().map(|s| s.2.as_str()));
         }
-        preferred(at.iter().map(|s| s.2.as_str()))
+        // (Not a C++ name: a static C++ function's DWARF name is bare, its symbol mangled.)
+        preferred(
+            at.iter()
+                .map(|s| s.2.as_str())
+                .filter(|n| !n.starts_with("_Z") && !n.starts_with("_R")),
+        )
     }
 }
 
