@@ -125,6 +125,10 @@ pub struct Output {
     /// `--gen-suppressions=all`); `no` (default).
     #[arg(long, value_name = "WHEN", default_value = "no", value_parser = ["no", "all"])]
     gen_suppressions: String,
+    /// List the suppressions used, each with the records, bytes and blocks it suppressed (as
+    /// memcheck's `-s` prints its `used_suppression` lines).
+    #[arg(short = 's', long)]
+    show_used_suppressions: bool,
     /// Which kinds of unfreed blocks the text lists, as memcheck names them: definite, indirect,
     /// possible, reachable, all or none, comma-separated (default: definite,possible).
     #[arg(long, value_name = "KINDS", value_parser = report::Kinds::parse, default_value = "definite,possible")]
@@ -146,6 +150,7 @@ impl Output {
         r.suppress(&supps);
         for p in &mut r.processes {
             p.gen_suppressions = self.gen_suppressions == "all";
+            p.show_used_suppressions = self.show_used_suppressions;
         }
         Ok(r)
     }

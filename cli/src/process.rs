@@ -31,6 +31,10 @@ pub struct Live {
     pub born: u32,
 }
 
+/// Stack ids up to this keep their allocation function (ids are dense from 0).
+const MAX_FN_STACKS: usize = 1 << 24;
+const NO_FN: u8 = u8::MAX;
+
 #[derive(Clone, Debug)]
 pub struct Stack {
     pub gen: u32,
@@ -44,6 +48,7 @@ enum Ev {
         addr: u64,
         size: u64,
         stack: u32,
+        func: u8,
     },
     Free {
         addr: u64,
@@ -198,6 +203,9 @@ pub struct Reach {
 
 #[derive(Default)]
 pub struct Process {
+    /// The allocation function each stack id's blocks came from (`NO_FN`: none seen), for the
+    /// allocator frame memcheck's stacks and suppressions begin with.
+    alloc_fns: Vec<u8>,
     pub header: Option<Header>,
     pub modules: Vec<ModuleEntry>,
     pub stacks: FxHashMap<u32, Stack>,
@@ -366,11 +374,11 @@ impl Process {
                 Ok(())
             }
             SlotRecord::Alloc {
+                func,
                 stack,
                 seq,
                 addr,
                 size,
-                ..
             } => {
                 if size > MAX_ALLOC_SIZE {
                     return Err(DecodeError::Corrupt {
@@ -378,7 +386,18 @@ impl Process {
                         what: format!("an allocation of {size} bytes is beyond any address space"),
                     });
                 }
-                self.event(tid, seq, Ev::Alloc { addr, size, stack }, offset)
+                let func = func as u8;
+                self.event(
+                    tid,
+                    seq,
+                    Ev::Alloc {
+                        addr,
+                        size,
+                        stack,
+                        func,
+                    },
+                    offset,
+                )
             }
             SlotRecord::Free { seq, addr, .. } => self.event(tid, seq, Ev::Free { addr }, offset),
             SlotRecord::Nop { seq } => self.event(tid, seq, Ev::Nop, offset),
@@ -596,7 +615,7 @@ impl Process {
                         if AllocFn::from_u8(s[1]).is_some() && word(24) <= MAX_ALLOC_SIZE =>
                     {
                         let stack = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
-                        self.alloc(word(16), word(24), stack);
+                        self.alloc(word(16), word(24), stack, s[1]);
                         self.bump();
                         pos += slot::SLOT_LEN;
                         continue;
@@ -666,7 +685,14 @@ impl Process {
     }
 
     #[inline]
-    fn alloc(&mut self, addr: u64, size: u64, stack: u32) {
+    fn alloc(&mut self, addr: u64, size: u64, stack: u32, func: u8) {
+        let i = stack as usize;
+        if let Some(f) = self.alloc_fns.get_mut(i) {
+            *f = func;
+        } else if i < MAX_FN_STACKS {
+            self.alloc_fns.resize((i + 1).next_power_of_two(), NO_FN);
+            self.alloc_fns[i] = func;
+        }
         self.totals.allocs += 1;
         self.totals.bytes_allocated += size;
         let born = self.growth.last_index;
@@ -780,8 +806,11 @@ impl Process {
     fn apply_event(&mut self, ev: Ev) {
         match ev {
             Ev::Alloc {
-                addr, size, stack, ..
-            } => self.alloc(addr, size, stack),
+                addr,
+                size,
+                stack,
+                func,
+            } => self.alloc(addr, size, stack, func),
             Ev::Free { addr } => self.free(addr),
             Ev::Nop => {}
             Ev::Fork { child } => {
@@ -858,6 +887,13 @@ impl Apply<'_> {
     }
 }
 
+impl Process {
+    /// The allocation function of stack `id`'s blocks, when seen.
+    pub fn alloc_fn(&self, id: u32) -> Option<AllocFn> {
+        AllocFn::from_u8(*self.alloc_fns.get(id as usize)?)
+    }
+}
+
 impl compact::Sink for Apply<'_> {
     #[inline]
     fn alloc(
@@ -877,11 +913,19 @@ impl compact::Sink for Apply<'_> {
             ));
         }
         if self.p.pending.is_empty() && seq == self.p.next_seq {
-            self.p.alloc(addr, size, stack);
+            self.p.alloc(addr, size, stack, func);
             self.p.bump();
             return Ok(());
         }
-        self.event(seq, Ev::Alloc { addr, size, stack })
+        self.event(
+            seq,
+            Ev::Alloc {
+                addr,
+                size,
+                stack,
+                func,
+            },
+        )
     }
 
     #[inline]

@@ -12,6 +12,20 @@ use serde::Serialize;
 use crate::callsite::Callsites;
 use crate::process::Process;
 
+/// A suppression that matched, and what it took out of the report (memcheck's `-s` line).
+#[derive(Serialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsedSuppression {
+    pub name: String,
+    /// Its file and the line of its name.
+    pub origin: String,
+    pub records: u64,
+    pub bytes: u64,
+    pub blocks: u64,
+    /// The last record it suppressed (their order in memcheck's list).
+    #[serde(skip)]
+    pub last: usize,
+}
+
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
 pub struct Frame {
     pub function: Option<String>,
@@ -40,6 +54,9 @@ pub struct Leak {
     pub indirect_bytes: u64,
     pub blocks: u64,
     pub stack: Vec<Frame>,
+    /// The allocation function the blocks came from (the first frame of memcheck's stacks).
+    #[serde(skip)]
+    pub alloc_fn: Option<leakhunt_format::AllocFn>,
     /// The suppression (its name) that matched this record: it is not shown and fails nothing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suppressed: Option<String>,
@@ -273,6 +290,12 @@ pub struct ProcReport {
     /// Print a suppression for each shown record (`--gen-suppressions=all`).
     #[serde(skip)]
     pub gen_suppressions: bool,
+    /// Print the suppressions used, with what each suppressed (memcheck's `-s`).
+    #[serde(skip)]
+    pub show_used_suppressions: bool,
+    /// The suppressions that matched a record, in the order first used.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub used_suppressions: Vec<UsedSuppression>,
     pub unwind: Unwind,
     pub captures: Captures,
     pub leaks: Vec<Leak>,
@@ -323,15 +346,40 @@ impl Report {
     }
 
     /// Marks the records a suppression matches (the first that does, in the order given), and
-    /// moves their blocks from their kind's line of the LEAK SUMMARY to `suppressed`.
+    /// moves their blocks from their kind's line of the LEAK SUMMARY to `suppressed`; each
+    /// suppression used is counted (records, bytes, blocks) in `used_suppressions`.
     pub fn suppress(&mut self, supps: &[crate::supp::Suppression]) {
         for p in &mut self.processes {
-            for l in &mut p.leaks {
+            for (i, l) in p.leaks.iter_mut().enumerate() {
                 let kind = Kind::from_name(l.kind).unwrap_or(Kind::Unfreed);
+                // memcheck tries suppressions only on the records it shows or counts as errors:
+                // a still-reachable record not shown stays in its kind's line.
+                if !p.show_kinds.contains(kind) && !p.error_kinds.contains(kind) {
+                    continue;
+                }
                 let Some(s) = supps.iter().find(|s| s.suppresses(kind, &l.stack)) else {
                     continue;
                 };
                 l.suppressed = Some(s.name.clone());
+                let used = match p
+                    .used_suppressions
+                    .iter()
+                    .position(|u| u.name == s.name && u.origin == s.origin)
+                {
+                    Some(i) => &mut p.used_suppressions[i],
+                    None => {
+                        p.used_suppressions.push(UsedSuppression {
+                            name: s.name.clone(),
+                            origin: s.origin.clone(),
+                            ..Default::default()
+                        });
+                        p.used_suppressions.last_mut().expect("just pushed")
+                    }
+                };
+                used.records += 1;
+                used.last = i;
+                used.bytes += l.bytes + l.indirect_bytes;
+                used.blocks += l.blocks;
                 if let Some(x) = p.reachability.as_mut() {
                     let from = match kind {
                         Kind::Definite => &mut x.definitely_lost,
@@ -347,6 +395,10 @@ impl Report {
                     x.suppressed.1 += l.blocks;
                 }
             }
+            // memcheck moves each suppression it uses to the front of its list, and lists them
+            // in that order: the one used last first.
+            p.used_suppressions
+                .sort_by_key(|u| std::cmp::Reverse(u.last));
         }
     }
 
@@ -490,6 +542,7 @@ pub fn build_with(
                 indirect_bytes,
                 blocks,
                 stack: sites.frames(site, id, sym),
+                alloc_fn: p.alloc_fn(id),
                 suppressed: None,
                 unwind,
             };
@@ -617,6 +670,8 @@ pub fn build_with(
         show_kinds: Kinds::DEFAULT,
         error_kinds: Kinds::DEFAULT,
         gen_suppressions: false,
+        show_used_suppressions: false,
+        used_suppressions: Vec::new(),
         summary: Summary {
             in_use_at_exit_bytes: p.live.values().map(|l| l.size).sum(),
             in_use_at_exit_blocks: p.live.len() as u64,
@@ -822,7 +877,7 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
         }
         line("");
         if r.gen_suppressions {
-            raw(&crate::supp::generate(kind, &l.stack));
+            raw(&crate::supp::generate(kind, l.alloc_fn, &l.stack));
         }
     }
     if let Some(t) = &r.timeline {
@@ -891,6 +946,18 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
             plural(s.in_use_at_exit_blocks, "block"),
             total
         ));
+    }
+    if r.show_used_suppressions {
+        for u in &r.used_suppressions {
+            line(&format!(
+                "used_suppression: {:>6} {} {} suppressed: {} bytes in {} blocks",
+                u.records,
+                u.name,
+                u.origin,
+                thousands(u.bytes),
+                thousands(u.blocks)
+            ));
+        }
     }
     if let Some(why) = r.reachability.as_ref().and_then(|x| x.unavailable.as_ref()) {
         line(&format!(

@@ -12,6 +12,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use leakhunt_format::AllocFn;
 
 use crate::report::{Frame, Kind, Kinds};
 
@@ -225,23 +226,44 @@ fn matches(locs: &[Loc], frames: &[Frame]) -> bool {
     }
 }
 
+/// Whether `locs` matches a prefix of memcheck's stack for a block allocated at `frames`: the
+/// allocator's own frame first (leakhunt's stacks leave it out), then `frames`. As in memcheck,
+/// the first location must match that allocator frame, unless it is `...`.
+fn matches_below_allocator(locs: &[Loc], frames: &[Frame]) -> bool {
+    match locs.split_first() {
+        None => true,
+        Some((Loc::Any, rest)) => {
+            matches_below_allocator(rest, frames)
+                || (0..=frames.len()).any(|k| matches(rest, &frames[k..]))
+        }
+        Some((l, rest)) => allocator_frame(l) && matches(rest, frames),
+    }
+}
+
 impl Suppression {
     /// Whether this entry suppresses a record of `kind` allocated at `stack`.
     pub fn suppresses(&self, kind: Kind, stack: &[Frame]) -> bool {
-        if !self.kinds.contains(kind) {
-            return false;
-        }
-        let locs = match self.locs.split_first() {
-            Some((first, rest)) if allocator_frame(first) => rest,
-            _ => &self.locs[..],
-        };
-        matches(locs, stack)
+        self.kinds.contains(kind) && matches_below_allocator(&self.locs, stack)
+    }
+}
+
+/// The name memcheck's stacks give the allocator frame of a block from `f` (its replacement
+/// functions; glibc's `posix_memalign` and `aligned_alloc` reach its `memalign`).
+pub fn allocator_name(f: Option<AllocFn>) -> &'static str {
+    match f {
+        None | Some(AllocFn::Malloc) => "malloc",
+        Some(AllocFn::Calloc) => "calloc",
+        Some(AllocFn::Realloc | AllocFn::Reallocarray) => "realloc",
+        Some(AllocFn::Memalign | AllocFn::PosixMemalign | AllocFn::AlignedAlloc) => "memalign",
+        Some(AllocFn::Valloc | AllocFn::Pvalloc) => "valloc",
+        Some(AllocFn::New) => "_Znwm",
+        Some(AllocFn::NewArray) => "_Znam",
     }
 }
 
 /// The entry `--gen-suppressions=all` prints for a record, as memcheck writes it (its allocator
 /// frame first, then `fun:` with linkage names, `obj:` where no function is known).
-pub fn generate(kind: Kind, stack: &[Frame]) -> String {
+pub fn generate(kind: Kind, alloc: Option<AllocFn>, stack: &[Frame]) -> String {
     let word = match kind {
         Kind::Definite | Kind::NotScanned | Kind::Unfreed => "definite",
         Kind::Indirect => "indirect",
@@ -249,7 +271,8 @@ pub fn generate(kind: Kind, stack: &[Frame]) -> String {
         Kind::Reachable => "reachable",
     };
     let mut s = format!(
-        "{{\n   <insert_a_suppression_name_here>\n   Memcheck:Leak\n   match-leak-kinds: {word}\n   fun:malloc\n"
+        "{{\n   <insert_a_suppression_name_here>\n   Memcheck:Leak\n   match-leak-kinds: {word}\n   fun:{}\n",
+        allocator_name(alloc)
     );
     for f in stack {
         match (&f.mangled, &f.function, &f.module) {
@@ -306,16 +329,32 @@ mod tests {
         assert!(s[0].suppresses(Kind::Definite, &stack));
         assert!(!s[0].suppresses(Kind::Reachable, &stack));
         assert!(!s[0].suppresses(Kind::Definite, &stack[1..]));
+        // As in memcheck, the first line stands for the allocator's frame: `src:keep.c:12` alone
+        // is never the allocator (memcheck suppresses nothing with it), `...` before it is.
         let keep = [frame("keep", None, "keep.c", 12)];
-        assert!(s[1].suppresses(Kind::Reachable, &keep));
-        assert!(!s[1].suppresses(Kind::Definite, &keep));
+        assert!(!s[1].suppresses(Kind::Reachable, &keep));
+        let below = parse(
+            "{\n   below\n   Memcheck:Leak\n   match-leak-kinds: reachable\n   ...\n   src:keep.c:12\n}\n",
+            "u.supp",
+        )
+        .unwrap();
+        assert!(below[0].suppresses(Kind::Reachable, &keep));
+        assert!(!below[0].suppresses(Kind::Definite, &keep));
+        let star = parse(
+            "{\n   star\n   Memcheck:Leak\n   fun:*\n   fun:keep\n}\n",
+            "v.supp",
+        )
+        .unwrap();
+        assert!(star[0].suppresses(Kind::Definite, &keep));
+        let no_alloc = parse("{\n   x\n   Memcheck:Leak\n   fun:keep\n}\n", "w.supp").unwrap();
+        assert!(!no_alloc[0].suppresses(Kind::Definite, &keep));
         let err = parse("{\n x\n Memcheck:Leak\n bogus:1\n}\n", "b.supp").unwrap_err();
         assert!(err.to_string().contains("b.supp, line 4"), "{err}");
         let err = parse("{\n x\n Memcheck:Leak\n ...\n}\n", "c.supp").unwrap_err();
         assert!(err.to_string().contains("at least one"), "{err}");
         assert!(parse("{\n x\n Memcheck:Leak\n fun:a\n", "d.supp").is_err());
         // What --gen-suppressions=all prints suppresses its own record.
-        let g = generate(Kind::Indirect, &stack);
+        let g = generate(Kind::Indirect, None, &stack);
         assert!(
             g.contains("   fun:_ZL11make_holderv\n   fun:helper\n"),
             "{g}"

@@ -190,6 +190,12 @@ pub fn render(r: &ProcReport, tool_argv: &[String]) -> String {
             line(4, "</frame>");
         }
         line(2, "</stack>");
+        if r.gen_suppressions {
+            suppression(
+                &mut line,
+                &crate::supp::generate(kind, l.alloc_fn, &l.stack),
+            );
+        }
         line(0, "</error>");
         line(0, "");
     }
@@ -215,6 +221,34 @@ pub fn render(r: &ProcReport, tool_argv: &[String]) -> String {
     line(0, "</valgrindoutput>");
     line(0, "");
     o
+}
+
+/// A record's ready suppression (`--gen-suppressions=all`) as memcheck writes it inside the
+/// `<error>`: its parts, then the entry itself as `<rawtext>`.
+fn suppression(line: &mut dyn FnMut(usize, &str), entry: &str) {
+    line(2, "<suppression>");
+    let mut lines = entry.lines().map(str::trim);
+    for l in lines.by_ref() {
+        if let Some(name) = l.strip_prefix('<').and_then(|n| n.strip_suffix('>')) {
+            line(4, &format!("<sname>{}</sname>", esc(name)));
+        } else if l == "Memcheck:Leak" {
+            line(4, &format!("<skind>{l}</skind>"));
+        } else if l.starts_with("match-leak-kinds:") {
+            line(4, &format!("<skaux>{}</skaux>", esc(l)));
+        } else if let Some(f) = l.strip_prefix("fun:") {
+            line(4, &format!("<sframe> <fun>{}</fun> </sframe>", esc(f)));
+        } else if let Some(o) = l.strip_prefix("obj:") {
+            line(4, &format!("<sframe> <obj>{}</obj> </sframe>", esc(o)));
+        }
+    }
+    line(4, "<rawtext>");
+    // CDATA ends at the first "]]>": split one that the entry holds.
+    line(
+        0,
+        &format!("<![CDATA[\n{}]]>", entry.replace("]]>", "]]]]><![CDATA[>")),
+    );
+    line(4, "</rawtext>");
+    line(2, "</suppression>");
 }
 
 /// Where process `pid`'s XML goes: `%p` in `path` is its pid; without it, the first process
