@@ -250,13 +250,14 @@ impl Scanner {
         for (i, m) in maps.iter().enumerate() {
             if !(m.read && m.write)
                 || self.is_own(m)
-                || is_heap(&maps, i, &blocks)
                 || (m.path.starts_with("/dev/") && m.path != "/dev/zero")
             {
                 continue;
             }
-            for (s, e) in subtract((m.start, m.end), &skip) {
-                scan.root_range(&mem, s, e);
+            for part in outside_heap(&maps, i, &blocks) {
+                for (s, e) in subtract(part, &skip) {
+                    scan.root_range(&mem, s, e);
+                }
             }
         }
         for (s, e) in stacks {
@@ -452,6 +453,44 @@ fn is_heap(maps: &[Map], i: usize, blocks: &[Block]) -> bool {
             }))
 }
 
+/// The parts of mapping `i` that are not the allocator's: none of an allocator heap
+/// ([`is_heap`]), but all of an anonymous mapping around glibc's mmapped chunks except their
+/// pages. The kernel merges a chunk's mapping with an adjacent anonymous one of the program's
+/// (CPython's arenas, say), whose words are roots like any other.
+fn outside_heap(maps: &[Map], i: usize, blocks: &[Block]) -> Vec<(u64, u64)> {
+    let m = &maps[i];
+    let first = blocks.partition_point(|b| b.start < m.start);
+    let inside = &blocks[first..first + blocks[first..].partition_point(|b| b.start < m.end)];
+    if inside.is_empty() {
+        return if is_heap(maps, i, blocks) {
+            Vec::new()
+        } else {
+            vec![(m.start, m.end)]
+        };
+    }
+    // Only mmapped chunks (each alone on its pages: its header at a page start) leave the rest
+    // of their mapping to the program; anything else there makes it all the allocator's.
+    const PAGE: u64 = 4096;
+    let mmapped = |b: &Block| b.start.saturating_sub(16).is_multiple_of(PAGE);
+    if m.path == "[heap]" || !inside.iter().all(mmapped) || is_heap(maps, i, &[]) {
+        return Vec::new();
+    }
+    let mut parts = Vec::new();
+    let mut at = m.start;
+    for b in inside {
+        let s = b.start.saturating_sub(16);
+        let e = (b.start + b.size).next_multiple_of(PAGE).min(m.end);
+        if s > at {
+            parts.push((at, s));
+        }
+        at = at.max(e);
+    }
+    if at < m.end {
+        parts.push((at, m.end));
+    }
+    parts
+}
+
 /// `range` less every range of `holes`.
 fn subtract(range: (u64, u64), holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut parts = vec![range];
@@ -611,6 +650,29 @@ mod tests {
             .map(|i| is_heap(&maps, i, &blocks))
             .collect();
         assert_eq!(heap, [false, true, true, false, false, true, false]);
+        let outside: Vec<_> = (0..maps.len())
+            .map(|i| outside_heap(&maps, i, &blocks))
+            .collect();
+        assert_eq!(outside[1], []);
+        assert_eq!(outside[4], [(0x7ffff7dd0000, 0x7ffff7dd2000)]);
+        assert_eq!(outside[5], [], "a chunk alone on its mapping");
+        // A pool of the program's merged with a large block's own mapping: the pool is a root,
+        // the chunk's pages are not.
+        let merged = parse_maps("7ffff7a00000-7ffff7b41000 rw-p 00000000 00:00 0 \n");
+        let big = [Block {
+            start: 0x7ffff7b00010,
+            size: 256 << 10,
+        }];
+        assert_eq!(
+            outside_heap(&merged, 0, &big),
+            [(0x7ffff7a00000, 0x7ffff7b00000)]
+        );
+        // Small blocks there (not alone on their pages): the allocator's, all of it.
+        let small = [Block {
+            start: 0x7ffff7b00100,
+            size: 64,
+        }];
+        assert_eq!(outside_heap(&merged, 0, &small), []);
         assert_eq!(
             find_map(&maps, 0x7ffff0000fff).map(|m| m.start),
             Some(0x7ffff0000000)
