@@ -9,17 +9,33 @@ use leakhunt_tests::*;
 use serde_json::json;
 
 #[test]
-fn fork_child_is_reported_only_with_trace_children() {
+fn fork_children_are_followed_unless_asked_not_to() {
     let exe = fixture("fork.c");
     let plain_out = plain(&exe, &[]);
-    let r = run(&exe, &[], &[]);
+    let r = run(&exe, &[], &["--no-follow-forks"]);
     assert_eq!(r.out.stdout, plain_out.stdout);
     assert_eq!(r.stdout(), "child exited 7\n");
     assert_eq!(r.out.status.code(), Some(0));
-    assert_eq!(r.processes().len(), 1, "the child is not traced by default");
+    assert_eq!(
+        r.processes().len(),
+        1,
+        "the child is not followed when asked"
+    );
     let p = r.main();
     expect_leak(p, "fork.c", "FK_PARENT", 111, 1);
     assert_eq!(leaks(p).len(), 1);
+    // By default, as memcheck: the child is a process of its own, with what it inherited.
+    let r = run(&exe, &[], &[]);
+    assert_eq!(r.out.stdout, plain_out.stdout);
+    let ps = r.processes();
+    assert_eq!(ps.len(), 2, "{:#}", r.json);
+    assert_eq!(ps[1]["ppid"], ps[0]["pid"]);
+    assert_eq!(ps[1]["exit"], json!({"code": 7}));
+    expect_leak(&ps[1], "fork.c", "FK_CHILD", 222, 1);
+    expect_leak(&ps[1], "fork.c", "FK_PARENT", 111, 1);
+    assert_eq!(leaks(&ps[1]).len(), 2, "{:#?}", leaks(&ps[1]));
+    assert_eq!(summary(&ps[1], "unmatched_frees"), 0);
+    assert_eq!(leaks(&ps[0]).len(), 1);
 
     let trace = workspace().join(format!(
         "target/test-scratch/fork-{}.trace",

@@ -168,9 +168,13 @@ pub struct RunArgs {
     /// Frames kept per allocation stack (1-256).
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=256))]
     max_frames: u32,
-    /// Also trace forked children and programs started with exec.
+    /// Also trace programs started with exec (forked children are followed anyway, as memcheck
+    /// follows them).
     #[arg(long)]
     trace_children: bool,
+    /// Do not trace forked children (each is otherwise a process of its own in the report).
+    #[arg(long, conflicts_with = "trace_children")]
+    no_follow_forks: bool,
     /// Show the top growing callsites and the process curve on stderr while the program runs
     /// (redrawn at most twice a second).
     #[arg(long)]

@@ -199,6 +199,49 @@ pub struct Reach {
     pub held_us: u64,
     /// The last chunk arrived.
     pub complete: bool,
+    /// Entries for blocks this reader did not know when they came: a fork child's inherited
+    /// blocks, which a kept trace learns only when `leakhunt report` links it to its parent.
+    unknown: FxHashMap<u64, Class>,
+    /// Blocks this reader knew live when the outcome began (the scan may have known more).
+    known_at_scan: u64,
+}
+
+/// The parents' live blocks (and their stacks) at each fork point, by child pid, shared by the
+/// stream readers of one `leakhunt run`: a child's heap scan must see what it inherited before
+/// the run has read its parent's whole stream.
+#[derive(Default)]
+pub struct ForkBook {
+    at_fork: std::sync::Mutex<HashMap<u32, ForkPoint>>,
+    posted: std::sync::Condvar,
+}
+
+type ForkPoint = (FxHashMap<u64, Live>, FxHashMap<u32, Stack>);
+
+impl ForkBook {
+    fn put(&self, child: u32, live: FxHashMap<u64, Live>, stacks: FxHashMap<u32, Stack>) {
+        self.at_fork
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(child, (live, stacks));
+        self.posted.notify_all();
+    }
+
+    /// The fork point of `child`, taken from the book, waiting at most `patience` for it.
+    fn wait(&self, child: u32, patience: std::time::Duration) -> Option<ForkPoint> {
+        let deadline = std::time::Instant::now() + patience;
+        let mut book = self.at_fork.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(p) = book.remove(&child) {
+                return Some(p);
+            }
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            book = self
+                .posted
+                .wait_timeout(book, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -222,8 +265,14 @@ pub struct Process {
     pub gaps: u64,
     next_seq: u64,
     pending: Pending,
-    /// Live blocks at each fork point, by child pid (children traced).
+    /// Live blocks at each fork point, by child pid (forks followed).
     pub forks: FxHashMap<u32, FxHashMap<u64, Live>>,
+    /// The process is a fork child of this pid (its `FORKED` record).
+    pub forked_from: Option<u32>,
+    /// Its parent's blocks at the fork were made its own (at its heap scan, or by `link_forks`).
+    inherited: bool,
+    /// Where the streams of one `leakhunt run` leave their fork points for their children.
+    pub fork_book: Option<std::sync::Arc<ForkBook>>,
     /// Addresses freed without a matching allocation (blocks from before tracing began).
     pub unmatched: rustc_hash::FxHashSet<u64>,
     /// Live bytes and blocks per callsite and for the process at each epoch boundary.
@@ -460,6 +509,22 @@ impl Process {
                     born: 0,
                 },
             );
+            // Read after the scan's outcome (a kept trace): the scan knew this block if it
+            // counted more blocks than this reader had; its class is its entry, or reachable.
+            if let Some(r) = &mut self.reach {
+                if let Some(c) = r.unknown.remove(&addr) {
+                    r.classes.insert(addr, c);
+                } else if r.unavailable.is_none() && r.blocks > r.known_at_scan {
+                    r.classes.insert(
+                        addr,
+                        Class {
+                            kind: 0,
+                            heuristic: leakhunt_format::reach::NO_HEURISTIC,
+                            indirect: 0,
+                        },
+                    );
+                }
+            }
             blocks += 1;
             bytes += live.size;
         }
@@ -468,12 +533,44 @@ impl Process {
         (blocks, bytes)
     }
 
+    /// A fork child's heap scan is near: takes its parent's blocks at the fork from the run's
+    /// book, waiting a little for the parent's stream to reach its fork point.
+    fn inherit_from_book(&mut self) {
+        let (Some(parent), Some(book), Some(pid)) = (
+            self.forked_from,
+            self.fork_book.clone(),
+            self.header.as_ref().map(|h| h.pid),
+        ) else {
+            return;
+        };
+        if self.inherited {
+            return;
+        }
+        let Some((live, stacks)) = book.wait(pid, std::time::Duration::from_secs(2)) else {
+            return;
+        };
+        self.inherited = true;
+        let (blocks, bytes) = self.inherit(&live, &stacks);
+        self.note_inherited(parent, blocks, bytes);
+    }
+
+    fn note_inherited(&mut self, parent: u32, blocks: u64, bytes: u64) {
+        if blocks > 0 {
+            self.warnings.push(format!(
+                "{bytes} bytes in {blocks} block{} were inherited from the parent (pid {parent}) at fork and are counted here",
+                if blocks == 1 { "" } else { "s" }
+            ));
+        }
+    }
+
     /// Gives every fork child among `procs` the heap it inherited from its parent among them.
     pub fn link_forks(procs: &mut [&mut Process]) {
         for i in 0..procs.len() {
-            let (pid, ppid) = match &procs[i].header {
-                Some(h) => (h.pid, h.ppid),
-                None => continue,
+            let (pid, ppid) = match (&procs[i].header, procs[i].forked_from) {
+                (Some(h), Some(parent)) if h.ppid == parent && !procs[i].inherited => {
+                    (h.pid, h.ppid)
+                }
+                _ => continue,
             };
             let Some(j) = (0..procs.len())
                 .find(|&j| j != i && procs[j].pid() == ppid && procs[j].forks.contains_key(&pid))
@@ -482,13 +579,9 @@ impl Process {
             };
             let at_fork = procs[j].forks[&pid].clone();
             let stacks = procs[j].stacks.clone();
+            procs[i].inherited = true;
             let (blocks, bytes) = procs[i].inherit(&at_fork, &stacks);
-            if blocks > 0 {
-                procs[i].warnings.push(format!(
-                    "{bytes} bytes in {blocks} block{} were inherited from the parent (pid {ppid}) at fork and are counted here",
-                    if blocks == 1 { "" } else { "s" }
-                ));
-            }
+            procs[i].note_inherited(ppid, blocks, bytes);
         }
     }
 
@@ -573,6 +666,7 @@ impl Process {
                 self.exit = Some(k);
                 self.set_ended(true);
             }
+            Record::Forked { parent, .. } => self.forked_from = Some(parent),
             Record::Title(mut t) => {
                 // A process that writes its title over its argv pads it with NULs.
                 let same = self.header.as_ref().is_some_and(|h| h.argv == t);
@@ -591,6 +685,11 @@ impl Process {
             }
             Record::Stats(v) => self.stats.extend(v),
             Record::Reach(r) => {
+                // The scan reads the child's heap, which holds what it inherited: those blocks
+                // must be in the live set by then (the parent's stream may lag behind).
+                if r.phase == leakhunt_format::reach::READY {
+                    self.inherit_from_book();
+                }
                 if let Some(mut hook) = self.on_reach.take() {
                     hook(self, &r);
                     self.on_reach = Some(hook);
@@ -727,6 +826,7 @@ impl Process {
                     .collect();
                 self.reach.insert(Reach {
                     classes,
+                    known_at_scan: self.live.len() as u64,
                     ..Reach::default()
                 })
             }
@@ -738,12 +838,16 @@ impl Process {
         r.note = o.note;
         (r.blocks, r.words, r.threads, r.held_us) = (o.blocks, o.words, o.threads, o.held_us);
         for e in o.entries {
-            if let Some(c) = r.classes.get_mut(&e.addr) {
-                *c = Class {
-                    kind: e.kind,
-                    heuristic: e.heuristic,
-                    indirect: e.indirect,
-                };
+            let c = Class {
+                kind: e.kind,
+                heuristic: e.heuristic,
+                indirect: e.indirect,
+            };
+            match r.classes.get_mut(&e.addr) {
+                Some(old) => *old = c,
+                None => {
+                    r.unknown.insert(e.addr, c);
+                }
             }
         }
         r.complete |= o.last;
@@ -814,6 +918,9 @@ impl Process {
             Ev::Free { addr } => self.free(addr),
             Ev::Nop => {}
             Ev::Fork { child } => {
+                if let Some(book) = &self.fork_book {
+                    book.put(child, self.live.clone(), self.stacks.clone());
+                }
                 self.forks.insert(child, self.live.clone());
             }
             Ev::Pairs {

@@ -35,6 +35,8 @@ pub struct Gate {
     pub program: u32,
     /// Descendants of the program may connect too.
     pub children: bool,
+    /// Programs they exec are traced too (and may connect late).
+    pub exec_children: bool,
 }
 
 /// A stream taken: the hello of its first connection, and the bytes of all its connections.
@@ -440,7 +442,7 @@ pub fn finish(
     let started = Instant::now();
     // With children traced: a little while for one that connects late, and as long as a
     // process started with this run's environment lives (a daemon's grandchild included).
-    let grace = Duration::from_millis(if gate.children { 200 } else { 0 });
+    let grace = Duration::from_millis(if gate.exec_children { 200 } else { 0 });
     let mut holders_checked: Option<(Instant, bool)> = None;
     let mut descendants_alive = || {
         if !gate.children {
@@ -547,6 +549,7 @@ mod tests {
             token,
             program: std::process::id(),
             children: false,
+            exec_children: false,
         });
         let shared = Arc::new(Shared::default());
         let (got_tx, got_rx) = crossbeam_channel::unbounded();

@@ -98,6 +98,11 @@ pub enum Record {
     Title(Vec<String>),
     /// The process holds for a heap scan ([`crate::reach`]).
     Reach(crate::reach::Request),
+    /// The process is a fork child of `parent`, whose fork point is its event `seq`.
+    Forked {
+        parent: u32,
+        seq: u64,
+    },
     /// A chunk of the heap scan's outcome.
     ReachResult(crate::reach::Outcome),
     /// A record this version does not know; skipped.
@@ -368,6 +373,7 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         tag::TITLE => "title",
         tag::REACH => "reach",
         tag::REACH_RESULT => "reach-result",
+        tag::FORKED => "forked",
         _ => {
             return Ok(Record::Unknown {
                 tag: t,
@@ -514,6 +520,10 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         }
         tag::WARNING => Record::Warning(p.string("text")?),
         tag::TITLE => Record::Title(crate::split_cmdline(p.bytes("title")?)),
+        tag::FORKED => Record::Forked {
+            parent: p.u32("parent pid")?,
+            seq: p.u64("fork point")?,
+        },
         tag::REACH => {
             let phase = p.u8("phase")?;
             p.take(3, "padding")?;

@@ -214,6 +214,14 @@ pub fn stats(pairs: &[(u32, u64)], out: &mut Vec<u8>) {
     r.finish_into(tag::STATS, out);
 }
 
+/// The body of a `FORKED` record: the parent's pid and the sequence number of its fork point.
+pub fn forked_body(parent: u32, seq: u64) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..4].copy_from_slice(&parent.to_le_bytes());
+    b[4..].copy_from_slice(&seq.to_le_bytes());
+    b
+}
+
 pub fn warning(text: &str, out: &mut Vec<u8>) {
     let mut r = RecordBuf::new();
     r.bytes(text.as_bytes()).finish_into(tag::WARNING, out);

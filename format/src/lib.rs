@@ -93,6 +93,9 @@ pub mod tag {
     /// The heap scan's outcome ([`crate::reach::Outcome`]), echoed into the trace by the
     /// process that was scanned, so that a kept trace reports the same kinds.
     pub const REACH_RESULT: u16 = 13;
+    /// The process is a fork child (its image began at `fork`, not at `exec`): its heap starts
+    /// as its parent's live blocks at the parent's fork point.
+    pub const FORKED: u16 = 14;
 }
 
 /// An epoch boundary, written by the tracer every epoch interval: the events numbered below

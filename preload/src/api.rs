@@ -384,8 +384,10 @@ pub unsafe extern "C" fn fork() -> libc::pid_t {
     // SAFETY: libc's fork, same signature.
     let pid =
         unsafe { core::mem::transmute::<*mut c_void, unsafe extern "C" fn() -> libc::pid_t>(f)() };
-    if let (Some(seq), true) = (mark, pid != 0) {
-        tracer::after_fork_in_parent(seq, pid);
+    match (mark, pid) {
+        (Some(seq), 0) => tracer::after_fork_in_child(seq),
+        (Some(seq), _) => tracer::after_fork_in_parent(seq, pid),
+        _ => {}
     }
     pid
 }

@@ -6,10 +6,11 @@
 //! | `LEAKHUNT_SOCKET` | Unix socket of a `leakhunt run` to stream to | unset: write a file |
 //! | `LEAKHUNT_OUT` | trace file path (`%p` = pid) | `leakhunt.<pid>.trace` |
 //! | `LEAKHUNT_MAX_FRAMES` | frames kept per stack, 1-256 | 64 |
-//! | `LEAKHUNT_TRACE_CHILDREN` | `1`: trace fork children and exec'd programs | `0` |
+//! | `LEAKHUNT_TRACE_CHILDREN` | `1`: trace exec'd programs too (fork children are followed anyway) | `0` |
+//! | `LEAKHUNT_FOLLOW_FORKS` | `0`: do not trace fork children (memcheck follows them without being asked) | `1` |
 //! | `LEAKHUNT_FREERES` | `0`: do not ask libc/libstdc++ to free their internal buffers at exit | `1` |
 //! | `LEAKHUNT_RING_DIR` | directory (private to `leakhunt run`) where rings are shared files, so the CLI keeps what reached them if the process is killed | unset: anonymous memory |
-//! | `LEAKHUNT_ELIDE` | `0`: send every event, also allocations freed again before the next epoch boundary, which are otherwise counted per stack instead (FORMAT.md, "Elided pairs"; always sent when forks are traced) | `1` |
+//! | `LEAKHUNT_ELIDE` | `0`: send every event, also allocations freed again before the next epoch boundary, which are otherwise counted per stack instead (FORMAT.md, "Elided pairs"; none is elided across a fork) | `1` |
 //! | `LEAKHUNT_UNWIND_REUSE` | `0`: walk every frame of every stack (the reference the fast path is tested against) | `1` |
 //! | `LEAKHUNT_SNAPSHOT_MS` | milliseconds between automatic snapshots (`auto-1`, `auto-2`, ...); `0`: none | `0` |
 //! | `LEAKHUNT_TOKEN` | the run's secret (32 hex digits), sent first on every connection to `LEAKHUNT_SOCKET` so that `leakhunt run` knows its own processes | unset: zeros |
@@ -27,6 +28,8 @@ pub struct Config {
     pub token: [u8; 16],
     pub max_frames: usize,
     pub trace_children: bool,
+    /// Fork children are traced as processes of their own.
+    pub follow_forks: bool,
     pub freeres: bool,
     pub unwind_reuse: bool,
     pub elide: bool,
@@ -45,6 +48,7 @@ static mut CONFIG: Config = Config {
     token: [0; 16],
     max_frames: 64,
     trace_children: false,
+    follow_forks: true,
     freeres: true,
     unwind_reuse: true,
     elide: true,
@@ -95,12 +99,14 @@ pub fn load() {
         }
         c.max_frames = max_frames;
         c.trace_children = trace_children;
+        c.follow_forks =
+            trace_children || env(c"LEAKHUNT_FOLLOW_FORKS").is_none_or(|s| s.to_bytes() != b"0");
         c.freeres = env(c"LEAKHUNT_FREERES").is_none_or(|s| s.to_bytes() != b"0");
         c.reach = env(c"LEAKHUNT_REACH").is_none_or(|s| s.to_bytes() != b"0");
         c.unwind_reuse = env(c"LEAKHUNT_UNWIND_REUSE").is_none_or(|s| s.to_bytes() != b"0");
-        // A fork point needs the live set exactly as the events give it: no elided pairs when
-        // forks are traced.
-        c.elide = !c.trace_children && env(c"LEAKHUNT_ELIDE").is_none_or(|s| s.to_bytes() != b"0");
+        // A fork point is a boundary no elided pair crosses (`out::fork_point`): the child's
+        // heap is exactly the live set the events give there.
+        c.elide = env(c"LEAKHUNT_ELIDE").is_none_or(|s| s.to_bytes() != b"0");
         if let Some(ms) =
             env(c"LEAKHUNT_SNAPSHOT_MS").and_then(|s| s.to_str().ok()?.parse::<u64>().ok())
         {

@@ -62,6 +62,11 @@ struct Out {
     bound_floor: u64,
     /// Entries of `modules::LOG` already written.
     modules_sent: usize,
+    /// This image is a fork child: the `FORKED` record's body, written right after the header.
+    forked: Option<[u8; 12]>,
+    /// This image was made without fork handlers (a raw `clone`, `_Fork`) and adopted: its
+    /// trace says that what it inherited is unknown.
+    adopted: bool,
 }
 
 const PATH_LEN: usize = 4200;
@@ -85,6 +90,8 @@ static mut OUT: Out = Out {
     nbounds: 0,
     bound_floor: 0,
     modules_sent: 0,
+    forked: None,
+    adopted: false,
 };
 
 const MAX_BOUNDS: usize = 16;
@@ -430,7 +437,23 @@ fn ensure_open() -> bool {
     // SAFETY: HEADER is written once by init before any flush and read-only afterwards.
     let header = unsafe { &*core::ptr::addr_of!(HEADER) };
     push(header);
+    if let Some(f) = o.forked {
+        push_sealed(tag::FORKED, &[&f]);
+    }
+    if o.adopted {
+        let text = ADOPTED_NOTE.as_bytes();
+        push_sealed(tag::WARNING, &[&(text.len() as u32).to_le_bytes(), text]);
+    }
     true
+}
+
+const ADOPTED_NOTE: &str = "this process was made without fork handlers (a raw clone or _Fork): \
+the blocks it inherited from its parent are unknown to leakhunt, and only its own are reported";
+
+/// This image was made without fork handlers: its trace will say so (see `ADOPTED_NOTE`).
+pub fn note_adopted() {
+    let _l = LOCK.lock();
+    out().adopted = true;
 }
 
 /// The file `fd` names, as the kernel sees it (`/proc/self/fd/N`), into `path` (NUL-terminated);
@@ -797,6 +820,48 @@ fn send_title() {
 /// ones) with the time and the process's RSS, then flushes what was recorded. With a name, the
 /// boundary is also a snapshot. Allocation-free (names are cut at 255 bytes).
 ///
+/// This process is a fork child of `parent`, whose fork point is `seq`: the `FORKED` record.
+pub fn forked(parent: u32, seq: u64) {
+    let _l = LOCK.lock();
+    let body = encode::forked_body(parent, seq);
+    let o = out();
+    o.forked = Some(body);
+    // Right after the header when the stream opens; at once if it already did (the writer
+    // thread may have been first).
+    if STATE.load(Ordering::Relaxed) == OPEN {
+        push_sealed(tag::FORKED, &[&body]);
+    }
+}
+
+/// A fork child about to exec without `--trace-children`: its image ends untraced, and if it
+/// never opened a stream, it opens none (memcheck says nothing about such an image). Returns
+/// whether the output is off now.
+pub fn end_fork_image_quietly() -> bool {
+    let _l = LOCK.lock();
+    if out().forked.is_none() || STATE.load(Ordering::Relaxed) != CLOSED {
+        return false;
+    }
+    STATE.store(OFF, Ordering::Release);
+    true
+}
+
+/// A fork point: its sequence number (taken by `take_seq` under the lock) becomes a boundary
+/// that no elided pair crosses, so a block allocated before the fork and freed after it in the
+/// parent is sent, and the child's inherited heap is exact. Returns the number.
+pub fn fork_point(take_seq: impl Fn() -> u64) -> u64 {
+    let _l = LOCK.lock();
+    let seq = take_seq();
+    let o = out();
+    if o.nbounds == MAX_BOUNDS {
+        o.bound_floor = o.bounds[0];
+        o.bounds.copy_within(1.., 0);
+        o.nbounds -= 1;
+    }
+    o.bounds[o.nbounds] = seq;
+    o.nbounds += 1;
+    seq
+}
+
 /// `seq_now` reads the next sequence number: read under the lock, so that every batch the pair
 /// finder sees afterwards knows this boundary, and every batch it saw before held only numbers
 /// below it.
@@ -1042,6 +1107,8 @@ pub fn after_fork_child(trace: bool) {
     // The inherited copy of our descriptor, if the child has not taken the number for itself.
     fds::close_own(o.fd, o.id);
     o.fd = -1;
+    o.forked = None;
+    o.adopted = false;
     o.sent = 0;
     o.len = 0;
     o.modules_sent = 0;

@@ -86,6 +86,11 @@ pub fn stack_pointer() -> u64 {
 }
 
 /// The calling process's pid from the kernel (libc's getpid may be stale in a vfork child).
+pub fn getppid() -> u32 {
+    // SAFETY: getppid has no preconditions.
+    unsafe { libc::getppid() as u32 }
+}
+
 pub fn getpid() -> u32 {
     // SAFETY: getpid has no arguments and cannot fail.
     unsafe { libc::syscall(libc::SYS_getpid) as u32 }

@@ -81,7 +81,7 @@ fn this_process() -> bool {
         let Some(g) = Guard::enter() else {
             return false;
         };
-        g.forwarding(become_child);
+        g.forwarding(become_adopted_child);
         return STATE.load(Ordering::Acquire) == READY;
     }
     sys::getpid() == PID.load(Ordering::Relaxed)
@@ -106,7 +106,7 @@ fn enter_slow() -> Option<Guard> {
             // its memory is a copy of its parent's, the tracer's state included. Inside a fork's
             // own handlers this thread is guarded, and the child handler does the same.
             let g = Guard::enter()?;
-            g.forwarding(become_child);
+            g.forwarding(become_adopted_child);
             (STATE.load(Ordering::Acquire) == READY).then_some(g)
         }
         UNINIT => {
@@ -411,13 +411,26 @@ pub fn on_realloc(
     after_publish(ts);
 }
 
-/// Before `fork()` with children traced: the sequence number that marks the fork point (the
-/// child's heap is the parent's live blocks as of the events before it).
+/// Before `fork()` with forks followed: the sequence number that marks the fork point (the
+/// child's heap is the parent's live blocks as of the events before it; no pair is elided
+/// across it).
 pub fn before_fork() -> Option<u64> {
-    if !config::get().trace_children || !this_process() {
+    if !config::get().follow_forks || !this_process() || STATE.load(Ordering::Acquire) != READY {
         return None;
     }
-    Some(SEQ.fetch_add(1, Ordering::Relaxed))
+    let g = Guard::enter()?;
+    Some(g.forwarding(|| out::fork_point(|| SEQ.fetch_add(1, Ordering::Relaxed))))
+}
+
+/// After `fork()` in a child that is traced: say so first, with the parent's fork point, so that
+/// the reader starts its heap as the parent's there (an exec'd image says nothing of the kind).
+pub fn after_fork_in_child(seq: u64) {
+    if STATE.load(Ordering::Acquire) != READY {
+        return;
+    }
+    let Some(g) = Guard::enter() else { return };
+    let parent = sys::getppid();
+    g.forwarding(|| out::forked(parent, seq));
 }
 
 /// After `fork()` in the parent: publish the fork point (`child` <= 0: fork failed, a no-op).
@@ -553,6 +566,15 @@ extern "C" fn fork_child() {
     unsafe { (*crate::tls::state()).depth = 0 };
 }
 
+/// A process made without fork handlers, found at its first call: a child like a fork's, whose
+/// trace says that its inherited blocks are unknown (no fork point was marked for it).
+fn become_adopted_child() {
+    become_child();
+    if STATE.load(Ordering::Acquire) == READY {
+        out::note_adopted();
+    }
+}
+
 /// In a new process (a fork child, or one made without fork handlers), with one thread, guarded:
 /// forget the parent's output, control socket and unsent events; with children traced, start
 /// this process's own trace, else stop recording for good. Whatever the parent's other threads
@@ -564,7 +586,7 @@ fn become_child() {
     // The parent's control socket is the parent's (a traced child opens its own).
     crate::control::close(false);
     crate::side::after_fork_child();
-    let trace = config::get().trace_children && STATE.load(Ordering::Acquire) == READY;
+    let trace = config::get().follow_forks && STATE.load(Ordering::Acquire) == READY;
     out::after_fork_child(trace);
     let ts = crate::tls::state();
     // SAFETY: the child has one thread; its TLS is ours to reset.
@@ -747,6 +769,10 @@ pub fn before_exec() {
     }
     // The new image, if traced, opens its own control socket.
     crate::control::close(true);
+    if !config::get().trace_children && out::end_fork_image_quietly() {
+        // Events it recorded (its rings) go nowhere: the heap they describe ends with it.
+        return;
+    }
     out::finish(Some(ExitKind::Exec), false);
 }
 
