@@ -317,6 +317,56 @@ fn a_pool_merged_with_a_large_blocks_mapping_is_a_root() {
     );
 }
 
+/// With the preload alone (no `leakhunt run`), the process starts a helper at exit that makes
+/// the same heap scan: its trace reports the same kinds, record for record, as `run` and memcheck.
+#[test]
+fn the_preload_alone_sorts_blocks_into_the_same_kinds() {
+    let exe = fixture("kinds.c");
+    let dir = std::env::temp_dir().join(format!("lh-alone-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("k.trace");
+    let out = std::process::Command::new(&exe)
+        .env("LD_PRELOAD", preload())
+        .env("LEAKHUNT_OUT", &trace)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, plain(&exe, &[]).stdout);
+    let (rep, alone) = report(&[&trace]);
+    assert!(
+        rep.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rep.stderr)
+    );
+    let key = |l: &Leak| {
+        (
+            l.kind.clone(),
+            l.bytes,
+            l.indirect,
+            l.blocks,
+            l.frames.first().cloned(),
+        )
+    };
+    let ours = |p: &serde_json::Value| {
+        let mut v: Vec<_> = records(p)
+            .iter()
+            .filter(|l| l.frames.first().is_some_and(|f| f.1 == "kinds.c"))
+            .map(key)
+            .collect();
+        v.sort();
+        v
+    };
+    let live = run(&exe, &[], &[]);
+    let (a, b) = (ours(&alone["processes"][0]), ours(live.main()));
+    assert_eq!(a.len(), 13, "{a:#?}");
+    assert_eq!(a, b);
+    assert!(
+        a.iter().any(|k| k.0 == "definitely_lost") && a.iter().any(|k| k.0 == "still_reachable")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn heuristics_match_memcheck() {
     let lh = compare_kinds("heuristics.cpp", &[], &[]);

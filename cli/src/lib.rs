@@ -12,6 +12,7 @@ pub mod input;
 pub mod outfile;
 pub mod process;
 pub mod program;
+pub mod reach_helper;
 pub mod recover;
 pub mod report;
 pub mod scan;

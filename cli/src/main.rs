@@ -56,6 +56,16 @@ enum Cmd {
     /// Print a trace's records (for debugging leakhunt itself).
     #[command(hide = true)]
     Dump { trace: PathBuf },
+    /// The heap scan at exit of a process traced by the preload alone, which starts it.
+    #[command(hide = true)]
+    ReachHelper {
+        #[arg(long)]
+        trace: PathBuf,
+        #[arg(long)]
+        pid: u32,
+        #[arg(long)]
+        lib: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -546,6 +556,10 @@ fn main() -> ExitCode {
         Cmd::Verify(a) => verify_cmd(a),
         Cmd::Snapshot(a) => snapshot_cmd(a),
         Cmd::Dump { trace } => dump(trace),
+        Cmd::ReachHelper { trace, pid, lib } => {
+            leakhunt::reach_helper::run(trace.clone(), *pid, lib.clone())
+                .map(|()| ExitCode::SUCCESS)
+        }
         Cmd::CompareValgrind { memcheck, leakhunt } => (|| {
             let vg = leakhunt::vgcompare::read(memcheck)?;
             let lh = leakhunt::vgcompare::read(leakhunt)?;

@@ -244,11 +244,29 @@ mod tests {
         assert!(compare(&vg[..1], &lh).1);
         // A record memcheck could not name fits both of leakhunt's; taking the first would leave
         // the named one without its twin.
-        let vg = parse(&doc(&(err("Leak_StillReachable", "8 bytes", 8, &[("???", "/lib/x.so")])
-            + &err("Leak_StillReachable", "8 bytes", 8, &[("foo", "/bin/x")]))))
+        let vg = parse(&doc(&(err(
+            "Leak_StillReachable",
+            "8 bytes",
+            8,
+            &[("???", "/lib/x.so")],
+        ) + &err(
+            "Leak_StillReachable",
+            "8 bytes",
+            8,
+            &[("foo", "/bin/x")],
+        ))))
         .unwrap();
-        let lh = parse(&doc(&(err("Leak_StillReachable", "8 bytes", 8, &[("foo", "/bin/x")])
-            + &err("Leak_StillReachable", "8 bytes", 8, &[("bar", "/bin/x")]))))
+        let lh = parse(&doc(&(err(
+            "Leak_StillReachable",
+            "8 bytes",
+            8,
+            &[("foo", "/bin/x")],
+        ) + &err(
+            "Leak_StillReachable",
+            "8 bytes",
+            8,
+            &[("bar", "/bin/x")],
+        ))))
         .unwrap();
         let (text, ok) = compare(&vg, &lh);
         assert!(ok, "{text}");

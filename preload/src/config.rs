@@ -14,6 +14,7 @@
 //! | `LEAKHUNT_UNWIND_REUSE` | `0`: walk every frame of every stack (the reference the fast path is tested against) | `1` |
 //! | `LEAKHUNT_SNAPSHOT_MS` | milliseconds between automatic snapshots (`auto-1`, `auto-2`, ...); `0`: none | `0` |
 //! | `LEAKHUNT_TOKEN` | the run's secret (32 hex digits), sent first on every connection to `LEAKHUNT_SOCKET` so that `leakhunt run` knows its own processes | unset: zeros |
+//! | `LEAKHUNT_CLI` | the `leakhunt` binary that makes the heap scan at exit for the preload alone | `leakhunt` next to the library |
 //! | `LEAKHUNT_EPOCH_MS` | milliseconds between epoch boundaries (with the RSS) in the trace, 10-3,600,000; `0`: none | `1000` |
 
 extern crate alloc;
@@ -123,6 +124,7 @@ pub fn load() {
         }
     }
     LOADED.store(true, Ordering::Release);
+    crate::helper::note_paths(env(c"LEAKHUNT_CLI"));
 }
 
 /// 32 hex digits as 16 bytes.

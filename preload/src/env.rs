@@ -5,7 +5,7 @@ extern crate alloc;
 use alloc::vec::Vec;
 use core::ffi::{c_char, CStr};
 
-fn own_path() -> Option<&'static CStr> {
+pub fn own_path() -> Option<&'static CStr> {
     // SAFETY: dladdr fills `info` for an address inside this library; dli_fname points to the
     // loader's copy of its path, valid while the library is loaded (for ever).
     unsafe {

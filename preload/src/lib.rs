@@ -12,6 +12,7 @@ mod control;
 mod dedup;
 mod env;
 mod fds;
+mod helper;
 mod modules;
 mod out;
 mod real;

@@ -910,9 +910,26 @@ pub fn reach_scan(sp: u64) {
     use leakhunt_format::reach::{self, reply};
     let _l = LOCK.lock();
     let o = out();
-    if !ensure_open() || !o.socket {
+    if !ensure_open() {
         return;
     }
+    // The replies come on the trace socket from `leakhunt run`, or, with the preload alone, on
+    // a socket pair from a helper that reads the trace file (`helper`).
+    let (fd, id, helper) = if o.socket {
+        allow_cli_to_trace(o.fd);
+        (o.fd, o.id, None)
+    } else {
+        flush_locked();
+        write_buf();
+        let Some((child, fd)) = crate::helper::spawn(&o.path, sys::getpid()) else {
+            return;
+        };
+        let Some(id) = fds::ident(fd) else {
+            crate::helper::finish(child, fd);
+            return;
+        };
+        (fd, id, Some(child))
+    };
     let mut skip_ranges = [(0u64, 0u64); reach::MAX_SKIPS * 4];
     let mut n = sys::own_ranges(&mut skip_ranges[1..]);
     // This thread's alternate signal stack (a handler's frames, long gone, perhaps in a heap
@@ -928,7 +945,6 @@ pub fn reach_scan(sp: u64) {
     } else {
         skip_ranges.copy_within(1..=n, 0);
     }
-    allow_cli_to_trace(o.fd);
     // leakhunt's own threads: their stacks hold none of the program's pointers.
     let mut tids = [0u32; 2];
     let mut ntids = 0;
@@ -961,7 +977,7 @@ pub fn reach_scan(sp: u64) {
             break;
         }
         let mut b = [0u8; 1];
-        if !recv_exact(o, &mut b) {
+        if !recv_exact(fd, id, &mut b) {
             break;
         }
         match b[0] {
@@ -974,7 +990,7 @@ pub fn reach_scan(sp: u64) {
             }
             reply::RESULT => {
                 let mut l = [0u8; 4];
-                if !recv_exact(o, &mut l) {
+                if !recv_exact(fd, id, &mut l) {
                     break;
                 }
                 let len = u32::from_le_bytes(l) as usize;
@@ -990,7 +1006,7 @@ pub fn reach_scan(sp: u64) {
                 // SAFETY: `chunk` maps MAX_CHUNK bytes, `len` is at most that, and nothing else
                 // uses the mapping.
                 let data = unsafe { core::slice::from_raw_parts_mut(chunk, len) };
-                if !recv_exact(o, data) {
+                if !recv_exact(fd, id, data) {
                     break;
                 }
                 push_sealed(tag::REACH_RESULT, &[data]);
@@ -998,6 +1014,9 @@ pub fn reach_scan(sp: u64) {
             }
             _ => break,
         }
+    }
+    if let Some(child) = helper {
+        crate::helper::finish(child, fd);
     }
 }
 
@@ -1028,15 +1047,15 @@ fn allow_cli_to_trace(sock: i32) {
 /// Reads exactly `buf.len()` bytes from the CLI on the trace socket, checking before each call
 /// that the descriptor is still ours; false when the connection ended, the descriptor was taken,
 /// or nothing came for a long while (the CLI is stuck: the program must not be).
-fn recv_exact(o: &mut Out, buf: &mut [u8]) -> bool {
+fn recv_exact(fd: i32, id: fds::Ident, buf: &mut [u8]) -> bool {
     let mut at = 0;
     let mut quiet_ms = 0;
     while at < buf.len() {
-        if !fds::is(o.fd, o.id) {
+        if !fds::is(fd, id) {
             return false;
         }
         let mut p = libc::pollfd {
-            fd: o.fd,
+            fd,
             events: libc::POLLIN,
             revents: 0,
         };
@@ -1045,7 +1064,7 @@ fn recv_exact(o: &mut Out, buf: &mut [u8]) -> bool {
         if r == 0 {
             quiet_ms += 1000;
             if quiet_ms >= REACH_PATIENCE_MS {
-                sys::diag("the heap scan at exit got no answer from leakhunt run; going on");
+                sys::diag("the heap scan at exit got no answer from leakhunt; going on");
                 return false;
             }
             continue;
@@ -1056,7 +1075,7 @@ fn recv_exact(o: &mut Out, buf: &mut [u8]) -> bool {
         // SAFETY: `buf[at..]` is writable; MSG_DONTWAIT since poll said there is something.
         let n = unsafe {
             libc::recv(
-                o.fd,
+                fd,
                 buf[at..].as_mut_ptr().cast(),
                 buf.len() - at,
                 libc::MSG_DONTWAIT,

@@ -1,0 +1,96 @@
+//! `leakhunt reach-helper`: the heap scan at exit for a process traced by the preload alone (no
+//! `leakhunt run` to ask). The exiting process starts this helper (no SIGCHLD, an empty
+//! environment) with one end of a socket pair as its stdin, then holds in its exit path as it does for `run`:
+//! its trace file says what is live, the socket carries the scan's replies.
+//!
+//! The helper reads the trace file as it grows, from its start (the process flushed everything
+//! before it started the helper) up to the process's `REACH` records, with the same [`Scanner`]
+//! `run` uses: held threads, roots, classification. The process echoes the outcome into its own
+//! trace, so `leakhunt report` gives the kinds as `run` does.
+
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use leakhunt_format::reach;
+
+use crate::process::Process;
+use crate::scan::Scanner;
+
+/// How long the trace may stay without growing before the helper gives up (the process writes
+/// its records within milliseconds of each reply).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Reads a file that another process is still writing: at its end, waits for more until `done`.
+struct Tail {
+    file: std::fs::File,
+    done: Arc<AtomicBool>,
+    quiet_since: Option<Instant>,
+}
+
+impl Read for Tail {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let n = self.file.read(buf)?;
+            if n > 0 {
+                self.quiet_since = None;
+                return Ok(n);
+            }
+            if self.done.load(Ordering::Acquire) {
+                return Ok(0);
+            }
+            let since = *self.quiet_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > PATIENCE {
+                return Ok(0);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Runs the helper: its stdin is its end of the socket pair, `pid` the process, `lib` the
+/// preload library (its mappings are no roots).
+pub fn run(trace: PathBuf, pid: u32, lib: Option<PathBuf>) -> anyhow::Result<()> {
+    let sock = UnixStream::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+    if rustix::net::sockopt::socket_peercred(&sock).is_err() {
+        anyhow::bail!("reach-helper: stdin is not the socket a traced process gives its helper");
+    }
+    let replies = Arc::new(Mutex::new(Some(sock.try_clone()?)));
+    let file = std::fs::File::open(&trace)?;
+    let done = Arc::new(AtomicBool::new(false));
+    let mut p = Process::new();
+    let mut scanner = Scanner::new(
+        pid,
+        replies,
+        lib.into_iter().collect(),
+        leakhunt_reach::Heuristics::ALL,
+    )
+    .into_hook();
+    let finished = done.clone();
+    p.on_reach = Some(Box::new(move |p: &Process, r: &reach::Request| {
+        scanner(p, r);
+        if r.phase == reach::READY {
+            finished.store(true, Ordering::Release);
+        }
+    }));
+    let (_p, _err) = Process::read_stream_with(
+        p,
+        Tail {
+            file,
+            done: done.clone(),
+            quiet_since: None,
+        },
+    );
+    // The outcome goes out from a thread of the scanner's: the process closes its end once it
+    // has read it all.
+    if done.load(Ordering::Acquire) {
+        let _ = sock.set_read_timeout(Some(PATIENCE));
+        let mut b = [0u8; 64];
+        while matches!((&sock).read(&mut b), Ok(n) if n > 0) {}
+    }
+    Ok(())
+}
