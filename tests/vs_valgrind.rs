@@ -367,6 +367,27 @@ fn the_preload_alone_sorts_blocks_into_the_same_kinds() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Memory leakhunt's library freed before `main` comes back to the program uninitialised: none
+/// of leakhunt's words may be left in it to read as the program's pointers (memcheck keeps its
+/// own memory apart). Every block the program leaks is definitely lost, as memcheck says.
+#[test]
+fn leakhunts_freed_memory_holds_no_pointers_for_the_scan() {
+    let exe = fixture("stale_own.c");
+    let r = run(&exe, &[], &[]);
+    assert_eq!(r.stdout(), "0 stale\n");
+    let at = |records: &[Leak]| {
+        records
+            .iter()
+            .filter(|l| l.frames.first().is_some_and(|f| f.1 == "stale_own.c"))
+            .filter(|l| l.frames[0].2 == line_of("stale_own.c", "SO_LEAK"))
+            .map(|l| (l.kind.clone(), l.bytes, l.blocks))
+            .collect::<Vec<_>>()
+    };
+    let lh = at(&records(r.main()));
+    assert_eq!(lh, [("definitely_lost".to_string(), 64 * 32, 64)]);
+    assert_eq!(at(&valgrind_records(&exe, &[], &[])), lh);
+}
+
 #[test]
 fn heuristics_match_memcheck() {
     let lh = compare_kinds("heuristics.cpp", &[], &[]);

@@ -316,9 +316,17 @@ unsafe impl core::alloc::GlobalAlloc for RealAlloc {
             }
         }
     }
-    unsafe fn dealloc(&self, ptr: *mut u8, _layout: core::alloc::Layout) {
-        // SAFETY: `ptr` came from `alloc` above, i.e. from the real allocator.
-        unsafe { free(ptr.cast()) }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: core::alloc::Layout) {
+        // Cleared first: the program gets this memory back from malloc uninitialised, and our
+        // words (paths, pointers between our records) must not read as its pointers to a heap
+        // scan (memcheck keeps its own memory apart; seen: a CPython fork child's leaked locks
+        // reached through a freed list of ours).
+        // SAFETY: `ptr` came from `alloc` with `layout`: `layout.size()` writable bytes, ours
+        // until the free below.
+        unsafe {
+            core::ptr::write_bytes(ptr, 0, layout.size());
+            free(ptr.cast())
+        }
     }
     unsafe fn alloc_zeroed(&self, layout: core::alloc::Layout) -> *mut u8 {
         if layout.align() <= 16 {
@@ -335,23 +343,19 @@ unsafe impl core::alloc::GlobalAlloc for RealAlloc {
         }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: core::alloc::Layout, new: usize) -> *mut u8 {
-        if layout.align() <= 16 {
-            // SAFETY: `ptr` came from the real malloc; `new` is non-zero.
-            unsafe { realloc(ptr.cast(), new) as *mut u8 }
-        } else {
-            let nl = core::alloc::Layout::from_size_align(new, layout.align());
-            let Ok(nl) = nl else {
-                return core::ptr::null_mut();
-            };
-            // SAFETY: a fresh block, then a copy of the old contents and a free of the old one.
-            unsafe {
-                let q = self.alloc(nl);
-                if !q.is_null() {
-                    core::ptr::copy_nonoverlapping(ptr, q, layout.size().min(new));
-                    self.dealloc(ptr, layout);
-                }
-                q
+        // Never the C realloc: a block it moves or shrinks leaves our bytes behind in free
+        // memory (see `dealloc`). A fresh block, a copy, and the old one cleared and freed.
+        let Ok(nl) = core::alloc::Layout::from_size_align(new, layout.align()) else {
+            return core::ptr::null_mut();
+        };
+        // SAFETY: `ptr` came from `alloc` with `layout`; the new block holds `new` bytes.
+        unsafe {
+            let q = self.alloc(nl);
+            if !q.is_null() {
+                core::ptr::copy_nonoverlapping(ptr, q, layout.size().min(new));
+                self.dealloc(ptr, layout);
             }
+            q
         }
     }
 }
