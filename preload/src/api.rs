@@ -95,12 +95,10 @@ pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> 
         // SAFETY: overflow: libc fails with ENOMEM and leaves `p` alone; nothing to record.
         return unsafe { real::reallocarray(p, n, size) };
     };
+    // Without overflow, reallocarray is realloc of the product: glibc's own would call back
+    // into our realloc hook (a nested call, counted as one from a signal handler).
     // SAFETY: forwarding the caller's contract.
-    unsafe {
-        realloc_shim(AllocFn::Reallocarray, p, total, || {
-            real::reallocarray(p, n, size)
-        })
-    }
+    unsafe { realloc_shim(AllocFn::Reallocarray, p, total, || real::realloc(p, total)) }
 }
 
 #[cfg_attr(not(test), no_mangle)]
