@@ -122,7 +122,7 @@ pub fn build_in(
         FxHashMap::default();
     if let Some(r) = p.reach.as_ref().filter(|r| r.unavailable.is_none()) {
         for (addr, l) in &p.live {
-            let kind = match r.classes.get(addr).map(|c| c.kind) {
+            let kind = match r.class(*addr).map(|c| c.kind) {
                 Some(0) => "still_reachable",
                 Some(1) => "possibly_lost",
                 Some(2) => "indirectly_lost",

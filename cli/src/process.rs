@@ -184,12 +184,15 @@ pub struct Class {
     pub indirect: u64,
 }
 
-/// The heap scan's outcome, as the trace gives it.
+/// The heap scan's outcome, as the trace gives it: every block live at the scan is still
+/// reachable unless `entries` says otherwise (10 M blocks need no 10 M-entry table); a block
+/// allocated since is `unscanned`; a block freed since leaves both.
 #[derive(Clone, Debug, Default)]
 pub struct Reach {
-    /// The class of every block live at the scan and still live (a block freed or allocated
-    /// since is dropped: it was not, or is no longer, what was scanned).
-    pub classes: FxHashMap<u64, Class>,
+    /// The classes that are not plain "still reachable", of blocks live at the scan.
+    entries: FxHashMap<u64, Class>,
+    /// Live blocks the scan did not see (allocated after it began, or inherited unseen).
+    unscanned: rustc_hash::FxHashSet<u64>,
     /// Why there is no classification (the scan could not be made).
     pub unavailable: Option<String>,
     pub note: String,
@@ -204,6 +207,22 @@ pub struct Reach {
     unknown: FxHashMap<u64, Class>,
     /// Blocks this reader knew live when the outcome began (the scan may have known more).
     known_at_scan: u64,
+}
+
+const REACHABLE: Class = Class {
+    kind: 0,
+    heuristic: leakhunt_format::reach::NO_HEURISTIC,
+    indirect: 0,
+};
+
+impl Reach {
+    /// The class of live block `addr`: `None` when the scan did not see it or was not made.
+    pub fn class(&self, addr: u64) -> Option<Class> {
+        if self.unavailable.is_some() || self.unscanned.contains(&addr) {
+            return None;
+        }
+        Some(self.entries.get(&addr).copied().unwrap_or(REACHABLE))
+    }
 }
 
 /// The parents' live blocks (and their stacks) at each fork point, by child pid, shared by the
@@ -513,16 +532,9 @@ impl Process {
             // counted more blocks than this reader had; its class is its entry, or reachable.
             if let Some(r) = &mut self.reach {
                 if let Some(c) = r.unknown.remove(&addr) {
-                    r.classes.insert(addr, c);
-                } else if r.unavailable.is_none() && r.blocks > r.known_at_scan {
-                    r.classes.insert(
-                        addr,
-                        Class {
-                            kind: 0,
-                            heuristic: leakhunt_format::reach::NO_HEURISTIC,
-                            indirect: 0,
-                        },
-                    );
+                    r.entries.insert(addr, c);
+                } else if r.blocks <= r.known_at_scan {
+                    r.unscanned.insert(addr);
                 }
             }
             blocks += 1;
@@ -797,7 +809,8 @@ impl Process {
         let born = self.growth.last_index;
         self.growth.add(stack, size as i64, 1);
         if let Some(r) = &mut self.reach {
-            r.classes.remove(&addr);
+            r.entries.remove(&addr);
+            r.unscanned.insert(addr);
         }
         if let Some(old) = self.live.insert(addr, Live { size, stack, born }) {
             self.totals.reused_live += 1;
@@ -809,31 +822,17 @@ impl Process {
     /// A chunk of the heap scan's outcome: the first classifies every live block as still
     /// reachable, the entries say which are not.
     fn reach_result(&mut self, o: leakhunt_format::reach::Outcome) {
+        let live = &self.live;
         let r = match &mut self.reach {
             Some(r) if !r.complete => r,
-            _ => {
-                let classes = self
-                    .live
-                    .keys()
-                    .map(|&a| {
-                        let c = Class {
-                            kind: 0,
-                            heuristic: leakhunt_format::reach::NO_HEURISTIC,
-                            indirect: 0,
-                        };
-                        (a, c)
-                    })
-                    .collect();
-                self.reach.insert(Reach {
-                    classes,
-                    known_at_scan: self.live.len() as u64,
-                    ..Reach::default()
-                })
-            }
+            _ => self.reach.insert(Reach {
+                known_at_scan: live.len() as u64,
+                ..Reach::default()
+            }),
         };
         if o.unavailable {
             r.unavailable = Some(o.note.clone());
-            r.classes.clear();
+            r.entries.clear();
         }
         r.note = o.note;
         (r.blocks, r.words, r.threads, r.held_us) = (o.blocks, o.words, o.threads, o.held_us);
@@ -843,11 +842,10 @@ impl Process {
                 heuristic: e.heuristic,
                 indirect: e.indirect,
             };
-            match r.classes.get_mut(&e.addr) {
-                Some(old) => *old = c,
-                None => {
-                    r.unknown.insert(e.addr, c);
-                }
+            if live.contains_key(&e.addr) && !r.unscanned.contains(&e.addr) {
+                r.entries.insert(e.addr, c);
+            } else {
+                r.unknown.insert(e.addr, c);
             }
         }
         r.complete |= o.last;
@@ -856,7 +854,8 @@ impl Process {
     fn free(&mut self, addr: u64) {
         self.totals.frees += 1;
         if let Some(r) = &mut self.reach {
-            r.classes.remove(&addr);
+            r.entries.remove(&addr);
+            r.unscanned.remove(&addr);
         }
         match self.live.remove(&addr) {
             Some(l) => self.growth.add(l.stack, -(l.size as i64), -1),

@@ -463,15 +463,11 @@ pub fn build_with(
     };
     let h = p.header.as_ref();
     // The heap scan's kinds, when the trace has one.
-    let classes = p
-        .reach
-        .as_ref()
-        .filter(|r| r.unavailable.is_none())
-        .map(|r| &r.classes);
+    let scan = p.reach.as_ref().filter(|r| r.unavailable.is_none());
     let kind_of = |addr: u64| -> (Kind, u64, u8) {
-        match classes {
+        match scan {
             None => (Kind::Unfreed, 0, leakhunt_format::reach::NO_HEURISTIC),
-            Some(c) => match c.get(&addr) {
+            Some(r) => match r.class(addr) {
                 Some(c) => (Kind::from_code(c.kind), c.indirect, c.heuristic),
                 None => (Kind::NotScanned, 0, leakhunt_format::reach::NO_HEURISTIC),
             },
@@ -552,7 +548,7 @@ pub fn build_with(
     // Without a scan: largest first. With one, memcheck's order: smallest first by bytes
     // (direct and indirect), then kind, then blocks. Ties in a fixed order (the symbolized stack,
     // then module offsets), so the same trace always gives the same report.
-    let scanned = classes.is_some();
+    let scanned = scan.is_some();
     let order = |(k, l): &(Kind, Leak)| {
         let syms: Vec<_> = l
             .stack

@@ -339,10 +339,12 @@ impl Drop for Scanner {
 }
 
 /// Splits an outcome into records that fit [`reach::MAX_CHUNK`].
-fn chunks(o: Outcome) -> Vec<Outcome> {
+fn chunks(mut o: Outcome) -> Vec<Outcome> {
     let per = (reach::MAX_CHUNK - 64 - o.note.len()) / reach::ENTRY_LEN;
-    let mut out: Vec<Outcome> = o
-        .entries
+    // The rest of the outcome without its entries, for each chunk (cloning the whole outcome per
+    // chunk copied every entry once a chunk: seconds for 5 M entries).
+    let entries = std::mem::take(&mut o.entries);
+    let mut out: Vec<Outcome> = entries
         .chunks(per.max(1))
         .map(|c| Outcome {
             last: false,
@@ -351,10 +353,7 @@ fn chunks(o: Outcome) -> Vec<Outcome> {
         })
         .collect();
     if out.is_empty() {
-        out.push(Outcome {
-            entries: Vec::new(),
-            ..o.clone()
-        });
+        out.push(o);
     }
     if let Some(l) = out.last_mut() {
         l.last = true;
@@ -624,6 +623,41 @@ impl Memory for Remote<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outcome_goes_in_chunks_each_with_its_own_entries() {
+        let per = (reach::MAX_CHUNK - 64 - 4) / reach::ENTRY_LEN;
+        let entries: Vec<Entry> = (0..2 * per as u64 + 1)
+            .map(|i| Entry {
+                addr: i * 16,
+                kind: 3,
+                heuristic: reach::NO_HEURISTIC,
+                indirect: i,
+            })
+            .collect();
+        let o = Outcome {
+            blocks: 7,
+            note: "note".into(),
+            entries: entries.clone(),
+            ..Outcome::default()
+        };
+        let c = chunks(o);
+        assert_eq!(c.len(), 3);
+        assert_eq!(
+            c.iter().map(|c| c.entries.len()).collect::<Vec<_>>(),
+            [per, per, 1]
+        );
+        assert_eq!(
+            c.iter().map(|c| c.last).collect::<Vec<_>>(),
+            [false, false, true]
+        );
+        assert!(c.iter().all(|c| c.note == "note" && c.blocks == 7));
+        let all: Vec<Entry> = c.into_iter().flat_map(|c| c.entries).collect();
+        assert_eq!(all, entries);
+        let one = chunks(Outcome::default());
+        assert_eq!(one.len(), 1);
+        assert!(one[0].last && one[0].entries.is_empty());
+    }
 
     #[test]
     fn maps_parse_and_heaps_are_recognised() {
