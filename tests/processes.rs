@@ -346,3 +346,92 @@ fn a_dead_cli_an_unwritable_or_a_full_trace_never_stops_the_program() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `leakhunt snapshot PID --reachability`: the blocks live at that point, sorted into memcheck's
+/// kinds while the program's threads are held, under `leakhunt run` and under the preload alone
+/// (through its helper); the exit's scan is its own.
+#[test]
+fn a_snapshot_scans_the_heap_of_the_running_process() {
+    let exe = fixture("snapscan.c");
+    for mode in ["run", "preload"] {
+        let dir = workspace().join(format!(
+            "target/test-scratch/snapscan-{mode}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = dir.join("r.json");
+        let trace = dir.join("t.trace");
+        let mut cmd = if mode == "run" {
+            let mut c = Command::new(leakhunt());
+            c.args(["run", "-q", "--json"])
+                .arg(&json)
+                .arg("--")
+                .arg(&exe);
+            c
+        } else {
+            let mut c = Command::new(&exe);
+            c.env("LD_PRELOAD", preload()).env("LEAKHUNT_OUT", &trace);
+            c
+        };
+        let child = cmd
+            .arg(&dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !dir.join("ready").exists() {
+            assert!(std::time::Instant::now() < deadline, "{mode}: never ready");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // The program: the child itself, or the CLI's child.
+        let pid = if mode == "run" {
+            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
+        } else {
+            child.id().to_string()
+        };
+        let s = Command::new(leakhunt())
+            .args(["snapshot", &pid, "--name", "mid", "--reachability"])
+            .output()
+            .unwrap();
+        assert!(
+            s.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&s.stderr)
+        );
+        std::fs::write(dir.join("go"), "").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{mode}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n", "{mode}");
+        let report: serde_json::Value = if mode == "run" {
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+        } else {
+            report(&[&trace]).1
+        };
+        let p = &report["processes"][0];
+        let scans = p["snapshot_scans"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{mode}: {p:#}"));
+        assert_eq!(scans.len(), 1, "{mode}: {scans:#?}");
+        let s = &scans[0];
+        assert_eq!(s["snapshot"], "mid", "{mode}");
+        assert_eq!(s["scanned"], true, "{mode}: {s:#}");
+        assert_eq!(s["definitely_lost"], json!([400, 10]), "{mode}: {s:#}");
+        assert!(
+            s["still_reachable"][1].as_u64().unwrap() >= 5,
+            "{mode}: {s:#}"
+        );
+        assert!(s["threads_held"].as_u64().unwrap() >= 1, "{mode}: {s:#}");
+        assert!(s["held_ms"].as_f64().unwrap() > 0.0, "{mode}: {s:#}");
+        // At exit: the kept blocks were freed, one more lost.
+        let r = &p["reachability"];
+        assert_eq!(r["definitely_lost"], json!([472, 11]), "{mode}: {r:#}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

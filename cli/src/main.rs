@@ -63,6 +63,9 @@ enum Cmd {
         trace: PathBuf,
         #[arg(long)]
         pid: u32,
+        /// Heap scans the trace asked for before this one (answered already: left alone).
+        #[arg(long, default_value_t = 0)]
+        answered: u32,
         #[arg(long)]
         lib: Option<PathBuf>,
     },
@@ -75,6 +78,10 @@ pub struct SnapshotArgs {
     /// The snapshot's name (default: snapshot-<seconds since the Unix epoch>).
     #[arg(long)]
     name: Option<String>,
+    /// Also sort the blocks live at that point into memcheck's kinds (a heap scan: the program's
+    /// threads are held while its memory is read; the report says for how long).
+    #[arg(long)]
+    reachability: bool,
 }
 
 #[derive(Args)]
@@ -491,18 +498,31 @@ fn snapshot_cmd(a: &SnapshotArgs) -> Result<ExitCode> {
     let mut body = (name.len() as u32).to_le_bytes().to_vec();
     body.extend_from_slice(name.as_bytes());
     rustix::io::pwrite(&f, &body, control::NAME_LEN as u64)?;
+    let flags = if a.reachability { control::SCAN } else { 0 };
+    rustix::io::pwrite(&f, &flags.to_le_bytes(), control::FLAGS as u64)?;
     rustix::io::pwrite(&f, &req.to_le_bytes(), control::REQUEST as u64)?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    // A heap scan reads the whole heap: as long as the one at exit may take.
+    let patience = std::time::Duration::from_secs(if a.reachability { 120 } else { 3 });
+    let deadline = std::time::Instant::now() + patience;
     while read_u32(control::ACK)? != req {
         if std::time::Instant::now() > deadline {
             bail!(
-                "process {} did not take the snapshot within 3 s (it may be stopped, or its recording may have ended)",
-                a.pid
+                "process {} did not take the snapshot within {} s (it may be stopped, or its recording may have ended)",
+                a.pid,
+                patience.as_secs()
             );
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    eprintln!("leakhunt: snapshot {name} taken in process {}", a.pid);
+    eprintln!(
+        "leakhunt: snapshot {name} taken in process {}{}",
+        a.pid,
+        if a.reachability {
+            ", with a heap scan (its kinds are in the report)"
+        } else {
+            ""
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -556,10 +576,13 @@ fn main() -> ExitCode {
         Cmd::Verify(a) => verify_cmd(a),
         Cmd::Snapshot(a) => snapshot_cmd(a),
         Cmd::Dump { trace } => dump(trace),
-        Cmd::ReachHelper { trace, pid, lib } => {
-            leakhunt::reach_helper::run(trace.clone(), *pid, lib.clone())
-                .map(|()| ExitCode::SUCCESS)
-        }
+        Cmd::ReachHelper {
+            trace,
+            pid,
+            answered,
+            lib,
+        } => leakhunt::reach_helper::run(trace.clone(), *pid, *answered, lib.clone())
+            .map(|()| ExitCode::SUCCESS),
         Cmd::CompareValgrind { memcheck, leakhunt } => (|| {
             let vg = leakhunt::vgcompare::read(memcheck)?;
             let lh = leakhunt::vgcompare::read(leakhunt)?;

@@ -225,6 +225,23 @@ impl Reach {
     }
 }
 
+/// A heap scan at a snapshot: the kinds of the blocks live then.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotScan {
+    /// The snapshot it was made at (the latest named point before it).
+    pub snapshot: Option<String>,
+    /// That snapshot's boundary (index in the trace).
+    pub epoch: u32,
+    /// Why it could not be made.
+    pub unavailable: Option<String>,
+    pub blocks: u64,
+    pub threads_held: u32,
+    pub held_us: u64,
+    /// Bytes and blocks still reachable, possibly, indirectly and definitely lost (memcheck's
+    /// numbering).
+    pub kinds: [(u64, u64); 4],
+}
+
 /// The parents' live blocks (and their stacks) at each fork point, by child pid, shared by the
 /// stream readers of one `leakhunt run`: a child's heap scan must see what it inherited before
 /// the run has read its parent's whole stream.
@@ -302,6 +319,10 @@ pub struct Process {
     pub probe_born: FxHashMap<u32, u64>,
     /// Named boundaries (snapshots): (name, the trace index of their epoch boundary).
     pub snapshots: Vec<(String, u32)>,
+    /// Heap scans made at snapshots (`leakhunt snapshot --reachability`), in order.
+    pub snapshot_scans: Vec<SnapshotScan>,
+    /// The scan whose outcome is coming is a snapshot's: its chunks so far.
+    snapshot_scan: Option<Vec<leakhunt_format::reach::Outcome>>,
     /// Called after epoch boundaries close (the live view of `leakhunt run --live`).
     pub on_epoch: Option<EpochHook>,
     /// Answers the stream's requests for a heap scan (`leakhunt run`).
@@ -702,11 +723,15 @@ impl Process {
                 if r.phase == leakhunt_format::reach::READY {
                     self.inherit_from_book();
                 }
+                if r.snapshot && r.phase == leakhunt_format::reach::ASK {
+                    self.snapshot_scan = Some(Vec::new());
+                }
                 if let Some(mut hook) = self.on_reach.take() {
                     hook(self, &r);
                     self.on_reach = Some(hook);
                 }
             }
+            Record::ReachResult(o) if self.snapshot_scan.is_some() => self.snapshot_result(o),
             Record::ReachResult(o) => self.reach_result(o),
             Record::Warning(w) => self.warnings.push(w),
             Record::Unknown { .. } => {}
@@ -816,6 +841,42 @@ impl Process {
             self.totals.reused_live += 1;
             self.growth.add(old.stack, -(old.size as i64), -1);
         }
+    }
+
+    /// A chunk of a snapshot's heap scan: at the last, the kinds of the blocks live then (the
+    /// process was held from the scan to here: the live set is the one scanned).
+    fn snapshot_result(&mut self, o: leakhunt_format::reach::Outcome) {
+        let Some(chunks) = self.snapshot_scan.as_mut() else {
+            return;
+        };
+        let last = o.last;
+        chunks.push(o);
+        if !last {
+            return;
+        }
+        let chunks = self.snapshot_scan.take().unwrap_or_default();
+        let Some(first) = chunks.first() else { return };
+        let mut scan = SnapshotScan {
+            snapshot: self.snapshots.last().map(|s| s.0.clone()),
+            epoch: self.snapshots.last().map_or(0, |s| s.1),
+            unavailable: first.unavailable.then(|| first.note.clone()),
+            blocks: first.blocks,
+            threads_held: first.threads,
+            held_us: first.held_us,
+            ..SnapshotScan::default()
+        };
+        if scan.unavailable.is_none() {
+            let entries: FxHashMap<u64, u8> = chunks
+                .iter()
+                .flat_map(|c| c.entries.iter().map(|e| (e.addr, e.kind)))
+                .collect();
+            for (addr, l) in &self.live {
+                let k = entries.get(addr).copied().unwrap_or(0).min(3) as usize;
+                scan.kinds[k].0 += l.size;
+                scan.kinds[k].1 += 1;
+            }
+        }
+        self.snapshot_scans.push(scan);
     }
 
     #[inline]

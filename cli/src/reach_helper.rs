@@ -52,9 +52,10 @@ impl Read for Tail {
     }
 }
 
-/// Runs the helper: its stdin is its end of the socket pair, `pid` the process, `lib` the
+/// Runs the helper: its stdin is its end of the socket pair, `pid` the process, `answered` the
+/// scans its trace asked for before (at snapshots: their records are left alone), `lib` the
 /// preload library (its mappings are no roots).
-pub fn run(trace: PathBuf, pid: u32, lib: Option<PathBuf>) -> anyhow::Result<()> {
+pub fn run(trace: PathBuf, pid: u32, answered: u32, lib: Option<PathBuf>) -> anyhow::Result<()> {
     let sock = UnixStream::from(std::io::stdin().as_fd().try_clone_to_owned()?);
     if rustix::net::sockopt::socket_peercred(&sock).is_err() {
         anyhow::bail!("reach-helper: stdin is not the socket a traced process gives its helper");
@@ -71,7 +72,14 @@ pub fn run(trace: PathBuf, pid: u32, lib: Option<PathBuf>) -> anyhow::Result<()>
     )
     .into_hook();
     let finished = done.clone();
+    let mut asks = 0;
     p.on_reach = Some(Box::new(move |p: &Process, r: &reach::Request| {
+        if r.phase == reach::ASK {
+            asks += 1;
+        }
+        if asks <= answered {
+            return;
+        }
         scanner(p, r);
         if r.phase == reach::READY {
             finished.store(true, Ordering::Release);

@@ -188,6 +188,23 @@ impl Default for Kinds {
     }
 }
 
+/// A heap scan at a snapshot of the running process: the kinds of the blocks live then.
+#[derive(Serialize, Clone, Debug)]
+pub struct SnapshotScanSummary {
+    pub snapshot: Option<String>,
+    pub scanned: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+    pub blocks: u64,
+    pub threads_held: u32,
+    /// How long the program's threads were stopped.
+    pub held_ms: f64,
+    pub definitely_lost: (u64, u64),
+    pub indirectly_lost: (u64, u64),
+    pub possibly_lost: (u64, u64),
+    pub still_reachable: (u64, u64),
+}
+
 /// The heap scan at exit, as the report tells it.
 #[derive(Serialize, Clone, Debug, Default)]
 pub struct ReachSummary {
@@ -281,6 +298,9 @@ pub struct ProcReport {
     /// The heap scan at exit, when the trace has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reachability: Option<ReachSummary>,
+    /// Heap scans at snapshots (`leakhunt snapshot PID --reachability`), in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshot_scans: Vec<SnapshotScanSummary>,
     /// Which kinds the text shows and which fail `--error-exitcode` (memcheck's
     /// `--show-leak-kinds`, `--errors-for-leak-kinds`).
     #[serde(skip)]
@@ -663,6 +683,22 @@ pub fn build_with(
         exe: h.map_or_else(String::new, |h| h.exe.clone()),
         exit,
         reachability: reach_summary,
+        snapshot_scans: p
+            .snapshot_scans
+            .iter()
+            .map(|s| SnapshotScanSummary {
+                snapshot: s.snapshot.clone(),
+                scanned: s.unavailable.is_none(),
+                unavailable: s.unavailable.clone(),
+                blocks: s.blocks,
+                threads_held: s.threads_held,
+                held_ms: s.held_us as f64 / 1000.0,
+                definitely_lost: s.kinds[3],
+                indirectly_lost: s.kinds[2],
+                possibly_lost: s.kinds[1],
+                still_reachable: s.kinds[0],
+            })
+            .collect(),
         show_kinds: Kinds::DEFAULT,
         error_kinds: Kinds::DEFAULT,
         gen_suppressions: false,
@@ -942,6 +978,24 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
             plural(s.in_use_at_exit_blocks, "block"),
             total
         ));
+    }
+    for s in &r.snapshot_scans {
+        let name = s.snapshot.as_deref().unwrap_or("(unnamed)");
+        match &s.unavailable {
+            Some(why) => line(&format!("HEAP SCAN at snapshot {name}: not made ({why})")),
+            None => line(&format!(
+                "HEAP SCAN at snapshot {name}: definitely lost {} bytes in {} blocks, indirectly lost {} in {}, possibly lost {} in {}, still reachable {} in {} (threads held {:.1} ms)",
+                thousands(s.definitely_lost.0),
+                thousands(s.definitely_lost.1),
+                thousands(s.indirectly_lost.0),
+                thousands(s.indirectly_lost.1),
+                thousands(s.possibly_lost.0),
+                thousands(s.possibly_lost.1),
+                thousands(s.still_reachable.0),
+                thousands(s.still_reachable.1),
+                s.held_ms
+            )),
+        }
     }
     if r.show_used_suppressions {
         for u in &r.used_suppressions {

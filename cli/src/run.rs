@@ -268,7 +268,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         signal_hook::consts::SIGHUP,
     ])?;
 
-    let mut child = match cmd.spawn() {
+    let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
@@ -372,7 +372,8 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         let (gate, shared) = (gate.clone(), shared.clone());
         std::thread::spawn(move || serve::accept_loop(listener, gate, shared, on_stream))
     };
-    let status = child.wait().context("waiting for the program")?;
+    let status = wait_for_program(child_pid).context("waiting for the program")?;
+    drop(child);
     // From here on, Ctrl-C and SIGTERM are leakhunt's: they cut short the wait for traced
     // children that live on, and the analysis.
     REPORTING.store(true, Ordering::SeqCst);
@@ -583,4 +584,28 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         return Ok(ExitCode::from(128 + sig as u8));
     }
     Ok(ExitCode::from(status.code().unwrap_or(1) as u8))
+}
+
+/// Waits for the program to end, as `Child::wait` would, but only as this thread's own child
+/// (`__WNOTHREAD`): a heap scan at a snapshot holds the program's threads with ptrace from
+/// another thread of ours, and a plain wait here would take their ptrace stops for its own (the
+/// scanning thread then waits for ever, and the run believes the program gone).
+fn wait_for_program(pid: u32) -> std::io::Result<std::process::ExitStatus> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    use std::os::unix::process::ExitStatusExt;
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::__WNOTHREAD)) {
+            Ok(WaitStatus::Exited(_, code)) => {
+                return Ok(std::process::ExitStatus::from_raw((code & 0xff) << 8))
+            }
+            Ok(WaitStatus::Signaled(_, sig, core)) => {
+                return Ok(std::process::ExitStatus::from_raw(
+                    sig as i32 | if core { 0x80 } else { 0 },
+                ))
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }

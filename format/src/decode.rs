@@ -526,7 +526,8 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         },
         tag::REACH => {
             let phase = p.u8("phase")?;
-            p.take(3, "padding")?;
+            let snapshot = p.u8("snapshot flag")? != 0;
+            p.take(2, "padding")?;
             let tid = p.u32("thread id")?;
             let sp = p.u64("stack pointer")?;
             let nt = p.u32("thread count")? as usize;
@@ -550,6 +551,7 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
             }
             Record::Reach(crate::reach::Request {
                 phase,
+                snapshot,
                 tid,
                 sp,
                 skip_tids,

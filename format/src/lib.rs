@@ -388,6 +388,10 @@ pub mod control {
     /// The snapshot name's length (at most 255), and its bytes.
     pub const NAME_LEN: usize = 12;
     pub const NAME: usize = 16;
+    /// `u32` flags of the request (written before its number): [`SCAN`].
+    pub const FLAGS: usize = 272;
+    /// With the snapshot, a heap scan (the kinds of the blocks live at that point).
+    pub const SCAN: u32 = 1;
     pub const LEN: usize = 4096;
 }
 

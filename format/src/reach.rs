@@ -33,6 +33,8 @@ pub const MAX_CHUNK: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Request {
     pub phase: u8,
+    /// A scan at a snapshot of the running process (its writer thread waits), not at its exit.
+    pub snapshot: bool,
     /// The thread that waits (it runs the exit; its stack is scanned from `sp`).
     pub tid: u32,
     /// Its stack pointer where the program's part of its stack ends (the tracer's own frames
@@ -59,6 +61,7 @@ pub fn request_body(r: &RequestRef, buf: &mut [u8]) -> Option<usize> {
     let b = buf.get_mut(..n)?;
     b[0] = r.phase;
     b[1..4].fill(0);
+    b[1] = r.snapshot as u8;
     b[4..8].copy_from_slice(&r.tid.to_le_bytes());
     b[8..16].copy_from_slice(&r.sp.to_le_bytes());
     b[16..20].copy_from_slice(&(r.skip_tids.len() as u32).to_le_bytes());
@@ -79,6 +82,7 @@ pub fn request_body(r: &RequestRef, buf: &mut [u8]) -> Option<usize> {
 /// A request by reference (what the process has at hand).
 pub struct RequestRef<'a> {
     pub phase: u8,
+    pub snapshot: bool,
     pub tid: u32,
     pub sp: u64,
     pub skip_tids: &'a [u32],
@@ -161,6 +165,7 @@ mod tests {
         let n = request_body(
             &RequestRef {
                 phase: ASK,
+                snapshot: true,
                 tid: 7,
                 sp: 0x7ffd_0000,
                 skip_tids: &[8, 9],
@@ -176,6 +181,7 @@ mod tests {
             read_back(rec),
             Record::Reach(Request {
                 phase: ASK,
+                snapshot: true,
                 tid: 7,
                 sp: 0x7ffd_0000,
                 skip_tids: vec![8, 9],
@@ -185,6 +191,7 @@ mod tests {
         assert!(request_body(
             &RequestRef {
                 phase: READY,
+                snapshot: false,
                 tid: 1,
                 sp: 0,
                 skip_tids: &[1],

@@ -10,11 +10,11 @@
 //!
 //! Layout, little-endian `u32`s: magic at 0, request number at 4 (written last by the CLI),
 //! acknowledged number at 8 (written by the writer after the snapshot), name length at 12, then
-//! the name (at most 255 bytes) at 16.
+//! the name (at most 255 bytes) at 16, flags at 272 (1: with a heap scan).
 
 use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
-use leakhunt_format::control::{ACK, LEN, MAGIC, NAME, NAME_LEN, REQUEST};
+use leakhunt_format::control::{ACK, FLAGS, LEN, MAGIC, NAME, NAME_LEN, REQUEST};
 
 use crate::sys;
 
@@ -145,9 +145,9 @@ fn sweep(dir: &[u8; 108]) {
     }
 }
 
-/// A snapshot request, if one is waiting: its name is copied into `name`; returns its length
-/// and a token for [`done`].
-pub fn poll(name: &mut [u8; 255]) -> Option<(usize, u32)> {
+/// A snapshot request, if one is waiting: its name is copied into `name`; returns its length,
+/// a token for [`done`] and its flags (`control::SCAN`: with a heap scan).
+pub fn poll(name: &mut [u8; 255]) -> Option<(usize, u32, u32)> {
     let b = BOX.load(Ordering::Acquire);
     if b.is_null() {
         return None;
@@ -161,7 +161,7 @@ pub fn poll(name: &mut [u8; 255]) -> Option<(usize, u32)> {
     // SAFETY: the name field lies inside the mapping (NAME + 255 < LEN).
     let src = unsafe { core::slice::from_raw_parts(b.add(NAME), n) };
     name[..n].copy_from_slice(src);
-    Some((n, req))
+    Some((n, req, word(b, FLAGS).load(Ordering::Relaxed)))
 }
 
 /// The snapshot of request `req` is in the trace: let the asking `leakhunt snapshot` return.

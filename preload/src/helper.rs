@@ -139,7 +139,7 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
 
 /// The helper, started: its pid and our end of the socket pair (a high descriptor,
 /// close-on-exec). `None` (and a word on stderr) when it cannot be.
-pub fn spawn(trace: &[u8], pid: u32) -> Option<(libc::pid_t, c_int)> {
+pub fn spawn(trace: &[u8], pid: u32, answered: u32) -> Option<(libc::pid_t, c_int)> {
     // SAFETY: read-only after `note_paths`.
     let (helper, lib) = unsafe { (&*core::ptr::addr_of!(HELPER), &*core::ptr::addr_of!(LIB)) };
     if helper[0] == 0 || trace.first().is_none_or(|&b| b == 0) {
@@ -184,35 +184,48 @@ pub fn spawn(trace: &[u8], pid: u32) -> Option<(libc::pid_t, c_int)> {
     let mut pid_arg = [0u8; 21];
     let d = crate::sys::fmt_u64(&mut digits, pid as u64);
     pid_arg[..d.len()].copy_from_slice(d);
-    let with_lib = lib[0] != 0;
-    let argv: [*const c_char; 10] = [
+    let mut answered_arg = [0u8; 21];
+    let d = crate::sys::fmt_u64(&mut digits, answered as u64);
+    answered_arg[..d.len()].copy_from_slice(d);
+    let null = core::ptr::null();
+    let (lib_flag, lib_arg) = if lib[0] != 0 {
+        (c"--lib".as_ptr(), lib.as_ptr().cast())
+    } else {
+        (null, null)
+    };
+    let argv: [*const c_char; 11] = [
         helper.as_ptr().cast(),
         c"reach-helper".as_ptr(),
         c"--trace".as_ptr(),
         trace.as_ptr().cast(),
         c"--pid".as_ptr(),
         pid_arg.as_ptr().cast(),
-        if with_lib {
-            c"--lib".as_ptr()
-        } else {
-            core::ptr::null()
-        },
-        if with_lib {
-            lib.as_ptr().cast()
-        } else {
-            core::ptr::null()
-        },
-        core::ptr::null(),
-        core::ptr::null(),
+        c"--answered".as_ptr(),
+        answered_arg.as_ptr().cast(),
+        lib_flag,
+        lib_arg,
+        null,
     ];
     let envp: [*const c_char; 1] = [core::ptr::null()];
     const STACK: usize = 64 * 1024;
-    let stacks = crate::sys::mmap_anon(2 * STACK);
-    if stacks.is_null() {
+    // Not `sys::mmap_anon`: these are unmapped below, and the tracer's own ranges are for ever.
+    // SAFETY: a fresh anonymous mapping.
+    let stacks = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            2 * STACK,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if stacks == libc::MAP_FAILED {
         close(ours);
         close(theirs);
         return None;
     }
+    let stacks = stacks.cast::<u8>();
     let mut e = Exec {
         path: helper.as_ptr().cast(),
         argv: argv.as_ptr(),

@@ -902,11 +902,12 @@ pub fn epoch(seq_now: impl Fn() -> u64, name: Option<&[u8]>) {
     flush_locked();
 }
 
-/// Under `leakhunt run`, at exit: holds this thread here while the CLI scans the heap, as
-/// [`leakhunt_format::reach`] describes (ask, drain when told, echo the result into the trace,
-/// go on when told or when the CLI is gone). `sp` is where the program's part of this thread's
-/// stack ends. Without a socket (a trace file), nothing happens.
-pub fn reach_scan(sp: u64) {
+/// At exit: holds this thread here while `leakhunt run` (or, with the preload alone, the helper
+/// it starts) scans the heap, as [`leakhunt_format::reach`] describes (ask, drain when told, echo
+/// the result into the trace, go on when told or when the other side is gone). `sp` is where the
+/// program's part of this thread's stack ends. At a snapshot (`snapshot`), the writer thread
+/// waits instead, with no stack of the program's (`sp` 0), while the program's threads are held.
+pub fn reach_scan(sp: u64, snapshot: bool) {
     use leakhunt_format::reach::{self, reply};
     let _l = LOCK.lock();
     let o = out();
@@ -921,7 +922,8 @@ pub fn reach_scan(sp: u64) {
     } else {
         flush_locked();
         write_buf();
-        let Some((child, fd)) = crate::helper::spawn(&o.path, sys::getpid()) else {
+        let asked = REACH_ASKS.load(Ordering::Relaxed);
+        let Some((child, fd)) = crate::helper::spawn(&o.path, sys::getpid(), asked) else {
             return;
         };
         let Some(id) = fds::ident(fd) else {
@@ -959,6 +961,7 @@ pub fn reach_scan(sp: u64) {
     }
     let request = |phase| reach::RequestRef {
         phase,
+        snapshot,
         tid: sys::gettid(),
         sp,
         skip_tids: &tids[..ntids],
@@ -970,6 +973,7 @@ pub fn reach_scan(sp: u64) {
         return;
     };
     push_sealed(tag::REACH, &[&body[..len]]);
+    REACH_ASKS.fetch_add(1, Ordering::Relaxed);
     write_buf();
     let mut chunk: *mut u8 = core::ptr::null_mut();
     loop {
@@ -998,9 +1002,14 @@ pub fn reach_scan(sp: u64) {
                     break;
                 }
                 if chunk.is_null() {
-                    chunk = sys::mmap_anon(reach::MAX_CHUNK);
+                    // One buffer for every scan (snapshots may ask many times).
+                    chunk = REACH_CHUNK.load(Ordering::Acquire);
                     if chunk.is_null() {
-                        break;
+                        chunk = sys::mmap_anon(reach::MAX_CHUNK);
+                        if chunk.is_null() {
+                            break;
+                        }
+                        REACH_CHUNK.store(chunk, Ordering::Release);
                     }
                 }
                 // SAFETY: `chunk` maps MAX_CHUNK bytes, `len` is at most that, and nothing else
@@ -1097,6 +1106,14 @@ fn recv_exact(fd: i32, id: fds::Ident, buf: &mut [u8]) -> bool {
     true
 }
 
+/// Heap scans this trace has asked for (a helper started for the next one must leave the
+/// earlier ones, answered already, alone).
+static REACH_ASKS: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// Where a heap scan's result chunks are received (mapped at the first scan; LOCK's holder).
+static REACH_CHUNK: core::sync::atomic::AtomicPtr<u8> =
+    core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
+
 /// How long the process waits at exit for a word from the CLI during a heap scan.
 const REACH_PATIENCE_MS: u32 = 120_000;
 
@@ -1128,6 +1145,7 @@ pub fn after_fork_child(trace: bool) {
     o.fd = -1;
     o.forked = None;
     o.adopted = false;
+    REACH_ASKS.store(0, Ordering::Relaxed);
     o.sent = 0;
     o.len = 0;
     o.modules_sent = 0;

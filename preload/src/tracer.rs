@@ -497,9 +497,13 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
         }
         let now = sys::monotonic_ns();
         let mut name_buf = [0u8; 255];
-        if let Some((n, req)) = crate::control::poll(&mut name_buf) {
-            // `leakhunt snapshot PID --name NAME`.
+        if let Some((n, req, flags)) = crate::control::poll(&mut name_buf) {
+            // `leakhunt snapshot PID --name NAME [--reachability]`.
             snapshot(&name_buf[..n]);
+            if flags & leakhunt_format::control::SCAN != 0 && config::get().reach {
+                // The program's threads are held while the heap is read; this one waits.
+                out::reach_scan(0, true);
+            }
             crate::control::done(req);
         } else if snap_every != 0 && now >= next_snap {
             snaps += 1;
@@ -712,7 +716,7 @@ pub extern "C" fn destructor() {
     let code = EXIT_CODE.load(Ordering::Relaxed);
     let exit = (code != u64::MAX).then_some(ExitKind::Code(code as u32 as i32));
     if config::get().reach {
-        out::reach_scan(scan_sp(sp));
+        out::reach_scan(scan_sp(sp), false);
     }
     crate::control::close(true);
     out::finish(exit, false);
@@ -753,7 +757,7 @@ pub fn on_underscore_exit(code: i32) {
         return;
     }
     if config::get().reach {
-        out::reach_scan(sp);
+        out::reach_scan(sp, false);
     }
     crate::control::close(true);
     out::finish(Some(ExitKind::Code(code)), false);
