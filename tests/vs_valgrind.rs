@@ -694,3 +694,37 @@ fn a_stripped_program_ends_below_main() {
     }
     assert!(!r.stderr().contains("main_wrapper"), "{}", r.stderr());
 }
+
+/// Real programs (python3, perl, git, sqlite3, grep, gawk, jq, xmllint, gzip, and programs that
+/// fork) under memcheck and leakhunt, process by process: every kind's bytes and blocks agree
+/// (`scripts/real-programs`; grep's records group one callsite differently, its totals agree).
+#[test]
+fn real_programs_sort_their_blocks_as_memcheck_does() {
+    let out = workspace().join(format!("target/test-scratch/real-{}", std::process::id()));
+    let r = std::process::Command::new(workspace().join("scripts/real-programs"))
+        .arg(bin_dir())
+        .arg(&out)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert!(r.status.success(), "{text}{}", String::from_utf8_lossy(&r.stderr));
+    let rows: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("program "))
+        .skip(1)
+        .filter(|l| !l.trim().is_empty() && !l.contains("skipped"))
+        .collect();
+    assert!(rows.len() >= 6, "{text}");
+    for row in &rows {
+        let cells: Vec<&str> = row
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect();
+        assert_eq!(cells.len(), 6, "{row}");
+        for kind in &cells[1..5] {
+            assert!(kind.contains(" = "), "{row}\n{text}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
