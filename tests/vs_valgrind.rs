@@ -84,6 +84,30 @@ fn c_fixtures_match_valgrind() {
     );
 }
 
+/// The fixtures of the suite, every kind (not only definitely lost): each of memcheck's loss
+/// records of the fixture's own blocks has its twin in leakhunt's (kind, direct and indirect
+/// bytes, blocks, top three frames) and the other way round. Left out: aligned.c (memcheck
+/// lets posix_memalign's and aligned_alloc's pointers linger in registers, so it calls those
+/// blocks still reachable, and it does not track pvalloc) and the dlclosed plugin (memcheck
+/// cannot name the unloaded library's frames); both are compared above on what memcheck gives.
+#[test]
+fn every_fixture_matches_memcheck_in_every_kind() {
+    for (src, args) in [
+        ("simple.c", &[][..]),
+        ("reallocs.c", &[]),
+        ("libc_alloc.c", &[]),
+        ("threads.c", &[]),
+        ("exits.c", &["exit"]),
+        ("signals.c", &[]),
+        ("many.c", &[]),
+        ("cxx.cpp", &[]),
+        ("fork.c", &[]),
+    ] {
+        let lh = compare_kinds_of(src, args, &[], &[]);
+        assert!(!lh.is_empty(), "{src}");
+    }
+}
+
 #[test]
 fn dlclosed_library_matches_valgrind() {
     assert_eq!(compare("dlopen_main.c", &[], Some("plugin.c")), 1);
@@ -110,13 +134,19 @@ fn rust_fixture_matches_valgrind() {
 /// linker's) are left out: leakhunt's own library changes them (one more module with TLS makes
 /// glibc's per-thread table 16 bytes larger).
 fn compare_kinds(src: &str, opts: &[&str], vg_flags: &[&str]) -> Vec<Leak> {
+    compare_kinds_of(src, &[], opts, vg_flags)
+}
+
+/// As [`compare_kinds`], with the program's arguments.
+fn compare_kinds_of(src: &str, args: &[&str], opts: &[&str], vg_flags: &[&str]) -> Vec<Leak> {
     let exe = fixture(src);
-    let ours = |l: &Leak| l.frames.first().is_some_and(|f| f.1 == src);
-    let vg: Vec<Leak> = valgrind_records(&exe, &[], vg_flags)
+    // The fixture's blocks: allocated by it, or for it by libc (strdup, getline).
+    let ours = |l: &Leak| l.frames.iter().take(3).any(|f| f.1 == src);
+    let vg: Vec<Leak> = valgrind_records(&exe, args, vg_flags)
         .into_iter()
         .filter(ours)
         .collect();
-    let r = run(&exe, &[], opts);
+    let r = run(&exe, args, opts);
     let lh: Vec<Leak> = records(r.main()).into_iter().filter(ours).collect();
     let same = |v: &Leak, l: &Leak| {
         l.kind == v.kind
@@ -707,7 +737,11 @@ fn real_programs_sort_their_blocks_as_memcheck_does() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&r.stdout).into_owned();
-    assert!(r.status.success(), "{text}{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        r.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     let rows: Vec<&str> = text
         .lines()
         .skip_while(|l| !l.starts_with("program "))
