@@ -851,7 +851,12 @@ pub fn end_fork_image_quietly() -> bool {
 pub fn fork_point(take_seq: impl Fn() -> u64) -> u64 {
     let _l = LOCK.lock();
     let seq = take_seq();
-    let o = out();
+    push_bound(out(), seq);
+    seq
+}
+
+/// Adds a boundary no elided pair crosses (the oldest makes room). Caller holds LOCK.
+fn push_bound(o: &mut Out, seq: u64) {
     if o.nbounds == MAX_BOUNDS {
         o.bound_floor = o.bounds[0];
         o.bounds.copy_within(1.., 0);
@@ -859,7 +864,6 @@ pub fn fork_point(take_seq: impl Fn() -> u64) -> u64 {
     }
     o.bounds[o.nbounds] = seq;
     o.nbounds += 1;
-    seq
 }
 
 /// `seq_now` reads the next sequence number: read under the lock, so that every batch the pair
@@ -868,14 +872,7 @@ pub fn fork_point(take_seq: impl Fn() -> u64) -> u64 {
 pub fn epoch(seq_now: impl Fn() -> u64, name: Option<&[u8]>) {
     let _l = LOCK.lock();
     let seq = seq_now();
-    let o = out();
-    if o.nbounds == MAX_BOUNDS {
-        o.bound_floor = o.bounds[0];
-        o.bounds.copy_within(1.., 0);
-        o.nbounds -= 1;
-    }
-    o.bounds[o.nbounds] = seq;
-    o.nbounds += 1;
+    push_bound(out(), seq);
     ensure_open();
     if STATE.load(Ordering::Relaxed) != OPEN {
         return;
