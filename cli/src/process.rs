@@ -251,14 +251,17 @@ pub struct ForkBook {
     posted: std::sync::Condvar,
 }
 
-type ForkPoint = (FxHashMap<u64, Live>, FxHashMap<u32, Stack>);
+type ForkPoint = (
+    std::sync::Arc<FxHashMap<u64, Live>>,
+    std::sync::Arc<FxHashMap<u32, Stack>>,
+);
 
 impl ForkBook {
-    fn put(&self, child: u32, live: FxHashMap<u64, Live>, stacks: FxHashMap<u32, Stack>) {
+    fn put(&self, child: u32, at: ForkPoint) {
         self.at_fork
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(child, (live, stacks));
+            .insert(child, at);
         self.posted.notify_all();
     }
 
@@ -302,7 +305,8 @@ pub struct Process {
     next_seq: u64,
     pending: Pending,
     /// Live blocks at each fork point, by child pid (forks followed).
-    pub forks: FxHashMap<u32, FxHashMap<u64, Live>>,
+    /// (Shared with the run's fork book: one copy of the live set per fork.)
+    pub forks: FxHashMap<u32, std::sync::Arc<FxHashMap<u64, Live>>>,
     /// The process is a fork child of this pid (its `FORKED` record).
     pub forked_from: Option<u32>,
     /// Its parent's blocks at the fork were made its own (at its heap scan, or by `link_forks`).
@@ -978,10 +982,11 @@ impl Process {
             Ev::Free { addr } => self.free(addr),
             Ev::Nop => {}
             Ev::Fork { child } => {
+                let live = std::sync::Arc::new(self.live.clone());
                 if let Some(book) = &self.fork_book {
-                    book.put(child, self.live.clone(), self.stacks.clone());
+                    book.put(child, (live.clone(), std::sync::Arc::new(self.stacks.clone())));
                 }
-                self.forks.insert(child, self.live.clone());
+                self.forks.insert(child, live);
             }
             Ev::Pairs {
                 stack,
