@@ -984,7 +984,10 @@ impl Process {
             Ev::Fork { child } => {
                 let live = std::sync::Arc::new(self.live.clone());
                 if let Some(book) = &self.fork_book {
-                    book.put(child, (live.clone(), std::sync::Arc::new(self.stacks.clone())));
+                    book.put(
+                        child,
+                        (live.clone(), std::sync::Arc::new(self.stacks.clone())),
+                    );
                 }
                 self.forks.insert(child, live);
             }
