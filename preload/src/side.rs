@@ -54,17 +54,8 @@ const ANSWER_MS: u64 = 1000;
 /// opens.
 pub fn start() {
     ALIVE.store(false, Ordering::Release);
-    // SAFETY: a detached thread with a small stack running our own routine, which touches only
-    // the statics above and makes raw system calls.
-    unsafe {
-        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
-        libc::pthread_attr_init(&mut attr);
-        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
-        libc::pthread_attr_setstacksize(&mut attr, 64 * 1024);
-        let mut t: libc::pthread_t = 0;
-        libc::pthread_create(&mut t, &attr, side_main, core::ptr::null_mut());
-        libc::pthread_attr_destroy(&mut attr);
-    }
+    // Its routine touches only the statics above and makes raw system calls.
+    sys::spawn_detached(side_main, 64 * 1024);
 }
 
 /// In a fork child: the side thread stayed in the parent.

@@ -149,6 +149,26 @@ pub fn futex_wake(word: &AtomicU32) {
     }
 }
 
+/// Starts a detached thread of the tracer's on `routine` with a `stack`-byte stack; false when
+/// it cannot be started.
+pub fn spawn_detached(
+    routine: extern "C" fn(*mut core::ffi::c_void) -> *mut core::ffi::c_void,
+    stack: usize,
+) -> bool {
+    // SAFETY: a zeroed attribute object initialised before use and destroyed after; the routine
+    // is ours and takes no argument.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        libc::pthread_attr_setstacksize(&mut attr, stack);
+        let mut t: libc::pthread_t = 0;
+        let ok = libc::pthread_create(&mut t, &attr, routine, core::ptr::null_mut()) == 0;
+        libc::pthread_attr_destroy(&mut attr);
+        ok
+    }
+}
+
 pub fn yield_now() {
     // SAFETY: sched_yield has no preconditions.
     unsafe { libc::sched_yield() };

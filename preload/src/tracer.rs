@@ -527,20 +527,10 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
 
 fn start_writer() {
     crate::side::start();
-    // SAFETY: a detached thread with our own start routine; its first act is to mark itself
-    // internal, so its own allocations (pthread's, glibc's) are never traced.
-    unsafe {
-        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
-        libc::pthread_attr_init(&mut attr);
-        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
-        libc::pthread_attr_setstacksize(&mut attr, 256 * 1024);
-        let mut t: libc::pthread_t = 0;
-        if libc::pthread_create(&mut t, &attr, writer_main, core::ptr::null_mut()) != 0 {
-            sys::diag(
-                "cannot start the writer thread; events are flushed by the program's threads",
-            );
-        }
-        libc::pthread_attr_destroy(&mut attr);
+    // Its first act is to mark itself internal, so its own allocations (pthread's, glibc's) are
+    // never traced.
+    if !sys::spawn_detached(writer_main, 256 * 1024) {
+        sys::diag("cannot start the writer thread; events are flushed by the program's threads");
     }
 }
 
