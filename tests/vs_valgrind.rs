@@ -387,6 +387,46 @@ fn the_preload_alone_sorts_blocks_into_the_same_kinds() {
         v.sort();
         v
     };
+    // No helper to start, or a trace over the limit: the program runs as ever, the report
+    // says why there are no kinds (and the user is told once).
+    for (var, val, why) in [
+        (
+            "LEAKHUNT_CLI",
+            "/nonexistent/leakhunt",
+            "could not be started",
+        ),
+        (
+            "LEAKHUNT_REACH_LIMIT_MB",
+            "0",
+            "the trace is over LEAKHUNT_REACH_LIMIT_MB",
+        ),
+    ] {
+        let t = dir.join(format!("{var}.trace"));
+        let o = std::process::Command::new(&exe)
+            .env("LD_PRELOAD", preload())
+            .env("LEAKHUNT_OUT", &t)
+            .env(var, val)
+            .output()
+            .unwrap();
+        assert_eq!(o.stdout, out.stdout, "{var}");
+        assert_eq!(o.status.code(), Some(0), "{var}");
+        let (_, rep) = report(&[&t]);
+        let p = &rep["processes"][0];
+        assert!(
+            p["warnings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w.as_str().unwrap().contains(why)),
+            "{var}: {:#}",
+            p["warnings"]
+        );
+        assert!(records(p).iter().all(|l| l.kind == "unfreed"), "{var}");
+        let told = String::from_utf8_lossy(&o.stderr)
+            .matches("no heap scan at exit")
+            .count();
+        assert_eq!(told, usize::from(var == "LEAKHUNT_CLI"), "{var}");
+    }
     let live = run(&exe, &[], &[]);
     let (a, b) = (ours(&alone["processes"][0]), ours(live.main()));
     assert_eq!(a.len(), 13, "{a:#?}");

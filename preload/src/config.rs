@@ -14,6 +14,8 @@
 //! | `LEAKHUNT_UNWIND_REUSE` | `0`: walk every frame of every stack (the reference the fast path is tested against) | `1` |
 //! | `LEAKHUNT_SNAPSHOT_MS` | milliseconds between automatic snapshots (`auto-1`, `auto-2`, ...); `0`: none | `0` |
 //! | `LEAKHUNT_TOKEN` | the run's secret (32 hex digits), sent first on every connection to `LEAKHUNT_SOCKET` so that `leakhunt run` knows its own processes | unset: zeros |
+//! | `LEAKHUNT_REACH` | `0`: no heap scan at exit; `1`: with the preload alone, scan even when the trace is over `LEAKHUNT_REACH_LIMIT_MB` (the helper reads it all before the scan, while the program waits to exit) | scan (preload alone: up to the limit) |
+//! | `LEAKHUNT_REACH_LIMIT_MB` | with the preload alone, the largest trace the scan at exit reads unasked | `256` |
 //! | `LEAKHUNT_CLI` | the `leakhunt` binary that makes the heap scan at exit for the preload alone | `leakhunt` next to the library |
 //! | `LEAKHUNT_EPOCH_MS` | milliseconds between epoch boundaries (with the RSS) in the trace, 10-3,600,000; `0`: none | `1000` |
 
@@ -36,6 +38,10 @@ pub struct Config {
     pub elide: bool,
     /// Hold at exit for `leakhunt run`'s heap scan (`LEAKHUNT_REACH=0`: no scan).
     pub reach: bool,
+    /// `LEAKHUNT_REACH=1`: with the preload alone, scan whatever the trace's size.
+    pub reach_forced: bool,
+    /// With the preload alone, the largest trace (bytes) the scan at exit reads unasked.
+    pub reach_limit: u64,
     /// Nanoseconds between epoch boundaries (0: none).
     pub epoch_ns: u64,
     /// Nanoseconds between automatic snapshots (0: none).
@@ -54,6 +60,8 @@ static mut CONFIG: Config = Config {
     unwind_reuse: true,
     elide: true,
     reach: true,
+    reach_forced: false,
+    reach_limit: 256 << 20,
     epoch_ns: 1_000_000_000,
     snapshot_ns: 0,
 };
@@ -104,6 +112,12 @@ pub fn load() {
             trace_children || env(c"LEAKHUNT_FOLLOW_FORKS").is_none_or(|s| s.to_bytes() != b"0");
         c.freeres = env(c"LEAKHUNT_FREERES").is_none_or(|s| s.to_bytes() != b"0");
         c.reach = env(c"LEAKHUNT_REACH").is_none_or(|s| s.to_bytes() != b"0");
+        c.reach_forced = env(c"LEAKHUNT_REACH").is_some_and(|s| s.to_bytes() == b"1");
+        if let Some(mb) =
+            env(c"LEAKHUNT_REACH_LIMIT_MB").and_then(|s| s.to_str().ok()?.parse::<u64>().ok())
+        {
+            c.reach_limit = mb.saturating_mul(1 << 20);
+        }
         c.unwind_reuse = env(c"LEAKHUNT_UNWIND_REUSE").is_none_or(|s| s.to_bytes() != b"0");
         // A fork point is a boundary no elided pair crosses (`out::fork_point`): the child's
         // heap is exactly the live set the events give there.

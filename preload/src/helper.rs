@@ -158,9 +158,19 @@ pub fn spawn(trace: &[u8], pid: u32, answered: u32) -> Option<(libc::pid_t, c_in
     }
     // SAFETY: access(2) on a NUL-terminated path.
     if unsafe { libc::access(helper.as_ptr().cast(), libc::X_OK) } != 0 {
-        crate::sys::diag(
-            "no heap scan at exit: leakhunt is not next to libleakhunt.so (set LEAKHUNT_CLI)",
-        );
+        let mut msg = [0u8; 200];
+        let path = &helper[..helper.iter().position(|&b| b == 0).unwrap_or(0)];
+        let mut n = 0;
+        for part in [
+            b"no heap scan at exit: cannot run ".as_slice(),
+            path,
+            b" (LEAKHUNT_CLI names leakhunt)".as_slice(),
+        ] {
+            let take = part.len().min(msg.len() - n);
+            msg[n..n + take].copy_from_slice(&part[..take]);
+            n += take;
+        }
+        crate::sys::diag(core::str::from_utf8(&msg[..n]).unwrap_or("no heap scan at exit"));
         return None;
     }
     let mut fds = [-1 as c_int; 2];

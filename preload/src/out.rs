@@ -919,8 +919,30 @@ pub fn reach_scan(sp: u64, snapshot: bool) {
     } else {
         flush_locked();
         write_buf();
+        // The helper reads the whole trace before it can scan, while the program waits to end:
+        // past a size, only when asked for (a daemon's stop must not take minutes).
+        // SAFETY: stat is plain data; fstat fills it.
+        let mut st: libc::stat = unsafe { core::mem::zeroed() };
+        // SAFETY: fstat on our own descriptor into a local.
+        let size = if unsafe { libc::fstat(o.fd, &mut st) } == 0 {
+            st.st_size as u64
+        } else {
+            0
+        };
+        if size > config::get().reach_limit && !config::get().reach_forced {
+            let note = b"no heap scan at exit: the trace is over LEAKHUNT_REACH_LIMIT_MB (256 MiB \
+unless set), which the scan would read before the program could end (LEAKHUNT_REACH=1 asks \
+for it anyway)";
+            push_sealed(tag::WARNING, &[&(note.len() as u32).to_le_bytes(), note]);
+            write_buf();
+            return;
+        }
         let asked = REACH_ASKS.load(Ordering::Relaxed);
         let Some((child, fd)) = crate::helper::spawn(&o.path, sys::getpid(), asked) else {
+            let note = b"no heap scan at exit: its helper (leakhunt reach-helper, next to the \
+library or LEAKHUNT_CLI) could not be started";
+            push_sealed(tag::WARNING, &[&(note.len() as u32).to_le_bytes(), note]);
+            write_buf();
             return;
         };
         let Some(id) = fds::ident(fd) else {
