@@ -455,6 +455,17 @@ fn snapshot_cmd(a: &SnapshotArgs) -> Result<ExitCode> {
             mailbox.display()
         )
     };
+    // A process that has just started makes its mailbox in a moment (a thread of leakhunt's
+    // does, soon after the library loaded): one that has the library mapped gets 2 s for it.
+    let has_library = std::fs::read_to_string(format!("/proc/{}/maps", a.pid))
+        .is_ok_and(|m| m.contains("libleakhunt"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while has_library
+        && std::fs::symlink_metadata(&mailbox).is_err()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     match std::fs::symlink_metadata(&dir) {
         Err(_) => return Err(not_traced()),
         Ok(m) if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 => bail!(
