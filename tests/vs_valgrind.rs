@@ -185,7 +185,7 @@ fn forked_children_are_followed_and_match_memcheck() {
     let dir = std::env::temp_dir().join(format!("lh-fork-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let out = std::process::Command::new("valgrind")
+    let out = memcheck()
         .args(["--leak-check=full", "--show-leak-kinds=all", "--xml=yes"])
         .arg(format!("--xml-file={}/vg.%p.xml", dir.display()))
         .arg(&exe)
@@ -586,7 +586,7 @@ fn suppressions_by_hand_and_by_memcheck() {
             "--show-leak-kinds=all",
         ],
     );
-    let mc = std::process::Command::new("valgrind")
+    let mc = memcheck()
         .args(["-s", "--leak-check=full", "--show-leak-kinds=all"])
         .arg(format!("--suppressions={}", hand.display()))
         .arg(&exe)
@@ -612,7 +612,7 @@ fn suppressions_by_hand_and_by_memcheck() {
 
     // memcheck's own: every record of the fixture it printed a suppression for is suppressed,
     // and what remains fails nothing.
-    let out = std::process::Command::new("valgrind")
+    let out = memcheck()
         .args([
             "--leak-check=full",
             "--show-leak-kinds=all",
@@ -642,7 +642,7 @@ fn suppressions_by_hand_and_by_memcheck() {
         ],
     );
     // The same file, memcheck's own run: the same blocks suppressed.
-    let mc = std::process::Command::new("valgrind")
+    let mc = memcheck()
         .args(["--leak-check=full", "--show-leak-kinds=all"])
         .arg(format!("--suppressions={}", vg.display()))
         .arg(&exe)
@@ -691,7 +691,7 @@ fn compare_valgrind_pairs_the_records() {
             dir.join(format!("{src}.vg.xml")),
             dir.join(format!("{src}.lh.xml")),
         );
-        let st = std::process::Command::new("valgrind")
+        let st = memcheck()
             .args(["--leak-check=full", "--show-leak-kinds=all", "--xml=yes"])
             .arg(format!("--xml-file={}", vg.display()))
             .arg(&exe)
