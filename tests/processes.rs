@@ -36,6 +36,12 @@ fn fork_children_are_followed_unless_asked_not_to() {
     assert_eq!(leaks(&ps[1]).len(), 2, "{:#?}", leaks(&ps[1]));
     assert_eq!(summary(&ps[1], "unmatched_frees"), 0);
     assert_eq!(leaks(&ps[0]).len(), 1);
+    // Without a heap scan the child takes what it inherited at the end of the run instead.
+    let r = run(&exe, &[], &["--no-reachability"]);
+    let ps = r.processes();
+    assert_eq!(ps.len(), 2, "{:#}", r.json);
+    expect_leak(&ps[1], "fork.c", "FK_PARENT", 111, 1);
+    assert_eq!(summary(&ps[1], "in_use_at_exit_bytes"), 333);
 
     let trace = workspace().join(format!(
         "target/test-scratch/fork-{}.trace",

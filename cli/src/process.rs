@@ -245,11 +245,27 @@ pub struct SnapshotScan {
 /// The parents' live blocks (and their stacks) at each fork point, by child pid, shared by the
 /// stream readers of one `leakhunt run`: a child's heap scan must see what it inherited before
 /// the run has read its parent's whole stream.
+///
+/// Each entry is a copy of the parent's live set (the stacks are shared while the parent makes
+/// no new ones): one is dropped when its child takes it, or when the child is gone without a
+/// stream of its own (it exec'd or exited before it allocated) once a connection it made would
+/// have been read, so a shell that forks thousands of commands holds only those still running.
 #[derive(Default)]
 pub struct ForkBook {
-    at_fork: std::sync::Mutex<HashMap<u32, ForkPoint>>,
+    at_fork: std::sync::Mutex<BookState>,
     posted: std::sync::Condvar,
 }
+
+#[derive(Default)]
+struct BookState {
+    points: HashMap<u32, (ForkPoint, std::time::Instant)>,
+    /// Children whose stream has begun (their fork point waits for them, gone or not).
+    streaming: rustc_hash::FxHashSet<u32>,
+}
+
+/// How long a gone child's fork point is kept for a connection not read yet (the acceptor takes
+/// one within milliseconds; a child it misses says so in its report).
+const FORK_POINT_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
 
 type ForkPoint = (
     std::sync::Arc<FxHashMap<u64, Live>>,
@@ -258,11 +274,36 @@ type ForkPoint = (
 
 impl ForkBook {
     fn put(&self, child: u32, at: ForkPoint) {
+        let mut book = self.at_fork.lock().unwrap_or_else(|e| e.into_inner());
+        let BookState { points, streaming } = &mut *book;
+        points.retain(|pid, (_, since)| {
+            streaming.contains(pid)
+                || since.elapsed() < FORK_POINT_GRACE
+                || std::path::Path::new(&format!("/proc/{pid}")).exists()
+        });
+        streaming.remove(&child);
+        points.insert(child, (at, std::time::Instant::now()));
+        drop(book);
+        self.posted.notify_all();
+    }
+
+    /// `child`'s stream has begun: its fork point stays until taken.
+    fn streaming(&self, child: u32) {
         self.at_fork
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(child, at);
-        self.posted.notify_all();
+            .streaming
+            .insert(child);
+    }
+
+    /// The fork point of `child` if it is still in the book (taken).
+    fn take(&self, child: u32) -> Option<ForkPoint> {
+        self.at_fork
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .points
+            .remove(&child)
+            .map(|(p, _)| p)
     }
 
     /// The fork point of `child`, taken from the book, waiting at most `patience` for it.
@@ -270,7 +311,7 @@ impl ForkBook {
         let deadline = std::time::Instant::now() + patience;
         let mut book = self.at_fork.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(p) = book.remove(&child) {
+            if let Some((p, _)) = book.points.remove(&child) {
                 return Some(p);
             }
             let left = deadline.checked_duration_since(std::time::Instant::now())?;
@@ -313,6 +354,8 @@ pub struct Process {
     inherited: bool,
     /// Where the streams of one `leakhunt run` leave their fork points for their children.
     pub fork_book: Option<std::sync::Arc<ForkBook>>,
+    /// The stacks as the last fork point copied them (and how many there were).
+    fork_stacks: Option<(usize, std::sync::Arc<FxHashMap<u32, Stack>>)>,
     /// Addresses freed without a matching allocation (blocks from before tracing began).
     pub unmatched: rustc_hash::FxHashSet<u64>,
     /// Live bytes and blocks per callsite and for the process at each epoch boundary.
@@ -600,7 +643,8 @@ impl Process {
         }
     }
 
-    /// Gives every fork child among `procs` the heap it inherited from its parent among them.
+    /// Gives every fork child among `procs` the heap it inherited from its parent among them
+    /// (from the run's fork book, for one that did not take it before its scan).
     pub fn link_forks(procs: &mut [&mut Process]) {
         for i in 0..procs.len() {
             let (pid, ppid) = match (&procs[i].header, procs[i].forked_from) {
@@ -609,9 +653,18 @@ impl Process {
                 }
                 _ => continue,
             };
+            if let Some((live, stacks)) = procs[i].fork_book.clone().and_then(|b| b.take(pid)) {
+                procs[i].inherited = true;
+                let (blocks, bytes) = procs[i].inherit(&live, &stacks);
+                procs[i].note_inherited(ppid, blocks, bytes);
+                continue;
+            }
             let Some(j) = (0..procs.len())
                 .find(|&j| j != i && procs[j].pid() == ppid && procs[j].forks.contains_key(&pid))
             else {
+                procs[i].warnings.push(format!(
+                    "forked from pid {ppid}, whose fork point is not here (its trace was not given, or the run did not keep it): the blocks it inherited are not counted, and frees of them are unmatched"
+                ));
                 continue;
             };
             let at_fork = procs[j].forks[&pid].clone();
@@ -703,7 +756,12 @@ impl Process {
                 self.exit = Some(k);
                 self.set_ended(true);
             }
-            Record::Forked { parent, .. } => self.forked_from = Some(parent),
+            Record::Forked { parent, .. } => {
+                self.forked_from = Some(parent);
+                if let (Some(book), Some(h)) = (&self.fork_book, &self.header) {
+                    book.streaming(h.pid);
+                }
+            }
             Record::Title(mut t) => {
                 // A process that writes its title over its argv pads it with NULs.
                 let same = self.header.as_ref().is_some_and(|h| h.argv == t);
@@ -983,13 +1041,25 @@ impl Process {
             Ev::Nop => {}
             Ev::Fork { child } => {
                 let live = std::sync::Arc::new(self.live.clone());
-                if let Some(book) = &self.fork_book {
-                    book.put(
-                        child,
-                        (live.clone(), std::sync::Arc::new(self.stacks.clone())),
-                    );
+                // Under `leakhunt run` the book alone keeps it (and lets it go); a kept trace's
+                // reader keeps it for `link_forks`.
+                match &self.fork_book {
+                    Some(book) => {
+                        // The stacks only grow: the last copy serves while no new one came.
+                        let stacks = match &self.fork_stacks {
+                            Some((n, s)) if *n == self.stacks.len() => s.clone(),
+                            _ => {
+                                let s = std::sync::Arc::new(self.stacks.clone());
+                                self.fork_stacks = Some((self.stacks.len(), s.clone()));
+                                s
+                            }
+                        };
+                        book.put(child, (live, stacks))
+                    }
+                    None => {
+                        self.forks.insert(child, live);
+                    }
                 }
-                self.forks.insert(child, live);
             }
             Ev::Pairs {
                 stack,
