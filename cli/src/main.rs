@@ -302,6 +302,15 @@ pub fn emit(report: &Report, out: &Output, text_to_stderr: bool) -> Result<bool>
 fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
     let mut sym = Symbolizer::new();
     let mut read = Vec::new();
+    // Fork points are kept only for the fork children given (a quick look at each trace's start;
+    // not possible through a pipe, whose bytes can be read only once: then all are kept).
+    let files = a
+        .traces
+        .iter()
+        .all(|t| std::fs::metadata(t).is_ok_and(|m| m.is_file()));
+    let children = files.then(|| {
+        Process::forked_children(a.traces.iter().filter_map(|t| input::open_trace(t).ok()))
+    });
     for t in &a.traces {
         let f = input::open_trace(t)?;
         let size = f.size.unwrap_or(0);
@@ -310,13 +319,15 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
             "never" => false,
             _ => size > 64 << 20 && std::io::stderr().is_terminal(),
         };
+        let mut p = Process::new();
+        p.fork_children = children.clone();
         let r = if show {
             let mut bar = Progress::new(t, size);
-            let r = Process::read_stream_progress(f, &mut |at| bar.show(at));
+            let r = Process::read_stream_prepared(p, f, &mut |at| bar.show(at));
             bar.done();
             r
         } else {
-            Process::read_stream(f)
+            Process::read_stream_prepared(p, f, &mut |_| {})
         };
         read.push(compare::checked(t, r)?);
     }

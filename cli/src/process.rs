@@ -356,6 +356,9 @@ pub struct Process {
     pub fork_book: Option<std::sync::Arc<ForkBook>>,
     /// The stacks as the last fork point copied them (and how many there were).
     fork_stacks: Option<(usize, std::sync::Arc<FxHashMap<u32, Stack>>)>,
+    /// Reading kept traces: the fork children among them; fork points of other children are
+    /// not kept (a shell's thousands of forks would each copy its live set).
+    pub fork_children: Option<rustc_hash::FxHashSet<u32>>,
     /// Addresses freed without a matching allocation (blocks from before tracing began).
     pub unmatched: rustc_hash::FxHashSet<u64>,
     /// Live bytes and blocks per callsite and for the process at each epoch boundary.
@@ -422,6 +425,42 @@ impl Process {
     /// [`Process::finish`] after.
     pub fn read_stream_open(src: impl Read) -> (Process, Option<DecodeError>) {
         Process::read_stream_into(Process::new(), src, &mut |_| {})
+    }
+
+    /// As [`Process::read_stream_progress`], into `p` (prepared by the caller, e.g. with
+    /// `fork_children`).
+    pub fn read_stream_prepared(
+        p: Process,
+        src: impl Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> (Process, Option<DecodeError>) {
+        let (mut p, err) = Process::read_stream_into(p, src, progress);
+        p.finish();
+        (p, err)
+    }
+
+    /// The pids of the fork children among `traces` (their `FORKED` record, right after the
+    /// header): what [`Process::fork_children`] keeps fork points for.
+    pub fn forked_children<R: Read>(traces: impl Iterator<Item = R>) -> rustc_hash::FxHashSet<u32> {
+        let mut out = rustc_hash::FxHashSet::default();
+        for t in traces {
+            let mut r = leakhunt_format::Reader::new(std::io::BufReader::new(t));
+            let mut pid = None;
+            for _ in 0..16 {
+                match r.next_record() {
+                    Ok(Some(Record::Header(h))) => pid = Some(h.pid),
+                    Ok(Some(Record::Forked { .. })) => {
+                        out.extend(pid);
+                        break;
+                    }
+                    Ok(Some(Record::Batch { .. } | Record::Events { .. })) | Ok(None) | Err(_) => {
+                        break
+                    }
+                    Ok(Some(_)) => {}
+                }
+            }
+        }
+        out
     }
 
     /// As [`Process::read_stream`], calling `progress` with the byte offset reached after each
@@ -1056,9 +1095,14 @@ impl Process {
                         };
                         book.put(child, (live, stacks))
                     }
-                    None => {
+                    None if self
+                        .fork_children
+                        .as_ref()
+                        .is_none_or(|c| c.contains(&child)) =>
+                    {
                         self.forks.insert(child, live);
                     }
+                    None => {}
                 }
             }
             Ev::Pairs {
