@@ -68,6 +68,9 @@ enum Cmd {
         answered: u32,
         #[arg(long)]
         lib: Option<PathBuf>,
+        /// A fork child's parent's trace (where the inherited blocks are).
+        #[arg(long)]
+        parent_trace: Option<PathBuf>,
     },
 }
 
@@ -603,8 +606,15 @@ fn main() -> ExitCode {
             pid,
             answered,
             lib,
-        } => leakhunt::reach_helper::run(trace.clone(), *pid, *answered, lib.clone())
-            .map(|()| ExitCode::SUCCESS),
+            parent_trace,
+        } => leakhunt::reach_helper::run(
+            trace.clone(),
+            *pid,
+            *answered,
+            lib.clone(),
+            parent_trace.clone(),
+        )
+        .map(|()| ExitCode::SUCCESS),
         Cmd::CompareValgrind { memcheck, leakhunt } => (|| {
             let vg = leakhunt::vgcompare::read(memcheck)?;
             let lh = leakhunt::vgcompare::read(leakhunt)?;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use leakhunt_format::reach;
 
-use crate::process::Process;
+use crate::process::{ForkBook, Process};
 use crate::scan::Scanner;
 
 /// How long the trace may stay without growing before the helper gives up (the process writes
@@ -55,7 +55,17 @@ impl Read for Tail {
 /// Runs the helper: its stdin is its end of the socket pair, `pid` the process, `answered` the
 /// scans its trace asked for before (at snapshots: their records are left alone), `lib` the
 /// preload library (its mappings are no roots).
-pub fn run(trace: PathBuf, pid: u32, answered: u32, lib: Option<PathBuf>) -> anyhow::Result<()> {
+///
+/// `parent`: a fork child's parent's trace file: read beside the child's, so that the child's
+/// scan knows the blocks it inherited at the fork (the parent's fork point, through a
+/// [`ForkBook`] as under `leakhunt run`).
+pub fn run(
+    trace: PathBuf,
+    pid: u32,
+    answered: u32,
+    lib: Option<PathBuf>,
+    parent: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let sock = UnixStream::from(std::io::stdin().as_fd().try_clone_to_owned()?);
     if rustix::net::sockopt::socket_peercred(&sock).is_err() {
         anyhow::bail!("reach-helper: stdin is not the socket a traced process gives its helper");
@@ -64,6 +74,23 @@ pub fn run(trace: PathBuf, pid: u32, answered: u32, lib: Option<PathBuf>) -> any
     let file = std::fs::File::open(&trace)?;
     let done = Arc::new(AtomicBool::new(false));
     let mut p = Process::new();
+    if let Some(parent) = parent.and_then(|t| std::fs::File::open(t).ok()) {
+        let book = Arc::new(ForkBook::default());
+        p.fork_book = Some(book.clone());
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut pp = Process::new();
+            pp.fork_book = Some(book);
+            let _ = Process::read_stream_with(
+                pp,
+                Tail {
+                    file: parent,
+                    done,
+                    quiet_since: None,
+                },
+            );
+        });
+    }
     let mut scanner = Scanner::new(
         pid,
         replies,

@@ -139,7 +139,13 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
 
 /// The helper, started: its pid and our end of the socket pair (a high descriptor,
 /// close-on-exec). `None` (and a word on stderr) when it cannot be.
-pub fn spawn(trace: &[u8], pid: u32, answered: u32) -> Option<(libc::pid_t, c_int)> {
+/// `parent`: a fork child's parent's trace file, where the helper finds the inherited blocks.
+pub fn spawn(
+    trace: &[u8],
+    pid: u32,
+    answered: u32,
+    parent: Option<&[u8]>,
+) -> Option<(libc::pid_t, c_int)> {
     // SAFETY: read-only after `note_paths`.
     let (helper, lib) = unsafe { (&*core::ptr::addr_of!(HELPER), &*core::ptr::addr_of!(LIB)) };
     if helper[0] == 0 || trace.first().is_none_or(|&b| b == 0) {
@@ -203,7 +209,12 @@ pub fn spawn(trace: &[u8], pid: u32, answered: u32) -> Option<(libc::pid_t, c_in
     } else {
         (null, null)
     };
-    let argv: [*const c_char; 11] = [
+    let (parent_flag, parent_arg) = match parent {
+        Some(p) => (c"--parent-trace".as_ptr(), p.as_ptr().cast()),
+        None => (null, null),
+    };
+    // (A null ends the list: the optional pairs go last, the present ones first.)
+    let mut argv: [*const c_char; 13] = [
         helper.as_ptr().cast(),
         c"reach-helper".as_ptr(),
         c"--trace".as_ptr(),
@@ -212,10 +223,20 @@ pub fn spawn(trace: &[u8], pid: u32, answered: u32) -> Option<(libc::pid_t, c_in
         pid_arg.as_ptr().cast(),
         c"--answered".as_ptr(),
         answered_arg.as_ptr().cast(),
-        lib_flag,
-        lib_arg,
+        null,
+        null,
+        null,
+        null,
         null,
     ];
+    let mut at = 8;
+    for (flag, arg) in [(lib_flag, lib_arg), (parent_flag, parent_arg)] {
+        if !flag.is_null() {
+            argv[at] = flag;
+            argv[at + 1] = arg;
+            at += 2;
+        }
+    }
     let envp: [*const c_char; 1] = [core::ptr::null()];
     const STACK: usize = 64 * 1024;
     // Not `sys::mmap_anon`: these are unmapped below, and the tracer's own ranges are for ever.

@@ -48,6 +48,9 @@ struct Out {
     /// The trace file's absolute path (NUL-terminated), to re-open it if the program takes its
     /// descriptor; empty for a socket.
     path: [u8; PATH_LEN],
+    /// A traced child's parent's trace file (NUL-terminated; empty: none, or a socket): its
+    /// heap scan learns the inherited blocks from it.
+    parent_path: [u8; PATH_LEN],
     buf: *mut u8,
     len: usize,
     /// Where a ring's slots are compacted before they go out (`PACK_LEN` bytes, or null).
@@ -67,6 +70,8 @@ struct Out {
     /// This image was made without fork handlers (a raw `clone`, `_Fork`) and adopted: its
     /// trace says that what it inherited is unknown.
     adopted: bool,
+    /// This image is a traced child (fork or raw clone): a fixed trace name gets `.<pid>`.
+    child: bool,
 }
 
 const PATH_LEN: usize = 4200;
@@ -82,6 +87,7 @@ static mut OUT: Out = Out {
     socket: false,
     sent: 0,
     path: [0; PATH_LEN],
+    parent_path: [0; PATH_LEN],
     buf: core::ptr::null_mut(),
     len: 0,
     pack: core::ptr::null_mut(),
@@ -92,6 +98,7 @@ static mut OUT: Out = Out {
     modules_sent: 0,
     forked: None,
     adopted: false,
+    child: false,
 };
 
 const MAX_BOUNDS: usize = 16;
@@ -408,7 +415,7 @@ fn ensure_open() -> bool {
             }
         }
     } else {
-        let fd = open_trace_file(&mut o.path, cfg);
+        let fd = open_trace_file(&mut o.path, cfg, o.child);
         if fd < 0 {
             // SAFETY: errno is thread-local.
             fail(
@@ -477,7 +484,7 @@ fn absolute_name(fd: i32, path: &mut [u8; PATH_LEN]) {
 /// Creates `LEAKHUNT_OUT` (with `%p` replaced by the pid) or `leakhunt.<pid>.trace`, O_EXCL and
 /// mode 0600, never through a symbolic link; if the name exists, `<name>.2`, `<name>.3`, ... are
 /// tried, and the user is told which one was taken.
-fn open_trace_file(path: &mut [u8; PATH_LEN], cfg: &config::Config) -> i32 {
+fn open_trace_file(path: &mut [u8; PATH_LEN], cfg: &config::Config, child: bool) -> i32 {
     // SAFETY: getpid cannot fail.
     let pid = unsafe { libc::getpid() } as u32;
     let mut n = 0;
@@ -492,14 +499,22 @@ fn open_trace_file(path: &mut [u8; PATH_LEN], cfg: &config::Config) -> i32 {
         Some(p) => {
             let b = p.to_bytes();
             let mut i = 0;
+            let mut has_pid = false;
             while i < b.len() {
                 if b[i] == b'%' && b.get(i + 1) == Some(&b'p') {
                     put(path, pid_s, &mut n);
+                    has_pid = true;
                     i += 2;
                 } else {
                     put(path, &b[i..i + 1], &mut n);
                     i += 1;
                 }
+            }
+            // A child of a process with a fixed name: `TRACE.<pid>`, as `leakhunt run -o` names
+            // them (its parent has TRACE).
+            if child && !has_pid {
+                put(path, b".", &mut n);
+                put(path, pid_s, &mut n);
             }
         }
         None => {
@@ -938,7 +953,8 @@ for it anyway)";
             return;
         }
         let asked = REACH_ASKS.load(Ordering::Relaxed);
-        let Some((child, fd)) = crate::helper::spawn(&o.path, sys::getpid(), asked) else {
+        let parent = (o.forked.is_some() && o.parent_path[0] != 0).then_some(&o.parent_path[..]);
+        let Some((child, fd)) = crate::helper::spawn(&o.path, sys::getpid(), asked, parent) else {
             let note = b"no heap scan at exit: its helper (leakhunt reach-helper, next to the \
 library or LEAKHUNT_CLI) could not be started";
             push_sealed(tag::WARNING, &[&(note.len() as u32).to_le_bytes(), note]);
@@ -1161,9 +1177,16 @@ pub fn after_fork_child(trace: bool) {
     let o = out();
     // The inherited copy of our descriptor, if the child has not taken the number for itself.
     fds::close_own(o.fd, o.id);
+    // The parent's trace file, still named in our copy of its state.
+    if trace && !o.socket {
+        o.parent_path = o.path;
+    } else {
+        o.parent_path[0] = 0;
+    }
     o.fd = -1;
     o.forked = None;
     o.adopted = false;
+    o.child = trace;
     REACH_ASKS.store(0, Ordering::Relaxed);
     o.sent = 0;
     o.len = 0;
