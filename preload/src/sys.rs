@@ -85,12 +85,13 @@ pub fn stack_pointer() -> u64 {
     sp
 }
 
-/// The calling process's pid from the kernel (libc's getpid may be stale in a vfork child).
+/// The parent's pid (a fork child's, for its `FORKED` record).
 pub fn getppid() -> u32 {
-    // SAFETY: getppid has no preconditions.
-    unsafe { libc::getppid() as u32 }
+    // SAFETY: getppid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_getppid) as u32 }
 }
 
+/// The calling process's pid from the kernel (libc's getpid may be stale in a vfork child).
 pub fn getpid() -> u32 {
     // SAFETY: getpid has no arguments and cannot fail.
     unsafe { libc::syscall(libc::SYS_getpid) as u32 }
