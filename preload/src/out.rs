@@ -448,8 +448,7 @@ fn ensure_open() -> bool {
         push_sealed(tag::FORKED, &[&f]);
     }
     if o.adopted {
-        let text = ADOPTED_NOTE.as_bytes();
-        push_sealed(tag::WARNING, &[&(text.len() as u32).to_le_bytes(), text]);
+        push_warning(ADOPTED_NOTE.as_bytes());
     }
     true
 }
@@ -945,19 +944,21 @@ pub fn reach_scan(sp: u64, snapshot: bool) {
             0
         };
         if size > config::get().reach_limit && !config::get().reach_forced {
-            let note = b"no heap scan at exit: the trace is over LEAKHUNT_REACH_LIMIT_MB (256 MiB \
+            push_warning(
+                b"no heap scan at exit: the trace is over LEAKHUNT_REACH_LIMIT_MB (256 MiB \
 unless set), which the scan would read before the program could end (LEAKHUNT_REACH=1 asks \
-for it anyway)";
-            push_sealed(tag::WARNING, &[&(note.len() as u32).to_le_bytes(), note]);
+for it anyway)",
+            );
             write_buf();
             return;
         }
         let asked = REACH_ASKS.load(Ordering::Relaxed);
         let parent = (o.forked.is_some() && o.parent_path[0] != 0).then_some(&o.parent_path[..]);
         let Some((child, fd)) = crate::helper::spawn(&o.path, sys::getpid(), asked, parent) else {
-            let note = b"no heap scan at exit: its helper (leakhunt reach-helper, next to the \
-library or LEAKHUNT_CLI) could not be started";
-            push_sealed(tag::WARNING, &[&(note.len() as u32).to_le_bytes(), note]);
+            push_warning(
+                b"no heap scan at exit: its helper (leakhunt reach-helper, next to the \
+library or LEAKHUNT_CLI) could not be started",
+            );
             write_buf();
             return;
         };
@@ -1005,6 +1006,9 @@ library or LEAKHUNT_CLI) could not be started";
     let mut body = [0u8; reach::request_len(2, reach::MAX_SKIPS * 4)];
     flush_locked();
     let Some(len) = reach::request_body(&request(reach::ASK), &mut body) else {
+        if let Some(child) = helper {
+            crate::helper::finish(child, fd);
+        }
         return;
     };
     push_sealed(tag::REACH, &[&body[..len]]);
@@ -1062,6 +1066,11 @@ library or LEAKHUNT_CLI) could not be started";
     if let Some(child) = helper {
         crate::helper::finish(child, fd);
     }
+}
+
+/// A `WARNING` record with `text`. Caller holds LOCK.
+fn push_warning(text: &[u8]) {
+    push_sealed(tag::WARNING, &[&(text.len() as u32).to_le_bytes(), text]);
 }
 
 /// Lets the CLI at the other end of `sock` attach to this process for the heap scan where Yama
