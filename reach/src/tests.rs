@@ -340,3 +340,70 @@ fn the_allocators_own_pointers_point_nowhere() {
     let o = run(&blocks, &m, Heuristics::NONE);
     assert_eq!(o.kind, [Possible, Possible]);
 }
+
+#[test]
+fn the_graph_has_every_edge_once_and_parents_are_shortest_chains() {
+    // Root -> 0 -> 1 -> 2 -> 3 and root -> 2 directly (at a later root word): 3's shortest chain
+    // is root, 2, 3. Block 4 is lost and points at 5 (interior) and at itself.
+    let (blocks, mut m) = heap(&[32, 32, 32, 32, 16, 16]);
+    m.put(ROOT.0 + 8, b(0))
+        .put(ROOT.0 + 24, b(2))
+        .put(b(0) + 16, b(1))
+        .put(b(1), b(2))
+        .put(b(2) + 8, b(3))
+        .put(b(2) + 24, b(1) + 8)
+        .put(b(4), b(4))
+        .put(b(4) + 8, b(5) + 4);
+    let mut s = Scan::new(&blocks, Heuristics::NONE).unwrap();
+    s.record_graph();
+    s.root_range(&m, ROOT.0, ROOT.1);
+    let o = s.finish(&m);
+    assert_eq!(
+        o.kind,
+        [Reachable, Reachable, Reachable, Reachable, Definite, Indirect]
+    );
+    let g = o.graph.unwrap();
+    assert_eq!(g.roots, [(ROOT.0 + 8, 0), (ROOT.0 + 24, 2)]);
+    assert_eq!(g.out(0), [(1, 16)]);
+    assert_eq!(g.out(1), [(2, 0)]);
+    assert_eq!(g.out(2), [(3, 8), (1, 24)]);
+    assert_eq!(g.out(3), []);
+    assert_eq!(g.out(4), [(4, 0), (5, 8)]);
+    assert_eq!(g.out(5), []);
+    let (parent, order) = g.parents();
+    assert_eq!(
+        parent,
+        [
+            Parent::Root(ROOT.0 + 8),
+            Parent::Block(0, 16),
+            Parent::Root(ROOT.0 + 24),
+            Parent::Block(2, 8),
+            Parent::Nothing,
+            Parent::Block(4, 8),
+        ]
+    );
+    assert_eq!(order, [0, 2, 1, 3, 4, 5]);
+    let (offsets, targets) = g.csr();
+    assert_eq!(offsets, [0, 1, 2, 4, 4, 6, 6]);
+    assert_eq!(targets, [1, 2, 3, 1, 4, 5]);
+}
+
+#[test]
+fn a_block_rescanned_as_its_kind_improves_keeps_one_set_of_edges() {
+    // 0 is first reached by an interior pointer (possibly lost, scanned), then by a start
+    // pointer (reachable, scanned again): its edge to 1 is recorded once.
+    let (blocks, mut m) = heap(&[32, 16]);
+    m.put(ROOT.0, b(0) + 8)
+        .put(ROOT.0 + 8, b(0))
+        .put(b(0) + 16, b(1));
+    let mut s = Scan::new(&blocks, Heuristics::NONE).unwrap();
+    s.record_graph();
+    s.root_range(&m, ROOT.0, ROOT.0 + 8);
+    s.flood(&m);
+    s.root_range(&m, ROOT.0 + 8, ROOT.0 + 16);
+    let o = s.finish(&m);
+    assert_eq!(o.kind, [Reachable, Reachable]);
+    let g = o.graph.unwrap();
+    assert_eq!(g.out(0), [(1, 16)]);
+    assert_eq!(g.edges.len(), 1);
+}
