@@ -17,6 +17,9 @@ use std::sync::Arc;
 
 use object::{Object, ObjectSection};
 
+mod vars;
+pub use vars::{Member, TypeRef, Variable};
+
 /// One source-level frame. A return address can expand to several: the inlined calls first,
 /// then the function that contains them (`inlined == false`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -416,6 +419,8 @@ pub struct Symbolizer {
     warnings: Vec<String>,
     /// Extra root for debug files (tests); `/usr/lib/debug` is always searched.
     debug_roots: Vec<PathBuf>,
+    /// Variables and types, loaded per module on its first data lookup (see [`vars`]).
+    data: vars::Data,
 }
 
 fn hex(b: &[u8]) -> String {
