@@ -17,7 +17,9 @@ use std::sync::Arc;
 
 use object::{Object, ObjectSection};
 
+mod cfi;
 mod vars;
+pub use cfi::FrameRule;
 pub use vars::{Member, TypeRef, Variable};
 
 /// One source-level frame. A return address can expand to several: the inlined calls first,
@@ -421,6 +423,8 @@ pub struct Symbolizer {
     debug_roots: Vec<PathBuf>,
     /// Variables and types, loaded per module on its first data lookup (see [`vars`]).
     data: vars::Data,
+    /// Call frame information, per module on its first frame rule (see [`cfi`]).
+    cfi: HashMap<(String, Vec<u8>), Option<cfi::Cfi>>,
 }
 
 fn hex(b: &[u8]) -> String {
