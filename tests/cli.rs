@@ -143,7 +143,7 @@ fn corrupt_newer_and_foreign_input_are_clear_errors() {
     one_line_error(
         &newer,
         "newer.trace",
-        "trace format version 7 at byte offset 8 is newer than this leakhunt reads (up to 3)",
+        "trace format version 7 at byte offset 8 is newer than this leakhunt reads (up to 4)",
     );
     one_line_error(
         b"\x7fELF\x02\x01\x01\x00 not a trace",

@@ -281,7 +281,26 @@ pub fn diff_one(
         r.4 += probe.probe_born.get(&id).copied().unwrap_or(0);
     }
     rows.retain(|r| r.2 != 0 || r.3 != 0 || r.4 != 0);
-    rows.sort_by(|x, y| y.2.cmp(&x.2).then(y.4.cmp(&x.4)));
+    // Retained growth: what the blocks born after A keep alive, at the first heap scan made at or
+    // after B (a snapshot's, else the one at exit).
+    let scan = retained_scan(&p, bs[b].index);
+    let mut retained: HashMap<u32, (u64, u64)> = HashMap::new();
+    if let Some(ix) = &scan {
+        for id in ix.stacks() {
+            let site = sites.site(id);
+            let (bytes, blocks) = ix.retained(&[id], bs[a].index);
+            let e = retained.entry(site).or_default();
+            e.0 += bytes;
+            e.1 += blocks;
+        }
+    }
+    let grown = |r: &(u32, u32, i64, i64, u64)| retained.get(&r.0).map_or(0, |x| x.0);
+    rows.sort_by(|x, y| {
+        grown(y)
+            .cmp(&grown(x))
+            .then(y.2.cmp(&x.2))
+            .then(y.4.cmp(&x.4))
+    });
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -294,10 +313,27 @@ pub fn diff_one(
         t.live_bytes[b] as i64 - t.live_bytes[a] as i64,
         t.live_blocks[b] as i64 - t.live_blocks[a] as i64
     );
-    for &(site, id, bytes, blocks, born) in rows.iter().take(30) {
+    if let Some(ix) = &scan {
         let _ = writeln!(
             out,
-            "{bytes:+} bytes in {blocks:+} blocks, {} born since and live at the end point",
+            "sorted by retained growth: what the blocks born since the start point keep alive (theirs and what only they reach) at the {}",
+            crate::paths::scan_words(&ix.scan)
+        );
+    }
+    for r in rows.iter().take(30) {
+        let &(site, id, bytes, blocks, born) = r;
+        let kept = match retained.get(&site) {
+            Some(&(rb, rn)) => format!(
+                "; they keep alive {} bytes in {} blocks",
+                thousands(rb),
+                thousands(rn)
+            ),
+            None if scan.is_some() => "; they keep alive 0 bytes".into(),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "{bytes:+} bytes in {blocks:+} blocks, {} born since and live at the end point{kept}",
             thousands(born)
         );
         for l in stack_lines(&sites.frames(site, id, sym), 8) {
@@ -310,6 +346,23 @@ pub fn diff_one(
     Ok(out)
 }
 
+/// The retention index of the first heap scan at or after boundary index `at`: a snapshot's,
+/// else the one at exit.
+fn retained_scan(p: &Process, at: u32) -> Option<crate::paths::Index> {
+    p.snapshot_scans
+        .iter()
+        .filter(|s| s.epoch >= at && s.unavailable.is_none())
+        .find_map(|s| {
+            crate::paths::Index::new(&s.items, s.snapshot.as_deref().unwrap_or("(unnamed)"))
+        })
+        .or_else(|| {
+            p.reach
+                .as_ref()
+                .filter(|r| r.unavailable.is_none())
+                .and_then(|r| crate::paths::Index::new(&r.items, "exit"))
+        })
+}
+
 /// `leakhunt diff TRACE_A TRACE_B`: live memory per callsite at the end of each run, B minus A.
 pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) -> Result<String> {
     let (pa, pb) = (read(a)?, read(b)?);
@@ -317,13 +370,17 @@ pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) 
     // when they differ (or a module has no build-id), by their symbolized frames: a stack joins
     // the first row made with its exact key, else the first made with its names.
     type Exact = Vec<(Vec<u8>, u64)>;
-    /// (frames, bytes, blocks)
-    type Row = (Vec<Frame>, i64, i64);
+    /// (frames, bytes, blocks, retained bytes at exit)
+    type Row = (Vec<Frame>, i64, i64, i64);
     let mut table: Vec<Row> = Vec::new();
     let mut by_exact: HashMap<Exact, usize> = HashMap::new();
     let mut by_names: HashMap<SiteKey, usize> = HashMap::new();
+    let both_scanned = [&pa, &pb]
+        .iter()
+        .all(|p| retained_scan(p, u32::MAX).is_some());
     for (p, sign) in [(&pa, -1i64), (&pb, 1)] {
         let mut sites = Callsites::new(p);
+        let scan = retained_scan(p, u32::MAX).filter(|_| both_scanned);
         let mut by_stack: HashMap<u32, (i64, i64)> = HashMap::new();
         for l in p.live.values() {
             let e = by_stack.entry(l.stack).or_default();
@@ -342,10 +399,12 @@ pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) 
                 .and_then(|e| by_exact.get(e))
                 .or_else(|| by_names.get(&names))
                 .copied();
+            let kept = scan.as_ref().map_or(0, |ix| ix.retained(&[id], 0).0 as i64);
             match hit {
                 Some(i) => {
                     table[i].1 += sign * bytes;
                     table[i].2 += sign * blocks;
+                    table[i].3 += sign * kept;
                 }
                 None => {
                     let i = table.len();
@@ -353,13 +412,16 @@ pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) 
                         by_exact.entry(e).or_insert(i);
                     }
                     by_names.entry(names).or_insert(i);
-                    table.push((frames, sign * bytes, sign * blocks));
+                    table.push((frames, sign * bytes, sign * blocks, sign * kept));
                 }
             }
         }
     }
-    let mut rows: Vec<_> = table.into_iter().filter(|r| r.1 != 0 || r.2 != 0).collect();
-    rows.sort_by_key(|y| std::cmp::Reverse(y.1));
+    let mut rows: Vec<_> = table
+        .into_iter()
+        .filter(|r| r.1 != 0 || r.2 != 0 || r.3 != 0)
+        .collect();
+    rows.sort_by_key(|y| (std::cmp::Reverse(y.3), std::cmp::Reverse(y.1)));
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -367,8 +429,21 @@ pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) 
         a.display(),
         b.display()
     );
-    for (frames, bytes, blocks) in rows.iter().take(30) {
-        let _ = writeln!(out, "{bytes:+} bytes in {blocks:+} blocks");
+    if both_scanned {
+        let _ = writeln!(
+            out,
+            "sorted by the change in retained bytes (what each callsite's blocks keep alive at exit)"
+        );
+    }
+    for (frames, bytes, blocks, kept) in rows.iter().take(30) {
+        if both_scanned {
+            let _ = writeln!(
+                out,
+                "{bytes:+} bytes in {blocks:+} blocks; retained {kept:+} bytes"
+            );
+        } else {
+            let _ = writeln!(out, "{bytes:+} bytes in {blocks:+} blocks");
+        }
         for l in stack_lines(frames, 8) {
             let _ = writeln!(out, "   {l}");
         }

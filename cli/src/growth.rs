@@ -52,6 +52,23 @@ pub struct GrowthEntry {
     /// bytes and blocks), when the trace has a heap scan: whether anything still holds them.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub at_exit: std::collections::BTreeMap<&'static str, (u64, u64)>,
+    /// What holds the callsite's blocks, from the latest heap scan that saw them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention: Option<crate::paths::Retention>,
+    /// What the blocks born after warm-up keep alive at that scan (theirs and what only they
+    /// reach): the growth of the callsite's retained size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta_retained_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta_retained_blocks: Option<u64>,
+    /// The callsite (for finding its stacks again).
+    #[serde(skip)]
+    pub site: u32,
+    /// The boundary index warm-up ended at.
+    #[serde(skip)]
+    pub since: u32,
+    /// The callsite's id in this trace (its first stack's): `leakhunt paths TRACE --callsite ID`.
+    pub callsite: u32,
 }
 
 /// Builds the growth report, or `None` when the trace holds too few epoch boundaries to say
@@ -199,6 +216,12 @@ pub fn build_in(
             series: bytes,
             blocks_series: blocks,
             at_exit: a.at_exit,
+            retention: None,
+            delta_retained_bytes: None,
+            delta_retained_blocks: None,
+            site: a.site,
+            since: b[w].index,
+            callsite: a.id,
         });
     }
     entries.sort_by(|a, b| {
@@ -291,10 +314,26 @@ pub fn human(bytes: f64) -> String {
 }
 
 /// The first frame in the program's own code with a source line: where to look.
-fn first_source(stack: &[Frame]) -> Option<&Frame> {
+pub fn first_source(stack: &[Frame]) -> Option<&Frame> {
     stack
         .iter()
         .find(|f| f.file.is_some() && f.function.is_some())
+}
+
+/// The first frame in the program's own source: not in a system header or a toolchain's library
+/// (`/usr/include`, libstdc++'s and Rust's standard library sources), else [`first_source`].
+pub fn first_own_source(stack: &[Frame]) -> Option<&Frame> {
+    let library = |f: &str| {
+        f.starts_with("/usr/include/")
+            || f.starts_with("/usr/lib/")
+            || f.starts_with("/rustc/")
+            || f.contains("/.cargo/registry/")
+            || f.contains("/rustlib/src/")
+    };
+    stack
+        .iter()
+        .find(|f| f.function.is_some() && f.file.as_deref().is_some_and(|x| !library(x)))
+        .or_else(|| first_source(stack))
 }
 
 /// A callsite's kinds at exit in memcheck's order (definitely lost first), then not scanned.
@@ -316,11 +355,22 @@ pub fn guidance(e: &GrowthEntry) -> String {
     let at = first_source(&e.stack)
         .map(render_frame)
         .unwrap_or_else(|| "the innermost frame above".into());
+    let short_at = first_own_source(&e.stack)
+        .map(crate::paths::frame_words)
+        .unwrap_or_else(|| "the innermost frame above".into());
     // The heap scan at exit says which of the two it is.
     let held = |k: &str| e.at_exit.get(k).map_or(0, |v| v.1);
     let lost = held("definitely_lost") + held("indirectly_lost");
     let reachable = held("still_reachable");
     let all: u64 = e.at_exit.values().map(|v| v.1).sum();
+    if let Some(g) = e
+        .retention
+        .as_ref()
+        .filter(|_| e.verdict.grows())
+        .and_then(|r| retention_guidance(r, &short_at))
+    {
+        return g;
+    }
     if e.verdict.grows() && lost + reachable > 0 {
         // Nearly all of them either way (the newest block may still sit in a variable).
         if lost > 9 * reachable {
@@ -359,6 +409,37 @@ pub fn guidance(e: &GrowthEntry) -> String {
         Verdict::Transient => "Rose and came back down: a burst that drained.".into(),
         Verdict::Stable => String::new(),
     }
+}
+
+/// The root-cause advice a growing callsite's retention gives: the container to bound (its root
+/// and the hop that holds the blocks), or the free to add.
+fn retention_guidance(r: &crate::paths::Retention, at: &str) -> Option<String> {
+    if r.root.kind == "none" {
+        if let Some(o) = &r.orphaned_at {
+            return Some(crate::orphans::guidance(o, at));
+        }
+        return Some(format!(
+            "Blocks made at {at} keep accumulating and nothing points at them any more: a missing free \
+             (the last pointer to each was overwritten or went out of scope). Free each where its owner is \
+             done with it; `leakhunt run --orphans` names the free that let go of its holder, if one did."
+        ));
+    }
+    if r.share < 0.5 {
+        return None;
+    }
+    let through: Vec<String> = r.path.iter().map(crate::paths::hop_words).collect();
+    let through = if through.is_empty() {
+        String::new()
+    } else {
+        format!(", through {}", through.join(", then "))
+    };
+    Some(format!(
+        "Blocks made at {at} keep accumulating and stay reachable ({:.0}% of them) from {}{through}: \
+         a container that only grows. Bound it (evict, cap, or remove entries when done) where the \
+         code at {at} adds to it.",
+        r.share * 100.0,
+        crate::paths::root_words(&r.root)
+    ))
 }
 
 /// The four-part growth report, as lines (without the `==pid==` prefix).
@@ -424,6 +505,31 @@ pub fn render(t: &Timeline, entries: &[GrowthEntry]) -> Vec<String> {
                 })
                 .collect();
             out.push(format!("   At exit: {}", parts.join(", ")));
+        }
+        if let Some(r) = &e.retention {
+            out.push(format!(
+                "   What holds them ({}):",
+                crate::paths::scan_words(&r.scan)
+            ));
+            out.extend(
+                crate::paths::lines(r)
+                    .into_iter()
+                    .map(|s| format!("     {s}")),
+            );
+            if let Some(o) = &r.orphaned_at {
+                out.extend(
+                    crate::orphans::lines(o)
+                        .into_iter()
+                        .map(|s| format!("     {s}")),
+                );
+            }
+        }
+        if let (Some(b), Some(n)) = (e.delta_retained_bytes, e.delta_retained_blocks) {
+            out.push(format!(
+                "   Retained growth: the blocks born after warm-up keep alive {} bytes in {} blocks",
+                thousands(b),
+                thousands(n)
+            ));
         }
         out.push(format!("   Root cause: {}", guidance(e)));
         out.push(String::new());

@@ -53,6 +53,9 @@ enum Cmd {
         /// leakhunt's XML.
         leakhunt: PathBuf,
     },
+    /// Every distinct path that holds one callsite's blocks (from each heap scan in the trace),
+    /// with how many blocks each holds and what the callsite's blocks keep alive.
+    Paths(PathsArgs),
     /// Print a trace's records (for debugging leakhunt itself).
     #[command(hide = true)]
     Dump { trace: PathBuf },
@@ -72,6 +75,27 @@ enum Cmd {
         #[arg(long)]
         parent_trace: Option<PathBuf>,
     },
+}
+
+#[derive(Args)]
+pub struct PathsArgs {
+    /// A trace kept by `leakhunt run -o` or written by the preload alone.
+    trace: PathBuf,
+    /// The callsite: the `callsite` number of a record or growth entry in the report.
+    #[arg(
+        long,
+        value_name = "ID",
+        required_unless_present = "at",
+        conflicts_with = "at"
+    )]
+    callsite: Option<u32>,
+    /// Or the callsites whose stacks pass through FILE:LINE (FILE: the source's name, or the end
+    /// of its path).
+    #[arg(long, value_name = "FILE:LINE")]
+    at: Option<String>,
+    /// Write the paths as JSON to FILE ("-" for stdout) instead of text.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -221,6 +245,10 @@ pub struct RunArgs {
     /// No heap scan at exit: unfreed blocks are not sorted into memcheck's kinds.
     #[arg(long)]
     no_reachability: bool,
+    /// Note, at each free, which blocks the freed block still pointed to (orphan sites of lost
+    /// blocks; costs an unwind per free).
+    #[arg(long)]
+    orphans: bool,
     /// The preload library (default: libleakhunt.so next to this executable, or $LEAKHUNT_PRELOAD).
     #[arg(long, value_name = "PATH")]
     preload: Option<PathBuf>,
@@ -348,6 +376,172 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
         (true, Some(n)) => ExitCode::from(n),
         _ => ExitCode::SUCCESS,
     })
+}
+
+fn paths_cmd(a: &PathsArgs) -> Result<ExitCode> {
+    use leakhunt::paths::{Index, Namer, Want};
+    let f = input::open_trace(&a.trace)?;
+    let p = compare::checked(
+        &a.trace,
+        Process::read_stream_prepared(Process::new(), f, &mut |_| {}),
+    )?;
+    let mut sym = Symbolizer::new();
+    let mut sites = leakhunt::callsite::Callsites::new(&p);
+    // The callsites asked for: (a stack id of each, its callsite).
+    let wanted: Vec<(u32, u32)> = match (a.callsite, &a.at) {
+        (Some(id), _) => {
+            if !p.stacks.contains_key(&id) {
+                anyhow::bail!(
+                    "{} has no callsite {id} (the `callsite` numbers of its report's records and growth entries are)",
+                    a.trace.display()
+                );
+            }
+            vec![(id, sites.site(id))]
+        }
+        (None, Some(at)) => {
+            let (file, line) = at
+                .rsplit_once(':')
+                .and_then(|(f, l)| Some((f, l.parse::<u32>().ok()?)))
+                .ok_or_else(|| anyhow::anyhow!("--at wants FILE:LINE, not {at:?}"))?;
+            let mut ids: Vec<u32> = p.stacks.keys().copied().collect();
+            ids.sort_unstable();
+            let mut found: Vec<(u32, u32)> = Vec::new();
+            for id in ids {
+                let site = sites.site(id);
+                if found.iter().any(|f| f.1 == site) {
+                    continue;
+                }
+                let frames = sites.frames(site, id, &mut sym);
+                if frames.iter().any(|f| {
+                    f.line == Some(line)
+                        && f.file.as_deref().is_some_and(|x| {
+                            x == file || x.ends_with(&format!("/{}", file.trim_start_matches('/')))
+                        })
+                }) {
+                    found.push((id, site));
+                }
+            }
+            if found.is_empty() {
+                anyhow::bail!(
+                    "no callsite of {} passes through {file}:{line}",
+                    a.trace.display()
+                );
+            }
+            found
+        }
+        (None, None) => anyhow::bail!("say which callsite: --callsite ID or --at FILE:LINE"),
+    };
+    let mut scans: Vec<Index> = p
+        .snapshot_scans
+        .iter()
+        .filter_map(|s| Index::new(&s.items, s.snapshot.as_deref().unwrap_or("(unnamed)")))
+        .collect();
+    scans.extend(
+        p.reach
+            .as_ref()
+            .filter(|r| r.unavailable.is_none())
+            .and_then(|r| Index::new(&r.items, "exit")),
+    );
+    let mut json = Vec::new();
+    let mut text = String::new();
+    for (id, site) in wanted {
+        let mut found = Vec::new();
+        for ix in &scans {
+            let ids: Vec<u32> = ix.stacks().filter(|&s| sites.site(s) == site).collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let mut namer = Namer {
+                p: &p,
+                sites: &mut sites,
+                sym: &mut sym,
+            };
+            if let Some(r) = namer.retention(ix, &ids, Want::All) {
+                found.push(r);
+            }
+        }
+        let frames = sites.frames(site, id, &mut sym);
+        paths_text(id, &frames, &found, &mut text);
+        json.push(serde_json::json!({ "callsite": id, "stack": frames, "scans": found }));
+    }
+    if let Some(path) = &a.json {
+        let v = serde_json::Value::Array(json);
+        let out = serde_json::to_string_pretty(&v)?;
+        if path.as_os_str() == "-" {
+            println!("{out}");
+        } else {
+            leakhunt::outfile::write(path, out.as_bytes(), 0o644)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    print!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `leakhunt paths`'s text for one callsite.
+fn paths_text(
+    id: u32,
+    frames: &[report::Frame],
+    found: &[leakhunt::paths::Retention],
+    out: &mut String,
+) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "Callsite {id}:");
+    for l in report::stack_lines(frames, usize::MAX) {
+        let _ = writeln!(out, "   {l}");
+    }
+    if found.is_empty() {
+        let _ = writeln!(
+            out,
+            "No heap scan in this trace saw its blocks live (the scan at exit, or `leakhunt snapshot PID --reachability` while it runs)."
+        );
+    }
+    for r in found {
+        let all: Vec<leakhunt::paths::PathName> = std::iter::once(leakhunt::paths::PathName {
+            root: r.root.clone(),
+            path: r.path.clone(),
+            share: r.share,
+            blocks: r.blocks,
+            bytes: r.bytes,
+        })
+        .chain(r.other_paths.iter().cloned())
+        .collect();
+        let blocks: u64 = all.iter().map(|p| p.blocks).sum();
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{}: {} blocks on {} distinct path{}; they keep alive {} bytes in {} blocks",
+            {
+                let w = leakhunt::paths::scan_words(&r.scan);
+                let mut c = w.chars();
+                c.next()
+                    .map_or(w.clone(), |f| f.to_uppercase().chain(c).collect())
+            },
+            report::thousands(blocks),
+            all.len(),
+            if all.len() == 1 { "" } else { "s" },
+            report::thousands(r.retained_bytes),
+            report::thousands(r.retained_blocks)
+        );
+        for (i, p) in all.iter().enumerate() {
+            let lines = if p.root.kind == "none" && p.path.is_empty() {
+                vec![format!(
+                    "{} blocks ({:.0}%): nothing points at them (lost)",
+                    report::thousands(p.blocks),
+                    p.share * 100.0
+                )]
+            } else {
+                leakhunt::paths::path_lines(&p.root, &p.path, p.blocks, p.share)
+            };
+            for (k, l) in lines.iter().enumerate() {
+                if k == 0 {
+                    let _ = writeln!(out, "  {}. {l}", i + 1);
+                } else {
+                    let _ = writeln!(out, "     {l}");
+                }
+            }
+        }
+    }
 }
 
 /// A one-line progress display on stderr, redrawn at most every 200 ms.
@@ -597,6 +791,7 @@ fn main() -> ExitCode {
     let r = match &cli.cmd {
         Cmd::Run(a) => run::run(a),
         Cmd::Report(a) => report_cmd(a),
+        Cmd::Paths(a) => paths_cmd(a),
         Cmd::Diff(a) => diff_cmd(a),
         Cmd::Verify(a) => verify_cmd(a),
         Cmd::Snapshot(a) => snapshot_cmd(a),

@@ -207,6 +207,8 @@ pub struct Reach {
     unknown: FxHashMap<u64, Class>,
     /// Blocks this reader knew live when the outcome began (the scan may have known more).
     known_at_scan: u64,
+    /// What holds the blocks (retention paths, retained sizes), in the order the scan gave.
+    pub items: Vec<leakhunt_format::reach::Item>,
 }
 
 const REACHABLE: Class = Class {
@@ -240,6 +242,8 @@ pub struct SnapshotScan {
     /// Bytes and blocks still reachable, possibly, indirectly and definitely lost (memcheck's
     /// numbering).
     pub kinds: [(u64, u64); 4],
+    /// What held the blocks then (retention paths, retained sizes).
+    pub items: Vec<leakhunt_format::reach::Item>,
 }
 
 /// The parents' live blocks (and their stacks) at each fork point, by child pid, shared by the
@@ -373,6 +377,8 @@ pub struct Process {
     pub snapshot_scans: Vec<SnapshotScan>,
     /// The scan whose outcome is coming is a snapshot's: its chunks so far.
     snapshot_scan: Option<Vec<leakhunt_format::reach::Outcome>>,
+    /// ...made as the program began to exit (`pre-exit`), not at a snapshot.
+    pre_exit_scan: bool,
     /// Called after epoch boundaries close (the live view of `leakhunt run --live`).
     pub on_epoch: Option<EpochHook>,
     /// Answers the stream's requests for a heap scan (`leakhunt run`).
@@ -387,6 +393,8 @@ pub struct Process {
     /// Why the recording is known to be incomplete, beyond what the trace itself shows (set by
     /// `leakhunt run`, which saw the process end).
     pub incomplete: Option<String>,
+    /// What the frees said of the blocks they held (`--orphans`).
+    pub orphans: Option<Box<crate::orphans::Orphans>>,
     records: u64,
 }
 
@@ -512,6 +520,8 @@ impl Process {
     /// applied in sequence order like any. Returns how many events were new.
     pub fn recover(&mut self, tid: u32, slots: &[u8]) -> Result<u64, String> {
         let mut n = 0;
+        // A `CONTENT` record goes with the `FREE` after it: both new, or both skipped.
+        let mut content = None;
         for (i, s) in SlotIter::new(slots).enumerate() {
             let s = s.map_err(|e| format!("slot {i}: {}", e.what))?;
             let seq = match &s {
@@ -521,9 +531,17 @@ impl Process {
                 | SlotRecord::Fork { seq, .. }
                 | SlotRecord::Pairs { seq, .. } => Some(*seq),
                 SlotRecord::Stack { .. } => None,
+                SlotRecord::Content { .. } => {
+                    content = Some(s);
+                    continue;
+                }
             };
             if seq.is_some_and(|q| q < self.next_seq || self.pending.contains(q)) {
+                content = None;
                 continue;
+            }
+            if let Some(c) = content.take() {
+                self.slot(tid, c, 0).map_err(|e| e.to_string())?;
             }
             self.slot(tid, s, 0).map_err(|e| e.to_string())?;
             n += u64::from(seq.is_some());
@@ -573,6 +591,14 @@ impl Process {
                     },
                     offset,
                 )
+            }
+            SlotRecord::Content {
+                addr,
+                free_stack,
+                pairs,
+            } => {
+                self.content(addr, free_stack, &pairs);
+                Ok(())
             }
             SlotRecord::Free { seq, addr, .. } => self.event(tid, seq, Ev::Free { addr }, offset),
             SlotRecord::Nop { seq } => self.event(tid, seq, Ev::Nop, offset),
@@ -826,6 +852,7 @@ impl Process {
                 }
                 if r.snapshot && r.phase == leakhunt_format::reach::ASK {
                     self.snapshot_scan = Some(Vec::new());
+                    self.pre_exit_scan = r.pre_exit;
                 }
                 if let Some(mut hook) = self.on_reach.take() {
                     hook(self, &r);
@@ -938,6 +965,9 @@ impl Process {
             r.entries.remove(&addr);
             r.unscanned.insert(addr);
         }
+        if let Some(o) = &mut self.orphans {
+            o.alloc(addr);
+        }
         if let Some(old) = self.live.insert(addr, Live { size, stack, born }) {
             self.totals.reused_live += 1;
             self.growth.add(old.stack, -(old.size as i64), -1);
@@ -957,15 +987,28 @@ impl Process {
         }
         let chunks = self.snapshot_scan.take().unwrap_or_default();
         let Some(first) = chunks.first() else { return };
+        let (snapshot, epoch) = if std::mem::take(&mut self.pre_exit_scan) {
+            // As the program began to exit: after every boundary so far.
+            (Some("pre-exit".to_string()), self.growth.last_index)
+        } else {
+            (
+                self.snapshots.last().map(|s| s.0.clone()),
+                self.snapshots.last().map_or(0, |s| s.1),
+            )
+        };
         let mut scan = SnapshotScan {
-            snapshot: self.snapshots.last().map(|s| s.0.clone()),
-            epoch: self.snapshots.last().map_or(0, |s| s.1),
+            snapshot,
+            epoch,
             unavailable: first.unavailable.then(|| first.note.clone()),
             blocks: first.blocks,
             threads_held: first.threads,
             held_us: first.held_us,
             ..SnapshotScan::default()
         };
+        scan.items = chunks
+            .iter()
+            .flat_map(|c| c.items.iter().copied())
+            .collect();
         if scan.unavailable.is_none() {
             let entries: FxHashMap<u64, u8> = chunks
                 .iter()
@@ -998,6 +1041,7 @@ impl Process {
         }
         r.note = o.note;
         (r.blocks, r.words, r.threads, r.held_us) = (o.blocks, o.words, o.threads, o.held_us);
+        r.items.extend(o.items);
         for e in o.entries {
             let c = Class {
                 kind: e.kind,
@@ -1015,6 +1059,10 @@ impl Process {
 
     fn free(&mut self, addr: u64) {
         self.totals.frees += 1;
+        if let Some(o) = &mut self.orphans {
+            let parent = self.live.get(&addr).map(|l| (l.size, l.stack));
+            o.free(addr, parent, &self.live);
+        }
         if let Some(r) = &mut self.reach {
             r.entries.remove(&addr);
             r.unscanned.remove(&addr);
@@ -1183,6 +1231,20 @@ impl Process {
     }
 }
 
+impl Process {
+    /// Block `addr` was freed at stack `free_stack` (`leakhunt run --orphans`,
+    /// `LEAKHUNT_ORPHANS=1`) still holding these heap-looking words, (offset in the block, word).
+    /// Called as the record is decoded, before the `FREE` that follows it in the same thread's
+    /// stream is applied (that `FREE` may wait for lower sequence numbers; the block's `ALLOC`
+    /// may even be in another thread's batch still to come). Offsets at or past the block's
+    /// size are the allocator's slack, not the program's words. Filled by the lead.
+    pub fn content(&mut self, addr: u64, free_stack: u32, pairs: &[(u64, u64)]) {
+        self.orphans
+            .get_or_insert_with(Default::default)
+            .content(addr, free_stack, pairs);
+    }
+}
+
 impl compact::Sink for Apply<'_> {
     #[inline]
     fn alloc(
@@ -1236,6 +1298,11 @@ impl compact::Sink for Apply<'_> {
 
     fn fork(&mut self, seq: u64, child: u32) -> Result<(), String> {
         self.event(seq, Ev::Fork { child })
+    }
+
+    fn content(&mut self, addr: u64, free_stack: u32, pairs: &[(u64, u64)]) -> Result<(), String> {
+        self.p.content(addr, free_stack, pairs);
+        Ok(())
     }
 
     fn pairs(&mut self, seq: u64, stack: u32, count: u64, bytes: u64) -> Result<(), String> {

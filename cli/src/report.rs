@@ -63,6 +63,15 @@ pub struct Leak {
     /// Why this stack's unwind stopped, when it did not reach the outermost frame.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unwind: Option<&'static str>,
+    /// What holds these blocks (a root and the heap hops to them) or, lost, where their last
+    /// holder died; and what they keep alive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention: Option<crate::paths::Retention>,
+    /// The callsite (for finding its stacks again).
+    #[serde(skip)]
+    pub site: u32,
+    /// The callsite's id in this trace (its first stack's): `leakhunt paths TRACE --callsite ID`.
+    pub callsite: u32,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -561,6 +570,9 @@ pub fn build_with(
                 alloc_fn: p.alloc_fn(id),
                 suppressed: None,
                 unwind,
+                retention: None,
+                site,
+                callsite: id,
             };
             (kind, leak)
         })
@@ -589,7 +601,18 @@ pub fn build_with(
         (size, *k, blocks, syms, offs)
     };
     leaks.sort_by_cached_key(order);
-    let leaks: Vec<Leak> = leaks.into_iter().map(|(_, l)| l).collect();
+    let mut leaks: Vec<Leak> = leaks.into_iter().map(|(_, l)| l).collect();
+    let mut growth = growth;
+    attach_retention(p, &mut sites, sym, &mut leaks, &mut growth);
+    // Worst first: by verdict, then by what the growth keeps alive (retained growth), then by
+    // the growth itself (the order it had, stable).
+    growth.sort_by(|a, b| {
+        a.verdict.cmp(&b.verdict).then(
+            b.delta_retained_bytes
+                .unwrap_or(0)
+                .cmp(&a.delta_retained_bytes.unwrap_or(0)),
+        )
+    });
 
     let mut unwind = Unwind {
         allocations: 0,
@@ -730,6 +753,146 @@ pub fn build_with(
         timeline,
         growth,
         warnings,
+    }
+}
+
+/// Retention for each record (from the scan at exit) and each growth entry (from the latest
+/// scan that saw its callsite's blocks).
+fn attach_retention<'p>(
+    p: &'p Process,
+    sites: &mut Callsites<'p>,
+    sym: &mut Symbolizer,
+    leaks: &mut [Leak],
+    growth: &mut [crate::growth::GrowthEntry],
+) {
+    use crate::paths::{Index, Namer, Want};
+    let mut scans: Vec<Index> = Vec::new();
+    for s in &p.snapshot_scans {
+        let name = s.snapshot.clone().unwrap_or_else(|| "(unnamed)".into());
+        scans.extend(Index::new(&s.items, &name));
+    }
+    let exit = p
+        .reach
+        .as_ref()
+        .filter(|r| r.unavailable.is_none())
+        .and_then(|r| Index::new(&r.items, "exit"));
+    // What `--orphans` learned (nothing, when no block was freed).
+    let no_frees = crate::orphans::Orphans::default();
+    let orphans = p.orphans.as_deref().or_else(|| {
+        (p.stats.get(&leakhunt_format::stat::ORPHANS) == Some(&1)).then_some(&no_frees)
+    });
+    if exit.is_none() && scans.is_empty() && orphans.is_none() {
+        return;
+    }
+    // Each scan's stack ids by callsite.
+    let by_site = |ix: &Index, sites: &mut Callsites| -> FxHashMap<u32, Vec<u32>> {
+        let mut m: FxHashMap<u32, Vec<u32>> = FxHashMap::default();
+        for id in ix.stacks() {
+            m.entry(sites.site(id)).or_default().push(id);
+        }
+        for v in m.values_mut() {
+            v.sort_unstable();
+        }
+        m
+    };
+    let exit_sites = exit.as_ref().map(|ix| by_site(ix, sites));
+    let scan_sites: Vec<FxHashMap<u32, Vec<u32>>> =
+        scans.iter().map(|ix| by_site(ix, sites)).collect();
+    // Lost blocks by callsite (definitely lost: where their holder died; `--orphans`).
+    let mut lost: FxHashMap<u32, Vec<u64>> = FxHashMap::default();
+    if let (Some(_), Some(r)) = (orphans, &p.reach) {
+        for (&addr, l) in &p.live {
+            if r.class(addr).is_some_and(|c| c.kind == 3) {
+                lost.entry(sites.site(l.stack)).or_default().push(addr);
+            }
+        }
+    }
+    let mut namer = Namer { p, sites, sym };
+    if let (Some(ix), Some(ss)) = (&exit, &exit_sites) {
+        for l in leaks.iter_mut() {
+            let want = match Kind::from_name(l.kind) {
+                Some(Kind::Definite) => Want::Heads,
+                Some(Kind::Indirect) => Want::Indirect,
+                Some(Kind::Reachable) | Some(Kind::Possible) => Want::Held,
+                _ => continue,
+            };
+            if let Some(ids) = ss.get(&l.site) {
+                l.retention = namer.retention(ix, ids, want);
+            }
+        }
+    }
+    if let Some(o) = orphans {
+        for l in leaks.iter_mut() {
+            if l.kind != Kind::Definite.name() {
+                continue;
+            }
+            let Some(addrs) = lost.get(&l.site) else {
+                continue;
+            };
+            if let Some(orph) = crate::orphans::orphaned(&mut namer, o, addrs, l.alloc_fn) {
+                l.retention
+                    .get_or_insert_with(|| crate::paths::Retention {
+                        root: crate::paths::RootName {
+                            kind: "none",
+                            ..Default::default()
+                        },
+                        share: 1.0,
+                        blocks: l.blocks,
+                        bytes: l.bytes,
+                        scan: "exit".into(),
+                        ..Default::default()
+                    })
+                    .orphaned_at = Some(orph);
+            }
+        }
+        // The others: no freed block held them.
+        for l in leaks.iter_mut() {
+            if l.kind != Kind::Definite.name() {
+                continue;
+            }
+            let Some(r) = l.retention.as_mut().filter(|r| r.orphaned_at.is_none()) else {
+                continue;
+            };
+            r.lost_how =
+                Some("the last pointer to each was overwritten, or went out of scope".into());
+            // The frame a scan at a snapshot last saw holding them.
+            for (ix, ss) in scans.iter().zip(scan_sites.iter()).rev() {
+                if let Some(ids) = ss.get(&l.site) {
+                    if let Some(h) = namer.retention(ix, ids, Want::Held) {
+                        if h.root.kind == "stack" {
+                            r.last_seen_in = Some(h.root);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for e in growth.iter_mut() {
+        // The scan made as the program began to exit (its structures still whole), else the
+        // one at exit, else the latest at a snapshot that saw the callsite.
+        let pre_exit = scans
+            .iter()
+            .zip(scan_sites.iter())
+            .rev()
+            .filter(|(ix, _)| ix.scan == "pre-exit");
+        let found = pre_exit
+            .chain(exit.as_ref().zip(exit_sites.as_ref()))
+            .chain(scans.iter().zip(scan_sites.iter()).rev())
+            .find_map(|(ix, ss)| ss.get(&e.site).map(|ids| (ix, ids)));
+        if let Some((ix, ids)) = found {
+            e.retention = namer.retention(ix, ids, Want::All);
+            let (b, n) = ix.retained(ids, e.since);
+            e.delta_retained_bytes = Some(b);
+            e.delta_retained_blocks = Some(n);
+        }
+        if let (Some(o), Some(r), Some(addrs)) = (orphans, e.retention.as_mut(), lost.get(&e.site))
+        {
+            if r.root.kind == "none" {
+                r.orphaned_at =
+                    crate::orphans::orphaned(&mut namer, o, addrs, p.alloc_fn(e.callsite));
+            }
+        }
     }
 }
 
@@ -907,6 +1070,22 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
         if let Some(u) = l.unwind {
             line(&format!("   (stack {u})"));
         }
+        if let Some(ret) = &l.retention {
+            for s in crate::paths::lines(ret) {
+                line(&format!("   {s}"));
+            }
+            if let Some(o) = &ret.orphaned_at {
+                for s in crate::orphans::lines(o) {
+                    line(&format!("   {s}"));
+                }
+            }
+            if !ret.other_paths.is_empty() {
+                line(&format!(
+                    "   (callsite {}: `leakhunt paths TRACE --callsite {}` shows every path)",
+                    l.callsite, l.callsite
+                ));
+            }
+        }
         line("");
         if r.gen_suppressions {
             raw(&crate::supp::generate(kind, l.alloc_fn, &l.stack));
@@ -981,10 +1160,15 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
     }
     for s in &r.snapshot_scans {
         let name = s.snapshot.as_deref().unwrap_or("(unnamed)");
+        let at = if name == "pre-exit" {
+            "as the program began to exit".to_string()
+        } else {
+            format!("at snapshot {name}")
+        };
         match &s.unavailable {
-            Some(why) => line(&format!("HEAP SCAN at snapshot {name}: not made ({why})")),
+            Some(why) => line(&format!("HEAP SCAN {at}: not made ({why})")),
             None => line(&format!(
-                "HEAP SCAN at snapshot {name}: definitely lost {} bytes in {} blocks, indirectly lost {} in {}, possibly lost {} in {}, still reachable {} in {} (threads held {:.1} ms)",
+                "HEAP SCAN {at}: definitely lost {} bytes in {} blocks, indirectly lost {} in {}, possibly lost {} in {}, still reachable {} in {} (threads held {:.1} ms)",
                 thousands(s.definitely_lost.0),
                 thousands(s.definitely_lost.1),
                 thousands(s.indirectly_lost.0),

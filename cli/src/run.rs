@@ -255,6 +255,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         )
         .env("LEAKHUNT_FREERES", if a.no_freeres { "0" } else { "1" })
         .env("LEAKHUNT_REACH", if a.no_reachability { "0" } else { "1" })
+        .env("LEAKHUNT_ORPHANS", if a.orphans { "1" } else { "0" })
         .env_remove("LEAKHUNT_OUT");
     match &ring_dir {
         Some(d) => cmd.env("LEAKHUNT_RING_DIR", d),

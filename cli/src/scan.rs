@@ -47,6 +47,35 @@ pub struct Scanner {
     started: Option<Instant>,
     /// Why the scan cannot be made, found while holding.
     failed: Option<String>,
+    /// Names globals' roots (their symbols group a global's words into one root).
+    sym: leakhunt_symbolizer::Symbolizer,
+}
+
+/// What the retention paths need from a scan once the threads are let go: the graph, and what
+/// was read of the threads and their stacks while they were held.
+struct Held {
+    blocks: Vec<Block>,
+    graph: leakhunt_reach::Graph,
+    maps: Vec<Map>,
+    threads: Vec<ThreadAt>,
+    /// Stack root words' frames: the return address into the function whose frame holds the
+    /// word (0: not found).
+    frames: rustc_hash::FxHashMap<u64, u64>,
+}
+
+/// A thread as the scan saw it.
+#[derive(Clone, Copy, Debug)]
+struct ThreadAt {
+    tid: u32,
+    /// Its thread pointer (fs base), 0 when not known.
+    tp: u64,
+    pc: u64,
+    /// Its stack and frame pointers (for walking its frames), 0 when not known.
+    sp: u64,
+    bp: u64,
+    /// The part of its stack scanned.
+    lo: u64,
+    hi: u64,
 }
 
 impl Scanner {
@@ -64,6 +93,7 @@ impl Scanner {
             held: Vec::new(),
             started: None,
             failed: None,
+            sym: leakhunt_symbolizer::Symbolizer::new(),
         }
     }
 
@@ -90,9 +120,12 @@ impl Scanner {
             .take()
             .map_or(0, |t| t.elapsed().as_micros() as u64);
         let chunks = match outcome {
-            Ok(mut o) => {
+            Ok((mut o, held)) => {
                 o.threads = threads;
                 o.held_us = held_us;
+                if let Some(h) = held {
+                    o.items = self.retention(p, h);
+                }
                 chunks(o)
             }
             Err(why) => vec![Outcome {
@@ -187,7 +220,7 @@ impl Scanner {
         }
     }
 
-    fn scan(&mut self, p: &Process, r: &Request) -> Result<Outcome, String> {
+    fn scan(&mut self, p: &Process, r: &Request) -> Result<(Outcome, Option<Held>), String> {
         let mut blocks: Vec<Block> = p
             .live
             .iter()
@@ -213,12 +246,24 @@ impl Scanner {
             )
         })?;
         scan.allocator_offset(glibc_next_chunk);
+        scan.record_graph();
         // Threads: the exiting one from where the program's frames end; the others from below
         // their stack pointers, with their registers. The tracer's own threads not at all.
         let mut stacks: Vec<(u64, u64)> = Vec::new();
         let mut own_stacks: Vec<(u64, u64)> = Vec::new();
+        let mut threads: Vec<ThreadAt> = Vec::new();
         if let Some(m) = find_map(&maps, r.sp) {
             stacks.push((r.sp, m.end));
+            let regs = registers_of_waiting(r.tid);
+            threads.push(ThreadAt {
+                tid: r.tid,
+                tp: regs.map_or(0, |g| g.fs_base),
+                pc: regs.map_or(0, |g| g.rip),
+                sp: regs.map_or(0, |g| g.rsp),
+                bp: regs.map_or(0, |g| g.rbp),
+                lo: r.sp,
+                hi: m.end,
+            });
         }
         let mut regs_roots = Vec::new();
         for (t, _) in &self.held {
@@ -235,6 +280,15 @@ impl Scanner {
                 continue;
             }
             stacks.push((sp.saturating_sub(RED_ZONE).max(m.start), m.end));
+            threads.push(ThreadAt {
+                tid: t.as_raw() as u32,
+                tp: regs.fs_base,
+                pc: regs.rip,
+                sp: regs.rsp,
+                bp: regs.rbp,
+                lo: sp.saturating_sub(RED_ZONE).max(m.start),
+                hi: m.end,
+            });
             regs_roots.extend([
                 regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rsp, regs.rbp,
                 regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
@@ -301,6 +355,14 @@ impl Scanner {
                 );
             }
         }
+        let frames = o.graph.as_ref().map_or_else(Default::default, |g| {
+            let frames = Frames {
+                mem: &mem,
+                maps: &maps,
+                p,
+            };
+            frames.of_roots(&mut self.sym, &threads, g.roots.iter().map(|r| r.0))
+        });
         let entries = blocks
             .iter()
             .enumerate()
@@ -314,13 +376,156 @@ impl Scanner {
                 indirect: o.indirect_bytes[i],
             })
             .collect();
-        Ok(Outcome {
+        let out = Outcome {
             last: true,
             blocks: blocks.len() as u64,
             words: o.words_scanned,
             entries,
             ..Outcome::default()
-        })
+        };
+        let held = o.graph.map(|graph| Held {
+            blocks,
+            graph,
+            maps,
+            threads,
+            frames,
+        });
+        Ok((out, held))
+    }
+
+    /// The retention items of a scan ([`crate::retain::items`]), computed once the threads go.
+    fn retention(&mut self, p: &Process, h: Held) -> Vec<leakhunt_format::reach::Item> {
+        use leakhunt_format::reach::{root, Item, NONE};
+        let (stack, born): (Vec<u32>, Vec<u32>) = h
+            .blocks
+            .iter()
+            .map(|b| {
+                p.live
+                    .get(&b.start)
+                    .map_or((NONE, 0), |l| (l.stack, l.born))
+            })
+            .unzip();
+        let threads: Vec<Item> = h
+            .threads
+            .iter()
+            .map(|t| Item::Thread {
+                tid: t.tid,
+                tp: t.tp,
+                pc: t.pc,
+                lo: t.lo,
+                hi: t.hi,
+            })
+            .collect();
+        // The executable's static TLS block ends at each thread's thread pointer.
+        let exe = p.modules.iter().map(|m| &m.module).find(|m| m.id == 0);
+        let tls = exe.and_then(|m| {
+            let (size, align) = self.sym.tls_segment(&m.path, &m.build_id)?;
+            Some((m.id, size.next_multiple_of(align.max(1))))
+        });
+        let sym = &mut self.sym;
+        let maps = &h.maps;
+        let mut root_of = |at: u64| -> crate::retain::RootInfo {
+            let item = |kind, tid, module, detail| Item::Root {
+                kind,
+                addr: at,
+                tid,
+                module,
+                detail,
+            };
+            if at == 0 {
+                return crate::retain::RootInfo {
+                    item: item(root::REGISTER, 0, NONE, 0),
+                    key: (root::REGISTER, 0, 0),
+                };
+            }
+            for t in &h.threads {
+                if let Some((module, size)) = tls {
+                    if t.tp != 0 && at < t.tp && at >= t.tp - size {
+                        let off = at - (t.tp - size);
+                        let key = match p.modules.iter().find(|m| m.module.id == module) {
+                            Some(m) => sym
+                                .tls_at(&m.module.path, &m.module.build_id, off)
+                                .map_or(off, |(v, _)| v.start),
+                            None => off,
+                        };
+                        return crate::retain::RootInfo {
+                            item: item(root::TLS, t.tid, module, off),
+                            key: (root::TLS, t.tid as u64, key),
+                        };
+                    }
+                }
+            }
+            for t in &h.threads {
+                if at >= t.lo && at < t.hi {
+                    let frame = h.frames.get(&at).copied().unwrap_or(0);
+                    return crate::retain::RootInfo {
+                        item: item(root::STACK, t.tid, NONE, frame),
+                        key: (root::STACK, t.tid as u64, frame),
+                    };
+                }
+            }
+            // A module's data: its file-backed writable mappings and the anonymous one right
+            // after them (its .bss beyond the file).
+            if let Some(i) = maps.partition_point(|m| m.start <= at).checked_sub(1) {
+                let m = &maps[i];
+                let path = if m.path.starts_with('/') {
+                    Some(m.path.as_str())
+                } else if m.path.is_empty() && i > 0 && maps[i - 1].end == m.start {
+                    Some(maps[i - 1].path.as_str()).filter(|p| p.starts_with('/'))
+                } else {
+                    None
+                };
+                if let Some(module) = path.and_then(|path| {
+                    p.modules
+                        .iter()
+                        .map(|e| &e.module)
+                        .rfind(|md| md.id != u32::MAX && same_file(&md.path, path))
+                }) {
+                    let vaddr = at.wrapping_sub(module.bias);
+                    let start = sym
+                        .global_at(&module.path, &module.build_id, vaddr)
+                        .map_or(vaddr, |(v, _)| v.start);
+                    return crate::retain::RootInfo {
+                        item: item(root::GLOBAL, 0, module.id, 0),
+                        key: (root::GLOBAL, module.id as u64, start),
+                    };
+                }
+                if at < m.end {
+                    return crate::retain::RootInfo {
+                        item: item(root::OTHER, 0, NONE, 0),
+                        key: (root::OTHER, m.start, 0),
+                    };
+                }
+            }
+            crate::retain::RootInfo {
+                item: item(root::OTHER, 0, NONE, 0),
+                key: (root::OTHER, at, 0),
+            }
+        };
+        // Globals and thread-locals first, then live stack frames, then other memory, then the
+        // dead words just below a stack pointer, then registers.
+        let rank = |at: u64| -> u8 {
+            if at == 0 {
+                return 4;
+            }
+            match h.threads.iter().find(|t| at >= t.lo && at < t.hi) {
+                Some(t) if t.sp != 0 && at < t.sp => 3,
+                Some(_) => 1,
+                None => match find_map(&h.maps, at) {
+                    Some(m) if m.path.starts_with('/') => 0,
+                    _ => 2,
+                },
+            }
+        };
+        crate::retain::items(
+            &h.blocks,
+            &stack,
+            &born,
+            &h.graph,
+            threads,
+            &mut root_of,
+            &rank,
+        )
     }
 
     fn is_own(&self, m: &Map) -> bool {
@@ -344,6 +549,7 @@ fn chunks(mut o: Outcome) -> Vec<Outcome> {
     // The rest of the outcome without its entries, for each chunk (cloning the whole outcome per
     // chunk copied every entry once a chunk: seconds for 5 M entries).
     let entries = std::mem::take(&mut o.entries);
+    let items = std::mem::take(&mut o.items);
     let mut out: Vec<Outcome> = entries
         .chunks(per.max(1))
         .map(|c| Outcome {
@@ -352,6 +558,13 @@ fn chunks(mut o: Outcome) -> Vec<Outcome> {
             ..o.clone()
         })
         .collect();
+    // Retention items after the entries, in chunks of their own.
+    let per_items = (reach::MAX_CHUNK - 72 - o.note.len()) / reach::ITEM_MAX_LEN;
+    out.extend(items.chunks(per_items.max(1)).map(|c| Outcome {
+        last: false,
+        items: c.to_vec(),
+        ..o.clone()
+    }));
     if out.is_empty() {
         out.push(o);
     }
@@ -359,6 +572,177 @@ fn chunks(mut o: Outcome) -> Vec<Outcome> {
         l.last = true;
     }
     out
+}
+
+/// The registers of the thread that waits for the scan's result (it is not held: it is stopped
+/// a moment to read them, and its wait resumes).
+fn registers_of_waiting(tid: u32) -> Option<nix::libc::user_regs_struct> {
+    let t = Pid::from_raw(tid as i32);
+    ptrace::seize(t, ptrace::Options::empty()).ok()?;
+    let mut regs = None;
+    if ptrace::interrupt(t).is_ok() {
+        if let Ok(WaitStatus::PtraceEvent(..)) = waitpid(t, Some(WaitPidFlag::__WALL)) {
+            regs = ptrace::getregs(t).ok();
+        }
+    }
+    let _ = ptrace::detach(t, None);
+    regs
+}
+
+/// Whether two paths name the same file (`/lib/...` and `/usr/lib/...` through a link).
+fn same_file(a: &str, b: &str) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
+}
+
+/// Where a held process's frames are: its memory, its mappings and its modules.
+struct Frames<'a> {
+    mem: &'a Remote<'a>,
+    maps: &'a [Map],
+    p: &'a Process,
+}
+
+/// Frames walked per thread at most.
+const MAX_FRAMES: usize = 512;
+
+impl Frames<'_> {
+    fn word(&self, addr: u64) -> Option<u64> {
+        let mut w = [0u64];
+        (addr.is_multiple_of(8) && self.mem.read(addr, &mut w) == 1).then_some(w[0])
+    }
+
+    /// The module (path, build-id, bias) whose code holds `pc`.
+    fn module(&self, pc: u64) -> Option<(&str, &[u8], u64)> {
+        let e = self.p.module_at(pc, u32::MAX)?;
+        Some((&e.path, &e.build_id, e.bias))
+    }
+
+    /// A thread's frames, innermost first, as (lowest address, CFA, pc): walked by the modules'
+    /// call frame information from its registers, as far as that goes.
+    fn walk(
+        &self,
+        sym: &mut leakhunt_symbolizer::Symbolizer,
+        t: &ThreadAt,
+    ) -> Vec<(u64, u64, u64)> {
+        let mut out = Vec::new();
+        let (mut pc, mut sp, mut bp) = (t.pc, t.sp, t.bp);
+        if pc == 0 || sp == 0 {
+            return out;
+        }
+        for i in 0..MAX_FRAMES {
+            let Some((path, bid, bias)) = self.module(pc) else {
+                break;
+            };
+            // A return address is looked up less one: the call, not what follows it.
+            let at = pc.wrapping_sub(bias).wrapping_sub((i > 0) as u64);
+            let Some(rule) = sym.frame_rule(path, bid, at) else {
+                break;
+            };
+            let base = match rule.cfa_reg {
+                7 => sp,
+                6 => bp,
+                _ => break,
+            };
+            let cfa = base.wrapping_add_signed(rule.cfa_offset);
+            if cfa <= sp || cfa > t.hi {
+                break;
+            }
+            let Some(ra) = self.word(cfa.wrapping_add_signed(rule.ra_offset)) else {
+                break;
+            };
+            out.push((sp, cfa, pc));
+            if let Some(o) = rule.rbp_offset {
+                match self.word(cfa.wrapping_add_signed(o)) {
+                    Some(v) => bp = v,
+                    None => break,
+                }
+            }
+            if ra == 0 {
+                break;
+            }
+            (pc, sp) = (ra, cfa);
+        }
+        out
+    }
+
+    /// Whether `w` is a return address: in a module's code, just after a call instruction.
+    fn is_return(&self, w: u64) -> bool {
+        if w < 8 || !find_map(self.maps, w).is_some_and(|m| m.exec && m.path.starts_with('/')) {
+            return false;
+        }
+        let a = (w - 8) & !7;
+        let mut buf = [0u64; 2];
+        if self.mem.read(a, &mut buf) < 2 {
+            return false;
+        }
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&buf[0].to_le_bytes());
+        bytes[8..].copy_from_slice(&buf[1].to_le_bytes());
+        let end = (w - a) as usize;
+        let before = |k: usize| bytes[end - k];
+        // call rel32; call through a register or memory (ff /2), 0-5 bytes after the ModRM.
+        before(5) == 0xe8
+            || [2usize, 3, 4, 6, 7]
+                .iter()
+                .any(|&k| before(k) == 0xff && (before(k - 1) >> 3) & 7 == 2)
+    }
+
+    /// For each stack root word: the pc of the function whose frame holds it (a return address
+    /// into it, or the thread's pc for its innermost frame). Frames are walked by call frame
+    /// information; above where that walk stops, the function is the one whose callee's return
+    /// address lies nearest below the word (a word just after a call instruction).
+    fn of_roots(
+        &self,
+        sym: &mut leakhunt_symbolizer::Symbolizer,
+        threads: &[ThreadAt],
+        roots: impl Iterator<Item = u64>,
+    ) -> rustc_hash::FxHashMap<u64, u64> {
+        let mut out = rustc_hash::FxHashMap::default();
+        // Per thread with a root word: its walked frames, and the return-address slots above them.
+        type Walked = (Vec<(u64, u64, u64)>, Vec<(u64, u64)>);
+        let mut walked: Vec<Option<Walked>> = vec![None; threads.len()];
+        for at in roots {
+            if out.contains_key(&at) {
+                continue;
+            }
+            let Some(ti) = threads.iter().position(|t| at >= t.lo && at < t.hi) else {
+                continue;
+            };
+            let t = &threads[ti];
+            let (frames, slots) = walked[ti].get_or_insert_with(|| {
+                let frames = self.walk(sym, t);
+                let from = frames
+                    .last()
+                    .map_or(t.lo, |f| f.1)
+                    .max(t.lo)
+                    .next_multiple_of(8);
+                let mut slots = Vec::new();
+                let mut buf = vec![0u64; (t.hi.saturating_sub(from) / 8) as usize];
+                let got = self.mem.read(from, &mut buf);
+                for (k, &w) in buf[..got].iter().enumerate() {
+                    if self.is_return(w) {
+                        slots.push((from + 8 * k as u64, w));
+                    }
+                }
+                (frames, slots)
+            });
+            let frame = match frames.iter().find(|f| at >= f.0 && at < f.1) {
+                Some(f) => f.2,
+                None => {
+                    let below = slots.partition_point(|s| s.0 < at);
+                    match below.checked_sub(1) {
+                        Some(i) => slots[i].1,
+                        None => frames.last().map_or(t.pc, |f| f.2),
+                    }
+                }
+            };
+            out.insert(at, frame);
+        }
+        out
+    }
 }
 
 fn cannot_hold(e: nix::errno::Errno) -> String {

@@ -9,7 +9,9 @@
 //! An allocator storm averages 5-7 bytes per event instead of 32.
 //!
 //! Runs of `NOP`s whose sequence numbers follow on (what elided pairs leave, see [`find_pairs`])
-//! take one byte per up to 32 (`SKIP`), a `PAIRS` slot its stack, count and bytes.
+//! take one byte per up to 32 (`SKIP`), a `PAIRS` slot its stack, count and bytes. A `CONTENT`
+//! record (what a freed block pointed to) takes its pair count, its stack and address as
+//! differences, and per pair the offset's step and the word's difference from the previous word.
 //!
 //! [`encode`] never allocates (the preload's writer thread calls it into a fixed buffer);
 //! [`expand`] turns a body back into the exact slots it came from.
@@ -24,6 +26,11 @@ const CODE_STACK: u8 = 4;
 /// `function` + 1 `NOP`s numbered on from the one expected next (one byte for up to 32).
 const CODE_SKIP: u8 = 5;
 const CODE_PAIRS: u8 = 6;
+/// An extended record, its kind in the function bits: 0 = `CONTENT` (version 4). The last code,
+/// so that later kinds take function values here rather than a new format of kind byte.
+const CODE_EXT: u8 = 7;
+/// Function bits of `CODE_EXT`: a `CONTENT` record.
+const EXT_CONTENT: u8 = 0;
 
 /// The event code of each slot kind (`NONE`: not an event).
 const CODE_OF: [u8; 256] = {
@@ -213,6 +220,40 @@ fn encode_with(runs: &[&[u8]], out: &mut [u8], pairs: Option<&Pairs>) -> Option<
             }
             continue;
         }
+        if kind == slot::KIND_CONTENT {
+            let n = u16::from_le_bytes([s[2], s[3]]) as usize;
+            // What the expansion could not give back exactly goes as slots.
+            if f != 0 || n > slot::MAX_CONTENT_PAIRS || u64_at(s, 16) | u64_at(s, 24) != 0 {
+                return None;
+            }
+            let (id, a) = (u32_at(s, 4), u64_at(s, 8));
+            o.byte(CODE_EXT | EXT_CONTENT << 3);
+            o.byte(s[2]);
+            o.byte(s[3]);
+            o.pair(
+                zigzag(id.wrapping_sub(stack) as i32 as i64),
+                zigzag(a.wrapping_sub(addr) as i64),
+            );
+            (stack, addr) = (id, a);
+            let (mut off, mut word) = (0u64, a);
+            let mut left = n;
+            while left > 0 {
+                let c = chunks.next()?;
+                i += 1;
+                o.room()?;
+                let k = left.min(slot::PAIRS_PER_SLOT);
+                for j in 0..k {
+                    let (po, pw) = (u64_at(c, j * 16), u64_at(c, j * 16 + 8));
+                    o.pair(po.wrapping_sub(off), zigzag(pw.wrapping_sub(word) as i64));
+                    (off, word) = (po, pw);
+                }
+                if k < slot::PAIRS_PER_SLOT && u64_at(c, 16) | u64_at(c, 24) != 0 {
+                    return None;
+                }
+                left -= k;
+            }
+            continue;
+        }
         let seq = u64_at(s, 8);
         let dseq = zigzag(seq.wrapping_sub(next_seq) as i64);
         next_seq = seq.wrapping_add(1);
@@ -355,10 +396,18 @@ pub fn find_pairs<'s>(
     let mut i = 0;
     // Runs of consecutive sequence numbers: a new one starts wherever another thread took one.
     let (mut run, mut expect) = (0u32, None::<u64>);
+    // The slot right after the last `CONTENT` record: a `FREE` there is not elided (its content
+    // names the block, which the reader must then know).
+    let mut after_content = usize::MAX;
     while i < slots {
         let s = slot_at(i);
         if s[0] == slot::KIND_STACK {
             i += slot::stack_slots(u16::from_le_bytes([s[2], s[3]]) as usize);
+            continue;
+        }
+        if s[0] == slot::KIND_CONTENT {
+            i += slot::content_slots(u16::from_le_bytes([s[2], s[3]]) as usize);
+            after_content = i;
             continue;
         }
         let seq = u64_at(s, 8);
@@ -401,6 +450,7 @@ pub fn find_pairs<'s>(
                     }
                     let sa = u64_at(a, 8);
                     if e & POISON != 0
+                        || after_content == i
                         || e >> 16 != run
                         || sa < floor
                         || marks[j] != 0
@@ -535,6 +585,13 @@ pub trait Sink {
     fn stack(&mut self, id: u32, gen: u32, reason: u8, frames: &[u64]) -> Result<(), String>;
     /// `count` allocations from `stack`, `bytes` in all, each freed again (see [`find_pairs`]).
     fn pairs(&mut self, seq: u64, stack: u32, count: u64, bytes: u64) -> Result<(), String>;
+    /// Block `addr`, freed at stack `free_stack` by the `FREE` that follows in this stream,
+    /// still held these (offset, word) pairs (a `CONTENT` record; version 4). Ignored unless a
+    /// sink wants it.
+    fn content(&mut self, addr: u64, free_stack: u32, pairs: &[(u64, u64)]) -> Result<(), String> {
+        let _ = (addr, free_stack, pairs);
+        Ok(())
+    }
     /// `count` `NOP`s numbered `seq`, `seq + 1`, ...
     fn skip(&mut self, seq: u64, count: u64) -> Result<(), String> {
         for i in 0..count {
@@ -559,6 +616,7 @@ pub fn decode(body: &[u8], count: usize, sink: &mut impl Sink) -> Result<(), Exp
     let (mut next_seq, mut addr, mut stack, mut frame) = (0u64, 0u64, 0u32, 0u64);
     let mut left = count;
     let mut frames: Vec<u64> = Vec::new();
+    let mut content: Vec<(u64, u64)> = Vec::new();
     while r.pos < body.len() {
         let at = r.pos;
         let fail = |what: String| ExpandError { at, what };
@@ -598,6 +656,36 @@ pub fn decode(body: &[u8], count: usize, sink: &mut impl Sink) -> Result<(), Exp
                 }
             }
             sink.stack(id, gen, f, &frames[..n]).map_err(fail)?;
+            continue;
+        }
+        if code == CODE_EXT {
+            if f != EXT_CONTENT {
+                return Err(fail(format!("unknown extended event kind {f}")));
+            }
+            let n = u16::from_le_bytes([
+                read!(r.byte("a content pair count")),
+                read!(r.byte("a content pair count")),
+            ]) as usize;
+            if n > slot::MAX_CONTENT_PAIRS {
+                return Err(fail(format!(
+                    "content record of {n} pairs, more than the {} a record holds",
+                    slot::MAX_CONTENT_PAIRS
+                )));
+            }
+            left = left.checked_sub(slot::content_slots(n)).ok_or_else(over)?;
+            let (dstack, daddr) = read!(r.pair("a content stack id", "a content address"));
+            stack = stack.wrapping_add(unzigzag(dstack) as u32);
+            addr = addr.wrapping_add(unzigzag(daddr) as u64);
+            content.clear();
+            let (mut off, mut word) = (0u64, addr);
+            for _ in 0..n {
+                let (doff, dword) = read!(r.pair("a content offset", "a content word"));
+                off = off.wrapping_add(doff);
+                word = word.wrapping_add(unzigzag(dword) as u64);
+                content.push((off, word));
+            }
+            slot::check_content(&content).map_err(fail)?;
+            sink.content(addr, stack, &content).map_err(fail)?;
             continue;
         }
         if code > CODE_PAIRS {
@@ -690,6 +778,15 @@ impl Sink for SlotSink<'_> {
         Ok(())
     }
 
+    fn content(&mut self, addr: u64, free_stack: u32, pairs: &[(u64, u64)]) -> Result<(), String> {
+        self.0
+            .extend_from_slice(&slot::content_header(free_stack, addr, pairs.len() as u16));
+        for c in pairs.chunks(slot::PAIRS_PER_SLOT) {
+            self.0.extend_from_slice(&slot::content_pairs(c));
+        }
+        Ok(())
+    }
+
     fn stack(&mut self, id: u32, gen: u32, reason: u8, frames: &[u64]) -> Result<(), String> {
         let mut h = [0u8; SLOT_LEN];
         h[0] = slot::KIND_STACK;
@@ -739,7 +836,28 @@ mod tests {
             u64::MAX,
         ));
         v.extend_from_slice(&slot::free(FreeFn::Realloc, 1, 0));
+        content(
+            &mut v,
+            7,
+            0x5555_0001_0040,
+            &[(0x18, 0x5555_0001_0000), (0x20, 0x7fff_0000_0000)],
+        );
+        content(
+            &mut v,
+            u32::MAX,
+            0x5555_0001_0040,
+            &[(0, u64::MAX), (8, 0), (0xff8, 1)],
+        );
+        v.extend_from_slice(&slot::free(FreeFn::Free, 2, 0x5555_0001_0040));
+        content(&mut v, 0, 0, &[]);
         v
+    }
+
+    fn content(v: &mut Vec<u8>, stack: u32, addr: u64, pairs: &[(u64, u64)]) {
+        v.extend_from_slice(&slot::content_header(stack, addr, pairs.len() as u16));
+        for c in pairs.chunks(slot::PAIRS_PER_SLOT) {
+            v.extend_from_slice(&slot::content_pairs(c));
+        }
     }
 
     #[test]
@@ -778,10 +896,99 @@ mod tests {
         assert!(e.what.contains("announces"), "{}", e.what);
         let e = expand(&out[..n], slots + 1, &mut Vec::new()).unwrap_err();
         assert!(e.what.contains("announces"), "{}", e.what);
-        let e = expand(&[7], 1, &mut Vec::new()).unwrap_err();
-        assert!(e.what.contains("unknown event code 7"), "{}", e.what);
+        let e = expand(&[7 | 1 << 3], 1, &mut Vec::new()).unwrap_err();
+        assert!(
+            e.what.contains("unknown extended event kind 1"),
+            "{}",
+            e.what
+        );
         let e = expand(&[0, 0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0], 1, &mut Vec::new()).unwrap_err();
         assert!(e.what.contains("a length of 9 bytes"), "{}", e.what);
+    }
+
+    #[test]
+    fn bad_content_records_are_errors_not_panics() {
+        let mut v = Vec::new();
+        content(
+            &mut v,
+            3,
+            0x1000,
+            &[(0x10, 0x2000), (0x20, 0x3000), (0x28, 0x3000)],
+        );
+        v.extend_from_slice(&slot::free(FreeFn::Free, 0, 0x1000));
+        let slots = v.len() / SLOT_LEN;
+        let mut out = vec![0u8; slots * MAX_SLOT_BYTES];
+        let n = encode(&[&v], &mut out).unwrap();
+        let body = &out[..n];
+        let mut back = Vec::new();
+        expand(body, slots, &mut back).unwrap();
+        assert_eq!(back, v);
+        // Every cut is an error that says where the record ends.
+        for cut in 0..n {
+            let e = expand(&body[..cut], slots, &mut Vec::new()).unwrap_err();
+            assert!(
+                e.what.contains("the record ends inside") || e.what.contains("announces"),
+                "cut {cut}: {}",
+                e.what
+            );
+        }
+        // The head announcing fewer slots than the content record takes.
+        let e = expand(body, 2, &mut Vec::new()).unwrap_err();
+        assert!(
+            e.what
+                .contains("more slots than the record's head announces"),
+            "{}",
+            e.what
+        );
+        // A pair count beyond a record's.
+        let e = expand(&[7, 0x01, 0x01], 200, &mut Vec::new()).unwrap_err();
+        assert!(
+            e.what.contains("257 pairs, more than the 256"),
+            "{}",
+            e.what
+        );
+        // A second offset no higher than the first: kind, count (2), the head pair (length,
+        // stack id 1 byte, address 2), the first pair (length, offset step 1, word 2), then the
+        // second pair's length and offset step, set to 0.
+        let mut bad = body.to_vec();
+        assert_eq!(bad[..4], [7, 3, 0, 0x21], "{bad:?}");
+        assert_eq!(bad[7..9], [0x21, 0x10], "{bad:?}");
+        assert_eq!(bad[11..13], [0x21, 0x10], "{bad:?}");
+        bad[12] = 0;
+        let e = expand(&bad, slots, &mut Vec::new()).unwrap_err();
+        assert!(
+            e.what.contains("pair 1: offset 0x10 is not above"),
+            "{}",
+            e.what
+        );
+        // Non-zero reserved bytes or padding in slots are sent as slots, never encoded lossily.
+        let mut odd = Vec::new();
+        content(&mut odd, 1, 0x40, &[(0, 0x10)]);
+        odd[SLOT_LEN + 16] = 1;
+        assert!(encode(&[&odd], &mut [0u8; 4096]).is_none());
+        let mut odd = Vec::new();
+        content(&mut odd, 1, 0x40, &[]);
+        odd[20] = 1;
+        assert!(encode(&[&odd], &mut [0u8; 4096]).is_none());
+    }
+
+    #[test]
+    fn a_free_with_content_is_never_elided() {
+        use AllocFn::*;
+        let mut v = Vec::new();
+        v.extend_from_slice(&slot::stack_header(1, 0, StopReason::End, 1));
+        v.extend_from_slice(&slot::frames(&[0x1000]));
+        v.extend_from_slice(&slot::alloc(Malloc, 1, 0, 0xa0, 100));
+        content(&mut v, 1, 0xa0, &[(8, 0xb0)]);
+        v.extend_from_slice(&slot::free(FreeFn::Free, 1, 0xa0));
+        v.extend_from_slice(&slot::alloc(Malloc, 1, 2, 0xb0, 10)); // elided
+        v.extend_from_slice(&slot::free(FreeFn::Free, 3, 0xb0));
+        let (back, elided, _) = scratch_run(&v, &[]);
+        assert_eq!(elided, 2);
+        let mut want = v.clone();
+        want[6 * SLOT_LEN..7 * SLOT_LEN].copy_from_slice(&slot::nop(2));
+        want[7 * SLOT_LEN..8 * SLOT_LEN].copy_from_slice(&slot::pairs(1, 3, 1, 10));
+        assert_eq!(back, want);
     }
 
     /// Room for batches of up to 32 slots.

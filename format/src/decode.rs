@@ -527,7 +527,8 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         tag::REACH => {
             let phase = p.u8("phase")?;
             let snapshot = p.u8("snapshot flag")? != 0;
-            p.take(2, "padding")?;
+            let pre_exit = p.u8("pre-exit flag")? != 0;
+            p.take(1, "padding")?;
             let tid = p.u32("thread id")?;
             let sp = p.u64("stack pointer")?;
             let nt = p.u32("thread count")? as usize;
@@ -552,6 +553,7 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
             Record::Reach(crate::reach::Request {
                 phase,
                 snapshot,
+                pre_exit,
                 tid,
                 sp,
                 skip_tids,
@@ -584,6 +586,15 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
                     indirect,
                 });
             }
+            let mut items = Vec::new();
+            if p.pos < p.data.len() {
+                // Items: each at least 13 bytes.
+                let n = p.count(crate::reach::ITEM_MIN_LEN, "retention item")?;
+                items.reserve(n);
+                for _ in 0..n {
+                    items.push(reach_item(&mut p)?);
+                }
+            }
             Record::ReachResult(crate::reach::Outcome {
                 last: flags & 1 != 0,
                 unavailable: flags & 2 != 0,
@@ -593,11 +604,59 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
                 held_us,
                 note,
                 entries,
+                items,
             })
         }
         _ => unreachable!("tags filtered above"),
     };
     Ok(rec)
+}
+
+/// One retention item of a `REACH_RESULT` record ([`crate::reach::Item`]).
+fn reach_item(p: &mut Payload) -> Result<crate::reach::Item, DecodeError> {
+    use crate::reach::Item;
+    Ok(match p.u8("item type")? {
+        1 => Item::Thread {
+            tid: p.u32("thread")?,
+            tp: p.u64("thread pointer")?,
+            pc: p.u64("program counter")?,
+            lo: p.u64("stack start")?,
+            hi: p.u64("stack end")?,
+        },
+        2 => {
+            let kind = p.u8("root kind")?;
+            if kind > crate::reach::root::OTHER {
+                return Err(p.err(format!("unknown root kind {kind}")));
+            }
+            Item::Root {
+                kind,
+                addr: p.u64("root address")?,
+                tid: p.u32("root thread")?,
+                module: p.u32("root module")?,
+                detail: p.u64("root detail")?,
+            }
+        }
+        3 => Item::Node {
+            from: p.u32("path start")?,
+            stack: p.u32("hop stack")?,
+            off: p.u32("hop offset")?,
+            repeat: p.u8("repeat")? != 0,
+        },
+        4 => Item::Site {
+            stack: p.u32("stack")?,
+            node: p.u32("path")?,
+            blocks: p.u64("blocks")?,
+            bytes: p.u64("bytes")?,
+        },
+        5 => Item::Retained {
+            stack: p.u32("stack")?,
+            first_born: p.u32("first born")?,
+            born: p.u32("born")?,
+            bytes: p.u64("retained bytes")?,
+            blocks: p.u64("retained blocks")?,
+        },
+        t => return Err(p.err(format!("unknown retention item type {t}"))),
+    })
 }
 
 /// Decodes a whole trace held in memory, every slot of every batch included, and returns the
@@ -771,13 +830,13 @@ mod tests {
     #[test]
     fn newer_version_and_bad_magic() {
         let mut data = sample();
-        data[8] = 4;
+        data[8] = 5;
         let (_, err) = all(&data);
         assert_eq!(
             err,
             Some(DecodeError::UnsupportedVersion {
-                found: 4,
-                supported: 3
+                found: 5,
+                supported: 4
             })
         );
         let (_, err) = all(b"ELF\x7f and more bytes here");

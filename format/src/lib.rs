@@ -1,4 +1,4 @@
-//! The leakhunt trace format, version 2. The normative description is `FORMAT.md` beside this
+//! The leakhunt trace format, version 4. The normative description is `FORMAT.md` beside this
 //! crate; this module is its implementation, shared by the writer (the preload library) and the
 //! reader (the CLI).
 //!
@@ -20,9 +20,9 @@ pub use decode::{validate, DecodeError, Reader, Record};
 /// First eight bytes of every trace.
 pub const MAGIC: [u8; 8] = *b"LKHUNTTR";
 /// The version this crate writes and the newest it reads. Version 2 added `EVENTS` records,
-/// version 3 `PAIRS` slots and runs of `NOP`s in `EVENTS` (elided pairs); older traces read as
-/// before.
-pub const VERSION: u32 = 3;
+/// version 3 `PAIRS` slots and runs of `NOP`s in `EVENTS` (elided pairs), version 4 `CONTENT`
+/// records (what a freed block pointed to, `LEAKHUNT_ORPHANS=1`); older traces read as before.
+pub const VERSION: u32 = 4;
 /// Most slots one `EVENTS` record may announce (a reader allocates no more for one record).
 pub const MAX_EVENTS_SLOTS: u32 = 1 << 20;
 /// Size of the file preamble: magic, version, reserved word.
@@ -136,6 +136,9 @@ pub mod stat {
     /// Times the program took the trace's descriptor (closed it, or reused its number) and the
     /// tracer re-opened the file or re-connected, losing nothing.
     pub const OUTPUT_RETAKEN: u32 = 10;
+    /// 1: the process sent what each freed block still pointed to (`LEAKHUNT_ORPHANS=1`), so a
+    /// lost block with no orphan site had no freed holder.
+    pub const ORPHANS: u32 = 11;
 }
 
 /// How the process ended, as recorded by the tracer.

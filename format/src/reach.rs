@@ -35,6 +35,9 @@ pub struct Request {
     pub phase: u8,
     /// A scan at a snapshot of the running process (its writer thread waits), not at its exit.
     pub snapshot: bool,
+    /// The scan a thread asks for as the program starts to exit, before its exit handlers and
+    /// destructors run (`pre-exit`; a snapshot scan without a snapshot of its own).
+    pub pre_exit: bool,
     /// The thread that waits (it runs the exit; its stack is scanned from `sp`).
     pub tid: u32,
     /// Its stack pointer where the program's part of its stack ends (the tracer's own frames
@@ -62,6 +65,7 @@ pub fn request_body(r: &RequestRef, buf: &mut [u8]) -> Option<usize> {
     b[0] = r.phase;
     b[1..4].fill(0);
     b[1] = r.snapshot as u8;
+    b[2] = r.pre_exit as u8;
     b[4..8].copy_from_slice(&r.tid.to_le_bytes());
     b[8..16].copy_from_slice(&r.sp.to_le_bytes());
     b[16..20].copy_from_slice(&(r.skip_tids.len() as u32).to_le_bytes());
@@ -83,6 +87,7 @@ pub fn request_body(r: &RequestRef, buf: &mut [u8]) -> Option<usize> {
 pub struct RequestRef<'a> {
     pub phase: u8,
     pub snapshot: bool,
+    pub pre_exit: bool,
     pub tid: u32,
     pub sp: u64,
     pub skip_tids: &'a [u32],
@@ -125,6 +130,145 @@ pub struct Outcome {
     /// What the reader should know (why unavailable; what was approximate).
     pub note: String,
     pub entries: Vec<Entry>,
+    /// What holds the blocks (retention paths, retained sizes), after the entries: a chunk may
+    /// carry entries, items or both. A reader of an older trace sees none.
+    pub items: Vec<Item>,
+}
+
+/// No node, root or stack.
+pub const NONE: u32 = u32::MAX;
+/// [`Item::Node`]'s `from` names a root (this bit and the root's index), not a node.
+pub const FROM_ROOT: u32 = 1 << 31;
+
+/// Where a root word lies ([`Item::Root`]).
+pub mod root {
+    /// A module's data (its writable segments, .bss included).
+    pub const GLOBAL: u8 = 0;
+    /// A thread's stack.
+    pub const STACK: u8 = 1;
+    /// A thread's static thread-local storage.
+    pub const TLS: u8 = 2;
+    /// A thread's registers.
+    pub const REGISTER: u8 = 3;
+    /// Other memory: an anonymous mapping of the program's.
+    pub const OTHER: u8 = 4;
+}
+
+/// One piece of what holds the blocks, from the heap graph of the scan. Roots and nodes are
+/// numbered in the order they come (over every chunk of one outcome).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Item {
+    /// A thread held during the scan: its thread pointer, program counter and stack.
+    Thread {
+        tid: u32,
+        tp: u64,
+        pc: u64,
+        lo: u64,
+        hi: u64,
+    },
+    /// A root that paths begin at: one word's address standing for all the root words of the
+    /// same place (a global's, a frame's). `tid`: the thread of a stack, TLS or register root;
+    /// `module`: the module (its id in the trace) of a global or TLS root, or [`NONE`];
+    /// `detail`: for a stack word, the return address into the function whose frame holds it
+    /// (or the thread's pc for its innermost frame); for a TLS word, its offset in the module's
+    /// TLS block.
+    Root {
+        kind: u8,
+        addr: u64,
+        tid: u32,
+        module: u32,
+        detail: u64,
+    },
+    /// A path so far: `from` (a node, or [`FROM_ROOT`] and a root, or [`NONE`]: nothing holds
+    /// it), then, unless `stack` is [`NONE`], a pointer at `off` in a block allocated at stack
+    /// `stack`; `repeat`: a run of such blocks, each holding the next (a list).
+    Node {
+        from: u32,
+        stack: u32,
+        off: u32,
+        repeat: bool,
+    },
+    /// `blocks` blocks (`bytes` bytes) of callsite `stack` are held by the path of `node`.
+    Site {
+        stack: u32,
+        node: u32,
+        blocks: u64,
+        bytes: u64,
+    },
+    /// What callsite `stack`'s blocks keep alive (theirs and those they dominate in the heap
+    /// graph), as a sum over blocks: each of its blocks born at an epoch boundary index in
+    /// `first_born..=born` (the boundary index before its allocation, as the live set keeps it)
+    /// that no other block of the callsite born since `first_born` dominates. The callsite's
+    /// blocks born at or after boundary index W retain the sum of the items with
+    /// `first_born <= W <= born`; all of them (W = 0), those with `first_born == 0`.
+    Retained {
+        stack: u32,
+        first_born: u32,
+        born: u32,
+        bytes: u64,
+        blocks: u64,
+    },
+}
+
+/// Bytes of the largest item.
+pub const ITEM_MAX_LEN: usize = 37;
+/// Bytes of the smallest item.
+pub const ITEM_MIN_LEN: usize = 14;
+
+impl Item {
+    /// Appends the item's encoding.
+    pub fn encode(&self, r: &mut RecordBuf) {
+        match *self {
+            Item::Thread {
+                tid,
+                tp,
+                pc,
+                lo,
+                hi,
+            } => {
+                r.u8(1).u32(tid).u64(tp).u64(pc).u64(lo).u64(hi);
+            }
+            Item::Root {
+                kind,
+                addr,
+                tid,
+                module,
+                detail,
+            } => {
+                r.u8(2).u8(kind).u64(addr).u32(tid).u32(module).u64(detail);
+            }
+            Item::Node {
+                from,
+                stack,
+                off,
+                repeat,
+            } => {
+                r.u8(3).u32(from).u32(stack).u32(off).u8(repeat as u8);
+            }
+            Item::Site {
+                stack,
+                node,
+                blocks,
+                bytes,
+            } => {
+                r.u8(4).u32(stack).u32(node).u64(blocks).u64(bytes);
+            }
+            Item::Retained {
+                stack,
+                first_born,
+                born,
+                bytes,
+                blocks,
+            } => {
+                r.u8(5)
+                    .u32(stack)
+                    .u32(first_born)
+                    .u32(born)
+                    .u64(bytes)
+                    .u64(blocks);
+            }
+        }
+    }
 }
 
 const LAST: u32 = 1;
@@ -142,6 +286,12 @@ pub fn outcome_body(o: &Outcome) -> Vec<u8> {
         .u32(o.entries.len() as u32);
     for e in &o.entries {
         r.u64(e.addr).u8(e.kind).u8(e.heuristic).u64(e.indirect);
+    }
+    if !o.items.is_empty() {
+        r.u32(o.items.len() as u32);
+        for i in &o.items {
+            i.encode(&mut r);
+        }
     }
     r.into_bytes()
 }
@@ -166,6 +316,7 @@ mod tests {
             &RequestRef {
                 phase: ASK,
                 snapshot: true,
+                pre_exit: true,
                 tid: 7,
                 sp: 0x7ffd_0000,
                 skip_tids: &[8, 9],
@@ -182,6 +333,7 @@ mod tests {
             Record::Reach(Request {
                 phase: ASK,
                 snapshot: true,
+                pre_exit: true,
                 tid: 7,
                 sp: 0x7ffd_0000,
                 skip_tids: vec![8, 9],
@@ -192,6 +344,7 @@ mod tests {
             &RequestRef {
                 phase: READY,
                 snapshot: false,
+                pre_exit: false,
                 tid: 1,
                 sp: 0,
                 skip_tids: &[1],
@@ -221,6 +374,47 @@ mod tests {
                     kind: 0,
                     heuristic: 1,
                     indirect: 0,
+                },
+            ],
+            items: vec![
+                Item::Thread {
+                    tid: 7,
+                    tp: 0x7000,
+                    pc: 0x401000,
+                    lo: 0x6000,
+                    hi: 0x8000,
+                },
+                Item::Root {
+                    kind: root::STACK,
+                    addr: 0x6ff0,
+                    tid: 7,
+                    module: NONE,
+                    detail: 0x401234,
+                },
+                Item::Node {
+                    from: FROM_ROOT,
+                    stack: NONE,
+                    off: 0,
+                    repeat: false,
+                },
+                Item::Node {
+                    from: 0,
+                    stack: 3,
+                    off: 16,
+                    repeat: true,
+                },
+                Item::Site {
+                    stack: 4,
+                    node: 1,
+                    blocks: 10,
+                    bytes: 640,
+                },
+                Item::Retained {
+                    stack: 4,
+                    first_born: 0,
+                    born: 3,
+                    bytes: 900,
+                    blocks: 12,
                 },
             ],
         };

@@ -175,8 +175,9 @@ fn golden_trace_decodes_exactly() {
                         }
                         SlotRecord::Nop { .. }
                         | SlotRecord::Fork { .. }
-                        | SlotRecord::Pairs { .. } => {
-                            panic!("no no-ops, forks or pairs in this trace")
+                        | SlotRecord::Pairs { .. }
+                        | SlotRecord::Content { .. } => {
+                            panic!("no no-ops, forks, pairs or contents in this trace")
                         }
                     }
                 }

@@ -78,8 +78,10 @@ unsafe fn realloc_shim(
     // The free's number is taken before the real call: once realloc releases `p`, another
     // thread may get it back, and its allocation must sort after this free.
     let seq = tracer::take_seq();
+    // With orphans on, the words the call may drop are read while the old block is still ours.
+    let dropped = tracer::before_realloc(&g, p, size);
     let q = g.forwarding(call);
-    tracer::on_realloc(&g, seq, p, q, size, f);
+    tracer::on_realloc(&g, seq, p, q, size, f, dropped);
     q
 }
 
@@ -305,6 +307,7 @@ pub unsafe extern "C" fn dlclose(h: *mut c_void) -> c_int {
 
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn exit(code: c_int) -> ! {
+    tracer::pre_exit_scan(crate::sys::stack_pointer());
     tracer::note_exit_sp(crate::sys::stack_pointer());
     tracer::note_exit_code(code);
     let f = real::next_symbol(&REAL_EXIT, c"exit");
@@ -533,7 +536,8 @@ unsafe extern "C" fn main_wrapper(
     let m = REAL_MAIN.load(core::sync::atomic::Ordering::Acquire);
     // SAFETY: the program's own main, stored by __libc_start_main below before this runs.
     let rc = unsafe { core::mem::transmute::<*mut c_void, MainFn>(m)(argc, argv, envp) };
-    // main's frame is gone: the scan at exit starts above it, as memcheck's does.
+    // main's frame is gone: the scans at exit start above it, as memcheck's does.
+    tracer::pre_exit_scan(crate::sys::stack_pointer());
     tracer::note_exit_sp(crate::sys::stack_pointer());
     tracer::note_exit_code(rc);
     rc

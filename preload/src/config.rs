@@ -15,8 +15,10 @@
 //! | `LEAKHUNT_SNAPSHOT_MS` | milliseconds between automatic snapshots (`auto-1`, `auto-2`, ...); `0`: none | `0` |
 //! | `LEAKHUNT_TOKEN` | the run's secret (32 hex digits), sent first on every connection to `LEAKHUNT_SOCKET` so that `leakhunt run` knows its own processes | unset: zeros |
 //! | `LEAKHUNT_REACH` | `0`: no heap scan at exit; `1`: with the preload alone, scan even when the trace is over `LEAKHUNT_REACH_LIMIT_MB` (the helper reads it all before the scan, while the program waits to exit) | scan (preload alone: up to the limit) |
+//! | `LEAKHUNT_PRE_EXIT_SCAN` | `1`: also scan the heap as the program starts to exit (main returned, or `exit` was called), before its exit handlers and destructors free what they free, as the scan `pre-exit`: what held the blocks that grew, seen while the program's structures are whole; `0`: not | `1` under `leakhunt run` once three epoch boundaries were written, else `0` |
 //! | `LEAKHUNT_REACH_LIMIT_MB` | with the preload alone, the largest trace the scan at exit reads unasked | `256` |
 //! | `LEAKHUNT_CLI` | the `leakhunt` binary that makes the heap scan at exit for the preload alone | `leakhunt` next to the library |
+//! | `LEAKHUNT_ORPHANS` | `1`: at each free, capture the free's stack (an unwind per free) and send which heap blocks the freed block still pointed to (a `CONTENT` record before its `FREE`: the orphan sites of lost blocks, FORMAT.md "Orphan sites"); turns elided pairs off, since the CLI needs the allocation of every freed block | `0` |
 //! | `LEAKHUNT_EPOCH_MS` | milliseconds between epoch boundaries (with the RSS) in the trace, 10-3,600,000; `0`: none | `1000` |
 
 extern crate alloc;
@@ -36,10 +38,14 @@ pub struct Config {
     pub freeres: bool,
     pub unwind_reuse: bool,
     pub elide: bool,
+    /// At each free, send its stack and the heap pointers the block still held (`CONTENT`).
+    pub orphans: bool,
     /// Hold at exit for `leakhunt run`'s heap scan (`LEAKHUNT_REACH=0`: no scan).
     pub reach: bool,
     /// `LEAKHUNT_REACH=1`: with the preload alone, scan whatever the trace's size.
     pub reach_forced: bool,
+    /// Scan as the program starts to exit, before its handlers and destructors run.
+    pub pre_exit_scan: bool,
     /// With the preload alone, the largest trace (bytes) the scan at exit reads unasked.
     pub reach_limit: u64,
     /// Nanoseconds between epoch boundaries (0: none).
@@ -59,8 +65,10 @@ static mut CONFIG: Config = Config {
     freeres: true,
     unwind_reuse: true,
     elide: true,
+    orphans: false,
     reach: true,
     reach_forced: false,
+    pre_exit_scan: false,
     reach_limit: 256 << 20,
     epoch_ns: 1_000_000_000,
     snapshot_ns: 0,
@@ -113,6 +121,11 @@ pub fn load() {
         c.freeres = env(c"LEAKHUNT_FREERES").is_none_or(|s| s.to_bytes() != b"0");
         c.reach = env(c"LEAKHUNT_REACH").is_none_or(|s| s.to_bytes() != b"0");
         c.reach_forced = env(c"LEAKHUNT_REACH").is_some_and(|s| s.to_bytes() == b"1");
+        c.pre_exit_scan = c.reach
+            && match env(c"LEAKHUNT_PRE_EXIT_SCAN") {
+                Some(s) => s.to_bytes() == b"1",
+                None => as_cstr(&c.socket).is_some(),
+            };
         if let Some(mb) =
             env(c"LEAKHUNT_REACH_LIMIT_MB").and_then(|s| s.to_str().ok()?.parse::<u64>().ok())
         {
@@ -122,6 +135,10 @@ pub fn load() {
         // A fork point is a boundary no elided pair crosses (`out::fork_point`): the child's
         // heap is exactly the live set the events give there.
         c.elide = env(c"LEAKHUNT_ELIDE").is_none_or(|s| s.to_bytes() != b"0");
+        // The CLI names the parent of an orphan by its allocation stack: every freed block's
+        // allocation must reach it, so no pair is elided.
+        c.orphans = env(c"LEAKHUNT_ORPHANS").is_some_and(|s| s.to_bytes() == b"1");
+        c.elide &= !c.orphans;
         if let Some(ms) =
             env(c"LEAKHUNT_SNAPSHOT_MS").and_then(|s| s.to_str().ok()?.parse::<u64>().ok())
         {

@@ -164,7 +164,7 @@ pub fn child_env(envp: *const *const core::ffi::c_char) -> Option<ChildEnv> {
     let cfg = crate::config::get();
     let frames = crate::config::fmt_usize(cfg.max_frames);
     let token = hex(&cfg.token);
-    let ours: [(&[u8], Option<&[u8]>); 7] = [
+    let ours: [(&[u8], Option<&[u8]>); 8] = [
         (b"LEAKHUNT_TOKEN", Some(token.as_slice())),
         (b"LEAKHUNT_SOCKET", cfg.socket().map(CStr::to_bytes)),
         (b"LEAKHUNT_RING_DIR", cfg.ring_dir().map(CStr::to_bytes)),
@@ -175,6 +175,7 @@ pub fn child_env(envp: *const *const core::ffi::c_char) -> Option<ChildEnv> {
             b"LEAKHUNT_FREERES",
             Some(if cfg.freeres { b"1" } else { b"0" }),
         ),
+        (b"LEAKHUNT_ORPHANS", cfg.orphans.then_some(b"1".as_slice())),
     ];
     for (name, value) in ours {
         if let (None, Some(v)) = (has(name), value) {

@@ -757,7 +757,7 @@ fn push_stats() {
         walked += s.walked;
         repeated += s.repeated;
     });
-    const N: usize = 10;
+    const N: usize = 11;
     let pairs: [(u32, u64); N] = [
         (stat::EVENTS_LOST, EVENTS_LOST.load(Ordering::Relaxed)),
         (stat::RING_WAITS, RING_WAITS.load(Ordering::Relaxed)),
@@ -772,6 +772,7 @@ fn push_stats() {
         (stat::UNWIND_REPEATED, repeated),
         (stat::ELIDED, ELIDED.load(Ordering::Relaxed)),
         (stat::OUTPUT_RETAKEN, RETAKEN.load(Ordering::Relaxed)),
+        (stat::ORPHANS, config::get().orphans as u64),
     ];
     let mut body = [0u8; 4 + N * 12];
     body[..4].copy_from_slice(&(pairs.len() as u32).to_le_bytes());
@@ -796,6 +797,11 @@ fn push_exit(kind: ExitKind) {
 }
 
 static EPOCHS: AtomicU64 = AtomicU64::new(0);
+
+/// Epoch boundaries written so far (snapshots included).
+pub fn epochs() -> u64 {
+    EPOCHS.load(Ordering::Relaxed)
+}
 
 /// A hash of the command line last sent (the header's, then `TITLE` records').
 static TITLE_HASH: AtomicU64 = AtomicU64::new(0);
@@ -918,7 +924,9 @@ pub fn epoch(seq_now: impl Fn() -> u64, name: Option<&[u8]>) {
 /// the result into the trace, go on when told or when the other side is gone). `sp` is where the
 /// program's part of this thread's stack ends. At a snapshot (`snapshot`), the writer thread
 /// waits instead, with no stack of the program's (`sp` 0), while the program's threads are held.
-pub fn reach_scan(sp: u64, snapshot: bool) {
+/// `pre_exit`: the exiting thread asks as the program starts to exit (a snapshot scan of its own,
+/// see `tracer::pre_exit_scan`).
+pub fn reach_scan(sp: u64, snapshot: bool, pre_exit: bool) {
     use leakhunt_format::reach::{self, reply};
     let _l = LOCK.lock();
     let o = out();
@@ -997,7 +1005,8 @@ library or LEAKHUNT_CLI) could not be started",
     }
     let request = |phase| reach::RequestRef {
         phase,
-        snapshot,
+        snapshot: snapshot || pre_exit,
+        pre_exit,
         tid: sys::gettid(),
         sp,
         skip_tids: &tids[..ntids],

@@ -10,7 +10,7 @@ extern crate alloc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use leakhunt_format::slot::{self, Slot, FRAMES_PER_SLOT};
 use leakhunt_format::{encode, AllocFn, ExitKind, FreeFn, StopReason};
@@ -333,6 +333,9 @@ fn stack_slot(r: &ring::Ring, id: u32, n: usize, reason: StopReason, i: usize, o
 /// Records an allocation that the real allocator just returned.
 #[inline]
 pub fn on_alloc(g: &Guard, f: AllocFn, p: *mut c_void, size: usize) {
+    if config::get().orphans {
+        note_heap(p, size);
+    }
     let ts = g.ts();
     let Some(r) = thread_ring(ts) else { return };
     let (id, stack_slots, n, reason) = stack_for(ts, r);
@@ -352,12 +355,151 @@ pub fn on_alloc(g: &Guard, f: AllocFn, p: *mut c_void, size: usize) {
 /// Records a free; called before the real free, so its sequence number precedes any reuse.
 #[inline]
 pub fn on_free(g: &Guard, f: FreeFn, p: *mut c_void) {
+    if config::get().orphans {
+        on_free_with_content(g, f, p);
+        return;
+    }
     let ts = g.ts();
     let Some(r) = thread_ring(ts) else { return };
     reserve(r, 1);
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     r.publish(1, |_, s| *s = slot::free(f, seq, p as u64));
     after_publish(ts);
+}
+
+/// A free with orphans on: its stack, and a `CONTENT` record of the heap pointers the block still
+/// holds, before the `FREE` (all read before the real free runs).
+#[inline(never)]
+fn on_free_with_content(g: &Guard, f: FreeFn, p: *mut c_void) {
+    let ts = g.ts();
+    let Some(r) = thread_ring(ts) else { return };
+    let (id, stack_slots, n, reason) = stack_for(ts, r);
+    let (words, _) = read_content(r, p, 0);
+    let cslots = slot::content_slots(words);
+    let total = stack_slots + cslots + 1;
+    reserve(r, total);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    r.publish(total, |i, s| {
+        if i < stack_slots {
+            stack_slot(r, id, n, reason, i, s);
+        } else if i < stack_slots + cslots {
+            content_slot(r, id, p, words, i - stack_slots, s);
+        } else {
+            *s = slot::free(f, seq, p as u64);
+        }
+    });
+    after_publish(ts);
+}
+
+// ---- orphan sites (`LEAKHUNT_ORPHANS=1`) ---------------------------------------------------
+
+/// The lowest block start and the highest block end the traced allocator has returned (orphans
+/// only; relaxed: a word is taken for a heap pointer when it lies between them).
+static HEAP_LO: AtomicU64 = AtomicU64::new(u64::MAX);
+static HEAP_HI: AtomicU64 = AtomicU64::new(0);
+
+/// Widens the heap range to cover the block `[p, p + size)`. Read-mostly: a store only when
+/// the range grows.
+#[inline]
+fn note_heap(p: *mut c_void, size: usize) {
+    let lo = p as u64;
+    let hi = lo.saturating_add(size.max(1) as u64);
+    if lo < HEAP_LO.load(Ordering::Relaxed) {
+        HEAP_LO.fetch_min(lo, Ordering::Relaxed);
+    }
+    if hi > HEAP_HI.load(Ordering::Relaxed) {
+        HEAP_HI.fetch_max(hi, Ordering::Relaxed);
+    }
+}
+
+/// The first word offset that a `realloc` to `size` bytes loses: the first whose 8 bytes do not
+/// all fit below `size`.
+#[inline]
+fn lost_from(size: usize) -> usize {
+    size.saturating_sub(7).next_multiple_of(8)
+}
+
+/// Collects into `out` the (offset, word) pairs of the 8-byte words at offsets `from..end` of the
+/// block at `p` (offsets multiples of 8, `from` rounded up) whose value is 8-byte aligned and in
+/// `[lo, hi)`, at most `out.len()` of them, in ascending order. Returns how many.
+///
+/// # Safety
+/// `p` is 8-byte aligned and `[p, p + end)` is readable.
+unsafe fn heap_words(
+    p: *const u64,
+    from: usize,
+    end: usize,
+    (lo, hi): (u64, u64),
+    out: &mut [(u64, u64)],
+) -> usize {
+    let mut n = 0;
+    let mut off = from.next_multiple_of(8);
+    while off + 8 <= end && n < out.len() {
+        // SAFETY: `off + 8 <= end`, inside the readable range; `p` and `off` are 8-aligned.
+        let w = unsafe { p.byte_add(off).read() };
+        if w >= lo && w < hi && w.is_multiple_of(8) {
+            out[n] = (off as u64, w);
+            n += 1;
+        }
+        off += 8;
+    }
+    n
+}
+
+/// Reads the heap pointers of the live block `p` from offset `from` into the ring's scratch
+/// (at most `CONTENT_BYTES` into the block, and never past what the real allocator says is
+/// usable). Returns (how many, the block's usable size).
+fn read_content(r: &ring::Ring, p: *mut c_void, from: usize) -> (usize, usize) {
+    // SAFETY: `p` is a live block of the real allocator: the caller is about to free or realloc
+    // it (what a double free does here, the real free would do next).
+    let usable = unsafe { real::usable_size(p) };
+    if !(p as usize).is_multiple_of(8) {
+        return (0, usable);
+    }
+    let end = usable.min(slot::CONTENT_BYTES as usize);
+    let range = (
+        HEAP_LO.load(Ordering::Relaxed),
+        HEAP_HI.load(Ordering::Relaxed),
+    );
+    // SAFETY: the scratch belongs to the ring this thread owns.
+    let s = unsafe { &mut *r.scratch };
+    // SAFETY: `p` is 8-aligned (checked) and its first `usable` bytes are the block's, readable;
+    // `end <= usable`.
+    let n = unsafe { heap_words(p as *const u64, from, end, range, &mut s.content) };
+    (n, usable)
+}
+
+/// Fills slot `i` (0 = header) of the `CONTENT` record of block `p`, freed at stack `id`, whose
+/// `words` pairs are in the scratch.
+#[inline]
+fn content_slot(r: &ring::Ring, id: u32, p: *mut c_void, words: usize, i: usize, out: &mut Slot) {
+    // SAFETY: the scratch belongs to the ring this thread owns.
+    let s = unsafe { &*r.scratch };
+    if i == 0 {
+        *out = slot::content_header(id, p as u64, words as u16);
+    } else {
+        let from = (i - 1) * slot::PAIRS_PER_SLOT;
+        *out = slot::content_pairs(&s.content[from..words.min(from + slot::PAIRS_PER_SLOT)]);
+    }
+}
+
+/// What a `realloc` is about to drop, read before the real call (orphans on): the heap pointers
+/// of the old block past the new size, and the old block's usable size.
+#[derive(Clone, Copy)]
+pub struct Dropped {
+    words: usize,
+    usable: usize,
+}
+
+/// Before `realloc(p, size)` of a live block, with orphans on: reads the words it may drop into
+/// the thread's scratch, where `on_realloc` finds them.
+pub fn before_realloc(g: &Guard, p: *mut c_void, size: usize) -> Option<Dropped> {
+    if !config::get().orphans {
+        return None;
+    }
+    let r = thread_ring(g.ts())?;
+    let (words, usable) = read_content(r, p, lost_from(size));
+    Some(Dropped { words, usable })
 }
 
 /// A sequence number taken before a `realloc` of a live block; `on_realloc` uses it afterwards.
@@ -369,6 +511,10 @@ pub fn take_seq() -> u64 {
 /// Records the outcome of `realloc(old, size) = new` whose free sequence number was taken before
 /// the call: success is a free of `old` and an allocation of `new`; `realloc(p, 0)` freeing `p`
 /// is a free; a failure leaves `old` alone and spends the number on a no-op.
+///
+/// With orphans on (`dropped`), a realloc that moved or shrank the block, or freed it, sends the
+/// words it dropped (those past the new size) as a `CONTENT` record with the realloc's stack
+/// before its `FREE`; one that grew in place sends none.
 pub fn on_realloc(
     g: &Guard,
     free_seq: u64,
@@ -376,6 +522,7 @@ pub fn on_realloc(
     new: *mut c_void,
     size: usize,
     f: AllocFn,
+    dropped: Option<Dropped>,
 ) {
     let ts = g.ts();
     let Some(r) = thread_ring(ts) else {
@@ -383,6 +530,26 @@ pub fn on_realloc(
         return;
     };
     let freed = !new.is_null() || size == 0;
+    let dropped = dropped.filter(|d| freed && (new != old || size < d.usable));
+    if let Some(d) = dropped {
+        if new.is_null() {
+            let (id, stack_slots, n, reason) = stack_for(ts, r);
+            let cslots = slot::content_slots(d.words);
+            let total = stack_slots + cslots + 1;
+            reserve(r, total);
+            r.publish(total, |i, s| {
+                if i < stack_slots {
+                    stack_slot(r, id, n, reason, i, s);
+                } else if i < stack_slots + cslots {
+                    content_slot(r, id, old, d.words, i - stack_slots, s);
+                } else {
+                    *s = slot::free(FreeFn::Realloc, free_seq, old as u64);
+                }
+            });
+            after_publish(ts);
+            return;
+        }
+    }
     if new.is_null() {
         reserve(r, 1);
         r.publish(1, |_, s| {
@@ -395,7 +562,30 @@ pub fn on_realloc(
         after_publish(ts);
         return;
     }
+    if config::get().orphans {
+        note_heap(new, size);
+    }
     let (id, stack_slots, n, reason) = stack_for(ts, r);
+    if let Some(d) = dropped {
+        // The stack first, then what the old block dropped right before its `FREE`.
+        let cslots = slot::content_slots(d.words);
+        let total = stack_slots + cslots + 2;
+        reserve(r, total);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        r.publish(total, |i, s| {
+            if i < stack_slots {
+                stack_slot(r, id, n, reason, i, s);
+            } else if i < stack_slots + cslots {
+                content_slot(r, id, old, d.words, i - stack_slots, s);
+            } else if i == stack_slots + cslots {
+                *s = slot::free(FreeFn::Realloc, free_seq, old as u64);
+            } else {
+                *s = slot::alloc(f, id, seq, new as u64, size as u64);
+            }
+        });
+        after_publish(ts);
+        return;
+    }
     let total = stack_slots + 2;
     reserve(r, total);
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
@@ -502,7 +692,7 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
             snapshot(&name_buf[..n]);
             if flags & leakhunt_format::control::SCAN != 0 && config::get().reach {
                 // The program's threads are held while the heap is read; this one waits.
-                out::reach_scan(0, true);
+                out::reach_scan(0, true, false);
             }
             crate::control::done(req);
         } else if snap_every != 0 && now >= next_snap {
@@ -664,6 +854,25 @@ pub fn note_exit_sp(sp: u64) {
     }
 }
 
+/// The pre-exit scan was made (or not wanted): once per process.
+static PRE_EXIT_DONE: AtomicBool = AtomicBool::new(false);
+
+/// The program starts to exit (main returned, or it called `exit`) on this thread, its stack
+/// pointer at `sp`: before its exit handlers and destructors free what they free (a global
+/// object's containers), a heap scan (`pre-exit`: no epoch boundary of its own), so that what
+/// held the blocks that grew is seen whole. Under `leakhunt run`, once the trace has a growth report's
+/// three epoch boundaries (`LEAKHUNT_PRE_EXIT_SCAN`).
+pub fn pre_exit_scan(sp: u64) {
+    if !config::get().pre_exit_scan
+        || out::epochs() < 3
+        || PRE_EXIT_DONE.swap(true, Ordering::AcqRel)
+        || !this_process()
+    {
+        return;
+    }
+    out::reach_scan(sp, false, true);
+}
+
 /// The stack pointer the heap scan starts this thread's stack at: where the program called
 /// `exit`, when this thread did, else `here`.
 fn scan_sp(here: u64) -> u64 {
@@ -706,7 +915,7 @@ pub extern "C" fn destructor() {
     let code = EXIT_CODE.load(Ordering::Relaxed);
     let exit = (code != u64::MAX).then_some(ExitKind::Code(code as u32 as i32));
     if config::get().reach {
-        out::reach_scan(scan_sp(sp), false);
+        out::reach_scan(scan_sp(sp), false, false);
     }
     crate::control::close(true);
     out::finish(exit, false);
@@ -747,7 +956,7 @@ pub fn on_underscore_exit(code: i32) {
         return;
     }
     if config::get().reach {
-        out::reach_scan(sp, false);
+        out::reach_scan(sp, false, false);
     }
     crate::control::close(true);
     out::finish(Some(ExitKind::Code(code)), false);
@@ -799,4 +1008,43 @@ pub fn on_fatal_signal(sig: i32) {
     }
     crate::control::close(true);
     out::finish(Some(ExitKind::Signal(sig)), true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heap_words_keeps_aligned_words_in_the_range_at_word_offsets() {
+        // A block of 8 words: pointers at 0x18 and 0x20, an unaligned one, one below and one at
+        // the end of the range, small integers.
+        let block: [u64; 8] = [5, 0x1000, 0x2fff, 0x1010, 0x1ff8, 0x2000, 0x0ff8, 0];
+        let mut out = [(0u64, 0u64); 4];
+        let range = (0x1000, 0x2000);
+        // SAFETY: the block is a local array of 64 bytes, 8-aligned.
+        let n = unsafe { heap_words(block.as_ptr(), 0, 64, range, &mut out) };
+        assert_eq!(&out[..n], [(8, 0x1000), (0x18, 0x1010), (0x20, 0x1ff8)]);
+        // From an offset (rounded up to a word), up to an end inside a word, at most `out.len()`.
+        // SAFETY: as above.
+        let n = unsafe { heap_words(block.as_ptr(), 9, 39, range, &mut out) };
+        assert_eq!(&out[..n], [(0x18, 0x1010)]);
+        let mut one = [(0u64, 0u64); 1];
+        // SAFETY: as above.
+        let n = unsafe { heap_words(block.as_ptr(), 0, 64, range, &mut one) };
+        assert_eq!(&one[..n], [(8, 0x1000)]);
+        // An empty range (nothing allocated yet) keeps nothing.
+        // SAFETY: as above.
+        let n = unsafe { heap_words(block.as_ptr(), 0, 64, (u64::MAX, 0), &mut out) };
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn a_realloc_loses_the_words_that_do_not_fit_whole() {
+        assert_eq!(lost_from(0), 0);
+        assert_eq!(lost_from(1), 0);
+        assert_eq!(lost_from(8), 8);
+        assert_eq!(lost_from(22), 16);
+        assert_eq!(lost_from(24), 24);
+        assert_eq!(lost_from(25), 24);
+    }
 }

@@ -109,6 +109,10 @@ pub struct Scratch {
     pub reused: u64,
     pub walked: u64,
     pub repeated: u64,
+    /// The heap pointers a block being freed holds, (offset, word), for its `CONTENT` record
+    /// (`LEAKHUNT_ORPHANS=1`; the tracer's, not the unwinder's: it lives here because this is
+    /// the thread's own mapped scratch, touched only with orphans on).
+    pub content: [(u64, u64); leakhunt_format::slot::MAX_CONTENT_PAIRS],
 }
 
 /// Whole-walk checks kept per thread: the call sites of a request handler (a parse, a cache

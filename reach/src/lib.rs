@@ -251,10 +251,16 @@ impl Graph {
     /// leaders), which have no parent. Returns each block's parent and the order blocks were
     /// reached in (every parent before its children).
     pub fn parents(&self) -> (Vec<Parent>, Vec<u32>) {
+        self.parents_from(&self.roots)
+    }
+
+    /// As [`Graph::parents`], from the root words in the order given (the caller's preference:
+    /// a global's word before a stale one below a stack pointer, say).
+    pub fn parents_from(&self, roots: &[(u64, u32)]) -> (Vec<Parent>, Vec<u32>) {
         let n = self.span.len();
         let mut parent = vec![Parent::Unset; n];
         let mut order: Vec<u32> = Vec::with_capacity(n);
-        for &(at, b) in &self.roots {
+        for &(at, b) in roots {
             if parent[b as usize] == Parent::Unset {
                 parent[b as usize] = Parent::Root(at);
                 order.push(b);

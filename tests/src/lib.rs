@@ -11,6 +11,8 @@ use std::sync::Mutex;
 
 pub use serde_json::Value;
 
+pub mod vgdb;
+
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -189,7 +191,8 @@ impl Run {
     }
 }
 
-fn scratch(name: &str) -> PathBuf {
+/// A path under `target/test-scratch` unique to this test thread.
+pub fn scratch(name: &str) -> PathBuf {
     let d = workspace().join("target/test-scratch");
     std::fs::create_dir_all(&d).unwrap();
     d.join(
