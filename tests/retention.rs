@@ -260,6 +260,26 @@ fn a_list_held_only_in_thread_local_storage_names_the_variable() {
     assert_eq!(ret["other_paths"][0]["blocks"], 1);
     assert_eq!(ret["other_paths"][0]["path"], serde_json::json!([]));
     assert_eq!(ret["retained_bytes"], 300 * 48);
+
+    // The preload alone: the helper's scan at exit keeps the same retention in the trace.
+    let trace = scratch("tls.trace");
+    let out = std::process::Command::new(&exe)
+        .env("LD_PRELOAD", preload())
+        .env("LEAKHUNT_OUT", &trace)
+        .env("LEAKHUNT_CLI", leakhunt())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (_, offline) = report(&[&trace]);
+    let q = &offline["processes"][0];
+    let alone = &entry(&q["leaks"], "retain_tls.c", "TLS_NODE")["retention"];
+    assert_eq!(alone["root"]["symbol"], "t_history", "{alone:#}");
+    assert_eq!(alone["root"]["thread"], q["pid"]);
+    assert_eq!(
+        (alone["blocks"].as_u64(), alone["retained_bytes"].as_u64()),
+        (Some(299), Some(300 * 48))
+    );
+    let _ = std::fs::remove_file(&trace);
 }
 
 #[test]

@@ -96,6 +96,7 @@ pub fn run(
         replies,
         lib.into_iter().collect(),
         leakhunt_reach::Heuristics::ALL,
+        true,
     )
     .into_hook();
     let finished = done.clone();

@@ -256,6 +256,14 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         .env("LEAKHUNT_FREERES", if a.no_freeres { "0" } else { "1" })
         .env("LEAKHUNT_REACH", if a.no_reachability { "0" } else { "1" })
         .env("LEAKHUNT_ORPHANS", if a.orphans { "1" } else { "0" })
+        .env(
+            "LEAKHUNT_PRE_EXIT_SCAN",
+            if a.no_retention || a.no_reachability {
+                "0"
+            } else {
+                "1"
+            },
+        )
         .env_remove("LEAKHUNT_OUT");
     match &ring_dir {
         Some(d) => cmd.env("LEAKHUNT_RING_DIR", d),
@@ -325,6 +333,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         let (output, live) = (a.output.clone(), a.live);
         let (lib, ring_dir, reach) = (lib.clone(), ring_dir.clone(), !a.no_reachability);
         let heuristics = a.leak_check_heuristics;
+        let retention = !a.no_retention;
         let first = AtomicBool::new(true);
         let count = AtomicUsize::new(0);
         Arc::new(move |acc: serve::Accepted| {
@@ -350,6 +359,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
                     acc.source.replies.clone(),
                     own,
                     heuristics,
+                    retention,
                 );
                 p.on_reach = Some(scanner.into_hook());
             }

@@ -49,6 +49,8 @@ pub struct Scanner {
     failed: Option<String>,
     /// Names globals' roots (their symbols group a global's words into one root).
     sym: leakhunt_symbolizer::Symbolizer,
+    /// Keep the heap graph for retention paths and retained sizes.
+    retention: bool,
 }
 
 /// What the retention paths need from a scan once the threads are let go: the graph, and what
@@ -84,6 +86,7 @@ impl Scanner {
         replies: Replies,
         own_paths: Vec<PathBuf>,
         heuristics: Heuristics,
+        retention: bool,
     ) -> Scanner {
         Scanner {
             pid,
@@ -94,6 +97,7 @@ impl Scanner {
             started: None,
             failed: None,
             sym: leakhunt_symbolizer::Symbolizer::new(),
+            retention,
         }
     }
 
@@ -246,7 +250,9 @@ impl Scanner {
             )
         })?;
         scan.allocator_offset(glibc_next_chunk);
-        scan.record_graph();
+        if self.retention {
+            scan.record_graph();
+        }
         // Threads: the exiting one from where the program's frames end; the others from below
         // their stack pointers, with their registers. The tracer's own threads not at all.
         let mut stacks: Vec<(u64, u64)> = Vec::new();
