@@ -511,7 +511,7 @@ fn paths_text(
         })
         .chain(r.other_paths.iter().cloned())
         .collect();
-        let blocks: u64 = all.iter().map(|p| p.blocks).sum();
+        let blocks = all.iter().fold(0u64, |a, p| a.saturating_add(p.blocks));
         let _ = writeln!(out);
         let _ = writeln!(
             out,

@@ -29,6 +29,8 @@ pub struct Orphaned {
     pub member_freed_before: Vec<FreedBefore>,
     /// Holders freed at that site still pointing at a live block there.
     pub holders_orphaning: u64,
+    /// Of those blocks, how many were freed later (by another owner): then no patch is offered.
+    pub handed_on: u64,
     /// The fix as a unified diff against the free site's source (a suggestion), when the member
     /// is never freed before its holder and the source reads as expected.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -59,6 +61,12 @@ pub fn lines(o: &Orphaned) -> Vec<String> {
             site_words(&f.stack)
         ));
     }
+    if o.handed_on > 0 {
+        out.push(format!(
+            "  ({} other blocks their holders left there were freed later by another owner: no patch offered)",
+            crate::report::thousands(o.handed_on)
+        ));
+    }
     if let Some(p) = &o.patch {
         out.push("Suggested fix (check it before applying):".into());
         out.extend(p.lines().map(|l| format!("  {l}")));
@@ -78,7 +86,10 @@ pub fn guidance(o: &Orphaned, at: &str) -> String {
     let freed = site_words(&o.freed_at);
     let member = member_words(o);
     if let Some(f) = o.member_freed_before.first() {
-        let freed_before: u64 = o.member_freed_before.iter().map(|f| f.holders).sum();
+        let freed_before = o
+            .member_freed_before
+            .iter()
+            .fold(0u64, |a, f| a.saturating_add(f.holders));
         return format!(
             "Blocks made at {at} are lost when their holder is freed at {freed} with {member} still set: \
              for {} holders it was freed before (at {}), for {} it was not. Look for the path that skips \
@@ -103,9 +114,12 @@ fn site_words(stack: &[Frame]) -> String {
 /// block, and, per free site, what its parents' members had become.
 #[derive(Default, Debug)]
 pub struct Orphans {
-    /// A block's words, from its `CONTENT` record, until its `FREE` is applied (in sequence
-    /// order, when the live set is that of the free): (free stack, pairs).
-    pending: FxHashMap<u64, (u32, Vec<(u64, u64)>)>,
+    /// Per thread, the `CONTENT` record just decoded, waiting for the `FREE` after it: (block,
+    /// free stack, pairs).
+    staged: FxHashMap<u32, Words>,
+    /// The words of a block by the sequence number of its `FREE`, until that `FREE` is applied
+    /// (in sequence order, when the live set is that of the free): (block, free stack, pairs).
+    pending: FxHashMap<u64, Words>,
     /// Live block -> the last freed block that pointed at it: (holder's allocation stack, the
     /// holder's free stack, the pointer's offset in the holder).
     pub holder: FxHashMap<u64, (u32, u32, u32)>,
@@ -116,6 +130,9 @@ pub struct Orphans {
     /// (by the stack of that free).
     pub sites: FxHashMap<(u32, u32, u32), SiteStats>,
 }
+
+/// A freed block's words: (the block, its free's stack, (offset, word) pairs).
+type Words = (u64, u32, Vec<(u64, u64)>);
 
 /// What the holders freed at one site had at one offset.
 #[derive(Default, Debug, Clone)]
@@ -129,23 +146,38 @@ pub struct SiteStats {
 }
 
 impl Orphans {
-    /// A `CONTENT` record: block `addr` is about to be freed at `free_stack` with these words.
-    pub fn content(&mut self, addr: u64, free_stack: u32, pairs: &[(u64, u64)]) {
-        self.pending.insert(addr, (free_stack, pairs.to_vec()));
+    /// A `CONTENT` record of thread `tid`: block `addr` is about to be freed at `free_stack`
+    /// with these words (its `FREE` comes next in that thread's stream).
+    pub fn stage(&mut self, tid: u32, addr: u64, free_stack: u32, pairs: &[(u64, u64)]) {
+        self.staged.insert(tid, (addr, free_stack, pairs.to_vec()));
     }
 
-    /// Block `addr` (`size` bytes from `stack`, or unknown) is freed now, the live set as it
-    /// was just before.
+    /// Thread `tid`'s `FREE` of `addr` has sequence number `seq`: the record staged for it goes
+    /// with it.
+    pub fn attach(&mut self, tid: u32, seq: u64, addr: u64) {
+        if let Some(c) = self.staged.remove(&tid) {
+            if c.0 == addr {
+                self.pending.insert(seq, c);
+            }
+        }
+    }
+
+    /// Block `addr` (`size` bytes from `stack`, or unknown) is freed now by the event of
+    /// sequence number `seq`, the live set as it was just before.
     pub fn free(
         &mut self,
         addr: u64,
+        seq: u64,
         parent: Option<(u64, u32)>,
         live: &FxHashMap<u64, crate::process::Live>,
     ) {
         self.holder.remove(&addr);
-        let Some((free_stack, pairs)) = self.pending.remove(&addr) else {
+        let Some((at, free_stack, pairs)) = self.pending.remove(&seq) else {
             return;
         };
+        if at != addr {
+            return;
+        }
         if let Some((size, stack)) = parent {
             for (off, w) in pairs {
                 // The allocator's slack past the requested size is not the program's.
@@ -215,7 +247,10 @@ pub fn orphaned(
         })
         .collect();
     member_freed_before.sort_by_key(|f| std::cmp::Reverse(f.holders));
-    let patch = if member_freed_before.is_empty() {
+    // Every block the holders left live at this site must be among the lost: one freed later
+    // had another owner by then, and freeing it with the holder would free it under that one.
+    let handed_on = stats.live.saturating_sub(blocks);
+    let patch = if member_freed_before.is_empty() && handed_on == 0 {
         member
             .as_deref()
             .and_then(|m| patch_at(&freed_at, m, alloc_fn))
@@ -231,8 +266,28 @@ pub fn orphaned(
         member,
         member_freed_before,
         holders_orphaning: stats.live,
+        handed_on,
         patch,
     })
+}
+
+/// A source file's text, if it is a regular file of at most 16 MiB (a path from DWARF can name
+/// anything: a FIFO must not hang the report, a device fill memory).
+fn read_source(path: &str) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let meta = f.metadata().ok()?;
+    if !meta.is_file() || meta.len() > 16 << 20 {
+        return None;
+    }
+    let mut text = String::new();
+    f.take(16 << 20).read_to_string(&mut text).ok()?;
+    Some(text)
 }
 
 /// A unified diff that frees `member` of the holder just before the free at `freed_at`'s first
@@ -252,7 +307,7 @@ fn patch_at(
     }
     let f = crate::growth::first_source(freed_at)?;
     let (file, line) = (f.file.as_deref()?, f.line? as usize);
-    let text = std::fs::read_to_string(file).ok()?;
+    let text = read_source(file)?;
     let lines: Vec<&str> = text.lines().collect();
     let at = lines.get(line.checked_sub(1)?)?;
     let indent: String = at.chars().take_while(|c| c.is_whitespace()).collect();

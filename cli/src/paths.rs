@@ -181,12 +181,12 @@ impl Index {
 
     /// What the blocks of these stacks born at or after boundary index `since` retain.
     pub fn retained(&self, ids: &[u32], since: u32) -> (u64, u64) {
-        let mut t = (0, 0);
+        let mut t = (0u64, 0u64);
         for id in ids {
             for &(first, born, bytes, blocks) in self.retained.get(id).into_iter().flatten() {
                 if first <= since && since <= born {
-                    t.0 += bytes;
-                    t.1 += blocks;
+                    t.0 = t.0.saturating_add(bytes);
+                    t.1 = t.1.saturating_add(blocks);
                 }
             }
         }
@@ -219,32 +219,48 @@ impl Index {
         (root, hops)
     }
 
-    /// Whether a node's path is one `want` asks for.
+    /// Whether a node's path is one `want` asks for (a `REST` node: its class).
     fn wanted(&self, node: u32, want: Want) -> bool {
-        let (root, hops) = self.chain(node);
+        let class = if node >= crate::retain::REST {
+            node - crate::retain::REST
+        } else {
+            let (root, hops) = self.chain(node);
+            match (root, hops.is_empty()) {
+                (Some(_), _) => 0,
+                (None, true) => 1,
+                (None, false) => 2,
+            }
+        };
         match want {
             Want::All => true,
-            Want::Held => root.is_some(),
-            Want::Heads => root.is_none() && hops.is_empty(),
-            Want::Indirect => root.is_none() && !hops.is_empty(),
+            Want::Held => class == 0,
+            Want::Heads => class == 1,
+            Want::Indirect => class == 2,
         }
     }
 
-    /// The paths of these stacks' blocks, most blocks first: (node, blocks, bytes).
-    fn paths(&self, ids: &[u32], want: Want) -> Vec<(u32, u64, u64)> {
+    /// The paths of these stacks' blocks, most blocks first: (node, blocks, bytes); and the
+    /// blocks of every path wanted, those not kept included.
+    fn paths(&self, ids: &[u32], want: Want) -> (Vec<(u32, u64, u64)>, u64) {
         let mut per: FxHashMap<u32, (u64, u64)> = FxHashMap::default();
+        let mut total = 0u64;
         for id in ids {
             for &(node, blocks, bytes) in self.sites.get(id).into_iter().flatten() {
-                if self.wanted(node, want) {
-                    let e = per.entry(node).or_default();
-                    e.0 += blocks;
-                    e.1 += bytes;
+                if !self.wanted(node, want) {
+                    continue;
                 }
+                total = total.saturating_add(blocks);
+                if node >= crate::retain::REST {
+                    continue;
+                }
+                let e = per.entry(node).or_default();
+                e.0 = e.0.saturating_add(blocks);
+                e.1 = e.1.saturating_add(bytes);
             }
         }
         let mut v: Vec<(u32, u64, u64)> = per.into_iter().map(|(n, (b, y))| (n, b, y)).collect();
         v.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        v
+        (v, total)
     }
 }
 
@@ -481,15 +497,16 @@ impl Namer<'_, '_> {
     /// What holds the blocks of these stack ids (one callsite), `want`ed paths only; `None`
     /// when the scan saw none of them.
     pub fn retention(&mut self, ix: &Index, ids: &[u32], want: Want) -> Option<Retention> {
-        let paths = ix.paths(ids, want);
-        let total: u64 = paths.iter().map(|p| p.1).sum();
-        if total == 0 {
+        let (paths, total) = ix.paths(ids, want);
+        if paths.is_empty() || total == 0 {
             return None;
         }
         // A hop's block size, when its callsite's blocks all have one.
         let mut sizes: FxHashMap<u32, Option<u64>> = FxHashMap::default();
         for (&s, v) in &ix.sites {
-            let (b, y) = v.iter().fold((0, 0), |a, x| (a.0 + x.1, a.1 + x.2));
+            let (b, y) = v.iter().fold((0u64, 0u64), |a, x| {
+                (a.0.saturating_add(x.1), a.1.saturating_add(x.2))
+            });
             sizes.insert(s, (b > 0 && y % b == 0).then(|| y / b));
         }
         let mut named: Vec<PathName> = Vec::new();

@@ -597,10 +597,13 @@ impl Process {
                 free_stack,
                 pairs,
             } => {
-                self.content(addr, free_stack, &pairs);
+                self.content(tid, addr, free_stack, &pairs);
                 Ok(())
             }
-            SlotRecord::Free { seq, addr, .. } => self.event(tid, seq, Ev::Free { addr }, offset),
+            SlotRecord::Free { seq, addr, .. } => {
+                self.attach_content(tid, seq, addr);
+                self.event(tid, seq, Ev::Free { addr }, offset)
+            }
             SlotRecord::Nop { seq } => self.event(tid, seq, Ev::Nop, offset),
             SlotRecord::Fork { seq, child } => self.event(tid, seq, Ev::Fork { child }, offset),
             SlotRecord::Pairs { count, bytes, .. }
@@ -885,6 +888,7 @@ impl Process {
                         continue;
                     }
                     slot::KIND_FREE if FreeFn::from_u8(s[1]).is_some() => {
+                        self.attach_content(tid, word(8), word(16));
                         self.free(word(16));
                         self.bump();
                         pos += slot::SLOT_LEN;
@@ -1061,7 +1065,7 @@ impl Process {
         self.totals.frees += 1;
         if let Some(o) = &mut self.orphans {
             let parent = self.live.get(&addr).map(|l| (l.size, l.stack));
-            o.free(addr, parent, &self.live);
+            o.free(addr, self.next_seq, parent, &self.live);
         }
         if let Some(r) = &mut self.reach {
             r.entries.remove(&addr);
@@ -1232,16 +1236,22 @@ impl Process {
 }
 
 impl Process {
-    /// Block `addr` was freed at stack `free_stack` (`leakhunt run --orphans`,
-    /// `LEAKHUNT_ORPHANS=1`) still holding these heap-looking words, (offset in the block, word).
-    /// Called as the record is decoded, before the `FREE` that follows it in the same thread's
-    /// stream is applied (that `FREE` may wait for lower sequence numbers; the block's `ALLOC`
-    /// may even be in another thread's batch still to come). Offsets at or past the block's
-    /// size are the allocator's slack, not the program's words. Filled by the lead.
-    pub fn content(&mut self, addr: u64, free_stack: u32, pairs: &[(u64, u64)]) {
+    /// Block `addr` is about to be freed at stack `free_stack` (`leakhunt run --orphans`,
+    /// `LEAKHUNT_ORPHANS=1`) still holding these heap-looking words, (offset in the block, word):
+    /// a `CONTENT` record of thread `tid`'s stream, decoded before the `FREE` that follows it
+    /// there ([`Process::attach_content`] ties them by that `FREE`'s sequence number, and the
+    /// words are applied with it, in sequence order).
+    pub fn content(&mut self, tid: u32, addr: u64, free_stack: u32, pairs: &[(u64, u64)]) {
         self.orphans
             .get_or_insert_with(Default::default)
-            .content(addr, free_stack, pairs);
+            .stage(tid, addr, free_stack, pairs);
+    }
+
+    /// Thread `tid`'s `FREE` of `addr`, sequence number `seq`, was decoded.
+    fn attach_content(&mut self, tid: u32, seq: u64, addr: u64) {
+        if let Some(o) = &mut self.orphans {
+            o.attach(tid, seq, addr);
+        }
     }
 }
 
@@ -1284,6 +1294,7 @@ impl compact::Sink for Apply<'_> {
         if FreeFn::from_u8(func).is_none() {
             return Err(format!("unknown free function {func}"));
         }
+        self.p.attach_content(self.tid, seq, addr);
         if self.p.pending.is_empty() && seq == self.p.next_seq {
             self.p.free(addr);
             self.p.bump();
@@ -1301,7 +1312,7 @@ impl compact::Sink for Apply<'_> {
     }
 
     fn content(&mut self, addr: u64, free_stack: u32, pairs: &[(u64, u64)]) -> Result<(), String> {
-        self.p.content(addr, free_stack, pairs);
+        self.p.content(self.tid, addr, free_stack, pairs);
         Ok(())
     }
 

@@ -8,8 +8,11 @@ use leakhunt_format::reach::{Item, FROM_ROOT, NONE};
 use leakhunt_reach::{Block, Graph, Parent};
 use rustc_hash::FxHashMap;
 
-/// Distinct paths kept per callsite (the most common; the rest are counted, not kept).
+/// Distinct paths kept per callsite and class (the most common; the rest are counted, not kept).
 pub const PATHS_PER_SITE: usize = 16;
+/// A `Site` item's node for the paths of a class not kept (plus the class: 0 from a root, 1 a
+/// lost head, 2 held by lost blocks).
+pub const REST: u32 = u32::MAX - 3;
 /// A run of hops through blocks of one callsite at different offsets (a tree's).
 pub const OFF_MIXED: u32 = u32::MAX;
 
@@ -108,21 +111,34 @@ impl Nodes {
     }
 }
 
+/// The scanned blocks, each with its stack id, the stack id its callsite's retained size is
+/// kept under (one per callsite), and the epoch boundary index before its allocation.
+#[derive(Clone, Copy)]
+pub struct Heap<'a> {
+    pub blocks: &'a [Block],
+    pub stack: &'a [u32],
+    pub group: &'a [u32],
+    pub born: &'a [u32],
+}
+
 /// The retention items of one scan: threads (given), the roots and path nodes that the kept
 /// paths use, the kept paths per callsite, and each callsite's retained size.
 ///
-/// `stack[i]` is block `i`'s callsite, `born[i]` the epoch boundary index before its allocation;
 /// `root_of` classifies a root word's address, `rank` orders root words (lowest first) for
 /// chains of equal length.
 pub fn items(
-    blocks: &[Block],
-    stack: &[u32],
-    born: &[u32],
+    heap: &Heap,
     graph: &Graph,
     threads: Vec<Item>,
     root_of: &mut dyn FnMut(u64) -> RootInfo,
     rank: &dyn Fn(u64) -> u8,
 ) -> Vec<Item> {
+    let Heap {
+        blocks,
+        stack,
+        group,
+        born,
+    } = *heap;
     let n = blocks.len();
     // Shortest chains from the best roots first: at equal length, a global's word wins over a
     // stale word below a stack pointer (stable: otherwise in scan order).
@@ -190,7 +206,28 @@ pub fn items(
     for ((s, node), (count, bytes)) in per {
         sites.entry(s).or_default().push((node, count, bytes));
     }
-    // The most common paths of each callsite; the nodes they use.
+    // Each path's class (from a root; a lost head; held by lost blocks), from its first node.
+    let mut class = vec![0u8; nodes.list.len()];
+    for (i, item) in nodes.list.iter().enumerate() {
+        if let Item::Node {
+            from, stack: st, ..
+        } = *item
+        {
+            class[i] = if from == NONE {
+                if st == NONE {
+                    1
+                } else {
+                    2
+                }
+            } else if from & FROM_ROOT != 0 || class[from as usize] == 0 {
+                0
+            } else {
+                2
+            };
+        }
+    }
+    // The most common paths of each callsite in each class, the rest of the class counted; the
+    // nodes they use.
     let mut keep = vec![false; nodes.list.len()];
     let mut kept: Vec<(u32, u32, u64, u64)> = Vec::new();
     let mut site_ids: Vec<u32> = sites.keys().copied().collect();
@@ -198,8 +235,16 @@ pub fn items(
     for s in site_ids {
         let mut v = sites.remove(&s).unwrap_or_default();
         v.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        v.truncate(PATHS_PER_SITE);
+        let mut taken = [0usize; 3];
+        let mut rest = [(0u64, 0u64); 3];
         for (node, count, bytes) in v {
+            let c = class[node as usize] as usize;
+            if taken[c] == PATHS_PER_SITE {
+                rest[c].0 += count;
+                rest[c].1 += bytes;
+                continue;
+            }
+            taken[c] += 1;
             let mut at = node;
             while at != NONE && !keep[at as usize] {
                 keep[at as usize] = true;
@@ -209,6 +254,11 @@ pub fn items(
                 };
             }
             kept.push((s, node, count, bytes));
+        }
+        for (c, &(count, bytes)) in rest.iter().enumerate() {
+            if count > 0 {
+                kept.push((s, REST + c as u32, count, bytes));
+            }
         }
     }
     // Renumber the kept nodes (a node's `from` stays before it) and the roots they use.
@@ -254,11 +304,15 @@ pub fn items(
     out.extend(out_nodes);
     out.extend(kept.into_iter().map(|(s, node, blocks, bytes)| Item::Site {
         stack: s,
-        node: new_node[node as usize],
+        node: if node >= REST {
+            node
+        } else {
+            new_node[node as usize]
+        },
         blocks,
         bytes,
     }));
-    out.extend(retained(blocks, stack, born, graph, &parent));
+    out.extend(retained(blocks, group, born, graph, &parent));
     out
 }
 

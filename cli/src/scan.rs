@@ -260,7 +260,7 @@ impl Scanner {
         let mut threads: Vec<ThreadAt> = Vec::new();
         if let Some(m) = find_map(&maps, r.sp) {
             stacks.push((r.sp, m.end));
-            let regs = registers_of_waiting(r.tid);
+            let regs = registers_of_waiting(self.pid, r.tid);
             threads.push(ThreadAt {
                 tid: r.tid,
                 tp: regs.map_or(0, |g| g.fs_base),
@@ -411,6 +411,20 @@ impl Scanner {
                     .map_or((NONE, 0), |l| (l.stack, l.born))
             })
             .unzip();
+        // Retained sizes per callsite (stack ids of the same code, across module reloads, are
+        // one callsite: a block of one dominating a block of the other counts once): each
+        // callsite under the first of its stack ids met.
+        let mut sites = crate::callsite::Callsites::new(p);
+        let mut first_id: rustc_hash::FxHashMap<u32, u32> = Default::default();
+        let group: Vec<u32> = stack
+            .iter()
+            .map(|&id| {
+                if id == NONE {
+                    return NONE;
+                }
+                *first_id.entry(sites.site(id)).or_insert(id)
+            })
+            .collect();
         let threads: Vec<Item> = h
             .threads
             .iter()
@@ -426,10 +440,15 @@ impl Scanner {
         let exe = p.modules.iter().map(|m| &m.module).find(|m| m.id == 0);
         let tls = exe.and_then(|m| {
             let (size, align) = self.sym.tls_segment(&m.path, &m.build_id)?;
-            Some((m.id, size.next_multiple_of(align.max(1))))
+            Some((m.id, size.checked_next_multiple_of(align.max(1))?))
         });
         let sym = &mut self.sym;
         let maps = &h.maps;
+        // The module of each file-backed mapping, looked up once.
+        let mut module_of_map: rustc_hash::FxHashMap<
+            usize,
+            Option<&leakhunt_format::encode::Module>,
+        > = Default::default();
         let mut root_of = |at: u64| -> crate::retain::RootInfo {
             let item = |kind, tid, module, detail| Item::Root {
                 kind,
@@ -446,12 +465,15 @@ impl Scanner {
             }
             for t in &h.threads {
                 if let Some((module, size)) = tls {
-                    if t.tp != 0 && at < t.tp && at >= t.tp - size {
-                        let off = at - (t.tp - size);
+                    let Some(block) = t.tp.checked_sub(size) else {
+                        continue;
+                    };
+                    if t.tp != 0 && at < t.tp && at >= block {
+                        let off = at - block;
                         let key = match p.modules.iter().find(|m| m.module.id == module) {
                             Some(m) => sym
-                                .tls_at(&m.module.path, &m.module.build_id, off)
-                                .map_or(off, |(v, _)| v.start),
+                                .tls_symbol_start(&m.module.path, &m.module.build_id, off)
+                                .unwrap_or(off),
                             None => off,
                         };
                         return crate::retain::RootInfo {
@@ -481,16 +503,21 @@ impl Scanner {
                 } else {
                     None
                 };
-                if let Some(module) = path.and_then(|path| {
-                    p.modules
-                        .iter()
-                        .map(|e| &e.module)
-                        .rfind(|md| md.id != u32::MAX && same_file(&md.path, path))
-                }) {
+                let module = *module_of_map.entry(i).or_insert_with(|| {
+                    path.and_then(|path| {
+                        p.modules
+                            .iter()
+                            .map(|e| &e.module)
+                            .rfind(|md| md.id != u32::MAX && same_file(&md.path, path))
+                    })
+                });
+                if let Some(module) = module {
                     let vaddr = at.wrapping_sub(module.bias);
+                    // Grouped by symbol (the symbol tables: no DWARF read while the process
+                    // waits); named with DWARF at report time.
                     let start = sym
-                        .global_at(&module.path, &module.build_id, vaddr)
-                        .map_or(vaddr, |(v, _)| v.start);
+                        .global_symbol_start(&module.path, &module.build_id, vaddr)
+                        .unwrap_or(vaddr);
                     return crate::retain::RootInfo {
                         item: item(root::GLOBAL, 0, module.id, 0),
                         key: (root::GLOBAL, module.id as u64, start),
@@ -524,9 +551,12 @@ impl Scanner {
             }
         };
         crate::retain::items(
-            &h.blocks,
-            &stack,
-            &born,
+            &crate::retain::Heap {
+                blocks: &h.blocks,
+                stack: &stack,
+                group: &group,
+                born: &born,
+            },
             &h.graph,
             threads,
             &mut root_of,
@@ -581,17 +611,30 @@ fn chunks(mut o: Outcome) -> Vec<Outcome> {
 }
 
 /// The registers of the thread that waits for the scan's result (it is not held: it is stopped
-/// a moment to read them, and its wait resumes).
-fn registers_of_waiting(tid: u32) -> Option<nix::libc::user_regs_struct> {
+/// a moment to read them, and its wait resumes; a signal that stopped it first is delivered as
+/// it goes). `None` when `tid` is not a thread of `pid`, or it cannot be stopped.
+fn registers_of_waiting(pid: u32, tid: u32) -> Option<nix::libc::user_regs_struct> {
+    if !Path::new(&format!("/proc/{pid}/task/{tid}")).exists() {
+        return None;
+    }
     let t = Pid::from_raw(tid as i32);
     ptrace::seize(t, ptrace::Options::empty()).ok()?;
     let mut regs = None;
+    let mut pending = None;
     if ptrace::interrupt(t).is_ok() {
-        if let Ok(WaitStatus::PtraceEvent(..)) = waitpid(t, Some(WaitPidFlag::__WALL)) {
-            regs = ptrace::getregs(t).ok();
+        match waitpid(t, Some(WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::PtraceEvent(..)) | Ok(WaitStatus::PtraceSyscall(_)) => {
+                regs = ptrace::getregs(t).ok();
+            }
+            // A signal reached it first: it is delivered on release.
+            Ok(WaitStatus::Stopped(_, sig)) => {
+                pending = Some(sig);
+                regs = ptrace::getregs(t).ok();
+            }
+            _ => {}
         }
     }
-    let _ = ptrace::detach(t, None);
+    let _ = ptrace::detach(t, pending);
     regs
 }
 
@@ -726,12 +769,25 @@ impl Frames<'_> {
                     .max(t.lo)
                     .next_multiple_of(8);
                 let mut slots = Vec::new();
-                let mut buf = vec![0u64; (t.hi.saturating_sub(from) / 8) as usize];
-                let got = self.mem.read(from, &mut buf);
-                for (k, &w) in buf[..got].iter().enumerate() {
-                    if self.is_return(w) {
-                        slots.push((from + 8 * k as u64, w));
+                let mut buf = vec![0u64; 4096];
+                let mut at = from;
+                // In pieces: a stack pointer in a large mapping (a coroutine's stack inside an
+                // arena) leaves much above it.
+                while at < t.hi {
+                    let want = ((t.hi - at) / 8).min(buf.len() as u64) as usize;
+                    if want == 0 {
+                        break;
                     }
+                    let got = self.mem.read(at, &mut buf[..want]);
+                    for (k, &w) in buf[..got].iter().enumerate() {
+                        if self.is_return(w) {
+                            slots.push((at + 8 * k as u64, w));
+                        }
+                    }
+                    if got < want {
+                        break;
+                    }
+                    at += 8 * got as u64;
                 }
                 (frames, slots)
             });

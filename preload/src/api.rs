@@ -29,9 +29,16 @@ unsafe fn alloc_shim(f: AllocFn, size: usize, call: impl FnOnce() -> *mut c_void
 
 #[inline(always)]
 unsafe fn free_shim(f: FreeFn, p: *mut c_void, call: impl FnOnce()) {
+    // SAFETY: forwarding the caller's contract; `free`'s blocks are the real allocator's.
+    unsafe { free_shim_of(f, p, true, call) }
+}
+
+/// As [`free_shim`]; `mallocs`: the block is the real malloc's (its words may be read, with
+/// `--orphans`), not a C++ runtime's own pool's.
+unsafe fn free_shim_of(f: FreeFn, p: *mut c_void, mallocs: bool, call: impl FnOnce()) {
     if !p.is_null() && !real::is_bootstrap(p) {
         if let Some(g) = tracer::enter() {
-            tracer::on_free(&g, f, p);
+            tracer::on_free(&g, f, p, mallocs);
             g.forwarding(call);
             return;
         }
@@ -227,8 +234,9 @@ macro_rules! cxx_delete {
                     core::mem::transmute::<*mut c_void, unsafe extern "C-unwind" fn($pty $(, $ty)*)>(f)($p $(, $arg)*)
                 }
             };
+            let mallocs = real::delete_is_malloc_backed(f);
             // SAFETY: forwarding the caller's contract.
-            unsafe { free_shim($f, $p, call) }
+            unsafe { free_shim_of($f, $p, mallocs, call) }
         }
     };
 }

@@ -928,6 +928,11 @@ pub fn epoch(seq_now: impl Fn() -> u64, name: Option<&[u8]>) {
 /// see `tracer::pre_exit_scan`).
 pub fn reach_scan(sp: u64, snapshot: bool, pre_exit: bool) {
     use leakhunt_format::reach::{self, reply};
+    // A program thread waits here while its other threads are held: a signal sent to the process
+    // meanwhile would run its handler on this thread, inside the lock (a handler that calls
+    // `exit` would wait for it forever). Asynchronous signals wait, blocked, until the scan is
+    // over (the writer thread blocks them all anyway).
+    let _mask = SignalsHeld::new();
     let _l = LOCK.lock();
     let o = out();
     if !ensure_open() {
@@ -1074,6 +1079,43 @@ library or LEAKHUNT_CLI) could not be started",
     }
     if let Some(child) = helper {
         crate::helper::finish(child, fd);
+    }
+}
+
+/// Asynchronous signals blocked in this thread until dropped (the synchronous ones, a fault's,
+/// stay deliverable).
+struct SignalsHeld(libc::sigset_t);
+
+impl SignalsHeld {
+    fn new() -> SignalsHeld {
+        // SAFETY: sigset_t is plain data, filled by sigfillset/sigdelset; pthread_sigmask changes
+        // this thread's mask only and stores the old one in `old`.
+        unsafe {
+            let mut set: libc::sigset_t = core::mem::zeroed();
+            let mut old: libc::sigset_t = core::mem::zeroed();
+            libc::sigfillset(&mut set);
+            for s in [
+                libc::SIGSEGV,
+                libc::SIGBUS,
+                libc::SIGILL,
+                libc::SIGFPE,
+                libc::SIGTRAP,
+                libc::SIGSYS,
+            ] {
+                libc::sigdelset(&mut set, s);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            SignalsHeld(old)
+        }
+    }
+}
+
+impl Drop for SignalsHeld {
+    fn drop(&mut self) {
+        // SAFETY: restores this thread's mask as it was.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, core::ptr::null_mut());
+        }
     }
 }
 

@@ -359,3 +359,37 @@ unsafe impl core::alloc::GlobalAlloc for RealAlloc {
         }
     }
 }
+
+/// Whether C++ `operator delete` (the next definition, `delete_fn`) gives blocks back to the
+/// same allocator as `free`: the C++ runtime's own (libstdc++, libc++), or one defined in the
+/// module that defines `malloc` (jemalloc, tcmalloc). A library's own pool is not, and its blocks
+/// must not be measured with `malloc_usable_size`. Decided once.
+pub fn delete_is_malloc_backed(delete_fn: *mut c_void) -> bool {
+    use core::sync::atomic::{AtomicU8, Ordering};
+    static KNOWN: AtomicU8 = AtomicU8::new(0);
+    match KNOWN.load(Ordering::Relaxed) {
+        1 => return true,
+        2 => return false,
+        _ => {}
+    }
+    let module = |addr: *const c_void| -> Option<&'static [u8]> {
+        // SAFETY: Dl_info is plain data; dladdr fills it for an address in a loaded module and
+        // allocates nothing; its strings live as long as the module.
+        unsafe {
+            let mut info: libc::Dl_info = core::mem::zeroed();
+            if addr.is_null() || libc::dladdr(addr, &mut info) == 0 || info.dli_fname.is_null() {
+                return None;
+            }
+            Some(core::ffi::CStr::from_ptr(info.dli_fname).to_bytes())
+        }
+    };
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    let ok = match (module(delete_fn), module(MALLOC.load(Ordering::Acquire))) {
+        (Some(d), m) => {
+            contains(d, b"libstdc++") || contains(d, b"libc++") || m.is_some_and(|m| m == d)
+        }
+        (None, _) => delete_fn.is_null(),
+    };
+    KNOWN.store(if ok { 1 } else { 2 }, Ordering::Relaxed);
+    ok
+}

@@ -354,9 +354,9 @@ pub fn on_alloc(g: &Guard, f: AllocFn, p: *mut c_void, size: usize) {
 
 /// Records a free; called before the real free, so its sequence number precedes any reuse.
 #[inline]
-pub fn on_free(g: &Guard, f: FreeFn, p: *mut c_void) {
+pub fn on_free(g: &Guard, f: FreeFn, p: *mut c_void, mallocs: bool) {
     if config::get().orphans {
-        on_free_with_content(g, f, p);
+        on_free_with_content(g, f, p, mallocs);
         return;
     }
     let ts = g.ts();
@@ -370,11 +370,12 @@ pub fn on_free(g: &Guard, f: FreeFn, p: *mut c_void) {
 /// A free with orphans on: its stack, and a `CONTENT` record of the heap pointers the block still
 /// holds, before the `FREE` (all read before the real free runs).
 #[inline(never)]
-fn on_free_with_content(g: &Guard, f: FreeFn, p: *mut c_void) {
+fn on_free_with_content(g: &Guard, f: FreeFn, p: *mut c_void, mallocs: bool) {
     let ts = g.ts();
     let Some(r) = thread_ring(ts) else { return };
     let (id, stack_slots, n, reason) = stack_for(ts, r);
-    let (words, _) = read_content(r, p, 0);
+    // A block of a C++ runtime's own pool is not measured (its words are not read).
+    let words = if mallocs { read_content(r, p, 0).0 } else { 0 };
     let cslots = slot::content_slots(words);
     let total = stack_slots + cslots + 1;
     reserve(r, total);
@@ -863,10 +864,11 @@ static PRE_EXIT_DONE: AtomicBool = AtomicBool::new(false);
 /// held the blocks that grew is seen whole. Under `leakhunt run`, once the trace has a growth report's
 /// three epoch boundaries (`LEAKHUNT_PRE_EXIT_SCAN`).
 pub fn pre_exit_scan(sp: u64) {
+    // (A vfork child's exit must not use up its parent's scan: it is not this process.)
     if !config::get().pre_exit_scan
+        || !this_process()
         || out::epochs() < 3
         || PRE_EXIT_DONE.swap(true, Ordering::AcqRel)
-        || !this_process()
     {
         return;
     }

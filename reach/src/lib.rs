@@ -231,7 +231,8 @@ impl Graph {
     /// The out-edges of block `i` (target, offset).
     pub fn out(&self, i: u32) -> &[(u32, u32)] {
         let (s, n) = self.span[i as usize];
-        &self.edges[s as usize..(s + n) as usize]
+        let s = s as usize;
+        &self.edges[s..(s + n as usize).min(self.edges.len())]
     }
 
     /// Compressed rows by source block (for the dominator tree): offsets and targets.
@@ -267,28 +268,44 @@ impl Graph {
             }
         }
         let mut head = 0;
-        let mut next_lead = 0;
-        loop {
-            while head < order.len() {
-                let i = order[head];
-                head += 1;
-                for &(t, off) in self.out(i) {
-                    if parent[t as usize] == Parent::Unset {
-                        parent[t as usize] = Parent::Block(i, off);
-                        order.push(t);
-                    }
+        self.walk(&mut parent, &mut order, &mut head);
+        // What the roots do not reach: first the blocks no other block points at (the heads of
+        // lost structures), then, for cycles nothing else points into, the lowest address.
+        let mut pointed = vec![false; n];
+        for (i, &(s, len)) in self.span.iter().enumerate() {
+            for &(t, _) in
+                &self.edges[s as usize..(s as usize + len as usize).min(self.edges.len())]
+            {
+                if t as usize != i {
+                    pointed[t as usize] = true;
                 }
             }
-            while next_lead < n && parent[next_lead] != Parent::Unset {
-                next_lead += 1;
+        }
+        for pass in [false, true] {
+            for i in 0..n {
+                if parent[i] != Parent::Unset || (!pass && pointed[i]) {
+                    continue;
+                }
+                parent[i] = Parent::Nothing;
+                order.push(i as u32);
+                self.walk(&mut parent, &mut order, &mut head);
             }
-            if next_lead == n {
-                break;
-            }
-            parent[next_lead] = Parent::Nothing;
-            order.push(next_lead as u32);
         }
         (parent, order)
+    }
+
+    /// The breadth-first walk from `order[*head..]` on.
+    fn walk(&self, parent: &mut [Parent], order: &mut Vec<u32>, head: &mut usize) {
+        while *head < order.len() {
+            let i = order[*head];
+            *head += 1;
+            for &(t, off) in self.out(i) {
+                if parent[t as usize] == Parent::Unset {
+                    parent[t as usize] = Parent::Block(i, off);
+                    order.push(t);
+                }
+            }
+        }
     }
 }
 
@@ -378,13 +395,18 @@ impl<'b> Scan<'b> {
         }
     }
 
-    /// One edge of block `i` (being recorded) to block `t`, by the word at `at`.
+    /// One edge of block `i` (being recorded) to block `t`, by the word at `at`. A graph past
+    /// `u32` edges is dropped (`Outcome::graph` is then `None`): spans count in `u32`.
     fn edge(&mut self, i: u32, t: u32, at: u64) {
-        if let Some(g) = &mut self.graph {
-            let off = (at - self.blocks[i as usize].start).min(u32::MAX as u64) as u32;
-            g.edges.push((t, off));
-            g.span[i as usize].1 += 1;
+        let Some(g) = &mut self.graph else { return };
+        if g.edges.len() >= u32::MAX as usize - 1 {
+            self.graph = None;
+            return;
         }
+        // Offsets past 4 GiB - 2 read as that (u32::MAX is a reader's "several").
+        let off = (at - self.blocks[i as usize].start).min(u32::MAX as u64 - 1) as u32;
+        g.edges.push((t, off));
+        g.span[i as usize].1 += 1;
     }
 
     /// Words that point at `f(size)` bytes into a block of `size` bytes are the allocator's, not

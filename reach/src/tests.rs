@@ -407,3 +407,27 @@ fn a_block_rescanned_as_its_kind_improves_keeps_one_set_of_edges() {
     assert_eq!(g.out(0), [(1, 16)]);
     assert_eq!(g.edges.len(), 1);
 }
+
+#[test]
+fn a_lost_structure_is_walked_from_its_head_whatever_the_addresses() {
+    // Block 1 (higher address) is the head of a lost structure and points at block 0: 0's chain
+    // comes from 1, not from nothing. Blocks 2 and 3 point at each other (a cycle nothing else
+    // points into): the lower address leads.
+    let (blocks, mut m) = heap(&[16, 16, 16, 16]);
+    m.put(b(1), b(0)).put(b(2), b(3)).put(b(3), b(2));
+    let mut s = Scan::new(&blocks, Heuristics::NONE).unwrap();
+    s.record_graph();
+    s.root_range(&m, ROOT.0, ROOT.1);
+    let g = s.finish(&m).graph.unwrap();
+    let (parent, order) = g.parents();
+    assert_eq!(
+        parent,
+        [
+            Parent::Block(1, 0),
+            Parent::Nothing,
+            Parent::Nothing,
+            Parent::Block(2, 0)
+        ]
+    );
+    assert_eq!(order, [1, 0, 2, 3]);
+}

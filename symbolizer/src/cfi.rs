@@ -134,26 +134,31 @@ impl Symbolizer {
 mod tests {
     use super::*;
 
+    /// A function of this test binary that stays a function of its own, whatever the profile
+    /// (called through a pointer the optimizer cannot see through).
+    #[inline(never)]
+    fn leakhunt_cfi_probe(x: u64) -> u64 {
+        std::hint::black_box(x).wrapping_mul(3)
+    }
+
     #[test]
     fn this_test_binarys_own_frames_have_rules() {
-        // The test binary itself: a function's first instruction has its CFA at rsp + 8 and the
-        // return address at CFA - 8.
+        // A function's first instruction has its CFA at rsp + 8 and the return address at
+        // CFA - 8.
+        let probe: fn(u64) -> u64 = std::hint::black_box(leakhunt_cfi_probe);
+        assert_eq!(probe(2), 6);
         let exe = std::env::current_exe().unwrap();
         let data = std::fs::read(&exe).unwrap();
         let obj = object::File::parse(&*data).unwrap();
         use object::ObjectSymbol;
         let sym = obj
             .symbols()
-            .find(|s| {
-                s.name()
-                    .is_ok_and(|n| n.contains("this_test_binarys_own_frames_have_rules"))
-                    && s.size() > 0
-            })
-            .unwrap();
+            .find(|s| s.name().is_ok_and(|n| n.contains("leakhunt_cfi_probe")) && s.size() > 0)
+            .expect("the probe function's symbol");
         let mut s = Symbolizer::new();
         let r = s
             .frame_rule(exe.to_str().unwrap(), &[], sym.address())
-            .unwrap();
+            .expect("a frame rule at the probe's first instruction");
         assert_eq!((r.cfa_reg, r.cfa_offset, r.ra_offset), (7, 8, -8));
         assert!(s.frame_rule("/nonexistent", &[], 0x1000).is_none());
     }

@@ -73,6 +73,9 @@ pub(crate) struct Data {
 /// answers `None` instead of recursing forever.
 const MAX_HOPS: usize = 32;
 
+/// The most types one `member_at` answer looks into.
+const MAX_DESCENT: u32 = 4096;
+
 /// Items over address ranges, sorted by start, with the greatest end of each prefix: the items
 /// covering an address are found by a binary search and a walk back over only those that reach
 /// past it.
@@ -1036,10 +1039,20 @@ impl Info {
     }
 
     /// Appends to `path` the access path to the word at `off` in an object of type `die`.
-    fn descend(&mut self, die: usize, off: u64, path: &mut String, depth: usize) -> Option<Leaf> {
-        if depth > MAX_HOPS {
+    fn descend(
+        &mut self,
+        die: usize,
+        off: u64,
+        path: &mut String,
+        depth: usize,
+        budget: &mut u32,
+    ) -> Option<Leaf> {
+        // Depth alone does not bound the walk: every member covering the offset is tried, and
+        // DWARF that nests a type in itself twice would take 2^depth steps.
+        if depth > MAX_HOPS || *budget == 0 {
             return None;
         }
+        *budget -= 1;
         let (sd, ui, e) = self.strip(die)?;
         let tag = e.tag();
         if is_aggregate(tag) {
@@ -1055,7 +1068,7 @@ impl Info {
                     }
                     p.push_str(n);
                 }
-                match self.descend(f.ty, off - f.start, &mut p, depth + 1) {
+                match self.descend(f.ty, off - f.start, &mut p, depth + 1, budget) {
                     // Of a union's members, the pointer: what a retention path goes through.
                     Some(Leaf::Pointer(to)) => {
                         *path = p;
@@ -1114,7 +1127,7 @@ impl Info {
                 for i in indices.iter().rev() {
                     path.push_str(&format!("[{i}]"));
                 }
-                self.descend(elem, off % size, path, depth + 1)
+                self.descend(elem, off % size, path, depth + 1, budget)
             }
             t if is_pointer(t) => {
                 let size = self
@@ -1489,6 +1502,16 @@ fn data_symbols<'a>(
 
 impl DataModule {
     /// The variable of `kind` covering `at`, and the offset of `at` in it.
+    /// The start of the symbol of `kind` covering `at`, from the symbol tables.
+    fn symbol_start(&self, kind: Kind, at: u64) -> Option<u64> {
+        let syms = if kind == Kind::Global {
+            &self.globals
+        } else {
+            &self.tls
+        };
+        syms.as_ref()?.covering(at).map(|s| s.start).max()
+    }
+
     fn variable(&mut self, module: usize, kind: Kind, at: u64) -> Option<(Variable, u64)> {
         if let Some(Some(info)) = &mut self.info {
             if info.vars.is_none() {
@@ -1673,6 +1696,20 @@ impl Symbolizer {
         self.data.modules[m].variable(m, Kind::Global, vaddr)
     }
 
+    /// The start of the global symbol (symbol tables only: no DWARF is read) covering `vaddr`:
+    /// cheap enough for grouping the words of one variable while a process waits.
+    pub fn global_symbol_start(&mut self, path: &str, build_id: &[u8], vaddr: u64) -> Option<u64> {
+        let m = self.data_module(path, build_id);
+        self.data.modules[m].symbol_start(Kind::Global, vaddr)
+    }
+
+    /// As [`Symbolizer::global_symbol_start`], for a thread-local symbol at `offset` in the
+    /// module's TLS block.
+    pub fn tls_symbol_start(&mut self, path: &str, build_id: &[u8], offset: u64) -> Option<u64> {
+        let m = self.data_module(path, build_id);
+        self.data.modules[m].symbol_start(Kind::Tls, offset)
+    }
+
     /// The thread-local variable (an `STT_TLS` symbol, or a DWARF variable located by a TLS
     /// operation) covering `offset` in the module's TLS block, and the offset in it.
     pub fn tls_at(&mut self, path: &str, build_id: &[u8], offset: u64) -> Option<(Variable, u64)> {
@@ -1705,7 +1742,7 @@ impl Symbolizer {
     pub fn member_at(&mut self, ty: &TypeRef, offset: u64) -> Option<Member> {
         let info = self.info(ty)?;
         let mut name = String::new();
-        let leaf = info.descend(ty.die, offset, &mut name, 0)?;
+        let leaf = info.descend(ty.die, offset, &mut name, 0, &mut MAX_DESCENT.clone())?;
         let pointee = match leaf {
             Leaf::Pointer(to) => to.map(|die| TypeRef {
                 module: ty.module,
