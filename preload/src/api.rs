@@ -3,7 +3,9 @@
 //! so the crate's own tests do not trace themselves.
 //!
 //! Exported: malloc free calloc realloc reallocarray posix_memalign aligned_alloc memalign
-//! valloc pvalloc malloc_usable_size; C++ operator new/new[]/delete/delete[] (plain, nothrow,
+//! valloc pvalloc malloc_usable_size; jemalloc's mallocx rallocx xallocx dallocx sdallocx, C23's
+//! free_sized free_aligned_sized, tcmalloc's tc_* and mimalloc's mi_* allocation functions (see
+//! the section at the end); C++ operator new/new[]/delete/delete[] (plain, nothrow,
 //! sized, aligned); dlopen dlclose; exit _exit _Exit; fork; execve execv execvp execvpe fexecve execl
 //! execlp execle; __libc_start_main (to learn main's return value); sigaction signal;
 //! leakhunt_version (for `leakhunt` to check the library it preloads).
@@ -582,3 +584,364 @@ pub unsafe extern "C" fn __libc_start_main(
         )
     }
 }
+
+// ---- allocators' own entry points ----------------------------------------------------------
+//
+// jemalloc's (`mallocx` ...), tcmalloc's (`tc_*`), mimalloc's (`mi_*`) and C23's sized frees.
+// Each forwards to the next definition (the allocator the program uses) and records what it did
+// as the glibc family it behaves like. A program may also find these symbols here when no
+// allocator of that name is loaded (a weak reference, `dlsym`): then each does its job with the
+// libc allocator, so that such a program still runs as it would (`fallback_*`).
+
+/// The next definition of `$name` (after this library), as a function of type `$ty`, if any.
+macro_rules! next_fn {
+    ($name:ident, $ty:ty) => {{
+        static REAL: AtomicPtr<c_void> = AtomicPtr::new(core::ptr::null_mut());
+        const SYM: &CStr =
+            match CStr::from_bytes_with_nul(concat!(stringify!($name), "\0").as_bytes()) {
+                Ok(s) => s,
+                Err(_) => c"malloc",
+            };
+        let f = real::next_symbol_if_any(&REAL, SYM);
+        if f.is_null() {
+            None
+        } else {
+            // SAFETY: the next definition of this very symbol, whose C signature is `$ty`.
+            Some(unsafe { core::mem::transmute::<*mut c_void, $ty>(f) })
+        }
+    }};
+}
+
+/// jemalloc's `MALLOCX_ZERO` flag, and the low bits holding log2 of the alignment.
+const MALLOCX_ZERO: c_int = 0x40;
+const MALLOCX_LG_ALIGN_MASK: c_int = 0x3f;
+
+/// What `mallocx` would give with the libc allocator: aligned as `flags` says, zeroed if asked.
+unsafe fn fallback_mallocx(size: usize, flags: c_int) -> *mut c_void {
+    let lg = flags & MALLOCX_LG_ALIGN_MASK;
+    let p = if lg > 4 && lg < 64 {
+        let mut out = core::ptr::null_mut();
+        // SAFETY: `out` is a valid out pointer; the alignment is a power of two above 16.
+        match unsafe { real::posix_memalign(&mut out, 1usize << lg, size.max(1)) } {
+            0 => out,
+            _ => core::ptr::null_mut(),
+        }
+    } else {
+        // SAFETY: plain malloc.
+        unsafe { real::malloc(size.max(1)) }
+    };
+    if !p.is_null() && flags & MALLOCX_ZERO != 0 {
+        // SAFETY: a fresh block of at least `size` bytes.
+        unsafe { core::ptr::write_bytes(p as *mut u8, 0, size) };
+    }
+    p
+}
+
+/// What `rallocx` would give with the libc allocator (the old block is left alone on failure).
+unsafe fn fallback_rallocx(p: *mut c_void, size: usize, flags: c_int) -> *mut c_void {
+    // SAFETY: `p` is a live block of this allocator (the caller's contract).
+    let old = unsafe { real::usable_size(p) };
+    // SAFETY: a fresh block, as mallocx.
+    let q = unsafe { fallback_mallocx(size, flags & !MALLOCX_ZERO) };
+    if q.is_null() {
+        return q;
+    }
+    let keep = old.min(size);
+    // SAFETY: both blocks hold at least `keep` bytes and do not overlap; the old one is freed
+    // once copied.
+    unsafe {
+        core::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, keep);
+        if flags & MALLOCX_ZERO != 0 && size > keep {
+            core::ptr::write_bytes((q as *mut u8).add(keep), 0, size - keep);
+        }
+        real::free(p);
+    }
+    q
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn mallocx(size: usize, flags: c_int) -> *mut c_void {
+    let next = next_fn!(mallocx, unsafe extern "C" fn(usize, c_int) -> *mut c_void);
+    let f = if flags & MALLOCX_ZERO != 0 {
+        AllocFn::Calloc
+    } else {
+        AllocFn::Malloc
+    };
+    // SAFETY: forwarding the caller's contract.
+    unsafe {
+        alloc_shim(f, size, || match next {
+            Some(m) => m(size, flags),
+            None => fallback_mallocx(size, flags),
+        })
+    }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn rallocx(p: *mut c_void, size: usize, flags: c_int) -> *mut c_void {
+    let next = next_fn!(
+        rallocx,
+        unsafe extern "C" fn(*mut c_void, usize, c_int) -> *mut c_void
+    );
+    // SAFETY: forwarding the caller's contract (`p` is never null for rallocx).
+    unsafe {
+        realloc_shim(AllocFn::Realloc, p, size, || match next {
+            Some(r) => r(p, size, flags),
+            None => fallback_rallocx(p, size, flags),
+        })
+    }
+}
+
+/// jemalloc's in-place resize: the block stays where it is, at least `size` bytes when the
+/// returned usable size says so (then recorded as a realloc to `size` at the same address).
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn xallocx(p: *mut c_void, size: usize, extra: usize, flags: c_int) -> usize {
+    let next = next_fn!(
+        xallocx,
+        unsafe extern "C" fn(*mut c_void, usize, usize, c_int) -> usize
+    );
+    let Some(x) = next else {
+        // No jemalloc: nothing grows in place; the block's size stays what it was.
+        // SAFETY: `p` is a live block (the caller's contract).
+        return unsafe { real::usable_size(p) };
+    };
+    if p.is_null() || real::is_bootstrap(p) {
+        // SAFETY: forwarding the caller's contract.
+        return unsafe { x(p, size, extra, flags) };
+    }
+    let Some(g) = tracer::enter() else {
+        // SAFETY: forwarding the caller's contract.
+        return unsafe { x(p, size, extra, flags) };
+    };
+    // SAFETY: forwarding the caller's contract.
+    let got = g.forwarding(|| unsafe { x(p, size, extra, flags) });
+    if got >= size {
+        // Resized in place to at least `size`: a realloc that kept the address.
+        let seq = tracer::take_seq();
+        let dropped = tracer::before_realloc(&g, p, size);
+        tracer::on_realloc(&g, seq, p, p, size, AllocFn::Realloc, dropped);
+    }
+    got
+}
+
+/// Frees: jemalloc's `dallocx`, `sdallocx`; C23's `free_sized`, `free_aligned_sized`.
+macro_rules! sized_free {
+    ($name:ident, ($($arg:ident : $ty:ty),*)) => {
+        #[cfg_attr(not(test), no_mangle)]
+        pub unsafe extern "C" fn $name(p: *mut c_void $(, $arg: $ty)*) {
+            let next = next_fn!($name, unsafe extern "C" fn(*mut c_void $(, $ty)*));
+            // SAFETY: forwarding the caller's contract; without a definition, libc's free.
+            unsafe {
+                free_shim(FreeFn::Free, p, || match next {
+                    Some(f) => f(p $(, $arg)*),
+                    None => real::free(p),
+                })
+            }
+        }
+    };
+}
+
+sized_free!(dallocx, (flags: c_int));
+sized_free!(sdallocx, (size: usize, flags: c_int));
+sized_free!(free_sized, (size: usize));
+sized_free!(free_aligned_sized, (align: usize, size: usize));
+
+/// As [`alloc_shim`], the real call made with nested allocator calls passed through unrecorded:
+/// an allocator's entry point may call its own others through the PLT (mimalloc's `mi_strdup`
+/// its `mi_malloc`).
+#[inline(always)]
+unsafe fn outer_alloc_shim(
+    f: AllocFn,
+    size: usize,
+    call: impl FnOnce() -> *mut c_void,
+) -> *mut c_void {
+    let Some(g) = tracer::enter() else {
+        return call();
+    };
+    let p = g.forwarding(call);
+    if !p.is_null() {
+        tracer::on_alloc(&g, f, p, size);
+    }
+    p
+}
+
+/// An allocating entry point: `$size` the bytes asked for, `$fallback` what libc does instead.
+macro_rules! entry_alloc {
+    ($name:ident, $f:expr, ($($arg:ident : $ty:ty),*), $size:expr, $fallback:expr) => {
+        #[cfg_attr(not(test), no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> *mut c_void {
+            let next = next_fn!($name, unsafe extern "C" fn($($ty),*) -> *mut c_void);
+            // SAFETY: the size reads the caller's arguments (a string's length) under its contract.
+            #[allow(unused_unsafe)]
+            let size: usize = unsafe { $size };
+            // SAFETY: forwarding the caller's contract; without a definition, libc's equivalent.
+            unsafe {
+                outer_alloc_shim($f, size, || match next {
+                    Some(f) => f($($arg),*),
+                    None => $fallback,
+                })
+            }
+        }
+    };
+}
+
+/// A resizing entry point (realloc's contract): `$size` the new size.
+macro_rules! entry_realloc {
+    ($name:ident, ($p:ident $(, $arg:ident : $ty:ty)*), $size:expr, $fallback:expr) => {
+        #[cfg_attr(not(test), no_mangle)]
+        pub unsafe extern "C" fn $name($p: *mut c_void $(, $arg: $ty)*) -> *mut c_void {
+            let next = next_fn!($name, unsafe extern "C" fn(*mut c_void $(, $ty)*) -> *mut c_void);
+            let size: usize = $size;
+            // SAFETY: forwarding the caller's contract; without a definition, libc's realloc.
+            unsafe {
+                realloc_shim(AllocFn::Realloc, $p, size, || match next {
+                    Some(f) => f($p $(, $arg)*),
+                    None => $fallback,
+                })
+            }
+        }
+    };
+}
+
+/// A freeing entry point of family `$f`.
+macro_rules! entry_free {
+    ($name:ident, $f:expr, ($($arg:ident : $ty:ty),*)) => {
+        #[cfg_attr(not(test), no_mangle)]
+        pub unsafe extern "C" fn $name(p: *mut c_void $(, $arg: $ty)*) {
+            let next = next_fn!($name, unsafe extern "C" fn(*mut c_void $(, $ty)*));
+            // SAFETY: forwarding the caller's contract; without a definition, libc's free.
+            unsafe {
+                free_shim($f, p, || match next {
+                    Some(f) => f(p $(, $arg)*),
+                    None => real::free(p),
+                })
+            }
+        }
+    };
+}
+
+/// `size` bytes aligned to `align` from libc (its fallback for aligned entry points).
+unsafe fn fallback_aligned(align: usize, size: usize) -> *mut c_void {
+    let mut out = core::ptr::null_mut();
+    let align = align.max(16).next_power_of_two();
+    // SAFETY: `out` is a valid out pointer; the alignment is a power of two of at least 16.
+    match unsafe { real::posix_memalign(&mut out, align, size.max(1)) } {
+        0 => out,
+        _ => core::ptr::null_mut(),
+    }
+}
+
+/// `size` zeroed bytes from libc.
+unsafe fn fallback_zalloc(size: usize) -> *mut c_void {
+    // SAFETY: plain calloc.
+    unsafe { real::calloc(1, size.max(1)) }
+}
+
+/// A copy of the first `n` bytes of `s` and a terminating NUL, from libc's malloc.
+unsafe fn fallback_strndup(s: *const c_char, n: usize) -> *mut c_void {
+    // SAFETY: a fresh block of n + 1 bytes; `s` has at least `n` readable bytes (n is at most
+    // its length, the caller's contract).
+    unsafe {
+        let p = real::malloc(n + 1) as *mut u8;
+        if !p.is_null() {
+            core::ptr::copy_nonoverlapping(s as *const u8, p, n);
+            *p.add(n) = 0;
+        }
+        p as *mut c_void
+    }
+}
+
+// tcmalloc (gperftools).
+entry_alloc!(tc_malloc, AllocFn::Malloc, (size: usize), size, real::malloc(size));
+entry_alloc!(tc_malloc_skip_new_handler, AllocFn::Malloc, (size: usize), size, real::malloc(size));
+entry_alloc!(tc_calloc, AllocFn::Calloc, (n: usize, size: usize), n.wrapping_mul(size), real::calloc(n, size));
+entry_alloc!(tc_memalign, AllocFn::Memalign, (align: usize, size: usize), size, fallback_aligned(align, size));
+entry_alloc!(tc_valloc, AllocFn::Valloc, (size: usize), size, real::valloc(size));
+entry_alloc!(tc_new, AllocFn::New, (size: usize), size, real::malloc(size.max(1)));
+entry_alloc!(tc_new_nothrow, AllocFn::New, (size: usize, nt: Nothrow), size, real::malloc(size.max(1)));
+entry_alloc!(tc_newarray, AllocFn::NewArray, (size: usize), size, real::malloc(size.max(1)));
+entry_alloc!(tc_newarray_nothrow, AllocFn::NewArray, (size: usize, nt: Nothrow), size, real::malloc(size.max(1)));
+entry_realloc!(tc_realloc, (p, size: usize), size, real::realloc(p, size));
+entry_free!(tc_free, FreeFn::Free, ());
+entry_free!(tc_cfree, FreeFn::Free, ());
+entry_free!(tc_free_sized, FreeFn::Free, (size: usize));
+entry_free!(tc_delete, FreeFn::Delete, ());
+entry_free!(tc_delete_sized, FreeFn::Delete, (size: usize));
+entry_free!(tc_delete_nothrow, FreeFn::Delete, (nt: Nothrow));
+entry_free!(tc_deletearray, FreeFn::DeleteArray, ());
+entry_free!(tc_deletearray_sized, FreeFn::DeleteArray, (size: usize));
+entry_free!(tc_deletearray_nothrow, FreeFn::DeleteArray, (nt: Nothrow));
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn tc_posix_memalign(
+    out: *mut *mut c_void,
+    align: usize,
+    size: usize,
+) -> c_int {
+    let next = next_fn!(
+        tc_posix_memalign,
+        unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> c_int
+    );
+    let Some(g) = tracer::enter() else {
+        // SAFETY: forwarding the caller's contract.
+        return unsafe {
+            match next {
+                Some(f) => f(out, align, size),
+                None => real::posix_memalign(out, align, size),
+            }
+        };
+    };
+    // SAFETY: forwarding the caller's contract.
+    let rc = g.forwarding(|| unsafe {
+        match next {
+            Some(f) => f(out, align, size),
+            None => real::posix_memalign(out, align, size),
+        }
+    });
+    if rc == 0 {
+        // SAFETY: on success the allocator wrote the block's address to `out`.
+        let p = unsafe { *out };
+        if !p.is_null() {
+            tracer::on_alloc(&g, AllocFn::PosixMemalign, p, size);
+        }
+    }
+    rc
+}
+
+// mimalloc.
+entry_alloc!(mi_malloc, AllocFn::Malloc, (size: usize), size, real::malloc(size));
+entry_alloc!(mi_malloc_small, AllocFn::Malloc, (size: usize), size, real::malloc(size));
+entry_alloc!(mi_zalloc, AllocFn::Calloc, (size: usize), size, fallback_zalloc(size));
+entry_alloc!(mi_zalloc_small, AllocFn::Calloc, (size: usize), size, fallback_zalloc(size));
+entry_alloc!(mi_calloc, AllocFn::Calloc, (n: usize, size: usize), n.wrapping_mul(size), real::calloc(n, size));
+entry_alloc!(mi_mallocn, AllocFn::Malloc, (n: usize, size: usize), n.wrapping_mul(size), match n.checked_mul(size) { Some(t) => real::malloc(t), None => core::ptr::null_mut() });
+entry_alloc!(mi_malloc_aligned, AllocFn::Memalign, (size: usize, align: usize), size, fallback_aligned(align, size));
+entry_alloc!(mi_zalloc_aligned, AllocFn::Memalign, (size: usize, align: usize), size, {
+    let p = fallback_aligned(align, size);
+    if !p.is_null() {
+        core::ptr::write_bytes(p as *mut u8, 0, size);
+    }
+    p
+});
+entry_alloc!(mi_calloc_aligned, AllocFn::Memalign, (n: usize, size: usize, align: usize), n.wrapping_mul(size), match n.checked_mul(size) {
+    Some(t) => {
+        let p = fallback_aligned(align, t);
+        if !p.is_null() {
+            core::ptr::write_bytes(p as *mut u8, 0, t);
+        }
+        p
+    }
+    None => core::ptr::null_mut(),
+});
+entry_alloc!(mi_strdup, AllocFn::Malloc, (s: *const c_char), if s.is_null() { 0 } else { libc::strlen(s) + 1 }, if s.is_null() { core::ptr::null_mut() } else { fallback_strndup(s, libc::strlen(s)) });
+entry_alloc!(mi_strndup, AllocFn::Malloc, (s: *const c_char, n: usize), if s.is_null() { 0 } else { libc::strnlen(s, n) + 1 }, if s.is_null() { core::ptr::null_mut() } else { fallback_strndup(s, libc::strnlen(s, n)) });
+entry_alloc!(mi_new, AllocFn::New, (size: usize), size, real::malloc(size.max(1)));
+entry_alloc!(mi_new_nothrow, AllocFn::New, (size: usize), size, real::malloc(size.max(1)));
+entry_alloc!(mi_new_aligned, AllocFn::New, (size: usize, align: usize), size, fallback_aligned(align, size));
+entry_alloc!(mi_new_n, AllocFn::NewArray, (n: usize, size: usize), n.wrapping_mul(size), match n.checked_mul(size) { Some(t) => real::malloc(t.max(1)), None => core::ptr::null_mut() });
+entry_realloc!(mi_realloc, (p, size: usize), size, real::realloc(p, size));
+entry_realloc!(mi_reallocn, (p, n: usize, size: usize), n.wrapping_mul(size), match n.checked_mul(size) { Some(t) => real::realloc(p, t), None => core::ptr::null_mut() });
+entry_realloc!(mi_realloc_aligned, (p, size: usize, align: usize), size, fallback_rallocx(p, size, align.max(1).trailing_zeros() as c_int));
+entry_free!(mi_free, FreeFn::Free, ());
+entry_free!(mi_free_size, FreeFn::Free, (size: usize));
+entry_free!(mi_free_aligned, FreeFn::Free, (align: usize));
+entry_free!(mi_free_size_aligned, FreeFn::Free, (size: usize, align: usize));

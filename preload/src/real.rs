@@ -294,6 +294,33 @@ pub fn next_symbol(cache: &AtomicPtr<c_void>, name: &core::ffi::CStr) -> *mut c_
     p
 }
 
+/// As [`next_symbol`], for a symbol that may be defined nowhere else (another allocator's entry
+/// point): looked up once; a failed lookup leaves no error behind for the program's `dlerror`
+/// (nor its message buffer, which libc frees on the next `dlerror`).
+pub fn next_symbol_if_any(cache: &AtomicPtr<c_void>, name: &core::ffi::CStr) -> *mut c_void {
+    /// Looked up: there is none.
+    const ABSENT: *mut c_void = core::ptr::dangling_mut::<c_void>();
+    match cache.load(Ordering::Acquire) {
+        p if p == ABSENT => return core::ptr::null_mut(),
+        p if !p.is_null() => return p,
+        _ => {}
+    }
+    // SAFETY: `name` is NUL-terminated; RTLD_NEXT is valid in a shared object; dlerror only
+    // reads (and frees) this thread's error state.
+    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    if p.is_null() {
+        // SAFETY: as above.
+        unsafe {
+            libc::dlerror();
+            libc::dlerror();
+        }
+        cache.store(ABSENT, Ordering::Release);
+    } else {
+        cache.store(p, Ordering::Release);
+    }
+    p
+}
+
 /// The tracer's own Rust allocations go straight to the real allocator, never through the hooks,
 /// so no Rust code inside a hook can recurse into tracing.
 pub struct RealAlloc;

@@ -92,6 +92,13 @@ pub fn fixture(src: &str) -> PathBuf {
         ("unwind_ref", "c") => (fixtures_out().join(stem), vec!["-rdynamic"]),
         _ => (fixtures_out().join(stem), vec![]),
     };
+    // Programs on another allocator's own API link with it.
+    let libs: &[&str] = match stem {
+        "je_api" => &["-ljemalloc"],
+        "tc_api" => &["-ltcmalloc"],
+        "mi_api" => &["-lmimalloc"],
+        _ => &[],
+    };
     let fresh = |o: &Path| {
         let (Ok(a), Ok(b)) = (std::fs::metadata(o), std::fs::metadata(&input)) else {
             return false;
@@ -110,6 +117,7 @@ pub fn fixture(src: &str) -> PathBuf {
                 .arg("-o")
                 .arg(&tmp)
                 .arg(&input)
+                .args(libs)
                 .arg("-lpthread")
                 .arg("-ldl")
                 .arg("-lm"),
