@@ -325,6 +325,28 @@ fn retained_sizes_follow_the_dominator_tree() {
     // A list's nodes (one callsite) count once, however they nest: nodes and payloads.
     assert_eq!(retained("TREE_LIST"), (10 * 124, 20));
     assert_eq!(retained("TREE_PAYLOAD"), (1000, 10));
+    // The text shows the 3 records with the most bytes, then what it left out.
+    let top = run(&exe, &[], &["--show-leak-kinds", "all", "--top", "3"]);
+    let text = top.stderr();
+    let shown: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" in loss record "))
+        .collect();
+    assert_eq!(shown.len(), 3, "{text}");
+    assert!(
+        shown[2].contains("1,000 bytes in 10 blocks are still reachable in loss record 7 of 7"),
+        "{text}"
+    );
+    assert!(
+        text.contains("... and 4 more loss records (96 bytes in 4 blocks) not shown"),
+        "{text}"
+    );
+    assert!(
+        text.contains("   from retain_tree: 4 loss records, 96 bytes"),
+        "{text}"
+    );
+    assert_eq!(records(top.main()).len(), 7, "JSON keeps every record");
+
     // d's shortest chain: g_tree -> a (`left`) -> b (`left`) -> d.
     let d = &entry(&p["leaks"], src, "TREE_D")["retention"];
     assert_eq!(d["root"]["symbol"], "g_tree");

@@ -443,7 +443,7 @@ fn retention_guidance(r: &crate::paths::Retention, at: &str) -> Option<String> {
 }
 
 /// The four-part growth report, as lines (without the `==pid==` prefix).
-pub fn render(t: &Timeline, entries: &[GrowthEntry]) -> Vec<String> {
+pub fn render(t: &Timeline, entries: &[GrowthEntry], top: usize) -> Vec<String> {
     let mut out = Vec::new();
     let end = t.times_s.last().copied().unwrap_or(0.0);
     out.push(format!(
@@ -466,7 +466,14 @@ pub fn render(t: &Timeline, entries: &[GrowthEntry]) -> Vec<String> {
         human(first(&t.rss_bytes)),
         human(last(&t.rss_bytes))
     ));
-    let flagged: Vec<&GrowthEntry> = entries.iter().filter(|e| e.verdict.flagged()).collect();
+    let all_flagged: Vec<&GrowthEntry> = entries.iter().filter(|e| e.verdict.flagged()).collect();
+    // At most `top` (they are worst first already); the rest by module.
+    let cut = if top > 0 {
+        top.min(all_flagged.len())
+    } else {
+        all_flagged.len()
+    };
+    let (flagged, rest) = all_flagged.split_at(cut);
     out.push(String::new());
     if flagged.is_empty() {
         out.push("No callsite grows: no leak under this load.".into());
@@ -534,7 +541,23 @@ pub fn render(t: &Timeline, entries: &[GrowthEntry]) -> Vec<String> {
         out.push(format!("   Root cause: {}", guidance(e)));
         out.push(String::new());
     }
-    let growing: Vec<&&GrowthEntry> = flagged.iter().filter(|e| e.verdict.grows()).collect();
+    if !rest.is_empty() {
+        let bytes = rest
+            .iter()
+            .fold(0i64, |a, e| a.saturating_add(e.delta_bytes.max(0)));
+        out.push(format!(
+            "... and {} more callsites that did not stay stable (+{} bytes after warm-up) not shown: `--top 0` shows every one; --json and --html keep them all.",
+            thousands(rest.len() as u64),
+            thousands(bytes as u64)
+        ));
+        out.extend(crate::report::by_module(
+            rest.iter()
+                .map(|e| (&e.stack[..], e.delta_bytes.max(0) as u64)),
+            "callsite",
+        ));
+        out.push(String::new());
+    }
+    let growing: Vec<&&GrowthEntry> = all_flagged.iter().filter(|e| e.verdict.grows()).collect();
     if growing.is_empty() {
         out.push(
             "VERIFY: nothing grows; if this run is the fix of an earlier leak, `leakhunt verify BEFORE AFTER` confirms it."

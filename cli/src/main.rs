@@ -150,6 +150,11 @@ pub struct Output {
     /// Print only processes with leaks or warnings.
     #[arg(long, short)]
     quiet: bool,
+    /// The text shows at most N loss records per process (those with the most bytes, in
+    /// memcheck's order and numbering) and N growing callsites, then what it left out, by
+    /// module; 0: all. JSON, XML and HTML keep every record.
+    #[arg(long, value_name = "N", default_value_t = 40)]
+    top: usize,
     /// Leave the first DURATION of the run out of the growth verdicts (default: detected, where
     /// the allocation rate settles).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -195,6 +200,7 @@ impl Output {
         for p in &mut r.processes {
             p.gen_suppressions = self.gen_suppressions == "all";
             p.show_used_suppressions = self.show_used_suppressions;
+            p.top = self.top;
         }
         Ok(r)
     }

@@ -322,6 +322,9 @@ pub struct ProcReport {
     /// Print the suppressions used, with what each suppressed (memcheck's `-s`).
     #[serde(skip)]
     pub show_used_suppressions: bool,
+    /// The text shows at most this many records and growing callsites (0: all).
+    #[serde(skip)]
+    pub top: usize,
     /// The suppressions that matched a record, in the order first used.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub used_suppressions: Vec<UsedSuppression>,
@@ -726,6 +729,7 @@ pub fn build_with(
         error_kinds: Kinds::DEFAULT,
         gen_suppressions: false,
         show_used_suppressions: false,
+        top: 0,
         used_suppressions: Vec::new(),
         summary: Summary {
             in_use_at_exit_bytes: p.live.values().map(|l| l.size).sum(),
@@ -896,6 +900,55 @@ fn attach_retention<'p>(
     }
 }
 
+/// The indexes to show when `count` items are more than `top` (0: no cap): `pick` gives them
+/// all, the ones to show first. `None`: show everything.
+pub fn capped(
+    top: usize,
+    count: usize,
+    pick: impl FnOnce() -> Vec<usize>,
+) -> Option<rustc_hash::FxHashSet<usize>> {
+    (top > 0 && count > top).then(|| pick().into_iter().take(top).collect())
+}
+
+/// What a capped list left out: how many, their bytes and blocks, and the modules that made
+/// most of them (the module of each one's innermost frame).
+pub fn left_out_lines(left: &[&Leak], what: &str, top: usize) -> Vec<String> {
+    let bytes = left.iter().fold(0u64, |a, l| a.saturating_add(l.bytes));
+    let blocks = left.iter().fold(0u64, |a, l| a.saturating_add(l.blocks));
+    let mut out = vec![format!(
+        "... and {} more {what}s ({} bytes in {}) not shown: the {top} with the most bytes are. `--top 0` shows every one; --json, --xml-file and --html keep them all.",
+        thousands(left.len() as u64),
+        thousands(bytes),
+        plural(blocks, "block")
+    )];
+    out.extend(by_module(
+        left.iter().map(|l| (&l.stack[..], l.bytes)),
+        what,
+    ));
+    out
+}
+
+/// Per module of the innermost frame, the count and bytes of these items (`what`s), the five
+/// largest.
+pub fn by_module<'a>(items: impl Iterator<Item = (&'a [Frame], u64)>, what: &str) -> Vec<String> {
+    let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (stack, bytes) in items {
+        let module = stack
+            .iter()
+            .find_map(|f| f.module.as_deref())
+            .map_or_else(|| "(no module)".to_string(), |p| basename(p).to_string());
+        let e = m.entry(module).or_default();
+        e.0 += 1;
+        e.1 = e.1.saturating_add(bytes);
+    }
+    let mut v: Vec<(String, (u64, u64))> = m.into_iter().collect();
+    v.sort_by(|a, b| b.1 .1.cmp(&a.1 .1).then(a.0.cmp(&b.0)));
+    v.into_iter()
+        .take(5)
+        .map(|(m, (n, b))| format!("   from {m}: {}, {} bytes", plural(n, what), thousands(b)))
+        .collect()
+}
+
 fn basename(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
 }
@@ -1045,9 +1098,26 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
     line("");
     let total = r.leaks.len();
     let scanned = r.reachability.as_ref().filter(|x| x.scanned);
+    let shown = |l: &Leak| {
+        r.show_kinds
+            .contains(Kind::from_name(l.kind).unwrap_or(Kind::Unfreed))
+            && l.suppressed.is_none()
+    };
+    // At most `top` records: those with the most bytes, in memcheck's order and numbering.
+    let keep = capped(r.top, r.leaks.iter().filter(|l| shown(l)).count(), || {
+        let mut by_size: Vec<(u64, usize)> = r
+            .leaks
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| shown(l))
+            .map(|(i, l)| (l.bytes.saturating_add(l.indirect_bytes), i))
+            .collect();
+        by_size.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        by_size.into_iter().map(|x| x.1).collect()
+    });
     for (i, l) in r.leaks.iter().enumerate() {
         let kind = Kind::from_name(l.kind).unwrap_or(Kind::Unfreed);
-        if !r.show_kinds.contains(kind) || l.suppressed.is_some() {
+        if !shown(l) || keep.as_ref().is_some_and(|k| !k.contains(&i)) {
             continue;
         }
         if scanned.is_some() {
@@ -1091,8 +1161,21 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
             raw(&crate::supp::generate(kind, l.alloc_fn, &l.stack));
         }
     }
+    if let Some(k) = &keep {
+        let left: Vec<&Leak> = r
+            .leaks
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| shown(l) && !k.contains(i))
+            .map(|(_, l)| l)
+            .collect();
+        for s in left_out_lines(&left, "loss record", r.top) {
+            line(&s);
+        }
+        line("");
+    }
     if let Some(t) = &r.timeline {
-        for l in crate::growth::render(t, &r.growth) {
+        for l in crate::growth::render(t, &r.growth, r.top) {
             line(&l);
         }
         line("");
