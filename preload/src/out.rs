@@ -482,7 +482,8 @@ fn absolute_name(fd: i32, path: &mut [u8; PATH_LEN]) {
 
 /// Creates `LEAKHUNT_OUT` (with `%p` replaced by the pid) or `leakhunt.<pid>.trace`, O_EXCL and
 /// mode 0600, never through a symbolic link; if the name exists, `<name>.2`, `<name>.3`, ... are
-/// tried, and the user is told which one was taken.
+/// tried, and the user is told which one was taken (unless the name holds the pid: then it is an
+/// earlier image of this process, before an exec).
 fn open_trace_file(path: &mut [u8; PATH_LEN], cfg: &config::Config, child: bool) -> i32 {
     // SAFETY: getpid cannot fail.
     let pid = unsafe { libc::getpid() } as u32;
@@ -494,6 +495,9 @@ fn open_trace_file(path: &mut [u8; PATH_LEN], cfg: &config::Config, child: bool)
     }
     let mut digits = [0u8; 20];
     let pid_s = sys::fmt_u64(&mut digits, pid as u64);
+    // The name holds the pid: a name taken is an earlier image of this process (before an
+    // exec), whose trace keeps it; the new image's `.2` is no news to tell.
+    let mut by_pid = true;
     match cfg.out_path() {
         Some(p) => {
             let b = p.to_bytes();
@@ -515,6 +519,7 @@ fn open_trace_file(path: &mut [u8; PATH_LEN], cfg: &config::Config, child: bool)
                 put(path, b".", &mut n);
                 put(path, pid_s, &mut n);
             }
+            by_pid = has_pid || child;
         }
         None => {
             put(path, b"leakhunt.", &mut n);
@@ -553,7 +558,7 @@ fn open_trace_file(path: &mut [u8; PATH_LEN], cfg: &config::Config, child: bool)
         fd = open(path);
         k += 1;
     }
-    if fd >= 0 && k > 2 {
+    if fd >= 0 && k > 2 && !by_pid {
         let mut msg = [0u8; 300];
         let mut m = 0;
         for part in [
