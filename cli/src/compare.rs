@@ -517,6 +517,23 @@ mod tests {
     }
 
     #[test]
+    fn a_block_or_two_caught_live_is_no_finding_but_a_block_an_epoch_is() {
+        let mut sym = Symbolizer::new();
+        // Stack 1: two 64-byte blocks, at epochs 5 and 6, never freed (+128 bytes, 2 blocks);
+        // stack 2: one 64-byte block every epoch (+704 bytes, 11 blocks after warm-up).
+        let path = trace("effect", 12, &[1, 2], |s, e| match s {
+            1 => u32::from(e == 5 || e == 6),
+            _ => 1,
+        });
+        let p = read(&path).unwrap();
+        let (_, entries) = growth::build(&p, Some(0.0), &mut sym).unwrap();
+        let at: Vec<u64> = entries.iter().map(|e| e.stack[0].address).collect();
+        assert_eq!(at, [0x2000], "{entries:#?}");
+        assert_eq!(entries[0].delta_blocks, 11);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
     fn verify_passes_a_fix_and_fails_what_still_grows_a_new_growth_or_a_short_run() {
         let mut sym = Symbolizer::new();
         // Stack 1 leaks steadily before; stack 2 is a cache that fills in three epochs.

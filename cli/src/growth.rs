@@ -71,6 +71,12 @@ pub struct GrowthEntry {
     pub callsite: u32,
 }
 
+/// The smallest growth of a callsite after warm-up that is a finding, in bytes or in blocks
+/// (either will do): less is a block or two caught live (a `leak` verdict on +256 bytes in 2
+/// blocks says nothing; one small block an epoch for 8 epochs is a trend).
+pub const MIN_EFFECT_BYTES: i64 = 1024;
+pub const MIN_EFFECT_BLOCKS: i64 = 8;
+
 /// Builds the growth report, or `None` when the trace holds too few epoch boundaries to say
 /// anything. `warmup_s`: seconds from the start to leave out of the verdicts (default: detected,
 /// see [`detect_warmup`]).
@@ -200,11 +206,18 @@ pub fn build_in(
     for a in acc {
         let (bytes, blocks) = (sum(a.bytes), sum(a.blocks));
         let (verdict, evidence) = classify(&times[w..], &yf(&bytes));
-        if verdict == Verdict::Stable {
+        if matches!(verdict, Verdict::Stable | Verdict::Insufficient) {
             continue;
         }
         // The last point the verdict used (a teardown at exit is left out).
         let last = (w + evidence.points.max(1) - 1).min(bytes.len() - 1);
+        // Below the smallest effect worth a finding (a block or two caught live): not listed.
+        if verdict.flagged()
+            && (bytes[last] as i64 - bytes[w] as i64) < MIN_EFFECT_BYTES
+            && (blocks[last] as i64 - blocks[w] as i64) < MIN_EFFECT_BLOCKS
+        {
+            continue;
+        }
         entries.push(GrowthEntry {
             verdict,
             delta_bytes: bytes[last] as i64 - bytes[w] as i64,
@@ -407,7 +420,7 @@ pub fn guidance(e: &GrowthEntry) -> String {
                 .unwrap_or_default()
         ),
         Verdict::Transient => "Rose and came back down: a burst that drained.".into(),
-        Verdict::Stable => String::new(),
+        Verdict::Stable | Verdict::Insufficient => String::new(),
     }
 }
 
@@ -475,7 +488,13 @@ pub fn render(t: &Timeline, entries: &[GrowthEntry], top: usize) -> Vec<String> 
     };
     let (flagged, rest) = all_flagged.split_at(cut);
     out.push(String::new());
-    if flagged.is_empty() {
+    if t.verdict == Verdict::Insufficient {
+        out.push(format!(
+            "Too little evidence: {} epoch boundaries after warm-up, {} needed for a verdict. Run longer, or with a shorter --epoch.",
+            t.evidence.points,
+            crate::verdict::MIN_POINTS
+        ));
+    } else if flagged.is_empty() {
         out.push("No callsite grows: no leak under this load.".into());
     }
     for (i, e) in flagged.iter().enumerate() {
@@ -558,7 +577,12 @@ pub fn render(t: &Timeline, entries: &[GrowthEntry], top: usize) -> Vec<String> 
         out.push(String::new());
     }
     let growing: Vec<&&GrowthEntry> = all_flagged.iter().filter(|e| e.verdict.grows()).collect();
-    if growing.is_empty() {
+    if t.verdict == Verdict::Insufficient {
+        out.push(
+            "VERIFY: too short a run to judge; `leakhunt verify` needs one at least as long as the run that showed the growth."
+                .into(),
+        );
+    } else if growing.is_empty() {
         out.push(
             "VERIFY: nothing grows; if this run is the fix of an earlier leak, `leakhunt verify BEFORE AFTER` confirms it."
                 .into(),

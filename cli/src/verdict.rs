@@ -9,6 +9,8 @@
 //! - `plateau`: grew, then flat over the last third: a cache or a pool that filled up, warm-up.
 //! - `transient`: rose and came back to near where it started: a burst that drained.
 //! - `stable`: no significant change.
+//! - `insufficient`: too few epoch boundaries after warm-up to say anything (run longer, or with
+//!   a shorter `--epoch`).
 
 use serde::Serialize;
 
@@ -20,6 +22,8 @@ pub enum Verdict {
     Plateau,
     Transient,
     Stable,
+    /// Too little evidence: too few points after warm-up.
+    Insufficient,
 }
 
 impl Verdict {
@@ -30,6 +34,7 @@ impl Verdict {
             Verdict::Plateau => "plateau",
             Verdict::Transient => "transient",
             Verdict::Stable => "stable",
+            Verdict::Insufficient => "too little evidence",
         }
     }
 
@@ -90,7 +95,7 @@ pub fn classify(t: &[f64], y: &[f64]) -> (Verdict, Evidence) {
         points: n,
     };
     if n < MIN_POINTS {
-        return (Verdict::Stable, ev);
+        return (Verdict::Insufficient, ev);
     }
     let (start, end) = (y[0], y[n - 1]);
     let peak = y.iter().copied().fold(f64::MIN, f64::max);
@@ -118,11 +123,14 @@ pub fn classify(t: &[f64], y: &[f64]) -> (Verdict, Evidence) {
         );
     }
     let growth = end - start;
-    if growth <= 0.0 || ev.trend_z < 2.0 {
-        return (Verdict::Stable, ev);
-    }
     let third = 2 * n / 3;
     let last_gain = y[n - 1] - y[third];
+    // A step up that stayed (a cache filled within a boundary or two, then churned at its
+    // size): too few rising steps for a trend, but a plateau all the same.
+    let stepped = growth >= 0.2 * peak && end >= 0.9 * peak && last_gain.abs() <= 0.1 * growth;
+    if growth <= 0.0 || (ev.trend_z < 2.0 && !stepped) {
+        return (Verdict::Stable, ev);
+    }
     if last_gain <= 0.1 * growth {
         let level = 0.95 * end;
         ev.plateau_from_s = y.iter().position(|&v| v >= level).map(|i| t[i]);
@@ -359,7 +367,32 @@ mod tests {
     #[test]
     fn too_few_points_say_nothing() {
         let (v, e) = classify(&[0.0, 1.0, 2.0], &[1.0, 2.0, 3.0]);
-        assert_eq!((v, e.points), (Verdict::Stable, 3));
+        assert_eq!((v, e.points), (Verdict::Insufficient, 3));
+    }
+
+    #[test]
+    fn a_cache_filled_in_one_step_then_churning_is_a_plateau() {
+        // 625 KiB, filled to 1.8 MiB within two boundaries, then level with churn's noise.
+        let t = times();
+        let y: Vec<f64> = t
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let base = if i < 2 {
+                    640_000.0 + 600_000.0 * i as f64
+                } else {
+                    1_880_000.0
+                };
+                base + 4_000.0 * noise(x)
+            })
+            .collect();
+        assert_eq!(classify(&t, &y).0, Verdict::Plateau);
+        // Level from the start: still stable.
+        let flat: Vec<f64> = t
+            .iter()
+            .map(|&x| 1_880_000.0 + 4_000.0 * noise(x))
+            .collect();
+        assert_eq!(classify(&t, &flat).0, Verdict::Stable);
     }
 
     #[test]
