@@ -336,3 +336,22 @@ fn a_result_larger_than_the_socket_buffers_goes_through() {
         (16, 599_999 * 16, 1)
     );
 }
+
+#[test]
+fn code_a_jit_made_is_named_from_its_perf_map() {
+    let exe = fixture("jit_perfmap.c");
+    let r = run(&exe, &[], &[]);
+    assert_eq!(r.stdout(), "jit done\n");
+    let p = r.main();
+    let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", p["pid"]));
+    let recs = records(p);
+    assert_eq!(
+        recs.iter()
+            .map(|l| (&*l.kind, l.bytes, l.blocks))
+            .collect::<Vec<_>>(),
+        [("definitely_lost", 500, 5)],
+        "{}",
+        r.stderr()
+    );
+    assert_eq!(recs[0].frames[0].0, "JIT:alloc_stub", "{}", r.stderr());
+}

@@ -66,6 +66,27 @@ pub struct Callsites<'p> {
     lines: Vec<SymFrame>,
     /// Each callsite's report frames, once symbolized.
     symbolized: Vec<Option<SiteLines>>,
+    /// The process's perf map (`/tmp/perf-PID.map`, written by JITs: node
+    /// `--perf-basic-prof`, Java's perf agents, Python 3.12's `-X perf`), read on the first frame
+    /// outside every module: (start, end, name), sorted.
+    perf_map: Option<Vec<(u64, u64, String)>>,
+}
+
+/// Reads a perf map: lines of `START SIZE NAME` (hexadecimal), sorted by start.
+pub fn parse_perf_map(text: &str) -> Vec<(u64, u64, String)> {
+    let mut v: Vec<(u64, u64, String)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ' ');
+            let start = u64::from_str_radix(f.next()?.trim_start_matches("0x"), 16).ok()?;
+            let size = u64::from_str_radix(f.next()?.trim_start_matches("0x"), 16).ok()?;
+            let name = f.next()?.trim();
+            (size > 0 && !name.is_empty())
+                .then(|| (start, start.saturating_add(size), name.to_string()))
+        })
+        .collect();
+    v.sort_by_key(|e| e.0);
+    v
 }
 
 /// libc's start-up functions, below `main` (memcheck's list for Linux).
@@ -106,6 +127,7 @@ impl<'p> Callsites<'p> {
             syms: FxHashMap::default(),
             lines: Vec::new(),
             symbolized: Vec::new(),
+            perf_map: None,
         }
     }
 
@@ -298,6 +320,23 @@ impl<'p> Callsites<'p> {
         out.into_boxed_slice()
     }
 
+    /// The frame of a return address outside every module, from the process's perf map.
+    fn perf_name(&mut self, addr: u64) -> Option<SymFrame> {
+        let pid = self.p.pid();
+        let map = self.perf_map.get_or_insert_with(|| {
+            crate::orphans::read_regular(&format!("/tmp/perf-{pid}.map"), 256 << 20)
+                .map(|t| parse_perf_map(&t))
+                .unwrap_or_default()
+        });
+        let at = addr.saturating_sub(1);
+        let i = map.partition_point(|e| e.0 <= at).checked_sub(1)?;
+        let (_, end, name) = &map[i];
+        (at < *end).then(|| SymFrame {
+            function: Some(name.clone()),
+            ..SymFrame::default()
+        })
+    }
+
     /// Whether a frame lies in the preload library itself.
     fn is_tracer(&self, k: FrameKey) -> bool {
         self.modules.get(k.module as usize).is_some_and(|m| {
@@ -315,7 +354,8 @@ impl<'p> Callsites<'p> {
         }
         let mut found = match self.modules.get(k.module as usize) {
             Some(&(path, bid)) => sym.symbolize(path, bid, k.offset.saturating_sub(1)),
-            None => Vec::new(),
+            // Outside every module: code a JIT made, named by its perf map if it wrote one.
+            None => self.perf_name(k.offset).into_iter().collect(),
         };
         if found.is_empty() {
             found.push(SymFrame::default());
@@ -329,6 +369,37 @@ impl<'p> Callsites<'p> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn perf_maps_name_jit_code() {
+        let m = parse_perf_map(
+            "7f0000001000 40 LazyCompile:*handle /srv/app.js:12\n\
+             bad line\n\
+             7f0000000000 100 py::main:/srv/x.py\n\
+             0x7f0000002000 0x10 Interpreter\n",
+        );
+        assert_eq!(
+            m,
+            [
+                (
+                    0x7f00_0000_0000,
+                    0x7f00_0000_0100,
+                    "py::main:/srv/x.py".to_string()
+                ),
+                (
+                    0x7f00_0000_1000,
+                    0x7f00_0000_1040,
+                    "LazyCompile:*handle /srv/app.js:12".to_string()
+                ),
+                (
+                    0x7f00_0000_2000,
+                    0x7f00_0000_2010,
+                    "Interpreter".to_string()
+                ),
+            ]
+        );
+    }
+
     use super::*;
     use crate::process::{ModuleEntry, Stack};
     use leakhunt_format::encode::Module;

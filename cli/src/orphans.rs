@@ -274,6 +274,12 @@ pub fn orphaned(
 /// A source file's text, if it is a regular file of at most 16 MiB (a path from DWARF can name
 /// anything: a FIFO must not hang the report, a device fill memory).
 fn read_source(path: &str) -> Option<String> {
+    read_regular(path, 16 << 20)
+}
+
+/// A file's text, if it is a regular file of at most `max` bytes (never a FIFO's wait or a
+/// device's endless bytes).
+pub fn read_regular(path: &str, max: u64) -> Option<String> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
@@ -282,11 +288,11 @@ fn read_source(path: &str) -> Option<String> {
         .open(path)
         .ok()?;
     let meta = f.metadata().ok()?;
-    if !meta.is_file() || meta.len() > 16 << 20 {
+    if !meta.is_file() || meta.len() > max {
         return None;
     }
     let mut text = String::new();
-    f.take(16 << 20).read_to_string(&mut text).ok()?;
+    f.take(max).read_to_string(&mut text).ok()?;
     Some(text)
 }
 
