@@ -78,3 +78,25 @@ fn mimalloc_mi_functions() {
     assert_eq!(at(&p, "mi_api.c", "MI_STRDUP"), (20 * 16, 20));
     assert_eq!(at(&p, "mi_api.c", "MI_ALIGNED"), (10 * 512, 10));
 }
+
+#[test]
+fn what_a_library_keeps_for_itself_is_one_line_per_library() {
+    let exe = fixture("tc_api.c");
+    let r = run(&exe, &[], &["--show-leak-kinds", "all"]);
+    let text = r.stderr();
+    // tcmalloc's own still reachable block (allocated at its initialisation, no frame of the
+    // program's) is summed by library, not listed; `--top 0` lists it.
+    assert!(
+        text.contains("that libraries allocated for themselves")
+            && text.contains("   from libtcmalloc.so."),
+        "{text}"
+    );
+    assert!(!text.contains("still reachable in loss record"), "{text}");
+    let all = run(&exe, &[], &["--show-leak-kinds", "all", "--top", "0"]);
+    assert!(
+        all.stderr().contains("still reachable in loss record"),
+        "{}",
+        all.stderr()
+    );
+    assert_eq!(records(r.main()).len(), records(all.main()).len());
+}

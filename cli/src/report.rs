@@ -1098,11 +1098,24 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
     line("");
     let total = r.leaks.len();
     let scanned = r.reachability.as_ref().filter(|x| x.scanned);
-    let shown = |l: &Leak| {
+    let listed = |l: &Leak| {
         r.show_kinds
             .contains(Kind::from_name(l.kind).unwrap_or(Kind::Unfreed))
             && l.suppressed.is_none()
     };
+    // What a library keeps for itself (still reachable, allocated with no frame of the program's
+    // executable on the stack: a TLS library's root certificates, a runtime's tables) is one line
+    // per library when the text is capped.
+    let own = |l: &Leak| {
+        r.top > 0
+            && l.kind == Kind::Reachable.name()
+            && l.stack.iter().any(|f| f.module.is_some())
+            && !l
+                .stack
+                .iter()
+                .any(|f| f.module.as_deref() == Some(r.exe.as_str()))
+    };
+    let shown = |l: &Leak| listed(l) && !own(l);
     // At most `top` records: those with the most bytes, in memcheck's order and numbering.
     let keep = capped(r.top, r.leaks.iter().filter(|l| shown(l)).count(), || {
         let mut by_size: Vec<(u64, usize)> = r
@@ -1160,6 +1173,24 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
         if r.gen_suppressions {
             raw(&crate::supp::generate(kind, l.alloc_fn, &l.stack));
         }
+    }
+    let kept_by_libraries: Vec<&Leak> = r.leaks.iter().filter(|l| listed(l) && own(l)).collect();
+    if !kept_by_libraries.is_empty() {
+        let bytes = kept_by_libraries
+            .iter()
+            .fold(0u64, |a, l| a.saturating_add(l.bytes));
+        line(&format!(
+            "{} still reachable in {} that libraries allocated for themselves (no frame of the program on their stacks), by library (`--top 0` lists them):",
+            plural(bytes, "byte"),
+            plural(kept_by_libraries.len() as u64, "record")
+        ));
+        for s in by_module(
+            kept_by_libraries.iter().map(|l| (&l.stack[..], l.bytes)),
+            "loss record",
+        ) {
+            line(&s);
+        }
+        line("");
     }
     if let Some(k) = &keep {
         let left: Vec<&Leak> = r
