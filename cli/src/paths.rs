@@ -341,7 +341,9 @@ impl Namer<'_, '_> {
                 if let Some(ty) = &var.ty {
                     match self.sym.member_at(ty, off).filter(|m| !m.name.is_empty()) {
                         Some(mb) => {
-                            name.member = Some(mb.name);
+                            // The root stands for every word of the variable: an array's index
+                            // is the first word's only.
+                            name.member = Some(any_index(&mb.name));
                             pointee = mb.pointee;
                         }
                         // The variable is itself a pointer.
@@ -576,6 +578,27 @@ pub fn root_words(r: &RootName) -> String {
     }
 }
 
+/// An access path with each array index made `[]` ("slots[3].next" -> "slots[].next").
+fn any_index(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut in_index = false;
+    for c in path.chars() {
+        match c {
+            '[' => {
+                in_index = true;
+                out.push('[');
+            }
+            ']' => {
+                in_index = false;
+                out.push(']');
+            }
+            _ if in_index => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Which scan, in words: "heap scan at exit", "heap scan as the program began to exit",
 /// "heap scan at snapshot NAME".
 pub fn scan_words(scan: &str) -> String {
@@ -696,4 +719,16 @@ pub fn lines(r: &Retention) -> Vec<String> {
         crate::report::thousands(r.retained_blocks)
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_roots_member_drops_its_array_indexes() {
+        assert_eq!(any_index("slots[3].next"), "slots[].next");
+        assert_eq!(any_index("[0]"), "[]");
+        assert_eq!(any_index("by_id._M_t"), "by_id._M_t");
+    }
 }
