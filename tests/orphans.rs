@@ -106,17 +106,12 @@ fn each_free_says_what_the_block_still_pointed_to() {
     // The preload alone.
     let trace = dir.join(format!("orphans-{}.trace", std::process::id()));
     let _ = std::fs::remove_file(&trace);
-    let out = Command::new(&exe)
-        .env("LD_PRELOAD", preload())
-        .env("LEAKHUNT_ORPHANS", "1")
-        .env("LEAKHUNT_OUT", &trace)
-        .env("LEAKHUNT_REACH", "0")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(&exe)
+            .env("LD_PRELOAD", preload())
+            .env("LEAKHUNT_ORPHANS", "1")
+            .env("LEAKHUNT_OUT", &trace)
+            .env("LEAKHUNT_REACH", "0"),
     );
     check(&trace, &printed(&out.stdout));
     let data = std::fs::read(&trace).unwrap();
@@ -126,17 +121,12 @@ fn each_free_says_what_the_block_still_pointed_to() {
     // `leakhunt run --orphans -o TRACE`: the same records reach the kept trace.
     let kept = dir.join(format!("orphans-run-{}.trace", std::process::id()));
     let _ = std::fs::remove_file(&kept);
-    let out = Command::new(leakhunt())
-        .args(["run", "--orphans", "--no-reachability", "-o"])
-        .arg(&kept)
-        .arg("--")
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(leakhunt())
+            .args(["run", "--orphans", "--no-reachability", "-o"])
+            .arg(&kept)
+            .arg("--")
+            .arg(&exe),
     );
     check(&kept, &printed(&out.stdout));
     std::fs::remove_file(&kept).unwrap();
@@ -191,17 +181,12 @@ int main(void) {
     std::fs::create_dir_all(&dir).unwrap();
     let trace = dir.join(format!("orphans-realloc-{}.trace", std::process::id()));
     let _ = std::fs::remove_file(&trace);
-    let out = Command::new(&exe)
-        .env("LD_PRELOAD", preload())
-        .env("LEAKHUNT_ORPHANS", "1")
-        .env("LEAKHUNT_OUT", &trace)
-        .env("LEAKHUNT_REACH", "0")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(&exe)
+            .env("LD_PRELOAD", preload())
+            .env("LEAKHUNT_ORPHANS", "1")
+            .env("LEAKHUNT_OUT", &trace)
+            .env("LEAKHUNT_REACH", "0"),
     );
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();

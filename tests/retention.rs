@@ -413,16 +413,11 @@ fn child_of(pid: u32) -> u32 {
 /// `leakhunt paths TRACE --at who_points.c:LINE --json -`: the named scan's retention.
 fn paths_at(trace: &std::path::Path, marker: &str, scan: &str) -> Value {
     let at = format!("who_points.c:{}", line_of("who_points.c", marker));
-    let out = std::process::Command::new(leakhunt())
-        .arg("paths")
-        .arg(trace)
-        .args(["--at", &at, "--json", "-"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        std::process::Command::new(leakhunt())
+            .arg("paths")
+            .arg(trace)
+            .args(["--at", &at, "--json", "-"]),
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let scans = v[0]["scans"].as_array().unwrap();
@@ -457,21 +452,13 @@ fn the_first_hop_agrees_with_memchecks_who_points_at() {
     let first = lines.next().unwrap().unwrap();
     assert!(first.starts_with("WHO_POINTS_AT 0x"), "{first}");
     let pid = child_of(run.id());
-    let snap = std::process::Command::new(leakhunt())
-        .args([
-            "snapshot",
-            &pid.to_string(),
-            "--reachability",
-            "--name",
-            "asked",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        snap.status.success(),
-        "{}",
-        String::from_utf8_lossy(&snap.stderr)
-    );
+    run_ok(std::process::Command::new(leakhunt()).args([
+        "snapshot",
+        &pid.to_string(),
+        "--reachability",
+        "--name",
+        "asked",
+    ]));
     let mut stdin = run.stdin.take().unwrap();
     stdin.write_all(b"\n\n\n").unwrap();
     drop(stdin);
@@ -534,17 +521,12 @@ fn private_copy(src: &str) -> (std::path::PathBuf, std::path::PathBuf) {
 }
 
 fn compile(src: &std::path::Path, exe: &std::path::Path) {
-    let out = std::process::Command::new("gcc")
-        .args(CFLAGS)
-        .arg("-o")
-        .arg(exe)
-        .arg(src)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new("gcc")
+            .args(CFLAGS)
+            .arg("-o")
+            .arg(exe)
+            .arg(src),
     );
 }
 

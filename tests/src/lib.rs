@@ -66,7 +66,9 @@ pub const CFLAGS: &[&str] = &[
     "-fno-builtin",
 ];
 
-fn run_ok(cmd: &mut Command) {
+/// Runs `cmd` to its end and returns what it printed; a failure (it could not start, or exited
+/// with a failure) fails the test with its stderr.
+pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
@@ -75,6 +77,7 @@ fn run_ok(cmd: &mut Command) {
         "{cmd:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
 }
 
 /// Compiles `tests/fixtures/<src>` (once per test process; rebuilt when the source is newer).
@@ -137,7 +140,7 @@ pub fn fixture(src: &str) -> PathBuf {
                 .arg(&input),
         ),
         _ => panic!("unknown fixture kind {src}"),
-    }
+    };
     std::fs::rename(&tmp, &out).unwrap();
     out
 }
