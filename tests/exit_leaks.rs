@@ -338,20 +338,53 @@ fn a_result_larger_than_the_socket_buffers_goes_through() {
 }
 
 #[test]
-fn code_a_jit_made_is_named_from_its_perf_map() {
+fn code_a_jit_made_is_walked_by_frame_pointer_and_named_from_its_perf_map() {
     let exe = fixture("jit_perfmap.c");
     let r = run(&exe, &[], &[]);
     assert_eq!(r.stdout(), "jit done\n");
     let p = r.main();
     let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", p["pid"]));
+    let raw = p["leaks"].as_array().unwrap();
     let recs = records(p);
+    let at = |name: &str| {
+        let i = recs
+            .iter()
+            .position(|l| l.frames[0].0 == name)
+            .unwrap_or_else(|| panic!("no record at {name}: {}", r.stderr()));
+        (&recs[i], raw[i]["unwind"].as_str())
+    };
+    // Through two JIT frames into the C code that called them, to the outermost frame.
+    let (framed, unwind) = at("JIT:inner_stub");
     assert_eq!(
-        recs.iter()
-            .map(|l| (&*l.kind, l.bytes, l.blocks))
-            .collect::<Vec<_>>(),
-        [("definitely_lost", 500, 5)],
+        (&*framed.kind, framed.bytes, framed.blocks),
+        ("definitely_lost", 500, 5)
+    );
+    let drive = line_of("jit_perfmap.c", "DRIVE");
+    assert_eq!(
+        framed.frames[..3],
+        [
+            ("JIT:inner_stub".to_string(), String::new(), 0),
+            ("JIT:outer_stub".to_string(), String::new(), 0),
+            ("drive".to_string(), "jit_perfmap.c".to_string(), drive),
+        ],
         "{}",
         r.stderr()
     );
-    assert_eq!(recs[0].frames[0].0, "JIT:alloc_stub", "{}", r.stderr());
+    assert_eq!(framed.frames[3].0, "main");
+    assert_eq!(unwind, None, "a complete stack");
+    // A frame record whose return address lies in no executable memory is not followed.
+    let (fake, unwind) = at("JIT:fake_stub");
+    assert_eq!((fake.bytes, fake.blocks, fake.frames.len()), (200, 2, 1));
+    assert_eq!(unwind, Some("stopped: address in no known module"));
+    // Without a frame of its own the stub's caller is not known: never `drive` or a JIT name.
+    let (frameless, _) = at("JIT:frameless_stub");
+    assert_eq!((frameless.bytes, frameless.blocks), (300, 3));
+    assert!(
+        frameless.frames[1..]
+            .iter()
+            .all(|f| f.0 != "drive" && !f.0.starts_with("JIT:")),
+        "{:?}",
+        frameless.frames
+    );
+    assert_eq!(summary(p, "allocs") - summary(p, "frees"), 10);
 }

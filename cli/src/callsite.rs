@@ -89,6 +89,56 @@ pub fn parse_perf_map(text: &str) -> Vec<(u64, u64, String)> {
     v
 }
 
+/// A JIT frame from its perf map name: V8's `JS:*name /app.js:12:5` (also `LazyCompile:` and
+/// `Function:`; the tier marker `~ ^ + *` dropped, as the same function changes tiers while it
+/// runs) gives function `name`, file and line (where the function starts: perf maps have no
+/// line of the call); CPython 3.12's `py::name:/app.py` gives function and file; any other name
+/// (Java's `void Cls.method(int)`) is the function. The raw name stays as the linkage name.
+pub fn jit_frame(raw: &str) -> SymFrame {
+    let mut f = SymFrame {
+        function: Some(raw.to_string()),
+        mangled: Some(raw.to_string()),
+        ..SymFrame::default()
+    };
+    if let Some(rest) = raw.strip_prefix("py::") {
+        if let Some((name, file)) = rest.split_once(':') {
+            f.function = Some(name.to_string());
+            f.file = (!file.is_empty()).then(|| file.to_string());
+        }
+        return f;
+    }
+    let v8 = ["JS:", "LazyCompile:", "Function:", "Script:"]
+        .iter()
+        .find_map(|p| raw.strip_prefix(p));
+    let Some(rest) = v8 else {
+        return f;
+    };
+    let rest = rest.trim_start_matches(['~', '^', '+', '*']);
+    let (name, location) = match rest.rsplit_once(' ') {
+        Some((n, l)) => (n, Some(l)),
+        None if rest.contains(':') && !rest.contains('(') => ("", Some(rest)),
+        None => (rest, None),
+    };
+    f.function = Some(if name.is_empty() {
+        "(anonymous)".to_string()
+    } else {
+        name.to_string()
+    });
+    if let Some(loc) = location {
+        // `file:line:column` or `file:line`; the file may hold colons (`node:internal/x`).
+        let numeric = |x: &str| !x.is_empty() && x.bytes().all(|c| c.is_ascii_digit());
+        if let Some((head, last)) = loc.rsplit_once(':').filter(|(_, l)| numeric(l)) {
+            let (file, line) = match head.rsplit_once(':') {
+                Some((file, l)) if numeric(l) => (file, l),
+                _ => (head, last),
+            };
+            f.file = Some(file.to_string());
+            f.line = line.parse().ok();
+        }
+    }
+    f
+}
+
 /// libc's start-up functions, below `main` (memcheck's list for Linux).
 fn below_main(f: &str) -> bool {
     f.starts_with("__libc_start_main")
@@ -331,10 +381,7 @@ impl<'p> Callsites<'p> {
         let at = addr.saturating_sub(1);
         let i = map.partition_point(|e| e.0 <= at).checked_sub(1)?;
         let (_, end, name) = &map[i];
-        (at < *end).then(|| SymFrame {
-            function: Some(name.clone()),
-            ..SymFrame::default()
-        })
+        (at < *end).then(|| jit_frame(name))
     }
 
     /// Whether a frame lies in the preload library itself.
@@ -354,6 +401,19 @@ impl<'p> Callsites<'p> {
         }
         let mut found = match self.modules.get(k.module as usize) {
             Some(&(path, bid)) => sym.symbolize(path, bid, k.offset.saturating_sub(1)),
+            // An interpreter's frame, named in the trace.
+            None if k.offset >= leakhunt_format::PSEUDO_FRAME_BASE => self
+                .p
+                .frame_names
+                .get(&k.offset)
+                .map(|(function, file, line)| SymFrame {
+                    function: Some(function.clone()),
+                    file: (!file.is_empty()).then(|| file.clone()),
+                    line: (*line > 0).then_some(*line),
+                    ..SymFrame::default()
+                })
+                .into_iter()
+                .collect(),
             // Outside every module: code a JIT made, named by its perf map if it wrote one.
             None => self.perf_name(k.offset).into_iter().collect(),
         };
@@ -398,6 +458,36 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn jit_frames_from_perf_map_names() {
+        let f = jit_frame("JS:*holdBuffers /srv/app.js:2:21");
+        assert_eq!(f.function.as_deref(), Some("holdBuffers"));
+        assert_eq!(f.file.as_deref(), Some("/srv/app.js"));
+        assert_eq!(f.line, Some(2));
+        assert_eq!(
+            f.mangled.as_deref(),
+            Some("JS:*holdBuffers /srv/app.js:2:21")
+        );
+        let f = jit_frame("JS:~listOnTimeout node:internal/timers:524:25");
+        assert_eq!(f.function.as_deref(), Some("listOnTimeout"));
+        assert_eq!(f.file.as_deref(), Some("node:internal/timers"));
+        assert_eq!(f.line, Some(524));
+        let f = jit_frame("JS:^ /srv/app.js:7:28");
+        assert_eq!(f.function.as_deref(), Some("(anonymous)"));
+        assert_eq!(f.line, Some(7));
+        let f = jit_frame("LazyCompile:*handle /srv/app.js:12");
+        assert_eq!(f.function.as_deref(), Some("handle"));
+        assert_eq!((f.file.as_deref(), f.line), (Some("/srv/app.js"), Some(12)));
+        let f = jit_frame("py::serve:/srv/app.py");
+        assert_eq!(f.function.as_deref(), Some("serve"));
+        assert_eq!((f.file.as_deref(), f.line), (Some("/srv/app.py"), None));
+        let f = jit_frame("void Hold.holdDirect(int)");
+        assert_eq!(f.function.as_deref(), Some("void Hold.holdDirect(int)"));
+        assert_eq!((f.file, f.line), (None, None));
+        let f = jit_frame("Builtin:ArrayPrototypePush");
+        assert_eq!(f.function.as_deref(), Some("Builtin:ArrayPrototypePush"));
     }
 
     use super::*;

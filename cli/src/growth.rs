@@ -4,6 +4,7 @@
 //! (confirmation evidence, the leaking callsites, root-cause guidance, verification) and as the
 //! JSON report's `"growth"` and `"timeline"`.
 
+use leakhunt_format::StopReason;
 use leakhunt_symbolizer::Symbolizer;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
@@ -69,6 +70,10 @@ pub struct GrowthEntry {
     pub since: u32,
     /// The callsite's id in this trace (its first stack's): `leakhunt paths TRACE --callsite ID`.
     pub callsite: u32,
+    /// Why this stack's unwind stopped, when it did not reach the outermost frame (the stack is
+    /// cut short: what called the last frame shown is not known).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unwind: Option<&'static str>,
 }
 
 /// The smallest growth of a callsite after warm-up that is a finding, in bytes or in blocks
@@ -235,6 +240,10 @@ pub fn build_in(
             site: a.site,
             since: b[w].index,
             callsite: a.id,
+            unwind: p
+                .stacks
+                .get(&a.id)
+                .and_then(|s| (s.reason != StopReason::End).then(|| s.reason.describe())),
         });
     }
     entries.sort_by(|a, b| {
@@ -518,7 +527,14 @@ pub fn render(t: &Timeline, entries: &[GrowthEntry], top: usize) -> Vec<String> 
                 .map(|t| format!(", flat from {t:.1} s"))
                 .unwrap_or_default()
         ));
-        out.extend(stack_lines(&e.stack, 8).map(|s| format!("   {s}")));
+        // Down to the frame the root cause names (a JIT's function under the runtime's frames).
+        let shown = first_own_source(&e.stack)
+            .and_then(|f| e.stack.iter().position(|g| std::ptr::eq(f, g)))
+            .map_or(8, |i| (i + 2).max(8));
+        out.extend(stack_lines(&e.stack, shown).map(|s| format!("   {s}")));
+        if let Some(u) = e.unwind {
+            out.push(format!("   (stack {u})"));
+        }
         if !e.at_exit.is_empty() {
             let parts: Vec<String> = by_kind(&e.at_exit)
                 .map(|(k, (bytes, n))| {

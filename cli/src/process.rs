@@ -335,6 +335,9 @@ pub struct Process {
     alloc_fns: Vec<u8>,
     pub header: Option<Header>,
     pub modules: Vec<ModuleEntry>,
+    /// What each pseudo frame address stands for (an interpreter's frame): function, file,
+    /// line (0: unknown).
+    pub frame_names: FxHashMap<u64, (String, String, u32)>,
     pub stacks: FxHashMap<u32, Stack>,
     pub live: FxHashMap<u64, Live>,
     pub totals: Totals,
@@ -823,6 +826,14 @@ impl Process {
             Record::Exit(k) => {
                 self.exit = Some(k);
                 self.set_ended(true);
+            }
+            Record::FrameName {
+                addr,
+                line,
+                function,
+                file,
+            } => {
+                self.frame_names.insert(addr, (function, file, line));
             }
             Record::Forked { parent, .. } => {
                 self.forked_from = Some(parent);

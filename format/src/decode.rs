@@ -105,6 +105,13 @@ pub enum Record {
     },
     /// A chunk of the heap scan's outcome.
     ReachResult(crate::reach::Outcome),
+    /// Pseudo frame `addr` is `function` in `file` at `line` (0: unknown).
+    FrameName {
+        addr: u64,
+        line: u32,
+        function: String,
+        file: String,
+    },
     /// A record this version does not know; skipped.
     Unknown {
         tag: u16,
@@ -374,6 +381,7 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         tag::REACH => "reach",
         tag::REACH_RESULT => "reach-result",
         tag::FORKED => "forked",
+        tag::FRAME_NAME => "frame-name",
         _ => {
             return Ok(Record::Unknown {
                 tag: t,
@@ -524,6 +532,18 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
             parent: p.u32("parent pid")?,
             seq: p.u64("fork point")?,
         },
+        tag::FRAME_NAME => {
+            let addr = p.u64("pseudo frame address")?;
+            if addr < crate::PSEUDO_FRAME_BASE {
+                return Err(p.err(format!("frame name for {addr:#x}, not a pseudo frame")));
+            }
+            Record::FrameName {
+                addr,
+                line: p.u32("line")?,
+                function: p.string("function")?,
+                file: p.string("file")?,
+            }
+        }
         tag::REACH => {
             let phase = p.u8("phase")?;
             let snapshot = p.u8("snapshot flag")? != 0;
@@ -784,6 +804,29 @@ mod tests {
             }
         );
         assert_eq!(validate(&data), Ok(n));
+    }
+
+    #[test]
+    fn frame_names_round_trip_and_refuse_return_addresses() {
+        let mut data = sample();
+        let addr = crate::PSEUDO_FRAME_BASE + 5;
+        encode::frame_name(addr, 8, b"handle_request", b"/srv/app.py", &mut data);
+        let (recs, err) = all(&data);
+        assert_eq!(err, None);
+        assert_eq!(
+            recs.last(),
+            Some(&Record::FrameName {
+                addr,
+                line: 8,
+                function: "handle_request".into(),
+                file: "/srv/app.py".into()
+            })
+        );
+        let mut data = sample();
+        encode::frame_name(0x401000, 8, b"main", b"", &mut data);
+        let (_, err) = all(&data);
+        let e = err.expect("a frame name for a return address is an error");
+        assert!(e.to_string().contains("not a pseudo frame"), "{e}");
     }
 
     fn all(data: &[u8]) -> (Vec<Record>, Option<DecodeError>) {

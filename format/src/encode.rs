@@ -236,6 +236,16 @@ pub fn title_body(cmdline: &[u8], buf: &mut [u8]) -> usize {
     4 + n
 }
 
+/// A `FRAME_NAME` record: pseudo frame `addr` is `function` in `file` at `line` (0: unknown).
+pub fn frame_name(addr: u64, line: u32, function: &[u8], file: &[u8], out: &mut Vec<u8>) {
+    let mut r = RecordBuf::new();
+    r.u64(addr)
+        .u32(line)
+        .bytes(function)
+        .bytes(file)
+        .finish_into(tag::FRAME_NAME, out);
+}
+
 pub fn title(cmdline: &[u8], out: &mut Vec<u8>) {
     let mut r = RecordBuf::new();
     r.bytes(cmdline).finish_into(tag::TITLE, out);

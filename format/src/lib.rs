@@ -96,7 +96,14 @@ pub mod tag {
     /// The process is a fork child (its image began at `fork`, not at `exec`): its heap starts
     /// as its parent's live blocks at the parent's fork point.
     pub const FORKED: u16 = 14;
+    /// What a pseudo frame address (at or above [`crate::PSEUDO_FRAME_BASE`]) stands for: an
+    /// interpreter's frame (CPython's function, file and line), written once per address.
+    pub const FRAME_NAME: u16 = 15;
 }
+
+/// Frame addresses from here up are pseudo frames named by `FRAME_NAME` records, never return
+/// addresses (they lie in the kernel's half of the address space).
+pub const PSEUDO_FRAME_BASE: u64 = 0xffff_fe00_0000_0000;
 
 /// An epoch boundary, written by the tracer every epoch interval: the events numbered below
 /// `seq` happened before it.

@@ -279,6 +279,7 @@ fn modules_changed() {
     if let Some(g) = tracer::enter() {
         g.forwarding(|| {
             if modules::rescan() {
+                crate::python::probe();
                 crate::out::flush();
             }
         });

@@ -19,6 +19,7 @@
 //! | `LEAKHUNT_REACH_LIMIT_MB` | with the preload alone, the largest trace the scan at exit reads unasked | `256` |
 //! | `LEAKHUNT_CLI` | the `leakhunt` binary that makes the heap scan at exit for the preload alone | `leakhunt` next to the library |
 //! | `LEAKHUNT_ORPHANS` | `1`: at each free, capture the free's stack (an unwind per free) and send which heap blocks the freed block still pointed to (a `CONTENT` record before its `FREE`: the orphan sites of lost blocks, FORMAT.md "Orphan sites"); turns elided pairs off, since the CLI needs the allocation of every freed block | `0` |
+//! | `LEAKHUNT_PYTHON` | `0`: leave CPython 3.11's own frames out of stacks (they are otherwise spliced in where the interpreter's evaluation loop is: function, file and line of the Python code running) | `1` |
 //! | `LEAKHUNT_EPOCH_MS` | milliseconds between epoch boundaries (with the RSS) in the trace, 10-3,600,000; `0`: none | `1000` |
 
 extern crate alloc;
@@ -37,6 +38,8 @@ pub struct Config {
     pub follow_forks: bool,
     pub freeres: bool,
     pub unwind_reuse: bool,
+    /// Splice CPython's frames into stacks.
+    pub python: bool,
     pub elide: bool,
     /// At each free, send its stack and the heap pointers the block still held (`CONTENT`).
     pub orphans: bool,
@@ -64,6 +67,7 @@ static mut CONFIG: Config = Config {
     follow_forks: true,
     freeres: true,
     unwind_reuse: true,
+    python: true,
     elide: true,
     orphans: false,
     reach: true,
@@ -132,6 +136,7 @@ pub fn load() {
             c.reach_limit = mb.saturating_mul(1 << 20);
         }
         c.unwind_reuse = env(c"LEAKHUNT_UNWIND_REUSE").is_none_or(|s| s.to_bytes() != b"0");
+        c.python = env(c"LEAKHUNT_PYTHON").is_none_or(|s| s.to_bytes() != b"0");
         // A fork point is a boundary no elided pair crosses (`out::fork_point`): the child's
         // heap is exactly the live set the events give there.
         c.elide = env(c"LEAKHUNT_ELIDE").is_none_or(|s| s.to_bytes() != b"0");

@@ -65,6 +65,8 @@ struct Out {
     bound_floor: u64,
     /// Entries of `modules::LOG` already written.
     modules_sent: usize,
+    /// Entries of `python::LOG` (pseudo frames' names) already written.
+    names_sent: usize,
     /// This image is a fork child: the `FORKED` record's body, written right after the header.
     forked: Option<[u8; 12]>,
     /// This image was made without fork handlers (a raw `clone`, `_Fork`) and adopted: its
@@ -96,6 +98,7 @@ static mut OUT: Out = Out {
     nbounds: 0,
     bound_floor: 0,
     modules_sent: 0,
+    names_sent: 0,
     forked: None,
     adopted: false,
     child: false,
@@ -438,6 +441,7 @@ fn ensure_open() -> bool {
     o.fd = fd;
     o.len = 0;
     o.modules_sent = 0;
+    o.names_sent = 0;
     EPOCHS.store(0, Ordering::Relaxed);
     STATE.store(OPEN, Ordering::Release);
     push(&encode::preamble());
@@ -634,6 +638,20 @@ fn send_modules() {
     }
 }
 
+/// Writes the pseudo frames' names not yet sent (as `send_modules`).
+fn send_frame_names() {
+    let Some(_m) = crate::python::LOCK.try_lock_for(100) else {
+        return;
+    };
+    // SAFETY: LOG is guarded by python::LOCK, which we hold.
+    let log = unsafe { &*core::ptr::addr_of!(crate::python::LOG) };
+    let o = out();
+    while o.names_sent < log.len() {
+        push(&log[o.names_sent]);
+        o.names_sent += 1;
+    }
+}
+
 /// Drains every ring into the output. Caller holds LOCK.
 fn drain_all() {
     let open = STATE.load(Ordering::Relaxed) == OPEN;
@@ -721,6 +739,7 @@ fn flush_locked() {
     }
     ensure_open();
     send_modules();
+    send_frame_names();
     drain_all();
     write_buf();
 }
@@ -1256,6 +1275,7 @@ pub fn after_fork_child(trace: bool) {
     o.sent = 0;
     o.len = 0;
     o.modules_sent = 0;
+    o.names_sent = 0;
     EPOCHS.store(0, Ordering::Relaxed);
     ring::for_each(|r| {
         r.clear();

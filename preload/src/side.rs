@@ -100,7 +100,13 @@ extern "C" fn side_main(_: *mut c_void) -> *mut c_void {
         let n = unsafe {
             let path = &*SLOT.path.get();
             let path = CStr::from_bytes_until_nul(path).unwrap_or(c"");
-            sys::read_small_direct(path, &mut *SLOT.buf.get())
+            if path.is_empty() {
+                // The empty path asks for the executable mappings (see `refresh_exec_maps`).
+                crate::jit::refresh();
+                0
+            } else {
+                sys::read_small_direct(path, &mut *SLOT.buf.get())
+            }
         };
         LEN.store(n, Ordering::Relaxed);
         DONE.store(want, Ordering::Release);
@@ -112,10 +118,30 @@ extern "C" fn side_main(_: *mut c_void) -> *mut c_void {
 /// the thread is not there to ask (the caller reads it itself).
 pub fn read_small(path: &CStr, buf: &mut [u8]) -> Option<usize> {
     let p = path.to_bytes_with_nul();
+    if p.len() == 1 {
+        return None;
+    }
+    let _l = ask(p)?;
+    let n = LEN.load(Ordering::Relaxed).min(buf.len());
+    // SAFETY: the side thread finished with the slot (`ask` acquired DONE), and we still hold
+    // LOCK.
+    unsafe { buf[..n].copy_from_slice(&(&*SLOT.buf.get())[..n]) };
+    Some(n)
+}
+
+/// Has the side thread re-read the executable mappings (`jit::refresh`, whose `/proc/self/maps`
+/// descriptor it then opens in its own table); false when it is not there to ask.
+pub fn refresh_exec_maps() -> bool {
+    ask(b"\0").is_some()
+}
+
+/// Posts the request `path` (NUL-terminated; empty: the executable mappings) and waits for the
+/// answer; returns the lock that keeps the slot ours, or `None` when the thread did not answer.
+fn ask(p: &[u8]) -> Option<sys::SpinGuard<'static>> {
     if !ALIVE.load(Ordering::Acquire) || p.len() > PATH_LEN {
         return None;
     }
-    let _l = LOCK.try_lock_for(1000)?;
+    let l = LOCK.try_lock_for(1000)?;
     if !ALIVE.load(Ordering::Acquire) {
         return None;
     }
@@ -129,7 +155,7 @@ pub fn read_small(path: &CStr, buf: &mut [u8]) -> Option<usize> {
     loop {
         let done = DONE.load(Ordering::Acquire);
         if done == ticket {
-            break;
+            return Some(l);
         }
         if sys::monotonic_ns().saturating_sub(start) > ANSWER_MS * 1_000_000 {
             // It may still answer later, into the slot: nobody asks it again.
@@ -138,8 +164,4 @@ pub fn read_small(path: &CStr, buf: &mut [u8]) -> Option<usize> {
         }
         sys::futex_wait(&DONE, done, 50);
     }
-    let n = LEN.load(Ordering::Relaxed).min(buf.len());
-    // SAFETY: the side thread finished with the slot (DONE acquired above).
-    unsafe { buf[..n].copy_from_slice(&(&*SLOT.buf.get())[..n]) };
-    Some(n)
 }

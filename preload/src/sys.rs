@@ -250,7 +250,7 @@ impl Drop for SpinGuard<'_> {
 /// malloc, and our hook may be the one it calls).
 /// Opens a file read-only with the raw syscall (no libc wrapper that a program could hook);
 /// negative on failure. The caller closes it with `SYS_close`.
-fn open_raw(path: &core::ffi::CStr) -> i32 {
+pub fn open_raw(path: &core::ffi::CStr) -> i32 {
     // SAFETY: `path` is NUL-terminated; the returned descriptor is the caller's to close.
     unsafe {
         libc::syscall(

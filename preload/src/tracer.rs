@@ -142,6 +142,7 @@ fn init_core() {
         return;
     }
     modules::rescan();
+    crate::python::probe();
     // SAFETY: creating a key with a destructor that only touches the exiting thread's own state.
     unsafe { libc::pthread_key_create(core::ptr::addr_of_mut!(THREAD_KEY), Some(thread_exit)) };
     build_header();
@@ -287,18 +288,47 @@ fn stack_for(ts: &mut ThreadState, r: &ring::Ring) -> (u32, usize, usize, StopRe
             other_stack = true;
         }
     }
+    // CPython's frames of this thread, if it runs Python code: spliced in below.
+    let npy = crate::python::frames(&mut s.py);
+    let py_hash = crate::python::hash(&s.py[..npy]);
+    let max = config::get().max_frames;
     let (n, reason, same) = unwind::capture(
         s,
-        config::get().max_frames,
+        max,
         hi,
         other_stack || !config::get().unwind_reuse,
+        py_hash,
         (ts.stack_lo, ts.stack_hi),
     );
     if let Some((id, _)) = s.repeated_id() {
-        // A walk this thread made before, repeated whole: its stack was interned then.
+        // A walk this thread made before, repeated whole, under the same interpreter frames:
+        // its stack was interned then.
         return (id, 0, n, reason);
     }
     let ugen = modules::GEN.load(Ordering::Relaxed);
+    if npy > 0 {
+        if same {
+            s.frames[..n].copy_from_slice(&s.prev[..n]);
+        }
+        // `prev` holds the last walk's own frames (what `same` refers to); no native-only id
+        // stands for them.
+        s.prev[..n].copy_from_slice(&s.frames[..n]);
+        s.prev_id = 0;
+        let cap = max.min(unwind::MAX_FRAMES_CAP);
+        let m = crate::python::splice(&s.frames[..n], &s.py[..npy], &mut s.spliced[..cap]);
+        s.frames[..m].copy_from_slice(&s.spliced[..m]);
+        let reason = if m == cap && m > n && reason == StopReason::End {
+            StopReason::MaxDepth
+        } else {
+            reason
+        };
+        let meta = m as u64 | (reason as u64) << 16 | (ugen as u64) << 32;
+        // (`stack_slot` takes the unload generation from here.)
+        s.prev_meta = meta;
+        let (id, new) = dedup::intern(&s.frames[..m], meta);
+        s.set_check_id(id, meta);
+        return (id, if new { slot::stack_slots(m) } else { 0 }, m, reason);
+    }
     let meta = n as u64 | (reason as u64) << 16 | (ugen as u64) << 32;
     if s.prev_id != 0 && s.prev_meta == meta && (same || s.prev[..n] == s.frames[..n]) {
         s.set_check_id(s.prev_id, meta);
@@ -736,9 +766,11 @@ extern "C" fn fork_prepare() {
     }
     out::LOCK.acquire_raw();
     modules::LOCK.acquire_raw();
+    crate::python::LOCK.acquire_raw();
 }
 
 extern "C" fn fork_parent() {
+    crate::python::LOCK.reset();
     modules::LOCK.reset();
     out::LOCK.reset();
     // SAFETY: this thread's own TLS; undoes the guard taken in prepare.
@@ -768,6 +800,8 @@ fn become_child() {
     // SAFETY: the proc word's page, zeroed in this process: mark it as this process's.
     unsafe { (*PROC_WORD.load(Ordering::Relaxed)).store(1, Ordering::Relaxed) };
     modules::LOCK.reset();
+    crate::python::LOCK.reset();
+    crate::jit::after_fork_child();
     // The parent's control socket is the parent's (a traced child opens its own).
     crate::control::close(false);
     crate::side::after_fork_child();

@@ -31,7 +31,6 @@ enum Kind {
     Ok = 1,
     /// Return address undefined: the outermost frame.
     End = 2,
-    NoInfo = 3,
     Unknown = 4,
     Unsupported = 5,
     /// The return address is the signal return trampoline (`__restore_rt`): the frame above is
@@ -51,6 +50,52 @@ struct Rule {
     ra_off: i32,
     /// Where the caller's rbp was saved, relative to the CFA; 0 = not saved (unchanged).
     rbp_off: i32,
+    /// No CFI covers the address (code a JIT made, or a module's code without unwind tables):
+    /// the frame is walked by frame pointer, and what that gives is checked (see [`capture`]).
+    fp: bool,
+    /// For `fp`: the address lies in a module (without CFI for it), not in a JIT's memory.
+    fp_module: bool,
+}
+
+impl Rule {
+    const fn none(kind: Kind) -> Rule {
+        Rule {
+            kind,
+            cfa_rbp: false,
+            own: false,
+            cfa_off: 0,
+            ra_off: 0,
+            rbp_off: 0,
+            fp: false,
+            fp_module: false,
+        }
+    }
+
+    /// The frame-pointer chain's rule: `push rbp; mov rbp, rsp` on entry, so the caller's rbp is
+    /// at rbp, the return address at rbp + 8, and the CFA at rbp + 16. `in_module`: the address
+    /// lies in a module (without CFI for it), else in a JIT's executable memory.
+    const fn frame_pointer(in_module: bool) -> Rule {
+        Rule {
+            kind: Kind::Ok,
+            cfa_rbp: true,
+            own: false,
+            cfa_off: 16,
+            ra_off: -8,
+            rbp_off: -16,
+            fp: true,
+            fp_module: in_module,
+        }
+    }
+
+    /// Why a walk stops where this frame-pointer rule's step cannot be trusted: as it stopped
+    /// before frame pointers were followed.
+    fn fp_failure(&self) -> StopReason {
+        if self.fp_module {
+            StopReason::NoUnwindInfo
+        } else {
+            StopReason::UnknownAddress
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -63,8 +108,11 @@ struct Entry {
 /// Per-thread unwind state, living in the thread's ring mapping (all-zero is valid).
 #[repr(C)]
 pub struct Scratch {
-    /// `modules::GEN + 1` when the cache was last valid (0: never).
+    /// Ticks whenever the rules in force may have changed (0: never filled); walks and checks
+    /// recorded under another value are void.
     cache_gen: u32,
+    /// (`modules::GEN + 1`, `jit::GEN`) when the cache was last filled.
+    cache_src: (u32, u32),
     cache: [Entry; CACHE_SIZE],
     ctx: Option<Box<UnwindContext<usize>>>,
     /// The previous stack of this thread and its id, for the one-entry dedup cache.
@@ -100,6 +148,8 @@ pub struct Scratch {
     check_clock: u32,
     /// The check the current walk will record itself in.
     walk_slot: usize,
+    /// The current capture's interpreter frames' hash (see [`capture`]).
+    cur_py: u64,
     /// The check the last capture repeated or recorded (`CHECKS`: none).
     pub last_check: usize,
     /// The last capture repeated a check (its stack id is the check's).
@@ -109,6 +159,10 @@ pub struct Scratch {
     pub reused: u64,
     pub walked: u64,
     pub repeated: u64,
+    /// This thread's Python frames at the current capture, and the stack with them spliced in
+    /// (see `python::splice`).
+    pub py: [crate::python::PyFrame; crate::python::MAX_PY],
+    pub spliced: [u64; MAX_FRAMES_CAP],
     /// The heap pointers a block being freed holds, (offset, word), for its `CONTENT` record
     /// (`LEAKHUNT_ORPHANS=1`; the tracer's, not the unwinder's: it lives here because this is
     /// the thread's own mapped scratch, touched only with orphans on).
@@ -151,6 +205,8 @@ struct Check {
     /// The stack's id and meta (0: not known, the check cannot stand for the stack).
     id: u32,
     meta: u64,
+    /// The hash of the interpreter frames spliced into that stack (0: none).
+    py: u64,
     /// `Scratch::check_clock` when the check was last recorded or repeated (least recently used
     /// goes first).
     used: u32,
@@ -246,15 +302,27 @@ impl Scratch {
         self.prev_meta = 0;
     }
 
+    fn sources() -> (u32, u32) {
+        use core::sync::atomic::Ordering::Acquire;
+        (
+            modules::GEN.load(Acquire).wrapping_add(1),
+            crate::jit::GEN.load(Acquire),
+        )
+    }
+
+    /// A new rule generation (never 0, the "never filled" value).
+    fn next_gen(&mut self) {
+        self.cache_gen = self.cache_gen.wrapping_add(1).max(1);
+    }
+
     fn ensure_fresh(&mut self) {
-        let g = modules::GEN
-            .load(core::sync::atomic::Ordering::Acquire)
-            .wrapping_add(1);
-        if self.cache_gen != g {
+        let src = Self::sources();
+        if self.cache_src != src || self.cache_gen == 0 {
             for e in self.cache.iter_mut() {
                 e.rule.kind = Kind::Empty;
             }
-            self.cache_gen = g;
+            self.cache_src = src;
+            self.next_gen();
             self.prev_len = 0;
             self.prev_id = 0;
         }
@@ -268,31 +336,41 @@ impl Scratch {
             return e.rule;
         }
         let r = self.compute(addr);
-        self.cache[slot] = Entry { addr, rule: r };
+        // An address in no known memory is asked again next time (the maps are re-read at
+        // most every few milliseconds): code a JIT makes later may land there.
+        if r.kind != Kind::Unknown {
+            self.cache[slot] = Entry { addr, rule: r };
+        }
         r
     }
 
     #[cold]
     fn compute(&mut self, addr: u64) -> Rule {
-        let none = |kind| Rule {
-            kind,
-            cfa_rbp: false,
-            own: false,
-            cfa_off: 0,
-            ra_off: 0,
-            rbp_off: 0,
-        };
+        let none = Rule::none;
         let mut table = modules::current();
         let mut m = table.and_then(|t| t.find(addr));
-        if m.is_none() && modules::rescan() {
-            table = modules::current();
-            m = table.and_then(|t| t.find(addr));
-            self.cache_gen = modules::GEN
-                .load(core::sync::atomic::Ordering::Acquire)
-                .wrapping_add(1);
+        if m.is_none() && !crate::jit::contains(addr) && crate::jit::claim_refresh() {
+            // Unknown memory: a library libc loaded by itself, or code a JIT made since the
+            // executable mappings were last read.
+            let rescanned = modules::rescan();
+            let jit_changed = crate::jit::refresh_now();
+            if rescanned {
+                table = modules::current();
+                m = table.and_then(|t| t.find(addr));
+            }
+            if rescanned || jit_changed {
+                // Rules cached so far stay right; walks and checks recorded under them may
+                // have stopped at an address that is now known.
+                self.cache_src = Self::sources();
+                self.next_gen();
+            }
         }
         let Some(m) = m else {
-            return none(Kind::Unknown);
+            return if crate::jit::contains(addr) {
+                Rule::frame_pointer(false)
+            } else {
+                none(Kind::Unknown)
+            };
         };
         if table.is_some_and(|t| is_sigreturn(t, addr + 1)) {
             return none(Kind::Signal);
@@ -303,7 +381,9 @@ impl Scratch {
         let mut r = match cfi_rule(m, addr, ctx) {
             Some(r) => r,
             None if in_loader_entry(addr) => none(Kind::End),
-            None => none(Kind::NoInfo),
+            // Code without unwind tables (a JIT's builtins linked into the executable, hand-
+            // written assembly): by frame pointer, checked.
+            None => Rule::frame_pointer(true),
         };
         r.own = m.own;
         r
@@ -379,14 +459,7 @@ fn cfi_rule(m: &ModuleInfo, addr: u64, ctx: &mut UnwindContext<usize>) -> Option
     let row = table
         .unwind_info_for_address(&ehf, &bases, ctx, addr, EhFrame::cie_from_offset)
         .ok()?;
-    let mut r = Rule {
-        kind: Kind::Ok,
-        cfa_rbp: false,
-        own: false,
-        cfa_off: 0,
-        ra_off: 0,
-        rbp_off: 0,
-    };
+    let mut r = Rule::none(Kind::Ok);
     match *row.cfa() {
         CfaRule::RegisterAndOffset { register, offset }
             if register == X86_64::RSP || register == X86_64::RBP =>
@@ -429,12 +502,16 @@ fn cfi_rule(m: &ModuleInfo, addr: u64, ctx: &mut UnwindContext<usize>) -> Option
 ///
 /// Returns the frame count, why the walk stopped, and whether the frames are exactly the previous
 /// capture's (then `s.frames` is not rewritten: the previous stack's id stands).
+///
+/// `py_hash`: the hash of the interpreter frames the caller splices into the stack (0: none). A
+/// whole-walk check stands only for captures with the same: its stack id includes them.
 #[inline(never)]
 pub fn capture(
     s: &mut Scratch,
     max: usize,
     stack_hi: usize,
     fresh_walk: bool,
+    py_hash: u64,
     thread_stack: (usize, usize),
 ) -> (usize, StopReason, bool) {
     let (mut pc, mut sp, mut bp): (u64, u64, u64);
@@ -453,10 +530,11 @@ pub fn capture(
     s.ensure_fresh();
     let max = max.min(MAX_FRAMES_CAP);
     s.check_clock = s.check_clock.wrapping_add(1);
+    s.cur_py = py_hash;
     if !fresh_walk {
         let set = check_set(sp);
         for slot in set..set + CHECK_WAYS {
-            if repeats(s, slot, sp, bp, stack_hi as u64) {
+            if repeats(s, slot, sp, bp, stack_hi as u64, py_hash) {
                 s.repeated += 1;
                 s.last_check = slot;
                 s.hit = true;
@@ -504,7 +582,6 @@ pub fn capture(
         match rule.kind {
             Kind::Ok => {}
             Kind::End => break StopReason::End,
-            Kind::NoInfo => break StopReason::NoUnwindInfo,
             Kind::Unknown => break StopReason::UnknownAddress,
             Kind::Unsupported | Kind::Empty => break StopReason::UnsupportedRule,
             Kind::Signal => {
@@ -545,10 +622,24 @@ pub fn capture(
         if !rule.own {
             leading = false;
         }
+        if rule.fp {
+            // A frame without CFI, by frame pointer: rbp = 0 ends the chain (as the ABI marks
+            // the outermost frame); otherwise rbp must point into this frame, above its sp.
+            if bp == 0 {
+                break StopReason::End;
+            }
+            if bp < sp || !bp.is_multiple_of(8) {
+                break rule.fp_failure();
+            }
+        }
         let base = if rule.cfa_rbp { bp } else { sp };
         let cfa = base.wrapping_add(rule.cfa_off as i64 as u64);
         if cfa <= sp || cfa > hi {
-            break StopReason::BadFrame;
+            break if rule.fp {
+                rule.fp_failure()
+            } else {
+                StopReason::BadFrame
+            };
         }
         let Some(ra) = read(lo, hi, cfa.wrapping_add(rule.ra_off as i64 as u64)) else {
             break StopReason::BadFrame;
@@ -575,6 +666,12 @@ pub fn capture(
         lookup = ra - 1;
         let step_rule = rule;
         rule = s.rule(lookup);
+        if step_rule.fp && rule.kind == Kind::Unknown {
+            // A frame pointer led to an address in no executable memory: not a return
+            // address; the frame is not kept.
+            s.walk_tail_rbp = tail_rbp;
+            break step_rule.fp_failure();
+        }
         // The caller frame: record it unless it is still inside this library.
         let record = !(leading && rule.own);
         if record {
@@ -651,10 +748,11 @@ pub fn capture(
 /// its stack id, are that walk's. The comparison is branch-free over a flat list, a fraction of a
 /// walk's cost. Checks are kept per stack pointer (a few), each with the id of its stack.
 #[inline]
-fn repeats(s: &Scratch, slot: usize, sp: u64, bp: u64, hi: u64) -> bool {
+fn repeats(s: &Scratch, slot: usize, sp: u64, bp: u64, hi: u64, py: u64) -> bool {
     let c = &s.checks[slot];
     if !c.ok
         || c.id == 0
+        || c.py != py
         || c.sp != sp
         || c.hi != hi
         || c.gen != s.cache_gen
@@ -746,6 +844,7 @@ impl Scratch {
         if let Some(c) = self.checks.get_mut(self.last_check) {
             c.id = id;
             c.meta = meta;
+            c.py = self.cur_py;
         }
     }
 
