@@ -431,7 +431,9 @@ fn a_vfork_child_that_fails_to_exec_leaves_the_parents_control_socket() {
 #[test]
 fn a_shell_passes_on_neither_the_preload_nor_leakhunts_variables() {
     // bash exports its own setenv/unsetenv and keeps its own copy of the environment: what it
-    // passes to its children is what leakhunt left in the array before main.
+    // passes to its children is what leakhunt left in the array before main. Under `leakhunt
+    // run` (no --trace-children) and under the preload alone with LEAKHUNT_TRACE_CHILDREN=0,
+    // that is nothing of leakhunt's, also not the variable that asked for it.
     let script = "env | grep -c -E '^(LD_PRELOAD|LEAKHUNT_)' ; \
         sh -c 'echo child sees [$LD_PRELOAD]'; \
         (sleep 0.5; echo late child; sh -c 'echo grandchild' >&2) & \
@@ -441,7 +443,7 @@ fn a_shell_passes_on_neither_the_preload_nor_leakhunts_variables() {
         program: PathBuf::from("/bin/bash"),
         args: vec!["-c".into(), script.into()],
         run_opts: vec![],
-        preload_env: vec![],
+        preload_env: vec![("LEAKHUNT_TRACE_CHILDREN", "0")],
         settle: None,
     };
     let (plain, pre, run) = matrix(&c);
@@ -457,6 +459,75 @@ fn a_shell_passes_on_neither_the_preload_nor_leakhunts_variables() {
             assert_eq!(p["exe"], ps[0]["exe"], "only bash: {r:#}");
         }
     }
+}
+
+/// The preload alone is inherited as every LD_PRELOAD library is: `LD_PRELOAD=libleakhunt.so
+/// timeout 60 ./prog` traces prog too. The programs started see the environment the user set
+/// (nothing added), and each writes its own trace: with a fixed LEAKHUNT_OUT, the first process
+/// writes it and each other `<name>.<pid>`, without a word on the program's stderr.
+#[test]
+fn the_preload_alone_is_inherited_by_the_programs_it_starts() {
+    let exe = fixture("simple.c");
+    let dir = fresh("inherit");
+    let trace = dir.join("t.trace");
+    let out = Command::new("timeout")
+        .args(["60", "/bin/sh", "-c"])
+        .arg(format!(
+            "env | grep -E '^(LD_PRELOAD|LEAKHUNT_)' | sort; {}",
+            exe.display()
+        ))
+        .current_dir(&dir)
+        .env("LD_PRELOAD", preload())
+        .env("LEAKHUNT_OUT", &trace)
+        .env_remove("LEAKHUNT_TRACE_CHILDREN")
+        .output()
+        .unwrap();
+    let plain = plain(&exe, &[]);
+    assert_eq!(out.status.code(), plain.status.code());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "LD_PRELOAD={}\nLEAKHUNT_OUT={}\n{}",
+            preload().display(),
+            trace.display(),
+            String::from_utf8_lossy(&plain.stdout)
+        )
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    // timeout writes t.trace; its child sh (forked, then exec'd) and simple (exec'd by sh,
+    // or forked first) write t.trace.<pid>.
+    let mut traces: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("t.trace")
+        })
+        .collect();
+    traces.sort();
+    assert_eq!(traces[0], trace);
+    assert!(traces.len() >= 2, "{traces:?}");
+    let refs: Vec<&Path> = traces.iter().map(|p| p.as_path()).collect();
+    let (rep, json) = report(&refs);
+    assert!(
+        rep.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rep.stderr)
+    );
+    let ps = json["processes"].as_array().unwrap();
+    let argv0 = |p: &Value| p["argv"][0].as_str().unwrap_or("").to_string();
+    assert!(ps.iter().any(|p| argv0(p) == "timeout"), "{json:#}");
+    let prog = ps
+        .iter()
+        .find(|p| argv0(p) == exe.to_str().unwrap())
+        .unwrap_or_else(|| panic!("the program timeout started is traced: {json:#}"));
+    // simple.c's leak, found in the grandchild's own trace.
+    expect_leak(prog, "simple.c", "SIMPLE_A", 300, 3);
+    expect_leak(prog, "simple.c", "SIMPLE_B", 40, 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The heap scan at exit, with the preload alone, starts a helper process: the program never

@@ -426,7 +426,10 @@ macro_rules! exec_shim {
     ($name:ident, $cname:literal, $real:ident, ($first:ident: $ft:ty, $argv:ident $(, $envp:ident)?)) => {
         #[cfg_attr(not(test), no_mangle)]
         pub unsafe extern "C" fn $name($first: $ft, $argv: Argv $(, $envp: Argv)?) -> c_int {
-            tracer::before_exec();
+            #[allow(unused_mut, unused_assignments)]
+            let mut env_in: Argv = core::ptr::null();
+            $( env_in = $envp; )?
+            tracer::before_exec(env_in);
             $(
                 let env = tracer::exec_env($envp);
                 let $envp = env.as_ref().map_or($envp, |e| e.ptrs.as_ptr());

@@ -6,7 +6,7 @@
 //! | `LEAKHUNT_SOCKET` | Unix socket of a `leakhunt run` to stream to | unset: write a file |
 //! | `LEAKHUNT_OUT` | trace file path (`%p` = pid) | `leakhunt.<pid>.trace` |
 //! | `LEAKHUNT_MAX_FRAMES` | frames kept per stack, 1-256 | 64 |
-//! | `LEAKHUNT_TRACE_CHILDREN` | `1`: trace exec'd programs too (fork children are followed anyway) | `0` |
+//! | `LEAKHUNT_TRACE_CHILDREN` | `1`: trace exec'd programs too, also those given an environment without leakhunt's variables (fork children are followed anyway); `0`: take leakhunt out of the environment the program passes on, so that the programs it starts run untraced | under `leakhunt run`: `0`; the preload alone: unset, and programs started with the environment the user set (`LD_PRELOAD` and any `LEAKHUNT_*` variables) are traced as every `LD_PRELOAD` library is inherited, each writing its own trace |
 //! | `LEAKHUNT_FOLLOW_FORKS` | `0`: do not trace fork children (memcheck follows them without being asked) | `1` |
 //! | `LEAKHUNT_FREERES` | `0`: do not ask libc/libstdc++ to free their internal buffers at exit | `1` |
 //! | `LEAKHUNT_RING_DIR` | directory (private to `leakhunt run`) where rings are shared files, so the CLI keeps what reached them if the process is killed | unset: anonymous memory |
@@ -34,6 +34,10 @@ pub struct Config {
     pub token: [u8; 16],
     pub max_frames: usize,
     pub trace_children: bool,
+    /// Take leakhunt out of the environment the program passes on (`LEAKHUNT_TRACE_CHILDREN=0`,
+    /// and under `leakhunt run` without `--trace-children`). Neither this nor
+    /// `trace_children`: the environment is the user's, inherited as it is.
+    pub strip_env: bool,
     /// Fork children are traced as processes of their own.
     pub follow_forks: bool,
     pub freeres: bool,
@@ -64,6 +68,7 @@ static mut CONFIG: Config = Config {
     token: [0; 16],
     max_frames: 64,
     trace_children: false,
+    strip_env: false,
     follow_forks: true,
     freeres: true,
     unwind_reuse: true,
@@ -120,6 +125,12 @@ pub fn load() {
         }
         c.max_frames = max_frames;
         c.trace_children = trace_children;
+        c.strip_env = match env(c"LEAKHUNT_TRACE_CHILDREN") {
+            Some(s) => s.to_bytes() != b"1",
+            // `leakhunt run` (a socket to stream to) traces exec'd programs only when asked, as
+            // memcheck does; the preload alone is inherited as the user set it.
+            None => env(c"LEAKHUNT_SOCKET").is_some(),
+        };
         c.follow_forks =
             trace_children || env(c"LEAKHUNT_FOLLOW_FORKS").is_none_or(|s| s.to_bytes() != b"0");
         c.freeres = env(c"LEAKHUNT_FREERES").is_none_or(|s| s.to_bytes() != b"0");

@@ -81,6 +81,32 @@ pub unsafe fn strip_from(env: *mut *mut c_char) {
     unsafe { *env.add(w) = core::ptr::null_mut() };
 }
 
+/// Whether the environment `envp` (null-terminated) preloads this library: a program started
+/// with it is traced.
+pub fn preloads_us(envp: *const *const c_char) -> bool {
+    if envp.is_null() {
+        return false;
+    }
+    let Some(own) = own_path() else { return false };
+    let own = own.to_bytes();
+    let mut i = 0;
+    loop {
+        // SAFETY: a null-terminated array of NUL-terminated strings (exec's contract).
+        let p = unsafe { *envp.add(i) };
+        if p.is_null() {
+            return false;
+        }
+        // SAFETY: as above.
+        let entry = unsafe { CStr::from_ptr(p) }.to_bytes();
+        if let Some(list) = entry.strip_prefix(b"LD_PRELOAD=") {
+            return list
+                .split(|&b| b == b':' || b == b' ')
+                .any(|e| !e.is_empty() && (e == own || basename(e) == basename(own)));
+        }
+        i += 1;
+    }
+}
+
 /// `LD_PRELOAD`'s value without this library; `None` when nothing else is left.
 fn without_own(list: &[u8], own: &[u8]) -> Option<Vec<u8>> {
     let kept: Vec<&[u8]> = list

@@ -484,6 +484,17 @@ fn absolute_name(fd: i32, path: &mut [u8; PATH_LEN]) {
     }
 }
 
+/// `path` (NUL-terminated) is a regular file of this user's (not a link, not another's).
+fn own_file(path: &[u8; PATH_LEN]) -> bool {
+    // SAFETY: `st` is written by lstat; `path` is NUL-terminated.
+    unsafe {
+        let mut st: libc::stat = core::mem::zeroed();
+        libc::lstat(path.as_ptr().cast(), &mut st) == 0
+            && st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && st.st_uid == libc::geteuid()
+    }
+}
+
 /// Creates `LEAKHUNT_OUT` (with `%p` replaced by the pid) or `leakhunt.<pid>.trace`, O_EXCL and
 /// mode 0600, never through a symbolic link; if the name exists, `<name>.2`, `<name>.3`, ... are
 /// tried, and the user is told which one was taken (unless the name holds the pid: then it is an
@@ -547,14 +558,25 @@ fn open_trace_file(path: &mut [u8; PATH_LEN], cfg: &config::Config, child: bool)
         }
     };
     path[n] = 0;
-    let fd = open(path);
+    let mut fd = open(path);
+    // SAFETY: errno is thread-local.
+    let taken = || unsafe { *libc::__errno_location() } == libc::EEXIST;
+    if fd < 0 && taken() && !by_pid && !cfg.strip_env && !cfg.trace_children && own_file(path) {
+        // A fixed name, inherited as the user set it: the programs the first process starts
+        // are traced too and find it taken (by a trace of the user's); each writes
+        // `<name>.<pid>`, as forked children do. (Anything else there is news: below.)
+        put(path, b".", &mut n);
+        put(path, pid_s, &mut n);
+        path[n] = 0;
+        by_pid = true;
+        fd = open(path);
+    }
     // The name is taken (an earlier image of this pid before exec, or a fixed LEAKHUNT_OUT):
     // try `<name>.2`, `<name>.3`, ...
     let base = n;
-    let mut fd = fd;
     let mut k = 2u32;
     // SAFETY: errno is thread-local.
-    while fd < 0 && unsafe { *libc::__errno_location() } == libc::EEXIST && k < 1000 {
+    while fd < 0 && taken() && k < 1000 {
         n = base;
         put(path, b".", &mut n);
         put(path, sys::fmt_u64(&mut digits, k as u64), &mut n);

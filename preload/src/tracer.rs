@@ -840,7 +840,7 @@ pub extern "C" fn constructor() {
     g.forwarding(|| {
         // SAFETY: registering plain C callbacks.
         unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
-        if !config::get().trace_children {
+        if config::get().strip_env {
             // SAFETY: before main, only this thread runs; `environ` is libc's array.
             unsafe { crate::env::strip_from(crate::env::environ()) };
         }
@@ -927,7 +927,7 @@ fn scan_sp(here: u64) -> u64 {
 /// # Safety
 /// `envp` is main's environment array (null-terminated, writable); only this thread runs.
 pub unsafe fn before_main(envp: *mut *mut core::ffi::c_char) {
-    if STATE.load(Ordering::Acquire) == UNINIT || config::get().trace_children {
+    if STATE.load(Ordering::Acquire) == UNINIT || !config::get().strip_env {
         return;
     }
     if envp != crate::env::environ() {
@@ -1002,13 +1002,26 @@ pub fn on_underscore_exit(code: i32) {
 /// out, closed by an exit record saying so. If the exec fails, recording simply goes on and the
 /// reader treats the record as void. A vfork child shares our memory but is another process: it
 /// must not touch the parent's rings or stream.
-pub fn before_exec() {
+///
+/// `envp`: the environment the new image gets (null: `environ`). Where it is inherited as the
+/// user set it, whether the new image is traced depends on it (this library in `LD_PRELOAD`).
+pub fn before_exec(envp: *const *const core::ffi::c_char) {
     if !this_process() {
         return;
     }
     // The new image, if traced, opens its own control socket.
     crate::control::close(true);
-    if !config::get().trace_children && out::end_fork_image_quietly() {
+    let cfg = config::get();
+    let traced = cfg.trace_children
+        || (!cfg.strip_env && {
+            let envp = if envp.is_null() {
+                crate::env::environ() as *const *const core::ffi::c_char
+            } else {
+                envp
+            };
+            crate::env::preloads_us(envp)
+        });
+    if !traced && out::end_fork_image_quietly() {
         // Events it recorded (its rings) go nowhere: the heap they describe ends with it.
         return;
     }
