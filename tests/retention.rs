@@ -749,3 +749,39 @@ fn a_std_map_member_of_a_global_object_is_seen_before_its_destructor() {
         r.stderr()
     );
 }
+
+#[test]
+fn a_long_path_keeps_its_first_and_last_hops_and_counts_the_rest() {
+    let exe = fixture("retain_chain.c");
+    let r = run(&exe, &[], &["--show-leak-kinds", "all"]);
+    let p = r.main();
+    let payload = entry(&p["leaks"], "retain_chain.c", "PAYLOAD");
+    assert_eq!(payload["kind"], "still_reachable");
+    let ret = &payload["retention"];
+    assert_eq!(ret["root"]["symbol"], "g_chain", "{ret:#}");
+    // The 40 links are its hops (each holds the pointer to the next): the first 4 and the last
+    // 8 are kept.
+    let path = ret["path"].as_array().unwrap();
+    assert_eq!(path.len(), 12, "{ret:#}");
+    let skipped: Vec<u64> = path
+        .iter()
+        .map(|h| h["skipped"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(skipped, [0, 0, 0, 0, 28, 0, 0, 0, 0, 0, 0, 0]);
+    // Each hop names its site by one frame, with its callsite for the whole stack; links
+    // alternate B (made first, next to the root: the 40th link is a B), A, ...
+    let site = |h: &Value| h["stack"][0]["line"].as_u64().unwrap();
+    let (a, b) = (
+        line_of("retain_chain.c", "LINK_A") as u64,
+        line_of("retain_chain.c", "LINK_B") as u64,
+    );
+    assert_eq!(path.iter().map(site).collect::<Vec<_>>()[..4], [a, b, a, b]);
+    assert_eq!(path[0]["stack"].as_array().unwrap().len(), 1);
+    assert!(path[0]["callsite"].as_u64().is_some());
+    assert_eq!(site(&path[11]), b, "the payload's holder, the first link made");
+    assert!(
+        r.stderr().contains("-> ... 28 more hops ..."),
+        "{}",
+        r.stderr()
+    );
+}

@@ -330,12 +330,19 @@ pub fn emit(report: &Report, out: &Output, text_to_stderr: bool) -> Result<bool>
         }
     }
     if let Some(path) = &out.json {
-        let json = serde_json::to_string_pretty(report)?;
+        // Streamed: a compiler's run has tens of thousands of records (hundreds of MB).
+        let write = |w: &mut dyn std::io::Write| -> std::io::Result<()> {
+            let mut w = std::io::BufWriter::with_capacity(1 << 16, w);
+            serde_json::to_writer_pretty(&mut w, report)?;
+            w.write_all(b"\n")?;
+            w.flush()
+        };
         if path.as_os_str() == "-" {
-            println!("{json}");
+            write(&mut std::io::stdout().lock())?;
         } else {
-            leakhunt::outfile::write(path, (json + "\n").as_bytes(), 0o644)
+            let mut f = leakhunt::outfile::create(path, 0o644)
                 .with_context(|| format!("writing {}", path.display()))?;
+            write(&mut f).with_context(|| format!("writing {}", path.display()))?;
         }
     }
     Ok(report.failed())
@@ -466,6 +473,7 @@ fn paths_cmd(a: &PathsArgs) -> Result<ExitCode> {
                 p: &p,
                 sites: &mut sites,
                 sym: &mut sym,
+                hop_stacks: Default::default(),
             };
             if let Some(r) = namer.retention(ix, &ids, Want::All) {
                 found.push(r);

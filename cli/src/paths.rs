@@ -84,14 +84,31 @@ pub struct RootName {
 /// One heap hop: a block of this allocation stack holding the pointer to the next at `offset`.
 #[derive(Serialize, Clone, Debug, Default)]
 pub struct Hop {
-    pub stack: Vec<Frame>,
+    /// The frame of the hop's allocation stack that names its site (the program's first frame
+    /// with source; the whole stack is its callsite's: `callsite`). Shared by every hop of that
+    /// stack: a compiler's run names tens of thousands of paths.
+    pub stack: std::sync::Arc<Vec<Frame>>,
+    /// The hop's callsite id (`leakhunt paths TRACE --callsite ID`).
+    pub callsite: u32,
     /// `None` for a run of hops at different offsets (a tree's links).
     pub offset: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub member: Option<String>,
     /// A run of such blocks, each holding the next (a list, a tree).
     pub repeated: bool,
+    /// Hops left out just before this one: a path longer than [`MAX_HOPS`] keeps its first and
+    /// last hops (a compiler's data structures chain hundreds of blocks of different sites).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub skipped: u32,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Hops a path keeps: the first [`HEAD_HOPS`] (from the root) and the rest from the end.
+pub const MAX_HOPS: usize = 12;
+const HEAD_HOPS: usize = 4;
 
 #[derive(Clone, Copy, Debug)]
 struct Node {
@@ -110,6 +127,8 @@ pub struct Index {
     sites: FxHashMap<u32, Vec<(u32, u64, u64)>>,
     /// Per stack id: (first born, born, bytes, blocks).
     retained: FxHashMap<u32, Vec<(u32, u32, u64, u64)>>,
+    /// Per stack id: the size of its blocks when they all have one (a hop's block size).
+    sizes: FxHashMap<u32, Option<u64>>,
     /// Which scan: `exit` or a snapshot's name.
     pub scan: String,
 }
@@ -171,6 +190,17 @@ impl Index {
                     .push((first_born, born, bytes, blocks)),
             }
         }
+        // Once per scan, not per callsite named (thousands of callsites in a compiler's run).
+        ix.sizes = ix
+            .sites
+            .iter()
+            .map(|(&s, v)| {
+                let (b, y) = v.iter().fold((0u64, 0u64), |a, x| {
+                    (a.0.saturating_add(x.1), a.1.saturating_add(x.2))
+                });
+                (s, (b > 0 && y % b == 0).then(|| y / b))
+            })
+            .collect();
         (!ix.sites.is_empty()).then_some(ix)
     }
 
@@ -269,6 +299,9 @@ pub struct Namer<'a, 'p> {
     pub p: &'p Process,
     pub sites: &'a mut Callsites<'p>,
     pub sym: &'a mut Symbolizer,
+    /// Hops' stacks by stack id, made once: a compiler's run names tens of thousands of paths
+    /// through the same few thousand blocks' sites.
+    pub hop_stacks: FxHashMap<u32, std::sync::Arc<Vec<Frame>>>,
 }
 
 impl Namer<'_, '_> {
@@ -464,8 +497,29 @@ impl Namer<'_, '_> {
         let (root, mut ty) = self.root(root_item);
         let mut hops = Vec::new();
         let mut prev: Option<(u32, Option<TypeRef>)> = None;
-        for n in chain {
-            let stack = self.frames(n.stack);
+        let gap = chain.len().saturating_sub(MAX_HOPS);
+        let mut skipped = 0u32;
+        for (i, n) in chain.into_iter().enumerate() {
+            if gap > 0 && (HEAD_HOPS..HEAD_HOPS + gap).contains(&i) {
+                // Left out: what the next kept hop's type is comes from its own site.
+                skipped += 1;
+                ty = None;
+                prev = None;
+                continue;
+            }
+            let stack = match self.hop_stacks.get(&n.stack) {
+                Some(s) => s.clone(),
+                None => {
+                    let all = self.frames(n.stack);
+                    let site = crate::growth::first_own_source(&all)
+                        .and_then(|f| all.iter().position(|g| std::ptr::eq(f, g)))
+                        .unwrap_or(0);
+                    let s: std::sync::Arc<Vec<Frame>> =
+                        std::sync::Arc::new(all.into_iter().skip(site).take(1).collect());
+                    self.hop_stacks.insert(n.stack, s.clone());
+                    s
+                }
+            };
             // The block's type: its allocation site's when that has the block's size, else
             // what the pointer to it said (perhaps a base class), else (leaving a run of the
             // same callsite) the run's.
@@ -488,9 +542,11 @@ impl Namer<'_, '_> {
             prev = Some((n.stack, t));
             hops.push(Hop {
                 stack,
+                callsite: n.stack,
                 offset: off,
                 member,
                 repeated: n.repeat,
+                skipped: std::mem::take(&mut skipped),
             });
         }
         (root, hops)
@@ -503,17 +559,9 @@ impl Namer<'_, '_> {
         if paths.is_empty() || total == 0 {
             return None;
         }
-        // A hop's block size, when its callsite's blocks all have one.
-        let mut sizes: FxHashMap<u32, Option<u64>> = FxHashMap::default();
-        for (&s, v) in &ix.sites {
-            let (b, y) = v.iter().fold((0u64, 0u64), |a, x| {
-                (a.0.saturating_add(x.1), a.1.saturating_add(x.2))
-            });
-            sizes.insert(s, (b > 0 && y % b == 0).then(|| y / b));
-        }
         let mut named: Vec<PathName> = Vec::new();
         for &(node, blocks, bytes) in &paths {
-            let (root, path) = self.path(ix, node, &sizes);
+            let (root, path) = self.path(ix, node, &ix.sizes);
             named.push(PathName {
                 root,
                 path,
@@ -651,7 +699,15 @@ pub fn hop_words(h: &Hop) -> String {
 pub fn hops_lines(path: &[Hop]) -> Vec<String> {
     let mut out = Vec::new();
     for (i, h) in path.iter().enumerate() {
+        if h.skipped > 0 {
+            out.push(format!(
+                "  -> ... {} more hop{} ...",
+                crate::report::thousands(u64::from(h.skipped)),
+                if h.skipped == 1 { "" } else { "s" }
+            ));
+        }
         let after_run = i > 0
+            && h.skipped == 0
             && path[i - 1].repeated
             && !h.repeated
             && site_words(&path[i - 1].stack) == site_words(&h.stack);

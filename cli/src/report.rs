@@ -811,7 +811,12 @@ fn attach_retention<'p>(
             }
         }
     }
-    let mut namer = Namer { p, sites, sym };
+    let mut namer = Namer {
+        p,
+        sites,
+        sym,
+        hop_stacks: Default::default(),
+    };
     if let (Some(ix), Some(ss)) = (&exit, &exit_sites) {
         for l in leaks.iter_mut() {
             let want = match Kind::from_name(l.kind) {
