@@ -76,6 +76,67 @@ pub struct GrowthEntry {
     pub unwind: Option<&'static str>,
 }
 
+/// Growing callsites that share their innermost functions (a compiler's thousands of callsites
+/// under a few allocation paths), summed: where the memory goes, by function.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct GrowthGroup {
+    /// The innermost [`GROUP_FRAMES`] functions of the callsites' stacks, innermost first
+    /// (unnamed frames as `module+offset`).
+    pub functions: Vec<String>,
+    /// Of the callsites' growth after warm-up.
+    pub delta_bytes: i64,
+    pub delta_blocks: i64,
+    pub callsites: u64,
+    /// How many of them grow (`leak` or `growing`), the rest having reached a plateau.
+    pub growing: u64,
+}
+
+/// Functions a growth group is keyed by.
+pub const GROUP_FRAMES: usize = 3;
+/// Growing callsites from which the text shows the groups first.
+const GROUPS_FROM: usize = 20;
+
+/// The flagged growth entries grouped by their innermost functions, most bytes first.
+pub fn groups(entries: &[GrowthEntry]) -> Vec<GrowthGroup> {
+    let mut m: FxHashMap<Vec<String>, GrowthGroup> = FxHashMap::default();
+    for e in entries.iter().filter(|e| e.verdict.flagged()) {
+        let mut key: Vec<String> = Vec::with_capacity(GROUP_FRAMES);
+        for f in &e.stack {
+            let name = match (&f.function, &f.module) {
+                (Some(func), _) => func.clone(),
+                (None, Some(m)) => format!("{}+{:#x}", m.rsplit('/').next().unwrap_or(m), f.offset),
+                (None, None) => format!("{:#x}", f.address),
+            };
+            // Inlined frames of one function, or recursion, count once.
+            if key.last() != Some(&name) {
+                key.push(name);
+            }
+            if key.len() == GROUP_FRAMES {
+                break;
+            }
+        }
+        let g = m.entry(key.clone()).or_insert_with(|| GrowthGroup {
+            functions: key,
+            delta_bytes: 0,
+            delta_blocks: 0,
+            callsites: 0,
+            growing: 0,
+        });
+        g.delta_bytes = g.delta_bytes.saturating_add(e.delta_bytes);
+        g.delta_blocks = g.delta_blocks.saturating_add(e.delta_blocks);
+        g.callsites += 1;
+        g.growing += u64::from(e.verdict.grows());
+    }
+    let mut v: Vec<GrowthGroup> = m.into_values().collect();
+    v.sort_by(|a, b| {
+        b.delta_bytes
+            .cmp(&a.delta_bytes)
+            .then(b.callsites.cmp(&a.callsites))
+            .then_with(|| a.functions.cmp(&b.functions))
+    });
+    v
+}
+
 /// The smallest growth of a callsite after warm-up that is a finding, in bytes or in blocks
 /// (either will do): less is a block or two caught live (a `leak` verdict on +256 bytes in 2
 /// blocks says nothing; one small block an epoch for 8 epochs is a trend).
@@ -497,6 +558,37 @@ pub fn render(t: &Timeline, entries: &[GrowthEntry], top: usize) -> Vec<String> 
     };
     let (flagged, rest) = all_flagged.split_at(cut);
     out.push(String::new());
+    if all_flagged.len() >= GROUPS_FROM {
+        // Thousands of callsites (a compiler's arenas): where the memory goes first.
+        let groups = groups(entries);
+        let shown = groups.len().min(10);
+        out.push(format!(
+            "GROWTH BY FUNCTION: {} callsites that did not stay stable, in {} groups by their innermost {GROUP_FRAMES} functions{}:",
+            thousands(all_flagged.len() as u64),
+            thousands(groups.len() as u64),
+            if shown < groups.len() {
+                format!(" (the {shown} largest)")
+            } else {
+                String::new()
+            }
+        ));
+        for (i, g) in groups.iter().take(shown).enumerate() {
+            out.push(format!(
+                "  {}. {:+} bytes in {:+} blocks, {} ({} growing): {}",
+                i + 1,
+                g.delta_bytes,
+                g.delta_blocks,
+                if g.callsites == 1 {
+                    "1 callsite".to_string()
+                } else {
+                    format!("{} callsites", thousands(g.callsites))
+                },
+                thousands(g.growing),
+                g.functions.join(" < ")
+            ));
+        }
+        out.push(String::new());
+    }
     if t.verdict == Verdict::Insufficient {
         out.push(format!(
             "Too little evidence: {} epoch boundaries after warm-up, {} needed for a verdict. Run longer, or with a shorter --epoch.",

@@ -336,6 +336,9 @@ pub struct ProcReport {
     pub timeline: Option<crate::growth::Timeline>,
     /// ...and each callsite that did not stay stable, worst first.
     pub growth: Vec<crate::growth::GrowthEntry>,
+    /// Those callsites grouped by their innermost functions, most bytes first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub growth_groups: Vec<crate::growth::GrowthGroup>,
     pub warnings: Vec<String>,
 }
 
@@ -755,6 +758,7 @@ pub fn build_with(
         },
         leaks,
         timeline,
+        growth_groups: crate::growth::groups(&growth),
         growth,
         warnings,
     }

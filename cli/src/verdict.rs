@@ -137,7 +137,10 @@ pub fn classify(t: &[f64], y: &[f64]) -> (Verdict, Evidence) {
         return (Verdict::Plateau, ev);
     }
     let steady = ev.pace_ratio >= 0.75 && last_gain >= 0.2 * growth;
-    if ev.trend_z >= 3.0 && end >= 0.9 * peak && steady {
+    // A leak is many small gains; one step that makes most of the growth (a large buffer made
+    // late in a compiler's run) is growth to watch, not a trend.
+    let largest_step = y.windows(2).map(|w| w[1] - w[0]).fold(0.0f64, f64::max);
+    if ev.trend_z >= 3.0 && end >= 0.9 * peak && steady && largest_step <= 0.5 * growth {
         return (Verdict::Leak, ev);
     }
     (Verdict::Growing, ev)
@@ -270,6 +273,21 @@ mod tests {
         );
         // In whole blocks: 48 bytes, a few per epoch.
         assert_eq!(verdict(|x| 48.0 * (x * 37.0).floor()), Verdict::Leak);
+    }
+
+    #[test]
+    fn one_late_step_is_growth_not_a_leak() {
+        // A few small gains, then one large block made near the end (most of the growth): the
+        // trend test alone would call it a leak.
+        let t = times();
+        let n = t.len();
+        let y: Vec<f64> = (0..n)
+            .map(|i| {
+                let small = 64.0 * (i * 6 / n) as f64;
+                small + if i >= n - 2 { 163_840.0 } else { 0.0 }
+            })
+            .collect();
+        assert_eq!(classify(&t, &y).0, Verdict::Growing);
     }
 
     #[test]
