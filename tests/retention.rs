@@ -778,7 +778,11 @@ fn a_long_path_keeps_its_first_and_last_hops_and_counts_the_rest() {
     assert_eq!(path.iter().map(site).collect::<Vec<_>>()[..4], [a, b, a, b]);
     assert_eq!(path[0]["stack"].as_array().unwrap().len(), 1);
     assert!(path[0]["callsite"].as_u64().is_some());
-    assert_eq!(site(&path[11]), b, "the payload's holder, the first link made");
+    assert_eq!(
+        site(&path[11]),
+        b,
+        "the payload's holder, the first link made"
+    );
     assert!(
         r.stderr().contains("-> ... 28 more hops ..."),
         "{}",
