@@ -51,6 +51,24 @@ fn golden_trace_reports_its_known_figures() {
 }
 
 #[test]
+fn json_on_stdout_is_json_alone_and_the_text_goes_to_stderr() {
+    let out = leakhunt_cmd(&["report", "--json", "-", golden().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON alone ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    assert_eq!(v["processes"][0]["pid"], 14796);
+    assert!(
+        stderr(&out).contains("300 bytes in 3 blocks are"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn every_golden_trace_reports_the_same_figures_and_progress_shows_on_request() {
     // Version 1 (slots), version 2 (compact events) and version 3 (elided pairs) traces of the
     // same program.
@@ -529,4 +547,34 @@ fn argv_reaches_the_report_exactly_with_empty_arguments_and_control_characters()
     );
     assert!(r.stderr().contains(&header), "{}", r.stderr());
     assert!(!r.stderr().contains('\x1b'), "{}", r.stderr());
+}
+
+#[test]
+fn a_process_that_dropped_its_user_says_why_it_has_no_heap_scan() {
+    let exe = fixture("drop_user.c");
+    let dir = scratch("dropped");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("t.trace");
+    let out = Command::new(&exe)
+        .current_dir(&dir)
+        .env("LD_PRELOAD", preload())
+        .env("LEAKHUNT_OUT", &trace)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "dropped\n");
+    let (rep, v) = report(&[&trace]);
+    assert!(rep.status.success(), "{}", stderr(&rep));
+    let p = &v["processes"][0];
+    // The block is reported (unfreed, without a kind), and the report says why there are no
+    // kinds.
+    let kept = leak_at(p, "drop_user.c", line_of("drop_user.c", "DROP_KEPT"));
+    assert_eq!((kept.kind.as_str(), kept.bytes), ("unfreed", 64));
+    let w = p["warnings"].to_string();
+    assert!(
+        w.contains("no heap scan at exit: the process is not dumpable"),
+        "{w}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -307,7 +307,9 @@ pub fn emit(report: &Report, out: &Output, text_to_stderr: bool) -> Result<bool>
         }
         report::render_text(p, &mut text);
     }
-    let res = if text_to_stderr {
+    // `--json -` takes stdout: the text goes to stderr, so that stdout is JSON alone.
+    let json_on_stdout = out.json.as_ref().is_some_and(|p| p.as_os_str() == "-");
+    let res = if text_to_stderr || json_on_stdout {
         std::io::stderr().write_all(text.as_bytes())
     } else {
         std::io::stdout().write_all(text.as_bytes())

@@ -1011,6 +1011,36 @@ for it anyway)",
             write_buf();
             return;
         }
+        // The helper runs as the user the process runs as now: it must be let read the trace
+        // and this process's memory (a worker that dropped root for `nobody` is not dumpable,
+        // and its trace is root's).
+        // SAFETY: PR_GET_DUMPABLE takes no pointer; faccessat reads a NUL-terminated path.
+        let (dumpable, readable) = unsafe {
+            (
+                // (root's helper may read any process's memory)
+                libc::prctl(libc::PR_GET_DUMPABLE) == 1 || libc::geteuid() == 0,
+                libc::faccessat(
+                    libc::AT_FDCWD,
+                    o.path.as_ptr().cast(),
+                    libc::R_OK,
+                    libc::AT_EACCESS,
+                ) == 0,
+            )
+        };
+        if !dumpable || !readable {
+            push_warning(if !dumpable {
+                b"no heap scan at exit: the process is not dumpable (it changed its user or \
+group, as a daemon's worker dropping root does, or asked not to be), so its helper may not read \
+its memory"
+                    .as_slice()
+            } else {
+                b"no heap scan at exit: the user the process runs as now cannot read its trace \
+(it changed its user), which the helper must read"
+                    .as_slice()
+            });
+            write_buf();
+            return;
+        }
         let asked = REACH_ASKS.load(Ordering::Relaxed);
         let parent = (o.forked.is_some() && o.parent_path[0] != 0).then_some(&o.parent_path[..]);
         let Some((child, fd)) = crate::helper::spawn(&o.path, sys::getpid(), asked, parent) else {
