@@ -136,8 +136,9 @@ pub fn refresh() {
     }
 }
 
-/// One `/proc/self/maps` line at a time: `start-end perms ...`; yields the range of an
-/// executable one at its newline.
+/// One `/proc/self/maps` line at a time: `start-end perms ...`; yields the range of a readable
+/// and executable one at its newline (the unwinder may read the code at a return address: an
+/// execute-only mapping is left out).
 #[derive(Default)]
 struct LineParser {
     field: u8,
@@ -145,13 +146,15 @@ struct LineParser {
     end: u64,
     /// Position in the permissions field.
     perm: u8,
+    read: bool,
     exec: bool,
 }
 
 impl LineParser {
     fn feed(&mut self, c: u8) -> Option<(u64, u64)> {
         if c == b'\n' {
-            let out = (self.exec && self.start < self.end).then_some((self.start, self.end));
+            let out =
+                (self.read && self.exec && self.start < self.end).then_some((self.start, self.end));
             *self = LineParser::default();
             return out;
         }
@@ -181,8 +184,10 @@ impl LineParser {
                 *v = v.wrapping_shl(4) | d;
             }
             2 => {
-                if self.perm == 2 && c == b'x' {
-                    self.exec = true;
+                match (self.perm, c) {
+                    (0, b'r') => self.read = true,
+                    (2, b'x') => self.exec = true,
+                    _ => {}
                 }
                 self.perm += 1;
                 if c == b' ' {
@@ -217,7 +222,6 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
             vec![
                 (0x55d0c0001000, 0x55d0c0100000),
                 (0x7f0000000000, 0x7f0000040000),
-                (0xffffffffff600000, 0xffffffffff601000),
             ]
         );
     }

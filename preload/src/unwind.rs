@@ -55,6 +55,9 @@ struct Rule {
     fp: bool,
     /// For `fp`: the address lies in a module (without CFI for it), not in a JIT's memory.
     fp_module: bool,
+    /// No CFI stood behind this rule (a frame pointer, or a JIT stub's epilogue read from its
+    /// code): the return address it gives must lie in executable memory.
+    verify_ra: bool,
 }
 
 impl Rule {
@@ -68,6 +71,7 @@ impl Rule {
             rbp_off: 0,
             fp: false,
             fp_module: false,
+            verify_ra: false,
         }
     }
 
@@ -84,7 +88,45 @@ impl Rule {
             rbp_off: -16,
             fp: true,
             fp_module: in_module,
+            verify_ra: true,
         }
+    }
+
+    /// A frame of JIT code without a frame of its own, read from the code it returns to: `ret`
+    /// (nothing on the stack but the return address) or `add rsp, N; ret` (a stub that only
+    /// aligned the stack, as CPython 3.12's perf trampolines do). rbp is its caller's.
+    fn jit_epilogue(ra: u64) -> Option<Rule> {
+        let readable = |a: u64| crate::jit::contains(a);
+        if !readable(ra) {
+            return None;
+        }
+        // SAFETY: `ra` lies in a readable, executable mapping (checked just above).
+        let first = unsafe { *(ra as *const u8) };
+        let cfa_off = if first == 0xc3 {
+            8
+        } else if first == 0x48 && readable(ra + 4) {
+            // SAFETY: `ra .. ra + 5` lies in one readable mapping (both ends checked; the
+            // table merges touching mappings).
+            let code = unsafe { core::slice::from_raw_parts(ra as *const u8, 5) };
+            let n = code[3] as i8;
+            if code[..3] != [0x48, 0x83, 0xc4] || code[4] != 0xc3 || n <= 0 || n % 8 != 0 {
+                return None;
+            }
+            n as i32 + 8
+        } else {
+            return None;
+        };
+        Some(Rule {
+            kind: Kind::Ok,
+            cfa_rbp: false,
+            own: false,
+            cfa_off,
+            ra_off: -8,
+            rbp_off: 0,
+            fp: false,
+            fp_module: false,
+            verify_ra: true,
+        })
     }
 
     /// Why a walk stops where this frame-pointer rule's step cannot be trusted: as it stopped
@@ -367,7 +409,7 @@ impl Scratch {
         }
         let Some(m) = m else {
             return if crate::jit::contains(addr) {
-                Rule::frame_pointer(false)
+                Rule::jit_epilogue(addr + 1).unwrap_or(Rule::frame_pointer(false))
             } else {
                 none(Kind::Unknown)
             };
@@ -666,7 +708,7 @@ pub fn capture(
         lookup = ra - 1;
         let step_rule = rule;
         rule = s.rule(lookup);
-        if step_rule.fp && rule.kind == Kind::Unknown {
+        if step_rule.verify_ra && rule.kind == Kind::Unknown {
             // A frame pointer led to an address in no executable memory: not a return
             // address; the frame is not kept.
             s.walk_tail_rbp = tail_rbp;
