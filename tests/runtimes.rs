@@ -31,15 +31,7 @@ fn node_buffers_held_by_a_js_function_name_it() {
         &["--epoch", "100ms"],
     );
     let p = r.main();
-    let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", p["pid"]));
-    // node 20 also logs code events to isolate-ADDR-PID-v8.log in its working directory.
-    let pid_part = format!("-{}-v8.log", p["pid"]);
-    for e in std::fs::read_dir(".").unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("isolate-") && name.ends_with(&pid_part) {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
+    remove_jit_files(&p["pid"]);
     assert_eq!(r.stdout(), "kept 4020\n", "{}", r.stderr());
     assert_eq!(r.out.status.code(), Some(0), "{}", r.stderr());
     // The Buffers' backing stores: 4,020 of 4,096 bytes, malloc'ed by node's array buffer
@@ -110,7 +102,7 @@ fn java_direct_buffers_name_the_java_method() {
         &["--epoch", "200ms", "--show-leak-kinds", "all"],
     );
     let p = r.main();
-    let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", p["pid"]));
+    remove_jit_files(&p["pid"]);
     assert_eq!(r.stdout(), "kept 4000\n", "{}", r.stderr());
     assert_eq!(r.out.status.code(), Some(0), "{}", r.stderr());
     // Every direct buffer is still held at exit: 4,000 x 4,096 bytes through

@@ -180,8 +180,7 @@ fn run_once(c: &Case) -> (Vec<String>, String) {
     let r = run(&c.program, &args, &["--epoch", "100ms", "-q"]);
     assert_eq!(r.out.status.code(), Some(0), "{}: {}", c.name, r.stderr());
     let p = r.main();
-    let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", p["pid"]));
-    remove_v8_logs(&p["pid"]);
+    remove_jit_files(&p["pid"]);
     let growth = p["growth"].as_array().unwrap();
     let sites = c
         .sites
@@ -201,17 +200,6 @@ fn run_once(c: &Case) -> (Vec<String>, String) {
         .unwrap_or("none")
         .to_string();
     (sites, process)
-}
-
-/// node writes isolate-ADDR-PID-v8.log into its working directory.
-fn remove_v8_logs(pid: &Value) {
-    let tail = format!("-{pid}-v8.log");
-    for e in std::fs::read_dir(".").unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("isolate-") && name.ends_with(&tail) {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
 }
 
 #[test]

@@ -606,3 +606,16 @@ pub fn check_protocol4(doc: &roxmltree::Document) {
         }
     }
 }
+
+/// Removes what a JIT wrote for process `pid`: its perf map (/tmp/perf-PID.map), and node's
+/// code-event logs (isolate-ADDR-PID-v8.log in the working directory).
+pub fn remove_jit_files(pid: &Value) {
+    let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
+    let tail = format!("-{pid}-v8.log");
+    for e in std::fs::read_dir(".").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("isolate-") && name.ends_with(&tail) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
