@@ -393,3 +393,37 @@ fn code_a_jit_made_is_walked_by_frame_pointer_and_named_from_its_perf_map() {
     assert_eq!(unwind, None);
     assert_eq!(summary(p, "allocs") - summary(p, "frees"), 10);
 }
+
+#[test]
+fn a_growing_callsite_whose_stack_stopped_says_so() {
+    let exe = fixture("jit_perfmap.c");
+    let r = run(&exe, &["12"], &["--epoch", "1h", "--warmup", "0s"]);
+    assert_eq!(r.stdout(), "jit done\n");
+    let p = r.main();
+    remove_jit_files(&p["pid"]);
+    let g = p["growth"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["stack"][0]["function"] == "JIT:fake_stub")
+        .unwrap_or_else(|| panic!("{}", r.stderr()));
+    // 4 blocks a round after the first boundary's round: 11 rounds.
+    assert_eq!(
+        (g["delta_blocks"].as_i64(), g["delta_bytes"].as_i64()),
+        (Some(44), Some(4400))
+    );
+    assert_eq!(g["unwind"], "stopped: address in no known module");
+    let text = r.stderr();
+    // In the growth section (after the exit records).
+    let growth = text
+        .find("MEMORY OVER TIME")
+        .unwrap_or_else(|| panic!("{text}"));
+    let at = growth
+        + text[growth..]
+            .find(": JIT:fake_stub")
+            .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        text[at..].contains("(stack stopped: address in no known module)"),
+        "{text}"
+    );
+}
