@@ -100,7 +100,9 @@ pub fn refresh() {
     SEQ.fetch_add(1, Ordering::AcqRel);
     let mut line = LineParser::default();
     let mut n = 0usize;
-    let mut buf = [0u8; 1024];
+    let mut aliases = [([0u8; PATH_CAP], 0usize, (0u64, 0u64, 0u64)); ALIASES];
+    let mut naliases = 0usize;
+    let mut buf = [0u8; 512];
     loop {
         // SAFETY: `buf` is writable for its whole length.
         let r = unsafe { libc::syscall(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len()) };
@@ -108,17 +110,30 @@ pub fn refresh() {
             break;
         }
         for &c in &buf[..r as usize] {
-            let Some((s, e)) = line.feed(c) else {
-                continue;
-            };
-            // /proc/self/maps is sorted by address; touching ranges merge.
-            if n > 0 && RANGES[2 * n - 1].load(Ordering::Relaxed) == s {
-                RANGES[2 * n - 1].store(e, Ordering::Relaxed);
-            } else if n < CAP {
-                RANGES[2 * n].store(s, Ordering::Relaxed);
-                RANGES[2 * n + 1].store(e, Ordering::Relaxed);
-                n += 1;
-            }
+            line.feed(c, &mut |m: Mapping| {
+                let (s, e) = (m.start, m.end);
+                // A file's code mapped where no module is (V8's builtins copied next to its
+                // code): perhaps another mapping of a loaded module's file.
+                if m.path.first() == Some(&b'/')
+                    && m.path.len() <= PATH_CAP
+                    && naliases < ALIASES
+                    && crate::modules::current().is_some_and(|t| t.find(s).is_none())
+                {
+                    let a = &mut aliases[naliases];
+                    a.0[..m.path.len()].copy_from_slice(m.path);
+                    a.1 = m.path.len();
+                    a.2 = (s, e, m.offset);
+                    naliases += 1;
+                }
+                // /proc/self/maps is sorted by address; touching ranges merge.
+                if n > 0 && RANGES[2 * n - 1].load(Ordering::Relaxed) == s {
+                    RANGES[2 * n - 1].store(e, Ordering::Relaxed);
+                } else if n < CAP {
+                    RANGES[2 * n].store(s, Ordering::Relaxed);
+                    RANGES[2 * n + 1].store(e, Ordering::Relaxed);
+                    n += 1;
+                }
+            });
         }
     }
     // SAFETY: closes the descriptor opened above, once.
@@ -134,79 +149,145 @@ pub fn refresh() {
     if changed {
         GEN.fetch_add(1, Ordering::AcqRel);
     }
+    for (path, len, (s, e, off)) in &aliases[..naliases] {
+        crate::modules::add_alias(&path[..*len], *s, *e, *off);
+    }
 }
 
-/// One `/proc/self/maps` line at a time: `start-end perms ...`; yields the range of a readable
-/// and executable one at its newline (the unwinder may read the code at a return address: an
-/// execute-only mapping is left out).
-#[derive(Default)]
-struct LineParser {
-    field: u8,
+/// Longest path of an alias.
+const PATH_CAP: usize = 128;
+
+/// An executable mapping of `/proc/self/maps`: its range, file offset and path (empty when
+/// anonymous).
+struct Mapping<'a> {
     start: u64,
     end: u64,
-    /// Position in the permissions field.
-    perm: u8,
-    read: bool,
-    exec: bool,
+    offset: u64,
+    path: &'a [u8],
+}
+
+/// Longest line kept (a longer one's path is cut: such a mapping gets no alias).
+const LINE_CAP: usize = 320;
+
+/// One `/proc/self/maps` line at a time: `start-end perms offset dev inode path`; at its
+/// newline, a readable and executable mapping is handed to `found` (the unwinder may read the
+/// code at a return address: an execute-only mapping is left out).
+struct LineParser {
+    line: [u8; LINE_CAP],
+    len: usize,
+}
+
+impl Default for LineParser {
+    fn default() -> Self {
+        LineParser {
+            line: [0; LINE_CAP],
+            len: 0,
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> Option<u64> {
+    if b.is_empty() || b.len() > 16 {
+        return None;
+    }
+    b.iter().try_fold(0u64, |v, &c| {
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => return None,
+        };
+        Some(v << 4 | d as u64)
+    })
 }
 
 impl LineParser {
-    fn feed(&mut self, c: u8) -> Option<(u64, u64)> {
-        if c == b'\n' {
-            let out =
-                (self.read && self.exec && self.start < self.end).then_some((self.start, self.end));
-            *self = LineParser::default();
-            return out;
-        }
-        match self.field {
-            0 | 1 => {
-                let d = match c {
-                    b'0'..=b'9' => c - b'0',
-                    b'a'..=b'f' => c - b'a' + 10,
-                    b'-' if self.field == 0 => {
-                        self.field = 1;
-                        return None;
-                    }
-                    b' ' if self.field == 1 => {
-                        self.field = 2;
-                        return None;
-                    }
-                    _ => {
-                        self.field = 3;
-                        return None;
-                    }
-                } as u64;
-                let v = if self.field == 0 {
-                    &mut self.start
-                } else {
-                    &mut self.end
-                };
-                *v = v.wrapping_shl(4) | d;
+    fn feed(&mut self, c: u8, found: &mut impl FnMut(Mapping)) {
+        if c != b'\n' {
+            if self.len < LINE_CAP {
+                self.line[self.len] = c;
+                self.len += 1;
             }
-            2 => {
-                match (self.perm, c) {
-                    (0, b'r') => self.read = true,
-                    (2, b'x') => self.exec = true,
-                    _ => {}
-                }
-                self.perm += 1;
-                if c == b' ' {
-                    self.field = 3;
-                }
-            }
-            _ => {}
+            return;
         }
-        None
+        let line = &self.line[..self.len];
+        let mut fields = line.split(|&b| b == b' ').filter(|f| !f.is_empty());
+        let parsed = (|| {
+            let (range, perms, offset) = (fields.next()?, fields.next()?, fields.next()?);
+            let (_dev, _inode) = (fields.next()?, fields.next()?);
+            let dash = range.iter().position(|&b| b == b'-')?;
+            let (start, end) = (hex(&range[..dash])?, hex(&range[dash + 1..])?);
+            let exec = perms.first() == Some(&b'r') && perms.get(2) == Some(&b'x');
+            // The path is the rest of the line after the inode's spaces (it may hold spaces).
+            let path = fields.next().map_or(&[][..], |first| {
+                let at = first.as_ptr() as usize - line.as_ptr() as usize;
+                &line[at..]
+            });
+            (exec && start < end && self.len < LINE_CAP).then_some(Mapping {
+                start,
+                end,
+                offset: hex(offset)?,
+                path,
+            })
+        })();
+        if let Some(m) = parsed {
+            found(m);
+        }
+        self.len = 0;
     }
 }
+
+/// File-backed executable mappings that may be aliases of a module, noted while the ranges are
+/// being written, registered afterwards.
+const ALIASES: usize = 4;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parse(text: &str) -> Vec<(u64, u64)> {
+        parse_all(text).into_iter().map(|m| (m.0, m.1)).collect()
+    }
+
+    fn parse_all(text: &str) -> Vec<(u64, u64, u64, String)> {
         let mut p = LineParser::default();
-        text.bytes().filter_map(|c| p.feed(c)).collect()
+        let mut out = Vec::new();
+        for c in text.bytes() {
+            p.feed(c, &mut |m: Mapping| {
+                out.push((
+                    m.start,
+                    m.end,
+                    m.offset,
+                    String::from_utf8_lossy(m.path).into_owned(),
+                ))
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn offsets_and_paths() {
+        let maps = "\
+7f73b7600000-7f73b7792000 r-xp 014c4000 fe:00 247584                     /usr/bin/node\n\
+7f0000000000-7f0000001000 r-xp 00000000 00:00 0 \n\
+7f0000002000-7f0000003000 r-xp 00001000 fe:00 12 /tmp/a file\n";
+        assert_eq!(
+            parse_all(maps),
+            vec![
+                (
+                    0x7f73b7600000,
+                    0x7f73b7792000,
+                    0x14c4000,
+                    "/usr/bin/node".to_string()
+                ),
+                (0x7f0000000000, 0x7f0000001000, 0, String::new()),
+                (
+                    0x7f0000002000,
+                    0x7f0000003000,
+                    0x1000,
+                    "/tmp/a file".to_string()
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -27,6 +27,12 @@ pub struct ModuleInfo {
     pub own: bool,
     /// Its `Module` trace record, encoded in advance so that flushing never allocates.
     pub record: Vec<u8>,
+    /// Executable PT_LOAD segments: (file offset, ELF address, file size).
+    pub segments: Vec<(u64, u64, u64)>,
+    pub build_id: Vec<u8>,
+    /// Another mapping of a module's file, made by the program (V8 maps its embedded builtins
+    /// again near its code): no loader entry, kept until the end.
+    pub alias: bool,
 }
 
 pub struct Table {
@@ -155,12 +161,14 @@ fn describe(f: &Found, id: u32, gen: u32) -> ModuleInfo {
     // the information only while scanning under LOCK.
     let phdrs = unsafe { core::slice::from_raw_parts(f.phdr, f.phnum) };
     let mut ranges = Vec::new();
+    let mut segments = Vec::new();
     let mut eh_frame_hdr = 0usize;
     let mut eh_segment_end = 0usize;
     let mut eh_segment_start = 0usize;
     for ph in phdrs {
         if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0 {
             ranges.push((f.bias + ph.p_vaddr, f.bias + ph.p_vaddr + ph.p_memsz));
+            segments.push((ph.p_offset, ph.p_vaddr, ph.p_filesz));
         }
         if ph.p_type == libc::PT_GNU_EH_FRAME {
             eh_frame_hdr = (f.bias + ph.p_vaddr) as usize;
@@ -184,6 +192,8 @@ fn describe(f: &Found, id: u32, gen: u32) -> ModuleInfo {
     let path = f.path.clone();
     let build_id = build_id(f.bias, phdrs);
     let mut record = Vec::new();
+    let segments_kept = segments.clone();
+    let build_id_kept = build_id.clone();
     leakhunt_format::encode::module(
         &leakhunt_format::encode::Module {
             id,
@@ -205,7 +215,83 @@ fn describe(f: &Found, id: u32, gen: u32) -> ModuleInfo {
         eh_segment_end,
         own,
         record,
+        segments: segments_kept,
+        build_id: build_id_kept,
+        alias: false,
     }
+}
+
+/// The program mapped part of a loaded module's file again, executable, at `[start, end)` from
+/// file offset `off` (V8 copies its embedded builtins next to its code this way): record it as
+/// a module of that file with its own bias, so that frames there are named from the file's
+/// symbols. Returns whether it was added. The caller holds the reentrancy guard (this
+/// allocates through the real allocator).
+pub fn add_alias(path: &[u8], start: u64, end: u64, off: u64) -> bool {
+    let _l = LOCK.lock();
+    let Some(t) = current() else { return false };
+    if t.find(start).is_some() {
+        return false;
+    }
+    let Some(m) = t
+        .modules
+        .iter()
+        .find(|m| !m.alias && m.path.as_bytes() == path)
+    else {
+        return false;
+    };
+    let Some(&(p_off, p_vaddr, _)) = m
+        .segments
+        .iter()
+        .find(|&&(o, _, sz)| off >= o && off < o + sz)
+    else {
+        return false;
+    };
+    let bias = start.wrapping_sub(p_vaddr + (off - p_off));
+    let gen = GEN.fetch_add(1, Ordering::AcqRel) + 1;
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let mut record = Vec::new();
+    leakhunt_format::encode::module(
+        &leakhunt_format::encode::Module {
+            id,
+            gen,
+            bias,
+            path: m.path.clone(),
+            build_id: m.build_id.clone(),
+            ranges: alloc::vec![(start, end)],
+        },
+        &mut record,
+    );
+    let a: &'static ModuleInfo = Box::leak(Box::new(ModuleInfo {
+        id,
+        bias,
+        path: m.path.clone(),
+        ranges: alloc::vec![(start, end)],
+        eh_frame_hdr: 0,
+        eh_segment_start: 0,
+        eh_segment_end: 0,
+        own: false,
+        record,
+        segments: Vec::new(),
+        build_id: m.build_id.clone(),
+        alias: true,
+    }));
+    // SAFETY: LOG is only touched under LOCK, which we hold.
+    unsafe { (*core::ptr::addr_of_mut!(LOG)).push(Change::Load(a)) };
+    let mut modules = t.modules.clone();
+    modules.push(a);
+    publish(modules);
+    true
+}
+
+/// Publishes a table of `modules` (never freed: unwinding threads may hold the old one).
+fn publish(modules: Vec<&'static ModuleInfo>) {
+    let mut ranges: Vec<(u64, u64, &'static ModuleInfo)> = modules
+        .iter()
+        .flat_map(|m| m.ranges.iter().map(move |&(s, e)| (s, e, *m)))
+        .collect();
+    ranges.sort_unstable_by_key(|r| r.0);
+    let t = Box::leak(Box::new(Table { ranges, modules }));
+    CURRENT.store(t, Ordering::Release);
 }
 
 /// Re-reads the loaded modules and publishes a new table if anything changed. Returns whether it
@@ -231,7 +317,7 @@ pub fn rescan() -> bool {
     // SAFETY: LOG is only touched under LOCK, which we hold.
     let log = unsafe { &mut *core::ptr::addr_of_mut!(LOG) };
     for m in old {
-        if found.iter().any(|f| same(m, f)) {
+        if m.alias || found.iter().any(|f| same(m, f)) {
             modules.push(m);
         } else {
             let gen = GEN.fetch_add(1, Ordering::AcqRel) + 1;
@@ -256,13 +342,7 @@ pub fn rescan() -> bool {
         changed = true;
     }
     if changed || current().is_none() {
-        let mut ranges: Vec<(u64, u64, &'static ModuleInfo)> = modules
-            .iter()
-            .flat_map(|m| m.ranges.iter().map(move |&(s, e)| (s, e, *m)))
-            .collect();
-        ranges.sort_unstable_by_key(|r| r.0);
-        let t = Box::leak(Box::new(Table { ranges, modules }));
-        CURRENT.store(t, Ordering::Release);
+        publish(modules);
     }
     changed
 }
