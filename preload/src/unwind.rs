@@ -38,41 +38,80 @@ enum Kind {
     Signal = 6,
 }
 
+/// How to step from a frame to its caller's, 8 bytes (a cache entry is 16: the cache stays
+/// in half the cache lines it took with a field per flag).
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct Rule {
-    kind: Kind,
-    /// CFA is rbp + off (else rsp + off).
-    cfa_rbp: bool,
-    /// The address lies in this library.
-    own: bool,
     cfa_off: i32,
-    ra_off: i32,
     /// Where the caller's rbp was saved, relative to the CFA; 0 = not saved (unchanged).
-    rbp_off: i32,
-    /// No CFI covers the address (code a JIT made, or a module's code without unwind tables):
-    /// the frame is walked by frame pointer, and what that gives is checked (see [`capture`]).
-    fp: bool,
-    /// For `fp`: the address lies in a module (without CFI for it), not in a JIT's memory.
-    fp_module: bool,
-    /// No CFI stood behind this rule (a frame pointer, or a JIT stub's epilogue read from its
-    /// code): the return address it gives must lie in executable memory.
-    verify_ra: bool,
+    rbp_off: i16,
+    /// Where the return address is, relative to the CFA, in 8-byte words.
+    ra_words: i8,
+    /// The [`Kind`] (low 3 bits) and the flags below.
+    bits: u8,
 }
+
+/// CFA is rbp + off (else rsp + off).
+const CFA_RBP: u8 = 1 << 3;
+/// The address lies in this library.
+const OWN: u8 = 1 << 4;
+/// No CFI covers the address (code a JIT made, or a module's code without unwind tables): the
+/// frame is walked by frame pointer, and what that gives is checked (see [`capture`]).
+const FP: u8 = 1 << 5;
+/// For `FP`: the address lies in a module (without CFI for it), not in a JIT's memory.
+const FP_MODULE: u8 = 1 << 6;
+/// No CFI stood behind this rule (a frame pointer, or a JIT stub's epilogue read from its
+/// code): the return address it gives must lie in executable memory.
+const VERIFY_RA: u8 = 1 << 7;
+const KIND_MASK: u8 = 7;
+
+const _: () = assert!(core::mem::size_of::<Rule>() == 8);
 
 impl Rule {
     const fn none(kind: Kind) -> Rule {
         Rule {
-            kind,
-            cfa_rbp: false,
-            own: false,
             cfa_off: 0,
-            ra_off: 0,
             rbp_off: 0,
-            fp: false,
-            fp_module: false,
-            verify_ra: false,
+            ra_words: 0,
+            bits: kind as u8,
         }
+    }
+
+    #[inline]
+    fn kind(&self) -> Kind {
+        match self.bits & KIND_MASK {
+            0 => Kind::Empty,
+            1 => Kind::Ok,
+            2 => Kind::End,
+            4 => Kind::Unknown,
+            6 => Kind::Signal,
+            _ => Kind::Unsupported,
+        }
+    }
+
+    #[inline]
+    fn set_kind(&mut self, k: Kind) {
+        self.bits = (self.bits & !KIND_MASK) | k as u8;
+    }
+
+    #[inline]
+    fn has(&self, flag: u8) -> bool {
+        self.bits & flag != 0
+    }
+
+    #[inline]
+    fn set(&mut self, flag: u8, on: bool) {
+        if on {
+            self.bits |= flag;
+        } else {
+            self.bits &= !flag;
+        }
+    }
+
+    #[inline]
+    fn ra_off(&self) -> i32 {
+        self.ra_words as i32 * 8
     }
 
     /// The frame-pointer chain's rule: `push rbp; mov rbp, rsp` on entry, so the caller's rbp is
@@ -80,15 +119,10 @@ impl Rule {
     /// lies in a module (without CFI for it), else in a JIT's executable memory.
     const fn frame_pointer(in_module: bool) -> Rule {
         Rule {
-            kind: Kind::Ok,
-            cfa_rbp: true,
-            own: false,
             cfa_off: 16,
-            ra_off: -8,
             rbp_off: -16,
-            fp: true,
-            fp_module: in_module,
-            verify_ra: true,
+            ra_words: -1,
+            bits: Kind::Ok as u8 | CFA_RBP | FP | VERIFY_RA | if in_module { FP_MODULE } else { 0 },
         }
     }
 
@@ -117,22 +151,17 @@ impl Rule {
             return None;
         };
         Some(Rule {
-            kind: Kind::Ok,
-            cfa_rbp: false,
-            own: false,
             cfa_off,
-            ra_off: -8,
             rbp_off: 0,
-            fp: false,
-            fp_module: false,
-            verify_ra: true,
+            ra_words: -1,
+            bits: Kind::Ok as u8 | VERIFY_RA,
         })
     }
 
     /// Why a walk stops where this frame-pointer rule's step cannot be trusted: as it stopped
     /// before frame pointers were followed.
     fn fp_failure(&self) -> StopReason {
-        if self.fp_module {
+        if self.has(FP_MODULE) {
             StopReason::NoUnwindInfo
         } else {
             StopReason::UnknownAddress
@@ -361,7 +390,7 @@ impl Scratch {
         let src = Self::sources();
         if self.cache_src != src || self.cache_gen == 0 {
             for e in self.cache.iter_mut() {
-                e.rule.kind = Kind::Empty;
+                e.rule.set_kind(Kind::Empty);
             }
             self.cache_src = src;
             self.next_gen();
@@ -374,13 +403,13 @@ impl Scratch {
     fn rule(&mut self, addr: u64) -> Rule {
         let slot = ((addr ^ (addr >> 12)) as usize) & (CACHE_SIZE - 1);
         let e = self.cache[slot];
-        if e.addr == addr && e.rule.kind != Kind::Empty {
+        if e.addr == addr && e.rule.kind() != Kind::Empty {
             return e.rule;
         }
         let r = self.compute(addr);
         // An address in no known memory is asked again next time (the maps are re-read at
         // most every few milliseconds): code a JIT makes later may land there.
-        if r.kind != Kind::Unknown {
+        if r.kind() != Kind::Unknown {
             self.cache[slot] = Entry { addr, rule: r };
         }
         r
@@ -427,7 +456,7 @@ impl Scratch {
             // written assembly): by frame pointer, checked.
             None => Rule::frame_pointer(true),
         };
-        r.own = m.own;
+        r.set(OWN, m.own);
         r
     }
 }
@@ -506,22 +535,22 @@ fn cfi_rule(m: &ModuleInfo, addr: u64, ctx: &mut UnwindContext<usize>) -> Option
         CfaRule::RegisterAndOffset { register, offset }
             if register == X86_64::RSP || register == X86_64::RBP =>
         {
-            r.cfa_rbp = register == X86_64::RBP;
+            r.set(CFA_RBP, register == X86_64::RBP);
             r.cfa_off = i32::try_from(offset).ok()?;
         }
-        _ => r.kind = Kind::Unsupported,
+        _ => r.set_kind(Kind::Unsupported),
     }
     // No rule is the default rule: for the return address "undefined" (the outermost frame), for
     // rbp "same value".
     match row.register(X86_64::RA) {
-        Some(RegisterRule::Offset(o)) => r.ra_off = i32::try_from(o).ok()?,
-        None | Some(RegisterRule::Undefined) => r.kind = Kind::End,
-        _ => r.kind = Kind::Unsupported,
+        Some(RegisterRule::Offset(o)) if o % 8 == 0 => r.ra_words = i8::try_from(o / 8).ok()?,
+        None | Some(RegisterRule::Undefined) => r.set_kind(Kind::End),
+        _ => r.set_kind(Kind::Unsupported),
     }
     match row.register(X86_64::RBP) {
-        Some(RegisterRule::Offset(o)) if o != 0 => r.rbp_off = i32::try_from(o).ok()?,
+        Some(RegisterRule::Offset(o)) if o != 0 => r.rbp_off = i16::try_from(o).ok()?,
         None | Some(RegisterRule::Undefined) | Some(RegisterRule::SameValue) => {}
-        _ => r.kind = Kind::Unsupported,
+        _ => r.set_kind(Kind::Unsupported),
     }
     Some(r)
 }
@@ -621,7 +650,7 @@ pub fn capture(
     let mut crossed_signal = false;
     let mut rule = s.rule(lookup);
     let reason = loop {
-        match rule.kind {
+        match rule.kind() {
             Kind::Ok => {}
             Kind::End => break StopReason::End,
             Kind::Unknown => break StopReason::UnknownAddress,
@@ -661,10 +690,10 @@ pub fn capture(
                 continue;
             }
         }
-        if !rule.own {
+        if !rule.has(OWN) {
             leading = false;
         }
-        if rule.fp {
+        if rule.has(FP) {
             // A frame without CFI, by frame pointer: rbp = 0 ends the chain (as the ABI marks
             // the outermost frame); otherwise rbp must point into this frame, above its sp.
             if bp == 0 {
@@ -674,20 +703,20 @@ pub fn capture(
                 break rule.fp_failure();
             }
         }
-        let base = if rule.cfa_rbp { bp } else { sp };
+        let base = if rule.has(CFA_RBP) { bp } else { sp };
         let cfa = base.wrapping_add(rule.cfa_off as i64 as u64);
         if cfa <= sp || cfa > hi {
-            break if rule.fp {
+            break if rule.has(FP) {
                 rule.fp_failure()
             } else {
                 StopReason::BadFrame
             };
         }
-        let Some(ra) = read(lo, hi, cfa.wrapping_add(rule.ra_off as i64 as u64)) else {
+        let Some(ra) = read(lo, hi, cfa.wrapping_add(rule.ra_off() as i64 as u64)) else {
             break StopReason::BadFrame;
         };
         // What this step read, in case the walk stops before keeping the step.
-        tail[0] = (cfa.wrapping_add(rule.ra_off as i64 as u64), ra);
+        tail[0] = (cfa.wrapping_add(rule.ra_off() as i64 as u64), ra);
         ntail = 1;
         if rule.rbp_off != 0 {
             let at = cfa.wrapping_add(rule.rbp_off as i64 as u64);
@@ -698,7 +727,7 @@ pub fn capture(
             tail[1] = (at, v);
             ntail = 2;
         }
-        let tail_rbp = rule.cfa_rbp;
+        let tail_rbp = rule.has(CFA_RBP);
         if ra == 0 {
             s.walk_tail_rbp = tail_rbp;
             break StopReason::End;
@@ -708,14 +737,14 @@ pub fn capture(
         lookup = ra - 1;
         let step_rule = rule;
         rule = s.rule(lookup);
-        if step_rule.verify_ra && rule.kind == Kind::Unknown {
+        if step_rule.has(VERIFY_RA) && rule.kind() == Kind::Unknown {
             // A frame pointer led to an address in no executable memory: not a return
             // address; the frame is not kept.
             s.walk_tail_rbp = tail_rbp;
             break step_rule.fp_failure();
         }
         // The caller frame: record it unless it is still inside this library.
-        let record = !(leading && rule.own);
+        let record = !(leading && rule.has(OWN));
         if record {
             leading = false;
             if n == max {
@@ -732,12 +761,12 @@ pub fn capture(
                 cfa,
                 ra,
                 bp,
-                ra_off: step_rule.ra_off,
-                rbp_off: step_rule.rbp_off as i16,
+                ra_off: step_rule.ra_off(),
+                rbp_off: step_rule.rbp_off,
                 recorded: record,
                 leading,
                 needs_bp: false,
-                cfa_rbp: step_rule.cfa_rbp,
+                cfa_rbp: step_rule.has(CFA_RBP),
             };
             k += 1;
         }
