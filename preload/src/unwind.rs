@@ -221,6 +221,17 @@ pub struct Scratch {
     walk_slot: usize,
     /// The current capture's interpreter frames' hash (see [`capture`]).
     cur_py: u64,
+    /// Shape memos (see [`shape_repeat`]): walks from one stack pointer through frames of the
+    /// same shape, and the stacks seen through them.
+    shapes: [Shape; SHAPES],
+    shape_entries: [ShapeEntry; SHAPE_ENTRIES],
+    shape_next: u32,
+    /// The shape the last walk was learnt into (index + 1; 0: none) and its varying values:
+    /// entered with the walk's stack id by [`Scratch::set_check_id`].
+    shape_pending: u32,
+    shape_pending_vals: [u64; VARY],
+    /// The last capture repeated a shape entry: its stack id and meta.
+    shape_hit: (u32, u64),
     /// The check the last capture repeated or recorded (`CHECKS`: none).
     pub last_check: usize,
     /// The last capture repeated a check (its stack id is the check's).
@@ -366,6 +377,12 @@ impl Scratch {
         for c in self.checks.iter_mut() {
             c.ok = false;
         }
+        // A shape's addresses are in the old thread's stack.
+        for sh in self.shapes.iter_mut() {
+            sh.ok = false;
+        }
+        self.shape_pending = 0;
+        self.shape_hit = (0, 0);
         self.check_pool_len = 0;
         self.last_check = CHECKS;
         self.prev_len = 0;
@@ -609,6 +626,7 @@ pub fn capture(
                 s.repeated += 1;
                 s.last_check = slot;
                 s.hit = true;
+                s.shape_hit = (0, 0);
                 let c = &mut s.checks[slot];
                 c.used = s.check_clock;
                 return (
@@ -618,8 +636,16 @@ pub fn capture(
                 );
             }
         }
+        if let Some((n, reason, id, meta)) = shape_repeat(s, sp, stack_hi as u64, py_hash) {
+            s.repeated += 1;
+            s.last_check = CHECKS;
+            s.hit = true;
+            s.shape_hit = (id, meta);
+            return (n, reason, false);
+        }
     }
     let (sp0, bp0) = (sp, bp);
+    s.shape_pending = 0;
     s.walk_slot = check_victim(s, sp);
     s.checks[s.walk_slot].ok = false;
     s.last_check = CHECKS;
@@ -903,6 +929,207 @@ fn keep_check(s: &mut Scratch, sp: u64, bp: u64, hi: u64, n: usize, reason: Stop
     c.ok = true;
     c.used = s.check_clock;
     s.last_check = slot;
+    if !c.bp_needed {
+        shape_learn(s, sp, hi, start, m);
+    }
+}
+
+// ---- shape memos --------------------------------------------------------------------------
+
+/// Stacks that vary from one stack pointer (a server's request paths, a parser's branches):
+/// the whole-walk checks of a stack pointer's set hold 4 walks, and 16 or 256 stacks that start
+/// from it through frames of the same sizes thrash them. Their walks read the same stack
+/// addresses and differ in a few values (the return addresses into the branches taken). A shape
+/// keeps those addresses once, the values common to its walks, and which positions vary; each
+/// stack seen through it is an entry of its values at those positions. A capture reads the
+/// shape's words: when every common one holds its value and the varying ones match an entry's,
+/// every word the entry's walk read is unchanged, so the walk would repeat exactly: its stack
+/// id stands (as with a whole-walk check, and as exact).
+const SHAPES: usize = 8;
+/// Words of the longest walk a shape keeps (positions fit a `u64` mask).
+const SHAPE_WORDS: usize = 64;
+/// Positions that may vary in one shape.
+const VARY: usize = 6;
+const SHAPE_ENTRIES: usize = 512;
+
+#[repr(C)]
+struct Shape {
+    ok: bool,
+    len: u16,
+    gen: u32,
+    /// Bumped when the shape's varying positions change: its older entries are void.
+    stamp: u32,
+    sp: u64,
+    hi: u64,
+    /// The varying positions.
+    vary: u64,
+    addrs: [u64; SHAPE_WORDS],
+    common: [u64; SHAPE_WORDS],
+}
+
+#[repr(C)]
+struct ShapeEntry {
+    key: u64,
+    vals: [u64; VARY],
+    py: u64,
+    meta: u64,
+    id: u32,
+    n: u32,
+    reason: u8,
+    shape: u8,
+    stamp: u32,
+}
+
+fn shape_key(shape: usize, stamp: u32, vals: &[u64], py: u64) -> u64 {
+    let mut h = 0x9E37_79B9_7F4A_7C15u64 ^ (shape as u64) << 32 ^ stamp as u64;
+    for &v in vals.iter().chain([py].iter()) {
+        h = (h ^ v).wrapping_mul(0x100_0000_01b3).rotate_left(29);
+    }
+    h | 1
+}
+
+/// The walk just recorded (its check words `check_pool[start..start + m]`, from `sp`), learnt
+/// into the shape of its addresses; its values wait in `shape_pending` for its stack id.
+fn shape_learn(s: &mut Scratch, sp: u64, hi: u64, start: usize, m: usize) {
+    s.shape_pending = 0;
+    if m == 0 || m > SHAPE_WORDS {
+        return;
+    }
+    let gen = s.cache_gen;
+    let list = &s.check_pool[start..start + m];
+    let found = s.shapes.iter().position(|sh| {
+        sh.ok
+            && sh.sp == sp
+            && sh.hi == hi
+            && sh.gen == gen
+            && sh.len as usize == m
+            && sh.addrs[..m].iter().zip(list).all(|(a, w)| *a == w.0)
+    });
+    let i = match found {
+        Some(i) => {
+            let sh = &mut s.shapes[i];
+            let mut vary = sh.vary;
+            for (p, w) in list.iter().enumerate() {
+                if vary & 1 << p == 0 && sh.common[p] != w.1 {
+                    vary |= 1 << p;
+                }
+            }
+            if vary != sh.vary {
+                sh.stamp = sh.stamp.wrapping_add(1);
+                if vary.count_ones() as usize > VARY {
+                    // Too many places differ: start over from this walk.
+                    vary = 0;
+                    for (p, w) in list.iter().enumerate() {
+                        sh.common[p] = w.1;
+                    }
+                }
+                sh.vary = vary;
+            }
+            i
+        }
+        None => {
+            let i = s.shape_next as usize % SHAPES;
+            s.shape_next = s.shape_next.wrapping_add(1);
+            let sh = &mut s.shapes[i];
+            sh.ok = true;
+            sh.len = m as u16;
+            sh.gen = gen;
+            sh.stamp = sh.stamp.wrapping_add(1);
+            sh.sp = sp;
+            sh.hi = hi;
+            sh.vary = 0;
+            for (p, w) in list.iter().enumerate() {
+                sh.addrs[p] = w.0;
+                sh.common[p] = w.1;
+            }
+            i
+        }
+    };
+    let sh = &s.shapes[i];
+    let mut k = 0;
+    for (p, w) in list.iter().enumerate() {
+        if sh.vary & 1 << p != 0 {
+            s.shape_pending_vals[k] = w.1;
+            k += 1;
+        }
+    }
+    s.shape_pending = i as u32 + 1;
+}
+
+/// Enters the pending walk's stack under its shape.
+fn shape_enter(s: &mut Scratch, id: u32, meta: u64, n: u32, reason: u8) {
+    let i = s.shape_pending as usize - 1;
+    s.shape_pending = 0;
+    let sh = &s.shapes[i];
+    let nv = sh.vary.count_ones() as usize;
+    let vals = s.shape_pending_vals;
+    let key = shape_key(i, sh.stamp, &vals[..nv], s.cur_py);
+    let slot = (key as usize >> 1) % SHAPE_ENTRIES;
+    // Two ways: the slot, or its neighbour if the slot holds another live entry.
+    let e = if s.shape_entries[slot].key != 0 && s.shape_entries[slot].key != key {
+        slot ^ 1
+    } else {
+        slot
+    };
+    s.shape_entries[e] = ShapeEntry {
+        key,
+        vals,
+        py: s.cur_py,
+        meta,
+        id,
+        n,
+        reason,
+        shape: i as u8,
+        stamp: sh.stamp,
+    };
+}
+
+/// A capture from `sp` that repeats a stack of a shape memo: (frames, reason, id, meta).
+#[inline]
+fn shape_repeat(s: &Scratch, sp: u64, hi: u64, py: u64) -> Option<(usize, StopReason, u32, u64)> {
+    for (i, sh) in s.shapes.iter().enumerate() {
+        if !sh.ok || sh.sp != sp || sh.hi != hi || sh.gen != s.cache_gen {
+            continue;
+        }
+        let len = sh.len as usize;
+        let mut vals = [0u64; VARY];
+        let mut k = 0;
+        let mut diff = 0u64;
+        for p in 0..len {
+            // An earlier walk of this thread from the same stack pointer read this aligned word
+            // inside `[sp, hi)` of the same stack mapping (as in `repeats`).
+            // SAFETY: an aligned read of a mapped word of this thread's live stack, as above.
+            let v = unsafe { (sh.addrs[p] as *const u64).read_volatile() };
+            if sh.vary & 1 << p != 0 {
+                vals[k] = v;
+                k += 1;
+            } else {
+                diff |= v ^ sh.common[p];
+            }
+        }
+        if diff != 0 {
+            continue;
+        }
+        let key = shape_key(i, sh.stamp, &vals[..k], py);
+        let slot = (key as usize >> 1) % SHAPE_ENTRIES;
+        for e in [slot, slot ^ 1] {
+            let en = &s.shape_entries[e];
+            if en.key == key
+                && en.shape as usize == i
+                && en.stamp == sh.stamp
+                && en.py == py
+                && en.vals[..k] == vals[..k]
+            {
+                return Some((
+                    en.n as usize,
+                    StopReason::from_u8(en.reason).unwrap_or(StopReason::BadFrame),
+                    en.id,
+                    en.meta,
+                ));
+            }
+        }
+    }
+    None
 }
 
 impl Scratch {
@@ -916,6 +1143,10 @@ impl Scratch {
             c.id = id;
             c.meta = meta;
             c.py = self.cur_py;
+            let (n, reason) = (c.n, c.reason);
+            if self.shape_pending != 0 {
+                shape_enter(self, id, meta, n, reason);
+            }
         }
     }
 
@@ -926,6 +1157,9 @@ impl Scratch {
     pub fn repeated_id(&self) -> Option<(u32, u64)> {
         if !self.hit {
             return None;
+        }
+        if self.shape_hit.0 != 0 {
+            return Some(self.shape_hit);
         }
         let c = self.checks.get(self.last_check)?;
         (c.id != 0).then_some((c.id, c.meta))
