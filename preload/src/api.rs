@@ -316,10 +316,25 @@ pub unsafe extern "C" fn dlclose(h: *mut c_void) -> c_int {
     rc
 }
 
+/// `exit`: a naked entry that hands `exit_from` its caller's stack pointer (just above the
+/// return address) and jumps there, so that the heap scan at exit reads the program's stack
+/// from where the program called, not from inside this hook's frame, whose slots no one wrote
+/// yet may hold stale words of earlier calls (a block's address the tracer's own frames once
+/// held): memcheck, which knows which words were written, never reads those.
 #[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn exit(code: c_int) -> ! {
-    tracer::pre_exit_scan(crate::sys::stack_pointer());
-    tracer::note_exit_sp(crate::sys::stack_pointer());
+#[unsafe(naked)]
+pub unsafe extern "C" fn exit(_code: c_int) -> ! {
+    core::arch::naked_asm!(
+        "lea rsi, [rsp + 8]",
+        "jmp {imp}",
+        imp = sym exit_from,
+    )
+}
+
+/// `exit`'s body: `caller_sp` is the program's stack pointer at its call.
+extern "C" fn exit_from(code: c_int, caller_sp: u64) -> ! {
+    tracer::pre_exit_scan(caller_sp);
+    tracer::note_exit_sp(caller_sp);
     tracer::note_exit_code(code);
     let f = real::next_symbol(&REAL_EXIT, c"exit");
     // SAFETY: libc's exit, same signature; it does not return.
