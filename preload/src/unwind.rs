@@ -636,11 +636,11 @@ pub fn capture(
                 );
             }
         }
-        if let Some((n, reason, id, meta)) = shape_repeat(s, sp, stack_hi as u64, py_hash) {
+        if let Some((n, reason, id)) = shape_repeat(s, sp, stack_hi as u64, py_hash) {
             s.repeated += 1;
             s.last_check = CHECKS;
             s.hit = true;
-            s.shape_hit = (id, meta);
+            s.shape_hit = (id, 0);
             return (n, reason, false);
         }
     }
@@ -950,7 +950,9 @@ const SHAPES: usize = 8;
 const SHAPE_WORDS: usize = 64;
 /// Positions that may vary in one shape.
 const VARY: usize = 6;
-const SHAPE_ENTRIES: usize = 512;
+/// Entries of all shapes (72 bytes each): a stack pointer reached through 256 branch paths by
+/// three allocation functions is 768 stacks.
+const SHAPE_ENTRIES: usize = 1024;
 
 #[repr(C)]
 struct Shape {
@@ -969,15 +971,14 @@ struct Shape {
 
 #[repr(C)]
 struct ShapeEntry {
-    key: u64,
     vals: [u64; VARY],
     py: u64,
-    meta: u64,
+    /// Its stack id (0: empty).
     id: u32,
-    n: u32,
+    stamp: u32,
+    n: u16,
     reason: u8,
     shape: u8,
-    stamp: u32,
 }
 
 fn shape_key(shape: usize, stamp: u32, vals: &[u64], py: u64) -> u64 {
@@ -1057,7 +1058,7 @@ fn shape_learn(s: &mut Scratch, sp: u64, hi: u64, start: usize, m: usize) {
 }
 
 /// Enters the pending walk's stack under its shape.
-fn shape_enter(s: &mut Scratch, id: u32, meta: u64, n: u32, reason: u8) {
+fn shape_enter(s: &mut Scratch, id: u32, n: u32, reason: u8) {
     let i = s.shape_pending as usize - 1;
     s.shape_pending = 0;
     let sh = &s.shapes[i];
@@ -1066,27 +1067,26 @@ fn shape_enter(s: &mut Scratch, id: u32, meta: u64, n: u32, reason: u8) {
     let key = shape_key(i, sh.stamp, &vals[..nv], s.cur_py);
     let slot = (key as usize >> 1) % SHAPE_ENTRIES;
     // Two ways: the slot, or its neighbour if the slot holds another live entry.
-    let e = if s.shape_entries[slot].key != 0 && s.shape_entries[slot].key != key {
+    let live = |e: &ShapeEntry| e.id != 0 && e.stamp == s.shapes[e.shape as usize].stamp;
+    let e = if live(&s.shape_entries[slot]) {
         slot ^ 1
     } else {
         slot
     };
     s.shape_entries[e] = ShapeEntry {
-        key,
         vals,
         py: s.cur_py,
-        meta,
         id,
-        n,
+        stamp: sh.stamp,
+        n: n as u16,
         reason,
         shape: i as u8,
-        stamp: sh.stamp,
     };
 }
 
-/// A capture from `sp` that repeats a stack of a shape memo: (frames, reason, id, meta).
+/// A capture from `sp` that repeats a stack of a shape memo: (frames, reason, id).
 #[inline]
-fn shape_repeat(s: &Scratch, sp: u64, hi: u64, py: u64) -> Option<(usize, StopReason, u32, u64)> {
+fn shape_repeat(s: &Scratch, sp: u64, hi: u64, py: u64) -> Option<(usize, StopReason, u32)> {
     for (i, sh) in s.shapes.iter().enumerate() {
         if !sh.ok || sh.sp != sp || sh.hi != hi || sh.gen != s.cache_gen {
             continue;
@@ -1114,7 +1114,7 @@ fn shape_repeat(s: &Scratch, sp: u64, hi: u64, py: u64) -> Option<(usize, StopRe
         let slot = (key as usize >> 1) % SHAPE_ENTRIES;
         for e in [slot, slot ^ 1] {
             let en = &s.shape_entries[e];
-            if en.key == key
+            if en.id != 0
                 && en.shape as usize == i
                 && en.stamp == sh.stamp
                 && en.py == py
@@ -1124,7 +1124,6 @@ fn shape_repeat(s: &Scratch, sp: u64, hi: u64, py: u64) -> Option<(usize, StopRe
                     en.n as usize,
                     StopReason::from_u8(en.reason).unwrap_or(StopReason::BadFrame),
                     en.id,
-                    en.meta,
                 ));
             }
         }
@@ -1145,7 +1144,7 @@ impl Scratch {
             c.py = self.cur_py;
             let (n, reason) = (c.n, c.reason);
             if self.shape_pending != 0 {
-                shape_enter(self, id, meta, n, reason);
+                shape_enter(self, id, n, reason);
             }
         }
     }
