@@ -244,10 +244,6 @@ impl Drop for SpinGuard<'_> {
     }
 }
 
-/// Bounds `[start, end)` of the mapping in `/proc/self/maps` that contains `addr`, or (0, 0)
-/// when none does or the file cannot be read. Raw system calls and a stack buffer only: no allocation and no lock, so it is
-/// safe where `pthread_getattr_np` is not (that function holds the thread's lock while it calls
-/// malloc, and our hook may be the one it calls).
 /// Opens a file read-only with the raw syscall (no libc wrapper that a program could hook);
 /// negative on failure. The caller closes it with `SYS_close`.
 pub fn open_raw(path: &core::ffi::CStr) -> i32 {
@@ -262,6 +258,10 @@ pub fn open_raw(path: &core::ffi::CStr) -> i32 {
     }
 }
 
+/// Bounds `[start, end)` of the mapping in `/proc/self/maps` that contains `addr`, or (0, 0)
+/// when none does or the file cannot be read. Raw system calls and a stack buffer only: no
+/// allocation and no lock, so it is safe where `pthread_getattr_np` is not (that function holds
+/// the thread's lock while it calls malloc, and our hook may be the one it calls).
 pub fn mapping_bounds(addr: usize) -> (usize, usize) {
     let fd = open_raw(c"/proc/self/maps");
     if fd < 0 {
