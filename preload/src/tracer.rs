@@ -802,6 +802,7 @@ fn become_child() {
     modules::LOCK.reset();
     crate::python::LOCK.reset();
     crate::jit::after_fork_child();
+    crate::unwind::after_fork_child();
     // The parent's control socket is the parent's (a traced child opens its own).
     crate::control::close(false);
     crate::side::after_fork_child();

@@ -11,6 +11,7 @@
 
 extern crate alloc;
 use alloc::boxed::Box;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use gimli::{
     BaseAddresses, CfaRule, EhFrame, EhFrameHdr, LittleEndian, Pointer, RegisterRule,
@@ -21,7 +22,8 @@ use leakhunt_format::StopReason;
 use crate::modules::{self, ModuleInfo};
 
 pub const MAX_FRAMES_CAP: usize = 256;
-const CACHE_SIZE: usize = 2048;
+/// A thread's own rule cache (4 KiB), in front of the process's [`SHARED_RULES`].
+const CACHE_SIZE: usize = 256;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -177,6 +179,11 @@ struct Entry {
 }
 
 /// Per-thread unwind state, living in the thread's ring mapping (all-zero is valid).
+///
+/// Laid out so that a thread touches pages in proportion to what it uses: the scalars first,
+/// then the per-walk arrays (a walk of n frames touches their first n entries), then the memos,
+/// each used from its start or only once needed (shapes only once stacks vary from one stack
+/// pointer).
 #[repr(C)]
 pub struct Scratch {
     /// Ticks whenever the rules in force may have changed (0: never filled); walks and checks
@@ -184,17 +191,10 @@ pub struct Scratch {
     cache_gen: u32,
     /// (`modules::GEN + 1`, `jit::GEN`) when the cache was last filled.
     cache_src: (u32, u32),
-    cache: [Entry; CACHE_SIZE],
-    ctx: Option<Box<UnwindContext<usize>>>,
     /// The previous stack of this thread and its id, for the one-entry dedup cache.
     pub prev_len: u32,
     pub prev_id: u32,
     pub prev_meta: u64,
-    pub prev: [u64; MAX_FRAMES_CAP],
-    /// Where the current capture writes its frames.
-    pub frames: [u64; MAX_FRAMES_CAP],
-    /// Every step of the previous walk (see [`capture`]): what suffix reuse validates against.
-    walk: [Step; WALK_CAP],
     walk_len: u32,
     /// First step of `walk` whose frame was recorded (the library's own leading frames come
     /// before it); `walk_len` if none.
@@ -202,18 +202,12 @@ pub struct Scratch {
     walk_reason: u8,
     /// `cache_gen` when `walk` was recorded; another value voids it.
     walk_gen: u32,
-    /// Steps of the current walk before it joins the previous one.
-    head: [Step; WALK_CAP],
     /// Stack words the previous walk read after its last step (before it stopped): (address,
     /// value). Part of what the whole-walk check compares.
     walk_tail: [(u64, u64); 2],
     walk_ntail: u32,
     /// The last tail read was for a step whose CFA came from rbp.
     walk_tail_rbp: bool,
-    /// Whole-walk checks (see [`repeats`]) of recent walks.
-    checks: [Check; CHECKS],
-    /// The checks' word lists, and how much of it is handed out.
-    check_pool: [(u64, u64); CHECK_POOL],
     check_pool_len: u32,
     /// Ticks once per capture that records or repeats a check (for `Check::used`).
     check_clock: u32,
@@ -221,10 +215,9 @@ pub struct Scratch {
     walk_slot: usize,
     /// The current capture's interpreter frames' hash (see [`capture`]).
     cur_py: u64,
-    /// Shape memos (see [`shape_repeat`]): walks from one stack pointer through frames of the
-    /// same shape, and the stacks seen through them.
-    shapes: [Shape; SHAPES],
-    shape_entries: [ShapeEntry; SHAPE_ENTRIES],
+    /// A walk replaced a usable check of its own stack pointer: stacks vary there, and shape
+    /// memos are kept from now on.
+    shapes_on: bool,
     shape_next: u32,
     /// The shape the last walk was learnt into (index + 1; 0: none) and its varying values:
     /// entered with the walk's stack id by [`Scratch::set_check_id`].
@@ -241,6 +234,22 @@ pub struct Scratch {
     pub reused: u64,
     pub walked: u64,
     pub repeated: u64,
+    pub prev: [u64; MAX_FRAMES_CAP],
+    /// Where the current capture writes its frames.
+    pub frames: [u64; MAX_FRAMES_CAP],
+    /// Every step of the previous walk (see [`capture`]): what suffix reuse validates against.
+    walk: [Step; WALK_CAP],
+    /// Steps of the current walk before it joins the previous one.
+    head: [Step; WALK_CAP],
+    /// Whole-walk checks (see [`repeats`]) of recent walks.
+    checks: [Check; CHECKS],
+    cache: [Entry; CACHE_SIZE],
+    /// The checks' word lists, and how much of it is handed out.
+    check_pool: [(u64, u64); CHECK_POOL],
+    /// Shape memos (see [`shape_repeat`]): walks from one stack pointer through frames of the
+    /// same shape, and the stacks seen through them.
+    shapes: [Shape; SHAPES],
+    shape_entries: [ShapeEntry; SHAPE_ENTRIES],
     /// This thread's Python frames at the current capture, and the stack with them spliced in
     /// (see `python::splice`).
     pub py: [crate::python::PyFrame; crate::python::MAX_PY],
@@ -271,9 +280,11 @@ const CHECK_POOL: usize = 4096;
 /// tracer once interned) its stack id.
 #[repr(C)]
 struct Check {
-    /// The check's words: `Scratch::check_pool[start..start + len]`.
+    /// The check's words: `Scratch::check_pool[start..start + len]`, which it may use up to
+    /// `start + room`.
     start: u32,
     len: u32,
+    room: u32,
     /// Usable (else a capture walks).
     ok: bool,
     /// The walk's result depends on the rbp it started with.
@@ -296,8 +307,12 @@ struct Check {
 
 /// The first check of the set for captures starting at stack pointer `sp`.
 #[inline]
+/// The set of a stack pointer: nearby stack pointers (the call sites of one thread, a few frames
+/// apart) fall in nearby sets, so a thread touches a page or two of its checks, and the bits
+/// above 512 bytes are folded in, so that a recursion whose frames are a multiple of 512 bytes
+/// still spreads over the sets.
 fn check_set(sp: u64) -> usize {
-    ((sp >> 3).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 59) as usize % CHECK_SETS * CHECK_WAYS
+    (((sp >> 4) ^ (sp >> 9)) as usize % CHECK_SETS) * CHECK_WAYS
 }
 
 /// The check a walk from stack pointer `sp` records itself in: one of its set not in use, else
@@ -374,16 +389,12 @@ fn mark_bp_needs(steps: &mut [Step], mut need: bool) {
 impl Scratch {
     pub fn reset_for_new_thread(&mut self) {
         self.walk_len = 0;
-        for c in self.checks.iter_mut() {
-            c.ok = false;
-        }
-        // A shape's addresses are in the old thread's stack.
-        for sh in self.shapes.iter_mut() {
-            sh.ok = false;
-        }
+        // Checks, shapes and the walk were the old thread's (their stack addresses in its
+        // stack): a new generation voids them without touching their pages.
+        self.next_gen();
+        self.shapes_on = false;
         self.shape_pending = 0;
         self.shape_hit = (0, 0);
-        self.check_pool_len = 0;
         self.last_check = CHECKS;
         self.prev_len = 0;
         self.prev_id = 0;
@@ -423,12 +434,20 @@ impl Scratch {
         if e.addr == addr && e.rule.kind() != Kind::Empty {
             return e.rule;
         }
-        let r = self.compute(addr);
-        // An address in no known memory is asked again next time (the maps are re-read at
-        // most every few milliseconds): code a JIT makes later may land there.
-        if r.kind() != Kind::Unknown {
-            self.cache[slot] = Entry { addr, rule: r };
-        }
+        let r = match shared_rule(addr, self.cache_src) {
+            Some(r) => r,
+            None => {
+                let r = self.compute(addr);
+                // An address in no known memory is asked again next time (the maps are re-read
+                // at most every few milliseconds): code a JIT makes later may land there.
+                if r.kind() == Kind::Unknown {
+                    return r;
+                }
+                share_rule(addr, self.cache_src, r);
+                r
+            }
+        };
+        self.cache[slot] = Entry { addr, rule: r };
         r
     }
 
@@ -463,10 +482,7 @@ impl Scratch {
         if table.is_some_and(|t| is_sigreturn(t, addr + 1)) {
             return none(Kind::Signal);
         }
-        let ctx = self
-            .ctx
-            .get_or_insert_with(|| Box::new(UnwindContext::new()));
-        let mut r = match cfi_rule(m, addr, ctx) {
+        let mut r = match with_context(|ctx| cfi_rule(m, addr, ctx)) {
             Some(r) => r,
             None if in_loader_entry(addr) => none(Kind::End),
             // Code without unwind tables (a JIT's builtins linked into the executable, hand-
@@ -514,6 +530,121 @@ fn in_loader_entry(addr: u64) -> bool {
     // of an Elf64_Ehdr, inside its first page.
     let entry = base + unsafe { ((base + 24) as *const u64).read_unaligned() };
     addr >= entry && addr < entry + LOADER_ENTRY_STUB
+}
+
+/// Rules known to the process: what one thread computed, every other finds (a thread's first
+/// allocations then walk without parsing CFI, on a shallow stack). 128 KiB, direct-mapped, read
+/// and written without a lock: an entry is the rule and its address mixed with the rule and the
+/// rules' sources (module and JIT generations), so a read that meets two writes half each, or
+/// an entry of other sources, fails the check (a false pass needs a 64-bit hash collision).
+const SHARED_RULES: usize = 8192;
+
+struct SharedRule {
+    key: AtomicU64,
+    rule: AtomicU64,
+}
+
+static SHARED: [SharedRule; SHARED_RULES] = [const {
+    SharedRule {
+        key: AtomicU64::new(0),
+        rule: AtomicU64::new(0),
+    }
+}; SHARED_RULES];
+
+impl Rule {
+    fn to_bits(self) -> u64 {
+        self.cfa_off as u32 as u64
+            | (self.rbp_off as u16 as u64) << 32
+            | (self.ra_words as u8 as u64) << 48
+            | (self.bits as u64) << 56
+    }
+
+    fn from_bits(b: u64) -> Rule {
+        Rule {
+            cfa_off: b as u32 as i32,
+            rbp_off: (b >> 32) as u16 as i16,
+            ra_words: (b >> 48) as u8 as i8,
+            bits: (b >> 56) as u8,
+        }
+    }
+}
+
+fn shared_key(addr: u64, src: (u32, u32), bits: u64) -> u64 {
+    // splitmix64's finalizer over the rule and its sources.
+    let mut z = bits ^ ((src.0 as u64) << 32 | src.1 as u64).rotate_left(17);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    addr ^ z ^ (z >> 31)
+}
+
+fn shared_slot(addr: u64) -> &'static SharedRule {
+    &SHARED[((addr ^ (addr >> 13)) as usize) & (SHARED_RULES - 1)]
+}
+
+#[inline]
+fn shared_rule(addr: u64, src: (u32, u32)) -> Option<Rule> {
+    let e = shared_slot(addr);
+    let bits = e.rule.load(Ordering::Relaxed);
+    let key = e.key.load(Ordering::Relaxed);
+    let r = Rule::from_bits(bits);
+    (key == shared_key(addr, src, bits) && r.kind() != Kind::Empty).then_some(r)
+}
+
+fn share_rule(addr: u64, src: (u32, u32), r: Rule) {
+    let e = shared_slot(addr);
+    let bits = r.to_bits();
+    e.rule.store(bits, Ordering::Relaxed);
+    e.key.store(shared_key(addr, src, bits), Ordering::Relaxed);
+}
+
+/// gimli's unwind contexts (about 30 KiB each on the heap: rows of 192 register rules): a few
+/// shared by every thread, taken for a rule computation (a rule cache miss, rare once a thread's
+/// code is known) and given back, rather than one kept by each thread.
+struct ContextSlot {
+    busy: AtomicBool,
+    ctx: core::cell::UnsafeCell<Option<Box<UnwindContext<usize>>>>,
+}
+
+// SAFETY: `ctx` is touched only by the thread that set `busy` (Acquire) until it clears it
+// (Release).
+unsafe impl Sync for ContextSlot {}
+
+const CONTEXTS: usize = 4;
+#[allow(clippy::declare_interior_mutable_const)] // an array initializer: each slot its own
+const FREE_CONTEXT: ContextSlot = ContextSlot {
+    busy: AtomicBool::new(false),
+    ctx: core::cell::UnsafeCell::new(None),
+};
+static CONTEXT_POOL: [ContextSlot; CONTEXTS] = [FREE_CONTEXT; CONTEXTS];
+
+/// Runs `f` with an unwind context: a free one of the pool, waiting a little for one when many
+/// threads compute rules at once (each made and freed in its own malloc arena would stay
+/// resident there), else one made for this call.
+fn with_context<R>(f: impl FnOnce(&mut UnwindContext<usize>) -> R) -> R {
+    for round in 0..64 {
+        for slot in &CONTEXT_POOL {
+            if !slot.busy.swap(true, Ordering::Acquire) {
+                // SAFETY: `busy` was clear and this thread set it: the slot is this thread's
+                // until it clears it below (a signal handler on this thread cannot get here:
+                // hooks on a thread inside the tracer forward without recording).
+                let ctx = unsafe { &mut *slot.ctx.get() };
+                let r = f(ctx.get_or_insert_with(|| Box::new(UnwindContext::new())));
+                slot.busy.store(false, Ordering::Release);
+                return r;
+            }
+        }
+        if round < 63 {
+            crate::sys::yield_now();
+        }
+    }
+    f(&mut UnwindContext::new())
+}
+
+/// In a fork child: a slot some other thread of the parent held stays theirs no more.
+pub fn after_fork_child() {
+    for slot in &CONTEXT_POOL {
+        slot.busy.store(false, Ordering::Relaxed);
+    }
 }
 
 fn cfi_rule(m: &ModuleInfo, addr: u64, ctx: &mut UnwindContext<usize>) -> Option<Rule> {
@@ -636,7 +767,12 @@ pub fn capture(
                 );
             }
         }
-        if let Some((n, reason, id)) = shape_repeat(s, sp, stack_hi as u64, py_hash) {
+        let memo = if s.shapes_on {
+            shape_repeat(s, sp, stack_hi as u64, py_hash)
+        } else {
+            None
+        };
+        if let Some((n, reason, id)) = memo {
             s.repeated += 1;
             s.last_check = CHECKS;
             s.hit = true;
@@ -647,6 +783,11 @@ pub fn capture(
     let (sp0, bp0) = (sp, bp);
     s.shape_pending = 0;
     s.walk_slot = check_victim(s, sp);
+    let victim = &s.checks[s.walk_slot];
+    if victim.ok && victim.sp == sp && victim.gen == s.cache_gen {
+        // Another walk from this stack pointer is still usable and has to go: stacks vary here.
+        s.shapes_on = true;
+    }
     s.checks[s.walk_slot].ok = false;
     s.last_check = CHECKS;
     s.hit = false;
@@ -885,13 +1026,23 @@ fn keep_check(s: &mut Scratch, sp: u64, bp: u64, hi: u64, n: usize, reason: Stop
     let gen = s.cache_gen;
     // At most two words a step and the tail's.
     let need = 2 * len + 1;
-    if s.check_pool_len as usize + need > CHECK_POOL {
-        for c in s.checks.iter_mut() {
-            c.ok = false;
+    // The slot's own words, if they have room (a thread with few walks touches few pages of the
+    // pool); else the pool's next, starting it over when it is full.
+    let old = &s.checks[slot];
+    let start = if old.room as usize >= need {
+        old.start as usize
+    } else {
+        if s.check_pool_len as usize + need > CHECK_POOL {
+            for c in s.checks.iter_mut() {
+                c.ok = false;
+                c.room = 0;
+            }
+            s.check_pool_len = 0;
         }
-        s.check_pool_len = 0;
-    }
-    let start = s.check_pool_len as usize;
+        s.check_pool_len += need as u32;
+        s.checks[slot].room = need as u32;
+        s.check_pool_len as usize - need
+    };
     let (walk, tail, ntail) = (&s.walk[..len], s.walk_tail[0], s.walk_ntail);
     let list = &mut s.check_pool[start..start + need];
     let mut m = 0;
@@ -911,7 +1062,6 @@ fn keep_check(s: &mut Scratch, sp: u64, bp: u64, hi: u64, n: usize, reason: Stop
         list[m] = tail;
         m += 1;
     }
-    s.check_pool_len = (start + m) as u32;
     let c = &mut s.checks[slot];
     c.start = start as u32;
     c.len = m as u32;
@@ -929,7 +1079,7 @@ fn keep_check(s: &mut Scratch, sp: u64, bp: u64, hi: u64, n: usize, reason: Stop
     c.ok = true;
     c.used = s.check_clock;
     s.last_check = slot;
-    if !c.bp_needed {
+    if !c.bp_needed && s.shapes_on {
         shape_learn(s, sp, hi, start, m);
     }
 }
@@ -952,7 +1102,13 @@ const SHAPE_WORDS: usize = 64;
 const VARY: usize = 6;
 /// Entries of all shapes (72 bytes each): a stack pointer reached through 256 branch paths by
 /// three allocation functions is 768 stacks.
-const SHAPE_ENTRIES: usize = 1024;
+const SHAPE_ENTRIES: usize = 2048;
+const SHAPE_WAYS: usize = 4;
+
+/// The first entry of a key's set.
+fn shape_set(key: u64) -> usize {
+    (key as usize >> 1) % (SHAPE_ENTRIES / SHAPE_WAYS) * SHAPE_WAYS
+}
 
 #[repr(C)]
 struct Shape {
@@ -1065,14 +1221,12 @@ fn shape_enter(s: &mut Scratch, id: u32, n: u32, reason: u8) {
     let nv = sh.vary.count_ones() as usize;
     let vals = s.shape_pending_vals;
     let key = shape_key(i, sh.stamp, &vals[..nv], s.cur_py);
-    let slot = (key as usize >> 1) % SHAPE_ENTRIES;
-    // Two ways: the slot, or its neighbour if the slot holds another live entry.
+    let set = shape_set(key);
+    // Four ways: one not in use, else one chosen by the key's high bits.
     let live = |e: &ShapeEntry| e.id != 0 && e.stamp == s.shapes[e.shape as usize].stamp;
-    let e = if live(&s.shape_entries[slot]) {
-        slot ^ 1
-    } else {
-        slot
-    };
+    let e = (set..set + SHAPE_WAYS)
+        .find(|&e| !live(&s.shape_entries[e]))
+        .unwrap_or(set + (key >> 40) as usize % SHAPE_WAYS);
     s.shape_entries[e] = ShapeEntry {
         vals,
         py: s.cur_py,
@@ -1111,8 +1265,8 @@ fn shape_repeat(s: &Scratch, sp: u64, hi: u64, py: u64) -> Option<(usize, StopRe
             continue;
         }
         let key = shape_key(i, sh.stamp, &vals[..k], py);
-        let slot = (key as usize >> 1) % SHAPE_ENTRIES;
-        for e in [slot, slot ^ 1] {
+        let set = shape_set(key);
+        for e in set..set + SHAPE_WAYS {
             let en = &s.shape_entries[e];
             if en.id != 0
                 && en.shape as usize == i
