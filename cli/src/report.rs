@@ -281,6 +281,10 @@ pub struct Captures {
     /// Times the program took the trace's descriptor (closed it, reused its number) and the
     /// tracer re-opened its file or re-connected, losing nothing.
     pub output_retaken: u64,
+    /// The tracer's own memory resident in the process at its end (rings, unwind state, tables,
+    /// buffers; 0: not recorded), and the threads that recorded.
+    pub tracer_resident_bytes: u64,
+    pub threads: u64,
 }
 
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
@@ -754,6 +758,8 @@ pub fn build_with(
                 repeated: stat(stat::UNWIND_REPEATED),
                 elided_events: stat(stat::ELIDED),
                 output_retaken: stat(stat::OUTPUT_RETAKEN),
+                tracer_resident_bytes: stat(stat::TRACER_RESIDENT),
+                threads: stat(stat::THREADS),
             }
         },
         leaks,
@@ -1333,6 +1339,16 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
     ));
     for (why, n) in &u.stopped_early {
         line(&format!("    {}: {why}", thousands(*n)));
+    }
+    let c = &r.captures;
+    if c.tracer_resident_bytes > 0 {
+        line(&format!(
+            "TRACER MEMORY: {:.1} MiB resident in the process at its end (rings, unwind state, tables), {} thread{}: {} KiB a thread",
+            c.tracer_resident_bytes as f64 / (1 << 20) as f64,
+            thousands(c.threads),
+            if c.threads == 1 { "" } else { "s" },
+            c.tracer_resident_bytes / 1024 / c.threads.max(1)
+        ));
     }
     match &s.recording_incomplete {
         Some(why) if s.events_lost == 0 => line(&format!("EVENTS LOST: unknown: {why}")),

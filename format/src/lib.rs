@@ -146,6 +146,10 @@ pub mod stat {
     /// 1: the process sent what each freed block still pointed to (`LEAKHUNT_ORPHANS=1`), so a
     /// lost block with no orphan site had no freed holder.
     pub const ORPHANS: u32 = 11;
+    /// Bytes of the tracer's own memory (rings, unwind state, tables, buffers) resident in the
+    /// process when the statistics were written (at its end: the rings of threads that exited
+    /// stay mapped for the next ones).
+    pub const TRACER_RESIDENT: u32 = 12;
 }
 
 /// How the process ended, as recorded by the tracer.

@@ -722,7 +722,7 @@ fn drain_all() {
             // Dropped, not pending: a ring file read after a kill must not offer them.
             r.delivered();
         }
-        if r.state.load(Ordering::Acquire) == ORPHAN && r.space() == ring::RING_SLOTS {
+        if r.state.load(Ordering::Acquire) == ORPHAN && r.space() == r.cap() {
             r.state.store(FREE, Ordering::Release);
         }
     });
@@ -766,6 +766,16 @@ fn flush_locked() {
     write_buf();
 }
 
+/// The calling thread's small ring filled fast: make it large (see `ring`) once a flush has
+/// emptied it. False, leaving it small, when the output lock is busy or nothing was flushed.
+pub fn grow_ring(r: &ring::Ring) -> bool {
+    let Some(_l) = LOCK.try_lock_for(1) else {
+        return false;
+    };
+    flush_locked();
+    r.grow_locked()
+}
+
 /// Called by a hook whose ring lacks space: flush if the lock is free, else let the holder work.
 pub fn make_room() {
     RING_WAITS.fetch_add(1, Ordering::Relaxed);
@@ -803,7 +813,7 @@ fn push_stats() {
         walked += s.walked;
         repeated += s.repeated;
     });
-    const N: usize = 11;
+    const N: usize = 12;
     let pairs: [(u32, u64); N] = [
         (stat::EVENTS_LOST, EVENTS_LOST.load(Ordering::Relaxed)),
         (stat::RING_WAITS, RING_WAITS.load(Ordering::Relaxed)),
@@ -819,6 +829,7 @@ fn push_stats() {
         (stat::ELIDED, ELIDED.load(Ordering::Relaxed)),
         (stat::OUTPUT_RETAKEN, RETAKEN.load(Ordering::Relaxed)),
         (stat::ORPHANS, config::get().orphans as u64),
+        (stat::TRACER_RESIDENT, sys::own_resident()),
     ];
     let mut body = [0u8; 4 + N * 12];
     body[..4].copy_from_slice(&(pairs.len() as u32).to_le_bytes());
@@ -1057,8 +1068,18 @@ library or LEAKHUNT_CLI) could not be started",
         };
         (fd, id, Some(child))
     };
-    let mut skip_ranges = [(0u64, 0u64); reach::MAX_SKIPS * 4];
+    // Every mapping of the tracer's own (two a thread's ring), sorted and merged, and the
+    // request: in memory mapped once for every scan (a program's thousands of threads do not fit
+    // a stack buffer; a range left out would be scanned as the program's roots).
+    let Some((skip_ranges, body)) = reach_buffers() else {
+        if let Some(child) = helper {
+            crate::helper::finish(child, fd);
+        }
+        return;
+    };
     let mut n = sys::own_ranges(&mut skip_ranges[1..]);
+    skip_ranges[1..=n].sort_unstable();
+    n = merge_ranges(&mut skip_ranges[1..=n]);
     // This thread's alternate signal stack (a handler's frames, long gone, perhaps in a heap
     // block): memcheck knows those words went dead when the handler returned, so none of them
     // is read.
@@ -1093,9 +1114,8 @@ library or LEAKHUNT_CLI) could not be started",
         skip_tids: &tids[..ntids],
         skip_ranges: &skip_ranges[..n],
     };
-    let mut body = [0u8; reach::request_len(2, reach::MAX_SKIPS * 4)];
     flush_locked();
-    let Some(len) = reach::request_body(&request(reach::ASK), &mut body) else {
+    let Some(len) = reach::request_body(&request(reach::ASK), body) else {
         if let Some(child) = helper {
             crate::helper::finish(child, fd);
         }
@@ -1116,7 +1136,7 @@ library or LEAKHUNT_CLI) could not be started",
         match b[0] {
             reply::DRAIN => {
                 flush_locked();
-                if let Some(len) = reach::request_body(&request(reach::READY), &mut body) {
+                if let Some(len) = reach::request_body(&request(reach::READY), body) {
                     push_sealed(tag::REACH, &[&body[..len]]);
                 }
                 write_buf();
@@ -1282,6 +1302,52 @@ fn recv_exact(fd: i32, id: fds::Ident, buf: &mut [u8]) -> bool {
 static REACH_ASKS: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 
 /// Where a heap scan's result chunks are received (mapped at the first scan; LOCK's holder).
+/// Room for every own range of the tracer and the alternate signal stack.
+const REACH_RANGES: usize = sys::MAX_OWN + 1;
+const REACH_BODY: usize = leakhunt_format::reach::request_len(2, REACH_RANGES);
+static REACH_BUFFERS: core::sync::atomic::AtomicPtr<u8> =
+    core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
+
+/// The heap scan's ranges and its request's body.
+type ReachBuffers = (&'static mut [(u64, u64)], &'static mut [u8]);
+
+/// The heap scan's buffers (mapped at the first scan, kept for the next). Caller holds LOCK.
+fn reach_buffers() -> Option<ReachBuffers> {
+    let ranges_len = REACH_RANGES * 16;
+    let mut p = REACH_BUFFERS.load(Ordering::Acquire);
+    if p.is_null() {
+        p = sys::mmap_anon(ranges_len + REACH_BODY);
+        if p.is_null() {
+            return None;
+        }
+        REACH_BUFFERS.store(p, Ordering::Release);
+    }
+    // SAFETY: the mapping holds `ranges_len + REACH_BODY` zero-initialised bytes, page-aligned,
+    // used only by the LOCK holder: the ranges first (8-byte aligned pairs of u64, any bit
+    // pattern valid), then the body, disjoint.
+    unsafe {
+        Some((
+            core::slice::from_raw_parts_mut(p.cast::<(u64, u64)>(), REACH_RANGES),
+            core::slice::from_raw_parts_mut(p.add(ranges_len), REACH_BODY),
+        ))
+    }
+}
+
+/// Merges sorted ranges that overlap or touch, in place; returns how many are left.
+fn merge_ranges(r: &mut [(u64, u64)]) -> usize {
+    let mut n = 0;
+    for i in 0..r.len() {
+        let (s, e) = r[i];
+        if n > 0 && s <= r[n - 1].1 {
+            r[n - 1].1 = r[n - 1].1.max(e);
+        } else {
+            r[n] = (s, e);
+            n += 1;
+        }
+    }
+    n
+}
+
 static REACH_CHUNK: core::sync::atomic::AtomicPtr<u8> =
     core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
 

@@ -5,6 +5,13 @@
 //! the next new thread, so memory is bounded by the largest number of threads alive at once.
 //! The ring also carries that thread's unwind scratch (rule cache, previous stack).
 //!
+//! A ring starts small ([`SMALL_SLOTS`], 8 KiB): most threads of a program with many allocate
+//! now and then, and each costs only that. A thread that fills its ring fast (two half-full
+//! wake-ups of the writer within [`HOT_NS`]) gets a large one ([`RING_SLOTS`]), so that the
+//! writer drains it in large batches instead of waking every few hundred events; at most
+//! [`big_max`] rings are large at once (a program with more busy threads than that shares the
+//! cores among them anyway, and the small rings' extra wake-ups are spread over them).
+//!
 //! Under `leakhunt run` (`LEAKHUNT_RING_DIR`), the slots live in a shared file with a small header
 //! mirroring the ring's indices ([`leakhunt_format::ringfile`]): if the process is killed, the
 //! CLI reads what reached the ring but not the socket. The file mapping is not inherited by fork
@@ -18,8 +25,42 @@ use leakhunt_format::slot::{Slot, SLOT_LEN};
 use crate::unwind::Scratch;
 use crate::{config, sys, tracer};
 
-/// Slots per ring (256 KiB of events).
+/// Slots of a large ring (256 KiB of events): the most any ring holds.
 pub const RING_SLOTS: u64 = 8192;
+/// Slots of a new ring (8 KiB of events).
+pub const SMALL_SLOTS: u64 = 256;
+/// Two half-full wake-ups closer than this (128 events in 2 ms: 64 K events a second) make a
+/// small ring large.
+const HOT_NS: u64 = 2_000_000;
+/// Rings made large so far (never fewer: a large ring passes to the next thread as it is).
+static BIG_RINGS: AtomicU32 = AtomicU32::new(0);
+static BIG_MAX: AtomicU32 = AtomicU32::new(0);
+
+/// How many rings may be large: twice the CPUs this process may run on, at least 4, at most 64.
+pub fn big_max() -> u32 {
+    let m = BIG_MAX.load(Ordering::Relaxed);
+    if m != 0 {
+        return m;
+    }
+    let mut set = [0u64; 16];
+    // SAFETY: the kernel writes at most `size_of_val(&set)` bytes of the affinity mask into it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getaffinity,
+            0,
+            core::mem::size_of_val(&set),
+            set.as_mut_ptr(),
+        )
+    };
+    let cpus: u32 = if r > 0 {
+        set.iter().map(|w| w.count_ones()).sum()
+    } else {
+        2
+    };
+    let m = (2 * cpus).clamp(4, 64);
+    BIG_MAX.store(m, Ordering::Relaxed);
+    m
+}
 
 pub const OWNED: u32 = 1;
 /// Its thread is gone; drain it, then it becomes `FREE`.
@@ -27,7 +68,9 @@ pub const ORPHAN: u32 = 2;
 pub const FREE: u32 = 3;
 
 /// Invariants: `head` is written only by the owning thread, `tail` only under the output lock;
-/// slots in `[tail, head)` are published and immutable until `tail` passes them.
+/// slots in `[tail, head)` are published and immutable until `tail` passes them. `cap`, `slots`,
+/// `mirror` and `file_no` change only when the owning thread makes its ring large, under the
+/// output lock with the ring empty: the owner reads them freely, others under the lock.
 #[repr(C, align(64))]
 pub struct Ring {
     head: AtomicU64,
@@ -37,10 +80,16 @@ pub struct Ring {
     pub tid: AtomicU32,
     pub state: AtomicU32,
     next: AtomicPtr<Ring>,
-    slots: *mut Slot,
+    /// Slots (a power of two): [`SMALL_SLOTS`] or [`RING_SLOTS`].
+    cap: AtomicU64,
+    slots: AtomicPtr<Slot>,
     pub scratch: *mut Scratch,
     /// The shared file's header page (null: the slots are anonymous memory).
-    mirror: *mut u8,
+    mirror: AtomicPtr<u8>,
+    /// The ring file's number in its name (when `mirror` is not null).
+    file_no: AtomicU32,
+    /// When the owner last woke the writer at half full (monotonic ns; owner only).
+    last_half: AtomicU64,
 }
 
 /// All rings ever created (push-only list).
@@ -62,27 +111,30 @@ fn rings() -> impl Iterator<Item = &'static Ring> {
     })
 }
 
-/// Maps a ring's slots: a shared ring file when `leakhunt run` asked for them (falling back to
-/// anonymous memory if the file cannot be made), else anonymous memory. Returns (file header
-/// page or null, slots).
-fn map_slots(tid: u32) -> Option<(*mut u8, *mut Slot)> {
-    let slots_len = RING_SLOTS as usize * SLOT_LEN;
-    if let Some(m) = map_ring_file(core::ptr::null_mut(), tid, 0) {
+/// Maps `cap` slots for a ring: a shared ring file when `leakhunt run` asked for them (falling
+/// back to anonymous memory if the file cannot be made), else anonymous memory. Returns (file
+/// header page or null, the file's number, slots).
+fn map_slots(tid: u32, cap: u64, head: u64) -> Option<(*mut u8, u32, *mut Slot)> {
+    let slots_len = cap as usize * SLOT_LEN;
+    let no = RING_FILES.fetch_add(1, Ordering::Relaxed);
+    if let Some(m) = map_ring_file(core::ptr::null_mut(), tid, head, no, cap) {
         // SAFETY: the file mapping is HEADER_LEN + slots_len bytes.
-        return Some((m, unsafe { m.add(ringfile::HEADER_LEN) } as *mut Slot));
+        return Some((m, no, unsafe { m.add(ringfile::HEADER_LEN) } as *mut Slot));
     }
     let p = sys::mmap_anon(slots_len);
-    (!p.is_null()).then_some((core::ptr::null_mut(), p as *mut Slot))
+    (!p.is_null()).then_some((core::ptr::null_mut(), 0, p as *mut Slot))
 }
 
 static RING_FILES: AtomicU32 = AtomicU32::new(0);
 
-/// Creates this process image's next ring file and maps it shared (at `at` if not null, replacing
-/// what is there), not inherited by fork children, its header filled in with `head` as both
-/// indices. No allocation: the path is built on the stack.
-fn map_ring_file(at: *mut u8, tid: u32, head: u64) -> Option<*mut u8> {
-    let dir = config::get().ring_dir()?.to_bytes();
-    let mut path = [0u8; 400];
+/// The path of this process image's ring file number `no`, NUL-terminated in `path`; false
+/// without a ring directory.
+fn ring_path(path: &mut [u8; 400], no: u32) -> bool {
+    let Some(dir) = config::get().ring_dir() else {
+        return false;
+    };
+    let dir = dir.to_bytes();
+    *path = [0; 400];
     let mut n = 0;
     let mut put = |b: &[u8]| {
         let k = b.len().min(path.len() - 1 - n);
@@ -102,12 +154,20 @@ fn map_ring_file(at: *mut u8, tid: u32, head: u64) -> Option<*mut u8> {
         tracer::START_NS.load(Ordering::Relaxed),
     ));
     put(b"-");
-    put(sys::fmt_u64(
-        &mut digits,
-        RING_FILES.fetch_add(1, Ordering::Relaxed) as u64,
-    ));
+    put(sys::fmt_u64(&mut digits, no as u64));
     put(b".ring");
-    let len = ringfile::HEADER_LEN + RING_SLOTS as usize * SLOT_LEN;
+    true
+}
+
+/// Creates this process image's ring file number `no` of `cap` slots and maps it shared (at `at`
+/// if not null, replacing what is there), not inherited by fork children, its header filled in
+/// with `head` as both indices. No allocation: the path is built on the stack.
+fn map_ring_file(at: *mut u8, tid: u32, head: u64, no: u32, cap: u64) -> Option<*mut u8> {
+    let mut path = [0u8; 400];
+    if !ring_path(&mut path, no) {
+        return None;
+    }
+    let len = ringfile::HEADER_LEN + cap as usize * SLOT_LEN;
     // SAFETY: `path` is NUL-terminated (zeroed beyond `n`); the descriptor is closed once mapped.
     let p = unsafe {
         let fd = libc::open(
@@ -146,7 +206,7 @@ fn map_ring_file(at: *mut u8, tid: u32, head: u64) -> Option<*mut u8> {
         core::ptr::copy_nonoverlapping(ringfile::MAGIC.as_ptr(), p, 8);
         (p.add(ringfile::PID) as *mut u32).write(tracer::PID.load(Ordering::Relaxed));
         (p.add(ringfile::TID) as *mut u32).write(tid);
-        (p.add(ringfile::SLOTS) as *mut u64).write(RING_SLOTS);
+        (p.add(ringfile::SLOTS) as *mut u64).write(cap);
         (p.add(ringfile::HEAD) as *mut u64).write(head);
         (p.add(ringfile::TAIL) as *mut u64).write(head);
     }
@@ -158,19 +218,23 @@ fn map_ring_file(at: *mut u8, tid: u32, head: u64) -> Option<*mut u8> {
 /// anything touches the slots. The rings were emptied by the output's fork handler.
 pub fn after_fork_child(trace: bool) {
     for r in rings() {
-        if r.mirror.is_null() {
+        let mirror = r.mirror.load(Ordering::Relaxed);
+        if mirror.is_null() {
             continue;
         }
         let head = r.head.load(Ordering::Relaxed);
         let tid = r.tid.load(Ordering::Relaxed);
-        let mapped = trace && map_ring_file(r.mirror, tid, head).is_some();
+        let cap = r.cap();
+        let no = RING_FILES.fetch_add(1, Ordering::Relaxed);
+        let mapped = trace && map_ring_file(mirror, tid, head, no, cap).is_some();
+        r.file_no.store(no, Ordering::Relaxed);
         if !mapped {
-            let len = ringfile::HEADER_LEN + RING_SLOTS as usize * SLOT_LEN;
+            let len = ringfile::HEADER_LEN + cap as usize * SLOT_LEN;
             // SAFETY: replaces (or fills, since the parent's mapping was not inherited) exactly
             // the range this ring's slots occupied, which nothing else uses.
             unsafe {
                 libc::mmap(
-                    r.mirror.cast(),
+                    mirror.cast(),
                     len,
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
@@ -190,25 +254,29 @@ pub fn acquire(tid: u32) -> *mut Ring {
             .is_ok()
         {
             r.tid.store(tid, Ordering::Relaxed);
+            r.last_half.store(0, Ordering::Relaxed);
             r.mirror_u32(ringfile::TID, tid);
             // SAFETY: the scratch belongs to this ring, which this thread now owns alone.
             unsafe { (*r.scratch).reset_for_new_thread() };
             return r as *const Ring as *mut Ring;
         }
     }
-    let head_len = 4096 + core::mem::size_of::<Scratch>();
+    // The scratch right after the ring's header, in the same page.
+    const SCRATCH_AT: usize = core::mem::size_of::<Ring>();
+    const _: () = assert!(SCRATCH_AT.is_multiple_of(core::mem::align_of::<Scratch>()));
+    let head_len = SCRATCH_AT + core::mem::size_of::<Scratch>();
     let base = sys::mmap_anon(head_len);
     if base.is_null() {
         return core::ptr::null_mut();
     }
-    let Some((mirror, slots)) = map_slots(tid) else {
+    let Some((mirror, file_no, slots)) = map_slots(tid, SMALL_SLOTS, 0) else {
         // SAFETY: unmaps the mapping made just above, which nothing else refers to.
         unsafe { libc::munmap(base.cast(), head_len) };
         return core::ptr::null_mut();
     };
     let ring = base as *mut Ring;
-    // SAFETY: `base` is a fresh zeroed mapping: the header fits in its first page and the
-    // scratch follows it (all-zero is its initial state).
+    // SAFETY: `base` is a fresh zeroed mapping of the header followed by the scratch (all-zero
+    // is its initial state), each aligned.
     unsafe {
         ring.write(Ring {
             head: AtomicU64::new(0),
@@ -218,9 +286,12 @@ pub fn acquire(tid: u32) -> *mut Ring {
             tid: AtomicU32::new(tid),
             state: AtomicU32::new(OWNED),
             next: AtomicPtr::new(core::ptr::null_mut()),
-            slots,
-            scratch: base.add(4096) as *mut Scratch,
-            mirror,
+            cap: AtomicU64::new(SMALL_SLOTS),
+            slots: AtomicPtr::new(slots),
+            scratch: base.add(SCRATCH_AT) as *mut Scratch,
+            mirror: AtomicPtr::new(mirror),
+            file_no: AtomicU32::new(file_no),
+            last_half: AtomicU64::new(0),
         });
         (*(*ring).scratch).reset_for_new_thread();
     }
@@ -238,21 +309,92 @@ pub fn acquire(tid: u32) -> *mut Ring {
 }
 
 impl Ring {
+    /// Its slots now (a power of two).
+    #[inline]
+    pub fn cap(&self) -> u64 {
+        self.cap.load(Ordering::Relaxed)
+    }
+
     #[inline]
     fn mirror_u64(&self, at: usize, v: u64) {
-        if !self.mirror.is_null() {
-            // Atomic: the CLI reads it from another process. Rings are never unmapped and a fork
-            // child remaps the page in place.
+        let m = self.mirror.load(Ordering::Relaxed);
+        if !m.is_null() {
+            // Atomic: the CLI reads it from another process. A ring file's header stays mapped
+            // (a fork child remaps the page in place), and a replaced one is not unmapped.
             // SAFETY: `at` is an aligned field of the mapped ring file's header page.
-            unsafe { (*(self.mirror.add(at) as *const AtomicU64)).store(v, Ordering::Release) };
+            unsafe { (*(m.add(at) as *const AtomicU64)).store(v, Ordering::Release) };
         }
     }
 
     fn mirror_u32(&self, at: usize, v: u32) {
-        if !self.mirror.is_null() {
+        let m = self.mirror.load(Ordering::Relaxed);
+        if !m.is_null() {
             // SAFETY: as in `mirror_u64`.
-            unsafe { (*(self.mirror.add(at) as *const AtomicU32)).store(v, Ordering::Release) };
+            unsafe { (*(m.add(at) as *const AtomicU32)).store(v, Ordering::Release) };
         }
+    }
+
+    /// Called by the owner when its small ring passed half full: true when that happened twice
+    /// within [`HOT_NS`] and a large ring may still be made.
+    fn wants_large(&self) -> bool {
+        if self.cap() != SMALL_SLOTS || BIG_RINGS.load(Ordering::Relaxed) >= big_max() {
+            return false;
+        }
+        let now = sys::monotonic_ns();
+        let last = self.last_half.swap(now, Ordering::Relaxed);
+        last != 0 && now - last < HOT_NS
+    }
+
+    /// Makes this (empty) small ring large. The owner calls it holding the output lock, right
+    /// after a flush drained every ring; false if the ring is not empty, the quota of large rings
+    /// is spent or memory is short (the ring stays as it was).
+    pub fn grow_locked(&self) -> bool {
+        let head = self.head.load(Ordering::Relaxed);
+        if self.cap() != SMALL_SLOTS || self.tail.load(Ordering::Relaxed) != head {
+            return false;
+        }
+        if BIG_RINGS.fetch_add(1, Ordering::Relaxed) >= big_max() {
+            BIG_RINGS.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        let tid = self.tid.load(Ordering::Relaxed);
+        let Some((mirror, no, slots)) = map_slots(tid, RING_SLOTS, head) else {
+            BIG_RINGS.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        };
+        let (old_mirror, old_no) = (
+            self.mirror.load(Ordering::Relaxed),
+            self.file_no.load(Ordering::Relaxed),
+        );
+        let old_slots = self.slots.load(Ordering::Relaxed);
+        self.slots.store(slots, Ordering::Relaxed);
+        self.mirror.store(mirror, Ordering::Relaxed);
+        self.file_no.store(no, Ordering::Relaxed);
+        self.cap.store(RING_SLOTS, Ordering::Relaxed);
+        // The small slots stay mapped (the tracer's own memory: a heap scan reads it as zeros,
+        // which a later mapping of someone else's at that address must not be), their pages
+        // given back. The old ring file, empty, goes.
+        let (start, len) = if old_mirror.is_null() {
+            (old_slots as *mut u8, SMALL_SLOTS as usize * SLOT_LEN)
+        } else {
+            (
+                old_mirror,
+                ringfile::HEADER_LEN + SMALL_SLOTS as usize * SLOT_LEN,
+            )
+        };
+        // SAFETY: the old slots (and file header page) are this ring's own mapping, which nothing
+        // reads any more: the ring is empty and now points at its new slots.
+        unsafe {
+            if libc::madvise(start.cast(), len, libc::MADV_REMOVE) != 0 {
+                libc::madvise(start.cast(), len, libc::MADV_DONTNEED);
+            }
+        }
+        let mut path = [0u8; 400];
+        if !old_mirror.is_null() && ring_path(&mut path, old_no) {
+            // SAFETY: `path` is NUL-terminated.
+            unsafe { libc::unlink(path.as_ptr().cast()) };
+        }
+        true
     }
 
     /// Everything drained so far reached the CLI: let the ring file say so.
@@ -263,7 +405,7 @@ impl Ring {
     /// Free slots right now.
     #[inline]
     pub fn space(&self) -> u64 {
-        RING_SLOTS - (self.head.load(Ordering::Relaxed) - self.tail.load(Ordering::Acquire))
+        self.cap() - (self.head.load(Ordering::Relaxed) - self.tail.load(Ordering::Acquire))
     }
 
     /// Publishes `n` slots produced by `fill(index, slot)`; the caller has checked `space() >= n`.
@@ -271,16 +413,21 @@ impl Ring {
     #[inline]
     pub fn publish(&self, n: usize, mut fill: impl FnMut(usize, &mut Slot)) {
         let head = self.head.load(Ordering::Relaxed);
+        let cap = self.cap();
+        let slots = self.slots.load(Ordering::Relaxed);
         for i in 0..n {
-            let idx = ((head + i as u64) % RING_SLOTS) as usize;
-            // SAFETY: `idx < RING_SLOTS`; the slot is outside `[tail, head)` (space was checked),
-            // so the consumer does not read it concurrently.
-            fill(i, unsafe { &mut *self.slots.add(idx) });
+            let idx = ((head + i as u64) & (cap - 1)) as usize;
+            // SAFETY: `idx < cap`, the slots mapped; the slot is outside `[tail, head)` (space was
+            // checked), so the consumer does not read it concurrently.
+            fill(i, unsafe { &mut *slots.add(idx) });
         }
         self.head.store(head + n as u64, Ordering::Release);
         self.mirror_u64(ringfile::HEAD, head + n as u64);
         let used = head + n as u64 - self.tail.load(Ordering::Relaxed);
-        if used >= RING_SLOTS / 2 && used - (n as u64) < RING_SLOTS / 2 {
+        if used >= cap / 2 && used - (n as u64) < cap / 2 {
+            if self.wants_large() && crate::out::grow_ring(self) {
+                return;
+            }
             WAKE.store(1, Ordering::Release);
             sys::futex_wake(&WAKE);
         }
@@ -294,13 +441,14 @@ impl Ring {
         if head == tail {
             return 0;
         }
-        let a = (tail % RING_SLOTS) as usize;
+        let cap = self.cap();
+        let a = (tail & (cap - 1)) as usize;
         let n = (head - tail) as usize;
-        let first = n.min(RING_SLOTS as usize - a);
+        let first = n.min(cap as usize - a);
         // SAFETY: slots `[tail, head)` are published (Acquire above) and stay untouched by the
         // producer until `tail` moves; the two runs lie inside the slot array.
         let (s1, s2) = unsafe {
-            let base = self.slots as *const u8;
+            let base = self.slots.load(Ordering::Relaxed) as *const u8;
             (
                 core::slice::from_raw_parts(base.add(a * SLOT_LEN), first * SLOT_LEN),
                 core::slice::from_raw_parts(base, (n - first) * SLOT_LEN),

@@ -18,7 +18,9 @@ pub fn diag(msg: &str) {
 /// Mappings of the tracer's own (rings, buffers, tables), which a heap scan must not take for
 /// the program's roots: (start, end) pairs, appended once each, never removed (none is unmapped
 /// while the process runs, and a fork child re-maps the same ranges).
-const MAX_OWN: usize = 512;
+/// Room for every ring of a program with thousands of threads (two mappings a ring, one more for
+/// a ring made large): 256 KiB of zeros, touched only as it fills.
+pub const MAX_OWN: usize = 16384;
 static OWN: [[AtomicU64; 2]; MAX_OWN] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; MAX_OWN];
 static OWN_LEN: AtomicU32 = AtomicU32::new(0);
 
@@ -29,6 +31,33 @@ pub fn note_own(addr: *const u8, len: usize) {
         slot[0].store(addr as u64, Ordering::Relaxed);
         slot[1].store(addr as u64 + len as u64, Ordering::Release);
     }
+}
+
+/// Bytes of the tracer's own mappings resident now (`mincore`, page by page).
+pub fn own_resident() -> u64 {
+    let n = (OWN_LEN.load(Ordering::Acquire) as usize).min(MAX_OWN);
+    let mut pages = 0u64;
+    let mut vec = [0u8; 256];
+    for slot in &OWN[..n] {
+        let (start, end) = (
+            slot[0].load(Ordering::Relaxed),
+            slot[1].load(Ordering::Acquire),
+        );
+        let mut at = start & !4095;
+        while at < end {
+            let len = (end - at).min(vec.len() as u64 * 4096);
+            // SAFETY: `vec` has room for one byte per page of `[at, at + len)`; mincore only
+            // writes it (a range no longer mapped fails, and counts nothing).
+            let r =
+                unsafe { libc::mincore(at as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
+            if r == 0 {
+                let k = len.div_ceil(4096) as usize;
+                pages += vec[..k].iter().filter(|&&b| b & 1 != 0).count() as u64;
+            }
+            at += len;
+        }
+    }
+    pages * 4096
 }
 
 /// Copies the tracer's own ranges into `out`; returns how many.
