@@ -29,6 +29,14 @@ use crate::{config, sys, tracer};
 pub const RING_SLOTS: u64 = 8192;
 /// Slots of a new ring (8 KiB of events).
 pub const SMALL_SLOTS: u64 = 256;
+// The most slots one hook publishes at once (a realloc with orphans on: its stack, the old
+// block's content, the free and the allocation) fit a small ring.
+const _: () = assert!(
+    leakhunt_format::slot::stack_slots(crate::unwind::MAX_FRAMES_CAP)
+        + leakhunt_format::slot::content_slots(leakhunt_format::slot::MAX_CONTENT_PAIRS)
+        + 2
+        <= SMALL_SLOTS as usize
+);
 /// Two half-full wake-ups closer than this (128 events in 2 ms: 64 K events a second) make a
 /// small ring large.
 const HOT_NS: u64 = 2_000_000;
@@ -36,7 +44,7 @@ const HOT_NS: u64 = 2_000_000;
 static BIG_RINGS: AtomicU32 = AtomicU32::new(0);
 static BIG_MAX: AtomicU32 = AtomicU32::new(0);
 
-/// How many rings may be large: twice the CPUs this process may run on, at least 4, at most 64.
+/// How many rings may be large: twice the CPUs this process may run on, at least 8, at most 64.
 pub fn big_max() -> u32 {
     let m = BIG_MAX.load(Ordering::Relaxed);
     if m != 0 {
@@ -57,7 +65,7 @@ pub fn big_max() -> u32 {
     } else {
         2
     };
-    let m = (2 * cpus).clamp(4, 64);
+    let m = (2 * cpus).clamp(8, 64);
     BIG_MAX.store(m, Ordering::Relaxed);
     m
 }
@@ -425,11 +433,13 @@ impl Ring {
         self.mirror_u64(ringfile::HEAD, head + n as u64);
         let used = head + n as u64 - self.tail.load(Ordering::Relaxed);
         if used >= cap / 2 && used - (n as u64) < cap / 2 {
-            if self.wants_large() && crate::out::grow_ring(self) {
+            if cap == SMALL_SLOTS
+                && ((self.wants_large() && crate::out::grow_ring(self))
+                    || crate::out::drain_own(self))
+            {
                 return;
             }
-            WAKE.store(1, Ordering::Release);
-            sys::futex_wake(&WAKE);
+            wake_writer();
         }
     }
 
@@ -463,6 +473,14 @@ impl Ring {
     pub fn clear(&self) {
         let head = self.head.load(Ordering::Relaxed);
         self.tail.store(head, Ordering::Release);
+    }
+}
+
+/// Wakes the writer thread, unless a wake-up is already pending (it clears `WAKE` when it wakes,
+/// before it drains).
+pub fn wake_writer() {
+    if WAKE.swap(1, Ordering::AcqRel) == 0 {
+        sys::futex_wake(&WAKE);
     }
 }
 

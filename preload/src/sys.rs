@@ -236,6 +236,14 @@ impl SpinLock {
         SpinGuard { lock: self }
     }
 
+    /// Takes the lock if it is free right now (one attempt, no yield).
+    pub fn try_lock(&self) -> Option<SpinGuard<'_>> {
+        self.owner
+            .compare_exchange(0, gettid(), Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| SpinGuard { lock: self })
+    }
+
     /// Like `lock`, but gives up when this thread already holds it or after `tries` yields.
     pub fn try_lock_for(&self, tries: u32) -> Option<SpinGuard<'_>> {
         let me = gettid();

@@ -309,10 +309,10 @@ struct Check {
 #[inline]
 /// The set of a stack pointer: nearby stack pointers (the call sites of one thread, a few frames
 /// apart) fall in nearby sets, so a thread touches a page or two of its checks, and the bits
-/// above 512 bytes are folded in, so that a recursion whose frames are a multiple of 512 bytes
+/// above 512 bytes are added in, so that a recursion whose frames are a multiple of 512 bytes
 /// still spreads over the sets.
 fn check_set(sp: u64) -> usize {
-    (((sp >> 4) ^ (sp >> 9)) as usize % CHECK_SETS) * CHECK_WAYS
+    (((sp >> 4).wrapping_add(sp >> 9)) as usize % CHECK_SETS) * CHECK_WAYS
 }
 
 /// The check a walk from stack pointer `sp` records itself in: one of its set not in use, else
