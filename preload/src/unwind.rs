@@ -751,6 +751,20 @@ pub fn capture(
     s.check_clock = s.check_clock.wrapping_add(1);
     s.cur_py = py_hash;
     if !fresh_walk {
+        // Where stacks vary from one stack pointer, its shape memo holds many more of them than
+        // the checks of its set: try it first.
+        let memo = if s.shapes_on {
+            shape_repeat(s, sp, stack_hi as u64, py_hash)
+        } else {
+            None
+        };
+        if let Some((n, reason, id)) = memo {
+            s.repeated += 1;
+            s.last_check = CHECKS;
+            s.hit = true;
+            s.shape_hit = (id, 0);
+            return (n, reason, false);
+        }
         let set = check_set(sp);
         for slot in set..set + CHECK_WAYS {
             if repeats(s, slot, sp, bp, stack_hi as u64, py_hash) {
@@ -766,18 +780,6 @@ pub fn capture(
                     false,
                 );
             }
-        }
-        let memo = if s.shapes_on {
-            shape_repeat(s, sp, stack_hi as u64, py_hash)
-        } else {
-            None
-        };
-        if let Some((n, reason, id)) = memo {
-            s.repeated += 1;
-            s.last_check = CHECKS;
-            s.hit = true;
-            s.shape_hit = (id, 0);
-            return (n, reason, false);
         }
     }
     let (sp0, bp0) = (sp, bp);
@@ -998,20 +1000,27 @@ fn repeats(s: &Scratch, slot: usize, sp: u64, bp: u64, hi: u64, py: u64) -> bool
     {
         return false;
     }
-    let mut diff = 0u64;
     let list = s
         .check_pool
         .get(c.start as usize..(c.start + c.len) as usize)
         .unwrap_or(&[]);
-    for &(at, v) in list {
-        // An earlier walk of this thread read this aligned word inside `[sp, hi)` of the same
-        // stack mapping, and the stack pointer is the same: the word is in the live part of the
-        // stack, mapped while the thread lives (the scratch is reset when its ring passes to
-        // another thread). Volatile, because the word may have changed.
-        // SAFETY: an aligned read of a mapped word of this thread's live stack, as above.
-        diff |= unsafe { (at as *const u64).read_volatile() } ^ v;
+    // Eight words at a time without branches, then a look: a check of another path from this
+    // stack pointer (stacks that vary) fails at its first differing frame, not after every word.
+    for chunk in list.chunks(8) {
+        let mut diff = 0u64;
+        for &(at, v) in chunk {
+            // An earlier walk of this thread read this aligned word inside `[sp, hi)` of the
+            // same stack mapping, and the stack pointer is the same: the word is in the live
+            // part of the stack, mapped while the thread lives (the scratch is reset when its
+            // ring passes to another thread). Volatile, because the word may have changed.
+            // SAFETY: an aligned read of a mapped word of this thread's live stack, as above.
+            diff |= unsafe { (at as *const u64).read_volatile() } ^ v;
+        }
+        if diff != 0 {
+            return false;
+        }
     }
-    diff == 0
+    true
 }
 
 /// After a walk that `s.walk` (and `s.walk_tail`) now describe completely: record what a later
