@@ -680,17 +680,14 @@ fn drain_all() {
     ring::for_each(|r| drain_ring(r, open));
 }
 
-/// A small ring passed half full: with a trace file, its own thread drains it into the output
-/// buffer if the output lock is free at once, instead of waking the writer. With more busy
-/// threads than large rings (a pool of 64 workers on 2 cores), waking the writer every 128
-/// events of each thread cost more in system calls and context switches than the encoding
-/// itself. The writer still writes the buffer out (at its next wake-up, 20 ms at most, or when
-/// it fills). Under `leakhunt run` the writer is woken as before: what a ring file offers after
-/// a kill must be what was not yet written, so draining and writing stay together.
+/// A small ring passed half full: its own thread drains it into the output if the output lock
+/// is free at once, instead of waking the writer. With more busy threads than large rings (a pool
+/// of 64 workers on 2 cores), waking the writer every 128 events of each cost more in system
+/// calls and context switches than the encoding itself. With a trace file the buffer is written
+/// at the writer's next wake-up (20 ms at most) or once a quarter full; under `leakhunt run` at
+/// once, with the ring still held: what a ring file offers after a kill must be what was not
+/// yet written, so draining and writing stay together.
 pub fn drain_own(r: &ring::Ring) -> bool {
-    if out().socket {
-        return false;
-    }
     let Some(_l) = LOCK.try_lock() else {
         return false;
     };
@@ -698,6 +695,11 @@ pub fn drain_own(r: &ring::Ring) -> bool {
         return false;
     }
     drain_ring(r, true);
+    // Many threads draining themselves between two wake-ups of the writer would otherwise fill
+    // the whole buffer, all of it then resident.
+    if out().socket || out().len >= BUF_LEN / 4 {
+        write_buf();
+    }
     true
 }
 
