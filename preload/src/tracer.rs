@@ -25,7 +25,13 @@ const DISABLED: u8 = 3;
 
 static STATE: AtomicU8 = AtomicU8::new(UNINIT);
 /// Dense, process-wide event sequence (see the format's slot docs).
-static SEQ: AtomicU64 = AtomicU64::new(0);
+static SEQ: Seq = Seq(AtomicU64::new(0));
+
+/// The sequence counter alone in its cache lines: every event of every thread writes it, and it
+/// shared its line with words every hook reads (`jit::GEN`, `PID`), so each number taken on one
+/// core cost the other cores a miss on those.
+#[repr(C, align(128))]
+struct Seq(AtomicU64);
 static mut THREAD_KEY: libc::pthread_key_t = 0;
 
 pub fn untracked() -> u64 {
@@ -371,7 +377,7 @@ pub fn on_alloc(g: &Guard, f: AllocFn, p: *mut c_void, size: usize) {
     let (id, stack_slots, n, reason) = stack_for(ts, r);
     let total = stack_slots + 1;
     reserve(r, total);
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let seq = SEQ.0.fetch_add(1, Ordering::Relaxed);
     r.publish(total, |i, s| {
         if i < stack_slots {
             stack_slot(r, id, n, reason, i, s);
@@ -392,7 +398,7 @@ pub fn on_free(g: &Guard, f: FreeFn, p: *mut c_void, mallocs: bool) {
     let ts = g.ts();
     let Some(r) = thread_ring(ts) else { return };
     reserve(r, 1);
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let seq = SEQ.0.fetch_add(1, Ordering::Relaxed);
     r.publish(1, |_, s| *s = slot::free(f, seq, p as u64));
     after_publish(ts);
 }
@@ -409,7 +415,7 @@ fn on_free_with_content(g: &Guard, f: FreeFn, p: *mut c_void, mallocs: bool) {
     let cslots = slot::content_slots(words);
     let total = stack_slots + cslots + 1;
     reserve(r, total);
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let seq = SEQ.0.fetch_add(1, Ordering::Relaxed);
     r.publish(total, |i, s| {
         if i < stack_slots {
             stack_slot(r, id, n, reason, i, s);
@@ -536,7 +542,7 @@ pub fn before_realloc(g: &Guard, p: *mut c_void, size: usize) -> Option<Dropped>
 /// A sequence number taken before a `realloc` of a live block; `on_realloc` uses it afterwards.
 #[inline]
 pub fn take_seq() -> u64 {
-    SEQ.fetch_add(1, Ordering::Relaxed)
+    SEQ.0.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Records the outcome of `realloc(old, size) = new` whose free sequence number was taken before
@@ -602,7 +608,7 @@ pub fn on_realloc(
         let cslots = slot::content_slots(d.words);
         let total = stack_slots + cslots + 2;
         reserve(r, total);
-        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let seq = SEQ.0.fetch_add(1, Ordering::Relaxed);
         r.publish(total, |i, s| {
             if i < stack_slots {
                 stack_slot(r, id, n, reason, i, s);
@@ -619,7 +625,7 @@ pub fn on_realloc(
     }
     let total = stack_slots + 2;
     reserve(r, total);
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let seq = SEQ.0.fetch_add(1, Ordering::Relaxed);
     r.publish(total, |i, s| {
         if i == 0 {
             *s = slot::free(FreeFn::Realloc, free_seq, old as u64);
@@ -640,7 +646,7 @@ pub fn before_fork() -> Option<u64> {
         return None;
     }
     let g = Guard::enter()?;
-    Some(g.forwarding(|| out::fork_point(|| SEQ.fetch_add(1, Ordering::Relaxed))))
+    Some(g.forwarding(|| out::fork_point(|| SEQ.0.fetch_add(1, Ordering::Relaxed))))
 }
 
 /// After `fork()` in a child that is traced: say so first, with the parent's fork point, so that
@@ -737,7 +743,7 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
             next_snap = (next_snap + snap_every).max(now + snap_every / 2);
         } else if every != 0 && now >= next_epoch {
             // Events numbered below this point were taken before the boundary.
-            out::epoch(|| SEQ.load(Ordering::Acquire), None);
+            out::epoch(|| SEQ.0.load(Ordering::Acquire), None);
             // A boundary late by more than an interval (the machine stalled) is not doubled.
             next_epoch = (next_epoch + every).max(now + every / 2);
         } else {
@@ -815,7 +821,7 @@ fn become_child() {
         (*ts).tid = sys::gettid();
     }
     if trace {
-        SEQ.store(0, Ordering::Relaxed);
+        SEQ.0.store(0, Ordering::Relaxed);
         if !dedup::reset() {
             disable();
         }
@@ -1048,7 +1054,7 @@ pub fn snapshot(name: &[u8]) {
     if !this_process() {
         return;
     }
-    out::epoch(|| SEQ.load(Ordering::Acquire), Some(name));
+    out::epoch(|| SEQ.0.load(Ordering::Acquire), Some(name));
 }
 
 /// A fatal signal is about to kill the process.
