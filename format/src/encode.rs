@@ -250,3 +250,12 @@ pub fn title(cmdline: &[u8], out: &mut Vec<u8>) {
     let mut r = RecordBuf::new();
     r.bytes(cmdline).finish_into(tag::TITLE, out);
 }
+
+/// An `END_NOTE` record (version 5, packed traces): the stream packed ended truncated
+/// (`corrupt` false) or at a decode error, with the reader's message.
+pub fn end_note(corrupt: bool, message: &str, out: &mut Vec<u8>) {
+    RecordBuf::new()
+        .u8(u8::from(corrupt))
+        .bytes(message.as_bytes())
+        .finish_into(tag::END_NOTE, out);
+}
