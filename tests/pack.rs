@@ -56,6 +56,8 @@ fn is_packed(p: &Path) -> bool {
 /// The preload alone writes `dir/raw.trace` of `exe args` with `env`.
 fn preload_trace(dir: &Path, exe: &Path, args: &[&str], env: &[(&str, &str)]) -> PathBuf {
     let trace = dir.join("raw.trace");
+    // The preload creates its trace with O_EXCL.
+    let _ = std::fs::remove_file(&trace);
     let out = Command::new(exe)
         .args(args)
         .env("LD_PRELOAD", preload())
@@ -245,6 +247,19 @@ fn a_damaged_packed_trace_is_an_error_naming_the_damage() {
         );
         assert!(!err.contains("panicked"), "{err}");
     }
+    // Cut where zstd's second frame begins: each frame is whole, the trace is not.
+    let big = preload_trace(&dir, &fixture("stress.c"), &["100000", "4"], &[]);
+    assert!(pack(&big, &packed).status.success());
+    let d = std::fs::read(&packed).unwrap();
+    let magic = [0x28, 0xb5, 0x2f, 0xfd];
+    let second = (17..d.len() - 4)
+        .find(|&i| d[i..i + 4] == magic)
+        .expect("a second zstd frame");
+    refused(
+        &dir,
+        &d[..second],
+        "the packed trace ends before its last record",
+    );
     // A newer packing.
     let mut d = good.clone();
     d[8] = 2;

@@ -430,6 +430,8 @@ pub struct Process {
     pub observer: Option<Box<dyn Observer>>,
     /// The model of a packed trace's `ORDERED` records, replayed across them.
     unpacker: Option<Box<leakhunt_format::pack::Unpacker>>,
+    /// A packed trace's last record was read.
+    packed_whole: bool,
 }
 
 impl Process {
@@ -548,6 +550,13 @@ impl Process {
                     }
                     p.complete_len = r.offset();
                     progress(p.complete_len);
+                }
+                Ok(None) if r.is_packed() && !p.packed_whole => {
+                    break Some(DecodeError::Corrupt {
+                        offset: r.offset(),
+                        what: "the packed trace ends before its last record: it was cut short"
+                            .into(),
+                    })
                 }
                 Ok(None) => break None,
                 Err(e) if e.is_truncation() => {
@@ -946,7 +955,7 @@ impl Process {
                 }
             }
             Record::EndNote {
-                corrupt: true,
+                kind: leakhunt_format::pack::END_CORRUPT,
                 message,
             } => {
                 return Err(DecodeError::Corrupt {
@@ -956,6 +965,10 @@ impl Process {
                     ),
                 })
             }
+            Record::EndNote {
+                kind: leakhunt_format::pack::END_WHOLE,
+                ..
+            } => self.packed_whole = true,
             Record::EndNote { message, .. } => self.truncated = Some(message),
             Record::Unknown { .. } => {}
         }

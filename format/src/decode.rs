@@ -118,10 +118,11 @@ pub enum Record {
         offset: u64,
         body: Vec<u8>,
     },
-    /// The stream a packed trace was made from ended this way: `corrupt` false, truncated
-    /// (the message of the reader that met it), else a decode error that stopped it.
+    /// How the stream a packed trace was made from ended ([`crate::pack::END_TRUNCATED`]: the
+    /// message of the reader that met the cut; [`crate::pack::END_CORRUPT`]: the decode error
+    /// that stopped it), or [`crate::pack::END_WHOLE`]: the packed trace is whole.
     EndNote {
-        corrupt: bool,
+        kind: u8,
         message: String,
     },
     /// A record this version does not know; skipped.
@@ -252,6 +253,11 @@ impl<R: Read> Reader<R> {
     /// Version read from the preamble (0 before the first record).
     pub fn version(&self) -> u32 {
         self.version
+    }
+
+    /// Whether the stream is a packed trace's inside ([`Reader::packed`]).
+    pub fn is_packed(&self) -> bool {
+        self.packed
     }
 
     /// Fills `buf` completely; returns how many bytes were read before EOF if it could not.
@@ -615,11 +621,13 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         }
         tag::END_NOTE => {
             let kind = p.u8("kind")?;
-            if kind > 1 {
-                return Err(p.err(format!("end kind {kind}, not 0 (truncated) or 1 (corrupt)")));
+            if kind > crate::pack::END_WHOLE {
+                return Err(p.err(format!(
+                    "end kind {kind}, not 0 (truncated), 1 (corrupt) or 2 (whole)"
+                )));
             }
             Record::EndNote {
-                corrupt: kind == 1,
+                kind,
                 message: p.string("message")?,
             }
         }
@@ -963,7 +971,7 @@ mod tests {
         );
         // Version 5 (a packed trace's inside) reads; its tags are unknown to version 4 streams.
         let mut data = sample();
-        encode::end_note(false, "cut", &mut data);
+        encode::end_note(crate::pack::END_TRUNCATED, "cut", &mut data);
         let (recs, err) = all(&data);
         assert_eq!(err, None);
         assert!(matches!(recs.last(), Some(Record::Unknown { tag: 17, .. })));
@@ -974,7 +982,7 @@ mod tests {
         while let Some(rec) = r.next_record().unwrap() {
             last = Some(rec);
         }
-        assert!(matches!(last, Some(Record::EndNote { corrupt: false, .. })));
+        assert!(matches!(last, Some(Record::EndNote { kind: 0, .. })));
         let (_, err) = all(b"ELF\x7f and more bytes here");
         assert!(matches!(err, Some(DecodeError::NotATrace { .. })));
         assert!(err.unwrap().to_string().contains("not a leakhunt trace"));

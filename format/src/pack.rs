@@ -25,6 +25,13 @@ pub const PREAMBLE_LEN: usize = 16;
 /// `END_NOTE` records). The preload still writes [`crate::VERSION`].
 pub const STREAM_VERSION: u32 = 5;
 
+/// `END_NOTE` kinds: the stream packed was cut short (the message says where), stopped at a
+/// decode error (the message), or (the last record of every packed trace) the packed trace
+/// ends here.
+pub const END_TRUNCATED: u8 = 0;
+pub const END_CORRUPT: u8 = 1;
+pub const END_WHOLE: u8 = 2;
+
 /// The packed trace's 16-byte preamble.
 pub fn preamble() -> [u8; PREAMBLE_LEN] {
     let mut p = [0u8; PREAMBLE_LEN];
@@ -42,7 +49,9 @@ pub fn stream_preamble() -> [u8; crate::PREAMBLE_LEN] {
 
 /// Recently freed addresses kept per size class: a free pushes, an allocation that reuses one
 /// takes it out (glibc's tcache and fastbins hand back the last freed chunk of a size first).
-const DEPTH: usize = 16;
+const DEPTH: usize = 64;
+/// Depths told in the event's code; deeper ones are told apart.
+const SHALLOW: usize = 16;
 /// Recently freed addresses of any class (a block split or grown in place).
 const RECENT: usize = 4;
 /// Ends of the last few regions carved from the top (one per arena a thread uses).
@@ -50,6 +59,8 @@ const TOPS: usize = 4;
 /// Allocation sites (stack, size, function) numbered for reuse; past this, new ones are told in
 /// full every time.
 const MAX_INFOS: usize = 1 << 16;
+/// Stacks a new one may name as the one it shares its outer frames with.
+const BASES: usize = 256;
 /// Most `NOP`s one `ORDERED` record may hold (a reader may have to keep each while it waits
 /// for lower numbers, as for the slots of an `EVENTS` record).
 pub const MAX_RECORD_NOPS: u64 = crate::MAX_EVENTS_SLOTS as u64;
@@ -57,11 +68,13 @@ pub const MAX_RECORD_NOPS: u64 = crate::MAX_EVENTS_SLOTS as u64;
 // Event codes: the first byte of every event (FORMAT.md, "ORDERED").
 /// `ALLOC`, by where its address is: 0-3 the end of top `k`; 4-19 its class's freed address at
 /// depth `d`; 20-23 the freed address (any class) at depth `d`; 24 the end of the last
-/// allocation; 25 told (zigzag difference from top 0).
+/// allocation; 25 its class's freed address at a depth told apart (16-63); 26 told (zigzag
+/// difference from top 0).
 const A_CLASS: u8 = TOPS as u8;
-const A_RECENT: u8 = A_CLASS + DEPTH as u8;
+const A_RECENT: u8 = A_CLASS + SHALLOW as u8;
 const A_AFTER: u8 = A_RECENT + RECENT as u8;
-const A_TOLD: u8 = A_AFTER + 1;
+const A_DEEP: u8 = A_AFTER + 1;
+const A_TOLD: u8 = A_DEEP + 1;
 /// `FREE`: 0x20 | mode (0: by age, 1: by distance from the last freed block, 2: address told)
 /// | 4 when it carries the block's content.
 const OP_FREE: u8 = 0x20;
@@ -75,6 +88,9 @@ const OP_FORK: u8 = 0x2a;
 const OP_GAP: u8 = 0x2b;
 const OP_STACK: u8 = 0x2c;
 const OP_ORPHANS: u8 = 0x2d;
+/// The top two bits of an event's code: that many `NOP`s (1-3) came right before it.
+const FOLD_SHIFT: u32 = 6;
+const MAX_FOLDED: u64 = 3;
 /// Streams of an `ORDERED` body, in order.
 const STREAMS: usize = 6;
 const S_KINDS: usize = 0;
@@ -115,81 +131,109 @@ fn class(size: u64) -> u32 {
     (chunk(size) >> 4).min(u32::MAX as u64) as u32
 }
 
-#[derive(Clone, Copy, Default)]
+/// A class's freed addresses, the last freed on top, the oldest dropped past [`DEPTH`]: a
+/// ring, so that a push and a take from the top move nothing.
+#[derive(Clone, Copy)]
 struct Lifo {
     a: [u64; DEPTH],
+    /// The slot the next push takes.
+    top: u8,
     n: u8,
 }
 
+impl Default for Lifo {
+    fn default() -> Lifo {
+        Lifo {
+            a: [0; DEPTH],
+            top: 0,
+            n: 0,
+        }
+    }
+}
+
 impl Lifo {
+    /// The slot of depth `d` (0: the top).
+    #[inline]
+    fn at(&self, d: usize) -> usize {
+        (self.top as usize + DEPTH - 1 - d) % DEPTH
+    }
     #[inline]
     fn push(&mut self, v: u64) {
-        let n = self.n as usize;
-        if n == DEPTH {
-            self.a.copy_within(1.., 0);
-            self.a[DEPTH - 1] = v;
-        } else {
-            self.a[n] = v;
+        self.a[self.top as usize] = v;
+        self.top = ((self.top as usize + 1) % DEPTH) as u8;
+        if (self.n as usize) < DEPTH {
             self.n += 1;
         }
     }
     #[inline]
     fn find(&self, v: u64) -> Option<usize> {
-        let n = self.n as usize;
-        (0..n).find(|&d| self.a[n - 1 - d] == v)
+        (0..self.n as usize).find(|&d| self.a[self.at(d)] == v)
     }
     #[inline]
     fn get(&self, d: usize) -> Option<u64> {
-        let n = self.n as usize;
-        (d < n).then(|| self.a[n - 1 - d])
+        (d < self.n as usize).then(|| self.a[self.at(d)])
     }
+    /// Takes out the entry at depth `d` (below the count), the ones above it moving down.
     #[inline]
     fn remove(&mut self, d: usize) {
-        let n = self.n as usize;
-        let i = n - 1 - d;
-        self.a.copy_within(i + 1..n, i);
+        for k in (0..d).rev() {
+            self.a[self.at(k + 1)] = self.a[self.at(k)];
+        }
+        self.top = ((self.top as usize + DEPTH - 1) % DEPTH) as u8;
         self.n -= 1;
     }
 }
 
-/// Classes below this are kept in a table, the others in a map.
+/// Classes below this are found through a table, the others through a map.
 const SMALL_CLASSES: u32 = 4096;
 
 /// The freed addresses of each size class.
 #[derive(Default)]
 struct Classes {
-    small: Vec<Lifo>,
-    big: FxHashMap<u32, Lifo>,
+    /// By class: 0, none yet; else the index in `lifos` plus 1.
+    small: Vec<u32>,
+    big: FxHashMap<u32, u32>,
+    lifos: Vec<Lifo>,
 }
 
 impl Classes {
     #[inline]
-    fn get(&self, cls: u32) -> Option<&Lifo> {
-        if cls < SMALL_CLASSES {
-            self.small.get(cls as usize)
+    fn index(&self, cls: u32) -> Option<usize> {
+        let i = if cls < SMALL_CLASSES {
+            *self.small.get(cls as usize)?
         } else {
-            self.big.get(&cls)
-        }
+            *self.big.get(&cls)?
+        };
+        (i > 0).then(|| i as usize - 1)
+    }
+    #[inline]
+    fn get(&self, cls: u32) -> Option<&Lifo> {
+        self.index(cls).map(|i| &self.lifos[i])
     }
     #[inline]
     fn get_mut(&mut self, cls: u32) -> Option<&mut Lifo> {
-        if cls < SMALL_CLASSES {
-            self.small.get_mut(cls as usize)
-        } else {
-            self.big.get_mut(&cls)
-        }
+        self.index(cls).map(|i| &mut self.lifos[i])
     }
     #[inline]
     fn push(&mut self, cls: u32, addr: u64) {
-        if cls < SMALL_CLASSES {
-            let i = cls as usize;
-            if self.small.len() <= i {
-                self.small.resize(i + 1, Lifo::default());
+        let i = match self.index(cls) {
+            Some(i) => i,
+            None => {
+                self.lifos.push(Lifo::default());
+                let n = self.lifos.len() as u32;
+                if cls < SMALL_CLASSES {
+                    let c = cls as usize;
+                    if self.small.len() <= c {
+                        self.small.resize(c + 1, 0);
+                    }
+                    self.small[c] = n;
+                } else {
+                    self.big.insert(cls, n);
+                }
+                n as usize - 1
             }
-            self.small[i].push(addr);
-        } else {
-            self.big.entry(cls).or_default().push(addr);
-        }
+        };
+        self.lifos[i].push(addr);
     }
 }
 
@@ -208,15 +252,39 @@ struct Model {
     last_freed_ordinal: u64,
     /// The stack of the last allocation site told in full.
     info_stack: u32,
-    /// The last `STACK` event's id and frames.
+    /// The last `STACK` event's id, and the frames of the last [`BASES`] ones (the last
+    /// last).
     stack_id: u32,
-    frames: Vec<u64>,
+    bases: std::collections::VecDeque<Vec<u64>>,
+    /// The last `PAIRS` event's stack, and each stack's bytes per pair in its last one.
+    pairs_stack: u32,
+    pair_size: FxHashMap<u32, u64>,
     /// The last content's free stack.
     content_stack: u32,
     next_seq: u64,
 }
 
 impl Model {
+    /// A new stack's frames: kept as a base for the next ones.
+    fn stacked(&mut self, frames: Vec<u64>) {
+        if self.bases.len() == BASES {
+            self.bases.pop_front();
+        }
+        self.bases.push_back(frames);
+    }
+
+    /// The bytes `count` pairs of `stack` are predicted to hold, and the prediction updated to
+    /// `bytes`.
+    fn pair_bytes(&mut self, stack: u32, count: u64, bytes: Option<u64>) -> u64 {
+        let per = self.pair_size.get(&stack).copied().unwrap_or(0);
+        if let Some(b) = bytes {
+            if let Some(per) = b.checked_div(count) {
+                self.pair_size.insert(stack, per);
+            }
+        }
+        per.wrapping_mul(count)
+    }
+
     /// What prediction `code` (below [`A_TOLD`]) says for an allocation of class `cls`.
     #[inline]
     fn predict(&self, code: u8, cls: u32) -> Option<u64> {
@@ -232,17 +300,23 @@ impl Model {
         }
     }
 
-    /// An allocation at `addr` whose address was told by `code`: the predictions move on.
+    /// An allocation at `addr` whose address was told by `code` (`depth`: in its class, for
+    /// [`A_DEEP`]): the predictions move on.
     #[inline]
-    fn allocated(&mut self, code: u8, addr: u64, size: u64, cls: u32) {
+    fn allocated(&mut self, code: u8, depth: usize, addr: u64, size: u64, cls: u32) {
         let end = addr.wrapping_add(chunk(size));
         if code < A_CLASS {
             let k = code as usize;
             self.tops.copy_within(0..k, 1);
             self.tops[0] = end;
-        } else if code < A_RECENT {
+        } else if code < A_RECENT || code == A_DEEP {
+            let d = if code == A_DEEP {
+                depth
+            } else {
+                (code - A_CLASS) as usize
+            };
             if let Some(l) = self.classes.get_mut(cls) {
-                l.remove((code - A_CLASS) as usize);
+                l.remove(d);
             }
         } else if code < A_AFTER {
             let d = (code - A_RECENT) as usize;
@@ -338,14 +412,34 @@ impl Packer {
         }
     }
 
-    /// Event `seq`: `size` bytes at `addr` from stack `stack` by allocation function `func`.
-    pub fn alloc(&mut self, seq: u64, addr: u64, size: u64, stack: u32, func: u8) {
+    /// Before event `seq`: a run of up to [`MAX_FOLDED`] `NOP`s right before it is told in its
+    /// code (returned, shifted into place); anything else as `NOPS` and `GAP` events.
+    #[inline]
+    fn lead(&mut self, seq: u64) -> u8 {
+        let n = self.nops;
+        if n > 0
+            && n <= MAX_FOLDED
+            && seq == self.m.next_seq.wrapping_add(n)
+            && self.record_nops + n <= MAX_RECORD_NOPS
+        {
+            self.nops = 0;
+            self.record_nops += n;
+            self.m.next_seq = seq;
+            return (n as u8) << FOLD_SHIFT;
+        }
         self.flush_nops();
         self.seq(seq);
+        0
+    }
+
+    /// Event `seq`: `size` bytes at `addr` from stack `stack` by allocation function `func`.
+    pub fn alloc(&mut self, seq: u64, addr: u64, size: u64, stack: u32, func: u8) {
+        let fold = self.lead(seq);
         let cls = class(size);
         let m = &mut self.m;
         // The predictions in the order of [`TRIES`], the likeliest first.
         let lifo = m.classes.get(cls);
+        let mut depth = 0;
         let code = if lifo.and_then(|l| l.get(0)) == Some(addr) {
             A_CLASS
         } else if m.tops[0] == addr {
@@ -355,7 +449,13 @@ impl Packer {
         } else if let Some(r) = m.recent.iter().position(|&(a, c)| c != 0 && a == addr) {
             A_RECENT + r as u8
         } else if let Some(d) = lifo.and_then(|l| l.find(addr)) {
-            A_CLASS + d as u8
+            depth = d;
+            if d < SHALLOW {
+                A_CLASS + d as u8
+            } else {
+                put(&mut self.streams[S_ADDRS], (d - SHALLOW) as u64);
+                A_DEEP
+            }
         } else if let Some(k) = m.tops.iter().position(|&t| t == addr) {
             k as u8
         } else {
@@ -365,7 +465,7 @@ impl Packer {
             );
             A_TOLD
         };
-        debug_assert!(code == A_TOLD || m.predict(code, cls) == Some(addr));
+        debug_assert!(code >= A_DEEP || m.predict(code, cls) == Some(addr));
         let key = (stack, size, func);
         match self.infos.get(&key) {
             Some(&i) => put(&mut self.streams[S_INFOS], u64::from(i) + 1),
@@ -385,10 +485,10 @@ impl Packer {
                 }
             }
         }
-        self.streams[S_KINDS].push(code);
+        self.streams[S_KINDS].push(code | fold);
         self.ops += 1;
         let ordinal = self.m.allocs;
-        self.m.allocated(code, addr, size, cls);
+        self.m.allocated(code, depth, addr, size, cls);
         self.live.insert(addr, (ordinal, cls));
         self.m.next_seq = seq.wrapping_add(1);
     }
@@ -396,8 +496,7 @@ impl Packer {
     /// Event `seq` frees `addr`; `content`: the free's stack and the (offset, word) pairs the
     /// block still held (`CONTENT`), when its record goes with this free.
     pub fn free(&mut self, seq: u64, addr: u64, content: Option<(u32, &[(u64, u64)])>) {
-        self.flush_nops();
-        self.seq(seq);
+        let fold = self.lead(seq);
         let known = self.live.remove(&addr);
         let mut kind = OP_FREE;
         match known {
@@ -435,7 +534,7 @@ impl Packer {
                 (off, word) = (o, w);
             }
         }
-        self.streams[S_KINDS].push(kind);
+        self.streams[S_KINDS].push(kind | fold);
         self.ops += 1;
         self.m.freed(addr, known);
         self.m.next_seq = seq.wrapping_add(1);
@@ -456,21 +555,24 @@ impl Packer {
 
     /// Event `seq`: `count` allocations from `stack`, `bytes` in all, each freed again.
     pub fn pairs(&mut self, seq: u64, stack: u32, count: u64, bytes: u64) {
-        self.flush_nops();
-        self.seq(seq);
-        self.op(OP_PAIRS);
+        let fold = self.lead(seq);
+        self.op(OP_PAIRS | fold);
+        let predicted = self.m.pair_bytes(stack, count, Some(bytes));
         let s = &mut self.streams[S_MISC];
-        put(s, u64::from(stack));
+        put(
+            s,
+            zigzag(i64::from(stack.wrapping_sub(self.m.pairs_stack) as i32)),
+        );
         put(s, count);
-        put(s, bytes);
+        put(s, zigzag(bytes.wrapping_sub(predicted) as i64));
+        self.m.pairs_stack = stack;
         self.m.next_seq = seq.wrapping_add(1);
     }
 
     /// Event `seq`: the process forked `child`.
     pub fn fork(&mut self, seq: u64, child: u32) {
-        self.flush_nops();
-        self.seq(seq);
-        self.op(OP_FORK);
+        let fold = self.lead(seq);
+        self.op(OP_FORK | fold);
         put(&mut self.streams[S_MISC], u64::from(child));
         self.m.next_seq = seq.wrapping_add(1);
     }
@@ -479,7 +581,32 @@ impl Packer {
     pub fn stack(&mut self, id: u32, gen: u32, reason: u8, frames: &[u64]) {
         self.flush_nops();
         self.op(OP_STACK);
-        let prev = std::mem::take(&mut self.m.frames);
+        // The recent stack that shares the most outermost frames (the latest of those), then
+        // how many, then the others, each against the base's frame as far from the outer end
+        // (0 past it).
+        let common = |b: &Vec<u64>| {
+            frames
+                .iter()
+                .rev()
+                .zip(b.iter().rev())
+                .take_while(|(x, y)| x == y)
+                .count()
+        };
+        let (back, shared) = self
+            .m
+            .bases
+            .iter()
+            .rev()
+            .enumerate()
+            .map(|(back, b)| (back, common(b)))
+            .fold((0, 0), |best, c| if c.1 > best.1 { c } else { best });
+        let empty = Vec::new();
+        let base = self
+            .m
+            .bases
+            .len()
+            .checked_sub(1 + back)
+            .map_or(&empty, |i| &self.m.bases[i]);
         let s = &mut self.streams[S_STACKS];
         put(
             s,
@@ -488,23 +615,16 @@ impl Packer {
         put(s, u64::from(gen));
         s.push(reason);
         put(s, frames.len() as u64);
-        // The outermost frames shared with the last stack, then the others, each against the
-        // last stack's frame as far from the outer end (0 past it).
-        let shared = frames
-            .iter()
-            .rev()
-            .zip(prev.iter().rev())
-            .take_while(|(a, b)| a == b)
-            .count();
+        put(s, back as u64);
         put(s, shared as u64);
         let n = frames.len();
         for (i, &f) in frames[..n - shared].iter().enumerate() {
             let from_end = n - 1 - i;
-            let base = prev.len().checked_sub(1 + from_end).map_or(0, |j| prev[j]);
-            put(s, zigzag(f.wrapping_sub(base) as i64));
+            let b = base.len().checked_sub(1 + from_end).map_or(0, |j| base[j]);
+            put(s, zigzag(f.wrapping_sub(b) as i64));
         }
         self.m.stack_id = id;
-        self.m.frames = frames.to_vec();
+        self.m.stacked(frames.to_vec());
     }
 
     /// The process's reader began to keep what freed blocks held (its first `CONTENT`).
@@ -548,7 +668,6 @@ pub struct Unpacker {
     live: FxHashMap<u64, (u64, u32)>,
     infos: Vec<(u32, u64, u8)>,
     content: Vec<(u64, u64)>,
-    frames: Vec<u64>,
 }
 
 struct Cur<'a> {
@@ -658,8 +777,22 @@ impl Unpacker {
         let mut nops = 0u64;
         for _ in 0..ops {
             let at = kinds.base + kinds.pos;
-            let kind = kinds.byte("an event")?;
+            let byte = kinds.byte("an event")?;
             let fail = |what: String| ExpandError { at, what };
+            let (kind, folded) = (
+                byte & ((1 << FOLD_SHIFT) - 1),
+                u64::from(byte >> FOLD_SHIFT),
+            );
+            if folded > 0 {
+                nops += folded;
+                if nops > MAX_RECORD_NOPS {
+                    return Err(fail(format!(
+                        "more NOPs than the {MAX_RECORD_NOPS} a record may hold"
+                    )));
+                }
+                sink.skip(m.next_seq, folded).map_err(fail)?;
+                m.next_seq = m.next_seq.wrapping_add(folded);
+            }
             match kind {
                 0..=A_TOLD => {
                     let (stack, size, func) = match infos.var("an allocation site")? {
@@ -682,8 +815,19 @@ impl Unpacker {
                         })?,
                     };
                     let cls = class(size);
+                    let mut depth = 0;
                     let addr = if kind == A_TOLD {
                         m.tops[0].wrapping_add(addrs.zz("an address")? as u64)
+                    } else if kind == A_DEEP {
+                        depth = SHALLOW.saturating_add(addrs.var("a depth")? as usize);
+                        m.classes
+                            .get(cls)
+                            .and_then(|l| l.get(depth))
+                            .ok_or_else(|| {
+                                fail(format!(
+                                    "an allocation at freed address {depth} of its class, of which there are fewer"
+                                ))
+                            })?
                     } else {
                         m.predict(kind, cls).ok_or_else(|| {
                             fail(format!(
@@ -692,7 +836,7 @@ impl Unpacker {
                         })?
                     };
                     let ordinal = m.allocs;
-                    m.allocated(kind, addr, size, cls);
+                    m.allocated(kind, depth, addr, size, cls);
                     self.live.insert(ordinal, (addr, cls));
                     sink.alloc(func, stack, m.next_seq, addr, size)
                         .map_err(fail)?;
@@ -753,9 +897,12 @@ impl Unpacker {
                     m.next_seq = m.next_seq.wrapping_add(n);
                 }
                 OP_PAIRS => {
-                    let stack = misc.u32("a stack id")?;
+                    let stack = m.pairs_stack.wrapping_add(misc.zz("a stack id")? as u32);
                     let count = misc.var("a count")?;
-                    let bytes = misc.var("bytes")?;
+                    let d = misc.zz("bytes")? as u64;
+                    let bytes = m.pair_bytes(stack, count, None).wrapping_add(d);
+                    m.pair_bytes(stack, count, Some(bytes));
+                    m.pairs_stack = stack;
                     sink.pairs(m.next_seq, stack, count, bytes).map_err(fail)?;
                     m.next_seq = m.next_seq.wrapping_add(1);
                 }
@@ -773,30 +920,37 @@ impl Unpacker {
                     let gen = stacks.u32("a module generation")?;
                     let reason = stacks.byte("a stop reason")?;
                     let n = stacks.var("a frame count")?;
+                    let back = stacks.var("a base stack")?;
                     let shared = stacks.var("shared frames")?;
-                    if n > u64::from(u16::MAX) || shared > n || shared > m.frames.len() as u64 {
+                    let empty = Vec::new();
+                    let base = match (m.bases.len() as u64).checked_sub(1 + back) {
+                        Some(i) => &m.bases[i as usize],
+                        None if back == 0 => &empty,
+                        None => {
+                            return Err(fail(format!(
+                                "a stack based on the one {back} before, of {} kept",
+                                m.bases.len()
+                            )))
+                        }
+                    };
+                    if n > u64::from(u16::MAX) || shared > n || shared > base.len() as u64 {
                         return Err(fail(format!(
-                            "a stack of {n} frames sharing {shared} with the last one ({})",
-                            m.frames.len()
+                            "a stack of {n} frames sharing {shared} with its base ({})",
+                            base.len()
                         )));
                     }
                     let (n, shared) = (n as usize, shared as usize);
-                    self.frames.clear();
+                    let mut frames = Vec::with_capacity(n);
                     for i in 0..n - shared {
                         let from_end = n - 1 - i;
-                        let base = m
-                            .frames
-                            .len()
-                            .checked_sub(1 + from_end)
-                            .map_or(0, |j| m.frames[j]);
+                        let b = base.len().checked_sub(1 + from_end).map_or(0, |j| base[j]);
                         let d = stacks.zz("a frame")?;
-                        self.frames.push(base.wrapping_add(d as u64));
+                        frames.push(b.wrapping_add(d as u64));
                     }
-                    self.frames
-                        .extend_from_slice(&m.frames[m.frames.len() - shared..]);
-                    sink.stack(id, gen, reason, &self.frames).map_err(fail)?;
+                    frames.extend_from_slice(&base[base.len() - shared..]);
+                    sink.stack(id, gen, reason, &frames).map_err(fail)?;
                     m.stack_id = id;
-                    std::mem::swap(&mut m.frames, &mut self.frames);
+                    m.stacked(frames);
                 }
                 OP_ORPHANS => sink.content(0, 0, &[]).map_err(fail)?,
                 k => return Err(fail(format!("unknown event code {k:#x}"))),
