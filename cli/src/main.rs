@@ -778,6 +778,14 @@ fn snapshot_cmd(a: &SnapshotArgs) -> Result<ExitCode> {
 /// `leakhunt pack IN OUT`: reads IN as a report would, writing what it applies as a packed
 /// trace; a trace cut short is packed with its truncation, one that is corrupt is refused.
 fn pack_cmd(input: &std::path::Path, output: &std::path::Path) -> Result<ExitCode> {
+    if let (Ok(a), Ok(b)) = (std::fs::canonicalize(input), std::fs::canonicalize(output)) {
+        if a == b {
+            bail!(
+                "{}: packing a trace onto itself would destroy it: name another output",
+                input.display()
+            );
+        }
+    }
     let f = input::open_trace(input)?;
     let out: Box<dyn std::io::Write + Send> = if output.as_os_str() == "-" {
         Box::new(std::io::stdout())

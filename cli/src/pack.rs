@@ -175,12 +175,18 @@ const QUEUED: usize = 16;
 pub struct PackWriter {
     batch: Vec<Msg>,
     tx: Option<crossbeam_channel::Sender<Vec<Msg>>>,
+    /// Batches the thread has emptied, to be filled again (a fresh one of this size would be
+    /// fresh pages, zeroed by the kernel, every time).
+    empty: crossbeam_channel::Receiver<Vec<Msg>>,
     thread: Option<std::thread::JoinHandle<io::Result<()>>>,
     /// `CONTENT` records staged per thread, and attached to their `FREE` by its number: the
     /// reader's own bookkeeping ([`crate::orphans::Orphans`]), mirrored.
     staged: FxHashMap<u32, Content>,
     attached: FxHashMap<u64, Content>,
     orphans: bool,
+    /// A run of `NOP`s not yet handed over (first number, count): runs come one number at a
+    /// time when threads' events interleave.
+    nops: (u64, u64),
 }
 
 impl PackWriter {
@@ -188,31 +194,39 @@ impl PackWriter {
     pub fn new<W: Write + Send + 'static>(w: W) -> io::Result<PackWriter> {
         let mut sink = Sink::new(w)?;
         let (tx, rx) = crossbeam_channel::bounded::<Vec<Msg>>(QUEUED);
+        let (give, empty) = crossbeam_channel::bounded::<Vec<Msg>>(QUEUED + 2);
         let thread = std::thread::Builder::new()
             .name("leakhunt-pack".into())
             .spawn(move || {
-                for batch in rx {
-                    for m in batch {
+                for mut batch in rx {
+                    for m in batch.drain(..) {
                         if let Msg::End { truncated, error } = m {
                             return sink.end(truncated.as_deref(), error.as_deref());
                         }
                         sink.take(m);
                     }
+                    let _ = give.try_send(batch);
                 }
                 Err(io::Error::other("the packed trace was not ended"))
             })?;
         Ok(PackWriter {
             batch: Vec::with_capacity(BATCH),
             tx: Some(tx),
+            empty,
             thread: Some(thread),
             staged: FxHashMap::default(),
             attached: FxHashMap::default(),
             orphans: false,
+            nops: (0, 0),
         })
     }
 
     #[inline]
     fn push(&mut self, m: Msg) {
+        if self.nops.1 > 0 {
+            let (seq, count) = std::mem::take(&mut self.nops);
+            self.batch.push(Msg::Nops { seq, count });
+        }
         self.batch.push(m);
         if self.batch.len() >= BATCH {
             self.send();
@@ -220,7 +234,11 @@ impl PackWriter {
     }
 
     fn send(&mut self) {
-        let b = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        let next = self
+            .empty
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(BATCH));
+        let b = std::mem::replace(&mut self.batch, next);
         if let Some(tx) = &self.tx {
             if tx.send(b).is_err() {
                 // The thread stopped (it failed to write): its error comes with `end`.
@@ -267,8 +285,20 @@ impl Observer for PackWriter {
         self.push(Msg::Free { seq, addr });
     }
 
+    #[inline]
     fn nops(&mut self, seq: u64, count: u64) {
-        self.push(Msg::Nops { seq, count });
+        let (first, n) = self.nops;
+        if n > 0 && first.wrapping_add(n) == seq {
+            self.nops.1 += count;
+        } else {
+            if n > 0 {
+                self.batch.push(Msg::Nops {
+                    seq: first,
+                    count: n,
+                });
+            }
+            self.nops = (seq, count);
+        }
     }
 
     fn fork(&mut self, seq: u64, child: u32) {

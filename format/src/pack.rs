@@ -165,9 +165,24 @@ impl Lifo {
             self.n += 1;
         }
     }
+    /// The least depth that holds `v`. (All slots compared at once, then the depths of the
+    /// matches: a miss, the common case, costs one pass the compiler vectorizes.)
     #[inline]
     fn find(&self, v: u64) -> Option<usize> {
-        (0..self.n as usize).find(|&d| self.a[self.at(d)] == v)
+        let mut mask = 0u64;
+        for (i, &x) in self.a.iter().enumerate() {
+            mask |= u64::from(x == v) << i;
+        }
+        let mut best = None;
+        while mask != 0 {
+            let i = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            let d = (self.top as usize + DEPTH - 1 - i) % DEPTH;
+            if d < self.n as usize && best.is_none_or(|b| d < b) {
+                best = Some(d);
+            }
+        }
+        best
     }
     #[inline]
     fn get(&self, d: usize) -> Option<u64> {
@@ -648,15 +663,19 @@ impl Packer {
         if self.ops == 0 {
             return;
         }
-        let mut body = Vec::with_capacity(4 + self.pending_bytes() + 4 * STREAMS);
-        body.extend_from_slice(&self.ops.to_le_bytes());
+        // The body in parts, copied once, into the record.
+        let ops = self.ops.to_le_bytes();
+        let lens: [[u8; 4]; STREAMS] =
+            std::array::from_fn(|i| (self.streams[i].len() as u32).to_le_bytes());
+        let [k, i, a, r, m, s] = &self.streams;
+        let parts: [&[u8]; 1 + 2 * STREAMS] = [
+            &ops, &lens[0], k, &lens[1], i, &lens[2], a, &lens[3], r, &lens[4], m, &lens[5], s,
+        ];
+        encode::sealed(tag::ORDERED, &parts, &mut self.sealed);
         for s in &mut self.streams {
-            body.extend_from_slice(&(s.len() as u32).to_le_bytes());
-            body.extend_from_slice(s);
             s.clear();
         }
         self.ops = 0;
-        encode::sealed(tag::ORDERED, &[&body], &mut self.sealed);
     }
 }
 
@@ -1210,6 +1229,37 @@ mod tests {
         // Most damage is caught (the rest decodes to other events: the record checksums and
         // zstd's own catch what reaches a reader).
         assert!(errors > 1500, "{errors}");
+    }
+
+    #[test]
+    fn a_class_stack_is_a_bounded_lifo() {
+        // Against a plain vector: pushes past the depth drop the bottom, finds give the least
+        // depth, removes close the gap.
+        let (mut l, mut v) = (Lifo::default(), Vec::<u64>::new());
+        let mut x = 7u64;
+        for step in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if !x.is_multiple_of(3) || v.is_empty() {
+                let val = x % 50;
+                l.push(val);
+                v.push(val);
+                if v.len() > DEPTH {
+                    v.remove(0);
+                }
+            } else {
+                let d = (x >> 8) as usize % v.len();
+                assert_eq!(l.get(d), Some(v[v.len() - 1 - d]), "step {step}");
+                l.remove(d);
+                v.remove(v.len() - 1 - d);
+            }
+            for val in 0..50 {
+                let want = v.iter().rev().position(|&y| y == val);
+                assert_eq!(l.find(val), want, "step {step}");
+            }
+            assert_eq!(l.get(v.len()), None);
+        }
     }
 
     #[test]
