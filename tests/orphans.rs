@@ -11,9 +11,16 @@ use leakhunt_tests::*;
 
 /// Every slot record of a trace file, thread by thread in the order written.
 fn slot_records(trace: &Path) -> Vec<SlotRecord> {
-    let data = std::fs::read(trace).unwrap();
+    let mut data = std::fs::read(trace).unwrap();
+    let packed = data.starts_with(&leakhunt_format::pack::MAGIC);
+    if packed {
+        // A kept trace (`leakhunt run -o`): its events in sequence order, as slots again.
+        data = zstd::stream::decode_all(&data[leakhunt_format::pack::PREAMBLE_LEN..]).unwrap();
+    }
     let mut r = Reader::new(&data[..]);
+    r.packed(packed);
     let mut out = Vec::new();
+    let mut unpacker = leakhunt_format::pack::Unpacker::new();
     while let Some(rec) = r.next_record().unwrap() {
         let slots = match rec {
             Record::Batch { slots, .. } => slots,
@@ -22,11 +29,80 @@ fn slot_records(trace: &Path) -> Vec<SlotRecord> {
                 leakhunt_format::compact::expand(&body, count as usize, &mut v).unwrap();
                 v
             }
+            Record::Ordered { body, .. } => {
+                let mut sink = Slots(Vec::new());
+                unpacker.decode(&body, &mut sink).unwrap();
+                out.extend(sink.0);
+                continue;
+            }
             _ => continue,
         };
         out.extend(SlotIter::new(&slots).map(Result::unwrap));
     }
     out
+}
+
+/// The events of `ORDERED` records as the slots they were.
+struct Slots(Vec<SlotRecord>);
+
+impl leakhunt_format::compact::Sink for Slots {
+    fn alloc(&mut self, f: u8, stack: u32, seq: u64, addr: u64, size: u64) -> Result<(), String> {
+        let func = leakhunt_format::AllocFn::from_u8(f).ok_or("alloc fn")?;
+        self.0.push(SlotRecord::Alloc {
+            func,
+            stack,
+            seq,
+            addr,
+            size,
+        });
+        Ok(())
+    }
+    fn free(&mut self, _f: u8, seq: u64, addr: u64) -> Result<(), String> {
+        self.0.push(SlotRecord::Free {
+            func: leakhunt_format::FreeFn::Free,
+            seq,
+            addr,
+        });
+        Ok(())
+    }
+    fn nop(&mut self, seq: u64) -> Result<(), String> {
+        self.0.push(SlotRecord::Nop { seq });
+        Ok(())
+    }
+    fn fork(&mut self, seq: u64, child: u32) -> Result<(), String> {
+        self.0.push(SlotRecord::Fork { seq, child });
+        Ok(())
+    }
+    fn stack(&mut self, id: u32, gen: u32, reason: u8, frames: &[u64]) -> Result<(), String> {
+        let reason = leakhunt_format::StopReason::from_u8(reason).ok_or("stop reason")?;
+        self.0.push(SlotRecord::Stack {
+            id,
+            gen,
+            reason,
+            frames: frames.to_vec(),
+        });
+        Ok(())
+    }
+    fn pairs(&mut self, seq: u64, stack: u32, count: u64, bytes: u64) -> Result<(), String> {
+        self.0.push(SlotRecord::Pairs {
+            seq,
+            stack,
+            count,
+            bytes,
+        });
+        Ok(())
+    }
+    fn content(&mut self, addr: u64, free_stack: u32, pairs: &[(u64, u64)]) -> Result<(), String> {
+        // The packed trace's "orphans on" marker is no record of the trace.
+        if addr != 0 {
+            self.0.push(SlotRecord::Content {
+                addr,
+                free_stack,
+                pairs: pairs.to_vec(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// (struct, hdr, body) as the fixture printed them.

@@ -11,6 +11,7 @@ pub mod html;
 pub mod input;
 pub mod orphans;
 pub mod outfile;
+pub mod pack;
 pub mod paths;
 pub mod process;
 pub mod program;

@@ -56,6 +56,15 @@ enum Cmd {
     /// Every distinct path that holds one callsite's blocks (from each heap scan in the trace),
     /// with how many blocks each holds and what the callsite's blocks keep alive.
     Paths(PathsArgs),
+    /// Pack a trace the preload wrote (or any trace) into a packed trace: the same report, a
+    /// fraction of the bytes (events in sequence order, predicted, then zstd). Every command
+    /// that reads traces reads packed ones; `leakhunt run -o` keeps its traces packed.
+    Pack {
+        /// The trace to pack.
+        input: PathBuf,
+        /// The packed trace to write (created 0600; "-" for stdout).
+        output: PathBuf,
+    },
     /// Print a trace's records (for debugging leakhunt itself).
     #[command(hide = true)]
     Dump { trace: PathBuf },
@@ -766,8 +775,48 @@ fn snapshot_cmd(a: &SnapshotArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `leakhunt pack IN OUT`: reads IN as a report would, writing what it applies as a packed
+/// trace; a trace cut short is packed with its truncation, one that is corrupt is refused.
+fn pack_cmd(input: &std::path::Path, output: &std::path::Path) -> Result<ExitCode> {
+    if let (Ok(a), Ok(b)) = (std::fs::canonicalize(input), std::fs::canonicalize(output)) {
+        if a == b {
+            bail!(
+                "{}: packing a trace onto itself would destroy it: name another output",
+                input.display()
+            );
+        }
+    }
+    let f = input::open_trace(input)?;
+    let out: Box<dyn std::io::Write + Send> = if output.as_os_str() == "-" {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(std::io::BufWriter::new(
+            leakhunt::outfile::create(output, 0o600)
+                .with_context(|| format!("writing {}", output.display()))?,
+        ))
+    };
+    let mut p = Process::new();
+    p.observer = Some(Box::new(leakhunt::pack::PackWriter::new(out)?));
+    let (mut p, err) = Process::read_stream_prepared(p, f, &mut |_| {});
+    if let Some(e) = err {
+        bail!("{}: {e}: not packed", input.display());
+    }
+    if let Some(mut o) = p.observer.take() {
+        o.end(p.truncated.as_deref(), None)
+            .with_context(|| format!("writing {}", output.display()))?;
+    }
+    if let Some(t) = &p.truncated {
+        eprintln!(
+            "leakhunt: warning: {}: {t}; packed what came before",
+            input.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn dump(path: &std::path::Path) -> Result<ExitCode> {
-    let mut r = leakhunt_format::Reader::new(std::io::BufReader::new(input::open_trace(path)?));
+    let mut r = leakhunt::pack::reader(input::open_trace(path)?)
+        .with_context(|| format!("reading {}", path.display()))?;
     loop {
         match r.next_record() {
             Ok(Some(leakhunt_format::Record::Batch { tid, offset, slots })) => {
@@ -813,6 +862,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run::run(a),
         Cmd::Report(a) => report_cmd(a),
         Cmd::Paths(a) => paths_cmd(a),
+        Cmd::Pack { input, output } => pack_cmd(input, output),
         Cmd::Diff(a) => diff_cmd(a),
         Cmd::Verify(a) => verify_cmd(a),
         Cmd::Snapshot(a) => snapshot_cmd(a),

@@ -11,7 +11,7 @@ use crate::series::Series;
 use leakhunt_format::compact;
 use leakhunt_format::encode::{Header, Module};
 use leakhunt_format::slot::{self, SlotIter, SlotRecord};
-use leakhunt_format::{stat, AllocFn, DecodeError, ExitKind, FreeFn, Reader, Record, StopReason};
+use leakhunt_format::{stat, AllocFn, DecodeError, ExitKind, FreeFn, Record, StopReason};
 
 /// Stack ids of blocks a fork child inherited: the parent's id with this bit set.
 pub const INHERITED_STACK: u32 = 1 << 31;
@@ -168,6 +168,33 @@ pub struct ModuleEntry {
 
 /// Called with the process after epoch boundaries close.
 pub type EpochHook = Box<dyn FnMut(&Process) + Send>;
+
+/// Sees what the reader applies, in the order it applies it: every event in sequence order
+/// (with its number), each stack when first defined, what freed blocks held, and the other
+/// records as framed in the stream, each before it is applied. `leakhunt run -o` and
+/// `leakhunt pack` re-encode a trace from it ([`crate::pack`]).
+pub trait Observer: Send {
+    /// A record of this tag was read (`raw`: its frame and body as the stream held them),
+    /// before it is applied.
+    fn record(&mut self, tag: u16, raw: &[u8]);
+    fn alloc(&mut self, seq: u64, addr: u64, size: u64, stack: u32, func: u8);
+    fn free(&mut self, seq: u64, addr: u64);
+    /// `count` `NOP`s numbered from `seq`.
+    fn nops(&mut self, seq: u64, count: u64);
+    fn fork(&mut self, seq: u64, child: u32);
+    fn pairs(&mut self, seq: u64, stack: u32, count: u64, bytes: u64);
+    fn stack(&mut self, id: u32, stack: &Stack);
+    /// A `CONTENT` record of thread `tid` was staged ([`Process::content`]).
+    fn content(&mut self, tid: u32, addr: u64, free_stack: u32, pairs: &[(u64, u64)]);
+    /// Thread `tid`'s `FREE` of `addr`, number `seq`, was decoded ([`Process::attach_content`]).
+    fn attach(&mut self, tid: u32, seq: u64, addr: u64);
+    /// The stream ended (after [`Process::finish`]): cut short (`truncated`, the reader's
+    /// message) or at a decode error (`error`), else cleanly.
+    fn end(&mut self, truncated: Option<&str>, error: Option<&str>) -> std::io::Result<()>;
+}
+
+/// The thread id the events of a packed trace's `ORDERED` records are applied as.
+const PACKED_TID: u32 = u32::MAX;
 
 /// Called with the process when its stream asks for a heap scan (`leakhunt run` answers it:
 /// see `scan.rs`).
@@ -399,6 +426,12 @@ pub struct Process {
     /// What the frees said of the blocks they held (`--orphans`).
     pub orphans: Option<Box<crate::orphans::Orphans>>,
     records: u64,
+    /// Sees every applied event and record (`leakhunt run -o`, `leakhunt pack`).
+    pub observer: Option<Box<dyn Observer>>,
+    /// The model of a packed trace's `ORDERED` records, replayed across them.
+    unpacker: Option<Box<leakhunt_format::pack::Unpacker>>,
+    /// A packed trace's last record was read.
+    packed_whole: bool,
 }
 
 impl Process {
@@ -455,7 +488,9 @@ impl Process {
     pub fn forked_children<R: Read>(traces: impl Iterator<Item = R>) -> rustc_hash::FxHashSet<u32> {
         let mut out = rustc_hash::FxHashSet::default();
         for t in traces {
-            let mut r = leakhunt_format::Reader::new(std::io::BufReader::new(t));
+            let Ok(mut r) = crate::pack::reader(t) else {
+                continue;
+            };
             let mut pid = None;
             for _ in 0..16 {
                 match r.next_record() {
@@ -464,9 +499,11 @@ impl Process {
                         out.extend(pid);
                         break;
                     }
-                    Ok(Some(Record::Batch { .. } | Record::Events { .. })) | Ok(None) | Err(_) => {
-                        break
-                    }
+                    Ok(Some(
+                        Record::Batch { .. } | Record::Events { .. } | Record::Ordered { .. },
+                    ))
+                    | Ok(None)
+                    | Err(_) => break,
                     Ok(Some(_)) => {}
                 }
             }
@@ -496,16 +533,30 @@ impl Process {
         src: impl Read,
         progress: &mut dyn FnMut(u64),
     ) -> (Process, Option<DecodeError>) {
-        let mut r = Reader::new(std::io::BufReader::with_capacity(1 << 20, src));
+        let mut r = match crate::pack::reader(src) {
+            Ok(r) => r,
+            Err(e) => return (p, Some(e)),
+        };
+        r.keep_raw(p.observer.is_some());
         let err = loop {
             let at = r.offset();
             match r.next_record() {
                 Ok(Some(rec)) => {
+                    if let Some(o) = &mut p.observer {
+                        o.record(r.raw_tag(), r.raw());
+                    }
                     if let Err(e) = p.apply(rec, at) {
                         break Some(e);
                     }
                     p.complete_len = r.offset();
                     progress(p.complete_len);
+                }
+                Ok(None) if r.is_packed() && !p.packed_whole => {
+                    break Some(DecodeError::Corrupt {
+                        offset: r.offset(),
+                        what: "the packed trace ends before its last record: it was cut short"
+                            .into(),
+                    })
                 }
                 Ok(None) => break None,
                 Err(e) if e.is_truncation() => {
@@ -562,11 +613,16 @@ impl Process {
                 reason,
                 frames,
             } => {
-                self.stacks.entry(id).or_insert(Stack {
-                    gen,
-                    reason,
-                    frames,
-                });
+                if let std::collections::hash_map::Entry::Vacant(v) = self.stacks.entry(id) {
+                    let s = v.insert(Stack {
+                        gen,
+                        reason,
+                        frames,
+                    });
+                    if let Some(o) = &mut self.observer {
+                        o.stack(id, s);
+                    }
+                }
                 Ok(())
             }
             SlotRecord::Alloc {
@@ -755,7 +811,11 @@ impl Process {
     /// Applies one record, which starts at byte `at` of the stream.
     pub fn apply(&mut self, rec: Record, at: u64) -> Result<(), DecodeError> {
         self.records += 1;
-        if self.exit == Some(ExitKind::Exec) && !matches!(rec, Record::Stats(_) | Record::Title(_))
+        if self.exit == Some(ExitKind::Exec)
+            && !matches!(
+                rec,
+                Record::Stats(_) | Record::Title(_) | Record::EndNote { .. }
+            )
         {
             // Recording went on after an exec announcement: that exec failed.
             self.exit = None;
@@ -876,6 +936,40 @@ impl Process {
             Record::ReachResult(o) if self.snapshot_scan.is_some() => self.snapshot_result(o),
             Record::ReachResult(o) => self.reach_result(o),
             Record::Warning(w) => self.warnings.push(w),
+            Record::Ordered { offset, body } => {
+                let mut un = self.unpacker.take().unwrap_or_default();
+                let mut sink = Apply {
+                    p: self,
+                    tid: PACKED_TID,
+                    offset,
+                    error: None,
+                };
+                let r = un.decode(&body, &mut sink);
+                let error = sink.error.take();
+                self.unpacker = Some(un);
+                if let Err(e) = r {
+                    return Err(error.unwrap_or(DecodeError::Corrupt {
+                        offset: offset + e.at as u64,
+                        what: format!("ordered events record: {}", e.what),
+                    }));
+                }
+            }
+            Record::EndNote {
+                kind: leakhunt_format::pack::END_CORRUPT,
+                message,
+            } => {
+                return Err(DecodeError::Corrupt {
+                    offset: at,
+                    what: format!(
+                        "the trace was packed from a stream that stopped at an error: {message}"
+                    ),
+                })
+            }
+            Record::EndNote {
+                kind: leakhunt_format::pack::END_WHOLE,
+                ..
+            } => self.packed_whole = true,
+            Record::EndNote { message, .. } => self.truncated = Some(message),
             Record::Unknown { .. } => {}
         }
         Ok(())
@@ -965,6 +1059,9 @@ impl Process {
 
     #[inline]
     fn alloc(&mut self, addr: u64, size: u64, stack: u32, func: u8) {
+        if let Some(o) = &mut self.observer {
+            o.alloc(self.next_seq, addr, size, stack, func);
+        }
         let i = stack as usize;
         if let Some(f) = self.alloc_fns.get_mut(i) {
             *f = func;
@@ -1073,6 +1170,9 @@ impl Process {
     }
 
     fn free(&mut self, addr: u64) {
+        if let Some(o) = &mut self.observer {
+            o.free(self.next_seq, addr);
+        }
         self.totals.frees += 1;
         if let Some(o) = &mut self.orphans {
             let parent = self.live.get(&addr).map(|l| (l.size, l.stack));
@@ -1140,8 +1240,15 @@ impl Process {
                 func,
             } => self.alloc(addr, size, stack, func),
             Ev::Free { addr } => self.free(addr),
-            Ev::Nop => {}
+            Ev::Nop => {
+                if let Some(o) = &mut self.observer {
+                    o.nops(self.next_seq, 1);
+                }
+            }
             Ev::Fork { child } => {
+                if let Some(o) = &mut self.observer {
+                    o.fork(self.next_seq, child);
+                }
                 let live = std::sync::Arc::new(self.live.clone());
                 // Under `leakhunt run` the book alone keeps it (and lets it go); a kept trace's
                 // reader keeps it for `link_forks`.
@@ -1173,6 +1280,9 @@ impl Process {
                 count,
                 bytes,
             } => {
+                if let Some(o) = &mut self.observer {
+                    o.pairs(self.next_seq, stack, count, bytes);
+                }
                 self.totals.allocs = self.totals.allocs.saturating_add(count);
                 self.totals.frees = self.totals.frees.saturating_add(count);
                 self.totals.bytes_allocated = self.totals.bytes_allocated.saturating_add(bytes);
@@ -1195,6 +1305,8 @@ impl Process {
             }
             self.gaps += seq - self.next_seq;
             self.reach(seq);
+            // The event applied is numbered `seq` (what the orphans and the observer read).
+            self.next_seq = seq;
             self.apply_event(ev);
             self.next_seq = seq.wrapping_add(1);
         }
@@ -1253,6 +1365,9 @@ impl Process {
     /// there ([`Process::attach_content`] ties them by that `FREE`'s sequence number, and the
     /// words are applied with it, in sequence order).
     pub fn content(&mut self, tid: u32, addr: u64, free_stack: u32, pairs: &[(u64, u64)]) {
+        if let Some(o) = &mut self.observer {
+            o.content(tid, addr, free_stack, pairs);
+        }
         self.orphans
             .get_or_insert_with(Default::default)
             .stage(tid, addr, free_stack, pairs);
@@ -1260,6 +1375,9 @@ impl Process {
 
     /// Thread `tid`'s `FREE` of `addr`, sequence number `seq`, was decoded.
     fn attach_content(&mut self, tid: u32, seq: u64, addr: u64) {
+        if let Some(o) = &mut self.observer {
+            o.attach(tid, seq, addr);
+        }
         if let Some(o) = &mut self.orphans {
             o.attach(tid, seq, addr);
         }
@@ -1350,6 +1468,9 @@ impl compact::Sink for Apply<'_> {
         };
         if self.p.pending.is_empty() && seq == self.p.next_seq {
             // In order: nothing to apply, only boundaries to close on the way.
+            if let Some(o) = &mut self.p.observer {
+                o.nops(seq, count);
+            }
             self.p.advance_to(end);
             return Ok(());
         }
@@ -1362,11 +1483,16 @@ impl compact::Sink for Apply<'_> {
     fn stack(&mut self, id: u32, gen: u32, reason: u8, frames: &[u64]) -> Result<(), String> {
         let reason =
             StopReason::from_u8(reason).ok_or(format!("unknown unwind stop reason {reason}"))?;
-        self.p.stacks.entry(id).or_insert_with(|| Stack {
-            gen,
-            reason,
-            frames: frames.to_vec(),
-        });
+        if let std::collections::hash_map::Entry::Vacant(v) = self.p.stacks.entry(id) {
+            let s = v.insert(Stack {
+                gen,
+                reason,
+                frames: frames.to_vec(),
+            });
+            if let Some(o) = &mut self.p.observer {
+                o.stack(id, s);
+            }
+        }
         Ok(())
     }
 }

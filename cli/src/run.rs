@@ -4,7 +4,7 @@
 //! is the program's (a death by signal is re-raised), or `--error-exitcode` when leaks are found.
 
 use std::fs::File;
-use std::io::{IsTerminal, Read, Seek, Write};
+use std::io::{IsTerminal, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::ExitStatusExt;
@@ -78,60 +78,10 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Appends recovered batches (and the process's end, when waitpid told it) to a kept trace, so
-/// that `leakhunt report` on it says what this run said.
-fn append_records(
-    trace: &std::path::Path,
-    complete_len: u64,
-    batches: &[(u32, Vec<u8>)],
-    end: Option<ExitKind>,
-) {
-    let mut out = Vec::new();
-    for (tid, slots) in batches {
-        leakhunt_format::encode::batch(*tid, slots, &mut out);
-    }
-    if let Some(k) = end {
-        leakhunt_format::encode::exit(k, &mut out);
-    }
-    let r = std::fs::OpenOptions::new()
-        .write(true)
-        .open(trace)
-        .and_then(|mut f| {
-            // Drop a record the kill cut short, then add the recovered batches.
-            f.set_len(complete_len)?;
-            f.seek(std::io::SeekFrom::End(0))?;
-            f.write_all(&out)
-        });
-    if let Err(e) = r {
-        eprintln!("leakhunt: warning: cannot add the recovered events to the --output trace: {e}");
-    }
-}
-
-/// Copies what it reads to a file (`--output`).
-struct Tee<R> {
-    inner: R,
-    file: Option<File>,
-}
-
-impl<R: Read> Read for Tee<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if let Some(f) = &mut self.file {
-            if f.write_all(&buf[..n]).is_err() {
-                eprintln!(
-                    "leakhunt: warning: cannot write the --output trace; the report is unaffected"
-                );
-                self.file = None;
-            }
-        }
-        Ok(n)
-    }
-}
-
 struct Stream {
     process: Process,
     error: Option<DecodeError>,
-    /// Where the stream's bytes were kept (`--output`), until renamed.
+    /// Where the stream was kept, packed (`--output`), until renamed.
     tee: Option<PathBuf>,
     /// Bytes a resumed connection said were sent but never arrived.
     missing: u64,
@@ -160,7 +110,7 @@ fn live_view_hook() -> leakhunt::process::EpochHook {
     })
 }
 
-/// Creates the file that keeps a stream's bytes (`--output`): a new name next to TRACE, made
+/// Creates the file that keeps a stream, packed (`--output`): a new name next to TRACE, made
 /// with O_EXCL (so never through a link someone planted) and mode 0600.
 fn create_partial(dest: &Path, n: usize) -> Option<(PathBuf, File)> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -338,11 +288,24 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         let count = AtomicUsize::new(0);
         Arc::new(move |acc: serve::Accepted| {
             let n = count.fetch_add(1, Ordering::SeqCst);
-            let (tee, file) = match output.as_deref().and_then(|o| create_partial(o, n)) {
-                Some((p, f)) => (Some(p), Some(f)),
-                None => (None, None),
-            };
             let mut p = Process::new();
+            // The kept trace is packed as the events are applied (`leakhunt pack`'s writer).
+            let mut tee = None;
+            if let Some((path, f)) = output.as_deref().and_then(|o| create_partial(o, n)) {
+                match leakhunt::pack::PackWriter::new(std::io::BufWriter::with_capacity(1 << 16, f))
+                {
+                    Ok(w) => {
+                        p.observer = Some(Box::new(w));
+                        tee = Some(path);
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "leakhunt: warning: cannot write the --output trace: {e}; the report is unaffected"
+                        );
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
             p.ended = Some(acc.ended.clone());
             p.fork_book = Some(fork_book.clone());
             // The live view follows the program (its first image), not its children.
@@ -364,13 +327,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
                 p.on_reach = Some(scanner.into_hook());
             }
             let missing = acc.source.missing.clone();
-            let (process, error) = Process::read_stream_with(
-                p,
-                Tee {
-                    inner: acc.source,
-                    file,
-                },
-            );
+            let (process, error) = Process::read_stream_with(p, acc.source);
             let _ = tx.send(Stream {
                 process,
                 error,
@@ -430,10 +387,11 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
                 let end = (killed && s.process.pid() == child_pid && got.failed == 0)
                     .then_some(main_exit)
                     .flatten();
-                if let Some(tee) = &s.tee {
-                    if got.events > 0 || end.is_some() {
-                        append_records(tee, s.process.complete_len, &got.batches, end);
-                    }
+                // The recovered events reached the kept trace as they were applied; the end too.
+                if let (Some(k), Some(o)) = (end, &mut s.process.observer) {
+                    let mut rec = Vec::new();
+                    leakhunt_format::encode::exit(k, &mut rec);
+                    o.record(leakhunt_format::tag::EXIT, &rec);
                 }
                 if end.is_some() {
                     s.process.exit = end;
@@ -442,6 +400,15 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
             }
         }
         s.process.finish();
+        if let Some(mut o) = s.process.observer.take() {
+            let error = s.error.as_ref().map(|e| e.to_string());
+            if let Err(e) = o.end(s.process.truncated.as_deref(), error.as_deref()) {
+                eprintln!(
+                    "leakhunt: warning: cannot write the --output trace of pid {}: {e}; the report is unaffected",
+                    s.process.pid()
+                );
+            }
+        }
     }
     if let Some(d) = &ring_dir {
         let _ = std::fs::remove_dir_all(d);

@@ -8,7 +8,7 @@ use std::io::{self, Read};
 use crate::encode::{Header, Module};
 use crate::{
     record_crc, tag, ExitKind, CRC_LEN, FLAG_CRC, MAGIC, MAX_RECORD_LEN, PREAMBLE_LEN,
-    RECORD_HEADER_LEN, VERSION,
+    READ_VERSION, RECORD_HEADER_LEN, VERSION,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +112,19 @@ pub enum Record {
         function: String,
         file: String,
     },
+    /// Allocator events in sequence order (a packed trace's), decoded by
+    /// [`crate::pack::Unpacker`]; `offset` is where `body` starts in the stream.
+    Ordered {
+        offset: u64,
+        body: Vec<u8>,
+    },
+    /// How the stream a packed trace was made from ended ([`crate::pack::END_TRUNCATED`]: the
+    /// message of the reader that met the cut; [`crate::pack::END_CORRUPT`]: the decode error
+    /// that stopped it), or [`crate::pack::END_WHOLE`]: the packed trace is whole.
+    EndNote {
+        kind: u8,
+        message: String,
+    },
     /// A record this version does not know; skipped.
     Unknown {
         tag: u16,
@@ -125,6 +138,12 @@ pub struct Reader<R> {
     offset: u64,
     started: bool,
     version: u32,
+    /// Keep each record's bytes (but events') for [`Reader::raw`].
+    keep_raw: bool,
+    /// The stream is a packed trace's inside: version 5 reads ([`Reader::packed`]).
+    packed: bool,
+    raw: Vec<u8>,
+    raw_tag: u16,
 }
 
 /// Cursor over one payload, with offset-carrying errors.
@@ -195,7 +214,35 @@ impl<R: Read> Reader<R> {
             offset: 0,
             started: false,
             version: 0,
+            keep_raw: false,
+            packed: false,
+            raw: Vec::new(),
+            raw_tag: 0,
         }
+    }
+
+    /// The stream is the inside of a packed trace ([`crate::pack`]), which alone may be of
+    /// version 5 (a plain trace claiming it is refused as newer, so that a flipped bit in a
+    /// plain trace's version is never read as another version).
+    pub fn packed(&mut self, packed: bool) {
+        self.packed = packed;
+    }
+
+    /// From now on keep the bytes of each record read (frame, body and checksum), except
+    /// those of event records (`BATCH`, `EVENTS`, `ORDERED`), for [`Reader::raw`].
+    pub fn keep_raw(&mut self, keep: bool) {
+        self.keep_raw = keep;
+    }
+
+    /// The tag of the last record read.
+    pub fn raw_tag(&self) -> u16 {
+        self.raw_tag
+    }
+
+    /// The last record's bytes as the stream held them (with [`Reader::keep_raw`]; empty for
+    /// event records).
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
     }
 
     /// Bytes consumed so far.
@@ -206,6 +253,11 @@ impl<R: Read> Reader<R> {
     /// Version read from the preamble (0 before the first record).
     pub fn version(&self) -> u32 {
         self.version
+    }
+
+    /// Whether the stream is a packed trace's inside ([`Reader::packed`]).
+    pub fn is_packed(&self) -> bool {
+        self.packed
     }
 
     /// Fills `buf` completely; returns how many bytes were read before EOF if it could not.
@@ -249,10 +301,11 @@ impl<R: Read> Reader<R> {
             });
         }
         let version = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
-        if version == 0 || version > VERSION {
+        let newest = if self.packed { READ_VERSION } else { VERSION };
+        if version == 0 || version > newest {
             return Err(DecodeError::UnsupportedVersion {
                 found: version,
-                supported: VERSION,
+                supported: newest,
             });
         }
         let reserved = u32::from_le_bytes([p[12], p[13], p[14], p[15]]);
@@ -339,9 +392,24 @@ impl<R: Read> Reader<R> {
                 ),
             });
         }
+        self.raw_tag = tag;
+        self.raw.clear();
+        if self.keep_raw && tag != tag::BATCH && tag != tag::EVENTS && tag != tag::ORDERED {
+            self.raw.extend_from_slice(&h);
+            self.raw.extend_from_slice(&payload);
+        }
         payload.truncate(body);
         if split == 8 {
             return batch(head, payload, base).map(Some);
+        }
+        if self.version < crate::pack::STREAM_VERSION
+            && (tag == tag::ORDERED || tag == tag::END_NOTE)
+        {
+            // Tags of version 5: unknown to the versions before, skipped there.
+            return Ok(Some(Record::Unknown {
+                tag,
+                len: payload.len() as u32,
+            }));
         }
         decode_payload(tag, payload, base).map(Some)
     }
@@ -382,6 +450,13 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
         tag::REACH_RESULT => "reach-result",
         tag::FORKED => "forked",
         tag::FRAME_NAME => "frame-name",
+        tag::ORDERED => {
+            return Ok(Record::Ordered {
+                offset: base,
+                body: payload,
+            })
+        }
+        tag::END_NOTE => "end-note",
         _ => {
             return Ok(Record::Unknown {
                 tag: t,
@@ -542,6 +617,18 @@ fn decode_payload(t: u16, payload: Vec<u8>, base: u64) -> Result<Record, DecodeE
                 line: p.u32("line")?,
                 function: p.string("function")?,
                 file: p.string("file")?,
+            }
+        }
+        tag::END_NOTE => {
+            let kind = p.u8("kind")?;
+            if kind > crate::pack::END_WHOLE {
+                return Err(p.err(format!(
+                    "end kind {kind}, not 0 (truncated), 1 (corrupt) or 2 (whole)"
+                )));
+            }
+            Record::EndNote {
+                kind,
+                message: p.string("message")?,
             }
         }
         tag::REACH => {
@@ -882,6 +969,20 @@ mod tests {
                 supported: 4
             })
         );
+        // Version 5 (a packed trace's inside) reads; its tags are unknown to version 4 streams.
+        let mut data = sample();
+        encode::end_note(crate::pack::END_TRUNCATED, "cut", &mut data);
+        let (recs, err) = all(&data);
+        assert_eq!(err, None);
+        assert!(matches!(recs.last(), Some(Record::Unknown { tag: 17, .. })));
+        data[8] = 5;
+        let mut r = Reader::new(&data[..]);
+        r.packed(true);
+        let mut last = None;
+        while let Some(rec) = r.next_record().unwrap() {
+            last = Some(rec);
+        }
+        assert!(matches!(last, Some(Record::EndNote { kind: 0, .. })));
         let (_, err) = all(b"ELF\x7f and more bytes here");
         assert!(matches!(err, Some(DecodeError::NotATrace { .. })));
         assert!(err.unwrap().to_string().contains("not a leakhunt trace"));

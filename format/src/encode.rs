@@ -250,3 +250,12 @@ pub fn title(cmdline: &[u8], out: &mut Vec<u8>) {
     let mut r = RecordBuf::new();
     r.bytes(cmdline).finish_into(tag::TITLE, out);
 }
+
+/// An `END_NOTE` record (version 5, packed traces) of `kind` ([`crate::pack::END_TRUNCATED`],
+/// [`crate::pack::END_CORRUPT`], [`crate::pack::END_WHOLE`]) with the reader's message.
+pub fn end_note(kind: u8, message: &str, out: &mut Vec<u8>) {
+    RecordBuf::new()
+        .u8(kind)
+        .bytes(message.as_bytes())
+        .finish_into(tag::END_NOTE, out);
+}

@@ -12,6 +12,7 @@
 pub mod compact;
 pub mod decode;
 pub mod encode;
+pub mod pack;
 pub mod reach;
 pub mod slot;
 
@@ -23,6 +24,9 @@ pub const MAGIC: [u8; 8] = *b"LKHUNTTR";
 /// version 3 `PAIRS` slots and runs of `NOP`s in `EVENTS` (elided pairs), version 4 `CONTENT`
 /// records (what a freed block pointed to, `LEAKHUNT_ORPHANS=1`); older traces read as before.
 pub const VERSION: u32 = 4;
+/// The newest version this crate reads: version 5 streams are the insides of packed traces
+/// ([`pack`]), with `ORDERED` and `END_NOTE` records.
+pub const READ_VERSION: u32 = pack::STREAM_VERSION;
 /// Most slots one `EVENTS` record may announce (a reader allocates no more for one record).
 pub const MAX_EVENTS_SLOTS: u32 = 1 << 20;
 /// Size of the file preamble: magic, version, reserved word.
@@ -99,6 +103,12 @@ pub mod tag {
     /// What a pseudo frame address (at or above [`crate::PSEUDO_FRAME_BASE`]) stands for: an
     /// interpreter's frame (CPython's function, file and line), written once per address.
     pub const FRAME_NAME: u16 = 15;
+    /// Version 5 (packed traces only): allocator events in sequence order, without sequence
+    /// numbers ([`crate::pack`]).
+    pub const ORDERED: u16 = 16;
+    /// Version 5 (packed traces only): how the stream it was packed from ended, when not
+    /// cleanly: `u8` kind (0 truncated, 1 corrupt), `string` the reader's message.
+    pub const END_NOTE: u16 = 17;
 }
 
 /// Frame addresses from here up are pseudo frames named by `FRAME_NAME` records, never return
