@@ -79,7 +79,8 @@ struct Case<'a> {
 fn settle(c: &Case, dir: &Path) {
     if let Some(f) = c.settle {
         for _ in 0..1000 {
-            if dir.join(f).exists() {
+            // Written, not only created (the fixture opens it, then writes).
+            if std::fs::metadata(dir.join(f)).is_ok_and(|m| m.len() > 0) {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
