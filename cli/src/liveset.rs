@@ -1,32 +1,39 @@
 //! The live set: every block a process holds, by address, in 16 bytes a block.
 //!
-//! A general hash map of `u64 -> Live` takes 25 bytes a slot and doubles (with a transient
-//! copy of the whole table) as it grows: ~62 B a live block at 5 M blocks, and every insert a
-//! cache miss on a table of hundreds of MB. This table packs a block into two words, splits the
-//! table into up to 256 partitions by the address's hash (each grows on its own, by 7/5, so a
-//! resize copies 1/256 of the table and the peak stays near the live set), and takes its
-//! partitions' memory from the kernel once they are large (freed memory goes back, instead of
-//! staying in the allocator's free lists). [`LiveSet::touch`] loads the slots of a batch of
-//! addresses ahead of their inserts and removes, so that their cache misses overlap.
+//! A general hash map of `u64 -> Live` takes 25 bytes a slot and doubles (with a transient copy
+//! of the whole table) as it grows: ~62 B a live block at 5 M blocks, and every insert a cache
+//! miss on a table of hundreds of MB. This table packs a block into two words and splits the
+//! slots into up to 256 partitions of one capacity by the address's hash. It grows all of them
+//! at once, by 7/5, in place: the slot array is extended (a large allocation grows by remapping
+//! its pages, not copying them) and the partitions are rebuilt from the last to the first, each
+//! through a scratch copy of itself, into its new place, which overlaps only itself and the ones
+//! already rebuilt. So a resize needs the new table plus 1/256 of the old (the peak stays near the
+//! live set), and only the growth itself is fresh memory (fresh pages are costly to fault in).
+//! [`LiveSet::touch`] loads the slots of a batch of addresses ahead of their inserts and
+//! removes, so that their cache misses overlap.
 //!
-//! A slot, two words (little-endian bytes in the partition's buffer):
-//! - `a`: the address (48 bits; 0 is an empty slot) and `born`'s low 16 bits;
-//! - `b`: the size (32 bits), the stack (24 bits: the id's 23 low bits and the inherited-stack
+//! A slot, two words:
+//! - `[0]`: the address (48 bits; 0 is an empty slot) and `born`'s low 16 bits;
+//! - `[1]`: the size (32 bits), the stack (24 bits: the id's 23 low bits and the inherited-stack
 //!   flag) and `born`'s high 8 bits.
 //!
 //! Blocks that do not fit (an address of 0 or beyond 48 bits, 4 GiB or more, a stack id or an
 //! epoch index too large: rare, or a corrupt trace's) live in a side map. An address is in one of
 //! the two places, never both.
 //!
-//! Partitions are open-addressed with linear probing and backward-shift removal (no tombstones),
-//! at most 4/5 full. A slot's home is `fastrange` of the hash's bits below the partition bits, so
-//! capacities need not be powers of two.
+//! Partitions are open-addressed with linear probing (wrapping inside the partition) and
+//! backward-shift removal (no tombstones), at most 4/5 full. A slot's home is `fastrange` of the
+//! hash's bits below the partition bits, so capacities need not be powers of two. Addresses
+//! hash evenly across partitions (a folded multiply); a trace whose addresses all fell into one
+//! partition would grow the table as if all were as full as that one (memory, never an error).
 
 use rustc_hash::FxHashMap;
 
 use crate::process::{Live, INHERITED_STACK};
 
-const SLOT: usize = 16;
+type Slot = [u64; 2];
+
+const EMPTY: Slot = [0, 0];
 const ADDR_BITS: u32 = 48;
 const ADDR_MASK: u64 = (1 << ADDR_BITS) - 1;
 /// Stack ids below this (and the same with the inherited flag) fit a slot.
@@ -34,84 +41,17 @@ const STACK_IDS: u32 = 1 << 23;
 /// Epoch indexes below this fit a slot.
 const BORN_LIMIT: u32 = 1 << 24;
 /// The most partitions (the hash's top bits pick one).
-const MAX_PART_BITS: u32 = 5;
+const MAX_PART_BITS: u32 = 8;
 /// Past this many blocks the table splits into `1 << MAX_PART_BITS` partitions.
 const SPLIT_AT: usize = 1 << 16;
-
-/// The least capacity of a partition that holds anything.
+/// The least capacity of a partition.
 const MIN_SLOTS: usize = 8;
-const HUGE_PAGE: usize = 2 << 20;
-/// Partitions of this many bytes or more are mapped from the kernel (and given back whole).
-const MAP_BYTES: usize = 16 << 10;
 
-/// The bytes of one partition.
-enum Buf {
-    Heap(Vec<u8>),
-    Map(memmap2::MmapMut),
-}
-
-impl Buf {
-    /// `slots` zeroed slots.
-    fn zeroed(slots: usize) -> Buf {
-        let len = slots * SLOT;
-        if len >= MAP_BYTES {
-            // The kernel's zero pages, given back at drop; the heap if mapping fails.
-            if let Ok(m) = memmap2::MmapMut::map_anon(len) {
-                // Huge pages where whole ones fit (the kernel aligns such maps): a TLB entry
-                // for 2 MiB of slots, and one fault for them. Then every page at once: one
-                // call costs less than a fault a page. Either may be refused; the slots are
-                // zero all the same.
-                if len >= HUGE_PAGE {
-                    let _ = m.advise(memmap2::Advice::HugePage);
-                }
-                let _ = m.advise(memmap2::Advice::PopulateWrite);
-                return Buf::Map(m);
-            }
-        }
-        Buf::Heap(vec![0; len])
-    }
-
-    #[inline]
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Buf::Heap(v) => v,
-            Buf::Map(m) => m,
-        }
-    }
-
-    #[inline]
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        match self {
-            Buf::Heap(v) => v,
-            Buf::Map(m) => m,
-        }
-    }
-}
-
-impl Clone for Buf {
-    fn clone(&self) -> Buf {
-        let mut b = Buf::zeroed(self.bytes().len() / SLOT);
-        b.bytes_mut().copy_from_slice(self.bytes());
-        b
-    }
-}
-
-#[derive(Clone)]
-struct Part {
-    buf: Buf,
-    /// Capacity in slots (`buf` holds exactly this many).
-    cap: usize,
-    len: usize,
-}
-
-impl Default for Part {
-    fn default() -> Part {
-        Part {
-            buf: Buf::Heap(Vec::new()),
-            cap: 0,
-            len: 0,
-        }
-    }
+/// The capacity partitions of `cap` slots grow to: by 7/5, so that they are 4/7 full just after
+/// (28 B a block at worst, 20 B at best), and each block is moved 3.5 times on average as the
+/// table grows (by 4/3: 4 times, 27 B at worst; by 3/2: 3 times, 30 B at worst).
+fn grown(cap: usize) -> usize {
+    (cap + cap * 2 / 5).max(MIN_SLOTS)
 }
 
 #[inline]
@@ -122,128 +62,77 @@ fn hash(addr: u64) -> u64 {
     (m as u64) ^ ((m >> 64) as u64)
 }
 
-impl Part {
-    #[inline]
-    fn a(&self, i: usize) -> u64 {
-        word(self.buf.bytes(), i * SLOT)
-    }
+/// The home of hash bits `low` in a partition of `cap` slots.
+#[inline]
+fn home(low: u64, cap: usize) -> usize {
+    ((u128::from(low) * cap as u128) >> 64) as usize
+}
 
-    #[inline]
-    fn b(&self, i: usize) -> u64 {
-        word(self.buf.bytes(), i * SLOT + 8)
+#[inline]
+fn next(i: usize, cap: usize) -> usize {
+    if i + 1 == cap {
+        0
+    } else {
+        i + 1
     }
+}
 
-    #[inline]
-    fn set(&mut self, i: usize, a: u64, b: u64) {
-        let bytes = self.buf.bytes_mut();
-        bytes[i * SLOT..i * SLOT + 8].copy_from_slice(&a.to_le_bytes());
-        bytes[i * SLOT + 8..i * SLOT + 16].copy_from_slice(&b.to_le_bytes());
+/// In partition `part` (its slots), the slot holding `addr`, or the empty slot where it would
+/// go. The partition has an empty slot.
+#[inline]
+fn probe(part: &[Slot], addr: u64, low: u64) -> (usize, bool) {
+    let cap = part.len();
+    let mut i = home(low, cap);
+    loop {
+        let k = part[i][0] & ADDR_MASK;
+        if k == addr {
+            return (i, true);
+        }
+        if k == 0 {
+            return (i, false);
+        }
+        i = next(i, cap);
     }
+}
 
-    /// The home slot of hash `h` (its bits below the partition bits, `low`).
-    #[inline]
-    fn home(&self, low: u64) -> usize {
-        ((u128::from(low) * self.cap as u128) >> 64) as usize
-    }
+/// Puts slot `s` (of a block not in the partition) into its first free slot from home; blocks
+/// hash with `shift` partition bits.
+#[inline]
+fn place(part: &mut [Slot], s: Slot, shift: u32) {
+    let k = s[0] & ADDR_MASK;
+    let (i, _) = probe(part, k, hash(k) << shift);
+    part[i] = s;
+}
 
-    #[inline]
-    fn next(&self, i: usize) -> usize {
-        if i + 1 == self.cap {
-            0
+/// Empties slot `i` of `part`, moving later slots of the same run back so that every block stays
+/// reachable from its home without gaps.
+fn vacate(part: &mut [Slot], mut i: usize, shift: u32) {
+    let cap = part.len();
+    let mut j = next(i, cap);
+    loop {
+        let k = part[j][0] & ADDR_MASK;
+        if k == 0 {
+            break;
+        }
+        let h = home(hash(k) << shift, cap);
+        // The block at j may move to i unless its home lies in (i, j] (cyclically).
+        let stays = if i <= j {
+            i < h && h <= j
         } else {
-            i + 1
+            i < h || h <= j
+        };
+        if !stays {
+            part[i] = part[j];
+            i = j;
         }
+        j = next(j, cap);
     }
-
-    /// The slot holding `addr`, or the empty slot where it would go.
-    #[inline]
-    fn probe(&self, addr: u64, low: u64) -> (usize, bool) {
-        let mut i = self.home(low);
-        loop {
-            let k = self.a(i) & ADDR_MASK;
-            if k == addr {
-                return (i, true);
-            }
-            if k == 0 {
-                return (i, false);
-            }
-            i = self.next(i);
-        }
-    }
-
-    fn with_cap(cap: usize) -> Part {
-        Part {
-            buf: Buf::zeroed(cap),
-            cap,
-            len: 0,
-        }
-    }
-
-    /// Puts slot words `a`, `b` of a block not in the partition into its first free slot from
-    /// home (blocks hash with `shift` partition bits). The caller keeps it under 4/5 full.
-    #[inline]
-    fn place(&mut self, a: u64, b: u64, shift: u32) {
-        let k = a & ADDR_MASK;
-        let (i, _) = self.probe(k, hash(k) << shift);
-        self.set(i, a, b);
-        self.len += 1;
-    }
-
-    /// A partition of `cap` slots holding this one's blocks.
-    fn moved(&self, cap: usize, shift: u32) -> Part {
-        let mut new = Part::with_cap(cap);
-        for i in 0..self.cap {
-            let a = self.a(i);
-            if a & ADDR_MASK != 0 {
-                new.place(a, self.b(i), shift);
-            }
-        }
-        new
-    }
-
-    /// Empties slot `i`, moving later slots of the same run back so that every block stays
-    /// reachable from its home without gaps.
-    fn vacate(&mut self, mut i: usize, shift: u32) {
-        let mut j = self.next(i);
-        loop {
-            let a = self.a(j);
-            let k = a & ADDR_MASK;
-            if k == 0 {
-                break;
-            }
-            let home = self.home(hash(k) << shift);
-            // The block at j may move to i unless its home lies in (i, j] (cyclically).
-            let stays = if i <= j {
-                i < home && home <= j
-            } else {
-                i < home || home <= j
-            };
-            if !stays {
-                let b = self.b(j);
-                self.set(i, a, b);
-                i = j;
-            }
-            j = self.next(j);
-        }
-        self.set(i, 0, 0);
-    }
+    part[i] = EMPTY;
 }
 
-/// The capacity a partition of `cap` slots grows to: by 7/5, so that it is 4/7 full just after
-/// (28 B a block at worst, 20 B at best), and each block is moved 3.5 times on average as the
-/// table grows (by 4/3: 4 times, 27 B at worst; by 3/2: 3 times, 30 B at worst).
-fn grown(cap: usize) -> usize {
-    (cap + cap * 2 / 5).max(MIN_SLOTS)
-}
-
+/// The slot of a block, if it fits one.
 #[inline]
-fn word(bytes: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or([0; 8]))
-}
-
-/// The slot words of a block, if it fits one.
-#[inline]
-fn pack(addr: u64, l: Live) -> Option<(u64, u64)> {
+fn pack(addr: u64, l: Live) -> Option<Slot> {
     let id = l.stack & !INHERITED_STACK;
     if addr == 0 || addr > ADDR_MASK || l.size > u64::from(u32::MAX) || l.born >= BORN_LIMIT {
         return None;
@@ -253,14 +142,15 @@ fn pack(addr: u64, l: Live) -> Option<(u64, u64)> {
     }
     let stack = u64::from(id | ((l.stack >> 31) << 23));
     let born = u64::from(l.born);
-    Some((
+    Some([
         addr | (born & 0xffff) << 48,
         l.size | stack << 32 | (born >> 16) << 56,
-    ))
+    ])
 }
 
 #[inline]
-fn unpack(a: u64, b: u64) -> (u64, Live) {
+fn unpack(s: Slot) -> (u64, Live) {
+    let [a, b] = s;
     let stack = ((b >> 32) & 0xff_ffff) as u32;
     let stack = (stack & (STACK_IDS - 1)) | ((stack >> 23) << 31);
     let born = ((a >> 48) | (b >> 56) << 16) as u32;
@@ -275,21 +165,18 @@ fn unpack(a: u64, b: u64) -> (u64, Live) {
 }
 
 /// The live blocks of a process by address (see the module's docs). `get`, `contains_key`,
-/// `iter` and `touch` never allocate; `insert` allocates only when a partition grows.
-#[derive(Clone)]
+/// `iter` and `touch` never allocate; `insert` allocates only when the table grows.
+#[derive(Clone, Default)]
 pub struct LiveSet {
-    /// `1 << bits` partitions.
-    parts: Vec<Part>,
+    /// `1 << bits` partitions of `cap` slots each, one after the other.
+    slots: Vec<Slot>,
+    cap: usize,
+    /// Blocks in each partition.
+    lens: Vec<usize>,
     bits: u32,
     len: usize,
     /// Blocks that do not fit a slot.
     odd: FxHashMap<u64, Live>,
-}
-
-impl Default for LiveSet {
-    fn default() -> LiveSet {
-        LiveSet::new()
-    }
 }
 
 impl std::fmt::Debug for LiveSet {
@@ -300,12 +187,7 @@ impl std::fmt::Debug for LiveSet {
 
 impl LiveSet {
     pub fn new() -> LiveSet {
-        LiveSet {
-            parts: vec![Part::default()],
-            bits: 0,
-            len: 0,
-            odd: FxHashMap::default(),
-        }
+        LiveSet::default()
     }
 
     #[inline]
@@ -328,17 +210,25 @@ impl LiveSet {
     }
 
     #[inline]
+    fn part(&self, p: usize) -> &[Slot] {
+        &self.slots[p * self.cap..(p + 1) * self.cap]
+    }
+
+    #[inline]
+    fn part_mut(&mut self, p: usize) -> &mut [Slot] {
+        let cap = self.cap;
+        &mut self.slots[p * cap..(p + 1) * cap]
+    }
+
+    /// (partition, slot) of `addr` in the slots.
+    #[inline]
     fn find(&self, addr: u64) -> Option<(usize, usize)> {
-        if addr.wrapping_sub(1) >= ADDR_MASK {
+        if self.cap == 0 || addr.wrapping_sub(1) >= ADDR_MASK {
             // 0 and addresses beyond 48 bits are never in a slot (0 marks an empty one).
             return None;
         }
         let (p, low) = self.part_of(hash(addr));
-        let part = &self.parts[p];
-        if part.len == 0 {
-            return None;
-        }
-        match part.probe(addr, low) {
+        match probe(self.part(p), addr, low) {
             (i, true) => Some((p, i)),
             _ => None,
         }
@@ -346,8 +236,7 @@ impl LiveSet {
 
     pub fn get(&self, addr: u64) -> Option<Live> {
         if let Some((p, i)) = self.find(addr) {
-            let part = &self.parts[p];
-            return Some(unpack(part.a(i), part.b(i)).1);
+            return Some(unpack(self.part(p)[i]).1);
         }
         if self.odd.is_empty() {
             None
@@ -362,7 +251,7 @@ impl LiveSet {
 
     /// Makes `addr` live with `l`; returns what was live there before.
     pub fn insert(&mut self, addr: u64, l: Live) -> Option<Live> {
-        let Some((a, b)) = pack(addr, l) else {
+        let Some(s) = pack(addr, l) else {
             // Out of the slots (if there), into the side map.
             let old = self.remove_slot(addr);
             let odd = self.odd.insert(addr, l);
@@ -374,30 +263,31 @@ impl LiveSet {
         if !self.odd.is_empty() {
             if let Some(old) = self.odd.remove(&addr) {
                 self.len -= 1;
-                self.put(addr, a, b);
+                self.put(addr, s);
                 return Some(old);
             }
         }
-        self.put(addr, a, b)
+        self.put(addr, s)
     }
 
-    /// Puts slot words for `addr` into the table (not in the side map).
+    /// Puts slot `s` for `addr` into the table (not in the side map).
     #[inline]
-    fn put(&mut self, addr: u64, a: u64, b: u64) -> Option<Live> {
+    fn put(&mut self, addr: u64, s: Slot) -> Option<Live> {
         let h = hash(addr);
-        let (mut p, mut low) = self.part_of(h);
-        if self.parts[p].cap > 0 {
-            let part = &mut self.parts[p];
-            let (i, found) = part.probe(addr, low);
+        let (p, low) = self.part_of(h);
+        if self.cap > 0 {
+            let cap = self.cap;
+            let full = (self.lens[p] + 1) * 5 > cap * 4;
+            let part = self.part_mut(p);
+            let (i, found) = probe(part, addr, low);
             if found {
-                let old = unpack(part.a(i), part.b(i)).1;
-                part.set(i, a, b);
+                let old = unpack(part[i]).1;
+                part[i] = s;
                 return Some(old);
             }
-            // At most 4/5 full after this insert.
-            if (part.len + 1) * 5 <= part.cap * 4 {
-                part.set(i, a, b);
-                part.len += 1;
+            if !full {
+                part[i] = s;
+                self.lens[p] += 1;
                 self.len += 1;
                 return None;
             }
@@ -405,46 +295,70 @@ impl LiveSet {
         if self.bits < MAX_PART_BITS && self.len >= SPLIT_AT {
             self.split();
         } else {
-            self.grow(p);
+            self.grow(grown(self.cap));
         }
-        (p, low) = self.part_of(h);
-        let part = &mut self.parts[p];
-        let (i, _) = part.probe(addr, low);
-        part.set(i, a, b);
-        part.len += 1;
+        let (p, _) = self.part_of(h);
+        let shift = self.bits;
+        place(self.part_mut(p), s, shift);
+        self.lens[p] += 1;
         self.len += 1;
         None
     }
 
-    /// Partition `p` by 7/5 (the first time, to `MIN_SLOTS`).
-    fn grow(&mut self, p: usize) {
-        let cap = self.parts[p].cap;
-        self.parts[p] = self.parts[p].moved(grown(cap), self.bits);
+    /// Every partition to `cap` slots, in place (see the module's docs).
+    fn grow(&mut self, cap: usize) {
+        let n = 1usize << self.bits;
+        let old = self.cap;
+        if self.lens.is_empty() {
+            self.lens = vec![0; n];
+        }
+        // Exactly the new size: a large allocation grows by remapping its pages, and the
+        // partitions below are rebuilt over the old ones.
+        self.slots.reserve_exact(n * cap - self.slots.len());
+        self.slots.resize(n * cap, EMPTY);
+        let mut scratch: Vec<Slot> = vec![EMPTY; old];
+        for p in (0..n).rev() {
+            // Partition p's new place begins at or past its old one and overlaps only the old
+            // p and the partitions after it, already moved.
+            scratch.copy_from_slice(&self.slots[p * old..(p + 1) * old]);
+            let part = &mut self.slots[p * cap..(p + 1) * cap];
+            part.fill(EMPTY);
+            for &s in &scratch {
+                if s[0] & ADDR_MASK != 0 {
+                    place(part, s, self.bits);
+                }
+            }
+        }
+        self.cap = cap;
     }
 
-    /// From one partition to `1 << MAX_PART_BITS`, each sized for its share at 3/5 full.
+    /// From one partition to `1 << MAX_PART_BITS`, sized so that the fullest is at most 4/5 full
+    /// and the rest 3/5 on average.
     fn split(&mut self) {
         let bits = MAX_PART_BITS;
         let n = 1usize << bits;
-        let cap = (self.len * 5 / 3 / n).max(MIN_SLOTS);
-        let mut parts: Vec<Part> = (0..n).map(|_| Part::with_cap(cap)).collect();
-        for old in std::mem::take(&mut self.parts) {
-            for i in 0..old.cap {
-                let a = old.a(i);
-                let k = a & ADDR_MASK;
-                if k == 0 {
-                    continue;
-                }
-                let p = (hash(k) >> (64 - bits)) as usize;
-                if (parts[p].len + 1) * 5 > parts[p].cap * 4 {
-                    // An unlucky partition: grown as inserts would grow it.
-                    let c = parts[p].cap;
-                    parts[p] = parts[p].moved(grown(c), bits);
-                }
-                parts[p].place(a, old.b(i), bits);
+        let mut lens = vec![0usize; n];
+        for s in &self.slots {
+            let k = s[0] & ADDR_MASK;
+            if k != 0 {
+                lens[(hash(k) >> (64 - bits)) as usize] += 1;
             }
         }
-        self.parts = parts;
+        let fullest = lens.iter().copied().max().unwrap_or(0);
+        let cap = (self.len * 5 / 3 / n)
+            .max((fullest + 1) * 5 / 4 + 1)
+            .max(MIN_SLOTS);
+        let mut slots = vec![EMPTY; n * cap];
+        for s in std::mem::take(&mut self.slots) {
+            let k = s[0] & ADDR_MASK;
+            if k != 0 {
+                let p = (hash(k) >> (64 - bits)) as usize;
+                place(&mut slots[p * cap..(p + 1) * cap], s, bits);
+            }
+        }
+        self.slots = slots;
+        self.lens = lens;
+        self.cap = cap;
         self.bits = bits;
     }
 
@@ -452,10 +366,10 @@ impl LiveSet {
     fn remove_slot(&mut self, addr: u64) -> Option<Live> {
         let (p, i) = self.find(addr)?;
         let shift = self.bits;
-        let part = &mut self.parts[p];
-        let old = unpack(part.a(i), part.b(i)).1;
-        part.vacate(i, shift);
-        part.len -= 1;
+        let part = self.part_mut(p);
+        let old = unpack(part[i]).1;
+        vacate(part, i, shift);
+        self.lens[p] -= 1;
         self.len -= 1;
         Some(old)
     }
@@ -479,26 +393,22 @@ impl LiveSet {
     #[inline]
     pub fn touch(&self, addrs: impl Iterator<Item = u64>) -> u64 {
         let mut sum = 0;
+        if self.cap == 0 {
+            return sum;
+        }
         for addr in addrs {
             let (p, low) = self.part_of(hash(addr));
-            let part = &self.parts[p];
-            if part.cap > 0 {
-                sum ^= part.a(part.home(low));
-            }
+            sum ^= self.slots[p * self.cap + home(low, self.cap)][0];
         }
         sum
     }
 
     /// Every live block, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, Live)> + '_ {
-        self.parts
+        self.slots
             .iter()
-            .flat_map(|p| {
-                p.buf.bytes().chunks_exact(SLOT).filter_map(|s| {
-                    let a = word(s, 0);
-                    (a & ADDR_MASK != 0).then(|| unpack(a, word(s, 8)))
-                })
-            })
+            .filter(|s| s[0] & ADDR_MASK != 0)
+            .map(|&s| unpack(s))
             .chain(self.odd.iter().map(|(&k, &v)| (k, v)))
     }
 
@@ -506,9 +416,9 @@ impl LiveSet {
         self.iter().map(|(_, l)| l)
     }
 
-    /// Bytes the table holds (slots and side map entries, not counting empty partitions).
+    /// Bytes the table holds (slots and side map entries).
     pub fn bytes(&self) -> usize {
-        self.parts.iter().map(|p| p.cap * SLOT).sum::<usize>()
+        self.slots.capacity() * std::mem::size_of::<Slot>()
             + self.odd.capacity() * (std::mem::size_of::<(u64, Live)>() + 1)
     }
 }
@@ -632,12 +542,9 @@ mod tests {
         b.sort_unstable();
         assert_eq!(a, b);
         // Every partition at most 4/5 full; 16 B a slot (and the side map's entries).
-        assert!(s.parts.iter().all(|p| p.len * 5 <= p.cap * 4));
-        assert_eq!(
-            s.parts.iter().map(|p| p.len).sum::<usize>() + s.odd.len(),
-            s.len()
-        );
-        assert_eq!((s.bytes(), s.odd.len()), (3_767_139, 162));
+        assert!(s.lens.iter().all(|&l| l * 5 <= s.cap * 4));
+        assert_eq!(s.lens.iter().sum::<usize>() + s.odd.len(), s.len());
+        assert_eq!((s.bytes(), s.odd.len()), (3_761_507, 162));
         let c = s.clone();
         for (a, ..) in b {
             assert!(s.remove(a).is_some());
