@@ -1,5 +1,8 @@
 //! The live set: every block a process holds, by address, in 16 bytes a block.
 //!
+//! Up to 65,536 blocks it is a plain hash map (a few MB, in cache, where a general map's
+//! inserts and removes are cheapest); past that, the table below.
+//!
 //! A general hash map of `u64 -> Live` takes 25 bytes a slot and doubles (with a transient copy
 //! of the whole table) as it grows: ~62 B a live block at 5 M blocks, and every insert a cache
 //! miss on a table of hundreds of MB. This table packs a block into two words and splits the
@@ -42,7 +45,8 @@ const STACK_IDS: u32 = 1 << 23;
 const BORN_LIMIT: u32 = 1 << 24;
 /// The most partitions (the hash's top bits pick one).
 const MAX_PART_BITS: u32 = 8;
-/// Past this many blocks the table splits into `1 << MAX_PART_BITS` partitions.
+/// Below this many blocks the set is a plain hash map (in cache, it is faster than the slots);
+/// at this many it moves into `1 << MAX_PART_BITS` partitions of slots.
 const SPLIT_AT: usize = 1 << 16;
 /// The least capacity of a partition.
 const MIN_SLOTS: usize = 8;
@@ -251,6 +255,17 @@ impl LiveSet {
 
     /// Makes `addr` live with `l`; returns what was live there before.
     pub fn insert(&mut self, addr: u64, l: Live) -> Option<Live> {
+        if self.cap == 0 {
+            // Small: every block in the map (faster in cache), until the slots pay.
+            let old = self.odd.insert(addr, l);
+            if old.is_none() {
+                self.len += 1;
+                if self.len >= SPLIT_AT {
+                    self.build();
+                }
+            }
+            return old;
+        }
         let Some(s) = pack(addr, l) else {
             // Out of the slots (if there), into the side map.
             let old = self.remove_slot(addr);
@@ -270,42 +285,33 @@ impl LiveSet {
         self.put(addr, s)
     }
 
-    /// Puts slot `s` for `addr` into the table (not in the side map).
+    /// Puts slot `s` for `addr` into the slots (built: not in the side map).
     #[inline]
     fn put(&mut self, addr: u64, s: Slot) -> Option<Live> {
         let h = hash(addr);
         let (p, low) = self.part_of(h);
-        if self.cap > 0 {
-            let cap = self.cap;
-            let full = (self.lens[p] + 1) * 5 > cap * 4;
-            let part = self.part_mut(p);
-            let (i, found) = probe(part, addr, low);
-            if found {
-                let old = unpack(part[i]).1;
-                part[i] = s;
-                return Some(old);
-            }
-            if !full {
-                part[i] = s;
-                self.lens[p] += 1;
-                self.len += 1;
-                return None;
-            }
+        let full = (self.lens[p] + 1) * 5 > self.cap * 4;
+        let part = self.part_mut(p);
+        let (i, found) = probe(part, addr, low);
+        if found {
+            let old = unpack(part[i]).1;
+            part[i] = s;
+            return Some(old);
         }
-        if self.bits < MAX_PART_BITS && self.len >= SPLIT_AT {
-            self.split();
-        } else {
+        if full {
             self.grow(grown(self.cap));
+            let shift = self.bits;
+            place(self.part_mut(p), s, shift);
+        } else {
+            part[i] = s;
         }
-        let (p, _) = self.part_of(h);
-        let shift = self.bits;
-        place(self.part_mut(p), s, shift);
         self.lens[p] += 1;
         self.len += 1;
         None
     }
 
     /// Every partition to `cap` slots, in place (see the module's docs).
+    #[inline(never)]
     fn grow(&mut self, cap: usize) {
         let n = 1usize << self.bits;
         let old = self.cap;
@@ -332,16 +338,16 @@ impl LiveSet {
         self.cap = cap;
     }
 
-    /// From one partition to `1 << MAX_PART_BITS`, sized so that the fullest is at most 4/5 full
-    /// and the rest 3/5 on average.
-    fn split(&mut self) {
+    /// From the map to `1 << MAX_PART_BITS` partitions of slots (the blocks that fit one),
+    /// sized so that the fullest is at most 4/5 full and the rest 3/5 on average.
+    fn build(&mut self) {
         let bits = MAX_PART_BITS;
         let n = 1usize << bits;
+        let part = |s: &Slot| (hash(s[0] & ADDR_MASK) >> (64 - bits)) as usize;
         let mut lens = vec![0usize; n];
-        for s in &self.slots {
-            let k = s[0] & ADDR_MASK;
-            if k != 0 {
-                lens[(hash(k) >> (64 - bits)) as usize] += 1;
+        for (&a, &l) in &self.odd {
+            if let Some(s) = pack(a, l) {
+                lens[part(&s)] += 1;
             }
         }
         let fullest = lens.iter().copied().max().unwrap_or(0);
@@ -349,13 +355,14 @@ impl LiveSet {
             .max((fullest + 1) * 5 / 4 + 1)
             .max(MIN_SLOTS);
         let mut slots = vec![EMPTY; n * cap];
-        for s in std::mem::take(&mut self.slots) {
-            let k = s[0] & ADDR_MASK;
-            if k != 0 {
-                let p = (hash(k) >> (64 - bits)) as usize;
+        for (&a, &l) in &self.odd {
+            if let Some(s) = pack(a, l) {
+                let p = part(&s);
                 place(&mut slots[p * cap..(p + 1) * cap], s, bits);
             }
         }
+        self.odd.retain(|&a, l| pack(a, *l).is_none());
+        self.odd.shrink_to_fit();
         self.slots = slots;
         self.lens = lens;
         self.cap = cap;
@@ -385,6 +392,13 @@ impl LiveSet {
         let l = self.odd.remove(&addr)?;
         self.len -= 1;
         Some(l)
+    }
+
+    /// Whether the set is small enough to be a plain map, in cache (loading slots ahead gains
+    /// nothing).
+    #[inline]
+    pub fn is_small(&self) -> bool {
+        self.cap == 0
     }
 
     /// Loads the home slots of `addrs` (inserts or removes to come), so that their cache misses
@@ -447,7 +461,18 @@ mod tests {
 
     #[test]
     fn blocks_that_do_not_fit_a_slot_keep_every_field() {
+        // Past the map: 65,536 blocks (one that does not fit among them) move into the slots.
         let mut s = LiveSet::new();
+        let base = 0x1000_0000u64;
+        for i in 0..SPLIT_AT as u64 - 1 {
+            assert!(s.insert(base + 16 * i, live(16, 1, 0)).is_none());
+        }
+        assert!(s.is_small());
+        assert!(s.insert(0x8, live(1 << 40, 1, 0)).is_none());
+        assert!(!s.is_small());
+        assert_eq!((s.len(), s.odd.len()), (SPLIT_AT, 1));
+        assert_eq!(s.remove(0x8).map(|l| l.size), Some(1 << 40));
+        let n = SPLIT_AT - 1;
         let odd = [
             (0, live(1, 1, 1)),
             (1 << 48, live(2, 2, 2)),
@@ -472,7 +497,7 @@ mod tests {
         for (a, l) in odd.iter().chain(&fit) {
             assert_eq!(s.insert(*a, *l).map(|l| l.size), None);
         }
-        assert_eq!((s.len(), s.odd.len()), (10, 7));
+        assert_eq!((s.len(), s.odd.len()), (n + 10, 7));
         for (a, l) in odd.iter().chain(&fit) {
             assert_eq!(key(s.get(*a)), key(Some(*l)), "{a:#x}");
         }
@@ -482,18 +507,19 @@ mod tests {
             key(s.insert(0x50, live(9, 1 << 23, 9))).map(|k| k.0),
             Some(u64::from(u32::MAX))
         );
-        assert_eq!((s.len(), s.odd.len()), (10, 7));
+        assert_eq!((s.len(), s.odd.len()), (n + 10, 7));
         assert_eq!(key(s.get(0x10)), Some((8, 8, 8)));
         assert_eq!(key(s.get(0x50)), Some((9, 1 << 23, 9)));
         let mut all: Vec<_> = s.iter().map(|(a, l)| (a, l.size)).collect();
         all.sort_unstable();
-        assert_eq!(all.len(), 10);
-        assert_eq!(all[0], (0, 1));
+        assert_eq!(all.len(), n + 10);
+        assert_eq!(all[..2], [(0, 1), (0x10, 8)]);
         for (a, _) in odd.iter().chain(&fit) {
             assert!(s.remove(*a).is_some());
             assert!(!s.contains_key(*a));
         }
-        assert_eq!((s.len(), s.iter().count()), (0, 0));
+        assert_eq!((s.len(), s.iter().count(), s.odd.len()), (n, n, 0));
+        assert_eq!(key(s.get(base + 16)), Some((16, 1, 0)));
     }
 
     /// Random inserts, reinserts and removes against a std map, across growth and the split
@@ -544,7 +570,7 @@ mod tests {
         // Every partition at most 4/5 full; 16 B a slot (and the side map's entries).
         assert!(s.lens.iter().all(|&l| l * 5 <= s.cap * 4));
         assert_eq!(s.lens.iter().sum::<usize>() + s.odd.len(), s.len());
-        assert_eq!((s.bytes(), s.odd.len()), (3_761_507, 162));
+        assert_eq!((s.bytes(), s.odd.len()), (4_785_507, 162));
         let c = s.clone();
         for (a, ..) in b {
             assert!(s.remove(a).is_some());

@@ -153,8 +153,9 @@ impl Pending {
 /// touch are loaded together ([`LiveSet::touch`]: their cache misses overlap instead of taking
 /// ~100 ns each in turn on a table of hundreds of MB). Only events that nothing can observe in
 /// between are held: in sequence order with nothing pending, no epoch boundary closing before
-/// the last of them, no orphan tracking (which reads the live set at each free); anything else
-/// applies what is held first, and so does the end of each record.
+/// the last of them, no orphan tracking (which reads the live set at each free), and a live set
+/// too large for the cache (a small one gains nothing); anything else applies what is held
+/// first, and so does the end of each record.
 struct Ahead {
     ops: [Op; AHEAD],
     n: usize,
@@ -197,7 +198,7 @@ impl Ahead {
     #[inline]
     fn push(&mut self, p: &mut Process, op: Op) {
         let next = p.next_seq.wrapping_add(1);
-        if next >= p.growth.next_seq || p.orphans.is_some() {
+        if next >= p.growth.next_seq || p.orphans.is_some() || p.live.is_small() {
             self.flush(p);
             p.apply_op(op);
             p.bump();
