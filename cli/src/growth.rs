@@ -210,8 +210,8 @@ pub fn build_in(
     let mut kinds: FxHashMap<u32, std::collections::BTreeMap<&'static str, (u64, u64)>> =
         FxHashMap::default();
     if let Some(r) = p.reach.as_ref().filter(|r| r.unavailable.is_none()) {
-        for (addr, l) in &p.live {
-            let kind = match r.class(*addr).map(|c| c.kind) {
+        for (addr, l) in p.live.iter() {
+            let kind = match r.class(addr).map(|c| c.kind) {
                 Some(0) => "still_reachable",
                 Some(1) => "possibly_lost",
                 Some(2) => "indirectly_lost",

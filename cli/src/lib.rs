@@ -9,6 +9,7 @@ pub mod fuzzing;
 pub mod growth;
 pub mod html;
 pub mod input;
+pub mod liveset;
 pub mod orphans;
 pub mod outfile;
 pub mod pack;

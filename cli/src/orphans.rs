@@ -169,7 +169,7 @@ impl Orphans {
         addr: u64,
         seq: u64,
         parent: Option<(u64, u32)>,
-        live: &FxHashMap<u64, crate::process::Live>,
+        live: &crate::liveset::LiveSet,
     ) {
         self.holder.remove(&addr);
         let Some((at, free_stack, pairs)) = self.pending.remove(&seq) else {
@@ -186,7 +186,7 @@ impl Orphans {
                 }
                 let key = (free_stack, stack, off as u32);
                 self.sites.entry(key).or_default().size = size;
-                if live.contains_key(&w) {
+                if live.contains_key(w) {
                     self.holder.insert(w, key_holder(key));
                     self.sites.entry(key).or_default().live += 1;
                 } else if let Some(&f) = self.dead.get(&w) {

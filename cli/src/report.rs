@@ -524,7 +524,7 @@ pub fn build_with(
     // Group live blocks by (kind, stack id), then stacks by callsite (ids differ across module
     // reloads); a callsite's frames are shown with the addresses of its first stack.
     let mut by_stack: FxHashMap<(Kind, u32), (u64, u64, u64)> = FxHashMap::default();
-    for (&addr, l) in &p.live {
+    for (addr, l) in p.live.iter() {
         let (kind, indirect, heur) = kind_of(addr);
         let e = by_stack.entry((kind, l.stack)).or_default();
         e.0 += l.size;
@@ -815,7 +815,7 @@ fn attach_retention<'p>(
     // Lost blocks by callsite (definitely lost: where their holder died; `--orphans`).
     let mut lost: FxHashMap<u32, Vec<u64>> = FxHashMap::default();
     if let (Some(_), Some(r)) = (orphans, &p.reach) {
-        for (&addr, l) in &p.live {
+        for (addr, l) in p.live.iter() {
             if r.class(addr).is_some_and(|c| c.kind == 3) {
                 lost.entry(sites.site(l.stack)).or_default().push(addr);
             }

@@ -228,7 +228,7 @@ impl Scanner {
         let mut blocks: Vec<Block> = p
             .live
             .iter()
-            .map(|(&start, l)| Block {
+            .map(|(start, l)| Block {
                 start,
                 size: l.size,
             })
@@ -405,11 +405,7 @@ impl Scanner {
         let (stack, born): (Vec<u32>, Vec<u32>) = h
             .blocks
             .iter()
-            .map(|b| {
-                p.live
-                    .get(&b.start)
-                    .map_or((NONE, 0), |l| (l.stack, l.born))
-            })
+            .map(|b| p.live.get(b.start).map_or((NONE, 0), |l| (l.stack, l.born)))
             .unzip();
         // Retained sizes per callsite (stack ids of the same code, across module reloads, are
         // one callsite: a block of one dominating a block of the other counts once): each
