@@ -100,15 +100,7 @@ const S_REFS: usize = 3;
 const S_MISC: usize = 4;
 const S_STACKS: usize = 5;
 
-#[inline]
-fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-#[inline]
-fn unzigzag(v: u64) -> i64 {
-    ((v >> 1) as i64) ^ -((v & 1) as i64)
-}
+use crate::compact::{unzigzag, zigzag};
 
 #[inline]
 fn put(out: &mut Vec<u8>, mut v: u64) {
