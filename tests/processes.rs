@@ -215,7 +215,8 @@ fn same_as_plain(program: &Path, args: &[&str], stdin: Option<&str>) {
         child.wait_with_output().unwrap()
     };
     let a = go(&mut Command::new(program));
-    let json = std::env::temp_dir().join(format!("lh-real-{}.json", std::process::id()));
+    // One name per test thread: the tests run in parallel.
+    let json = scratch("lh-real.json");
     let b = go(Command::new(leakhunt())
         .args(["run", "-q", "--json"])
         .arg(&json)
