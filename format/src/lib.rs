@@ -423,7 +423,9 @@ pub mod control {
 /// in a file `<pid>-<start monotonic ns>-<n>.ring` there, so that when the process is killed
 /// before it could send them, the CLI still reads the events that reached the ring. Not part of
 /// the trace format: preload and CLI of one build share it. Layout: one 4096-byte page of
-/// little-endian fields at the offsets below, then the slot array.
+/// little-endian fields at the offsets below, then the slot array. A thread's ring starts small
+/// and may be made large once: a new file then takes over (its head and tail where the old
+/// ring's ended, the old one emptied first and removed).
 pub mod ringfile {
     pub const MAGIC: [u8; 8] = *b"LKHRING1";
     pub const HEADER_LEN: usize = 4096;
