@@ -281,6 +281,9 @@ pub struct Captures {
     /// Times the program took the trace's descriptor (closed it, reused its number) and the
     /// tracer re-opened its file or re-connected, losing nothing.
     pub output_retaken: u64,
+    /// Times a thread of the program found its ring full and drained the rings itself (or
+    /// waited for the writer): back-pressure, the writer falling behind the program.
+    pub ring_waits: u64,
     /// The tracer's own memory resident in the process at its end (rings, unwind state, tables,
     /// buffers; 0: not recorded), and the threads that recorded.
     pub tracer_resident_bytes: u64,
@@ -758,6 +761,7 @@ pub fn build_with(
                 repeated: stat(stat::UNWIND_REPEATED),
                 elided_events: stat(stat::ELIDED),
                 output_retaken: stat(stat::OUTPUT_RETAKEN),
+                ring_waits: stat(stat::RING_WAITS),
                 tracer_resident_bytes: stat(stat::TRACER_RESIDENT),
                 threads: stat(stat::THREADS),
             }
