@@ -172,6 +172,7 @@ pub fn load() {
     }
     LOADED.store(true, Ordering::Release);
     crate::helper::note_paths(env(c"LEAKHUNT_CLI"));
+    crate::sys::note_own_statics(crate::real::boot_range());
 }
 
 /// 32 hex digits as 16 bytes.

@@ -92,6 +92,21 @@ pub fn reset() -> bool {
     true
 }
 
+/// The stack arena: its start and the end of what entries have taken so far (the rest of its
+/// 1 GiB reservation is untouched).
+pub fn arena_used() -> Option<(u64, u64)> {
+    let t = TABLE.load(Ordering::Acquire);
+    if t.is_null() {
+        return None;
+    }
+    // SAFETY: a published table is TABLE_STORAGE, whose fields change only in `reset` (at start
+    // or in a fork child's one thread).
+    let t = unsafe { &*t };
+    let start = t.arena as u64;
+    let words = t.arena_next.load(Ordering::Relaxed).min(ARENA_WORDS);
+    Some((start, start + words * 8))
+}
+
 #[inline]
 pub fn hash(frames: &[u64], meta: u64) -> u64 {
     // Position-keyed independent multiplies: no serial dependency between frames.

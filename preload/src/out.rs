@@ -1104,7 +1104,10 @@ library or LEAKHUNT_CLI) could not be started",
         }
         return;
     };
-    let mut n = sys::own_ranges(&mut skip_ranges[1..]);
+    let mut n = sys::own_ranges(&mut skip_ranges[1..REACH_RANGES - 1]);
+    // The bootstrap arena's unused tail (its blocks are the program's; the rest is zeros).
+    n += 1;
+    skip_ranges[n] = crate::real::boot_unused();
     skip_ranges[1..=n].sort_unstable();
     n = merge_ranges(&mut skip_ranges[1..=n]);
     // This thread's alternate signal stack (a handler's frames, long gone, perhaps in a heap
@@ -1330,7 +1333,7 @@ static REACH_ASKS: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32
 
 /// Where a heap scan's result chunks are received (mapped at the first scan; LOCK's holder).
 /// Room for every own range of the tracer and the alternate signal stack.
-const REACH_RANGES: usize = sys::MAX_OWN + 1;
+const REACH_RANGES: usize = sys::MAX_OWN + 2;
 const REACH_BODY: usize = leakhunt_format::reach::request_len(2, REACH_RANGES);
 static REACH_BUFFERS: core::sync::atomic::AtomicPtr<u8> =
     core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());

@@ -87,6 +87,17 @@ pub fn is_bootstrap(p: *mut c_void) -> bool {
     a >= boot_base() && a < boot_base() + BOOT_LEN
 }
 
+/// The bootstrap arena: `[start, end)`.
+pub fn boot_range() -> (usize, usize) {
+    (boot_base(), boot_base() + BOOT_LEN)
+}
+
+/// The part of the bootstrap arena no block has used yet (zeros: nothing a heap scan must read).
+pub fn boot_unused() -> (u64, u64) {
+    let used = BOOT_NEXT.load(Ordering::Acquire).min(BOOT_LEN);
+    ((boot_base() + used) as u64, (boot_base() + BOOT_LEN) as u64)
+}
+
 pub fn bootstrap_bytes() -> u64 {
     BOOT_NEXT.load(Ordering::Relaxed) as u64
 }

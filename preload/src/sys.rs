@@ -21,6 +21,7 @@ pub fn diag(msg: &str) {
 /// Room for every ring of a program with thousands of threads (two mappings a ring, one more for
 /// a ring made large): 256 KiB of zeros, touched only as it fills.
 pub const MAX_OWN: usize = 16384;
+const PAGE: usize = 4096;
 static OWN: [[AtomicU64; 2]; MAX_OWN] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; MAX_OWN];
 static OWN_LEN: AtomicU32 = AtomicU32::new(0);
 
@@ -33,17 +34,68 @@ pub fn note_own(addr: *const u8, len: usize) {
     }
 }
 
+/// Records this library's zero-initialised statics (its `.bss` past the last file-backed page:
+/// an anonymous mapping the heap scan would otherwise read as the program's roots, 2 MiB of
+/// tables and arenas) as the tracer's own, except `keep` (the bootstrap arena, whose blocks are
+/// the program's: the scan leaves out only its unused tail, at exit). Read from this library's
+/// own program headers, mapped at its load base; called once at initialisation.
+pub fn note_own_statics(keep: (usize, usize)) {
+    // SAFETY: dladdr fills `info` for an address inside this library; `dli_fbase` is the address
+    // its ELF header is mapped at, followed by its program headers (the first PT_LOAD maps both).
+    unsafe {
+        let mut info: libc::Dl_info = core::mem::zeroed();
+        if libc::dladdr(note_own_statics as *const libc::c_void, &mut info) == 0
+            || info.dli_fbase.is_null()
+        {
+            return;
+        }
+        let base = info.dli_fbase as usize;
+        let eh = &*(base as *const libc::Elf64_Ehdr);
+        if eh.e_ident[..4] != *b"\x7fELF"
+            || eh.e_phentsize as usize != core::mem::size_of::<libc::Elf64_Phdr>()
+        {
+            return;
+        }
+        let phdrs = core::slice::from_raw_parts(
+            (base + eh.e_phoff as usize) as *const libc::Elf64_Phdr,
+            eh.e_phnum as usize,
+        );
+        let loads = || phdrs.iter().filter(|p| p.p_type == libc::PT_LOAD);
+        let Some(first) = loads().map(|p| p.p_vaddr as usize & !(PAGE - 1)).min() else {
+            return;
+        };
+        let bias = base - first;
+        for p in loads().filter(|p| p.p_flags & libc::PF_W != 0) {
+            let lo = (bias + (p.p_vaddr + p.p_filesz) as usize).next_multiple_of(PAGE);
+            let hi = (bias + (p.p_vaddr + p.p_memsz) as usize).next_multiple_of(PAGE);
+            for (s, e) in [(lo, hi.min(keep.0).max(lo)), (keep.1.max(lo), hi)] {
+                if s < e {
+                    note_own(s as *const u8, e - s);
+                }
+            }
+        }
+    }
+}
+
 /// Bytes of the tracer's own mappings resident now (`mincore`, page by page).
 pub fn own_resident() -> u64 {
     let n = (OWN_LEN.load(Ordering::Acquire) as usize).min(MAX_OWN);
     let mut pages = 0u64;
     // 16 MiB of pages a call: the dedup arena alone reserves 1 GiB.
     let mut vec = [0u8; 4096];
+    let arena = crate::dedup::arena_used();
     for slot in &OWN[..n] {
-        let (start, end) = (
+        let (start, mut end) = (
             slot[0].load(Ordering::Relaxed),
             slot[1].load(Ordering::Acquire),
         );
+        // The stack arena's pages past what it used were never touched: 1 GiB of page tables
+        // not to walk.
+        if let Some((a, used)) = arena {
+            if a == start {
+                end = end.min(used.next_multiple_of(4096));
+            }
+        }
         let mut at = start & !4095;
         while at < end {
             let len = (end - at).min(vec.len() as u64 * 4096);
@@ -466,6 +518,26 @@ mod tests {
         }
         let mut p = MapsParser::default();
         assert_eq!(p.feed(text, 0x1000), None);
+    }
+
+    #[test]
+    fn own_statics_cover_the_bss_except_the_kept_range() {
+        // A zero-initialised static past the first page of .bss, and one to keep.
+        static BIG: [AtomicU64; 4096] = [const { AtomicU64::new(0) }; 4096];
+        static KEEP: [AtomicU64; 4096] = [const { AtomicU64::new(0) }; 4096];
+        BIG[4095].store(1, Ordering::Relaxed);
+        let (big, keep) = (&BIG[4095] as *const _ as u64, &KEEP as *const _ as usize);
+        let keep = (keep, keep + core::mem::size_of_val(&KEEP));
+        note_own_statics(keep);
+        let mut out = [(0u64, 0u64); MAX_OWN];
+        let n = own_ranges(&mut out);
+        let covered = |a: u64| out[..n].iter().any(|&(s, e)| s <= a && a < e);
+        assert!(covered(big), "{big:#x} not in {:x?}", &out[..n]);
+        assert!(!covered(keep.0 as u64 + 4096));
+        // Nothing of the executable's code or file-backed data.
+        assert!(!covered(
+            own_statics_cover_the_bss_except_the_kept_range as fn() as usize as u64
+        ));
     }
 
     #[test]
