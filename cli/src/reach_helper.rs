@@ -44,10 +44,13 @@ impl Read for Tail {
                 return Ok(0);
             }
             let since = *self.quiet_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > PATIENCE {
+            let quiet = since.elapsed();
+            if quiet > PATIENCE {
                 return Ok(0);
             }
-            std::thread::sleep(Duration::from_millis(1));
+            // The process writes its next records within microseconds of a reply while it
+            // waits in its exit path: look again soon at first, then every millisecond.
+            std::thread::sleep(quiet.clamp(Duration::from_micros(50), Duration::from_millis(1)));
         }
     }
 }
