@@ -103,3 +103,64 @@ fn three_hundred_threads_exact_and_small() {
     check(&rep["processes"][0]);
     let _ = std::fs::remove_file(&trace);
 }
+
+/// Two threads whose numbers interleave event by event: each thread's own short-lived blocks
+/// are still sent as elided pairs (the writer reads every thread's frees before pairing), while
+/// a block that comes back to its allocating thread at the same address, after the other thread
+/// freed it and allocated again, is never taken for a pair: exact counts, no unmatched free,
+/// the kept blocks definitely lost at the other thread's allocation.
+#[test]
+fn interleaved_threads_pair_their_own_blocks_and_handoffs_stay_exact() {
+    let exe = fixture("pingpong.c");
+    let line = line_of("pingpong.c", "PP_LEAK");
+    let base = run(&exe, &["0"], &[]);
+    assert_eq!(base.stdout(), "allocs 0 frees 0 same 0\n");
+    let b = base.main();
+    let (ba, bf, bb) = totals(b);
+    let (bu, bub) = (
+        summary(b, "in_use_at_exit_blocks"),
+        summary(b, "in_use_at_exit_bytes"),
+    );
+    let check = |p: &Value, stdout: &str| {
+        let w: Vec<&str> = stdout.split_whitespace().collect();
+        assert_eq!(&w[..4], ["allocs", "800000", "frees", "799800"], "{stdout}");
+        let same: u64 = w[5].parse().unwrap();
+        assert!(
+            same >= 100_000,
+            "the address came back {same} times of 200,000"
+        );
+        let (la, lf, _) = totals(p);
+        assert_eq!((la - ba, lf - bf), (800_000, 799_800));
+        assert_eq!(totals(p).2 - bb, 200_000 * (48 + 48 + 24 + 24));
+        assert_eq!(summary(p, "unmatched_frees"), 0);
+        assert_eq!(summary(p, "events_lost"), 0);
+        assert_eq!(summary(p, "in_use_at_exit_blocks") - bu, 200);
+        assert_eq!(summary(p, "in_use_at_exit_bytes") - bub, 9600);
+        let lost: Vec<Leak> = records(p)
+            .into_iter()
+            .filter(|l| l.frames.first().is_some_and(|f| f.2 == line))
+            .collect();
+        assert_eq!(lost.len(), 1, "{:#?}", leaks(p));
+        assert_eq!(
+            (lost[0].kind.as_str(), lost[0].bytes, lost[0].blocks),
+            ("definitely_lost", 9600, 200)
+        );
+        assert_eq!(lost[0].frames[0].0, "b_main");
+        // The threads' own blocks: 400,000 pairs, all but a few at the writer's cuts elided.
+        let elided = p["captures"]["elided_events"].as_u64().unwrap();
+        assert!(elided >= 600_000, "{elided} of 800,000 events elided");
+    };
+    let r = run(&exe, &["200000"], &[]);
+    check(r.main(), &r.stdout());
+    let trace = scratch("pingpong.trace");
+    let out = Command::new(&exe)
+        .arg("200000")
+        .env("LD_PRELOAD", preload())
+        .env("LEAKHUNT_OUT", &trace)
+        .env("LEAKHUNT_CLI", leakhunt())
+        .output()
+        .unwrap();
+    let (_, rep) = report(&[&trace]);
+    check(&rep["processes"][0], &String::from_utf8_lossy(&out.stdout));
+    let _ = std::fs::remove_file(&trace);
+}

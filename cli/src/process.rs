@@ -1879,7 +1879,7 @@ mod tests {
                 marks: &mut marks,
                 groups: &mut groups,
             };
-            let (pairs, n) = compact::find_pairs(&[part], &bounds, 0, &mut sc).unwrap();
+            let (pairs, n) = compact::find_pairs(&[part], &bounds, 0, &mut sc, None).unwrap();
             n_elided += n;
             let count = part.len() / slot::SLOT_LEN;
             let mut packed = vec![0u8; count * compact::MAX_SLOT_BYTES];

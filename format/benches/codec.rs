@@ -60,7 +60,7 @@ fn codec(c: &mut Criterion) {
                 groups: &mut groups,
             };
             let (pairs, elided) =
-                compact::find_pairs(&[black_box(&batch)], &[], 0, &mut sc).unwrap();
+                compact::find_pairs(&[black_box(&batch)], &[], 0, &mut sc, None).unwrap();
             assert_eq!(elided, 4096);
             black_box(compact::encode_elided(&[&batch], &mut out, &pairs))
         })

@@ -318,6 +318,159 @@ pub struct PairScratch<'a> {
     pub groups: &'a mut [Group],
 }
 
+/// One address's frees in a writer's view of every thread's undrained slots (see [`Foreign`]):
+/// the first thread seen freeing it and the range of its frees' numbers, and the range of every
+/// other thread's (as offsets from the view's base number; `olo > ohi`: none). An entry of
+/// another pass (`gen`) is empty: the table is never cleared.
+#[derive(Clone, Copy, Default, Debug)]
+#[repr(C)]
+pub struct FreeSeen {
+    addr: u64,
+    gen: u32,
+    tid: u32,
+    lo: u32,
+    hi: u32,
+    olo: u32,
+    ohi: u32,
+}
+
+/// **Frees of other threads.** Which thread freed each address, over the undrained slots of
+/// every thread's ring, read after the batch being paired was cut (see [`find_pairs`]): a block
+/// another thread frees was published as freed before the real free ran, so before the address
+/// could come back to anyone, and so before any later free of it by this thread.
+pub struct Foreign<'a> {
+    seen: &'a mut [FreeSeen],
+    mask: usize,
+    base: u64,
+    below: u64,
+    gen: u32,
+    added: usize,
+}
+
+impl<'a> Foreign<'a> {
+    /// A view for frees among at most `slots` slots, numbered from `base` up to (not
+    /// including) `below`, less than 2^32 in all (frees numbered `below` or above are left out:
+    /// the caller pairs only events numbered below it), in `room` (a power of two, its entries
+    /// zeroed once or left by earlier views); `gen` tells this view's entries from theirs
+    /// (never 0, and never the same as a recent view's). `None` when `room` is too small.
+    pub fn new(
+        room: &'a mut [FreeSeen],
+        slots: usize,
+        base: u64,
+        below: u64,
+        gen: u32,
+    ) -> Option<Foreign<'a>> {
+        let n = slots.next_power_of_two().max(64);
+        if n > room.len()
+            || !room.len().is_power_of_two()
+            || gen == 0
+            || below < base
+            || below - base > u32::MAX as u64
+        {
+            return None;
+        }
+        Some(Foreign {
+            seen: &mut room[..n],
+            mask: n - 1,
+            base,
+            below,
+            gen,
+            added: 0,
+        })
+    }
+
+    /// Adds the frees among the slots of `runs` (one ring's, as for [`find_pairs`]) of thread
+    /// `tid`. False when a number lies outside the view's range or the view is full: it must
+    /// not be used then.
+    pub fn add(&mut self, tid: u32, runs: &[&[u8]]) -> bool {
+        let mut slots = Slots::new(runs);
+        while let Some(s) = slots.next() {
+            let skip = match s[0] {
+                slot::KIND_STACK => slot::stack_slots(u16::from_le_bytes([s[2], s[3]]) as usize),
+                slot::KIND_CONTENT => {
+                    slot::content_slots(u16::from_le_bytes([s[2], s[3]]) as usize)
+                }
+                slot::KIND_FREE => {
+                    let (seq, addr) = (u64_at(s, 8), u64_at(s, 16));
+                    if seq < self.base {
+                        return false;
+                    }
+                    if seq < self.below {
+                        // At most three quarters full: probes stay short.
+                        if self.added * 4 >= self.seen.len() * 3 {
+                            return false;
+                        }
+                        self.insert(tid, addr, (seq - self.base) as u32);
+                    }
+                    1
+                }
+                _ => 1,
+            };
+            for _ in 1..skip {
+                if slots.next().is_none() {
+                    break;
+                }
+            }
+        }
+        true
+    }
+
+    #[inline]
+    fn home(&self, addr: u64) -> usize {
+        (addr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize & self.mask
+    }
+
+    fn insert(&mut self, tid: u32, addr: u64, off: u32) {
+        let mut h = self.home(addr);
+        loop {
+            let e = &mut self.seen[h];
+            if e.gen != self.gen {
+                *e = FreeSeen {
+                    addr,
+                    gen: self.gen,
+                    tid,
+                    lo: off,
+                    hi: off,
+                    olo: u32::MAX,
+                    ohi: 0,
+                };
+                self.added += 1;
+                return;
+            }
+            if e.addr == addr {
+                if e.tid == tid {
+                    e.lo = e.lo.min(off);
+                    e.hi = e.hi.max(off);
+                } else {
+                    e.olo = e.olo.min(off);
+                    e.ohi = e.ohi.max(off);
+                }
+                return;
+            }
+            h = (h + 1) & self.mask;
+        }
+    }
+
+    /// Whether a thread other than `tid` freed `addr` with a number strictly between `after`
+    /// and `before` (or may have: a thread's frees are kept as a range).
+    pub fn clashes(&self, tid: u32, addr: u64, after: u64, before: u64) -> bool {
+        let mut h = self.home(addr);
+        loop {
+            let e = &self.seen[h];
+            if e.gen != self.gen {
+                return false;
+            }
+            if e.addr == addr {
+                let within = |lo: u32, hi: u32| {
+                    lo <= hi && self.base + (lo as u64) < before && self.base + (hi as u64) > after
+                };
+                return (e.tid != tid && within(e.lo, e.hi)) || within(e.olo, e.ohi);
+            }
+            h = (h + 1) & self.mask;
+        }
+    }
+}
+
 /// Set in a `table` entry: the address was allocated again while live (a free was never seen),
 /// so nothing on it is elided in this batch (the reader must see the reuse).
 const POISON: u32 = 1 << 15;
@@ -339,9 +492,12 @@ fn same_family(alloc: u8, free: u8) -> bool {
 
 /// **Elided pairs.** Finds, in the slots of `runs` (one drained batch of one thread, as for
 /// [`encode`]), every allocation freed again later in the same batch by the matching kind of free,
-/// with every sequence number between the two in the batch (no other thread took one: with a
-/// number between them, another thread could have freed the block and got the address back, and
-/// this free would release that block, not the one allocated here), and
+/// where no other thread can have freed the block in between (had one, and got the address back,
+/// this free would release that block, not the one allocated here): without `foreign`, every
+/// sequence number between the two is in the batch (no other thread took one); with
+/// `foreign` (`(view, tid)`: every thread's frees published up to after this batch was cut, and
+/// `floor` above every number drained before them), no other thread's free of the address lies
+/// between the two. And
 /// with no epoch boundary between the two (`bounds`: the boundaries' sequence numbers, ascending;
 /// a boundary `b` separates numbers below `b` from the rest; allocations numbered below `floor`,
 /// whose boundaries are no longer all known, are never elided). Such a pair changes no live set at any
@@ -354,6 +510,7 @@ pub fn find_pairs<'s>(
     bounds: &[u64],
     floor: u64,
     scratch: &'s mut PairScratch<'_>,
+    foreign: Option<(&Foreign<'_>, u32)>,
 ) -> Option<(Pairs<'s>, usize)> {
     let slots: usize = runs.iter().map(|r| r.len() / SLOT_LEN).sum();
     let PairScratch {
@@ -449,9 +606,12 @@ pub fn find_pairs<'s>(
                         continue;
                     }
                     let sa = u64_at(a, 8);
+                    // Another thread took a number in between: did it free this address?
+                    let crossed = e >> 16 != run
+                        && foreign.is_none_or(|(f, tid)| f.clashes(tid, addr, sa, seq));
                     if e & POISON != 0
                         || after_content == i
-                        || e >> 16 != run
+                        || crossed
                         || sa < floor
                         || marks[j] != 0
                         || !same_family(a[1], s[1])
@@ -1006,7 +1166,7 @@ mod tests {
         };
         // Split in two runs, as a ring that wrapped.
         let runs: [&[u8]; 2] = [&v[..3 * SLOT_LEN], &v[3 * SLOT_LEN..]];
-        let (pairs, elided) = find_pairs(&runs, bounds, 0, &mut sc).unwrap();
+        let (pairs, elided) = find_pairs(&runs, bounds, 0, &mut sc, None).unwrap();
         let mut out = vec![0u8; slots * MAX_SLOT_BYTES];
         let n = encode_elided(&runs, &mut out, &pairs).unwrap();
         let mut back = Vec::new();
@@ -1074,6 +1234,70 @@ mod tests {
         assert_eq!(back, want);
     }
 
+    /// With every thread's frees in view, a pair across another thread's numbers is elided
+    /// unless that thread freed the pair's address in between.
+    #[test]
+    fn pairs_across_other_threads_numbers_unless_they_freed_the_address() {
+        use AllocFn::*;
+        let mut v = Vec::new();
+        v.extend_from_slice(&slot::stack_header(1, 0, StopReason::End, 1));
+        v.extend_from_slice(&slot::frames(&[0x1000]));
+        v.extend_from_slice(&slot::alloc(Malloc, 1, 10, 0xa0, 100));
+        v.extend_from_slice(&slot::alloc(Malloc, 1, 12, 0xb0, 10));
+        v.extend_from_slice(&slot::free(FreeFn::Free, 14, 0xa0)); // 0xa0 freed by 2 at 11
+        v.extend_from_slice(&slot::free(FreeFn::Free, 16, 0xb0)); // 0xb0 freed by 2 at 17: after
+                                                                  // Thread 2's frees (its slots, as the writer reads its ring).
+        let other: Vec<u8> = [
+            slot::free(FreeFn::Free, 11, 0xa0),
+            slot::free(FreeFn::Free, 13, 0xc0),
+            slot::free(FreeFn::Free, 17, 0xb0),
+        ]
+        .concat();
+        let mut room = vec![FreeSeen::default(); 64];
+        let mut view = Foreign::new(&mut room, 16, 0, 100, 1).unwrap();
+        assert!(view.add(1, &[&v]));
+        assert!(view.add(2, &[&other]));
+        assert!(view.clashes(1, 0xa0, 10, 14));
+        assert!(
+            !view.clashes(1, 0xa0, 14, 20),
+            "its own free at 14, the other's before"
+        );
+        assert!(!view.clashes(1, 0xb0, 12, 16));
+        assert!(!view.clashes(1, 0xd0, 0, 99), "never freed");
+        let (mut table, mut marks, mut groups) = small_scratch();
+        let mut sc = PairScratch {
+            table: &mut table,
+            marks: &mut marks,
+            groups: &mut groups,
+        };
+        let (pairs, elided) = find_pairs(&[&v], &[], 0, &mut sc, Some((&view, 1))).unwrap();
+        assert_eq!(elided, 2, "0xb0's pair only");
+        let m = &pairs.marks[2..6];
+        assert!(m[0] == 0 && m[2] == 0 && m[1] != 0 && m[1] == m[3], "{m:?}");
+        // Without the view, no pair crosses another thread's number.
+        let (_, elided) = find_pairs(&[&v], &[], 0, &mut sc, None).unwrap();
+        assert_eq!(elided, 0);
+        // A number below the floor (drained before this view was read) elides nothing.
+        let (_, elided) = find_pairs(&[&v], &[], 13, &mut sc, Some((&view, 1))).unwrap();
+        assert_eq!(elided, 0);
+        // A view whose frees go below its base, or that fills up, is not to be used.
+        let mut room = vec![FreeSeen::default(); 64];
+        let mut low = Foreign::new(&mut room, 16, 12, 100, 2).unwrap();
+        assert!(!low.add(2, &[&other]));
+        let many: Vec<u8> = (0..60u64)
+            .flat_map(|i| slot::free(FreeFn::Free, i, 0x1000 + 16 * i))
+            .collect();
+        let mut room = vec![FreeSeen::default(); 64];
+        let mut full = Foreign::new(&mut room, 60, 0, 100, 3).unwrap();
+        assert!(!full.add(1, &[&many]));
+        // Frees numbered from `below` on are left out.
+        let mut room = vec![FreeSeen::default(); 64];
+        let mut early = Foreign::new(&mut room, 16, 0, 12, 4).unwrap();
+        assert!(early.add(2, &[&other]));
+        assert!(early.clashes(1, 0xa0, 10, 14));
+        assert!(!early.clashes(1, 0xb0, 12, 18));
+    }
+
     #[test]
     fn contiguous_nops_take_a_byte_per_32() {
         let v: Vec<u8> = (0..40).flat_map(slot::nop).collect();
@@ -1096,6 +1320,6 @@ mod tests {
             marks: &mut marks,
             groups: &mut groups,
         };
-        assert!(find_pairs(&[&v], &[], 0, &mut sc).is_none());
+        assert!(find_pairs(&[&v], &[], 0, &mut sc, None).is_none());
     }
 }

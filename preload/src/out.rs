@@ -63,6 +63,12 @@ struct Out {
     bounds: [u64; MAX_BOUNDS],
     nbounds: usize,
     bound_floor: u64,
+    /// Above every sequence number drained so far (the counter's value after the latest drain).
+    drained_hi: u64,
+    /// The view of every thread's frees a pass of the writer builds (`FOREIGN_ROOM` entries of
+    /// `compact::FreeSeen`, or null), and the pass it was last built for.
+    foreign: *mut u8,
+    foreign_gen: u32,
     /// Entries of `modules::LOG` already written.
     modules_sent: usize,
     /// Entries of `python::LOG` (pseudo frames' names) already written.
@@ -97,6 +103,9 @@ static mut OUT: Out = Out {
     bounds: [0; MAX_BOUNDS],
     nbounds: 0,
     bound_floor: 0,
+    drained_hi: 0,
+    foreign: core::ptr::null_mut(),
+    foreign_gen: 0,
     modules_sent: 0,
     names_sent: 0,
     forked: None,
@@ -109,6 +118,10 @@ const MAX_BOUNDS: usize = 16;
 /// The pair finder's scratch: an address table of twice a ring's slots, a mark per slot, groups.
 const PAIR_TABLE: usize = 2 * ring::RING_SLOTS as usize;
 const PAIR_GROUPS: usize = 1024;
+/// Entries of the view of every thread's frees: a pass of up to half as many slots (two busy
+/// threads' large rings) gets one; a larger pass elides only pairs no other thread's numbers
+/// interleave. Mapped where a second thread records, touched as passes fill it.
+const FOREIGN_ROOM: usize = 4 * ring::RING_SLOTS as usize;
 const PAIR_SCRATCH_LEN: usize = PAIR_TABLE * 4
     + ring::RING_SLOTS as usize * 2
     + PAIR_GROUPS * core::mem::size_of::<compact::Group>();
@@ -677,7 +690,58 @@ fn send_frame_names() {
 /// Drains every ring into the output. Caller holds LOCK.
 fn drain_all() {
     let open = STATE.load(Ordering::Relaxed) == OPEN;
-    ring::for_each(|r| drain_ring(r, open));
+    // Every ring's batch is cut first; then, where more than one thread has events waiting,
+    // every thread's frees published by now are read into a view: with it, a pair whose
+    // numbers interleave with other threads' is elided unless one of them freed its address in
+    // between (`compact::Foreign`). Without it only pairs no other thread's number falls
+    // between are.
+    let (mut busy, mut total) = (0u32, 0u64);
+    ring::for_each(|r| {
+        let n = r.cut();
+        if n > 0 {
+            busy += 1;
+            total += n;
+        }
+    });
+    // Every event cut was published, so numbered, before this read.
+    let cut_seq = tracer::seq_next();
+    let o = out();
+    let floor = o.drained_hi;
+    let mut view = None;
+    if open && busy > 1 && !o.pairs.is_null() && total <= FOREIGN_ROOM as u64 / 2 {
+        if o.foreign.is_null() {
+            o.foreign = sys::mmap_anon(FOREIGN_ROOM * core::mem::size_of::<compact::FreeSeen>());
+        }
+        if !o.foreign.is_null() {
+            o.foreign_gen = o.foreign_gen.wrapping_add(1).max(1);
+            // SAFETY: `foreign` maps FOREIGN_ROOM zero-initialised `FreeSeen`s (plain integers,
+            // page-aligned) that only the LOCK holder (we) touches.
+            let room = unsafe {
+                core::slice::from_raw_parts_mut(o.foreign.cast::<compact::FreeSeen>(), FOREIGN_ROOM)
+            };
+            // As many entries as slots cut (frees numbered from the cut on cannot fall inside
+            // a pair cut here, and are left out; a view that fills up is not used).
+            // Numbers from well below the floor: a thread may publish an event numbered below
+            // it (it took the number before an earlier drain, and was descheduled).
+            let base = floor.saturating_sub(1 << 31);
+            view = compact::Foreign::new(room, total as usize, base, cut_seq, o.foreign_gen);
+            let mut whole = view.is_some();
+            ring::for_each(|r| {
+                if let (true, Some(v)) = (whole, view.as_mut()) {
+                    let tid = r.tid.load(Ordering::Relaxed);
+                    r.peek(|a, b| whole = v.add(tid, &[a, b]));
+                }
+            });
+            if !whole {
+                view = None;
+            }
+        }
+    }
+    let pass = view.as_ref().map(|v| (v, floor));
+    ring::for_each(|r| drain_ring(r, open, pass));
+    if pass.is_some() {
+        out().drained_hi = cut_seq;
+    }
 }
 
 /// A small ring passed half full: its own thread drains it into the output if the output lock
@@ -694,7 +758,7 @@ pub fn drain_own(r: &ring::Ring) -> bool {
     if STATE.load(Ordering::Relaxed) != OPEN {
         return false;
     }
-    drain_ring(r, true);
+    drain_ring(r, true, None);
     // Many threads draining themselves between two wake-ups of the writer would otherwise fill
     // the whole buffer, all of it then resident.
     if out().socket || out().len >= BUF_LEN / 4 {
@@ -703,11 +767,13 @@ pub fn drain_own(r: &ring::Ring) -> bool {
     true
 }
 
-/// Drains one ring into the output. Caller holds LOCK.
-fn drain_ring(r: &ring::Ring, open: bool) {
+/// Drains one ring into the output: with `pass` (a view of every thread's frees and the
+/// counter's value at the previous drain), the batch its `cut` left, pairing across other
+/// threads' numbers (`drain_all`); else all of it. Caller holds LOCK.
+fn drain_ring(r: &ring::Ring, open: bool, pass: Option<(&compact::Foreign, u64)>) {
     {
         let tid = r.tid.load(Ordering::Relaxed);
-        let n = r.drain(|a, b| {
+        let sink = |a: &[u8], b: &[u8]| {
             if !open {
                 return;
             }
@@ -726,9 +792,13 @@ fn drain_ring(r: &ring::Ring, open: bool) {
                 let pack = unsafe { core::slice::from_raw_parts_mut(pack, PACK_LEN) };
                 let mut scratch = pair_scratch(o);
                 let bounds = &o.bounds[..o.nbounds];
+                let (floor, foreign) = match pass {
+                    Some((v, drained)) => (o.bound_floor.max(drained), Some((v, tid))),
+                    None => (o.bound_floor, None),
+                };
                 let found = scratch
                     .as_mut()
-                    .and_then(|sc| compact::find_pairs(&[a, b], bounds, o.bound_floor, sc));
+                    .and_then(|sc| compact::find_pairs(&[a, b], bounds, floor, sc, foreign));
                 let encoded = match found {
                     Some((pairs, n)) => {
                         ELIDED.fetch_add(n as u64, Ordering::Relaxed);
@@ -744,7 +814,16 @@ fn drain_ring(r: &ring::Ring, open: bool) {
                 }
             }
             push_sealed(tag::BATCH, &[&head, a, b]);
-        });
+        };
+        let n = if pass.is_some() {
+            r.drain_cut(sink)
+        } else {
+            r.drain(sink)
+        };
+        if pass.is_none() {
+            // Every event drained was published, so numbered, before this read.
+            out().drained_hi = tracer::seq_next();
+        }
         if !open && n > 0 {
             EVENTS_LOST.fetch_add(n, Ordering::Relaxed);
             // Dropped, not pending: a ring file read after a kill must not offer them.

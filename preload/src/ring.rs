@@ -84,7 +84,10 @@ pub struct Ring {
     head: AtomicU64,
     _p1: [u8; 56],
     tail: AtomicU64,
-    _p2: [u8; 56],
+    /// Where the writer's current pass cut this ring's batch (under the output lock; see
+    /// [`Ring::cut`]).
+    cut: AtomicU64,
+    _p2: [u8; 48],
     pub tid: AtomicU32,
     pub state: AtomicU32,
     next: AtomicPtr<Ring>,
@@ -290,7 +293,8 @@ pub fn acquire(tid: u32) -> *mut Ring {
             head: AtomicU64::new(0),
             _p1: [0; 56],
             tail: AtomicU64::new(0),
-            _p2: [0; 56],
+            cut: AtomicU64::new(0),
+            _p2: [0; 48],
             tid: AtomicU32::new(tid),
             state: AtomicU32::new(OWNED),
             next: AtomicPtr::new(core::ptr::null_mut()),
@@ -443,20 +447,42 @@ impl Ring {
         }
     }
 
+    /// Notes how far this ring is published now, for [`Ring::drain_cut`]; returns the slots
+    /// waiting. Caller holds the output lock.
+    pub fn cut(&self) -> u64 {
+        let head = self.head.load(Ordering::Acquire);
+        self.cut.store(head, Ordering::Relaxed);
+        head - self.tail.load(Ordering::Relaxed)
+    }
+
+    /// Hands the slots published now and not yet drained to `sink` (as [`Ring::drain`]),
+    /// leaving them in the ring. Caller holds the output lock.
+    pub fn peek(&self, sink: impl FnOnce(&[u8], &[u8])) {
+        let head = self.head.load(Ordering::Acquire);
+        self.runs(self.tail.load(Ordering::Relaxed), head, sink);
+    }
+
+    /// As [`Ring::drain`], up to where the last [`Ring::cut`] saw the ring published (nothing
+    /// if it was drained past that since: a cut is never ahead of the head it was read from).
+    pub fn drain_cut(&self, sink: impl FnMut(&[u8], &[u8])) -> u64 {
+        self.drain_to(self.cut.load(Ordering::Relaxed), sink)
+    }
+
     /// Hands the published slots to `sink` as at most two contiguous runs, then frees them.
     /// Caller holds the output lock.
-    pub fn drain(&self, mut sink: impl FnMut(&[u8], &[u8])) -> u64 {
-        let head = self.head.load(Ordering::Acquire);
-        let tail = self.tail.load(Ordering::Relaxed);
-        if head == tail {
-            return 0;
-        }
+    pub fn drain(&self, sink: impl FnMut(&[u8], &[u8])) -> u64 {
+        self.drain_to(self.head.load(Ordering::Acquire), sink)
+    }
+
+    /// The slots `[tail, head)` (published: `head` read with Acquire) as two runs.
+    fn runs(&self, tail: u64, head: u64, sink: impl FnOnce(&[u8], &[u8])) {
         let cap = self.cap();
         let a = (tail & (cap - 1)) as usize;
         let n = (head - tail) as usize;
         let first = n.min(cap as usize - a);
-        // SAFETY: slots `[tail, head)` are published (Acquire above) and stay untouched by the
-        // producer until `tail` moves; the two runs lie inside the slot array.
+        // SAFETY: slots `[tail, head)` are published (the caller read `head` with Acquire) and
+        // stay untouched by the producer until `tail` moves (only under the output lock, which
+        // the caller holds); the two runs lie inside the slot array.
         let (s1, s2) = unsafe {
             let base = self.slots.load(Ordering::Relaxed) as *const u8;
             (
@@ -465,8 +491,16 @@ impl Ring {
             )
         };
         sink(s1, s2);
+    }
+
+    fn drain_to(&self, head: u64, sink: impl FnMut(&[u8], &[u8])) -> u64 {
+        let tail = self.tail.load(Ordering::Relaxed);
+        if head <= tail {
+            return 0;
+        }
+        self.runs(tail, head, sink);
         self.tail.store(head, Ordering::Release);
-        n as u64
+        head - tail
     }
 
     /// Discards everything (fork child: the parent's unflushed events are the parent's).

@@ -539,6 +539,11 @@ pub fn before_realloc(g: &Guard, p: *mut c_void, size: usize) -> Option<Dropped>
     Some(Dropped { words, usable })
 }
 
+/// The next sequence number to be taken: every event already published holds a lower one.
+pub fn seq_next() -> u64 {
+    SEQ.0.load(Ordering::Acquire)
+}
+
 /// A sequence number taken before a `realloc` of a live block; `on_realloc` uses it afterwards.
 #[inline]
 pub fn take_seq() -> u64 {
