@@ -120,6 +120,40 @@ pub struct SnapshotArgs {
     reachability: bool,
 }
 
+/// The exports read by other tools, of `run`, `report` and `diff`.
+#[derive(Args, Clone)]
+pub struct Exports {
+    /// Also write a pprof profile (profile.proto, gzipped: `go tool pprof -top FILE`, `-http`,
+    /// `-diff_base`) to FILE. run and report: per callsite, its blocks unfreed at exit
+    /// (inuse_space, inuse_objects; the default) and every allocation of the run (alloc_space,
+    /// alloc_objects); diff: the change between the two points (negative where a callsite
+    /// shrank). Each return address is a location whose lines are its inlined functions, each
+    /// module a mapping with its build-id. One file per process: `%p` in FILE is the pid;
+    /// without it, the first process writes FILE and every other FILE.<pid>.
+    #[arg(long, value_name = "FILE")]
+    pprof: Option<PathBuf>,
+    /// Also write folded stacks (`main;f;g BYTES`, outermost frame first, inlined functions as
+    /// frames of their own; what every flame graph tool reads) to FILE: run and report, the bytes
+    /// unfreed at exit; diff, the bytes each callsite grew by (those that shrank are left out).
+    /// Files per process as for --pprof.
+    #[arg(long, value_name = "FILE")]
+    collapsed: Option<PathBuf>,
+    /// Also draw those stacks as a flame graph (an interactive SVG) into FILE.svg. Files per
+    /// process as for --pprof.
+    #[arg(long, value_name = "FILE.svg")]
+    flamegraph: Option<PathBuf>,
+}
+
+impl Exports {
+    pub fn targets(&self) -> leakhunt::exports::Targets {
+        leakhunt::exports::Targets {
+            pprof: self.pprof.clone(),
+            collapsed: self.collapsed.clone(),
+            flamegraph: self.flamegraph.clone(),
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct DiffArgs {
     /// One trace (diff two points of it) or two (diff the ends of two runs).
@@ -134,6 +168,8 @@ pub struct DiffArgs {
     /// Warm-up to leave out (default: detected, where the allocation rate settles).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     warmup: Option<std::time::Duration>,
+    #[command(flatten)]
+    exports: Exports,
 }
 
 #[derive(Args)]
@@ -194,6 +230,8 @@ pub struct Output {
     /// Which kinds fail `--error-exitcode` (the same words; default: definite,possible).
     #[arg(long, value_name = "KINDS", value_parser = report::Kinds::parse, default_value = "definite,possible")]
     errors_for_leak_kinds: report::Kinds,
+    #[command(flatten)]
+    pub exports: Exports,
 }
 
 impl Output {
@@ -340,6 +378,15 @@ pub fn emit(report: &Report, out: &Output, text_to_stderr: bool) -> Result<bool>
                 .with_context(|| format!("writing {}", dest.display()))?;
         }
     }
+    let targets = out.exports.targets();
+    if targets.any() {
+        let profiles: Vec<_> = report
+            .processes
+            .iter()
+            .filter_map(|p| p.profile.as_ref())
+            .collect();
+        leakhunt::exports::write(&targets, &profiles, "Bytes unfreed at exit")?;
+    }
     if let Some(path) = &out.json {
         // Streamed: a compiler's run has tens of thousands of records (hundreds of MB).
         let write = |w: &mut dyn std::io::Write| -> std::io::Result<()> {
@@ -393,9 +440,16 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
     }
     // Traces of a process and of its fork children, given together, carry the inherited heap.
     Process::link_forks(&mut read.iter_mut().collect::<Vec<_>>());
+    let want_profiles = a.out.exports.targets().any();
     let procs: Vec<_> = read
         .iter()
-        .map(|p| report::build_with(p, None, a.out.warmup_s(), &mut sym))
+        .map(|p| {
+            let mut r = report::build_with(p, None, a.out.warmup_s(), &mut sym);
+            if want_profiles {
+                r.profile = Some(leakhunt::profile::at_exit(p, &mut sym));
+            }
+            r
+        })
         .collect();
     for w in sym.warnings() {
         eprintln!("leakhunt: warning: {}", report::escape_control(w));
@@ -628,18 +682,23 @@ impl Progress {
 
 fn diff_cmd(a: &DiffArgs) -> Result<ExitCode> {
     let mut sym = Symbolizer::new();
-    let text = match a.traces.as_slice() {
+    let targets = a.exports.targets();
+    let d = match a.traces.as_slice() {
         [one] => compare::diff_one(
             one,
             &a.from,
             &a.to,
             a.warmup.map(|d| d.as_secs_f64()),
+            targets.any(),
             &mut sym,
         )?,
-        [x, y] => compare::diff_two(x, y, &mut sym)?,
+        [x, y] => compare::diff_two(x, y, targets.any(), &mut sym)?,
         _ => bail!("give one or two traces"),
     };
-    print!("{}", report::escape_control_lines(&text));
+    print!("{}", report::escape_control_lines(&d.text));
+    if let Some(p) = &d.profile {
+        leakhunt::exports::write(&targets, &[p], &format!("Growth: {}", p.what))?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
