@@ -65,6 +65,19 @@ enum Cmd {
         /// The packed trace to write (created 0600; "-" for stdout).
         output: PathBuf,
     },
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell) on stdout,
+    /// e.g. `leakhunt completions bash > /etc/bash_completion.d/leakhunt`, or
+    /// `source <(leakhunt completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (roff): leakhunt.1 and one leakhunt-COMMAND.1 per command into DIR;
+    /// without DIR, print leakhunt.1 on stdout (`leakhunt man | man -l -`).
+    Man {
+        /// The directory to write the pages into (created if missing).
+        dir: Option<PathBuf>,
+    },
     /// Print a trace's records (for debugging leakhunt itself).
     #[command(hide = true)]
     Dump { trace: PathBuf },
@@ -702,6 +715,49 @@ fn diff_cmd(a: &DiffArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `leakhunt completions SHELL`: the completion script clap_complete makes of the same
+/// definitions the parser uses.
+fn completions_cmd(shell: clap_complete::Shell) -> Result<ExitCode> {
+    use clap::CommandFactory;
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "leakhunt", &mut out);
+    write_stdout(&out)
+}
+
+/// `leakhunt man [DIR]`: the manual pages clap_mangen makes of the same definitions.
+fn man_cmd(dir: Option<&std::path::Path>) -> Result<ExitCode> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let Some(dir) = dir else {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut out)?;
+        return write_stdout(&out);
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // The program's page, then one per command shown in --help (their names: leakhunt-run...).
+    let mut pages = vec![cmd.clone()];
+    pages.extend(cmd.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
+    for c in pages {
+        let man = clap_mangen::Man::new(c);
+        let mut out = Vec::new();
+        man.render(&mut out)?;
+        let path = dir.join(man.get_filename());
+        leakhunt::outfile::write(&path, &out, 0o644)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `out` to stdout; a reader that went away (`| head`) is no error.
+fn write_stdout(out: &[u8]) -> Result<ExitCode> {
+    let mut o = std::io::stdout().lock();
+    match o.write_all(out).and_then(|()| o.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
 fn verify_cmd(a: &VerifyArgs) -> Result<ExitCode> {
     let mut sym = Symbolizer::new();
     let (text, ok) = compare::verify(
@@ -925,6 +981,8 @@ fn main() -> ExitCode {
         Cmd::Diff(a) => diff_cmd(a),
         Cmd::Verify(a) => verify_cmd(a),
         Cmd::Snapshot(a) => snapshot_cmd(a),
+        Cmd::Completions { shell } => completions_cmd(*shell),
+        Cmd::Man { dir } => man_cmd(dir.as_deref()),
         Cmd::Dump { trace } => dump(trace),
         Cmd::ReachHelper {
             trace,
