@@ -739,7 +739,8 @@ fn man_cmd(dir: Option<&std::path::Path>) -> Result<ExitCode> {
     let mut pages = vec![cmd.clone()];
     pages.extend(cmd.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
     for c in pages {
-        let man = clap_mangen::Man::new(c);
+        // A command's page carries the program's version, as the program's does.
+        let man = clap_mangen::Man::new(c.version(env!("CARGO_PKG_VERSION")));
         let mut out = Vec::new();
         man.render(&mut out)?;
         let path = dir.join(man.get_filename());
