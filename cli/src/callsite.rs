@@ -38,6 +38,10 @@ enum GenIndex {
     Overlapping,
 }
 
+/// A frame as [`Callsites::frames_located`] gives it: the position of its return address in
+/// the stack, its module's (path, build-id), and the frame.
+pub type LocatedFrame<'p> = (u32, Option<(&'p str, &'p [u8])>, Frame);
+
 /// A callsite's report frames: (index of the frame in its key, its line in `lines`) each.
 type SiteLines = Box<[(u32, u32)]>;
 
@@ -323,6 +327,32 @@ impl<'p> Callsites<'p> {
                     address: stack.map_or(0, |s| s.frames.get(i as usize).copied().unwrap_or(0)),
                     inlined: s.inlined,
                 }
+            })
+            .collect()
+    }
+
+    /// As [`Callsites::frames`], each frame with where it comes from: the position of its
+    /// return address in the stack (a function inlined there shares its caller's) and its
+    /// module's (path, build-id), `None` outside every module. What the profiles (pprof) need
+    /// to make one location per return address, its inlined functions as its lines.
+    pub fn frames_located(
+        &mut self,
+        site: u32,
+        id: u32,
+        sym: &mut Symbolizer,
+    ) -> Vec<LocatedFrame<'p>> {
+        let frames = self.frames(site, id, sym);
+        let key = self.key(site);
+        let lines = self.symbolized[site as usize].as_deref().unwrap_or(&[]);
+        lines
+            .iter()
+            .zip(frames)
+            .map(|(&(i, _), f)| {
+                (
+                    i,
+                    self.modules.get(key[i as usize].module as usize).copied(),
+                    f,
+                )
             })
             .collect()
     }

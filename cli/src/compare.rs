@@ -15,7 +15,9 @@ use crate::callsite::Callsites;
 use crate::growth::{self, GrowthEntry, Timeline};
 use crate::input::open_trace;
 use crate::process::Process;
+use crate::profile::{self, signed, Builder, Located, Profile, Values};
 use crate::report::{render_frame, stack_lines, thousands, Frame};
+use rustc_hash::FxHashMap;
 
 type SiteKey = Vec<(Option<String>, Option<String>, Option<u32>, u64)>;
 
@@ -233,15 +235,25 @@ pub fn point(p: &Process, t: &Timeline, spec: &str) -> Result<usize> {
         .with_context(|| format!("the trace ends before {spec}"))
 }
 
+/// What `leakhunt diff` found: its text, and (when asked for) the growth as a profile.
+pub struct Diff {
+    pub text: String,
+    /// Per callsite, the change between the two points: live blocks and bytes
+    /// (`inuse_*`), and the allocations made in between (`alloc_*`); for two traces, the second's
+    /// end less the first's.
+    pub profile: Option<Profile>,
+}
+
 /// `leakhunt diff TRACE --from A --to B`: per callsite, what changed between the two points,
-/// sorted by the change in live bytes.
+/// sorted by the change in live bytes; with `profile`, also as a growth profile.
 pub fn diff_one(
     path: &std::path::Path,
     from: &str,
     to: &str,
     warmup_s: Option<f64>,
+    profile: bool,
     sym: &mut Symbolizer,
-) -> Result<String> {
+) -> Result<Diff> {
     let f = open_trace(path)?;
     if f.is_pipe() {
         bail!(
@@ -343,7 +355,31 @@ pub fn diff_one(
     if rows.is_empty() {
         let _ = writeln!(out, "no callsite changed");
     }
-    Ok(out)
+    let profile = profile.then(|| {
+        // Every stack whose live memory changed or that allocated in between.
+        let mut per: FxHashMap<u32, Values> = FxHashMap::default();
+        for id in p.growth.stacks() {
+            let (from, to) = (p.growth.at(id, a), p.growth.at(id, b));
+            let v = per.entry(id).or_default();
+            v.inuse_space = signed(to.0).saturating_sub(signed(from.0));
+            v.inuse_objects = signed(to.1).saturating_sub(signed(from.1));
+        }
+        for (&id, &(n, bytes)) in &probe.probe_allocs {
+            let v = per.entry(id).or_default();
+            v.alloc_objects = signed(n);
+            v.alloc_space = signed(bytes);
+        }
+        let mut builder = Builder::new();
+        profile::by_callsite(&p, per, sym, &mut builder);
+        builder.finish(
+            &p,
+            format!(
+                "growth from {from} (epoch {}, {:.1} s) to {to} (epoch {}, {:.1} s): live blocks and bytes gained, allocations made in between",
+                bs[a].index, t.times_s[a], bs[b].index, t.times_s[b]
+            ),
+        )
+    });
+    Ok(Diff { text: out, profile })
 }
 
 /// The retention index of the first heap scan at or after boundary index `at`: a snapshot's,
@@ -363,18 +399,26 @@ fn retained_scan(p: &Process, at: u32) -> Option<crate::paths::Index> {
         })
 }
 
-/// `leakhunt diff TRACE_A TRACE_B`: live memory per callsite at the end of each run, B minus A.
-pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) -> Result<String> {
+/// `leakhunt diff TRACE_A TRACE_B`: live memory per callsite at the end of each run, B minus A;
+/// with `profile`, also as a growth profile (with the allocations of each run, B minus A).
+pub fn diff_two(
+    a: &std::path::Path,
+    b: &std::path::Path,
+    profile: bool,
+    sym: &mut Symbolizer,
+) -> Result<Diff> {
     let (pa, pb) = (read(a)?, read(b)?);
     // Callsites match by (module build-id, offset) of every frame when the builds are the same;
     // when they differ (or a module has no build-id), by their symbolized frames: a stack joins
     // the first row made with its exact key, else the first made with its names.
     type Exact = Vec<(Vec<u8>, u64)>;
-    /// (frames, bytes, blocks, retained bytes at exit)
-    type Row = (Vec<Frame>, i64, i64, i64);
+    /// (frames, bytes, blocks, retained bytes at exit, allocations and their bytes, the frames
+    /// located for the profile)
+    type Row = (Vec<Frame>, i64, i64, i64, (i64, i64), Vec<Located>);
     let mut table: Vec<Row> = Vec::new();
     let mut by_exact: HashMap<Exact, usize> = HashMap::new();
     let mut by_names: HashMap<SiteKey, usize> = HashMap::new();
+    let mut builder = Builder::new();
     let both_scanned = [&pa, &pb]
         .iter()
         .all(|p| retained_scan(p, u32::MAX).is_some());
@@ -389,10 +433,35 @@ pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) 
         }
         let mut ids: Vec<_> = by_stack.into_iter().collect();
         ids.sort_unstable_by_key(|(id, _)| *id);
+        // For the profile, the stacks that allocated, after those with live blocks (so that the
+        // rows of the text come in the same order either way).
+        let mut allocs: Vec<(u32, u64, u64)> = if profile {
+            p.growth.alloc_totals().collect()
+        } else {
+            Vec::new()
+        };
+        allocs.sort_unstable_by_key(|e| e.0);
+        let alloc_of: HashMap<u32, (i64, i64)> = allocs
+            .iter()
+            .map(|&(id, n, bytes)| (id, (signed(n), signed(bytes))))
+            .collect();
+        let live_ids: std::collections::HashSet<u32> = ids.iter().map(|e| e.0).collect();
+        ids.extend(
+            allocs
+                .iter()
+                .filter(|e| !live_ids.contains(&e.0))
+                .map(|e| (e.0, (0, 0))),
+        );
         for (id, (bytes, blocks)) in ids {
             let site = sites.site(id);
             let exact = sites.exact(site);
-            let frames = sites.frames(site, id, sym);
+            let (frames, located) = if profile {
+                let located = sites.frames_located(site, id, sym);
+                let frames = located.iter().map(|l| l.2.clone()).collect();
+                (frames, builder.locate(p, located))
+            } else {
+                (sites.frames(site, id, sym), Vec::new())
+            };
             let names = site_key(&frames);
             let hit = exact
                 .as_ref()
@@ -402,11 +471,15 @@ pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) 
             let kept = scan.as_ref().map_or(0, |ix| {
                 i64::try_from(ix.retained(&[id], 0).0).unwrap_or(i64::MAX)
             });
+            let (n, nbytes) = alloc_of.get(&id).copied().unwrap_or_default();
             match hit {
                 Some(i) => {
-                    table[i].1 += sign * bytes;
-                    table[i].2 += sign * blocks;
-                    table[i].3 = table[i].3.saturating_add(sign * kept);
+                    let r = &mut table[i];
+                    r.1 += sign * bytes;
+                    r.2 += sign * blocks;
+                    r.3 = r.3.saturating_add(sign * kept);
+                    r.4 .0 = r.4 .0.saturating_add(sign * n);
+                    r.4 .1 = r.4 .1.saturating_add(sign * nbytes);
                 }
                 None => {
                     let i = table.len();
@@ -414,11 +487,37 @@ pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) 
                         by_exact.entry(e).or_insert(i);
                     }
                     by_names.entry(names).or_insert(i);
-                    table.push((frames, sign * bytes, sign * blocks, sign * kept));
+                    table.push((
+                        frames,
+                        sign * bytes,
+                        sign * blocks,
+                        sign * kept,
+                        (sign * n, sign * nbytes),
+                        located,
+                    ));
                 }
             }
         }
     }
+    let profile = profile.then(|| {
+        for r in &table {
+            let v = Values {
+                alloc_objects: r.4 .0,
+                alloc_space: r.4 .1,
+                inuse_objects: r.2,
+                inuse_space: r.1,
+            };
+            builder.push(r.5.clone(), v);
+        }
+        std::mem::take(&mut builder).finish(
+            &pb,
+            format!(
+                "growth from the end of {} to the end of {}: live blocks and bytes gained, allocations made (the second run's less the first's)",
+                a.display(),
+                b.display()
+            ),
+        )
+    });
     let mut rows: Vec<_> = table
         .into_iter()
         .filter(|r| r.1 != 0 || r.2 != 0 || r.3 != 0)
@@ -437,7 +536,7 @@ pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) 
             "sorted by the change in retained bytes (what each callsite's blocks keep alive at exit)"
         );
     }
-    for (frames, bytes, blocks, kept) in rows.iter().take(30) {
+    for (frames, bytes, blocks, kept, _, _) in rows.iter().take(30) {
         if both_scanned {
             let _ = writeln!(
                 out,
@@ -453,7 +552,7 @@ pub fn diff_two(a: &std::path::Path, b: &std::path::Path, sym: &mut Symbolizer) 
     if rows.is_empty() {
         let _ = writeln!(out, "no callsite differs");
     }
-    Ok(out)
+    Ok(Diff { text: out, profile })
 }
 
 #[cfg(test)]

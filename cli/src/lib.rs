@@ -5,6 +5,8 @@
 
 pub mod callsite;
 pub mod compare;
+pub mod exports;
+pub mod flame;
 pub mod fuzzing;
 pub mod growth;
 pub mod html;
@@ -14,7 +16,9 @@ pub mod orphans;
 pub mod outfile;
 pub mod pack;
 pub mod paths;
+pub mod pprof;
 pub mod process;
+pub mod profile;
 pub mod program;
 pub mod reach_helper;
 pub mod recover;

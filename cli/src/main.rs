@@ -65,6 +65,19 @@ enum Cmd {
         /// The packed trace to write (created 0600; "-" for stdout).
         output: PathBuf,
     },
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell) on stdout,
+    /// e.g. `leakhunt completions bash > /etc/bash_completion.d/leakhunt`, or
+    /// `source <(leakhunt completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (roff): leakhunt.1 and one leakhunt-COMMAND.1 per command into DIR;
+    /// without DIR, print leakhunt.1 on stdout (`leakhunt man | man -l -`).
+    Man {
+        /// The directory to write the pages into (created if missing).
+        dir: Option<PathBuf>,
+    },
     /// Print a trace's records (for debugging leakhunt itself).
     #[command(hide = true)]
     Dump { trace: PathBuf },
@@ -120,6 +133,40 @@ pub struct SnapshotArgs {
     reachability: bool,
 }
 
+/// The exports read by other tools, of `run`, `report` and `diff`.
+#[derive(Args, Clone)]
+pub struct Exports {
+    /// Also write a pprof profile (profile.proto, gzipped: `go tool pprof -top FILE`, `-http`,
+    /// `-diff_base`) to FILE. run and report: per callsite, its blocks unfreed at exit
+    /// (inuse_space, inuse_objects; the default) and every allocation of the run (alloc_space,
+    /// alloc_objects); diff: the change between the two points (negative where a callsite
+    /// shrank). Each return address is a location whose lines are its inlined functions, each
+    /// module a mapping with its build-id. One file per process: `%p` in FILE is the pid;
+    /// without it, the first process writes FILE and every other FILE.<pid>.
+    #[arg(long, value_name = "FILE")]
+    pprof: Option<PathBuf>,
+    /// Also write folded stacks (`main;f;g BYTES`, outermost frame first, inlined functions as
+    /// frames of their own; what every flame graph tool reads) to FILE: run and report, the bytes
+    /// unfreed at exit; diff, the bytes each callsite grew by (those that shrank are left out).
+    /// Files per process as for --pprof.
+    #[arg(long, value_name = "FILE")]
+    collapsed: Option<PathBuf>,
+    /// Also draw those stacks as a flame graph (an interactive SVG) into FILE.svg. Files per
+    /// process as for --pprof.
+    #[arg(long, value_name = "FILE.svg")]
+    flamegraph: Option<PathBuf>,
+}
+
+impl Exports {
+    pub fn targets(&self) -> leakhunt::exports::Targets {
+        leakhunt::exports::Targets {
+            pprof: self.pprof.clone(),
+            collapsed: self.collapsed.clone(),
+            flamegraph: self.flamegraph.clone(),
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct DiffArgs {
     /// One trace (diff two points of it) or two (diff the ends of two runs).
@@ -134,6 +181,8 @@ pub struct DiffArgs {
     /// Warm-up to leave out (default: detected, where the allocation rate settles).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     warmup: Option<std::time::Duration>,
+    #[command(flatten)]
+    exports: Exports,
 }
 
 #[derive(Args)]
@@ -194,6 +243,8 @@ pub struct Output {
     /// Which kinds fail `--error-exitcode` (the same words; default: definite,possible).
     #[arg(long, value_name = "KINDS", value_parser = report::Kinds::parse, default_value = "definite,possible")]
     errors_for_leak_kinds: report::Kinds,
+    #[command(flatten)]
+    pub exports: Exports,
 }
 
 impl Output {
@@ -340,6 +391,15 @@ pub fn emit(report: &Report, out: &Output, text_to_stderr: bool) -> Result<bool>
                 .with_context(|| format!("writing {}", dest.display()))?;
         }
     }
+    let targets = out.exports.targets();
+    if targets.any() {
+        let profiles: Vec<_> = report
+            .processes
+            .iter()
+            .filter_map(|p| p.profile.as_ref())
+            .collect();
+        leakhunt::exports::write(&targets, &profiles, "Bytes unfreed at exit")?;
+    }
     if let Some(path) = &out.json {
         // Streamed: a compiler's run has tens of thousands of records (hundreds of MB).
         let write = |w: &mut dyn std::io::Write| -> std::io::Result<()> {
@@ -393,9 +453,16 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
     }
     // Traces of a process and of its fork children, given together, carry the inherited heap.
     Process::link_forks(&mut read.iter_mut().collect::<Vec<_>>());
+    let want_profiles = a.out.exports.targets().any();
     let procs: Vec<_> = read
         .iter()
-        .map(|p| report::build_with(p, None, a.out.warmup_s(), &mut sym))
+        .map(|p| {
+            let mut r = report::build_with(p, None, a.out.warmup_s(), &mut sym);
+            if want_profiles {
+                r.profile = Some(leakhunt::profile::at_exit(p, &mut sym));
+            }
+            r
+        })
         .collect();
     for w in sym.warnings() {
         eprintln!("leakhunt: warning: {}", report::escape_control(w));
@@ -628,19 +695,68 @@ impl Progress {
 
 fn diff_cmd(a: &DiffArgs) -> Result<ExitCode> {
     let mut sym = Symbolizer::new();
-    let text = match a.traces.as_slice() {
+    let targets = a.exports.targets();
+    let d = match a.traces.as_slice() {
         [one] => compare::diff_one(
             one,
             &a.from,
             &a.to,
             a.warmup.map(|d| d.as_secs_f64()),
+            targets.any(),
             &mut sym,
         )?,
-        [x, y] => compare::diff_two(x, y, &mut sym)?,
+        [x, y] => compare::diff_two(x, y, targets.any(), &mut sym)?,
         _ => bail!("give one or two traces"),
     };
-    print!("{}", report::escape_control_lines(&text));
+    print!("{}", report::escape_control_lines(&d.text));
+    if let Some(p) = &d.profile {
+        leakhunt::exports::write(&targets, &[p], &format!("Growth: {}", p.what))?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `leakhunt completions SHELL`: the completion script clap_complete makes of the same
+/// definitions the parser uses.
+fn completions_cmd(shell: clap_complete::Shell) -> Result<ExitCode> {
+    use clap::CommandFactory;
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "leakhunt", &mut out);
+    write_stdout(&out)
+}
+
+/// `leakhunt man [DIR]`: the manual pages clap_mangen makes of the same definitions.
+fn man_cmd(dir: Option<&std::path::Path>) -> Result<ExitCode> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let Some(dir) = dir else {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut out)?;
+        return write_stdout(&out);
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // The program's page, then one per command shown in --help (their names: leakhunt-run...).
+    let mut pages = vec![cmd.clone()];
+    pages.extend(cmd.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
+    for c in pages {
+        // A command's page carries the program's version, as the program's does.
+        let man = clap_mangen::Man::new(c.version(env!("CARGO_PKG_VERSION")));
+        let mut out = Vec::new();
+        man.render(&mut out)?;
+        let path = dir.join(man.get_filename());
+        leakhunt::outfile::write(&path, &out, 0o644)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `out` to stdout; a reader that went away (`| head`) is no error.
+fn write_stdout(out: &[u8]) -> Result<ExitCode> {
+    let mut o = std::io::stdout().lock();
+    match o.write_all(out).and_then(|()| o.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }
 
 fn verify_cmd(a: &VerifyArgs) -> Result<ExitCode> {
@@ -866,6 +982,8 @@ fn main() -> ExitCode {
         Cmd::Diff(a) => diff_cmd(a),
         Cmd::Verify(a) => verify_cmd(a),
         Cmd::Snapshot(a) => snapshot_cmd(a),
+        Cmd::Completions { shell } => completions_cmd(*shell),
+        Cmd::Man { dir } => man_cmd(dir.as_deref()),
         Cmd::Dump { trace } => dump(trace),
         Cmd::ReachHelper {
             trace,

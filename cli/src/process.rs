@@ -484,9 +484,13 @@ pub struct Process {
     /// Live bytes and blocks per callsite and for the process at each epoch boundary.
     pub growth: Series,
     /// Boundary indexes (a, b) in the trace: when boundary b closes, count per stack the live
-    /// blocks allocated after boundary a into `probe_born` (for `leakhunt diff`).
+    /// blocks allocated after boundary a into `probe_born` (for `leakhunt diff`), and the
+    /// allocations made between the two (count, bytes) into `probe_allocs`.
     pub probe: Option<(u32, u32)>,
     pub probe_born: FxHashMap<u32, u64>,
+    /// Per stack, allocations made between the probe's boundaries: (count, bytes). Until
+    /// boundary b closes, the totals at boundary a.
+    pub probe_allocs: FxHashMap<u32, (u64, u64)>,
     /// Named boundaries (snapshots): (name, the trace index of their epoch boundary).
     pub snapshots: Vec<(String, u32)>,
     /// Heap scans made at snapshots (`leakhunt snapshot --reachability`), in order.
@@ -541,7 +545,8 @@ impl Process {
     }
 
     /// As [`Process::read_stream`], counting per stack the blocks live at the boundary of index
-    /// `b` that were allocated after the boundary of index `a` (into `probe_born`).
+    /// `b` that were allocated after the boundary of index `a` (into `probe_born`), and the
+    /// allocations made between the two (into `probe_allocs`).
     pub fn read_stream_probe(src: impl Read, a: u32, b: u32) -> (Process, Option<DecodeError>) {
         let mut p = Process::new();
         p.probe = Some((a, b));
@@ -1337,6 +1342,13 @@ impl Process {
             }
         }
         if let Some((a, b)) = self.probe {
+            if before < a && a <= after {
+                self.probe_allocs = self
+                    .growth
+                    .alloc_totals()
+                    .map(|(id, n, bytes)| (id, (n, bytes)))
+                    .collect();
+            }
             if before < b && b <= after {
                 // Boundaries closed together saw no event in between: the live set is the
                 // same at b.
@@ -1345,6 +1357,15 @@ impl Process {
                         *self.probe_born.entry(l.stack).or_default() += 1;
                     }
                 }
+                let at_a = std::mem::take(&mut self.probe_allocs);
+                self.probe_allocs = self
+                    .growth
+                    .alloc_totals()
+                    .filter_map(|(id, n, bytes)| {
+                        let (n0, b0) = at_a.get(&id).copied().unwrap_or_default();
+                        (n > n0).then(|| (id, (n - n0, bytes.saturating_sub(b0))))
+                    })
+                    .collect();
             }
         }
     }
@@ -1404,7 +1425,7 @@ impl Process {
                 self.totals.allocs = self.totals.allocs.saturating_add(count);
                 self.totals.frees = self.totals.frees.saturating_add(count);
                 self.totals.bytes_allocated = self.totals.bytes_allocated.saturating_add(bytes);
-                self.growth.add_allocs(stack, count);
+                self.growth.add_allocs(stack, count, bytes);
             }
         }
     }
@@ -1953,6 +1974,27 @@ mod tests {
                 a.sort_unstable();
                 b.sort_unstable();
                 assert_eq!(a, b);
+                // Allocations between the probe's boundaries, per stack: the same whichever way
+                // the events came (elided pairs too), and adding up to the process's count
+                // between those boundaries.
+                let mut a: Vec<_> = p.probe_allocs.iter().collect();
+                let mut b: Vec<_> = one.probe_allocs.iter().collect();
+                a.sort_unstable();
+                b.sort_unstable();
+                assert_eq!(a, b);
+                let at = |i: u32| {
+                    let b = p.growth.boundaries.iter().find(|b| b.index == i).unwrap();
+                    b.allocs
+                };
+                let made: u64 = p.probe_allocs.values().map(|v| v.0).sum();
+                assert!(made > 0);
+                assert_eq!(made, at(5) - at(2));
+                let mut a: Vec<_> = p.growth.alloc_totals().collect();
+                let mut b: Vec<_> = one.growth.alloc_totals().collect();
+                a.sort_unstable();
+                b.sort_unstable();
+                assert_eq!(a, b);
+                assert_eq!(a.iter().map(|x| x.2).sum::<u64>(), p.totals.bytes_allocated);
             }
         }
     }

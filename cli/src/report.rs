@@ -347,6 +347,10 @@ pub struct ProcReport {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub growth_groups: Vec<crate::growth::GrowthGroup>,
     pub warnings: Vec<String>,
+    /// The process as the profile exports show it (`--pprof`, `--collapsed`, `--flamegraph`),
+    /// made only when one is asked for.
+    #[serde(skip)]
+    pub profile: Option<crate::profile::Profile>,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -771,6 +775,7 @@ pub fn build_with(
         growth_groups: crate::growth::groups(&growth),
         growth,
         warnings,
+        profile: None,
     }
 }
 

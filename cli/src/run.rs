@@ -508,12 +508,11 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         if s.process.pid() == child_pid {
             s.process.warnings.extend(refused.iter().cloned());
         }
-        procs.push(report::build_with(
-            &s.process,
-            exit,
-            a.out.warmup_s(),
-            &mut sym,
-        ));
+        let mut r = report::build_with(&s.process, exit, a.out.warmup_s(), &mut sym);
+        if a.out.exports.targets().any() {
+            r.profile = Some(leakhunt::profile::at_exit(&s.process, &mut sym));
+        }
+        procs.push(r);
     }
     if skipped > 0 {
         eprintln!(

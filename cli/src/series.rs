@@ -23,8 +23,10 @@ pub const MAX_BOUNDARIES: usize = 1024;
 pub struct Counter {
     pub bytes: i64,
     pub blocks: i64,
-    /// Allocations made (for the unwind-quality figures).
+    /// Allocations made (for the unwind-quality figures and the profiles' `alloc_objects`).
     pub allocs: u64,
+    /// Their bytes (the profiles' `alloc_space`).
+    pub alloc_bytes: u64,
 }
 
 /// The process at one boundary.
@@ -88,11 +90,13 @@ impl Series {
         }
     }
 
-    /// `n` allocations from `stack` that were freed again in the same interval (elided pairs:
-    /// live bytes and blocks do not change).
-    pub fn add_allocs(&mut self, stack: u32, n: u64) {
+    /// `n` allocations from `stack`, `bytes` in all, that were freed again in the same interval
+    /// (elided pairs: live bytes and blocks do not change).
+    pub fn add_allocs(&mut self, stack: u32, n: u64, bytes: u64) {
         self.allocs += n;
-        self.now_mut(stack).allocs += n;
+        let c = self.now_mut(stack);
+        c.allocs += n;
+        c.alloc_bytes = c.alloc_bytes.saturating_add(bytes);
     }
 
     /// Blocks of `stack` appeared (positive) or went away (negative).
@@ -104,7 +108,10 @@ impl Series {
         let c = self.now_mut(stack);
         c.bytes += bytes;
         c.blocks += blocks;
-        c.allocs += (blocks > 0) as u64;
+        if blocks > 0 {
+            c.allocs += 1;
+            c.alloc_bytes = c.alloc_bytes.saturating_add(bytes as u64);
+        }
     }
 
     /// A boundary read from the trace; it applies at its sequence number.
@@ -205,6 +212,20 @@ impl Series {
             .map(|(i, c)| (i as u32, c.allocs))
             .chain(self.sparse_now.iter().map(|(&id, c)| (id, c.allocs)))
             .filter(|&(_, n)| n > 0)
+    }
+
+    /// (stack id, allocations, their bytes) for every stack that allocated, up to now.
+    pub fn alloc_totals(&self) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
+        self.now
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i as u32, c.allocs, c.alloc_bytes))
+            .chain(
+                self.sparse_now
+                    .iter()
+                    .map(|(&id, c)| (id, c.allocs, c.alloc_bytes)),
+            )
+            .filter(|&(_, n, _)| n > 0)
     }
 
     /// Stacks that had live blocks at some boundary.
