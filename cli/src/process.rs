@@ -149,6 +149,86 @@ impl Pending {
     }
 }
 
+/// `NOP`s that came before their turn (what elided pairs leave, and with threads whose numbers
+/// interleave nearly every one arrives early): a bit per sequence number in a window above
+/// the next one expected, instead of a queue entry and a heap step each. A `NOP` changes
+/// nothing; its number only has to be known taken when the count reaches it.
+#[derive(Default)]
+struct EarlyNops {
+    /// Bit `seq % NOP_WINDOW` for `seq` in `[next_seq, next_seq + NOP_WINDOW)` (allocated at the
+    /// first early `NOP`).
+    bits: Vec<u64>,
+    len: usize,
+}
+
+const NOP_WINDOW: u64 = 1 << 20;
+
+impl EarlyNops {
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Notes `seq` (above `next`); false when it lies beyond the window (it waits as any event)
+    /// or is noted already (the caller reports it twice).
+    #[inline]
+    fn put(&mut self, seq: u64, next: u64) -> Option<bool> {
+        if seq - next >= NOP_WINDOW {
+            return None;
+        }
+        if self.bits.is_empty() {
+            self.bits = vec![0; (NOP_WINDOW / 64) as usize];
+        }
+        let (w, b) = ((seq % NOP_WINDOW / 64) as usize, seq % 64);
+        let had = self.bits[w] >> b & 1 != 0;
+        self.bits[w] |= 1 << b;
+        self.len += usize::from(!had);
+        Some(!had)
+    }
+
+    /// Whether `seq` (at or above the next expected, inside the window) is noted.
+    #[inline]
+    fn has(&self, seq: u64) -> bool {
+        self.len > 0 && self.bits[(seq % NOP_WINDOW / 64) as usize] >> (seq % 64) & 1 != 0
+    }
+
+    /// Takes `seq` (the next expected) if noted.
+    #[inline]
+    fn take(&mut self, seq: u64) -> bool {
+        if !self.has(seq) {
+            return false;
+        }
+        self.bits[(seq % NOP_WINDOW / 64) as usize] &= !(1 << (seq % 64));
+        self.len -= 1;
+        true
+    }
+
+    /// The lowest noted number at or above `next` (end of stream).
+    fn first_from(&self, next: u64) -> Option<u64> {
+        if self.len == 0 {
+            return None;
+        }
+        // Word by word from `next`'s, its bits below `next` masked off, round the window once.
+        let words = self.bits.len() as u64;
+        let start = next % NOP_WINDOW / 64;
+        for k in 0..=words {
+            let w = (start + k) % words;
+            let mut bits = self.bits[w as usize];
+            if k == 0 {
+                bits &= !0u64 << (next % 64);
+            } else if k == words {
+                bits &= !(!0u64 << (next % 64));
+            }
+            if bits != 0 {
+                let at = w * 64 + bits.trailing_zeros() as u64;
+                // From `next`'s position in the window, forward.
+                return Some(next + (at + NOP_WINDOW - next % NOP_WINDOW) % NOP_WINDOW);
+            }
+        }
+        None
+    }
+}
+
 /// In-order allocations and frees held back a few at a time, so that the live set's slots they
 /// touch are loaded together ([`LiveSet::touch`]: their cache misses overlap instead of taking
 /// ~100 ns each in turn on a table of hundreds of MB). Only events that nothing can observe in
@@ -254,6 +334,9 @@ pub struct ModuleEntry {
 
 /// Called with the process after epoch boundaries close.
 pub type EpochHook = Box<dyn FnMut(&Process) + Send>;
+
+/// Called with each module record as it is read.
+pub type ModuleHook = Box<dyn FnMut(&Module) + Send>;
 
 /// Sees what the reader applies, in the order it applies it: every event in sequence order
 /// (with its number), each stack when first defined, what freed blocks held, and the other
@@ -465,6 +548,7 @@ pub struct Process {
     pub gaps: u64,
     next_seq: u64,
     pending: Pending,
+    early_nops: EarlyNops,
     /// Live blocks at each fork point, by child pid (forks followed).
     /// (Shared with the run's fork book: one copy of the live set per fork.)
     pub forks: FxHashMap<u32, std::sync::Arc<LiveSet>>,
@@ -501,6 +585,9 @@ pub struct Process {
     pre_exit_scan: bool,
     /// Called after epoch boundaries close (the live view of `leakhunt run --live`).
     pub on_epoch: Option<EpochHook>,
+    /// Called with each module the process loads, as its record is read (`leakhunt run` loads
+    /// their debug information while the program runs).
+    pub on_module: Option<ModuleHook>,
     /// Answers the stream's requests for a heap scan (`leakhunt run`).
     pub on_reach: Option<ReachHook>,
     /// The heap scan's outcome, once its records were read.
@@ -681,7 +768,9 @@ impl Process {
                     continue;
                 }
             };
-            if seq.is_some_and(|q| q < self.next_seq || self.pending.contains(q)) {
+            if seq.is_some_and(|q| {
+                q < self.next_seq || self.pending.contains(q) || self.early_nops.has(q)
+            }) {
                 content = None;
                 continue;
             }
@@ -940,6 +1029,9 @@ impl Process {
                         unload_gen: None,
                     });
                 }
+                if let Some(hook) = &mut self.on_module {
+                    hook(&m);
+                }
                 self.modules[id] = ModuleEntry {
                     module: m,
                     unload_gen: None,
@@ -1086,7 +1178,7 @@ impl Process {
         let mut pos = 0;
         while let Some(s) = data.get(pos..pos + slot::SLOT_LEN) {
             let word = |at: usize| u64::from_le_bytes(s[at..at + 8].try_into().unwrap_or([0; 8]));
-            if self.pending.is_empty() && word(8) == self.next_seq {
+            if self.nothing_waits() && word(8) == self.next_seq {
                 match s[0] {
                     slot::KIND_ALLOC
                         if AllocFn::from_u8(s[1]).is_some() && word(24) <= MAX_ALLOC_SIZE =>
@@ -1142,17 +1234,32 @@ impl Process {
             offset,
             what: format!("event sequence number {seq} appears twice"),
         };
-        if seq < self.next_seq {
+        if seq < self.next_seq || self.early_nops.has(seq) {
             return Err(twice(seq));
         }
         if seq != self.next_seq {
+            if matches!(ev, Ev::Nop) {
+                match self.early_nops.put(seq, self.next_seq) {
+                    Some(true) => return Ok(()),
+                    Some(false) => return Err(twice(seq)),
+                    None => {}
+                }
+            }
             self.pending.push(tid, seq, ev);
             return Ok(());
         }
         // In order: apply it and what waited for it.
         self.apply_event(ev);
         self.bump();
-        while let Some(first) = self.pending.first() {
+        loop {
+            if self.early_nops.take(self.next_seq) {
+                self.apply_event(Ev::Nop);
+                self.bump();
+                continue;
+            }
+            let Some(first) = self.pending.first() else {
+                break;
+            };
             if first != self.next_seq {
                 if first < self.next_seq {
                     return Err(twice(first));
@@ -1165,6 +1272,12 @@ impl Process {
             }
         }
         Ok(())
+    }
+
+    /// No event waits for a lower number: the next one in order may be applied at once.
+    #[inline]
+    fn nothing_waits(&self) -> bool {
+        self.pending.is_empty() && self.early_nops.is_empty()
     }
 
     #[inline]
@@ -1433,7 +1546,19 @@ impl Process {
     /// End of stream: apply what is still waiting, counting the sequence numbers that never came.
     pub fn finish(&mut self) {
         let mut pending = std::mem::take(&mut self.pending);
-        while let Some((seq, ev)) = pending.pop() {
+        let mut early = std::mem::take(&mut self.early_nops);
+        loop {
+            // The lowest of what waits: an early `NOP` or a queued event.
+            let (seq, ev) = match early.first_from(self.next_seq) {
+                Some(n) if pending.first().is_none_or(|f| n < f) => {
+                    early.take(n);
+                    (n, Ev::Nop)
+                }
+                _ => match pending.pop() {
+                    Some(e) => e,
+                    None => break,
+                },
+            };
             if seq < self.next_seq {
                 // Two threads' records claimed one sequence number (caught here only when the
                 // stream ended before the number came up).
@@ -1544,7 +1669,7 @@ impl compact::Sink for Apply<'_> {
                 "an allocation of {size} bytes is beyond any address space"
             ));
         }
-        if self.p.pending.is_empty() && seq == self.p.next_seq {
+        if self.p.nothing_waits() && seq == self.p.next_seq {
             let op = Op::Alloc {
                 addr,
                 size,
@@ -1571,7 +1696,7 @@ impl compact::Sink for Apply<'_> {
             return Err(format!("unknown free function {func}"));
         }
         self.p.attach_content(self.tid, seq, addr);
-        if self.p.pending.is_empty() && seq == self.p.next_seq {
+        if self.p.nothing_waits() && seq == self.p.next_seq {
             self.ahead.push(self.p, Op::Free { addr });
             return Ok(());
         }
@@ -1614,7 +1739,7 @@ impl compact::Sink for Apply<'_> {
             return Err(format!("sequence numbers {seq} + {count} overflow"));
         };
         self.ahead.flush(self.p);
-        if self.p.pending.is_empty() && seq == self.p.next_seq {
+        if self.p.nothing_waits() && seq == self.p.next_seq {
             // In order: nothing to apply, only boundaries to close on the way.
             if let Some(o) = &mut self.p.observer {
                 o.nops(seq, count);
@@ -1915,6 +2040,28 @@ mod tests {
             );
         }
         (whole, elided, n_elided)
+    }
+
+    #[test]
+    fn early_nops_are_found_in_order_across_the_windows_wrap() {
+        let mut e = EarlyNops::default();
+        let next = 3 * NOP_WINDOW - 10;
+        assert_eq!(e.first_from(next), None);
+        for seq in [next + 5, next + 20, next + 9, next + NOP_WINDOW - 1] {
+            assert_eq!(e.put(seq, next), Some(true));
+        }
+        assert_eq!(e.put(next + 9, next), Some(false), "noted twice");
+        assert_eq!(e.put(next + NOP_WINDOW, next), None, "beyond the window");
+        assert!(e.has(next + 20) && !e.has(next + 21));
+        let mut got = vec![];
+        let mut at = next;
+        while let Some(s) = e.first_from(at) {
+            assert!(e.take(s));
+            got.push(s - next);
+            at = s + 1;
+        }
+        assert_eq!(got, [5, 9, 20, NOP_WINDOW - 1]);
+        assert!(e.is_empty());
     }
 
     #[test]
