@@ -131,6 +131,14 @@ impl StreamSource {
     /// was read, or its process is gone and nothing more came.
     fn next_conn(&mut self) -> Option<Resumed> {
         loop {
+            // The exit record read: no connection follows (a handshake may still be handing
+            // one over, which is waited for). Without this the end of every stream waited
+            // 10 ms here first.
+            if self.ended.load(Ordering::Acquire)
+                && self.shared.handshakes.load(Ordering::SeqCst) == 0
+            {
+                return self.rx.try_recv().ok();
+            }
             match self.rx.recv_timeout(Duration::from_millis(10)) {
                 Ok(c) => return Some(c),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,

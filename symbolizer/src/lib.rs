@@ -432,7 +432,6 @@ fn push_frames<R: gimli::Reader>(mut frames: addr2line::FrameIter<'_, R>, out: &
 }
 
 /// Symbolizer with a per-module cache.
-#[derive(Default)]
 pub struct Symbolizer {
     modules: HashMap<(String, Vec<u8>), Module>,
     warnings: Vec<String>,
@@ -442,17 +441,31 @@ pub struct Symbolizer {
     data: vars::Data,
     /// Call frame information, per module on its first frame rule (see [`cfi`]).
     cfi: HashMap<(String, Vec<u8>), Option<cfi::Cfi>>,
+    /// Problems met loading a module ahead of its first lookup ([`Symbolizer::prefetch`]),
+    /// reported at that lookup.
+    deferred: HashMap<(String, Vec<u8>), Vec<String>>,
 }
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// As [`Symbolizer::new`]: `/usr/lib/debug` is always searched.
+impl Default for Symbolizer {
+    fn default() -> Symbolizer {
+        Symbolizer::new()
+    }
+}
+
 impl Symbolizer {
     pub fn new() -> Symbolizer {
         Symbolizer {
+            modules: HashMap::new(),
+            warnings: Vec::new(),
             debug_roots: vec![PathBuf::from("/usr/lib/debug")],
-            ..Default::default()
+            data: vars::Data::default(),
+            cfi: HashMap::new(),
+            deferred: HashMap::new(),
         }
     }
 
@@ -615,6 +628,24 @@ impl Symbolizer {
         }
     }
 
+    /// Loads a module's symbols and debug information ahead of its first lookup (`leakhunt run`
+    /// does it while the program runs: inflating a distribution's compressed debug file is most
+    /// of a short run's report). What goes wrong is reported at the module's first lookup, as
+    /// if it were loaded then, and not at all if it is never looked up.
+    pub fn prefetch(&mut self, path: &str, build_id: &[u8]) {
+        let key = (path.to_string(), build_id.to_vec());
+        if self.modules.contains_key(&key) {
+            return;
+        }
+        let before = self.warnings.len();
+        let m = self.load(path, build_id);
+        let met: Vec<String> = self.warnings.drain(before..).collect();
+        if !met.is_empty() {
+            self.deferred.insert(key.clone(), met);
+        }
+        self.modules.insert(key, m);
+    }
+
     /// Frames for the instruction at `vaddr` (an address in the module's ELF address space, i.e.
     /// runtime address minus load bias). For a return address pass the address minus one.
     pub fn symbolize(&mut self, path: &str, build_id: &[u8], vaddr: u64) -> Vec<SymFrame> {
@@ -622,6 +653,11 @@ impl Symbolizer {
         if !self.modules.contains_key(&key) {
             let m = self.load(path, build_id);
             self.modules.insert(key.clone(), m);
+        }
+        if !self.deferred.is_empty() {
+            for w in self.deferred.remove(&key).unwrap_or_default() {
+                self.warn(w);
+            }
         }
         let mut out = Vec::new();
         if let Some(m) = self.modules.get_mut(&key) {
