@@ -217,7 +217,10 @@ pub struct Output {
     /// the allocation rate settles).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     warmup: Option<std::time::Duration>,
-    /// Also write the report as one self-contained HTML file (with the memory chart).
+    /// Also write the report as one self-contained HTML file (offline: nothing fetched): the live
+    /// heap over time stacked by the callsites that grew most (values on hover), a callsite
+    /// table that sorts on a click on a header and shows a callsite's stack on a click on its
+    /// row, and flame graphs of the bytes live at the end and of the growth after warm-up.
     #[arg(long, value_name = "FILE")]
     html: Option<PathBuf>,
     /// Also write memcheck's XML (protocol 4) to FILE: `%p` is the pid; without it, the first
@@ -267,6 +270,19 @@ impl Output {
 
     pub fn warmup_s(&self) -> Option<f64> {
         self.warmup.map(|d| d.as_secs_f64())
+    }
+
+    /// Adds to `r` (the report of `p`) the profiles its outputs draw: the one at exit for the
+    /// exports and the HTML page's flame graph, the growth after warm-up for the page's second.
+    pub fn add_profiles(&self, p: &Process, r: &mut report::ProcReport, sym: &mut Symbolizer) {
+        if self.exports.targets().any() || self.html.is_some() {
+            r.profile = Some(leakhunt::profile::at_exit(p, sym));
+        }
+        if self.html.is_some() {
+            if let Some(t) = &r.timeline {
+                r.growth_profile = Some(leakhunt::profile::after_warmup(p, t, sym));
+            }
+        }
     }
 }
 
@@ -453,14 +469,11 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
     }
     // Traces of a process and of its fork children, given together, carry the inherited heap.
     Process::link_forks(&mut read.iter_mut().collect::<Vec<_>>());
-    let want_profiles = a.out.exports.targets().any();
     let procs: Vec<_> = read
         .iter()
         .map(|p| {
             let mut r = report::build_with(p, None, a.out.warmup_s(), &mut sym);
-            if want_profiles {
-                r.profile = Some(leakhunt::profile::at_exit(p, &mut sym));
-            }
+            a.out.add_profiles(p, &mut r, &mut sym);
             r
         })
         .collect();

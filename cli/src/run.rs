@@ -509,9 +509,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
             s.process.warnings.extend(refused.iter().cloned());
         }
         let mut r = report::build_with(&s.process, exit, a.out.warmup_s(), &mut sym);
-        if a.out.exports.targets().any() {
-            r.profile = Some(leakhunt::profile::at_exit(&s.process, &mut sym));
-        }
+        a.out.add_profiles(&s.process, &mut r, &mut sym);
         procs.push(r);
     }
     if skipped > 0 {
