@@ -336,7 +336,8 @@ pub struct RunArgs {
     /// the scan), and no extra scan as the program starts to exit.
     #[arg(long)]
     no_retention: bool,
-    /// The preload library (default: libleakhunt.so next to this executable, or $LEAKHUNT_PRELOAD).
+    /// The preload library (default: $LEAKHUNT_PRELOAD, else libleakhunt.so next to this
+    /// executable, else in ../lib/leakhunt/ from its directory, where `scripts/install` puts it).
     #[arg(long, value_name = "PATH")]
     preload: Option<PathBuf>,
     #[command(flatten)]
