@@ -352,8 +352,8 @@ pub struct ReportArgs {
     /// Trace files.
     #[arg(required = true)]
     traces: Vec<PathBuf>,
-    /// Show reading progress on stderr: always, never, or (auto) for traces over 64 MiB when
-    /// stderr is a terminal.
+    /// Show reading progress on stderr: auto (a progress bar for traces over 64 MiB, only when
+    /// stderr is a terminal), always (a bar on a terminal, plain lines elsewhere), never.
     #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = ["auto", "always", "never"])]
     progress: String,
     #[command(flatten)]
@@ -451,20 +451,15 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
     for t in &a.traces {
         let f = input::open_trace(t)?;
         let size = f.size.unwrap_or(0);
-        let show = match a.progress.as_str() {
-            "always" => true,
-            "never" => false,
-            _ => size > 64 << 20 && std::io::stderr().is_terminal(),
-        };
         let mut p = Process::new();
         p.fork_children = children.clone();
-        let r = if show {
-            let mut bar = Progress::new(t, size);
-            let r = Process::read_stream_prepared(p, f, &mut |at| bar.show(at));
-            bar.done();
-            r
-        } else {
-            Process::read_stream_prepared(p, f, &mut |_| {})
+        let r = match Progress::new(&a.progress, t, size) {
+            Some(mut bar) => {
+                let r = Process::read_stream_prepared(p, f, &mut |at| bar.show(at));
+                bar.done();
+                r
+            }
+            None => Process::read_stream_prepared(p, f, &mut |_| {}),
         };
         read.push(compare::checked(t, r)?);
     }
@@ -655,18 +650,80 @@ fn paths_text(
     }
 }
 
-/// A one-line progress display on stderr, redrawn at most every 200 ms.
-struct Progress {
+/// Reading progress on stderr: on a terminal, indicatif's bar (redrawn in place, at most 5 times
+/// a second); `--progress always` elsewhere (a log), a plain line at most every 200 ms. Never
+/// shown by default where stderr is not a terminal.
+enum Progress {
+    Bar(indicatif::ProgressBar),
+    Lines(Lines),
+}
+
+impl Progress {
+    /// The display for reading `path` (`size` bytes; 0: unknown), or `None` where `when`
+    /// (`auto`, `always`, `never`) and the terminal say none.
+    fn new(when: &str, path: &std::path::Path, size: u64) -> Option<Progress> {
+        let term = std::io::stderr().is_terminal();
+        // Traces over 64 MiB (the tests lower the bar to see it on a small one).
+        let big = std::env::var("LEAKHUNT_TEST_PROGRESS_MIN_BYTES")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(64 << 20);
+        match (when, term) {
+            ("never", _) | ("auto", false) => None,
+            ("auto", true) if size <= big => None,
+            (_, true) => {
+                use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+                // A pipe's size is unknown: then bytes read so far, no bar.
+                let (len, template) = if size == 0 {
+                    (
+                        None,
+                        "leakhunt: reading {msg}: {binary_bytes}, {binary_bytes_per_sec}",
+                    )
+                } else {
+                    (
+                        Some(size),
+                        "leakhunt: reading {msg}: {percent:>3}% [{wide_bar}] {binary_bytes} of {binary_total_bytes}, {binary_bytes_per_sec}, {eta} left",
+                    )
+                };
+                let bar = ProgressBar::with_draw_target(len, ProgressDrawTarget::stderr_with_hz(5));
+                let style = ProgressStyle::with_template(template)
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> ");
+                bar.set_style(style);
+                bar.set_message(report::escape_control(&path.display().to_string()).into_owned());
+                Some(Progress::Bar(bar))
+            }
+            (_, false) => Some(Progress::Lines(Lines::new(path, size))),
+        }
+    }
+
+    fn show(&mut self, at: u64) {
+        match self {
+            Progress::Bar(b) => b.set_position(at),
+            Progress::Lines(l) => l.show(at),
+        }
+    }
+
+    fn done(&mut self) {
+        match self {
+            Progress::Bar(b) => b.finish(),
+            Progress::Lines(l) => l.done(),
+        }
+    }
+}
+
+/// Progress as plain lines, one at most every 200 ms, for a log.
+struct Lines {
     name: String,
     size: u64,
     start: std::time::Instant,
     last: Option<std::time::Instant>,
 }
 
-impl Progress {
-    fn new(path: &std::path::Path, size: u64) -> Progress {
-        Progress {
-            name: path.display().to_string(),
+impl Lines {
+    fn new(path: &std::path::Path, size: u64) -> Lines {
+        Lines {
+            name: report::escape_control(&path.display().to_string()).into_owned(),
             size,
             start: std::time::Instant::now(),
             last: None,
@@ -699,11 +756,11 @@ impl Progress {
             return;
         }
         self.last = Some(now);
-        eprint!("\r{}\x1b[K", self.line(at));
+        eprintln!("{}", self.line(at));
     }
 
     fn done(&mut self) {
-        eprintln!("\r{}\x1b[K", self.line(self.size));
+        eprintln!("{}", self.line(self.size));
     }
 }
 
