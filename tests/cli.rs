@@ -106,6 +106,74 @@ fn every_golden_trace_reports_the_same_figures_and_progress_shows_on_request() {
     );
 }
 
+/// `leakhunt report TRACE` with stderr on a terminal of its own (a pseudo-terminal that python3
+/// opens), stdout discarded: what was drawn on the terminal. The bar's threshold is `min_bytes`
+/// (64 MiB without it).
+fn report_on_a_terminal(trace: &std::path::Path, min_bytes: Option<&str>) -> String {
+    const PTY: &str = r"import os, subprocess, sys
+m, s = os.openpty()
+p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=s)
+os.close(s)
+out = b''
+while True:
+    try:
+        d = os.read(m, 65536)
+    except OSError:
+        break
+    if not d:
+        break
+    out += d
+sys.stdout.buffer.write(out)
+sys.exit(p.wait())
+";
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", PTY])
+        .arg(leakhunt())
+        .arg("report")
+        .arg(trace);
+    match min_bytes {
+        Some(b) => cmd.env("LEAKHUNT_TEST_PROGRESS_MIN_BYTES", b),
+        None => cmd.env_remove("LEAKHUNT_TEST_PROGRESS_MIN_BYTES"),
+    };
+    let out = run_ok(&mut cmd);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn progress_is_a_bar_on_a_terminal_and_nothing_when_stderr_is_captured() {
+    let v2 = workspace().join("format/golden/simple-v2.trace");
+    // Captured stderr: not a byte of progress, even with the bar's threshold at 0 bytes.
+    let out = Command::new(leakhunt())
+        .env("LEAKHUNT_TEST_PROGRESS_MIN_BYTES", "0")
+        .arg("report")
+        .arg(&v2)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        !out.stderr.contains(&b'\r') && !out.stderr.contains(&0x1b),
+        "{:?}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("reading"), "{}", stderr(&out));
+    // On a terminal, a trace over the threshold: indicatif's bar, finished at 100%.
+    let size = std::fs::metadata(&v2).unwrap().len();
+    let shown = report_on_a_terminal(&v2, Some("0"));
+    assert!(
+        shown.contains(&format!("leakhunt: reading {}: 100%", v2.display())),
+        "{shown:?}"
+    );
+    let human = if size >= 1024 {
+        format!("{:.2} KiB", size as f64 / 1024.0)
+    } else {
+        format!("{size} B")
+    };
+    assert!(shown.contains(&format!("{human} of {human}")), "{shown:?}");
+    // A trace under 64 MiB: nothing, on a terminal too.
+    let quiet = report_on_a_terminal(&v2, None);
+    assert!(!quiet.contains("reading"), "{quiet:?}");
+}
+
 #[test]
 fn truncated_traces_report_what_they_hold_with_a_warning() {
     let data = std::fs::read(golden()).unwrap();

@@ -75,44 +75,13 @@ fn steady(trace: &Path, fixed: bool) -> Run {
 /// report's script puts the chart's laid-out size in `data-chart`, errors in `data-errors`) and
 /// the console messages Chromium logged.
 fn chromium(page: &Path) -> (String, String) {
-    let bin = ["chromium", "chromium-browser"]
-        .into_iter()
-        .find(|b| Command::new(b).arg("--version").output().is_ok())
-        .expect("Debian's chromium is needed for the HTML test (.ci/run installs it)");
-    let url = format!("file://{}", page.display());
-    let flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--host-resolver-rules=MAP * ~NOTFOUND",
-        "--window-size=1200,1000",
-        "--enable-logging=stderr",
-        "--v=0",
-        "--dump-dom",
-    ];
-    // No network at all where a network namespace can be had; the resolver rule otherwise.
-    let out = Command::new("unshare")
-        .arg("-n")
-        .arg(bin)
-        .args(flags)
-        .arg(&url)
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .unwrap_or_else(|| Command::new(bin).args(flags).arg(&url).output().unwrap());
-    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (dom, console) = chromium_dom(page);
     let body = dom
         .split("<body")
         .nth(1)
         .and_then(|b| b.split('>').next())
         .unwrap_or("")
         .to_string();
-    let console = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| l.contains("CONSOLE"))
-        .collect::<Vec<_>>()
-        .join("\n");
     (body, console)
 }
 
@@ -214,17 +183,7 @@ fn the_example_leak_is_a_leak_the_cache_a_plateau_and_the_fix_verifies() {
     );
     let (body, console) = chromium(&page);
     let shot = page.with_extension("png");
-    let _ = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--host-resolver-rules=MAP * ~NOTFOUND",
-            "--window-size=1200,1000",
-        ])
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg(format!("file://{}", page.display()))
-        .output();
+    chromium_screenshot(&page, &shot);
     let png = std::fs::read(&shot).unwrap_or_default();
     assert!(
         png.starts_with(b"\x89PNG") && png.len() > 20_000,

@@ -217,7 +217,10 @@ pub struct Output {
     /// the allocation rate settles).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     warmup: Option<std::time::Duration>,
-    /// Also write the report as one self-contained HTML file (with the memory chart).
+    /// Also write the report as one self-contained HTML file (offline: nothing fetched): the live
+    /// heap over time stacked by the callsites that grew most (values on hover), a callsite
+    /// table that sorts on a click on a header and shows a callsite's stack on a click on its
+    /// row, and flame graphs of the bytes live at the end and of the growth after warm-up.
     #[arg(long, value_name = "FILE")]
     html: Option<PathBuf>,
     /// Also write memcheck's XML (protocol 4) to FILE: `%p` is the pid; without it, the first
@@ -267,6 +270,19 @@ impl Output {
 
     pub fn warmup_s(&self) -> Option<f64> {
         self.warmup.map(|d| d.as_secs_f64())
+    }
+
+    /// Adds to `r` (the report of `p`) the profiles its outputs draw: the one at exit for the
+    /// exports and the HTML page's flame graph, the growth after warm-up for the page's second.
+    pub fn add_profiles(&self, p: &Process, r: &mut report::ProcReport, sym: &mut Symbolizer) {
+        if self.exports.targets().any() || self.html.is_some() {
+            r.profile = Some(leakhunt::profile::at_exit(p, sym));
+        }
+        if self.html.is_some() {
+            if let Some(t) = &r.timeline {
+                r.growth_profile = Some(leakhunt::profile::after_warmup(p, t, sym));
+            }
+        }
     }
 }
 
@@ -320,7 +336,8 @@ pub struct RunArgs {
     /// the scan), and no extra scan as the program starts to exit.
     #[arg(long)]
     no_retention: bool,
-    /// The preload library (default: libleakhunt.so next to this executable, or $LEAKHUNT_PRELOAD).
+    /// The preload library (default: $LEAKHUNT_PRELOAD, else libleakhunt.so next to this
+    /// executable, else in ../lib/leakhunt/ from its directory, where `scripts/install` puts it).
     #[arg(long, value_name = "PATH")]
     preload: Option<PathBuf>,
     #[command(flatten)]
@@ -335,8 +352,8 @@ pub struct ReportArgs {
     /// Trace files.
     #[arg(required = true)]
     traces: Vec<PathBuf>,
-    /// Show reading progress on stderr: always, never, or (auto) for traces over 64 MiB when
-    /// stderr is a terminal.
+    /// Show reading progress on stderr: auto (a progress bar for traces over 64 MiB, only when
+    /// stderr is a terminal), always (a bar on a terminal, plain lines elsewhere), never.
     #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = ["auto", "always", "never"])]
     progress: String,
     #[command(flatten)]
@@ -434,33 +451,25 @@ fn report_cmd(a: &ReportArgs) -> Result<ExitCode> {
     for t in &a.traces {
         let f = input::open_trace(t)?;
         let size = f.size.unwrap_or(0);
-        let show = match a.progress.as_str() {
-            "always" => true,
-            "never" => false,
-            _ => size > 64 << 20 && std::io::stderr().is_terminal(),
-        };
         let mut p = Process::new();
         p.fork_children = children.clone();
-        let r = if show {
-            let mut bar = Progress::new(t, size);
-            let r = Process::read_stream_prepared(p, f, &mut |at| bar.show(at));
-            bar.done();
-            r
-        } else {
-            Process::read_stream_prepared(p, f, &mut |_| {})
+        let r = match Progress::new(&a.progress, t, size) {
+            Some(mut bar) => {
+                let r = Process::read_stream_prepared(p, f, &mut |at| bar.show(at));
+                bar.done();
+                r
+            }
+            None => Process::read_stream_prepared(p, f, &mut |_| {}),
         };
         read.push(compare::checked(t, r)?);
     }
     // Traces of a process and of its fork children, given together, carry the inherited heap.
     Process::link_forks(&mut read.iter_mut().collect::<Vec<_>>());
-    let want_profiles = a.out.exports.targets().any();
     let procs: Vec<_> = read
         .iter()
         .map(|p| {
             let mut r = report::build_with(p, None, a.out.warmup_s(), &mut sym);
-            if want_profiles {
-                r.profile = Some(leakhunt::profile::at_exit(p, &mut sym));
-            }
+            a.out.add_profiles(p, &mut r, &mut sym);
             r
         })
         .collect();
@@ -641,18 +650,80 @@ fn paths_text(
     }
 }
 
-/// A one-line progress display on stderr, redrawn at most every 200 ms.
-struct Progress {
+/// Reading progress on stderr: on a terminal, indicatif's bar (redrawn in place, at most 5 times
+/// a second); `--progress always` elsewhere (a log), a plain line at most every 200 ms. Never
+/// shown by default where stderr is not a terminal.
+enum Progress {
+    Bar(indicatif::ProgressBar),
+    Lines(Lines),
+}
+
+impl Progress {
+    /// The display for reading `path` (`size` bytes; 0: unknown), or `None` where `when`
+    /// (`auto`, `always`, `never`) and the terminal say none.
+    fn new(when: &str, path: &std::path::Path, size: u64) -> Option<Progress> {
+        let term = std::io::stderr().is_terminal();
+        // Traces over 64 MiB (the tests lower the bar to see it on a small one).
+        let big = std::env::var("LEAKHUNT_TEST_PROGRESS_MIN_BYTES")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(64 << 20);
+        match (when, term) {
+            ("never", _) | ("auto", false) => None,
+            ("auto", true) if size <= big => None,
+            (_, true) => {
+                use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+                // A pipe's size is unknown: then bytes read so far, no bar.
+                let (len, template) = if size == 0 {
+                    (
+                        None,
+                        "leakhunt: reading {msg}: {binary_bytes}, {binary_bytes_per_sec}",
+                    )
+                } else {
+                    (
+                        Some(size),
+                        "leakhunt: reading {msg}: {percent:>3}% [{wide_bar}] {binary_bytes} of {binary_total_bytes}, {binary_bytes_per_sec}, {eta} left",
+                    )
+                };
+                let bar = ProgressBar::with_draw_target(len, ProgressDrawTarget::stderr_with_hz(5));
+                let style = ProgressStyle::with_template(template)
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> ");
+                bar.set_style(style);
+                bar.set_message(report::escape_control(&path.display().to_string()).into_owned());
+                Some(Progress::Bar(bar))
+            }
+            (_, false) => Some(Progress::Lines(Lines::new(path, size))),
+        }
+    }
+
+    fn show(&mut self, at: u64) {
+        match self {
+            Progress::Bar(b) => b.set_position(at),
+            Progress::Lines(l) => l.show(at),
+        }
+    }
+
+    fn done(&mut self) {
+        match self {
+            Progress::Bar(b) => b.finish(),
+            Progress::Lines(l) => l.done(),
+        }
+    }
+}
+
+/// Progress as plain lines, one at most every 200 ms, for a log.
+struct Lines {
     name: String,
     size: u64,
     start: std::time::Instant,
     last: Option<std::time::Instant>,
 }
 
-impl Progress {
-    fn new(path: &std::path::Path, size: u64) -> Progress {
-        Progress {
-            name: path.display().to_string(),
+impl Lines {
+    fn new(path: &std::path::Path, size: u64) -> Lines {
+        Lines {
+            name: report::escape_control(&path.display().to_string()).into_owned(),
             size,
             start: std::time::Instant::now(),
             last: None,
@@ -685,11 +756,11 @@ impl Progress {
             return;
         }
         self.last = Some(now);
-        eprint!("\r{}\x1b[K", self.line(at));
+        eprintln!("{}", self.line(at));
     }
 
     fn done(&mut self) {
-        eprintln!("\r{}\x1b[K", self.line(self.size));
+        eprintln!("{}", self.line(self.size));
     }
 }
 

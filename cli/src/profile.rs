@@ -259,6 +259,44 @@ pub fn at_exit(p: &Process, sym: &mut Symbolizer) -> Profile {
     )
 }
 
+/// The growth profile of a process after warm-up: per callsite, the live blocks and bytes it
+/// gained from the end of warm-up to the last boundary the process's verdict judged (a teardown
+/// at exit left out, as in the growth report); negative where a callsite shrank. `t` is the
+/// process's timeline ([`crate::growth::build`]).
+pub fn after_warmup(p: &Process, t: &crate::growth::Timeline, sym: &mut Symbolizer) -> Profile {
+    let n = p.growth.boundaries.len();
+    let w = t
+        .times_s
+        .iter()
+        .position(|&x| x >= t.warmup_s)
+        .unwrap_or(0)
+        .min(n.saturating_sub(1));
+    let end = (w + t.evidence.points.max(1) - 1).min(n.saturating_sub(1));
+    let mut per: FxHashMap<u32, Values> = FxHashMap::default();
+    for id in p.growth.stacks() {
+        let (from, to) = (p.growth.at(id, w), p.growth.at(id, end));
+        let v = Values {
+            inuse_space: signed(to.0).saturating_sub(signed(from.0)),
+            inuse_objects: signed(to.1).saturating_sub(signed(from.1)),
+            ..Values::default()
+        };
+        if !v.is_zero() {
+            per.insert(id, v);
+        }
+    }
+    let mut b = Builder::new();
+    by_callsite(p, per, sym, &mut b);
+    let at = |i: usize| t.times_s.get(i).copied().unwrap_or(0.0);
+    b.finish(
+        p,
+        format!(
+            "growth after warm-up, from {:.1} s to {:.1} s: live blocks and bytes gained",
+            at(w),
+            at(end)
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -351,6 +351,10 @@ pub struct ProcReport {
     /// made only when one is asked for.
     #[serde(skip)]
     pub profile: Option<crate::profile::Profile>,
+    /// What each callsite gained after warm-up, as a profile (the HTML report's second flame
+    /// graph), made only for `--html` on a trace with epochs.
+    #[serde(skip)]
+    pub growth_profile: Option<crate::profile::Profile>,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -776,6 +780,7 @@ pub fn build_with(
         growth,
         warnings,
         profile: None,
+        growth_profile: None,
     }
 }
 

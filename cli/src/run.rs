@@ -26,7 +26,16 @@ use crate::RunArgs;
 
 const LIB: &str = "libleakhunt.so";
 
-/// The preload library: `--preload`, `$LEAKHUNT_PRELOAD`, or next to this executable.
+/// Where the preload library is looked for beside this executable, in order: next to it (as
+/// built: `target/release`), then `../lib/leakhunt/` from its directory (as `scripts/install`
+/// lays it out: `PREFIX/bin/leakhunt`, `PREFIX/lib/leakhunt/libleakhunt.so`).
+pub fn preload_candidates(exe: &Path) -> Vec<PathBuf> {
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    vec![dir.join(LIB), dir.join("../lib/leakhunt").join(LIB)]
+}
+
+/// The preload library: `--preload`, `$LEAKHUNT_PRELOAD`, or beside this executable
+/// ([`preload_candidates`]).
 fn find_preload(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         if !p.is_file() {
@@ -42,14 +51,19 @@ fn find_preload(explicit: Option<&Path>) -> Result<PathBuf> {
         return Ok(std::fs::canonicalize(p)?);
     }
     let exe = std::env::current_exe().context("cannot locate the leakhunt executable")?;
-    let p = exe.with_file_name(LIB);
-    if !p.is_file() {
-        bail!(
-            "cannot find {LIB} next to {} (build it with `cargo build --release`, or pass --preload PATH)",
-            exe.display()
-        );
+    let candidates = preload_candidates(&exe);
+    match candidates.iter().find(|p| p.is_file()) {
+        Some(p) => Ok(std::fs::canonicalize(p)?),
+        None => bail!(
+            "cannot find {LIB} beside {}: looked for {} (build it with `cargo build --release`, install both with `scripts/install`, or pass --preload PATH)",
+            exe.display(),
+            candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ),
     }
-    Ok(p)
 }
 
 fn private_dir(base: PathBuf) -> Result<PathBuf> {
@@ -515,9 +529,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
             s.process.warnings.extend(refused.iter().cloned());
         }
         let mut r = report::build_with(&s.process, exit, a.out.warmup_s(), &mut sym);
-        if a.out.exports.targets().any() {
-            r.profile = Some(leakhunt::profile::at_exit(&s.process, &mut sym));
-        }
+        a.out.add_profiles(&s.process, &mut r, &mut sym);
         procs.push(r);
     }
     if skipped > 0 {

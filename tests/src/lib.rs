@@ -619,3 +619,85 @@ pub fn remove_jit_files(pid: &Value) {
         }
     }
 }
+
+/// Debian's Chromium (`chromium`, or `chromium-browser` elsewhere): the HTML report's tests open
+/// the page in it, headless.
+pub fn chromium_bin() -> &'static str {
+    ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|b| Command::new(b).arg("--version").output().is_ok())
+        .expect("Debian's chromium is needed for the HTML tests (scripts/test installs it)")
+}
+
+/// Headless Chromium's flags for a page that must need no network: none is used, names resolve
+/// to nothing.
+const CHROMIUM_FLAGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--window-size=1200,1000",
+    "--enable-logging=stderr",
+    "--v=0",
+];
+
+/// Chromium run headless on `page` with `extra` flags, with no network at all where a network
+/// namespace can be had (`unshare -n`), with the resolver rule alone otherwise.
+pub fn chromium(page: &Path, extra: &[&str]) -> Output {
+    let bin = chromium_bin();
+    let url = format!("file://{}", page.display());
+    Command::new("unshare")
+        .arg("-n")
+        .arg(bin)
+        .args(CHROMIUM_FLAGS)
+        .args(extra)
+        .arg(&url)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .unwrap_or_else(|| {
+            Command::new(bin)
+                .args(CHROMIUM_FLAGS)
+                .args(extra)
+                .arg(&url)
+                .output()
+                .unwrap()
+        })
+}
+
+/// The DOM of `page` once loaded (its scripts run, `load` handlers included), and the console
+/// messages Chromium logged.
+pub fn chromium_dom(page: &Path) -> (String, String) {
+    let out = chromium(page, &["--dump-dom"]);
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    let console = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.contains("CONSOLE"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (dom, console)
+}
+
+/// The value of attribute `name` of the first element that has it in `dom` (an HTML
+/// serialisation), its entities decoded.
+pub fn dom_attr(dom: &str, name: &str) -> Option<String> {
+    let v = dom
+        .split(&format!(" {name}=\""))
+        .nth(1)?
+        .split('"')
+        .next()?;
+    Some(
+        v.replace("&quot;", "\"")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&#39;", "'")
+            .replace("&nbsp;", "\u{a0}")
+            .replace("&amp;", "&"),
+    )
+}
+
+/// A screenshot (PNG) of `page` once loaded, into `png`.
+pub fn chromium_screenshot(page: &Path, png: &Path) {
+    chromium(page, &[&format!("--screenshot={}", png.display())]);
+}
