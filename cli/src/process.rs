@@ -186,16 +186,19 @@ impl EarlyNops {
         Some(!had)
     }
 
-    /// Whether `seq` (at or above the next expected, inside the window) is noted.
+    /// Whether `seq` is noted, `next` the next number expected (a number beyond the window
+    /// never is: its bit is another number's).
     #[inline]
-    fn has(&self, seq: u64) -> bool {
-        self.len > 0 && self.bits[(seq % NOP_WINDOW / 64) as usize] >> (seq % 64) & 1 != 0
+    fn has(&self, seq: u64, next: u64) -> bool {
+        self.len > 0
+            && seq.wrapping_sub(next) < NOP_WINDOW
+            && self.bits[(seq % NOP_WINDOW / 64) as usize] >> (seq % 64) & 1 != 0
     }
 
     /// Takes `seq` (the next expected) if noted.
     #[inline]
     fn take(&mut self, seq: u64) -> bool {
-        if !self.has(seq) {
+        if !self.has(seq, seq) {
             return false;
         }
         self.bits[(seq % NOP_WINDOW / 64) as usize] &= !(1 << (seq % 64));
@@ -769,7 +772,9 @@ impl Process {
                 }
             };
             if seq.is_some_and(|q| {
-                q < self.next_seq || self.pending.contains(q) || self.early_nops.has(q)
+                q < self.next_seq
+                    || self.pending.contains(q)
+                    || self.early_nops.has(q, self.next_seq)
             }) {
                 content = None;
                 continue;
@@ -1234,7 +1239,7 @@ impl Process {
             offset,
             what: format!("event sequence number {seq} appears twice"),
         };
-        if seq < self.next_seq || self.early_nops.has(seq) {
+        if seq < self.next_seq || self.early_nops.has(seq, self.next_seq) {
             return Err(twice(seq));
         }
         if seq != self.next_seq {
@@ -2052,7 +2057,9 @@ mod tests {
         }
         assert_eq!(e.put(next + 9, next), Some(false), "noted twice");
         assert_eq!(e.put(next + NOP_WINDOW, next), None, "beyond the window");
-        assert!(e.has(next + 20) && !e.has(next + 21));
+        assert!(e.has(next + 20, next) && !e.has(next + 21, next));
+        // A number a window above a noted one is not noted.
+        assert!(!e.has(next + 20 + NOP_WINDOW, next));
         let mut got = vec![];
         let mut at = next;
         while let Some(s) = e.first_from(at) {
