@@ -1103,3 +1103,36 @@ fn the_program_sees_one_descriptor_of_leakhunts_high_and_close_on_exec() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// A program that writes junk into leakhunt's own descriptor: the CLI finds the stream corrupt
+/// and reads no more of it. The program must still run to its end (it used to block for good
+/// once the unread socket filled), the tracer says that recording stopped, and the report says
+/// where the trace broke.
+#[test]
+fn a_stream_the_cli_cannot_read_never_holds_the_program_up() {
+    let exe = fixture("scribble.c");
+    let mut child = Command::new(leakhunt())
+        .args(["run", "--"])
+        .arg(&exe)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the program was held up: still running after 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("corrupt trace at byte offset") && err.contains("recording stopped"),
+        "{err}"
+    );
+    assert!(err.contains("EVENTS LOST: unknown"), "{err}");
+}

@@ -344,7 +344,16 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
                 p.on_reach = Some(scanner.into_hook());
             }
             let missing = acc.source.missing.clone();
+            let conn = acc.source.replies.clone();
             let (process, error) = Process::read_stream_with(p, acc.source);
+            if error.is_some() {
+                // Nothing reads this stream any more: its process must not block writing into
+                // it (the heap scan's reply handle keeps the connection open). Shut, its writes
+                // fail and the tracer says what it could not record; the program runs on.
+                if let Some(c) = conn.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                }
+            }
             let _ = tx.send(Stream {
                 process,
                 error,
