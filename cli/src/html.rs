@@ -323,11 +323,18 @@ struct Row<'a> {
 fn rows(p: &ProcReport) -> Vec<Row<'_>> {
     let mut slot: rustc_hash::FxHashMap<u32, usize> = Default::default();
     let mut out: Vec<Row> = Vec::new();
-    for e in &p.growth {
-        let i = *slot.entry(e.site).or_insert_with(|| {
+    // The row of callsite `site`, made empty at its first mention.
+    fn row<'a>(
+        out: &mut Vec<Row<'a>>,
+        slot: &mut rustc_hash::FxHashMap<u32, usize>,
+        site: u32,
+        callsite: u32,
+        stack: &'a [Frame],
+    ) -> usize {
+        *slot.entry(site).or_insert_with(|| {
             out.push(Row {
-                callsite: e.callsite,
-                stack: &e.stack,
+                callsite,
+                stack,
                 verdict: None,
                 growth: 0,
                 slope: 0.0,
@@ -336,26 +343,17 @@ fn rows(p: &ProcReport) -> Vec<Row<'_>> {
                 kinds: Vec::new(),
             });
             out.len() - 1
-        });
+        })
+    }
+    for e in &p.growth {
+        let i = row(&mut out, &mut slot, e.site, e.callsite, &e.stack);
         let r = &mut out[i];
         r.verdict = Some(e.verdict);
         r.growth = r.growth.saturating_add(e.delta_bytes);
         r.slope += e.slope_bytes_per_s;
     }
     for l in &p.leaks {
-        let i = *slot.entry(l.site).or_insert_with(|| {
-            out.push(Row {
-                callsite: l.callsite,
-                stack: &l.stack,
-                verdict: None,
-                growth: 0,
-                slope: 0.0,
-                bytes: 0,
-                blocks: 0,
-                kinds: Vec::new(),
-            });
-            out.len() - 1
-        });
+        let i = row(&mut out, &mut slot, l.site, l.callsite, &l.stack);
         let r = &mut out[i];
         r.bytes = r.bytes.saturating_add(l.bytes);
         r.blocks = r.blocks.saturating_add(l.blocks);
