@@ -2047,6 +2047,13 @@ mod tests {
         (whole, elided, n_elided)
     }
 
+    /// The items in order (figures compared whatever order the maps kept them in).
+    fn sorted<T: Ord>(it: impl Iterator<Item = T>) -> Vec<T> {
+        let mut v: Vec<T> = it.collect();
+        v.sort_unstable();
+        v
+    }
+
     #[test]
     fn early_nops_are_found_in_order_across_the_windows_wrap() {
         let mut e = EarlyNops::default();
@@ -2123,19 +2130,14 @@ mod tests {
                 for stack in 1..=6 {
                     assert_eq!(p.growth.of(stack), one.growth.of(stack), "stack {stack}");
                 }
-                let mut a: Vec<_> = p.probe_born.iter().collect();
-                let mut b: Vec<_> = one.probe_born.iter().collect();
-                a.sort_unstable();
-                b.sort_unstable();
-                assert_eq!(a, b);
+                assert_eq!(sorted(p.probe_born.iter()), sorted(one.probe_born.iter()));
                 // Allocations between the probe's boundaries, per stack: the same whichever way
                 // the events came (elided pairs too), and adding up to the process's count
                 // between those boundaries.
-                let mut a: Vec<_> = p.probe_allocs.iter().collect();
-                let mut b: Vec<_> = one.probe_allocs.iter().collect();
-                a.sort_unstable();
-                b.sort_unstable();
-                assert_eq!(a, b);
+                assert_eq!(
+                    sorted(p.probe_allocs.iter()),
+                    sorted(one.probe_allocs.iter())
+                );
                 let at = |i: u32| {
                     let b = p.growth.boundaries.iter().find(|b| b.index == i).unwrap();
                     b.allocs
@@ -2143,11 +2145,8 @@ mod tests {
                 let made: u64 = p.probe_allocs.values().map(|v| v.0).sum();
                 assert!(made > 0);
                 assert_eq!(made, at(5) - at(2));
-                let mut a: Vec<_> = p.growth.alloc_totals().collect();
-                let mut b: Vec<_> = one.growth.alloc_totals().collect();
-                a.sort_unstable();
-                b.sort_unstable();
-                assert_eq!(a, b);
+                let a = sorted(p.growth.alloc_totals());
+                assert_eq!(a, sorted(one.growth.alloc_totals()));
                 assert_eq!(a.iter().map(|x| x.2).sum::<u64>(), p.totals.bytes_allocated);
             }
         }
@@ -2185,21 +2184,19 @@ mod tests {
             assert_eq!(t(&a), t(&b));
             assert!(a.totals.unknown_frees > 0);
             assert_eq!((a.gaps, b.gaps), (0, 0));
-            let mut la: Vec<_> = a.live.iter().map(|(k, v)| (k, v.size, v.stack)).collect();
-            let mut lb: Vec<_> = b.live.iter().map(|(k, v)| (k, v.size, v.stack)).collect();
-            la.sort_unstable();
-            lb.sort_unstable();
-            assert_eq!(la, lb);
+            assert_eq!(
+                sorted(a.live.iter().map(|(k, v)| (k, v.size, v.stack))),
+                sorted(b.live.iter().map(|(k, v)| (k, v.size, v.stack)))
+            );
             assert!(a.growth.boundaries.len() > 3);
             assert_eq!(a.growth.boundaries, b.growth.boundaries);
             for stack in 1..=6 {
                 assert_eq!(a.growth.of(stack), b.growth.of(stack), "stack {stack}");
             }
-            let mut aa: Vec<_> = a.growth.allocs_by_stack().collect();
-            let mut ab: Vec<_> = b.growth.allocs_by_stack().collect();
-            aa.sort_unstable();
-            ab.sort_unstable();
-            assert_eq!(aa, ab);
+            assert_eq!(
+                sorted(a.growth.allocs_by_stack()),
+                sorted(b.growth.allocs_by_stack())
+            );
         }
     }
 
