@@ -623,7 +623,8 @@ fn wait_for_program(pid: u32) -> std::io::Result<std::process::ExitStatus> {
 struct Prefetch {
     tx: crossbeam_channel::Sender<(String, Vec<u8>)>,
     lib: PathBuf,
-    stop: Arc<AtomicBool>,
+    /// Dropped to stop the thread (it blocks on both channels; nothing polls).
+    stop: Option<crossbeam_channel::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Symbolizer>>,
 }
 
@@ -648,17 +649,18 @@ impl PrefetchSender {
 impl Prefetch {
     fn start(lib: PathBuf) -> Prefetch {
         let (tx, rx) = crossbeam_channel::unbounded::<(String, Vec<u8>)>();
-        let stop = Arc::new(AtomicBool::new(false));
-        let halt = stop.clone();
+        let (stop, halt) = crossbeam_channel::bounded::<()>(0);
         let thread = std::thread::Builder::new()
             .name("leakhunt-prefetch".into())
             .spawn(move || {
                 let mut sym = Symbolizer::new();
-                while !halt.load(Ordering::Acquire) {
-                    match rx.recv_timeout(Duration::from_millis(20)) {
-                        Ok((path, id)) => sym.prefetch(&path, &id),
-                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                loop {
+                    crossbeam_channel::select! {
+                        recv(rx) -> m => match m {
+                            Ok((path, id)) => sym.prefetch(&path, &id),
+                            Err(_) => break,
+                        },
+                        recv(halt) -> _ => break,
                     }
                 }
                 sym
@@ -667,7 +669,7 @@ impl Prefetch {
         Prefetch {
             tx,
             lib,
-            stop,
+            stop: Some(stop),
             thread,
         }
     }
@@ -682,7 +684,7 @@ impl Prefetch {
     /// The symbolizer with what was loaded so far (what is still queued is loaded when the
     /// report looks it up).
     fn finish(mut self) -> Symbolizer {
-        self.stop.store(true, Ordering::Release);
+        drop(self.stop.take());
         self.thread
             .take()
             .and_then(|t| t.join().ok())

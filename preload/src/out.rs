@@ -719,10 +719,10 @@ fn drain_all() {
             let room = unsafe {
                 core::slice::from_raw_parts_mut(o.foreign.cast::<compact::FreeSeen>(), FOREIGN_ROOM)
             };
-            // As many entries as slots cut (frees numbered from the cut on cannot fall inside
-            // a pair cut here, and are left out; a view that fills up is not used).
-            // Numbers from well below the floor: a thread may publish an event numbered below
-            // it (it took the number before an earlier drain, and was descheduled).
+            // As many entries as slots cut: frees numbered from the cut on cannot fall inside a
+            // pair cut here and are left out, and a view that fills up is not used. Numbers
+            // count from well below the floor: a thread may publish an event numbered below it
+            // (it took the number before an earlier drain, and was descheduled).
             let base = floor.saturating_sub(1 << 31);
             view = compact::Foreign::new(room, total as usize, base, cut_seq, o.foreign_gen);
             let mut whole = view.is_some();
