@@ -123,13 +123,16 @@ fn matrix(c: &Case) -> (Outcome, Value, Value) {
     settle(c, &d0);
     let plain = outcome(o.status, &o.stdout, &o.stderr, &d0);
 
-    // The preload alone, its trace outside the program's directory.
+    // The preload alone, its trace outside the program's directory; its heap scan's helper
+    // starts as soon as the trace passes 1 KiB and the writer thread writes (with the program
+    // all the while, where it runs that long).
     let d1 = fresh(&format!("{}-preload", c.name));
     let traces = fresh(&format!("{}-traces", c.name));
     let trace = traces.join("t.trace");
     let o = base(&d1)
         .env("LD_PRELOAD", preload())
         .env("LEAKHUNT_OUT", &trace)
+        .env("LEAKHUNT_HELPER_EARLY_KB", "1")
         .envs(c.preload_env.iter().copied())
         .output()
         .unwrap();
@@ -563,6 +566,33 @@ fn the_scan_at_exit_without_the_cli_is_invisible_to_the_program() {
         );
         assert_eq!(kinds.len(), 2, "{what}: {kinds:?}");
     }
+}
+
+/// The heap scan's helper started early (the preload alone) ends with its program, however the
+/// program ends: killed, it leaves nothing running.
+#[test]
+fn the_helper_started_early_ends_when_its_program_is_killed() {
+    let exe = fixture("snapscan.c");
+    let dir = fresh("early-killed");
+    let mut child = Command::new(&exe)
+        .arg(&dir)
+        .env("LD_PRELOAD", preload())
+        .env("LEAKHUNT_OUT", dir.join("t.trace"))
+        .env("LEAKHUNT_HELPER_EARLY_KB", "1")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_for(|| early_helper_of(child.id()).is_some()));
+    let helper = early_helper_of(child.id()).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Gone, or a zombie its new parent has yet to reap.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{helper}/stat"))
+            .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+    };
+    assert!(wait_for(|| !running()), "the helper outlived its program");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -356,11 +356,13 @@ fn a_dead_cli_an_unwritable_or_a_full_trace_never_stops_the_program() {
 
 /// `leakhunt snapshot PID --reachability`: the blocks live at that point, sorted into memcheck's
 /// kinds while the program's threads are held, under `leakhunt run` and under the preload alone
-/// (through its helper); the exit's scan is its own.
+/// (through its helper: started for the scan, or, in `preload-early`, started as the trace
+/// passed 1 KiB, which answers the snapshot's scan and then the exit's); the exit's scan is its
+/// own.
 #[test]
 fn a_snapshot_scans_the_heap_of_the_running_process() {
     let exe = fixture("snapscan.c");
-    for mode in ["run", "preload"] {
+    for mode in ["run", "preload", "preload-early"] {
         let dir = workspace().join(format!(
             "target/test-scratch/snapscan-{mode}-{}",
             std::process::id()
@@ -378,7 +380,12 @@ fn a_snapshot_scans_the_heap_of_the_running_process() {
             c
         } else {
             let mut c = Command::new(&exe);
-            c.env("LD_PRELOAD", preload()).env("LEAKHUNT_OUT", &trace);
+            c.env("LD_PRELOAD", preload())
+                .env("LEAKHUNT_OUT", &trace)
+                .env(
+                    "LEAKHUNT_HELPER_EARLY_KB",
+                    if mode == "preload" { "0" } else { "1" },
+                );
             c
         };
         let child = cmd
@@ -403,6 +410,17 @@ fn a_snapshot_scans_the_heap_of_the_running_process() {
         } else {
             child.id().to_string()
         };
+        // The helper started early is there before the snapshot, and only in that mode.
+        let helper = || early_helper_of(pid.parse().unwrap());
+        if mode == "preload-early" {
+            assert!(
+                wait_for(|| helper().is_some()),
+                "{mode}: no helper started early"
+            );
+        } else {
+            assert_eq!(helper(), None, "{mode}");
+        }
+        let before = helper();
         let s = Command::new(leakhunt())
             .args(["snapshot", &pid, "--name", "mid", "--reachability"])
             .output()
@@ -412,9 +430,12 @@ fn a_snapshot_scans_the_heap_of_the_running_process() {
             "{mode}: {}",
             String::from_utf8_lossy(&s.stderr)
         );
+        // It answered the snapshot's scan and stays for the exit's (then it ends).
+        assert_eq!(helper(), before, "{mode}");
         std::fs::write(dir.join("go"), "").unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "{mode}");
+        assert!(wait_for(|| helper().is_none()), "{mode}: the helper stays");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n", "{mode}");
         let report: serde_json::Value = if mode == "run" {
             serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()

@@ -293,48 +293,64 @@ fn forked_children_are_followed_and_match_memcheck() {
         parent.contains(&("definitely_lost".into(), 96, 0, 1, line("FKK_PARENT_LATE"))),
         "{parent:?}"
     );
-    // The preload alone: the child's trace is TRACE.<pid>, and its heap scan at exit (the
-    // helper, reading the parent's trace beside the child's) gives the same records.
-    let trace = dir.join("p.trace");
-    let o = std::process::Command::new(&exe)
-        .env("LD_PRELOAD", preload())
-        .env("LEAKHUNT_OUT", &trace)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(0));
-    assert!(
-        o.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let mut traces: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().contains("p.trace"))
-        .collect();
-    traces.sort();
-    assert_eq!(traces.len(), 2, "{traces:?}");
-    let (_, rep) = report(&traces.iter().map(|p| p.as_path()).collect::<Vec<_>>());
-    let alone: Vec<Vec<_>> = rep["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            let mut v: Vec<_> = records(p)
-                .into_iter()
-                .filter(|l| l.frames.first().is_some_and(|f| f.1 == "fork_kinds.c"))
-                .map(|l| key(&l))
-                .collect();
-            v.sort();
-            v
-        })
-        .collect();
     let mut lh_keys: Vec<Vec<_>> = lh.iter().map(|v| v.iter().map(key).collect()).collect();
     for v in &mut lh_keys {
         v.sort();
     }
-    assert_eq!(alone, lh_keys);
+    // The preload alone: the child's trace is TRACE.<pid>, and its heap scan at exit (the
+    // helper, reading the parent's trace beside the child's) gives the same records. Also when
+    // the parent's helper started early, before the fork (the parent sleeps until it has): the
+    // child leaves it to the parent and starts its own.
+    for early in [false, true] {
+        let trace = dir.join(format!("p{early}.trace"));
+        let mut cmd = std::process::Command::new(&exe);
+        if early {
+            cmd.arg("1000").env("LEAKHUNT_HELPER_EARLY_KB", "1");
+        } else {
+            cmd.env("LEAKHUNT_HELPER_EARLY_KB", "0");
+        }
+        let child = cmd
+            .env("LD_PRELOAD", preload())
+            .env("LEAKHUNT_OUT", &trace)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        if early {
+            assert!(wait_for(|| early_helper_of(child.id()).is_some()));
+        }
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(0));
+        assert!(
+            o.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let mut traces: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().contains(&format!("p{early}.trace")))
+            .collect();
+        traces.sort();
+        assert_eq!(traces.len(), 2, "{traces:?}");
+        let (_, rep) = report(&traces.iter().map(|p| p.as_path()).collect::<Vec<_>>());
+        let alone: Vec<Vec<_>> = rep["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let mut v: Vec<_> = records(p)
+                    .into_iter()
+                    .filter(|l| l.frames.first().is_some_and(|f| f.1 == "fork_kinds.c"))
+                    .map(|l| key(&l))
+                    .collect();
+                v.sort();
+                v
+            })
+            .collect();
+        assert_eq!(alone, lh_keys, "early: {early}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

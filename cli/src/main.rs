@@ -96,6 +96,10 @@ enum Cmd {
         /// A fork child's parent's trace (where the inherited blocks are).
         #[arg(long)]
         parent_trace: Option<PathBuf>,
+        /// Started while the program runs: read the trace as it grows, answer every scan until
+        /// the one at exit, and stop past this many bytes of trace.
+        #[arg(long)]
+        early_limit: Option<u64>,
     },
 }
 
@@ -1062,12 +1066,14 @@ fn main() -> ExitCode {
             answered,
             lib,
             parent_trace,
+            early_limit,
         } => leakhunt::reach_helper::run(
             trace.clone(),
             *pid,
             *answered,
             lib.clone(),
             parent_trace.clone(),
+            *early_limit,
         )
         .map(|()| ExitCode::SUCCESS),
         Cmd::CompareValgrind { memcheck, leakhunt } => (|| {

@@ -22,22 +22,75 @@ use crate::process::{ForkBook, Process};
 use crate::scan::Scanner;
 
 /// How long the trace may stay without growing before the helper gives up (the process writes
-/// its records within milliseconds of each reply).
+/// its records within milliseconds of each reply), unless it was started early: then it waits
+/// as long as the process lives.
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// Reads a file that another process is still writing: at its end, waits for more until `done`.
+/// Reads a file that another process is still writing: at its end, waits for more until `done`,
+/// or until the process closes its end of `sock` (it ended, or took the descriptor). A byte on
+/// `sock` says the process wrote a record the helper waits for: it reads on at once.
 struct Tail {
     file: std::fs::File,
     done: Arc<AtomicBool>,
     quiet_since: Option<Instant>,
+    sock: Option<UnixStream>,
+    /// Started early: no patience limit while the process lives.
+    early: bool,
+    /// Bytes past which it reads no more, and read so far.
+    limit: u64,
+    read: u64,
+}
+
+impl Tail {
+    fn new(file: std::fs::File, done: Arc<AtomicBool>) -> Tail {
+        Tail {
+            file,
+            done,
+            quiet_since: None,
+            sock: None,
+            early: false,
+            limit: u64::MAX,
+            read: 0,
+        }
+    }
+
+    /// Waits up to `wait` for a word from the process; false when it is gone.
+    fn wait(&mut self, wait: Duration) -> bool {
+        let Some(sock) = &self.sock else {
+            std::thread::sleep(wait);
+            return true;
+        };
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::new(sock, PollFlags::IN)];
+        let t = Timespec {
+            tv_sec: wait.as_secs() as _,
+            tv_nsec: wait.subsec_nanos() as _,
+        };
+        if !matches!(poll(&mut fds, Some(&t)), Ok(n) if n > 0) {
+            return true;
+        }
+        let mut b = [0u8; 64];
+        match (&*sock).read(&mut b) {
+            Ok(0) => false,
+            Ok(_) => true,
+            Err(e) => matches!(
+                e.kind(),
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+            ),
+        }
+    }
 }
 
 impl Read for Tail {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         loop {
+            if self.read >= self.limit {
+                return Ok(0);
+            }
             let n = self.file.read(buf)?;
             if n > 0 {
                 self.quiet_since = None;
+                self.read += n as u64;
                 return Ok(n);
             }
             if self.done.load(Ordering::Acquire) {
@@ -45,12 +98,20 @@ impl Read for Tail {
             }
             let since = *self.quiet_since.get_or_insert_with(Instant::now);
             let quiet = since.elapsed();
-            if quiet > PATIENCE {
+            if quiet > PATIENCE && !self.early {
                 return Ok(0);
             }
             // The process writes its next records within microseconds of a reply while it
-            // waits in its exit path: look again soon at first, then every millisecond.
-            std::thread::sleep(quiet.clamp(Duration::from_micros(50), Duration::from_millis(1)));
+            // waits in its exit path (and says so on the socket): look again soon at first,
+            // then every millisecond, or every 100 ms while a program started early runs.
+            let most = if self.early && self.sock.is_some() {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_millis(1)
+            };
+            if !self.wait((quiet / 4).clamp(Duration::from_micros(50), most)) {
+                return Ok(0);
+            }
         }
     }
 }
@@ -62,12 +123,17 @@ impl Read for Tail {
 /// `parent`: a fork child's parent's trace file: read beside the child's, so that the child's
 /// scan knows the blocks it inherited at the fork (the parent's fork point, through a
 /// [`ForkBook`] as under `leakhunt run`).
+///
+/// `early_limit`: started while the program runs (once its trace passed a size): it reads the
+/// trace as it grows, answers every scan asked for (snapshots') until the one at exit, and
+/// stops past this many bytes, past which the process does not ask at exit.
 pub fn run(
     trace: PathBuf,
     pid: u32,
     answered: u32,
     lib: Option<PathBuf>,
     parent: Option<PathBuf>,
+    early_limit: Option<u64>,
 ) -> anyhow::Result<()> {
     let sock = UnixStream::from(std::io::stdin().as_fd().try_clone_to_owned()?);
     if rustix::net::sockopt::socket_peercred(&sock).is_err() {
@@ -84,14 +150,7 @@ pub fn run(
         std::thread::spawn(move || {
             let mut pp = Process::new();
             pp.fork_book = Some(book);
-            let _ = Process::read_stream_with(
-                pp,
-                Tail {
-                    file: parent,
-                    done,
-                    quiet_since: None,
-                },
-            );
+            let _ = Process::read_stream_with(pp, Tail::new(parent, done));
         });
     }
     let mut scanner = Scanner::new(
@@ -104,6 +163,13 @@ pub fn run(
     .into_hook();
     let finished = done.clone();
     let mut asks = 0;
+    let early = early_limit.is_some();
+    if early {
+        // Reading beside the running program, it yields to it (and to its writer thread, whose
+        // delay would hold the program up) where they compete for a core; at exit the program
+        // waits, and what is left to read is the little written since.
+        let _ = rustix::process::setpriority_process(None, 10);
+    }
     p.on_reach = Some(Box::new(move |p: &Process, r: &reach::Request| {
         if r.phase == reach::ASK {
             asks += 1;
@@ -112,18 +178,16 @@ pub fn run(
             return;
         }
         scanner(p, r);
-        if r.phase == reach::READY {
+        // Started early, it goes on after a snapshot's scan.
+        if r.phase == reach::READY && !(early && r.snapshot) {
             finished.store(true, Ordering::Release);
         }
     }));
-    let (_p, _err) = Process::read_stream_with(
-        p,
-        Tail {
-            file,
-            done: done.clone(),
-            quiet_since: None,
-        },
-    );
+    let mut tail = Tail::new(file, done.clone());
+    tail.sock = Some(sock.try_clone()?);
+    tail.early = early;
+    tail.limit = early_limit.unwrap_or(u64::MAX);
+    let (_p, _err) = Process::read_stream_with(p, tail);
     // The outcome goes out from a thread of the scanner's: the process closes its end once it
     // has read it all.
     if done.load(Ordering::Acquire) {

@@ -55,6 +55,9 @@ pub struct Config {
     pub pre_exit_scan: bool,
     /// With the preload alone, the largest trace (bytes) the scan at exit reads unasked.
     pub reach_limit: u64,
+    /// With the preload alone, the trace size (bytes) at which the scan's helper starts, to read
+    /// the trace as it grows rather than all of it at exit (`u64::MAX`: only at exit).
+    pub helper_early: u64,
     /// Nanoseconds between epoch boundaries (0: none).
     pub epoch_ns: u64,
     /// Nanoseconds between automatic snapshots (0: none).
@@ -79,6 +82,7 @@ static mut CONFIG: Config = Config {
     reach_forced: false,
     pre_exit_scan: false,
     reach_limit: 256 << 20,
+    helper_early: 256 << 10,
     epoch_ns: 1_000_000_000,
     snapshot_ns: 0,
 };
@@ -145,6 +149,15 @@ pub fn load() {
             env(c"LEAKHUNT_REACH_LIMIT_MB").and_then(|s| s.to_str().ok()?.parse::<u64>().ok())
         {
             c.reach_limit = mb.saturating_mul(1 << 20);
+        }
+        if let Some(kb) =
+            env(c"LEAKHUNT_HELPER_EARLY_KB").and_then(|s| s.to_str().ok()?.parse::<u64>().ok())
+        {
+            c.helper_early = if kb == 0 {
+                u64::MAX
+            } else {
+                kb.saturating_mul(1 << 10)
+            };
         }
         c.unwind_reuse = env(c"LEAKHUNT_UNWIND_REUSE").is_none_or(|s| s.to_bytes() != b"0");
         c.python = env(c"LEAKHUNT_PYTHON").is_none_or(|s| s.to_bytes() != b"0");

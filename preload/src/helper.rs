@@ -138,13 +138,18 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
 }
 
 /// The helper, started: its pid and our end of the socket pair (a high descriptor,
-/// close-on-exec). `None` (and a word on stderr) when it cannot be.
+/// close-on-exec). `None` (and a word on stderr unless `quiet`) when it cannot be.
 /// `parent`: a fork child's parent's trace file, where the helper finds the inherited blocks.
+/// `early`: started while the program runs (see `out::start_early_helper`): the helper reads the
+/// trace as it grows, answers every scan the trace asks for until the one at exit, and stops
+/// reading past `limit` bytes of trace.
 pub fn spawn(
     trace: &[u8],
     pid: u32,
     answered: u32,
     parent: Option<&[u8]>,
+    early: Option<u64>,
+    quiet: bool,
 ) -> Option<(libc::pid_t, c_int)> {
     // SAFETY: read-only after `note_paths`.
     let (helper, lib) = unsafe { (&*core::ptr::addr_of!(HELPER), &*core::ptr::addr_of!(LIB)) };
@@ -157,13 +162,18 @@ pub fn spawn(
     // SAFETY: PR_GET_CHILD_SUBREAPER writes an int.
     unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut reaper as *mut c_int) };
     if reaper != 0 || pid == 1 {
-        crate::sys::diag(
-            "no heap scan at exit: this process adopts orphans (a subreaper or pid 1)",
-        );
+        if !quiet {
+            crate::sys::diag(
+                "no heap scan at exit: this process adopts orphans (a subreaper or pid 1)",
+            );
+        }
         return None;
     }
     // SAFETY: access(2) on a NUL-terminated path.
     if unsafe { libc::access(helper.as_ptr().cast(), libc::X_OK) } != 0 {
+        if quiet {
+            return None;
+        }
         let mut msg = [0u8; 200];
         let path = &helper[..helper.iter().position(|&b| b == 0).unwrap_or(0)];
         let mut n = 0;
@@ -213,8 +223,17 @@ pub fn spawn(
         Some(p) => (c"--parent-trace".as_ptr(), p.as_ptr().cast()),
         None => (null, null),
     };
+    let mut limit_digits = [0u8; 21];
+    let (early_flag, limit_arg) = match early {
+        Some(limit) => {
+            let d = crate::sys::fmt_u64(&mut digits, limit);
+            limit_digits[..d.len()].copy_from_slice(d);
+            (c"--early-limit".as_ptr(), limit_digits.as_ptr().cast())
+        }
+        None => (null, null),
+    };
     // (A null ends the list: the optional pairs go last, the present ones first.)
-    let mut argv: [*const c_char; 13] = [
+    let mut argv: [*const c_char; 15] = [
         helper.as_ptr().cast(),
         c"reach-helper".as_ptr(),
         c"--trace".as_ptr(),
@@ -228,9 +247,15 @@ pub fn spawn(
         null,
         null,
         null,
+        null,
+        null,
     ];
     let mut at = 8;
-    for (flag, arg) in [(lib_flag, lib_arg), (parent_flag, parent_arg)] {
+    for (flag, arg) in [
+        (lib_flag, lib_arg),
+        (parent_flag, parent_arg),
+        (early_flag, limit_arg),
+    ] {
         if !flag.is_null() {
             argv[at] = flag;
             argv[at + 1] = arg;
@@ -298,6 +323,32 @@ pub fn spawn(
 /// Closes our end: the helper, which is not our child, ends when it sees that.
 pub fn finish(_helper: libc::pid_t, ours: c_int) {
     close(ours);
+}
+
+/// Whether the helper closed its end (it ended).
+pub fn gone(ours: c_int) -> bool {
+    let mut p = libc::pollfd {
+        fd: ours,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd of ours, no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// Tells the helper that the trace has grown by a record it waits for (a scan's), so that it
+/// reads it now rather than at its next look. A full socket or a gone helper is no matter.
+pub fn wake(ours: c_int) {
+    // SAFETY: one byte from a local into our own socket, non-blocking, with no SIGPIPE.
+    unsafe {
+        libc::send(
+            ours,
+            b"w".as_ptr().cast(),
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
 }
 
 fn close(fd: c_int) {

@@ -80,6 +80,10 @@ struct Out {
     adopted: bool,
     /// This image is a traced child (fork or raw clone): a fixed trace name gets `.<pid>`.
     child: bool,
+    /// The heap scan's helper started while the program runs (`start_early_helper`): its pid,
+    /// our end of its socket and what that end is. `early_tried`: started, or given up.
+    early: Option<(libc::pid_t, i32, fds::Ident)>,
+    early_tried: bool,
 }
 
 const PATH_LEN: usize = 4200;
@@ -111,6 +115,8 @@ static mut OUT: Out = Out {
     forked: None,
     adopted: false,
     child: false,
+    early: None,
+    early_tried: false,
 };
 
 const MAX_BOUNDS: usize = 16;
@@ -645,7 +651,10 @@ fn write_buf() {
     let r = write_all(data);
     o.len = 0;
     match r {
-        Ok(()) => ring::for_each(|r| r.delivered()),
+        Ok(()) => {
+            ring::for_each(|r| r.delivered());
+            start_early_helper(o);
+        }
         Err(e) => fail(e, "cannot write the trace"),
     }
 }
@@ -1109,6 +1118,18 @@ pub fn reach_scan(sp: u64, snapshot: bool, pre_exit: bool) {
     } else {
         flush_locked();
         write_buf();
+        let let_go = |early: Option<(libc::pid_t, i32, fds::Ident)>| {
+            if let Some((child, fd, _)) = early {
+                crate::helper::finish(child, fd);
+            }
+        };
+        // The helper started while the program ran, unless the program took its socket (it is
+        // gone then: its end closed with ours) or it ended (it stopped reading past the limit,
+        // or died: a new one is started).
+        let mut early = o.early.take().filter(|&(_, fd, id)| fds::is(fd, id));
+        if early.is_some_and(|(_, fd, _)| crate::helper::gone(fd)) {
+            let_go(early.take());
+        }
         // The helper reads the whole trace before it can scan, while the program waits to end:
         // past a size, only when asked for (a daemon's stop must not take minutes).
         // SAFETY: stat is plain data; fstat fills it.
@@ -1125,60 +1146,45 @@ pub fn reach_scan(sp: u64, snapshot: bool, pre_exit: bool) {
 unless set), which the scan would read before the program could end (LEAKHUNT_REACH=1 asks \
 for it anyway)",
             );
+            let_go(early);
             write_buf();
             return;
         }
-        // The helper runs as the user the process runs as now: it must be let read the trace
-        // and this process's memory (a worker that dropped root for `nobody` is not dumpable,
-        // and its trace is root's).
-        // SAFETY: PR_GET_DUMPABLE takes no pointer; faccessat reads a NUL-terminated path.
-        let (dumpable, readable) = unsafe {
-            (
-                // (root's helper may read any process's memory)
-                libc::prctl(libc::PR_GET_DUMPABLE) == 1 || libc::geteuid() == 0,
-                libc::faccessat(
-                    libc::AT_FDCWD,
-                    o.path.as_ptr().cast(),
-                    libc::R_OK,
-                    libc::AT_EACCESS,
-                ) == 0,
-            )
-        };
-        if !dumpable || !readable {
-            push_warning(if !dumpable {
-                b"no heap scan at exit: the process is not dumpable (it changed its user or \
-group, as a daemon's worker dropping root does, or asked not to be), so its helper may not read \
-its memory"
-                    .as_slice()
-            } else {
-                b"no heap scan at exit: the user the process runs as now cannot read its trace \
-(it changed its user), which the helper must read"
-                    .as_slice()
-            });
+        if let Some(why) = helper_denied(o) {
+            push_warning(why);
+            let_go(early);
             write_buf();
             return;
         }
-        let asked = REACH_ASKS.load(Ordering::Relaxed);
-        let parent = (o.forked.is_some() && o.parent_path[0] != 0).then_some(&o.parent_path[..]);
-        let Some((child, fd)) = crate::helper::spawn(&o.path, sys::getpid(), asked, parent) else {
-            push_warning(
-                b"no heap scan at exit: its helper (leakhunt reach-helper, next to the \
+        match early {
+            Some((child, fd, id)) => (fd, id, Some((child, true))),
+            None => {
+                let asked = REACH_ASKS.load(Ordering::Relaxed);
+                let parent =
+                    (o.forked.is_some() && o.parent_path[0] != 0).then_some(&o.parent_path[..]);
+                let Some((child, fd)) =
+                    crate::helper::spawn(&o.path, sys::getpid(), asked, parent, None, false)
+                else {
+                    push_warning(
+                        b"no heap scan at exit: its helper (leakhunt reach-helper, next to the \
 library or LEAKHUNT_CLI) could not be started",
-            );
-            write_buf();
-            return;
-        };
-        let Some(id) = fds::ident(fd) else {
-            crate::helper::finish(child, fd);
-            return;
-        };
-        (fd, id, Some(child))
+                    );
+                    write_buf();
+                    return;
+                };
+                let Some(id) = fds::ident(fd) else {
+                    crate::helper::finish(child, fd);
+                    return;
+                };
+                (fd, id, Some((child, false)))
+            }
+        }
     };
     // Every mapping of the tracer's own (two a thread's ring), sorted and merged, and the
     // request: in memory mapped once for every scan (a program's thousands of threads do not fit
     // a stack buffer; a range left out would be scanned as the program's roots).
     let Some((skip_ranges, body)) = reach_buffers() else {
-        if let Some(child) = helper {
+        if let Some((child, _)) = helper {
             crate::helper::finish(child, fd);
         }
         return;
@@ -1225,7 +1231,7 @@ library or LEAKHUNT_CLI) could not be started",
     };
     flush_locked();
     let Some(len) = reach::request_body(&request(reach::ASK), body) else {
-        if let Some(child) = helper {
+        if let Some((child, _)) = helper {
             crate::helper::finish(child, fd);
         }
         return;
@@ -1233,7 +1239,15 @@ library or LEAKHUNT_CLI) could not be started",
     push_sealed(tag::REACH, &[&body[..len]]);
     REACH_ASKS.fetch_add(1, Ordering::Relaxed);
     write_buf();
+    // A helper reads the trace file: told at once that the records it waits for are there.
+    let wake = || {
+        if helper.is_some() {
+            crate::helper::wake(fd);
+        }
+    };
+    wake();
     let mut chunk: *mut u8 = core::ptr::null_mut();
+    let mut answered = false;
     loop {
         if STATE.load(Ordering::Relaxed) != OPEN {
             break;
@@ -1249,6 +1263,7 @@ library or LEAKHUNT_CLI) could not be started",
                     push_sealed(tag::REACH, &[&body[..len]]);
                 }
                 write_buf();
+                wake();
             }
             reply::RESULT => {
                 let mut l = [0u8; 4];
@@ -1279,11 +1294,94 @@ library or LEAKHUNT_CLI) could not be started",
                 push_sealed(tag::REACH_RESULT, &[data]);
                 write_buf();
             }
+            reply::CONTINUE => {
+                answered = true;
+                break;
+            }
             _ => break,
         }
     }
-    if let Some(child) = helper {
-        crate::helper::finish(child, fd);
+    match helper {
+        // The helper started early stays for the scans to come, the one at exit last.
+        Some((child, true)) if answered && (snapshot || pre_exit) => {
+            o.early = Some((child, fd, id));
+        }
+        Some((child, _)) => crate::helper::finish(child, fd),
+        None => {}
+    }
+}
+
+/// Why the process may not have its heap scanned by a helper now, if it may not: the helper
+/// runs as the user the process runs as now, and must be let read the trace and this process's
+/// memory (a worker that dropped root for `nobody` is not dumpable, and its trace is root's).
+fn helper_denied(o: &Out) -> Option<&'static [u8]> {
+    // SAFETY: PR_GET_DUMPABLE takes no pointer; faccessat reads a NUL-terminated path.
+    let (dumpable, readable) = unsafe {
+        (
+            // (root's helper may read any process's memory)
+            libc::prctl(libc::PR_GET_DUMPABLE) == 1 || libc::geteuid() == 0,
+            libc::faccessat(
+                libc::AT_FDCWD,
+                o.path.as_ptr().cast(),
+                libc::R_OK,
+                libc::AT_EACCESS,
+            ) == 0,
+        )
+    };
+    if !dumpable {
+        Some(
+            b"no heap scan at exit: the process is not dumpable (it changed its user or \
+group, as a daemon's worker dropping root does, or asked not to be), so its helper may not read \
+its memory",
+        )
+    } else if !readable {
+        Some(
+            b"no heap scan at exit: the user the process runs as now cannot read its trace \
+(it changed its user), which the helper must read",
+        )
+    } else {
+        None
+    }
+}
+
+/// With the preload alone, once the trace passes `LEAKHUNT_HELPER_EARLY_KB` (256 KiB): starts
+/// the heap scan's helper now, so that it reads the trace as it grows, and at exit only the scan
+/// is left to wait for (reading a trace of millions of events at exit took longer than the
+/// scan). Only from the writer thread (every signal blocked; no program thread is held up),
+/// once, in a process that is no fork child (those start theirs at exit, with their parent's
+/// trace), and silently: the exit path says why there is no scan if there is none. Caller
+/// holds LOCK.
+fn start_early_helper(o: &mut Out) {
+    let cfg = config::get();
+    if o.early_tried
+        || o.socket
+        || o.child
+        || o.adopted
+        || o.forked.is_some()
+        || !cfg.reach
+        || o.sent < cfg.helper_early
+        || sys::gettid() != tracer::WRITER_TID.load(Ordering::Relaxed)
+    {
+        return;
+    }
+    o.early_tried = true;
+    if helper_denied(o).is_some() {
+        return;
+    }
+    let limit = if cfg.reach_forced {
+        u64::MAX
+    } else {
+        cfg.reach_limit
+    };
+    let asked = REACH_ASKS.load(Ordering::Relaxed);
+    let Some((child, fd)) =
+        crate::helper::spawn(&o.path, sys::getpid(), asked, None, Some(limit), true)
+    else {
+        return;
+    };
+    match fds::ident(fd) {
+        Some(id) => o.early = Some((child, fd, id)),
+        None => crate::helper::finish(child, fd),
     }
 }
 
@@ -1488,6 +1586,11 @@ pub fn after_fork_child(trace: bool) {
     let o = out();
     // The inherited copy of our descriptor, if the child has not taken the number for itself.
     fds::close_own(o.fd, o.id);
+    // And of the parent's helper's socket: that helper answers the parent only (the child
+    // starts its own at exit).
+    if let Some((_, fd, id)) = o.early.take() {
+        fds::close_own(fd, id);
+    }
     // The parent's trace file, still named in our copy of its state.
     if trace && !o.socket {
         o.parent_path = o.path;

@@ -202,6 +202,33 @@ impl Run {
     }
 }
 
+/// The pid of the heap-scan helper started early (`--early-limit`) for the traced process
+/// `pid`, if one runs: found by its command line in /proc.
+pub fn early_helper_of(pid: u32) -> Option<u32> {
+    let want = format!("\0--pid\0{pid}\0");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let p: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd);
+        (cmd.contains("\0reach-helper\0")
+            && cmd.contains(&want)
+            && cmd.contains("\0--early-limit\0"))
+        .then_some(p)
+    })
+}
+
+/// Waits up to 10 s for `f` to hold; false if it never did.
+pub fn wait_for(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    true
+}
+
 /// A path under `target/test-scratch` unique to this test thread.
 pub fn scratch(name: &str) -> PathBuf {
     let d = workspace().join("target/test-scratch");
