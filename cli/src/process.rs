@@ -591,6 +591,13 @@ pub struct Process {
     /// Called with each module the process loads, as its record is read (`leakhunt run` loads
     /// their debug information while the program runs).
     pub on_module: Option<ModuleHook>,
+    /// Called once per library that holds the outermost frame of a stack (a thread's start,
+    /// `start_thread`/`clone3` in libc, or a stack cut at the frame limit): frames the report
+    /// names from its debug information, which `leakhunt run` then loads while the program runs.
+    /// (A main thread's stack ends in the executable, and the frames below `main` are not looked
+    /// up.)
+    pub on_outer_module: Option<ModuleHook>,
+    outer_modules: rustc_hash::FxHashSet<u32>,
     /// Answers the stream's requests for a heap scan (`leakhunt run`).
     pub on_reach: Option<ReachHook>,
     /// The heap scan's outcome, once its records were read.
@@ -807,6 +814,7 @@ impl Process {
                     if let Some(o) = &mut self.observer {
                         o.stack(id, s);
                     }
+                    self.note_outer_module(id);
                 }
                 Ok(())
             }
@@ -1588,6 +1596,28 @@ impl Process {
             .max(self.stats.get(&stat::EVENTS_LOST).copied().unwrap_or(0))
     }
 
+    /// Calls `on_outer_module` with the library of stack `id`'s outermost frame, the first time
+    /// a stack ends there.
+    fn note_outer_module(&mut self, id: u32) {
+        if self.on_outer_module.is_none() {
+            return;
+        }
+        let Some(s) = self.stacks.get(&id) else {
+            return;
+        };
+        let Some(m) = s.frames.last().and_then(|&pc| self.module_at(pc, s.gen)) else {
+            return;
+        };
+        if m.id == 0 || self.outer_modules.contains(&m.id) {
+            return;
+        }
+        let m = m.clone();
+        self.outer_modules.insert(m.id);
+        if let Some(hook) = &mut self.on_outer_module {
+            hook(&m);
+        }
+    }
+
     /// The module loaded at generation `gen` that contains `addr`.
     pub fn module_at(&self, addr: u64, gen: u32) -> Option<&Module> {
         self.modules
@@ -1771,6 +1801,7 @@ impl compact::Sink for Apply<'_> {
             if let Some(o) = &mut self.p.observer {
                 o.stack(id, s);
             }
+            self.p.note_outer_module(id);
         }
         Ok(())
     }
@@ -1804,6 +1835,60 @@ mod tests {
         assert_eq!(p.live.len(), 1);
         assert_eq!(p.live.get(0x10).map(|l| l.size).unwrap_or(0), 16);
         assert_eq!((p.totals.allocs, p.totals.frees, p.gaps), (2, 1, 0));
+    }
+
+    /// `on_outer_module` hears of a library once, the first time a stack ends in it (a thread's
+    /// start), never of the executable (where a main thread's stack ends), in both encodings.
+    #[test]
+    fn a_library_where_stacks_end_is_announced_once() {
+        use leakhunt_format::StopReason;
+        let module = |id: u32, path: &str, at: u64| encode::Module {
+            id,
+            gen: 0,
+            bias: 0,
+            path: path.into(),
+            build_id: vec![id as u8],
+            ranges: vec![(at, at + 0x1000)],
+        };
+        for compact in [false, true] {
+            let mut data = encode::preamble().to_vec();
+            encode::module(&module(0, "/bin/prog", 0x1000), &mut data);
+            encode::module(&module(1, "/lib/libc.so.6", 0x8000), &mut data);
+            // Stacks 1 and 2 end in libc, stack 3 in the executable.
+            let mut slots = vec![];
+            for (id, frames) in [
+                (1u32, vec![0x1010u64, 0x8010]),
+                (2, vec![0x1020, 0x8020]),
+                (3, vec![0x8030, 0x1030]),
+            ] {
+                slots.extend_from_slice(&slot::stack_header(
+                    id,
+                    0,
+                    StopReason::End,
+                    frames.len() as u16,
+                ));
+                slots.extend_from_slice(&slot::frames(&frames));
+            }
+            if compact {
+                encode::events(1, &slots, &mut data);
+            } else {
+                encode::batch(1, &slots, &mut data);
+            }
+            let heard = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+            let mut p = Process::new();
+            let h = heard.clone();
+            p.on_outer_module = Some(Box::new(move |m: &encode::Module| {
+                h.lock().unwrap().push(m.path.clone())
+            }));
+            let (p, err) = Process::read_stream_with(p, &data[..]);
+            assert!(err.is_none(), "{err:?}");
+            assert_eq!(p.stacks.len(), 3);
+            assert_eq!(
+                *heard.lock().unwrap(),
+                ["/lib/libc.so.6"],
+                "compact: {compact}"
+            );
+        }
     }
 
     #[test]

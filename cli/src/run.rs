@@ -305,7 +305,8 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
         Arc::new(move |acc: serve::Accepted| {
             let n = count.fetch_add(1, Ordering::SeqCst);
             let mut p = Process::new();
-            p.on_module = Some(modules.hook());
+            p.on_module = Some(modules.hook(false));
+            p.on_outer_module = Some(modules.hook(true));
             // The kept trace is packed as the events are applied (`leakhunt pack`'s writer).
             let mut tee = None;
             if let Some((path, f)) = output.as_deref().and_then(|o| create_partial(o, n)) {
@@ -465,6 +466,7 @@ pub fn run(a: &RunArgs) -> Result<ExitCode> {
     let mut images: std::collections::HashMap<u32, u32> = Default::default();
     for s in &mut streams {
         s.process.on_module = None;
+        s.process.on_outer_module = None;
     }
     let mut sym = prefetch.finish();
     let mut procs = Vec::new();
@@ -617,9 +619,12 @@ fn wait_for_program(pid: u32) -> std::io::Result<std::process::ExitStatus> {
 /// Loads each traced program's executable's symbols and debug information on a thread of its
 /// own while the program runs, so that the report after it exits finds them loaded (nearly
 /// every reported stack has frames there; a large program's debug information takes seconds
-/// to load). Only the executable (its process's first module): a library's is loaded when a
-/// reported frame needs it, as before (libc's compressed debug file inflates to 15 MB that
-/// most reports never read).
+/// to load). Besides the executable (its process's first module), only a library where a stack
+/// ends (`Process::on_outer_module`: a thread's start in libc): other libraries' are loaded
+/// when a reported frame needs them, as before (libc's compressed debug file inflates to 15 MB
+/// that a single-threaded program's report never reads; a threaded one's names its threads'
+/// first frames from it, which took 20 ms after the program ended). The thread runs at nice 10:
+/// it yields to the program where they compete for a core.
 struct Prefetch {
     tx: crossbeam_channel::Sender<(String, Vec<u8>)>,
     lib: PathBuf,
@@ -635,10 +640,11 @@ struct PrefetchSender {
 }
 
 impl PrefetchSender {
-    fn hook(&self) -> leakhunt::process::ModuleHook {
+    /// For `on_module` (`any`: false: the executable only) or `on_outer_module` (true).
+    fn hook(&self, any: bool) -> leakhunt::process::ModuleHook {
         let me = self.clone();
         Box::new(move |m: &leakhunt_format::encode::Module| {
-            if m.id != 0 || m.path.is_empty() || Path::new(&m.path) == me.lib {
+            if (m.id != 0 && !any) || m.path.is_empty() || Path::new(&m.path) == me.lib {
                 return;
             }
             let _ = me.tx.send((m.path.clone(), m.build_id.clone()));
@@ -653,6 +659,10 @@ impl Prefetch {
         let thread = std::thread::Builder::new()
             .name("leakhunt-prefetch".into())
             .spawn(move || {
+                let _ = rustix::process::setpriority_process(
+                    rustix::process::Pid::from_raw(rustix::thread::gettid().as_raw_nonzero().get()),
+                    10,
+                );
                 let mut sym = Symbolizer::new();
                 loop {
                     crossbeam_channel::select! {
