@@ -616,6 +616,13 @@ fn wait_for_program(pid: u32) -> std::io::Result<std::process::ExitStatus> {
     }
 }
 
+/// Lowers this thread's priority (nice 10; threads it starts would inherit it): where it and the
+/// program compete for a core, the program goes first.
+fn yield_to_program() {
+    let tid = rustix::thread::gettid().as_raw_nonzero().get();
+    let _ = rustix::process::setpriority_process(rustix::process::Pid::from_raw(tid), 10);
+}
+
 /// Loads each traced program's executable's symbols and debug information on a thread of its
 /// own while the program runs, so that the report after it exits finds them loaded (nearly
 /// every reported stack has frames there; a large program's debug information takes seconds
@@ -659,10 +666,7 @@ impl Prefetch {
         let thread = std::thread::Builder::new()
             .name("leakhunt-prefetch".into())
             .spawn(move || {
-                let _ = rustix::process::setpriority_process(
-                    rustix::process::Pid::from_raw(rustix::thread::gettid().as_raw_nonzero().get()),
-                    10,
-                );
+                yield_to_program();
                 let mut sym = Symbolizer::new();
                 loop {
                     crossbeam_channel::select! {
