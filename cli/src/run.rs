@@ -616,13 +616,6 @@ fn wait_for_program(pid: u32) -> std::io::Result<std::process::ExitStatus> {
     }
 }
 
-/// Lowers this thread's priority (nice 10; threads it starts would inherit it): where it and the
-/// program compete for a core, the program goes first.
-fn yield_to_program() {
-    let tid = rustix::thread::gettid().as_raw_nonzero().get();
-    let _ = rustix::process::setpriority_process(rustix::process::Pid::from_raw(tid), 10);
-}
-
 /// Loads each traced program's executable's symbols and debug information on a thread of its
 /// own while the program runs, so that the report after it exits finds them loaded (nearly
 /// every reported stack has frames there; a large program's debug information takes seconds
@@ -630,8 +623,8 @@ fn yield_to_program() {
 /// ends (`Process::on_outer_module`: a thread's start in libc): other libraries' are loaded
 /// when a reported frame needs them, as before (libc's compressed debug file inflates to 15 MB
 /// that a single-threaded program's report never reads; a threaded one's names its threads'
-/// first frames from it, which took 20 ms after the program ended). The thread runs at nice 10:
-/// it yields to the program where they compete for a core.
+/// first frames from it, which took 20 ms after the program ended). (At nice 10 it left that
+/// work to the end, on one core, where the program no longer used the other: no faster.)
 struct Prefetch {
     tx: crossbeam_channel::Sender<(String, Vec<u8>)>,
     lib: PathBuf,
@@ -666,7 +659,6 @@ impl Prefetch {
         let thread = std::thread::Builder::new()
             .name("leakhunt-prefetch".into())
             .spawn(move || {
-                yield_to_program();
                 let mut sym = Symbolizer::new();
                 loop {
                     crossbeam_channel::select! {
