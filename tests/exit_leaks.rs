@@ -1,5 +1,7 @@
 //! Exact exit-time leak figures for fixtures with known answers.
 
+use std::process::Command;
+
 use leakhunt_tests::*;
 
 fn frames_fn(l: &Leak) -> Vec<&str> {
@@ -426,4 +428,80 @@ fn a_growing_callsite_whose_stack_stopped_says_so() {
         text[at..].contains("(stack stopped: address in no known module)"),
         "{text}"
     );
+}
+
+/// libc's compressed debug sections, inflated once, are kept in the cache directory and read
+/// back: the report is the same, byte for byte, from a cold cache, a warm one, one whose kept
+/// `.debug_info` was damaged (inflated again and kept whole) and none at all; a thread's stack
+/// still ends in libc's `start_thread` and `clone3`, named from that debug information
+/// (Debian 12's glibc 2.36: the lines are its).
+#[test]
+fn kept_debug_sections_give_the_same_report() {
+    let exe = fixture("threads.c");
+    let dir = scratch("debug-cache");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("t.trace");
+    let o = Command::new(&exe)
+        .env("LD_PRELOAD", preload())
+        .env("LEAKHUNT_OUT", &trace)
+        .env("LEAKHUNT_REACH", "0")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let cache = dir.join("cache");
+    // (The CLI's own peak RSS aside.)
+    let report = |env: &[(&str, &std::ffi::OsStr)]| -> serde_json::Value {
+        let out = Command::new(leakhunt())
+            .args(["report", "--json", "-"])
+            .arg(&trace)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_object_mut().unwrap().remove("cli_peak_rss_bytes");
+        v
+    };
+    let with_cache = [("LEAKHUNT_CACHE_DIR", cache.as_os_str())];
+    let cold = report(&with_cache);
+    let info: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("-debug_info-"))
+        .collect();
+    assert_eq!(info.len(), 1, "libc's .debug_info kept: {info:?}");
+    let warm = report(&with_cache);
+    assert_eq!(warm, cold);
+    let mut bytes = std::fs::read(&info[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&info[0], &bytes).unwrap();
+    assert_eq!(report(&with_cache), cold);
+    assert_ne!(std::fs::read(&info[0]).unwrap(), bytes, "kept again whole");
+    assert_eq!(report(&[("LEAKHUNT_CACHE", "0".as_ref())]), cold);
+    let leak = leak_at(
+        &cold["processes"][0],
+        "threads.c",
+        line_of("threads.c", "TH_LEAK"),
+    );
+    let names: Vec<(&str, &str, u32)> = leak
+        .frames
+        .iter()
+        .map(|f| (f.0.as_str(), f.1.as_str(), f.2))
+        .collect();
+    assert_eq!(
+        names[1..],
+        [
+            ("start_thread", "pthread_create.c", 442),
+            ("clone3", "clone3.S", 81)
+        ],
+        "{names:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use object::{Object, ObjectSection};
 
+mod cache;
 mod cfi;
 mod vars;
 pub use cfi::FrameRule;
@@ -185,16 +186,37 @@ fn abbrevs_refer_outside(abbrev: &Reader, offset: usize) -> gimli::Result<bool> 
 /// A section's bytes in an `Arc` of their own: a zlib-compressed one inflated straight into it
 /// (inflated into a `Vec` and then copied into the `Arc`, both were held at once: libc's 5.8 MB
 /// `.debug_info` twice at the CLI's peak).
-fn section_arc(s: &object::Section<'_, '_>) -> Option<Arc<[u8]>> {
+/// A large one is kept inflated between runs (`cache`), under the debug file's `build_id`.
+fn section_arc(s: &object::Section<'_, '_>, build_id: &[u8]) -> Option<Arc<[u8]>> {
     let c = s.compressed_data().ok()?;
     if c.format == object::CompressionFormat::Zlib {
         let n = usize::try_from(c.uncompressed_size).ok()?;
+        // The zlib stream ends with the adler32 of the inflated bytes (big-endian).
+        let kept = (c.data.len() >= cache::MIN_COMPRESSED)
+            .then(|| {
+                let t = c.data.get(c.data.len() - 4..)?;
+                let adler = u32::from_be_bytes([t[0], t[1], t[2], t[3]]);
+                Some((cache::key(build_id, s.name().ok()?, n, adler), adler))
+            })
+            .flatten();
+        if let Some(data) = kept
+            .as_ref()
+            .and_then(|(key, adler)| cache::load(key, n, *adler))
+        {
+            return Some(data);
+        }
         let mut out: Arc<[u8]> = std::iter::repeat_n(0u8, n).collect();
         let buf = Arc::get_mut(&mut out)?;
         let mut z = flate2::Decompress::new(true);
         let done = z.decompress(c.data, buf, flate2::FlushDecompress::Finish);
-        return (matches!(done, Ok(flate2::Status::StreamEnd)) && z.total_out() == n as u64)
-            .then_some(out);
+        // (Inflating to the stream's end checks its adler32.)
+        if !(matches!(done, Ok(flate2::Status::StreamEnd)) && z.total_out() == n as u64) {
+            return None;
+        }
+        if let Some((key, _)) = kept {
+            cache::store(&key, &out);
+        }
+        return Some(out);
     }
     s.uncompressed_data().ok().map(|d| d.into_owned().into())
 }
@@ -212,12 +234,13 @@ impl DebugFile {
         } else {
             gimli::RunTimeEndian::Big
         };
+        let build_id = obj.build_id().ok().flatten().unwrap_or(&[]);
         let inflate = |id: gimli::SectionId| -> Arc<[u8]> {
             match id {
                 gimli::SectionId::DebugLoc | gimli::SectionId::DebugLocLists => Arc::new([]),
                 _ => obj
                     .section_by_name(id.name())
-                    .and_then(|s| section_arc(&s))
+                    .and_then(|s| section_arc(&s, build_id))
                     .unwrap_or_else(|| Arc::new([])),
             }
         };
