@@ -340,6 +340,11 @@ fn fail(errno: i32, what: &str) {
         sys::diag(s);
     }
     tracer::disable();
+    // What was drained for the failed write is lost with the stream: a ring file read after the
+    // process ends must not offer it (a stretch from the middle of the run, with everything
+    // after it missing, would read as the process's end: the CLI counted the numbers before it
+    // as the only ones lost).
+    ring::for_each(|r| r.delivered());
     let o = out();
     fds::close_own(o.fd, o.id);
     o.fd = -1;
