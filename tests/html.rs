@@ -259,9 +259,12 @@ fn the_html_report_charts_sorts_shows_stacks_and_flame_graphs_offline() {
             .map(|r| (r[0].as_str().unwrap().into(), r[1].as_str().unwrap().into()))
             .collect()
     };
+    // As the page's `toFixed(1)`: an exact tie (15,616 B is 15.25 KiB) rounds up, where
+    // Rust's `{:.1}` rounds it to even.
     let bytes_text = |v: u64| -> String {
         if v >= 1024 {
-            format!("{} B ({:.1} KiB)", commas(v), v as f64 / 1024.0)
+            let kib = (v as f64 / 1024.0 * 10.0).round() / 10.0;
+            format!("{} B ({kib:.1} KiB)", commas(v))
         } else {
             format!("{v} B")
         }
