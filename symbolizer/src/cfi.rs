@@ -114,8 +114,7 @@ impl Symbolizer {
     pub fn frame_rule(&mut self, path: &str, build_id: &[u8], vaddr: u64) -> Option<FrameRule> {
         let key = (path.to_string(), build_id.to_vec());
         if !self.cfi.contains_key(&key) {
-            let cfi = self
-                .read_shared(Path::new(path))
+            let cfi = crate::read_elf(Path::new(path))
                 .ok()
                 .filter(|(data, _)| {
                     build_id.is_empty()

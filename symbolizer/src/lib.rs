@@ -467,24 +467,6 @@ pub struct Symbolizer {
     /// Problems met loading a module ahead of its first lookup ([`Symbolizer::prefetch`]),
     /// reported at that lookup.
     deferred: HashMap<(String, Vec<u8>), Vec<String>>,
-    /// The files read last ([`Symbolizer::read_shared`]).
-    recent: Vec<Recent>,
-}
-
-/// A file as [`read_elf`] read it, with what it was then (device, inode, size, change time).
-struct Recent {
-    path: PathBuf,
-    id: (u64, u64, u64, i64, i64),
-    data: Arc<[u8]>,
-}
-
-/// Files kept read: a module is read for its symbols, its unwind tables and its variables in
-/// turn, and a separate debug file for its symbols and its variables.
-const RECENT: usize = 3;
-
-fn file_id(m: &std::fs::Metadata) -> (u64, u64, u64, i64, i64) {
-    use std::os::unix::fs::MetadataExt;
-    (m.dev(), m.ino(), m.size(), m.ctime(), m.ctime_nsec())
 }
 
 fn hex(b: &[u8]) -> String {
@@ -507,44 +489,7 @@ impl Symbolizer {
             data: vars::Data::default(),
             cfi: HashMap::new(),
             deferred: HashMap::new(),
-            recent: Vec::new(),
         }
-    }
-
-    /// [`read_elf`], sharing the bytes of a file read lately that has not changed since (same
-    /// device, inode, size and change time): the Rust benchmark's 4.5 MB executable was read
-    /// four times for one report.
-    fn read_shared(&mut self, path: &Path) -> Result<(Arc<[u8]>, File), Unread> {
-        if let Some(i) = self.recent.iter().position(|r| r.path == path) {
-            // Opened (never blocking) and checked as `read_elf` does; only the read is spared.
-            use std::os::unix::fs::OpenOptionsExt;
-            let same = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-                .open(path)
-                .ok()
-                .and_then(|f| {
-                    let m = f.metadata().ok()?;
-                    (m.is_file() && file_id(&m) == self.recent[i].id).then_some(f)
-                });
-            if let Some(f) = same {
-                return Ok((self.recent[i].data.clone(), f));
-            }
-            self.recent.remove(i);
-        }
-        let (data, file) = read_elf(path)?;
-        let data: Arc<[u8]> = data.into();
-        if let Ok(m) = file.metadata() {
-            if self.recent.len() == RECENT {
-                self.recent.remove(0);
-            }
-            self.recent.push(Recent {
-                path: path.to_path_buf(),
-                id: file_id(&m),
-                data: data.clone(),
-            });
-        }
-        Ok((data, file))
     }
 
     /// Problems met so far (unreadable modules, build-id mismatches), each once.
@@ -596,9 +541,9 @@ impl Symbolizer {
         path: &Path,
         build_id: &[u8],
         data: &[u8],
-    ) -> Option<(PathBuf, Arc<[u8]>)> {
+    ) -> Option<(PathBuf, Vec<u8>)> {
         for c in self.debug_candidates(path, build_id, data) {
-            match self.read_shared(&c) {
+            match read_elf(&c) {
                 Ok((d, _)) => return Some((c, d)),
                 Err(Unread::Io(e)) if absent(&e) => {}
                 Err(Unread::Io(e)) => self.warn(format!(
@@ -649,7 +594,7 @@ impl Symbolizer {
             symbols: None,
             functions: vec![],
         };
-        let (data, file) = match self.read_shared(p) {
+        let (data, file) = match read_elf(p) {
             Ok(d) => d,
             Err(Unread::Io(e)) => {
                 if !path.starts_with('[') && !path.starts_with("linux-vdso") {

@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use gimli::{AttributeValue, DwTag};
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 
-use crate::{hex, preferred, DebugFile, Reader, Symbolizer, Unread};
+use crate::{hex, preferred, read_elf, DebugFile, Reader, Symbolizer, Unread};
 
 /// A global or thread-local variable of a module.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1608,8 +1608,8 @@ impl Symbolizer {
 
     /// The module at `path`, read, if it is an ELF file with build-id `build_id`; with a warning
     /// when not (if `warn`).
-    fn read_module(&mut self, path: &str, build_id: &[u8], warn: bool) -> Option<Arc<[u8]>> {
-        let checked = match self.read_shared(Path::new(path)) {
+    fn read_module(&mut self, path: &str, build_id: &[u8], warn: bool) -> Option<Vec<u8>> {
+        let checked = match read_elf(Path::new(path)) {
             Ok((data, _)) => match object::File::parse(&*data) {
                 Err(e) => Err(format!("{path} is not a readable ELF file ({e})")),
                 Ok(obj) => match obj.build_id().ok().flatten() {
