@@ -431,7 +431,7 @@ fn a_growing_callsite_whose_stack_stopped_says_so() {
 }
 
 /// libc's compressed debug sections, inflated once, are kept in the cache directory and read
-/// back: the report is the same, byte for byte, from a cold cache, a warm one, one whose kept
+/// back: the report is the same (the CLI's own peak RSS aside) from a cold cache, a warm one, one whose kept
 /// `.debug_info` was damaged (inflated again and kept whole) and none at all; a thread's stack
 /// still ends in libc's `start_thread` and `clone3`, named from that debug information
 /// (Debian 12's glibc 2.36: the lines are its).
@@ -442,26 +442,20 @@ fn kept_debug_sections_give_the_same_report() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let trace = dir.join("t.trace");
-    let o = Command::new(&exe)
-        .env("LD_PRELOAD", preload())
-        .env("LEAKHUNT_OUT", &trace)
-        .env("LEAKHUNT_REACH", "0")
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    run_ok(
+        Command::new(&exe)
+            .env("LD_PRELOAD", preload())
+            .env("LEAKHUNT_OUT", &trace)
+            .env("LEAKHUNT_REACH", "0"),
+    );
     let cache = dir.join("cache");
     // (The CLI's own peak RSS aside.)
     let report = |env: &[(&str, &std::ffi::OsStr)]| -> serde_json::Value {
-        let out = Command::new(leakhunt())
-            .args(["report", "--json", "-"])
-            .arg(&trace)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = run_ok(
+            Command::new(leakhunt())
+                .args(["report", "--json", "-"])
+                .arg(&trace)
+                .envs(env.iter().copied()),
         );
         let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v.as_object_mut().unwrap().remove("cli_peak_rss_bytes");
