@@ -104,7 +104,7 @@ impl Read for Tail {
             // The process writes its next records within microseconds of a reply while it
             // waits in its exit path (and says so on the socket): look again soon at first,
             // then every millisecond, or every 100 ms while a program started early runs.
-            let most = if self.early && self.sock.is_some() {
+            let most = if self.early {
                 Duration::from_millis(100)
             } else {
                 Duration::from_millis(1)

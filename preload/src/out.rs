@@ -1358,11 +1358,10 @@ its memory",
 /// holds LOCK.
 fn start_early_helper(o: &mut Out) {
     let cfg = config::get();
+    // (`child` covers fork children and adopted raw clones alike.)
     if o.early_tried
         || o.socket
         || o.child
-        || o.adopted
-        || o.forked.is_some()
         || !cfg.reach
         || o.sent < cfg.helper_early
         || sys::gettid() != tracer::WRITER_TID.load(Ordering::Relaxed)
