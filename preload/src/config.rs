@@ -56,7 +56,9 @@ pub struct Config {
     /// With the preload alone, the largest trace (bytes) the scan at exit reads unasked.
     pub reach_limit: u64,
     /// With the preload alone, the trace size (bytes) at which the scan's helper starts, to read
-    /// the trace as it grows rather than all of it at exit (`u64::MAX`: only at exit).
+    /// the trace as it grows rather than all of it at exit (`u64::MAX`, unless
+    /// `LEAKHUNT_HELPER_EARLY_KB` is set: only at exit; starting it early costs two more
+    /// descriptors of leakhunt's in the program from the start, its socket pair).
     pub helper_early: u64,
     /// Nanoseconds between epoch boundaries (0: none).
     pub epoch_ns: u64,
@@ -82,7 +84,7 @@ static mut CONFIG: Config = Config {
     reach_forced: false,
     pre_exit_scan: false,
     reach_limit: 256 << 20,
-    helper_early: 256 << 10,
+    helper_early: u64::MAX,
     epoch_ns: 1_000_000_000,
     snapshot_ns: 0,
 };

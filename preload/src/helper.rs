@@ -137,12 +137,38 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
     127
 }
 
+/// A socket pair for a helper: (ours, the helper's), high descriptors, close-on-exec. Making
+/// it takes the two lowest free numbers for a moment: made while the program runs, a program
+/// that closed 0 and opens a file could find its file on 1 (so the helper started early uses a
+/// pair made with the trace file, at the same moment).
+pub fn pair() -> Option<(c_int, c_int)> {
+    let mut fds = [-1 as c_int; 2];
+    // SAFETY: socketpair fills two descriptors of ours.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return None;
+    }
+    Some((
+        crate::fds::place_high(fds[0]),
+        crate::fds::place_high(fds[1]),
+    ))
+}
+
 /// The helper, started: its pid and our end of the socket pair (a high descriptor,
 /// close-on-exec). `None` (and a word on stderr unless `quiet`) when it cannot be.
 /// `parent`: a fork child's parent's trace file, where the helper finds the inherited blocks.
 /// `early`: started while the program runs (see `out::start_early_helper`): the helper reads the
 /// trace as it grows, answers every scan the trace asks for until the one at exit, and stops
-/// reading past `limit` bytes of trace.
+/// reading past `limit` bytes of trace. `made`: the socket pair to use ([`pair`], made
+/// earlier; else one is made now), both ends ours until this returns, the helper's end closed
+/// (here as always) when it does.
 pub fn spawn(
     trace: &[u8],
     pid: u32,
@@ -150,10 +176,12 @@ pub fn spawn(
     parent: Option<&[u8]>,
     early: Option<u64>,
     quiet: bool,
+    made: Option<(c_int, c_int)>,
 ) -> Option<(libc::pid_t, c_int)> {
     // SAFETY: read-only after `note_paths`.
     let (helper, lib) = unsafe { (&*core::ptr::addr_of!(HELPER), &*core::ptr::addr_of!(LIB)) };
     if helper[0] == 0 || trace.first().is_none_or(|&b| b == 0) {
+        close_pair(made);
         return None;
     }
     // An orphan is reparented to the nearest subreaper: if that is this process (or it is pid 1),
@@ -167,11 +195,13 @@ pub fn spawn(
                 "no heap scan at exit: this process adopts orphans (a subreaper or pid 1)",
             );
         }
+        close_pair(made);
         return None;
     }
     // SAFETY: access(2) on a NUL-terminated path.
     if unsafe { libc::access(helper.as_ptr().cast(), libc::X_OK) } != 0 {
         if quiet {
+            close_pair(made);
             return None;
         }
         let mut msg = [0u8; 200];
@@ -187,25 +217,10 @@ pub fn spawn(
             n += take;
         }
         crate::sys::diag(core::str::from_utf8(&msg[..n]).unwrap_or("no heap scan at exit"));
+        close_pair(made);
         return None;
     }
-    let mut fds = [-1 as c_int; 2];
-    // SAFETY: socketpair fills two descriptors of ours.
-    if unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    } != 0
-    {
-        return None;
-    }
-    let (ours, theirs) = (
-        crate::fds::place_high(fds[0]),
-        crate::fds::place_high(fds[1]),
-    );
+    let (ours, theirs) = made.or_else(pair)?;
     let mut digits = [0u8; 20];
     let mut pid_arg = [0u8; 21];
     let d = crate::sys::fmt_u64(&mut digits, pid as u64);
@@ -349,6 +364,14 @@ pub fn wake(ours: c_int) {
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
     };
+}
+
+/// Closes both ends of a pair of ours ([`pair`]).
+pub fn close_pair(p: Option<(c_int, c_int)>) {
+    if let Some((a, b)) = p {
+        close(a);
+        close(b);
+    }
 }
 
 fn close(fd: c_int) {

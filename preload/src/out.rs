@@ -84,6 +84,9 @@ struct Out {
     /// our end of its socket and what that end is. `early_tried`: started, or given up.
     early: Option<(libc::pid_t, i32, fds::Ident)>,
     early_tried: bool,
+    /// The socket pair for that helper (ours, its), made with the trace file (see
+    /// `helper::pair`), and what each end is.
+    pair: Option<(i32, fds::Ident, i32, fds::Ident)>,
 }
 
 const PATH_LEN: usize = 4200;
@@ -117,6 +120,7 @@ static mut OUT: Out = Out {
     child: false,
     early: None,
     early_tried: false,
+    pair: None,
 };
 
 const MAX_BOUNDS: usize = 16;
@@ -453,7 +457,20 @@ fn ensure_open() -> bool {
         }
         // Its absolute name, to open it again if the program takes the descriptor.
         absolute_name(fd, &mut o.path);
-        fds::place_high(fd)
+        let fd = fds::place_high(fd);
+        // The heap scan's helper may start while the program runs: its socket pair is made
+        // now, the one moment leakhunt takes the lowest free numbers anyway.
+        if !o.child && cfg.reach && cfg.helper_early != u64::MAX && o.pair.is_none() {
+            o.pair =
+                crate::helper::pair().and_then(|(a, b)| match (fds::ident(a), fds::ident(b)) {
+                    (Some(ia), Some(ib)) => Some((a, ia, b, ib)),
+                    _ => {
+                        crate::helper::close_pair(Some((a, b)));
+                        None
+                    }
+                });
+        }
+        fd
     };
     match fds::ident(fd) {
         Some(id) => o.id = id,
@@ -1164,11 +1181,12 @@ for it anyway)",
         match early {
             Some((child, fd, id)) => (fd, id, Some((child, true))),
             None => {
+                let made = take_pair(o);
                 let asked = REACH_ASKS.load(Ordering::Relaxed);
                 let parent =
                     (o.forked.is_some() && o.parent_path[0] != 0).then_some(&o.parent_path[..]);
                 let Some((child, fd)) =
-                    crate::helper::spawn(&o.path, sys::getpid(), asked, parent, None, false)
+                    crate::helper::spawn(&o.path, sys::getpid(), asked, parent, None, false, made)
                 else {
                     push_warning(
                         b"no heap scan at exit: its helper (leakhunt reach-helper, next to the \
@@ -1316,6 +1334,18 @@ library or LEAKHUNT_CLI) could not be started",
     }
 }
 
+/// The helper's socket pair made with the trace file, if the program left both ends alone
+/// (an end it took is its own now, and stays open).
+fn take_pair(o: &mut Out) -> Option<(i32, i32)> {
+    let (a, ia, b, ib) = o.pair.take()?;
+    if fds::is(a, ia) && fds::is(b, ib) {
+        return Some((a, b));
+    }
+    fds::close_own(a, ia);
+    fds::close_own(b, ib);
+    None
+}
+
 /// Why the process may not have its heap scanned by a helper now, if it may not: the helper
 /// runs as the user the process runs as now, and must be let read the trace and this process's
 /// memory (a worker that dropped root for `nobody` is not dumpable, and its trace is root's).
@@ -1377,10 +1407,21 @@ fn start_early_helper(o: &mut Out) {
     } else {
         cfg.reach_limit
     };
+    // Without the pair made with the trace file (the program took a descriptor of it), no
+    // helper now: making one would take the lowest free numbers while the program runs.
+    let Some(made) = take_pair(o) else {
+        return;
+    };
     let asked = REACH_ASKS.load(Ordering::Relaxed);
-    let Some((child, fd)) =
-        crate::helper::spawn(&o.path, sys::getpid(), asked, None, Some(limit), true)
-    else {
+    let Some((child, fd)) = crate::helper::spawn(
+        &o.path,
+        sys::getpid(),
+        asked,
+        None,
+        Some(limit),
+        true,
+        Some(made),
+    ) else {
         return;
     };
     match fds::ident(fd) {
@@ -1594,6 +1635,10 @@ pub fn after_fork_child(trace: bool) {
     // starts its own at exit).
     if let Some((_, fd, id)) = o.early.take() {
         fds::close_own(fd, id);
+    }
+    if let Some((a, ia, b, ib)) = o.pair.take() {
+        fds::close_own(a, ia);
+        fds::close_own(b, ib);
     }
     // The parent's trace file, still named in our copy of its state.
     if trace && !o.socket {
