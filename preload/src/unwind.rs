@@ -181,9 +181,9 @@ struct Entry {
 /// Per-thread unwind state, living in the thread's ring mapping (all-zero is valid).
 ///
 /// Laid out so that a thread touches pages in proportion to what it uses: the scalars first,
-/// then the per-walk arrays (a walk of n frames touches their first n entries), then the memos,
-/// each used from its start or only once needed (shapes only once stacks vary from one stack
-/// pointer).
+/// then the per-walk arrays (a walk of n frames touches their first n entries) and the rule
+/// cache, placed page by page (see the comment at `prev`), then the memos, each used from its
+/// start or only once needed (shapes only once stacks vary from one stack pointer).
 #[repr(C)]
 pub struct Scratch {
     /// Ticks whenever the rules in force may have changed (0: never filled); walks and checks
@@ -234,31 +234,53 @@ pub struct Scratch {
     pub reused: u64,
     pub walked: u64,
     pub repeated: u64,
+    // Page by page (the mapping's pages, the ring's header first: see `PAGE_LAYOUT` below), so
+    // that a thread touches few: pages 0-1 the scalars and `prev`, then `py` (touched only for
+    // Python) filling the rest of the page up to `cache`, a page of its own (filled whole when
+    // the rules change); `frames` and the start of `walk` share a page; `head` starts in the
+    // last page of `checks` (a thread's captures use a set or two of them); then the pool.
     pub prev: [u64; MAX_FRAMES_CAP],
+    /// This thread's Python frames at the current capture, and the stack with them spliced in
+    /// (see `python::splice`).
+    pub py: [crate::python::PyFrame; crate::python::MAX_PY],
+    _pad: [u8; PAD],
+    cache: [Entry; CACHE_SIZE],
     /// Where the current capture writes its frames.
     pub frames: [u64; MAX_FRAMES_CAP],
     /// Every step of the previous walk (see [`capture`]): what suffix reuse validates against.
     walk: [Step; WALK_CAP],
-    /// Steps of the current walk before it joins the previous one.
-    head: [Step; WALK_CAP],
     /// Whole-walk checks (see [`repeats`]) of recent walks.
     checks: [Check; CHECKS],
-    cache: [Entry; CACHE_SIZE],
+    /// Steps of the current walk before it joins the previous one.
+    head: [Step; WALK_CAP],
     /// The checks' word lists, and how much of it is handed out.
     check_pool: [(u64, u64); CHECK_POOL],
     /// Shape memos (see [`shape_repeat`]): walks from one stack pointer through frames of the
     /// same shape, and the stacks seen through them.
     shapes: [Shape; SHAPES],
     shape_entries: [ShapeEntry; SHAPE_ENTRIES],
-    /// This thread's Python frames at the current capture, and the stack with them spliced in
-    /// (see `python::splice`).
-    pub py: [crate::python::PyFrame; crate::python::MAX_PY],
     pub spliced: [u64; MAX_FRAMES_CAP],
     /// The heap pointers a block being freed holds, (offset, word), for its `CONTENT` record
     /// (`LEAKHUNT_ORPHANS=1`; the tracer's, not the unwinder's: it lives here because this is
     /// the thread's own mapped scratch, touched only with orphans on).
     pub content: [(u64, u64); leakhunt_format::slot::MAX_CONTENT_PAIRS],
 }
+
+/// Bytes between `py` and `cache`, so that `cache` fills one page of the ring's mapping (the
+/// scratch follows the ring's header there). Changing the scalars above changes it: the assertion
+/// below gives the offset to correct it by.
+const PAD: usize = 88;
+/// The scratch's pages as laid out (see [`Scratch`]): `cache` alone in the mapping's second page.
+const PAGE_LAYOUT: () = {
+    let at = core::mem::size_of::<crate::ring::Ring>() + core::mem::offset_of!(Scratch, cache);
+    assert!(
+        at == 4096,
+        "Scratch::cache must begin the mapping's second page: correct PAD"
+    );
+    assert!(core::mem::size_of::<[Entry; CACHE_SIZE]>() == 4096);
+};
+#[allow(clippy::let_unit_value)]
+const _: () = PAGE_LAYOUT;
 
 /// Whole-walk checks kept per thread: the call sites of a request handler (a parse, a cache
 /// fill, a response) each allocate from their own stack pointer, or from the same one (two calls
