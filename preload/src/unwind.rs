@@ -235,10 +235,10 @@ pub struct Scratch {
     pub walked: u64,
     pub repeated: u64,
     // Page by page (the mapping's pages, the ring's header first: see `PAGE_LAYOUT` below), so
-    // that a thread touches few: pages 0-1 the scalars and `prev`, then `py` (touched only for
-    // Python) filling the rest of the page up to `cache`, a page of its own (filled whole when
-    // the rules change); `frames` and the start of `walk` share a page; `head` starts in the
-    // last page of `checks` (a thread's captures use a set or two of them); then the pool.
+    // that a thread touches few: page 0 the header, the scalars, `prev`, and `py` (touched only
+    // for Python) up to `cache`, which fills page 1 (written whole when the rules change);
+    // `frames` and the start of `walk` share page 2; `head` starts in the last page of `checks`
+    // (a thread's captures use a set or two of them); then the pool.
     pub prev: [u64; MAX_FRAMES_CAP],
     /// This thread's Python frames at the current capture, and the stack with them spliced in
     /// (see `python::splice`).
@@ -268,7 +268,7 @@ pub struct Scratch {
 
 /// Bytes between `py` and `cache`, so that `cache` fills one page of the ring's mapping (the
 /// scratch follows the ring's header there). Changing the scalars above changes it: the assertion
-/// below gives the offset to correct it by.
+/// below fails until it is corrected.
 const PAD: usize = 88;
 /// The scratch's pages as laid out (see [`Scratch`]): `cache` alone in the mapping's second page.
 const PAGE_LAYOUT: () = {
