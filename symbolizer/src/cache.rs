@@ -77,6 +77,18 @@ pub fn load(key: &str, size: usize, adler: u32) -> Option<Arc<[u8]>> {
     load_in(dir()?, key, size, adler)
 }
 
+/// Whether the kept section `key` is there, ours and of `size` bytes (its checksum is checked
+/// when it is loaded).
+pub fn present(key: &str, size: usize) -> bool {
+    dir().is_some_and(|d| {
+        rustix::fs::statat(d, key, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+            FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+                && st.st_uid == rustix::process::geteuid().as_raw()
+                && u64::try_from(st.st_size).is_ok_and(|s| s == size as u64)
+        })
+    })
+}
+
 /// Keeps `data` under `key` (quietly not, if it cannot).
 pub fn store(key: &str, data: &[u8]) {
     if let Some(d) = dir() {

@@ -5,7 +5,7 @@
 //! warning, never an error: missing debug info never fails a report.
 //!
 //! Module paths come from the trace, which can name anything: only regular ELF files of at most
-//! [`MAX_FILE_BYTES`] are read (see [`read_elf`]); a FIFO, a device, a directory or a huge file is
+//! [`MAX_FILE_BYTES`] are read (see [`open_elf`]); a FIFO, a device, a directory or a huge file is
 //! a warning that names it, never a hang or a read until memory runs out.
 #![forbid(unsafe_code)]
 
@@ -38,11 +38,12 @@ pub struct SymFrame {
 
 type Reader = gimli::EndianArcSlice<gimli::RunTimeEndian>;
 
-/// The largest module or separate debug file read (4 GiB): each is read whole into memory, and
-/// a larger one is refused with a warning rather than read.
+/// The largest module or separate debug file read (4 GiB): symbolization reads the parts it
+/// needs, variables and frame rules a file whole into memory, and a larger one is refused with
+/// a warning rather than read.
 pub const MAX_FILE_BYTES: u64 = 4 << 30;
 
-/// Why a file was not read (see [`read_elf`]).
+/// Why a file was not read (see [`open_elf`]).
 #[derive(Debug)]
 enum Unread {
     /// It could not be opened or read: missing, not permitted, an I/O error.
@@ -71,13 +72,12 @@ pub fn file_kind(t: std::fs::FileType) -> &'static str {
     }
 }
 
-/// Reads `path` whole if it is a regular ELF file of at most [`MAX_FILE_BYTES`]. It is opened
-/// with `O_NONBLOCK` (opening a FIFO never blocks) and checked on the open descriptor (a rename
-/// in between cannot swap it), and its first four bytes must be the ELF magic before the rest is
-/// read (a huge sparse file of zeros fails at once). Returns the data and the open file.
-fn read_elf(path: &Path) -> Result<(Vec<u8>, File), Unread> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
+/// Opens `path` if it is a regular ELF file of at most [`MAX_FILE_BYTES`]. It is opened with
+/// `O_NONBLOCK` (opening a FIFO never blocks) and checked on the open descriptor (a rename in
+/// between cannot swap it), and its first four bytes must be the ELF magic. Returns the open file
+/// and its length.
+fn open_elf(path: &Path) -> Result<(File, u64), Unread> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -109,23 +109,45 @@ fn read_elf(path: &Path) -> Result<(Vec<u8>, File), Unread> {
             "is {len} bytes long, not an ELF file"
         )));
     }
-    let mut data = Vec::new();
-    (&file).take(4).read_to_end(&mut data).map_err(Unread::Io)?;
-    if data != b"\x7fELF" {
+    let mut magic = [0u8; 4];
+    file.read_exact_at(&mut magic, 0).map_err(Unread::Io)?;
+    if &magic != b"\x7fELF" {
         return Err(Unread::Refused(
             "is not an ELF file (it does not start with the ELF magic)".into(),
         ));
     }
-    if data.try_reserve_exact(len as usize - 4).is_err() {
+    Ok((file, len))
+}
+
+/// Reads `path` whole if [`open_elf`] opens it (the magic is checked before the rest is read: a
+/// huge sparse file of zeros fails at once). Returns the data and the open file.
+fn read_elf(path: &Path) -> Result<(Vec<u8>, File), Unread> {
+    use std::io::Read;
+    let (file, len) = open_elf(path)?;
+    let mut data = Vec::new();
+    if data.try_reserve_exact(len as usize).is_err() {
         return Err(Unread::Refused(format!(
             "is {len} bytes, more than this machine's memory holds"
         )));
     }
     (&file)
-        .take(len - 4)
+        .take(len)
         .read_to_end(&mut data)
         .map_err(Unread::Io)?;
     Ok((data, file))
+}
+
+/// A file [`open_elf`] opened, read where the parser asks (the ELF headers, the sections it
+/// reads) rather than whole: a module's symbol tables are a fraction of its bytes, and a debug
+/// file's compressed sections that are kept inflated (`cache`) need only their last four bytes.
+type Lazy = object::ReadCache<File>;
+
+/// The `.gnu_debuglink` name of an ELF file, if it has one.
+fn debuglink<'d, R: object::ReadRef<'d>>(obj: &object::File<'d, R>) -> Option<Vec<u8>> {
+    obj.gnu_debuglink()
+        .ok()
+        .flatten()
+        .map(|(n, _crc)| n.to_vec())
 }
 
 /// Whether an error opening a candidate path only says that nothing is there.
@@ -183,42 +205,106 @@ fn abbrevs_refer_outside(abbrev: &Reader, offset: usize) -> gimli::Result<bool> 
     }
 }
 
-/// A section's bytes in an `Arc` of their own: a zlib-compressed one inflated straight into it
-/// (inflated into a `Vec` and then copied into the `Arc`, both were held at once: libc's 5.8 MB
-/// `.debug_info` twice at the CLI's peak).
-/// A large one is kept inflated between runs (`cache`), under the debug file's `build_id`.
-fn section_arc(s: &object::Section<'_, '_>, build_id: &[u8]) -> Option<Arc<[u8]>> {
-    let c = s.compressed_data().ok()?;
-    if c.format == object::CompressionFormat::Zlib {
-        let n = usize::try_from(c.uncompressed_size).ok()?;
-        // The zlib stream ends with the adler32 of the inflated bytes (big-endian).
-        let kept = (c.data.len() >= cache::MIN_COMPRESSED)
+/// How a section's bytes are had: a large zlib-compressed one through the inflated copy kept
+/// between runs (`cache`), under the debug file's build-id, when there is one; else inflated
+/// from the file; else as the file holds them.
+enum Source {
+    Zlib {
+        /// Where the compressed stream lies in the file, and its inflated size.
+        offset: u64,
+        size: u64,
+        n: usize,
+        /// The cache's key and the stream's adler32 (a large section only).
+        kept: Option<(String, u32)>,
+    },
+    Plain(Arc<[u8]>),
+}
+
+impl Source {
+    /// Reads of the file only what deciding takes: a compressed section's last four bytes (the
+    /// zlib stream ends with the adler32 of the inflated bytes, big-endian).
+    fn of<'d, R: object::ReadRef<'d>>(
+        data: R,
+        s: &object::Section<'d, '_, R>,
+        build_id: &[u8],
+    ) -> Option<Source> {
+        let r = s.compressed_file_range().ok()?;
+        if r.format != object::CompressionFormat::Zlib {
+            return s
+                .uncompressed_data()
+                .ok()
+                .map(|d| Source::Plain(d.into_owned().into()));
+        }
+        let n = usize::try_from(r.uncompressed_size).ok()?;
+        let kept = (r.compressed_size >= cache::MIN_COMPRESSED as u64)
             .then(|| {
-                let t = c.data.get(c.data.len() - 4..)?;
+                // (A corrupt header's offset may not add up: no kept copy then.)
+                let last = r.offset.checked_add(r.compressed_size - 4)?;
+                let t = data.read_bytes_at(last, 4).ok()?;
                 let adler = u32::from_be_bytes([t[0], t[1], t[2], t[3]]);
                 Some((cache::key(build_id, s.name().ok()?, n, adler), adler))
             })
             .flatten();
-        if let Some(data) = kept
-            .as_ref()
-            .and_then(|(key, adler)| cache::load(key, n, *adler))
-        {
-            return Some(data);
-        }
-        let mut out: Arc<[u8]> = std::iter::repeat_n(0u8, n).collect();
-        let buf = Arc::get_mut(&mut out)?;
-        let mut z = flate2::Decompress::new(true);
-        let done = z.decompress(c.data, buf, flate2::FlushDecompress::Finish);
-        // (Inflating to the stream's end checks its adler32.)
-        if !(matches!(done, Ok(flate2::Status::StreamEnd)) && z.total_out() == n as u64) {
-            return None;
-        }
-        if let Some((key, _)) = kept {
-            cache::store(&key, &out);
-        }
-        return Some(out);
+        Some(Source::Zlib {
+            offset: r.offset,
+            size: r.compressed_size,
+            n,
+            kept,
+        })
     }
-    s.uncompressed_data().ok().map(|d| d.into_owned().into())
+
+    /// The inflated copy kept between runs, if it is there whole.
+    fn kept(&self) -> Option<Arc<[u8]>> {
+        match self {
+            Source::Zlib {
+                n,
+                kept: Some((key, adler)),
+                ..
+            } => cache::load(key, *n, *adler),
+            _ => None,
+        }
+    }
+
+    /// The section's bytes from the stream `compressed` (the file's bytes at `offset`, `size`
+    /// long), inflated straight into an `Arc` of their own and kept (inflated into a `Vec` and
+    /// then copied, both were held at once: libc's 5.8 MB `.debug_info` twice at the CLI's
+    /// peak); a plain section's as they are.
+    fn inflated(self, compressed: Option<&[u8]>) -> Option<Arc<[u8]>> {
+        match self {
+            Source::Plain(d) => Some(d),
+            Source::Zlib { n, kept, .. } => {
+                let mut out: Arc<[u8]> = std::iter::repeat_n(0u8, n).collect();
+                let buf = Arc::get_mut(&mut out)?;
+                let mut z = flate2::Decompress::new(true);
+                let done = z.decompress(compressed?, buf, flate2::FlushDecompress::Finish);
+                // (Inflating to the stream's end checks its adler32.)
+                if !(matches!(done, Ok(flate2::Status::StreamEnd)) && z.total_out() == n as u64) {
+                    return None;
+                }
+                if let Some((key, _)) = kept {
+                    cache::store(&key, &out);
+                }
+                Some(out)
+            }
+        }
+    }
+
+    /// The section's bytes: the kept copy, else read from the file and inflated.
+    fn load<'d, R: object::ReadRef<'d>>(self, data: R) -> Option<Arc<[u8]>> {
+        if let Some(d) = self.kept() {
+            return Some(d);
+        }
+        let c = self.compressed(data);
+        self.inflated(c)
+    }
+
+    /// The compressed stream, read from the file (nothing for a plain section).
+    fn compressed<'d, R: object::ReadRef<'d>>(&self, data: R) -> Option<&'d [u8]> {
+        match *self {
+            Source::Zlib { offset, size, .. } => data.read_bytes_at(offset, size).ok(),
+            Source::Plain(_) => None,
+        }
+    }
 }
 
 impl DebugFile {
@@ -227,7 +313,7 @@ impl DebugFile {
     /// symbolization never reads, are left alone. Units are parsed only when an address in them
     /// is looked up: addr2line's context over the whole of libc's 1,700 units cost 28 ms to build
     /// for the two frames a thread's stack has there (start_thread, clone3).
-    fn parse(data: &[u8]) -> Option<DebugFile> {
+    fn parse<'d, R: object::ReadRef<'d>>(data: R) -> Option<DebugFile> {
         let obj = object::File::parse(data).ok()?;
         let endian = if obj.is_little_endian() {
             gimli::RunTimeEndian::Little
@@ -235,19 +321,37 @@ impl DebugFile {
             gimli::RunTimeEndian::Big
         };
         let build_id = obj.build_id().ok().flatten().unwrap_or(&[]);
-        let inflate = |id: gimli::SectionId| -> Arc<[u8]> {
+        let source = |id: gimli::SectionId| -> Option<Source> {
             match id {
-                gimli::SectionId::DebugLoc | gimli::SectionId::DebugLocLists => Arc::new([]),
-                _ => obj
-                    .section_by_name(id.name())
-                    .and_then(|s| section_arc(&s, build_id))
-                    .unwrap_or_else(|| Arc::new([])),
+                gimli::SectionId::DebugLoc | gimli::SectionId::DebugLocLists => None,
+                _ => Source::of(data, &obj.section_by_name(id.name())?, build_id),
             }
         };
+        let inflate = |id: gimli::SectionId| -> Arc<[u8]> {
+            source(id)
+                .and_then(|s| s.load(data))
+                .unwrap_or_else(|| Arc::new([]))
+        };
+        // The largest section loads (from its kept copy, or inflated) on a second thread while
+        // this one does the others. The file is read here (its reader is not shared between
+        // threads): only when nothing is kept does the thread get the compressed stream.
+        let info = source(gimli::SectionId::DebugInfo);
+        let present = info.as_ref().is_some_and(|s| match s {
+            Source::Zlib {
+                n,
+                kept: Some((key, _)),
+                ..
+            } => cache::present(key, *n),
+            _ => false,
+        });
+        let compressed = match &info {
+            Some(s) if !present => s.compressed(data),
+            _ => None,
+        };
         let mut sections = HashMap::new();
-        // The largest section inflates on a second thread while this one does the others.
         let (info, dwarf) = std::thread::scope(|sc| {
-            let info = sc.spawn(|| inflate(gimli::SectionId::DebugInfo));
+            let info =
+                sc.spawn(move || info.and_then(|s| s.kept().or_else(|| s.inflated(compressed))));
             let dwarf = gimli::Dwarf::load(|id| -> Result<Reader, ()> {
                 if id == gimli::SectionId::DebugInfo {
                     return Ok(gimli::EndianArcSlice::new(Arc::new([]), endian));
@@ -260,6 +364,12 @@ impl DebugFile {
         });
         let (Ok(info), Ok(dwarf)) = (info, dwarf) else {
             return None;
+        };
+        // A kept copy found damaged on the thread: inflated from the file here.
+        let info = match info {
+            Some(i) => i,
+            None if present => inflate(gimli::SectionId::DebugInfo),
+            None => Arc::new([]),
         };
         sections.insert(
             gimli::SectionId::DebugInfo,
@@ -357,7 +467,9 @@ struct Module {
 }
 
 /// Function symbols of an ELF file: (address, size, name), sorted by address.
-fn function_symbols(obj: &object::File) -> Vec<(u64, u64, String)> {
+fn function_symbols<'d, R: object::ReadRef<'d>>(
+    obj: &object::File<'d, R>,
+) -> Vec<(u64, u64, String)> {
     use object::{ObjectSymbol, SymbolKind};
     let mut v: Vec<(u64, u64, String)> = obj
         .symbols()
@@ -506,7 +618,7 @@ impl Symbolizer {
     /// Where a module's separate debug file may be, in the order searched: by build-id under
     /// each debug root, then by `.gnu_debuglink` beside the module, in its `.debug/` and under
     /// each debug root.
-    fn debug_candidates(&self, path: &Path, build_id: &[u8], data: &[u8]) -> Vec<PathBuf> {
+    fn debug_candidates(&self, path: &Path, build_id: &[u8], link: Option<&[u8]>) -> Vec<PathBuf> {
         let mut candidates = Vec::new();
         if build_id.len() >= 2 {
             let h = hex(build_id);
@@ -518,11 +630,8 @@ impl Symbolizer {
                 );
             }
         }
-        let link = object::File::parse(data)
-            .ok()
-            .and_then(|o| o.gnu_debuglink().ok().flatten().map(|(n, _crc)| n.to_vec()));
         if let (Some(name), Some(dir)) = (link, path.parent()) {
-            let name = String::from_utf8_lossy(&name).into_owned();
+            let name = String::from_utf8_lossy(name).into_owned();
             candidates.push(dir.join(&name));
             candidates.push(dir.join(".debug").join(&name));
             for root in &self.debug_roots {
@@ -533,18 +642,42 @@ impl Symbolizer {
         candidates
     }
 
-    /// The separate debug file for a module, read: the first candidate that is there. One that
-    /// is there but cannot be read, or is not a regular ELF file, is a warning, and the search
-    /// goes on.
+    /// The separate debug file for a module (its bytes `data`), read: the first candidate that
+    /// is there. One that is there but cannot be read, or is not a regular ELF file, is a
+    /// warning, and the search goes on.
     fn debug_file(
         &mut self,
         path: &Path,
         build_id: &[u8],
         data: &[u8],
     ) -> Option<(PathBuf, Vec<u8>)> {
-        for c in self.debug_candidates(path, build_id, data) {
-            match read_elf(&c) {
-                Ok((d, _)) => return Some((c, d)),
+        let link = object::File::parse(data).ok().and_then(|o| debuglink(&o));
+        self.find_debug_file(path, build_id, link.as_deref(), |c| {
+            read_elf(c).map(|(d, _)| d)
+        })
+    }
+
+    /// [`Symbolizer::debug_file`], opened (see [`open_elf`]), not read; `link`: the module's
+    /// `.gnu_debuglink`.
+    fn open_debug_file(
+        &mut self,
+        path: &Path,
+        build_id: &[u8],
+        link: Option<&[u8]>,
+    ) -> Option<(PathBuf, File)> {
+        self.find_debug_file(path, build_id, link, |c| open_elf(c).map(|(f, _)| f))
+    }
+
+    fn find_debug_file<T>(
+        &mut self,
+        path: &Path,
+        build_id: &[u8],
+        link: Option<&[u8]>,
+        read: impl Fn(&Path) -> Result<T, Unread>,
+    ) -> Option<(PathBuf, T)> {
+        for c in self.debug_candidates(path, build_id, link) {
+            match read(&c) {
+                Ok(d) => return Some((c, d)),
                 Err(Unread::Io(e)) if absent(&e) => {}
                 Err(Unread::Io(e)) => self.warn(format!(
                     "cannot read debug file {} of {}: {e}; its frames may show without file:line",
@@ -594,8 +727,8 @@ impl Symbolizer {
             symbols: None,
             functions: vec![],
         };
-        let (data, file) = match read_elf(p) {
-            Ok(d) => d,
+        let file = match open_elf(p) {
+            Ok((f, _)) => Lazy::new(f),
             Err(Unread::Io(e)) => {
                 if !path.starts_with('[') && !path.starts_with("linux-vdso") {
                     self.warn(format!(
@@ -609,7 +742,7 @@ impl Symbolizer {
                 return none();
             }
         };
-        let obj = match object::File::parse(&*data) {
+        let obj = match object::File::parse(&file) {
             Ok(o) => o,
             Err(e) => {
                 self.warn(format!(
@@ -635,14 +768,16 @@ impl Symbolizer {
         let has_dwarf = obj
             .section_by_name(".debug_info")
             .is_some_and(|s| s.size() > 0);
+        let link = debuglink(&obj);
         drop(obj);
+        let file = file.into_inner();
         let symbols = addr2line::Loader::new(self.loader_path(p, &file)).ok();
         drop(file);
         let dwarf = if has_dwarf {
             None
         } else {
-            self.debug_file(p, build_id, &data)
-                .and_then(|(_, d)| DebugFile::parse(&d))
+            self.open_debug_file(p, build_id, link.as_deref())
+                .and_then(|(_, f)| DebugFile::parse(&Lazy::new(f)))
         };
         Module {
             dwarf,
@@ -760,7 +895,7 @@ mod tests {
         let (debug, debug_data) = s
             .debug_file(libc, &build_id, &data)
             .expect("libc's debug information (libc6-dbg) is installed");
-        let mut file = DebugFile::parse(&debug_data).unwrap();
+        let mut file = DebugFile::parse(&debug_data[..]).unwrap();
         let whole = addr2line::Loader::new(&debug).unwrap();
         let functions = function_symbols(&obj);
         let (mut compared, mut inlined) = (0, 0);

@@ -1657,7 +1657,7 @@ impl Symbolizer {
             .section_by_name(".debug_info")
             .is_some_and(|s| s.size() > 0)
         {
-            return DebugFile::parse(&data).map(|d| Info::new(d.dwarf(None), d.aranges));
+            return DebugFile::parse(&data[..]).map(|d| Info::new(d.dwarf(None), d.aranges));
         }
         let debug = self.debug_file(Path::new(path), build_id, &data);
         let module = &mut self.data.modules[m];
@@ -1675,7 +1675,7 @@ impl Symbolizer {
         match self.modules.get(&key).and_then(|m| m.dwarf.as_ref()) {
             Some(d) => Some(Info::new(d.dwarf(None), d.aranges.clone())),
             None => debug
-                .and_then(|(_, d)| DebugFile::parse(&d))
+                .and_then(|(_, d)| DebugFile::parse(&d[..]))
                 .map(|d| Info::new(d.dwarf(None), d.aranges)),
         }
     }
