@@ -138,8 +138,8 @@ fn read_elf(path: &Path) -> Result<(Vec<u8>, File), Unread> {
 }
 
 /// A file [`open_elf`] opened, read where the parser asks (the ELF headers, the sections it
-/// reads) rather than whole: a module's symbol tables are a fraction of its bytes, and a debug
-/// file's compressed sections that are kept inflated (`cache`) need only their last four bytes.
+/// reads) rather than whole: a separate debug file's compressed sections that are kept inflated
+/// (`cache`) need only their last four bytes. (Not for symbol tables: each name is a read.)
 type Lazy = object::ReadCache<File>;
 
 /// The `.gnu_debuglink` name of an ELF file, if it has one.
@@ -727,8 +727,9 @@ impl Symbolizer {
             symbols: None,
             functions: vec![],
         };
-        let file = match open_elf(p) {
-            Ok((f, _)) => Lazy::new(f),
+        // Read whole: its symbol names are read one by one (a read of a lazy file each).
+        let (data, file) = match read_elf(p) {
+            Ok(d) => d,
             Err(Unread::Io(e)) => {
                 if !path.starts_with('[') && !path.starts_with("linux-vdso") {
                     self.warn(format!(
@@ -742,7 +743,7 @@ impl Symbolizer {
                 return none();
             }
         };
-        let obj = match object::File::parse(&file) {
+        let obj = match object::File::parse(&*data) {
             Ok(o) => o,
             Err(e) => {
                 self.warn(format!(
@@ -770,7 +771,7 @@ impl Symbolizer {
             .is_some_and(|s| s.size() > 0);
         let link = debuglink(&obj);
         drop(obj);
-        let file = file.into_inner();
+        drop(data);
         let symbols = addr2line::Loader::new(self.loader_path(p, &file)).ok();
         drop(file);
         let dwarf = if has_dwarf {
