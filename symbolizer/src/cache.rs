@@ -81,12 +81,16 @@ pub fn load(key: &str, size: usize, adler: u32) -> Option<Arc<[u8]>> {
 /// when it is loaded).
 pub fn present(key: &str, size: usize) -> bool {
     dir().is_some_and(|d| {
-        rustix::fs::statat(d, key, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
-            FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
-                && st.st_uid == rustix::process::geteuid().as_raw()
-                && u64::try_from(st.st_size).is_ok_and(|s| s == size as u64)
-        })
+        rustix::fs::statat(d, key, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| fits(&st, size))
     })
+}
+
+/// A kept file that may be read: a regular file of ours, of `size` bytes.
+fn fits(st: &rustix::fs::Stat, size: usize) -> bool {
+    FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+        && st.st_uid == rustix::process::geteuid().as_raw()
+        && u64::try_from(st.st_size).is_ok_and(|s| s == size as u64)
 }
 
 /// Keeps `data` under `key` (quietly not, if it cannot).
@@ -104,11 +108,7 @@ pub fn load_in(dir: &OwnedFd, key: &str, size: usize, adler: u32) -> Option<Arc<
         Mode::empty(),
     )
     .ok()?;
-    let st = rustix::fs::fstat(&fd).ok()?;
-    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
-        || st.st_uid != rustix::process::geteuid().as_raw()
-        || u64::try_from(st.st_size).ok()? != size as u64
-    {
+    if !fits(&rustix::fs::fstat(&fd).ok()?, size) {
         return None;
     }
     let mut out: Arc<[u8]> = std::iter::repeat_n(0u8, size).collect();
