@@ -1,22 +1,28 @@
-//! The live set: every block a process holds, by address, in 16 bytes a block.
+//! The live set: every block a process holds, by address, in about 16-24 bytes a block.
 //!
 //! Up to 65,536 blocks it is a plain hash map (a few MB, in cache, where a general map's
-//! inserts and removes are cheapest); past that, the table below.
+//! inserts and removes are cheapest); past that, the B+ tree below.
 //!
-//! A general hash map of `u64 -> Live` takes 25 bytes a slot and doubles (with a transient copy
-//! of the whole table) as it grows: ~62 B a live block at 5 M blocks, and every insert a cache
-//! miss on a table of hundreds of MB. This table packs a block into two words and splits the
-//! slots into up to 256 partitions of one capacity by the address's hash. It grows all of them
-//! at once, by 7/5, in place: the slot array is extended (a large allocation grows by remapping
-//! its pages, not copying them) and the partitions are rebuilt from the last to the first, each
-//! through a scratch copy of itself, into its new place, which overlaps only itself and the ones
-//! already rebuilt. So a resize needs the new table plus 1/256 of the old (the peak stays near the
-//! live set), and only the growth itself is fresh memory (fresh pages are costly to fault in).
-//! [`LiveSet::touch`] loads the slots of a batch of addresses ahead of their inserts and
-//! removes, so that their cache misses overlap.
+//! A hash table keyed by address scatters what an allocator keeps together: a program that grows
+//! its heap gets consecutive addresses, and each of them lands in a random slot of a table of
+//! hundreds of MB (a cache and TLB miss per insert, ~100 ns, and every block moved again each
+//! time the table grows). The tree keeps blocks in address order, 32 to a leaf, so consecutive
+//! addresses fill the same leaf. A full leaf splits in two (or, when the new block goes past its
+//! last, starts a new leaf and stays full, so a growing heap packs its leaves); nothing is moved
+//! as the set grows, and leaves and inner nodes live in two vectors, grown by remapping their
+//! pages, whose untouched tail is never resident.
 //!
-//! A slot, two words:
-//! - `[0]`: the address (48 bits; 0 is an empty slot) and `born`'s low 16 bits;
+//! Finding a leaf rarely descends the tree. Each leaf knows the addresses it covers and its
+//! neighbours; the leaf used last is tried first (a growing heap), then a hint: a table, by a
+//! hash of the address's granule (the span of about 16 blocks of the average size, four entries
+//! a leaf), of the leaf that last took a block of that granule. A hint is checked against the
+//! leaf's range, then its neighbours'; only when all miss does the lookup descend (and fix the
+//! hint). So a free anywhere in a large heap costs about one miss to the hints (in the cache)
+//! and one to the leaf, and [`LiveSet::touch`] loads the leaves of a batch of events from their
+//! hints ahead of their inserts and removes, so that those misses overlap.
+//!
+//! A block, two words (the slot):
+//! - `[0]`: the address (48 bits; 0 is never a key) and `born`'s low 16 bits;
 //! - `[1]`: the size (32 bits), the stack (24 bits: the id's 23 low bits and the inherited-stack
 //!   flag) and `born`'s high 8 bits.
 //!
@@ -24,11 +30,12 @@
 //! epoch index too large: rare, or a corrupt trace's) live in a side map. An address is in one of
 //! the two places, never both.
 //!
-//! Partitions are open-addressed with linear probing (wrapping inside the partition) and
-//! backward-shift removal (no tombstones), at most 4/5 full. A slot's home is `fastrange` of the
-//! hash's bits below the partition bits, so capacities need not be powers of two. Addresses
-//! hash evenly across partitions (a folded multiply); a trace whose addresses all fell into one
-//! partition would grow the table as if all were as full as that one (memory, never an error).
+//! Memory: a leaf is 32 slots (544 B with its range and links). Leaves split in half (or stay
+//! full, above), and one that falls below a quarter after a remove merges with a neighbour when
+//! the two fit three quarters of a leaf (or either is empty), so a leaf below a quarter has a
+//! neighbour above half: ~17 B a block for a heap that grows by increasing addresses, ~25 B when
+//! blocks come and go at random, ~34 B at the worst. The hints add 16 B a leaf (under 1 B a
+//! block), inner nodes ~1/20 of the leaves.
 
 use rustc_hash::FxHashMap;
 
@@ -36,103 +43,21 @@ use crate::process::{Live, INHERITED_STACK};
 
 type Slot = [u64; 2];
 
-const EMPTY: Slot = [0, 0];
 const ADDR_BITS: u32 = 48;
 const ADDR_MASK: u64 = (1 << ADDR_BITS) - 1;
 /// Stack ids below this (and the same with the inherited flag) fit a slot.
 const STACK_IDS: u32 = 1 << 23;
 /// Epoch indexes below this fit a slot.
 const BORN_LIMIT: u32 = 1 << 24;
-/// The most partitions (the hash's top bits pick one).
-const MAX_PART_BITS: u32 = 8;
-/// Below this many blocks the set is a plain hash map (in cache, it is faster than the slots);
-/// at this many it moves into `1 << MAX_PART_BITS` partitions of slots.
+/// Below this many blocks the set is a plain hash map (in cache, it is faster than the tree);
+/// at this many it moves into the tree.
 const SPLIT_AT: usize = 1 << 16;
-/// The least capacity of a partition.
-const MIN_SLOTS: usize = 8;
-
-/// The capacity partitions of `cap` slots grow to: by 7/5, so that they are 4/7 full just after
-/// (28 B a block at worst, 20 B at best), and each block is moved 3.5 times on average as the
-/// table grows (by 4/3: 4 times, 27 B at worst; by 3/2: 3 times, 30 B at worst).
-fn grown(cap: usize) -> usize {
-    (cap + cap * 2 / 5).max(MIN_SLOTS)
-}
-
-#[inline]
-fn hash(addr: u64) -> u64 {
-    // A folded multiply: the product's top bits depend on every address bit (Fibonacci hashing
-    // spreads the arithmetic progressions allocators hand out).
-    let m = u128::from(addr).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (m as u64) ^ ((m >> 64) as u64)
-}
-
-/// The home of hash bits `low` in a partition of `cap` slots.
-#[inline]
-fn home(low: u64, cap: usize) -> usize {
-    ((u128::from(low) * cap as u128) >> 64) as usize
-}
-
-#[inline]
-fn next(i: usize, cap: usize) -> usize {
-    if i + 1 == cap {
-        0
-    } else {
-        i + 1
-    }
-}
-
-/// In partition `part` (its slots), the slot holding `addr`, or the empty slot where it would
-/// go. The partition has an empty slot.
-#[inline]
-fn probe(part: &[Slot], addr: u64, low: u64) -> (usize, bool) {
-    let cap = part.len();
-    let mut i = home(low, cap);
-    loop {
-        let k = part[i][0] & ADDR_MASK;
-        if k == addr {
-            return (i, true);
-        }
-        if k == 0 {
-            return (i, false);
-        }
-        i = next(i, cap);
-    }
-}
-
-/// Puts slot `s` (of a block not in the partition) into its first free slot from home; blocks
-/// hash with `shift` partition bits.
-#[inline]
-fn place(part: &mut [Slot], s: Slot, shift: u32) {
-    let k = s[0] & ADDR_MASK;
-    let (i, _) = probe(part, k, hash(k) << shift);
-    part[i] = s;
-}
-
-/// Empties slot `i` of `part`, moving later slots of the same run back so that every block stays
-/// reachable from its home without gaps.
-fn vacate(part: &mut [Slot], mut i: usize, shift: u32) {
-    let cap = part.len();
-    let mut j = next(i, cap);
-    loop {
-        let k = part[j][0] & ADDR_MASK;
-        if k == 0 {
-            break;
-        }
-        let h = home(hash(k) << shift, cap);
-        // The block at j may move to i unless its home lies in (i, j] (cyclically).
-        let stays = if i <= j {
-            i < h && h <= j
-        } else {
-            i < h || h <= j
-        };
-        if !stays {
-            part[i] = part[j];
-            i = j;
-        }
-        j = next(j, cap);
-    }
-    part[i] = EMPTY;
-}
+/// Slots in a leaf.
+const LEAF: usize = 32;
+/// Children of an inner node.
+const FAN: usize = 32;
+/// Inner levels at most: 32 * 32^11 leaves is far more than an address space holds.
+const MAX_HEIGHT: usize = 12;
 
 /// The slot of a block, if it fits one.
 #[inline]
@@ -168,18 +93,604 @@ fn unpack(s: Slot) -> (u64, Live) {
     )
 }
 
+/// No leaf (a link's end, a path that leads nowhere).
+const NONE: u32 = u32::MAX;
+
+/// Up to [`LEAF`] slots in address order (the key: the first word's low 48 bits), the range of
+/// addresses the leaf covers and its neighbours in address order.
+#[derive(Clone, Copy)]
+struct Leaf {
+    /// The range: `lo..hi` (empty for a leaf on the free list).
+    lo: u64,
+    hi: u64,
+    prev: u32,
+    next: u32,
+    len: u32,
+    /// The slots' first words.
+    keys: [u64; LEAF],
+    /// The slots' second words.
+    vals: [u64; LEAF],
+}
+
+impl Leaf {
+    const EMPTY: Leaf = Leaf {
+        lo: 0,
+        hi: 0,
+        prev: NONE,
+        next: NONE,
+        len: 0,
+        keys: [0; LEAF],
+        vals: [0; LEAF],
+    };
+
+    #[inline]
+    fn n(&self) -> usize {
+        self.len as usize
+    }
+
+    #[inline]
+    fn covers(&self, addr: u64) -> bool {
+        self.lo <= addr && addr < self.hi
+    }
+
+    /// Where `addr` is or would go, and whether it is there.
+    #[inline]
+    fn search(&self, addr: u64) -> (usize, bool) {
+        let keys = &self.keys[..self.n()];
+        // Blocks come in increasing addresses more often than not: past the last, no search.
+        match keys.last() {
+            None => return (0, false),
+            Some(&k) if k & ADDR_MASK < addr => return (keys.len(), false),
+            _ => {}
+        }
+        // A count rather than a binary search: the loads do not wait on each other, so a leaf
+        // out of the cache costs one miss, not one a step.
+        let i = keys.iter().filter(|&&k| k & ADDR_MASK < addr).count();
+        (i, keys[i] & ADDR_MASK == addr)
+    }
+
+    #[inline]
+    fn slot(&self, i: usize) -> Slot {
+        [self.keys[i], self.vals[i]]
+    }
+
+    /// Puts `s` at `i` (the leaf has room).
+    #[inline]
+    fn insert_at(&mut self, i: usize, s: Slot) {
+        let n = self.n();
+        self.keys.copy_within(i..n, i + 1);
+        self.vals.copy_within(i..n, i + 1);
+        [self.keys[i], self.vals[i]] = s;
+        self.len += 1;
+    }
+
+    #[inline]
+    fn remove_at(&mut self, i: usize) -> Slot {
+        let n = self.n();
+        let s = self.slot(i);
+        self.keys.copy_within(i + 1..n, i);
+        self.vals.copy_within(i + 1..n, i);
+        self.len -= 1;
+        s
+    }
+}
+
+/// Up to [`FAN`] children (leaves one level up, inner nodes above) and the addresses that divide
+/// them.
+#[derive(Clone, Copy)]
+struct Inner {
+    /// `seps[i]`: the least address of child `i + 1`'s range (child `i` covers
+    /// `seps[i - 1]..seps[i]`, the first and the last what the node covers on their side).
+    seps: [u64; FAN - 1],
+    kids: [u32; FAN],
+    len: u32,
+}
+
+impl Inner {
+    const EMPTY: Inner = Inner {
+        seps: [0; FAN - 1],
+        kids: [0; FAN],
+        len: 0,
+    };
+
+    #[inline]
+    fn n(&self) -> usize {
+        self.len as usize
+    }
+
+    /// The child whose range holds `addr`.
+    #[inline]
+    fn child(&self, addr: u64) -> usize {
+        // A count, as in a leaf: the loads do not wait on each other.
+        self.seps[..self.n() - 1]
+            .iter()
+            .filter(|&&s| s <= addr)
+            .count()
+    }
+}
+
+/// The B+ tree of the blocks that fit a slot (see the module's docs).
+#[derive(Clone)]
+struct Tree {
+    leaves: Vec<Leaf>,
+    inners: Vec<Inner>,
+    free_leaves: Vec<u32>,
+    free_inners: Vec<u32>,
+    root: u32,
+    /// Inner levels above the leaves (0: the root is a leaf).
+    height: usize,
+    /// Blocks in the leaves.
+    len: usize,
+    /// The leaf used last (the finger).
+    last: u32,
+    /// (inner node, child taken) from the root down to `path_leaf`, `height` of them: valid
+    /// while the tree keeps its shape (a split or a merge ends it).
+    path: [(u32, u32); MAX_HEIGHT],
+    path_leaf: u32,
+    /// By a hash of its granule, the leaf that last took a block of an address, plus one (0:
+    /// none; a hint: checked against the leaf's range, or its neighbours', before it is used);
+    /// `1 << hint_bits` of them.
+    hints: Vec<u32>,
+    hint_bits: u32,
+    /// Hints cover the address space in granules of `1 << granule_bits` bytes.
+    granule_bits: u32,
+    /// The granule of the hint set last.
+    granule: u64,
+}
+
+/// Two distinct elements of `v`, mutably.
+fn two<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
+    debug_assert_ne!(a, b);
+    if a < b {
+        let (x, y) = v.split_at_mut(b);
+        (&mut x[a], &mut y[0])
+    } else {
+        let (x, y) = v.split_at_mut(a);
+        (&mut y[0], &mut x[b])
+    }
+}
+
+#[inline]
+fn hash(x: u64) -> u64 {
+    // A folded multiply: the product's top bits depend on every bit of x.
+    let m = u128::from(x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (m as u64) ^ ((m >> 64) as u64)
+}
+
+/// The least hint table: 4,096 entries.
+const MIN_HINT_BITS: u32 = 12;
+
+impl Tree {
+    fn new() -> Tree {
+        let mut root = Leaf::EMPTY;
+        root.hi = u64::MAX;
+        Tree {
+            leaves: vec![root],
+            inners: Vec::new(),
+            free_leaves: Vec::new(),
+            free_inners: Vec::new(),
+            root: 0,
+            height: 0,
+            len: 0,
+            last: 0,
+            path: [(0, 0); MAX_HEIGHT],
+            path_leaf: 0,
+            hints: vec![0; 1 << MIN_HINT_BITS],
+            hint_bits: MIN_HINT_BITS,
+            granule_bits: 10,
+            granule: u64::MAX,
+        }
+    }
+
+    #[inline]
+    fn hint_of(&self, addr: u64) -> usize {
+        (hash(addr >> self.granule_bits) >> (64 - self.hint_bits)) as usize
+    }
+
+    /// The hint's leaf for `addr`, if any (it may not cover `addr`).
+    #[inline]
+    fn hinted(&self, addr: u64) -> Option<&Leaf> {
+        let h = self.hints[self.hint_of(addr)] as usize;
+        self.leaves.get(h.wrapping_sub(1))
+    }
+
+    /// Of leaf `i` and its neighbours, the one that covers `addr`.
+    #[inline]
+    fn around(&self, i: usize, addr: u64) -> Option<usize> {
+        let l = self.leaves.get(i)?;
+        let j = if l.covers(addr) {
+            return Some(i);
+        } else if addr < l.lo {
+            l.prev
+        } else {
+            l.next
+        };
+        (self.leaves.get(j as usize)?.covers(addr)).then_some(j as usize)
+    }
+
+    /// The leaf that covers `addr`, found without a descent: the last one, or the hint's or a
+    /// neighbour of it.
+    #[inline]
+    fn near(&self, addr: u64) -> Option<usize> {
+        let last = self.last as usize;
+        if self.leaves[last].covers(addr) {
+            return Some(last);
+        }
+        let h = self.hints[self.hint_of(addr)] as usize;
+        self.around(h.wrapping_sub(1), addr)
+    }
+
+    /// The leaf that covers `addr`, read only.
+    #[inline]
+    fn seek(&self, addr: u64) -> usize {
+        if let Some(i) = self.near(addr) {
+            return i;
+        }
+        let mut node = self.root;
+        for _ in 0..self.height {
+            let n = &self.inners[node as usize];
+            node = n.kids[n.child(addr)];
+        }
+        node as usize
+    }
+
+    /// The leaf that covers `addr`, made the last (and the hint of its granule when the last
+    /// and the hint did not lead to it).
+    #[inline]
+    fn locate(&mut self, addr: u64) -> usize {
+        let last = self.last as usize;
+        if self.leaves[last].covers(addr) {
+            return last;
+        }
+        let h = self.hint_of(addr);
+        let hinted = (self.hints[h] as usize).wrapping_sub(1);
+        let i = match self.leaves.get(hinted) {
+            Some(l) if l.covers(addr) => hinted,
+            _ => {
+                let i = self
+                    .around(hinted, addr)
+                    .unwrap_or_else(|| self.descend(addr));
+                self.hints[h] = i as u32 + 1;
+                i
+            }
+        };
+        self.last = i as u32;
+        i
+    }
+
+    /// Down from the root to the leaf that covers `addr`, keeping the path.
+    fn descend(&mut self, addr: u64) -> usize {
+        let mut node = self.root;
+        for depth in 0..self.height {
+            let n = &self.inners[node as usize];
+            let i = n.child(addr);
+            self.path[depth] = (node, i as u32);
+            node = n.kids[i];
+        }
+        self.path_leaf = node;
+        node as usize
+    }
+
+    /// The path to leaf `li`, which covers `addr`.
+    fn path_to(&mut self, li: usize, addr: u64) {
+        if self.path_leaf as usize != li {
+            let d = self.descend(addr);
+            debug_assert_eq!(d, li);
+        }
+    }
+
+    fn get(&self, addr: u64) -> Option<Slot> {
+        let leaf = &self.leaves[self.seek(addr)];
+        match leaf.search(addr) {
+            (i, true) => Some(leaf.slot(i)),
+            _ => None,
+        }
+    }
+
+    /// Puts `s` in for `addr` (its key); returns the slot it replaced.
+    #[inline]
+    fn insert(&mut self, addr: u64, s: Slot) -> Option<Slot> {
+        let li = self.locate(addr);
+        let leaf = &mut self.leaves[li];
+        let (i, found) = leaf.search(addr);
+        if found {
+            let old = leaf.slot(i);
+            [leaf.keys[i], leaf.vals[i]] = s;
+            return Some(old);
+        }
+        if leaf.n() < LEAF {
+            leaf.insert_at(i, s);
+            // The block's granule leads to its leaf (once a granule, for a heap that grows).
+            let g = addr >> self.granule_bits;
+            if g != self.granule {
+                let h = self.hint_of(addr);
+                self.hints[h] = li as u32 + 1;
+                self.granule = g;
+            }
+        } else {
+            self.split_leaf(li, i, addr, s);
+        }
+        self.len += 1;
+        None
+    }
+
+    /// Four hints a leaf, their granule the span of 16 blocks of the average size, set again
+    /// from every leaf's blocks (once a granule in a run).
+    #[inline(never)]
+    fn more_hints(&mut self) {
+        self.hint_bits = (self.leaves.len() * 4).next_power_of_two().trailing_zeros();
+        let bytes: u64 = (self.leaves.iter())
+            .flat_map(|l| &l.vals[..l.n()])
+            .map(|v| v & 0xffff_ffff)
+            .sum();
+        let span = (bytes / self.len.max(1) as u64).max(16) * 16;
+        self.granule_bits = 63 - span.leading_zeros();
+        self.hints = vec![0; 1 << self.hint_bits];
+        for li in 0..self.leaves.len() {
+            let mut g = u64::MAX;
+            for j in 0..self.leaves[li].n() {
+                let a = self.leaves[li].keys[j] & ADDR_MASK;
+                if a >> self.granule_bits != g {
+                    g = a >> self.granule_bits;
+                    let h = self.hint_of(a);
+                    self.hints[h] = li as u32 + 1;
+                }
+            }
+        }
+        self.granule = u64::MAX;
+    }
+
+    fn new_leaf(&mut self) -> usize {
+        match self.free_leaves.pop() {
+            Some(i) => i as usize,
+            None => {
+                self.leaves.push(Leaf::EMPTY);
+                self.leaves.len() - 1
+            }
+        }
+    }
+
+    fn new_inner(&mut self) -> usize {
+        match self.free_inners.pop() {
+            Some(i) => i as usize,
+            None => {
+                self.inners.push(Inner::EMPTY);
+                self.inners.len() - 1
+            }
+        }
+    }
+
+    /// Full leaf `li`, which covers `addr`, takes `s` at `i` by splitting in two.
+    #[inline(never)]
+    fn split_leaf(&mut self, li: usize, i: usize, addr: u64, s: Slot) {
+        self.path_to(li, addr);
+        let ri = self.new_leaf();
+        if self.leaves.len() * 2 > self.hints.len() {
+            self.more_hints();
+        }
+        let (left, right) = two(&mut self.leaves, li, ri);
+        if i == LEAF {
+            // Past the last: the full leaf stays full (a growing heap packs its leaves).
+            right.insert_at(0, s);
+        } else if i == 0 {
+            // Before the first (a heap growing down): the same, the other way.
+            (right.keys, right.vals, right.len) = (left.keys, left.vals, left.len);
+            left.len = 0;
+            left.insert_at(0, s);
+        } else {
+            let mid = LEAF / 2;
+            right.keys[..LEAF - mid].copy_from_slice(&left.keys[mid..]);
+            right.vals[..LEAF - mid].copy_from_slice(&left.vals[mid..]);
+            right.len = (LEAF - mid) as u32;
+            left.len = mid as u32;
+            if i <= mid {
+                left.insert_at(i, s);
+            } else {
+                right.insert_at(i - mid, s);
+            }
+        }
+        let sep = right.keys[0] & ADDR_MASK;
+        // The next block most likely comes where this one went.
+        self.last = if addr < sep { li } else { ri } as u32;
+        (right.lo, right.hi, left.hi) = (sep, left.hi, sep);
+        (right.prev, right.next, left.next) = (li as u32, left.next, ri as u32);
+        let next = self.leaves[ri].next as usize;
+        if let Some(n) = self.leaves.get_mut(next) {
+            n.prev = ri as u32;
+        }
+        self.add_child(self.height, sep, ri as u32);
+        self.path_leaf = NONE;
+    }
+
+    /// A node at depth `depth` of the path split: `kid`, covering from `sep` on, goes into its
+    /// parent right after it.
+    fn add_child(&mut self, depth: usize, sep: u64, kid: u32) {
+        if depth == 0 {
+            // The root split: a new root above it.
+            let r = self.new_inner();
+            let n = &mut self.inners[r];
+            n.kids[..2].copy_from_slice(&[self.root, kid]);
+            n.seps[0] = sep;
+            n.len = 2;
+            self.root = r as u32;
+            self.height += 1;
+            return;
+        }
+        let (pi, ci) = self.path[depth - 1];
+        let (pi, at) = (pi as usize, ci as usize + 1);
+        let p = &mut self.inners[pi];
+        let n = p.n();
+        if n < FAN {
+            p.kids.copy_within(at..n, at + 1);
+            p.seps.copy_within(at - 1..n - 1, at);
+            p.kids[at] = kid;
+            p.seps[at - 1] = sep;
+            p.len += 1;
+            return;
+        }
+        // FAN + 1 children in two nodes: the left keeps all but the new one when it comes last.
+        let mut kids = [0u32; FAN + 1];
+        let mut seps = [0u64; FAN];
+        kids[..at].copy_from_slice(&p.kids[..at]);
+        kids[at] = kid;
+        kids[at + 1..].copy_from_slice(&p.kids[at..]);
+        seps[..at - 1].copy_from_slice(&p.seps[..at - 1]);
+        seps[at - 1] = sep;
+        seps[at..].copy_from_slice(&p.seps[at - 1..]);
+        // The same the other way when it comes second (a heap growing down).
+        let m = match at {
+            FAN => FAN,
+            1 => 1,
+            _ => FAN.div_ceil(2),
+        };
+        let qi = self.new_inner();
+        let (p, q) = two(&mut self.inners, pi, qi);
+        p.kids[..m].copy_from_slice(&kids[..m]);
+        p.seps[..m - 1].copy_from_slice(&seps[..m - 1]);
+        p.len = m as u32;
+        q.kids[..FAN + 1 - m].copy_from_slice(&kids[m..]);
+        q.seps[..FAN - m].copy_from_slice(&seps[m..]);
+        q.len = (FAN + 1 - m) as u32;
+        self.add_child(depth - 1, seps[m - 1], qi as u32);
+    }
+
+    /// Takes `addr` out; returns its slot.
+    #[inline]
+    fn remove(&mut self, addr: u64) -> Option<Slot> {
+        let li = self.locate(addr);
+        let leaf = &mut self.leaves[li];
+        let (i, found) = leaf.search(addr);
+        if !found {
+            return None;
+        }
+        let old = leaf.remove_at(i);
+        self.len -= 1;
+        if leaf.n() < LEAF / 4 && self.height > 0 {
+            self.merge_leaf(li, addr);
+        }
+        Some(old)
+    }
+
+    /// Leaf `li`, which covers `addr`, fell below a quarter: it and a neighbour become one leaf
+    /// where they fit three quarters of one, or either is empty.
+    #[inline(never)]
+    fn merge_leaf(&mut self, li: usize, addr: u64) {
+        self.path_to(li, addr);
+        let (pi, ci) = self.path[self.height - 1];
+        let p = &self.inners[pi as usize];
+        let (n, ci) = (p.n(), ci as usize);
+        if n < 2 {
+            return;
+        }
+        let a = if ci + 1 < n { ci } else { ci - 1 };
+        let (l, r) = (p.kids[a] as usize, p.kids[a + 1] as usize);
+        let (ln, rn) = (self.leaves[l].n(), self.leaves[r].n());
+        if ln + rn > LEAF * 3 / 4 && ln != 0 && rn != 0 {
+            return;
+        }
+        let (left, right) = two(&mut self.leaves, l, r);
+        left.keys[ln..ln + rn].copy_from_slice(&right.keys[..rn]);
+        left.vals[ln..ln + rn].copy_from_slice(&right.vals[..rn]);
+        left.len += right.len;
+        (left.hi, left.next) = (right.hi, right.next);
+        *right = Leaf::EMPTY;
+        let next = self.leaves[l].next as usize;
+        if let Some(n) = self.leaves.get_mut(next) {
+            n.prev = l as u32;
+        }
+        self.free_leaves.push(r as u32);
+        self.last = l as u32;
+        self.remove_child(self.height - 1, a + 1);
+        self.path_leaf = NONE;
+    }
+
+    /// Child `k` (never the first) of the inner node at depth `depth` of the path was merged
+    /// into the one before it: takes it and the address before it out, then merges the node
+    /// with a neighbour the same way, or lowers the root.
+    fn remove_child(&mut self, depth: usize, k: usize) {
+        let pi = self.path[depth].0 as usize;
+        let p = &mut self.inners[pi];
+        let n = p.n();
+        p.kids.copy_within(k + 1..n, k);
+        p.seps.copy_within(k..n - 1, k - 1);
+        p.len -= 1;
+        if depth == 0 {
+            if p.len == 1 {
+                // A root of one child: the child is the root.
+                self.root = p.kids[0];
+                p.len = 0;
+                self.free_inners.push(pi as u32);
+                self.height -= 1;
+            }
+            return;
+        }
+        if p.n() >= FAN / 4 {
+            return;
+        }
+        let (gi, ci) = self.path[depth - 1];
+        let g = &self.inners[gi as usize];
+        let (gn, ci) = (g.n(), ci as usize);
+        if gn < 2 {
+            return;
+        }
+        let a = if ci + 1 < gn { ci } else { ci - 1 };
+        let (l, r, sep) = (g.kids[a] as usize, g.kids[a + 1] as usize, g.seps[a]);
+        let (ln, rn) = (self.inners[l].n(), self.inners[r].n());
+        if ln + rn > FAN * 3 / 4 {
+            // Too many for one: the fuller lends the other children until they are even.
+            let k = ln.max(rn) - (ln + rn) / 2;
+            let (left, right) = two(&mut self.inners, l, r);
+            let sep = if ln < rn {
+                // The right's first k to the left's end.
+                left.seps[ln - 1] = sep;
+                left.seps[ln..ln + k - 1].copy_from_slice(&right.seps[..k - 1]);
+                left.kids[ln..ln + k].copy_from_slice(&right.kids[..k]);
+                let up = right.seps[k - 1];
+                right.seps.copy_within(k..rn - 1, 0);
+                right.kids.copy_within(k..rn, 0);
+                up
+            } else {
+                // The left's last k to the right's front.
+                right.seps.copy_within(..rn - 1, k);
+                right.kids.copy_within(..rn, k);
+                right.seps[k - 1] = sep;
+                right.seps[..k - 1].copy_from_slice(&left.seps[ln - k..ln - 1]);
+                right.kids[..k].copy_from_slice(&left.kids[ln - k..ln]);
+                left.seps[ln - k - 1]
+            };
+            (left.len, right.len) = if ln < rn {
+                ((ln + k) as u32, (rn - k) as u32)
+            } else {
+                ((ln - k) as u32, (rn + k) as u32)
+            };
+            self.inners[gi as usize].seps[a] = sep;
+            return;
+        }
+        let (left, right) = two(&mut self.inners, l, r);
+        left.seps[ln - 1] = sep;
+        left.seps[ln..ln + rn - 1].copy_from_slice(&right.seps[..rn - 1]);
+        left.kids[ln..ln + rn].copy_from_slice(&right.kids[..rn]);
+        left.len += right.len;
+        right.len = 0;
+        self.free_inners.push(r as u32);
+        self.remove_child(depth - 1, a + 1);
+    }
+
+    fn bytes(&self) -> usize {
+        self.leaves.len() * std::mem::size_of::<Leaf>()
+            + self.inners.len() * std::mem::size_of::<Inner>()
+            + (self.free_leaves.capacity() + self.free_inners.capacity() + self.hints.len()) * 4
+    }
+}
+
 /// The live blocks of a process by address (see the module's docs). `get`, `contains_key`,
-/// `iter` and `touch` never allocate; `insert` allocates only when the table grows.
+/// `iter` and `touch` never allocate; `insert` allocates only when the tree grows.
 #[derive(Clone, Default)]
 pub struct LiveSet {
-    /// `1 << bits` partitions of `cap` slots each, one after the other.
-    slots: Vec<Slot>,
-    cap: usize,
-    /// Blocks in each partition.
-    lens: Vec<usize>,
-    bits: u32,
+    /// The blocks that fit a slot, once the set has grown past [`SPLIT_AT`].
+    tree: Option<Box<Tree>>,
     len: usize,
-    /// Blocks that do not fit a slot.
+    /// Blocks that do not fit a slot (every block while the set is small).
     odd: FxHashMap<u64, Live>,
 }
 
@@ -204,43 +715,9 @@ impl LiveSet {
         self.len == 0
     }
 
-    /// The partition of hash `h` and the hash's bits below the partition bits.
-    #[inline]
-    fn part_of(&self, h: u64) -> (usize, u64) {
-        (
-            ((h >> (64 - MAX_PART_BITS)) >> (MAX_PART_BITS - self.bits)) as usize,
-            h << self.bits,
-        )
-    }
-
-    #[inline]
-    fn part(&self, p: usize) -> &[Slot] {
-        &self.slots[p * self.cap..(p + 1) * self.cap]
-    }
-
-    #[inline]
-    fn part_mut(&mut self, p: usize) -> &mut [Slot] {
-        let cap = self.cap;
-        &mut self.slots[p * cap..(p + 1) * cap]
-    }
-
-    /// (partition, slot) of `addr` in the slots.
-    #[inline]
-    fn find(&self, addr: u64) -> Option<(usize, usize)> {
-        if self.cap == 0 || addr.wrapping_sub(1) >= ADDR_MASK {
-            // 0 and addresses beyond 48 bits are never in a slot (0 marks an empty one).
-            return None;
-        }
-        let (p, low) = self.part_of(hash(addr));
-        match probe(self.part(p), addr, low) {
-            (i, true) => Some((p, i)),
-            _ => None,
-        }
-    }
-
     pub fn get(&self, addr: u64) -> Option<Live> {
-        if let Some((p, i)) = self.find(addr) {
-            return Some(unpack(self.part(p)[i]).1);
+        if let Some(s) = self.tree.as_ref().and_then(|t| t.get(addr)) {
+            return Some(unpack(s).1);
         }
         if self.odd.is_empty() {
             None
@@ -250,13 +727,14 @@ impl LiveSet {
     }
 
     pub fn contains_key(&self, addr: u64) -> bool {
-        self.find(addr).is_some() || (!self.odd.is_empty() && self.odd.contains_key(&addr))
+        self.get(addr).is_some()
     }
 
     /// Makes `addr` live with `l`; returns what was live there before.
+    #[inline]
     pub fn insert(&mut self, addr: u64, l: Live) -> Option<Live> {
-        if self.cap == 0 {
-            // Small: every block in the map (faster in cache), until the slots pay.
+        let Some(t) = &mut self.tree else {
+            // Small: every block in the map (faster in cache), until the tree pays.
             let old = self.odd.insert(addr, l);
             if old.is_none() {
                 self.len += 1;
@@ -265,175 +743,126 @@ impl LiveSet {
                 }
             }
             return old;
-        }
+        };
         let Some(s) = pack(addr, l) else {
-            // Out of the slots (if there), into the side map.
-            let old = self.remove_slot(addr);
+            // Out of the tree (if there), into the side map.
+            let old = t.remove(addr).map(|s| unpack(s).1);
             let odd = self.odd.insert(addr, l);
-            if odd.is_none() {
+            if old.is_none() && odd.is_none() {
                 self.len += 1;
             }
             return old.or(odd);
         };
+        if let Some(old) = t.insert(addr, s) {
+            return Some(unpack(old).1);
+        }
         if !self.odd.is_empty() {
             if let Some(old) = self.odd.remove(&addr) {
-                self.len -= 1;
-                self.put(addr, s);
                 return Some(old);
             }
         }
-        self.put(addr, s)
-    }
-
-    /// Puts slot `s` for `addr` into the slots (built: not in the side map).
-    #[inline]
-    fn put(&mut self, addr: u64, s: Slot) -> Option<Live> {
-        let h = hash(addr);
-        let (p, low) = self.part_of(h);
-        let full = (self.lens[p] + 1) * 5 > self.cap * 4;
-        let part = self.part_mut(p);
-        let (i, found) = probe(part, addr, low);
-        if found {
-            let old = unpack(part[i]).1;
-            part[i] = s;
-            return Some(old);
-        }
-        if full {
-            self.grow(grown(self.cap));
-            let shift = self.bits;
-            place(self.part_mut(p), s, shift);
-        } else {
-            part[i] = s;
-        }
-        self.lens[p] += 1;
         self.len += 1;
         None
     }
 
-    /// Every partition to `cap` slots, in place (see the module's docs).
-    #[inline(never)]
-    fn grow(&mut self, cap: usize) {
-        let n = 1usize << self.bits;
-        let old = self.cap;
-        if self.lens.is_empty() {
-            self.lens = vec![0; n];
-        }
-        // Exactly the new size: a large allocation grows by remapping its pages, and the
-        // partitions below are rebuilt over the old ones.
-        self.slots.reserve_exact(n * cap - self.slots.len());
-        self.slots.resize(n * cap, EMPTY);
-        let mut scratch: Vec<Slot> = vec![EMPTY; old];
-        for p in (0..n).rev() {
-            // Partition p's new place begins at or past its old one and overlaps only the old
-            // p and the partitions after it, already moved.
-            scratch.copy_from_slice(&self.slots[p * old..(p + 1) * old]);
-            let part = &mut self.slots[p * cap..(p + 1) * cap];
-            part.fill(EMPTY);
-            for &s in &scratch {
-                if s[0] & ADDR_MASK != 0 {
-                    place(part, s, self.bits);
-                }
-            }
-        }
-        self.cap = cap;
-    }
-
-    /// From the map to `1 << MAX_PART_BITS` partitions of slots (the blocks that fit one),
-    /// sized so that the fullest is at most 4/5 full and the rest 3/5 on average.
+    /// From the map to the tree (the blocks that fit a slot), in address order.
     fn build(&mut self) {
-        let bits = MAX_PART_BITS;
-        let n = 1usize << bits;
-        let part = |s: &Slot| (hash(s[0] & ADDR_MASK) >> (64 - bits)) as usize;
-        let mut lens = vec![0usize; n];
-        for (&a, &l) in &self.odd {
-            if let Some(s) = pack(a, l) {
-                lens[part(&s)] += 1;
-            }
-        }
-        let fullest = lens.iter().copied().max().unwrap_or(0);
-        let cap = (self.len * 5 / 3 / n)
-            .max((fullest + 1) * 5 / 4 + 1)
-            .max(MIN_SLOTS);
-        let mut slots = vec![EMPTY; n * cap];
-        for (&a, &l) in &self.odd {
-            if let Some(s) = pack(a, l) {
-                let p = part(&s);
-                place(&mut slots[p * cap..(p + 1) * cap], s, bits);
-            }
+        let mut t = Tree::new();
+        let mut slots: Vec<Slot> = self.odd.iter().filter_map(|(&a, &l)| pack(a, l)).collect();
+        slots.sort_unstable_by_key(|s| s[0] & ADDR_MASK);
+        for s in slots {
+            t.insert(s[0] & ADDR_MASK, s);
         }
         self.odd.retain(|&a, l| pack(a, *l).is_none());
         self.odd.shrink_to_fit();
-        self.slots = slots;
-        self.lens = lens;
-        self.cap = cap;
-        self.bits = bits;
-    }
-
-    /// Removes `addr` from the slots (not the side map).
-    fn remove_slot(&mut self, addr: u64) -> Option<Live> {
-        let (p, i) = self.find(addr)?;
-        let shift = self.bits;
-        let part = self.part_mut(p);
-        let old = unpack(part[i]).1;
-        vacate(part, i, shift);
-        self.lens[p] -= 1;
-        self.len -= 1;
-        Some(old)
+        self.tree = Some(Box::new(t));
     }
 
     /// `addr` is no longer live: returns what was.
+    #[inline]
     pub fn remove(&mut self, addr: u64) -> Option<Live> {
-        if let Some(l) = self.remove_slot(addr) {
-            return Some(l);
-        }
-        if self.odd.is_empty() {
-            return None;
-        }
-        let l = self.odd.remove(&addr)?;
-        self.len -= 1;
-        Some(l)
+        let l = match self.tree.as_mut().and_then(|t| t.remove(addr)) {
+            Some(s) => Some(unpack(s).1),
+            None if self.odd.is_empty() => None,
+            None => self.odd.remove(&addr),
+        };
+        self.len -= usize::from(l.is_some());
+        l
     }
 
-    /// Whether the set is small enough to be a plain map, in cache (loading slots ahead gains
-    /// nothing).
+    /// Whether the set is small enough to be a plain map, in cache (loading its blocks ahead
+    /// gains nothing).
     #[inline]
     pub fn is_small(&self) -> bool {
-        self.cap == 0
+        self.tree.is_none()
     }
 
-    /// Loads the home slots of `addrs` (inserts or removes to come), so that their cache misses
+    /// Loads the leaves of `addrs` (inserts or removes to come), so that their cache misses
     /// are taken together rather than one after another; returns a value of the loads only to
     /// keep them (pass it to `std::hint::black_box`).
     #[inline]
     pub fn touch(&self, addrs: impl Iterator<Item = u64>) -> u64 {
+        let Some(t) = &self.tree else { return 0 };
         let mut sum = 0;
-        if self.cap == 0 {
-            return sum;
-        }
+        let last = &t.leaves[t.last as usize];
         for addr in addrs {
-            let (p, low) = self.part_of(hash(addr));
-            sum ^= self.slots[p * self.cap + home(low, self.cap)][0];
+            if last.covers(addr) {
+                continue;
+            }
+            // The hint's leaf (no descent): its range and its slots, a load a line.
+            if let Some(l) = t.hinted(addr) {
+                sum ^= l.lo;
+                for j in (0..LEAF).step_by(8) {
+                    sum ^= l.keys[j] ^ l.vals[j];
+                }
+            }
         }
         sum
     }
 
     /// Every live block, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, Live)> + '_ {
-        self.slots
-            .iter()
-            .filter(|s| s[0] & ADDR_MASK != 0)
-            .map(|&s| unpack(s))
-            .chain(self.odd.iter().map(|(&k, &v)| (k, v)))
+    pub fn iter(&self) -> Iter<'_> {
+        Iter {
+            leaves: self.tree.as_ref().map_or(&[], |t| &t.leaves[..]),
+            leaf: 0,
+            at: 0,
+            odd: self.odd.iter(),
+        }
     }
 
     pub fn values(&self) -> impl Iterator<Item = Live> + '_ {
         self.iter().map(|(_, l)| l)
     }
 
-    /// Bytes the table holds (slots and side map entries).
+    /// Bytes the set holds (the tree's nodes and the side map's entries).
     pub fn bytes(&self) -> usize {
-        self.slots.capacity() * std::mem::size_of::<Slot>()
+        self.tree.as_ref().map_or(0, |t| t.bytes())
             + self.odd.capacity() * (std::mem::size_of::<(u64, Live)>() + 1)
+    }
+}
+
+/// The blocks of a [`LiveSet`]: the tree's leaf by leaf, then the side map's.
+pub struct Iter<'a> {
+    leaves: &'a [Leaf],
+    leaf: usize,
+    /// The next slot in `leaves[leaf]`.
+    at: usize,
+    odd: std::collections::hash_map::Iter<'a, u64, Live>,
+}
+
+impl Iterator for Iter<'_> {
+    type Item = (u64, Live);
+
+    #[inline]
+    fn next(&mut self) -> Option<(u64, Live)> {
+        while let Some(l) = self.leaves.get(self.leaf) {
+            if self.at < l.n() {
+                self.at += 1;
+                return Some(unpack(l.slot(self.at - 1)));
+            }
+            (self.leaf, self.at) = (self.leaf + 1, 0);
+        }
+        self.odd.next().map(|(&k, &v)| (k, v))
     }
 }
 
@@ -523,7 +952,7 @@ mod tests {
     }
 
     /// Random inserts, reinserts and removes against a std map, across growth and the split
-    /// into partitions; the addresses crowd a few ranges (as an allocator's do).
+    /// into the tree; the addresses crowd a few ranges (as an allocator's do).
     #[test]
     fn agrees_with_a_hash_map_through_growth_and_split() {
         let mut rng = 0x2545_F491_4F6C_DD1Du64;
@@ -553,8 +982,11 @@ mod tests {
                 missing += u64::from(old.is_none());
             }
             assert_eq!(s.len(), m.len());
+            if round % 50_000 == 0 {
+                check(&s);
+            }
         }
-        assert_eq!(s.bits, MAX_PART_BITS);
+        check(&s);
         assert_eq!((reused, missing, m.len()), (48_079, 128_063, 158_988));
         for (a, v) in &m {
             assert_eq!(key(s.get(*a)), Some(*v));
@@ -567,15 +999,157 @@ mod tests {
         a.sort_unstable();
         b.sort_unstable();
         assert_eq!(a, b);
-        // Every partition at most 4/5 full; 16 B a slot (and the side map's entries).
-        assert!(s.lens.iter().all(|&l| l * 5 <= s.cap * 4));
-        assert_eq!(s.lens.iter().sum::<usize>() + s.odd.len(), s.len());
-        assert_eq!((s.bytes(), s.odd.len()), (4_785_507, 162));
+        // The tree's nodes and hints, and the side map's entries.
+        assert_eq!((s.bytes(), s.odd.len()), (4_312_019, 162));
         let c = s.clone();
         for (a, ..) in b {
             assert!(s.remove(a).is_some());
         }
         assert!(s.is_empty());
+        assert_eq!(check(&s), (0, 1));
         assert_eq!(c.len(), m.len());
+    }
+
+    /// Walks the tree from the root: every inner node's addresses in order and within its range,
+    /// every leaf's range the one its parents give it, its keys in order within it, the leaves
+    /// linked in address order, the free lists empty nodes, the count the blocks'. Returns the
+    /// height and the leaves in use.
+    fn check(s: &LiveSet) -> (usize, usize) {
+        let Some(t) = &s.tree else { return (0, 0) };
+        fn walk(t: &Tree, node: u32, depth: usize, lo: u64, hi: u64, out: &mut Vec<u32>) {
+            if depth == t.height {
+                let l = &t.leaves[node as usize];
+                assert_eq!((l.lo, l.hi), (lo, hi), "leaf {node}'s range");
+                let keys: Vec<u64> = l.keys[..l.n()].iter().map(|k| k & ADDR_MASK).collect();
+                assert!(
+                    keys.windows(2).all(|w| w[0] < w[1]),
+                    "leaf {node} out of order"
+                );
+                assert!(keys.iter().all(|&k| lo <= k && k < hi), "leaf {node}");
+                out.push(node);
+                return;
+            }
+            let n = &t.inners[node as usize];
+            assert!(
+                n.n() >= 1 && (depth > 0 || n.n() >= 2),
+                "inner {node}: {}",
+                n.n()
+            );
+            let mut bounds = vec![lo];
+            bounds.extend_from_slice(&n.seps[..n.n() - 1]);
+            bounds.push(hi);
+            assert!(bounds.windows(2).all(|w| w[0] < w[1]), "inner {node}");
+            for (i, &kid) in n.kids[..n.n()].iter().enumerate() {
+                walk(t, kid, depth + 1, bounds[i], bounds[i + 1], out);
+            }
+        }
+        let mut order = Vec::new();
+        walk(t, t.root, 0, 0, u64::MAX, &mut order);
+        for (i, &l) in order.iter().enumerate() {
+            let leaf = &t.leaves[l as usize];
+            let prev = if i == 0 { NONE } else { order[i - 1] };
+            let next = order.get(i + 1).copied().unwrap_or(NONE);
+            assert_eq!((leaf.prev, leaf.next), (prev, next), "leaf {l}'s links");
+        }
+        for &f in &t.free_leaves {
+            let l = &t.leaves[f as usize];
+            assert!(l.n() == 0 && l.lo == l.hi && !order.contains(&f));
+        }
+        assert_eq!(order.len() + t.free_leaves.len(), t.leaves.len());
+        let blocks: usize = order.iter().map(|&l| t.leaves[l as usize].n()).sum();
+        assert_eq!(blocks, t.len);
+        assert_eq!(blocks + s.odd.len(), s.len());
+        (t.height, order.len())
+    }
+
+    /// A heap that grows (up, or down) fills its leaves: ~17 B a block. Freed in a random
+    /// order, the tree merges its leaves as it empties, down to one.
+    #[test]
+    fn a_growing_heap_packs_its_leaves_and_an_emptying_one_merges_them() {
+        for (step, name) in [(112i64, "up"), (-48, "down")] {
+            let mut s = LiveSet::new();
+            let base = 0x5555_0000_0000u64;
+            let n = 1_000_000u64;
+            let addrs: Vec<u64> = (0..n)
+                .map(|i| base.wrapping_add_signed(step * i as i64))
+                .collect();
+            for (i, &a) in addrs.iter().enumerate() {
+                assert!(s.insert(a, live(100, i as u32 % 7, 0)).is_none());
+            }
+            let (height, leaves) = check(&s);
+            // 1 M blocks in 31,250 full leaves, 977 inner nodes (every one full but the last of
+            // each level), three levels.
+            assert_eq!(
+                (height, leaves, s.tree.as_ref().unwrap().inners.len()),
+                (3, 31_250, 1_009),
+                "{name}"
+            );
+            assert_eq!(s.bytes() / n as usize, 17, "{name}");
+            assert_eq!(s.get(addrs[777_777]).map(|l| l.stack), Some(777_777 % 7));
+            let mut rng = 0x2545_F491_4F6C_DD1Du64;
+            let mut order = addrs.clone();
+            for i in (1..order.len()).rev() {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                order.swap(i, (rng % (i as u64 + 1)) as usize);
+            }
+            for (i, &a) in order.iter().enumerate() {
+                assert_eq!(s.remove(a).map(|l| l.size), Some(100));
+                if i % 100_000 == 0 {
+                    check(&s);
+                }
+            }
+            assert_eq!((s.len(), check(&s)), (0, (0, 1)), "{name}");
+            assert!(s.remove(addrs[0]).is_none());
+        }
+    }
+
+    /// Blocks coming and going at random over a large set: the tree stays consistent, finds
+    /// every block, and holds at most 32 B a live block at its peak.
+    #[test]
+    fn a_heap_churning_at_random_stays_within_32_bytes_a_block() {
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut s = LiveSet::new();
+        let mut held: Vec<u64> = Vec::new();
+        let mut m: std::collections::HashMap<u64, u64> = Default::default();
+        let mut peak = (0, 0);
+        for round in 0..1_500_000u64 {
+            // Growing to ~400 K blocks, then as many frees as allocations.
+            let grow = round < 600_000 || next() % 2 == 0;
+            if grow || held.is_empty() {
+                let a = 0x7f00_0000_0000 + 16 * (next() % 4_000_000);
+                let size = 16 + next() % 500;
+                let old = s
+                    .insert(a, live(size, (round % 1000) as u32, 0))
+                    .map(|l| l.size);
+                assert_eq!(old, m.insert(a, size));
+                if old.is_none() {
+                    held.push(a);
+                }
+            } else {
+                let i = (next() % held.len() as u64) as usize;
+                let a = held.swap_remove(i);
+                assert_eq!(s.remove(a).map(|l| l.size), m.remove(&a));
+            }
+            if s.bytes() > peak.0 {
+                peak = (s.bytes(), s.len());
+            }
+            if round % 250_000 == 0 {
+                check(&s);
+            }
+        }
+        check(&s);
+        for (a, size) in &m {
+            assert_eq!(s.get(*a).map(|l| l.size), Some(*size));
+        }
+        assert_eq!((s.len(), peak), (m.len(), (15_873_024, 499_049)));
+        assert!(peak.0 < 32 * peak.1);
     }
 }
