@@ -493,6 +493,9 @@ pub fn signal_name(sig: i32) -> String {
     name.to_string()
 }
 
+/// Bytes, blocks and indirectly lost bytes.
+type Tally = (u64, u64, u64);
+
 /// Builds the report of one process. `exit` (from waitpid, when we ran it) wins over the trace's.
 pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcReport {
     build_with(p, exit, None, sym)
@@ -534,13 +537,25 @@ pub fn build_with(
     });
     // Group live blocks by (kind, stack id), then stacks by callsite (ids differ across module
     // reloads); a callsite's frames are shown with the addresses of its first stack.
-    let mut by_stack: FxHashMap<(Kind, u32), (u64, u64, u64)> = FxHashMap::default();
+    let mut by_stack: FxHashMap<(Kind, u32), Tally> = FxHashMap::default();
+    // Neighbours in the live set often share a stack: a run of them is one entry's update.
+    let mut run: Option<((Kind, u32), Tally)> = None;
+    let add = |m: &mut FxHashMap<(Kind, u32), Tally>, (key, t): ((Kind, u32), Tally)| {
+        let e = m.entry(key).or_default();
+        (e.0, e.1, e.2) = (e.0 + t.0, e.1 + t.1, e.2 + t.2);
+    };
     for (addr, l) in p.live.iter() {
         let (kind, indirect, heur) = kind_of(addr);
-        let e = by_stack.entry((kind, l.stack)).or_default();
-        e.0 += l.size;
-        e.1 += 1;
-        e.2 += indirect;
+        match &mut run {
+            Some((key, e)) if *key == (kind, l.stack) => {
+                (e.0, e.1, e.2) = (e.0 + l.size, e.1 + 1, e.2 + indirect);
+            }
+            _ => {
+                if let Some(done) = run.replace(((kind, l.stack), (l.size, 1, indirect))) {
+                    add(&mut by_stack, done);
+                }
+            }
+        }
         if let Some(r) = reach_summary.as_mut() {
             let slot = match kind {
                 Kind::Definite => Some(&mut r.definitely_lost),
@@ -560,6 +575,9 @@ pub fn build_with(
                 e.1 += 1;
             }
         }
+    }
+    if let Some(done) = run {
+        add(&mut by_stack, done);
     }
     let mut by_stack: Vec<_> = by_stack.into_iter().collect();
     by_stack.sort_unstable_by_key(|&((k, id), _)| (id, k));
