@@ -47,6 +47,8 @@ const ADDR_BITS: u32 = 48;
 const ADDR_MASK: u64 = (1 << ADDR_BITS) - 1;
 /// Stack ids below this (and the same with the inherited flag) fit a slot.
 const STACK_IDS: u32 = 1 << 23;
+/// A slot's size: its second word's low 32 bits.
+const SIZE_MASK: u64 = 0xffff_ffff;
 /// Epoch indexes below this fit a slot.
 const BORN_LIMIT: u32 = 1 << 24;
 /// Below this many blocks the set is a plain hash map (in cache, it is faster than the tree);
@@ -158,8 +160,10 @@ impl Leaf {
     #[inline]
     fn insert_at(&mut self, i: usize, s: Slot) {
         let n = self.n();
-        self.keys.copy_within(i..n, i + 1);
-        self.vals.copy_within(i..n, i + 1);
+        if i < n {
+            self.keys.copy_within(i..n, i + 1);
+            self.vals.copy_within(i..n, i + 1);
+        }
         [self.keys[i], self.vals[i]] = s;
         self.len += 1;
     }
@@ -219,8 +223,9 @@ struct Tree {
     root: u32,
     /// Inner levels above the leaves (0: the root is a leaf).
     height: usize,
-    /// Blocks in the leaves.
+    /// Blocks in the leaves, and their bytes.
     len: usize,
+    bytes: u64,
     /// The leaf used last (the finger).
     last: u32,
     /// (inner node, child taken) from the root down to `path_leaf`, `height` of them: valid
@@ -234,8 +239,6 @@ struct Tree {
     hint_bits: u32,
     /// Hints cover the address space in granules of `1 << granule_bits` bytes.
     granule_bits: u32,
-    /// The granule of the hint set last.
-    granule: u64,
 }
 
 /// Two distinct elements of `v`, mutably.
@@ -272,13 +275,13 @@ impl Tree {
             root: 0,
             height: 0,
             len: 0,
+            bytes: 0,
             last: 0,
             path: [(0, 0); MAX_HEIGHT],
             path_leaf: 0,
             hints: vec![0; 1 << MIN_HINT_BITS],
             hint_bits: MIN_HINT_BITS,
             granule_bits: 10,
-            granule: u64::MAX,
         }
     }
 
@@ -396,17 +399,12 @@ impl Tree {
         if found {
             let old = leaf.slot(i);
             [leaf.keys[i], leaf.vals[i]] = s;
+            self.bytes = self.bytes - (old[1] & SIZE_MASK) + (s[1] & SIZE_MASK);
             return Some(old);
         }
+        self.bytes += s[1] & SIZE_MASK;
         if leaf.n() < LEAF {
             leaf.insert_at(i, s);
-            // The block's granule leads to its leaf (once a granule, for a heap that grows).
-            let g = addr >> self.granule_bits;
-            if g != self.granule {
-                let h = self.hint_of(addr);
-                self.hints[h] = li as u32 + 1;
-                self.granule = g;
-            }
         } else {
             self.split_leaf(li, i, addr, s);
         }
@@ -419,11 +417,7 @@ impl Tree {
     #[inline(never)]
     fn more_hints(&mut self) {
         self.hint_bits = (self.leaves.len() * 4).next_power_of_two().trailing_zeros();
-        let bytes: u64 = (self.leaves.iter())
-            .flat_map(|l| &l.vals[..l.n()])
-            .map(|v| v & 0xffff_ffff)
-            .sum();
-        let span = (bytes / self.len.max(1) as u64).max(16) * 16;
+        let span = (self.bytes / self.len.max(1) as u64).max(16) * 16;
         self.granule_bits = 63 - span.leading_zeros();
         self.hints = vec![0; 1 << self.hint_bits];
         for li in 0..self.leaves.len() {
@@ -437,7 +431,6 @@ impl Tree {
                 }
             }
         }
-        self.granule = u64::MAX;
     }
 
     fn new_leaf(&mut self) -> usize {
@@ -565,6 +558,7 @@ impl Tree {
         }
         let old = leaf.remove_at(i);
         self.len -= 1;
+        self.bytes -= old[1] & SIZE_MASK;
         if leaf.n() < LEAF / 4 && self.height > 0 {
             self.merge_leaf(li, addr);
         }
@@ -797,6 +791,14 @@ impl LiveSet {
         self.tree.is_none()
     }
 
+    /// Whether `addr` is in the leaf used last (in the cache: loading it ahead gains nothing).
+    #[inline]
+    pub fn is_near(&self, addr: u64) -> bool {
+        self.tree
+            .as_ref()
+            .is_some_and(|t| t.leaves[t.last as usize].covers(addr))
+    }
+
     /// Loads the leaves of `addrs` (inserts or removes to come), so that their cache misses
     /// are taken together rather than one after another; returns a value of the loads only to
     /// keep them (pass it to `std::hint::black_box`).
@@ -827,6 +829,22 @@ impl LiveSet {
             leaf: 0,
             at: 0,
             odd: self.odd.iter(),
+        }
+    }
+
+    /// Calls `f` with every live block's stack and size, in no particular order (faster than
+    /// [`LiveSet::iter`]: the tree's leaves are read for their second words only).
+    pub fn for_each_stack_size(&self, mut f: impl FnMut(u32, u64)) {
+        if let Some(t) = &self.tree {
+            for l in &t.leaves {
+                for &v in &l.vals[..l.n()] {
+                    let (_, live) = unpack([0, v]);
+                    f(live.stack, live.size);
+                }
+            }
+        }
+        for l in self.odd.values() {
+            f(l.stack, l.size);
         }
     }
 

@@ -296,6 +296,7 @@ impl Ahead {
             || p.orphans.is_some()
             || p.observer.is_some()
             || p.live.is_small()
+            || (self.n == 0 && p.live.is_near(op.addr()))
         {
             self.flush(p);
             p.apply_op(op);
