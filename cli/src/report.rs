@@ -496,6 +496,42 @@ pub fn signal_name(sig: i32) -> String {
 /// Bytes, blocks and indirectly lost bytes.
 type Tally = (u64, u64, u64);
 
+/// Live blocks tallied by (kind, stack id). Neighbours in the live set often share a stack: a
+/// run of them is summed apart and added to the map once.
+#[derive(Default)]
+struct Runs {
+    by_stack: FxHashMap<(Kind, u32), Tally>,
+    run: Option<((Kind, u32), Tally)>,
+}
+
+impl Runs {
+    #[inline]
+    fn add(&mut self, key: (Kind, u32), size: u64, indirect: u64) {
+        match &mut self.run {
+            Some((k, t)) if *k == key => {
+                (t.0, t.1, t.2) = (t.0 + size, t.1 + 1, t.2 + indirect);
+            }
+            _ => {
+                if let Some(done) = self.run.replace((key, (size, 1, indirect))) {
+                    self.merge(done);
+                }
+            }
+        }
+    }
+
+    fn merge(&mut self, (key, t): ((Kind, u32), Tally)) {
+        let e = self.by_stack.entry(key).or_default();
+        (e.0, e.1, e.2) = (e.0 + t.0, e.1 + t.1, e.2 + t.2);
+    }
+
+    fn done(mut self) -> FxHashMap<(Kind, u32), Tally> {
+        if let Some(done) = self.run.take() {
+            self.merge(done);
+        }
+        self.by_stack
+    }
+}
+
 /// Builds the report of one process. `exit` (from waitpid, when we ran it) wins over the trace's.
 pub fn build(p: &Process, exit: Option<ExitKind>, sym: &mut Symbolizer) -> ProcReport {
     build_with(p, exit, None, sym)
@@ -537,25 +573,15 @@ pub fn build_with(
     });
     // Group live blocks by (kind, stack id), then stacks by callsite (ids differ across module
     // reloads); a callsite's frames are shown with the addresses of its first stack.
-    let mut by_stack: FxHashMap<(Kind, u32), Tally> = FxHashMap::default();
-    // Neighbours in the live set often share a stack: a run of them is one entry's update.
-    let mut run: Option<((Kind, u32), Tally)> = None;
-    let add = |m: &mut FxHashMap<(Kind, u32), Tally>, (key, t): ((Kind, u32), Tally)| {
-        let e = m.entry(key).or_default();
-        (e.0, e.1, e.2) = (e.0 + t.0, e.1 + t.1, e.2 + t.2);
-    };
-    for (addr, l) in p.live.iter() {
+    let mut by_stack = Runs::default();
+    if scan.is_none() {
+        // Every block unfreed, none classified: their stacks and sizes are all it takes.
+        p.live
+            .for_each_stack_size(|stack, size| by_stack.add((Kind::Unfreed, stack), size, 0));
+    }
+    for (addr, l) in scan.iter().flat_map(|_| p.live.iter()) {
         let (kind, indirect, heur) = kind_of(addr);
-        match &mut run {
-            Some((key, e)) if *key == (kind, l.stack) => {
-                (e.0, e.1, e.2) = (e.0 + l.size, e.1 + 1, e.2 + indirect);
-            }
-            _ => {
-                if let Some(done) = run.replace(((kind, l.stack), (l.size, 1, indirect))) {
-                    add(&mut by_stack, done);
-                }
-            }
-        }
+        by_stack.add((kind, l.stack), l.size, indirect);
         if let Some(r) = reach_summary.as_mut() {
             let slot = match kind {
                 Kind::Definite => Some(&mut r.definitely_lost),
@@ -576,9 +602,7 @@ pub fn build_with(
             }
         }
     }
-    if let Some(done) = run {
-        add(&mut by_stack, done);
-    }
+    let by_stack = by_stack.done();
     let mut by_stack: Vec<_> = by_stack.into_iter().collect();
     by_stack.sort_unstable_by_key(|&((k, id), _)| (id, k));
     let mut slot: FxHashMap<(Kind, u32), usize> = FxHashMap::default();
