@@ -857,20 +857,30 @@ impl LiveSet {
     /// are taken together rather than one after another; returns a value of the loads only to
     /// keep them (pass it to `std::hint::black_box`).
     #[inline]
-    pub fn touch(&self, addrs: impl Iterator<Item = u64>) -> u64 {
+    pub fn touch(&self, addrs: impl Iterator<Item = u64> + Clone) -> u64 {
         let Some(t) = &self.tree else { return 0 };
         let mut sum = 0;
         let last = &t.leaves[t.last as usize];
-        for addr in addrs {
-            if last.covers(addr) {
-                continue;
+        let load = |l: &Leaf| {
+            let mut sum = l.lo;
+            for j in (0..LEAF).step_by(8) {
+                sum ^= l.keys[j] ^ l.vals[j];
             }
-            // The hint's leaf (no descent): its range and its slots, a load a line.
-            if let Some(l) = t.hinted(addr) {
-                sum ^= l.lo;
-                for j in (0..LEAF).step_by(8) {
-                    sum ^= l.keys[j] ^ l.vals[j];
+            sum
+        };
+        // The hints' leaves (no descent): their ranges and slots, a load a line; then, where a
+        // hint's leaf does not cover its address, the neighbour that will.
+        let hinted = addrs.filter(|&a| !last.covers(a)).map(|a| (a, t.hinted(a)));
+        for (_, l) in hinted.clone() {
+            sum ^= l.map_or(0, load);
+        }
+        for (addr, l) in hinted {
+            match l {
+                Some(l) if !l.covers(addr) => {
+                    let j = if addr < l.lo { l.prev } else { l.next };
+                    sum ^= t.leaves.get(j as usize).map_or(0, load);
                 }
+                _ => {}
             }
         }
         sum
