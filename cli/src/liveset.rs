@@ -291,13 +291,6 @@ impl Tree {
         (hash(addr >> self.granule_bits) >> (64 - self.hint_bits)) as usize
     }
 
-    /// The hint's leaf for `addr`, if any (it may not cover `addr`).
-    #[inline]
-    fn hinted(&self, addr: u64) -> Option<&Leaf> {
-        let h = self.hints[self.hint_of(addr)] as usize;
-        self.leaves.get(h.wrapping_sub(1))
-    }
-
     /// Of leaf `i` and its neighbours, the one that covers `addr`.
     #[inline]
     fn around(&self, i: usize, addr: u64) -> Option<usize> {
@@ -868,14 +861,20 @@ impl LiveSet {
             }
             sum
         };
-        // The hints' leaves (no descent): their ranges and slots, a load a line; then, where a
-        // hint's leaf does not cover its address, the neighbour that will.
-        let hinted = addrs.filter(|&a| !last.covers(a)).map(|a| (a, t.hinted(a)));
-        for (_, l) in hinted.clone() {
-            sum ^= l.map_or(0, load);
+        // The hints first, all of them (each a load that may miss), then their leaves (no
+        // descent): ranges and slots, a load a line; then, where a hint's leaf does not cover its
+        // address, the neighbour that will. Each round's loads wait on none of their own.
+        let mut hinted = [usize::MAX; 32];
+        for (h, a) in hinted.iter_mut().zip(addrs.clone()) {
+            if !last.covers(a) {
+                *h = (t.hints[t.hint_of(a)] as usize).wrapping_sub(1);
+            }
         }
-        for (addr, l) in hinted {
-            match l {
+        for &h in &hinted {
+            sum ^= t.leaves.get(h).map_or(0, load);
+        }
+        for (&h, addr) in hinted.iter().zip(addrs) {
+            match t.leaves.get(h) {
                 Some(l) if !l.covers(addr) => {
                     let j = if addr < l.lo { l.prev } else { l.next };
                     sum ^= t.leaves.get(j as usize).map_or(0, load);
