@@ -201,10 +201,17 @@ pub fn build_in(
     let mut ids: Vec<u32> = p.growth.stacks().collect();
     ids.sort_unstable();
     let mut born: FxHashMap<u32, u64> = FxHashMap::default();
-    for l in p.live.values() {
-        if l.born >= b[w].index {
-            *born.entry(l.stack).or_default() += 1;
+    // Neighbours in the live set often share a stack: a run of them is one entry's update.
+    let mut run = (0u32, 0u64);
+    for l in p.live.values().filter(|l| l.born >= b[w].index) {
+        if run.1 > 0 && run.0 != l.stack {
+            *born.entry(run.0).or_default() += run.1;
+            run.1 = 0;
         }
+        run = (l.stack, run.1 + 1);
+    }
+    if run.1 > 0 {
+        *born.entry(run.0).or_default() += run.1;
     }
     // Kinds at exit per stack, from the heap scan.
     let mut kinds: FxHashMap<u32, std::collections::BTreeMap<&'static str, (u64, u64)>> =
