@@ -373,6 +373,11 @@ impl Tree {
         if self.path_leaf as usize != li {
             let d = self.descend(addr);
             debug_assert_eq!(d, li);
+        } else if cfg!(debug_assertions) {
+            // The path kept across a split is the one a descent finds.
+            let kept = self.path;
+            assert_eq!(self.descend(addr), li);
+            assert_eq!(kept[..self.height], self.path[..self.height]);
         }
     }
 
@@ -488,8 +493,24 @@ impl Tree {
         if let Some(n) = self.leaves.get_mut(next) {
             n.prev = ri as u32;
         }
-        self.add_child(self.height, sep, ri as u32);
+        let height = self.height;
+        let d = height.wrapping_sub(1);
+        let parent = self
+            .path
+            .get(d)
+            .map(|&(pi, _)| self.inners[pi as usize].len);
+        self.add_child(height, sep, ri as u32);
+        // The path stays good for the leaf that took the block when its parent took the new
+        // leaf without splitting (a growing heap's next block goes there, and its split needs
+        // no descent).
         self.path_leaf = NONE;
+        if let Some(n) = parent.filter(|&n| (n as usize) < FAN && self.height == height) {
+            debug_assert_eq!(self.inners[self.path[d].0 as usize].len, n + 1);
+            if self.last == ri as u32 {
+                self.path[d].1 += 1;
+            }
+            self.path_leaf = self.last;
+        }
     }
 
     /// Full leaf `li` (the path's), which covers `addr`, lends its last or first blocks to a
