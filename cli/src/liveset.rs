@@ -242,6 +242,17 @@ struct Tree {
     granule_bits: u32,
 }
 
+/// A node of `pool` from its free list, or a new one (`empty`).
+fn take<T>(pool: &mut Vec<T>, free: &mut Vec<u32>, empty: T) -> usize {
+    match free.pop() {
+        Some(i) => i as usize,
+        None => {
+            pool.push(empty);
+            pool.len() - 1
+        }
+    }
+}
+
 /// Two distinct elements of `v`, mutably.
 fn two<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
     debug_assert_ne!(a, b);
@@ -433,23 +444,11 @@ impl Tree {
     }
 
     fn new_leaf(&mut self) -> usize {
-        match self.free_leaves.pop() {
-            Some(i) => i as usize,
-            None => {
-                self.leaves.push(Leaf::EMPTY);
-                self.leaves.len() - 1
-            }
-        }
+        take(&mut self.leaves, &mut self.free_leaves, Leaf::EMPTY)
     }
 
     fn new_inner(&mut self) -> usize {
-        match self.free_inners.pop() {
-            Some(i) => i as usize,
-            None => {
-                self.inners.push(Inner::EMPTY);
-                self.inners.len() - 1
-            }
-        }
+        take(&mut self.inners, &mut self.free_inners, Inner::EMPTY)
     }
 
     /// Full leaf `li`, which covers `addr`, takes `s` at `i` by splitting in two.
@@ -986,6 +985,13 @@ mod tests {
         Live { size, stack, born }
     }
 
+    fn xorshift(rng: &mut u64) -> u64 {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        *rng
+    }
+
     fn key(l: Option<Live>) -> Option<(u64, u32, u32)> {
         l.map(|l| (l.size, l.stack, l.born))
     }
@@ -1058,12 +1064,7 @@ mod tests {
     #[test]
     fn agrees_with_a_hash_map_through_growth_and_split() {
         let mut rng = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = move |n: u64| xorshift(&mut rng) % n;
         let mut s = LiveSet::new();
         let mut m: std::collections::HashMap<u64, (u64, u32, u32)> = Default::default();
         let (mut reused, mut missing) = (0, 0);
@@ -1191,10 +1192,7 @@ mod tests {
             let mut rng = 0x2545_F491_4F6C_DD1Du64;
             let mut order = addrs.clone();
             for i in (1..order.len()).rev() {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                order.swap(i, (rng % (i as u64 + 1)) as usize);
+                order.swap(i, (xorshift(&mut rng) % (i as u64 + 1)) as usize);
             }
             for (i, &a) in order.iter().enumerate() {
                 assert_eq!(s.remove(a).map(|l| l.size), Some(100));
@@ -1212,12 +1210,7 @@ mod tests {
     #[test]
     fn a_heap_churning_at_random_stays_within_32_bytes_a_block() {
         let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = move || xorshift(&mut rng);
         let mut s = LiveSet::new();
         let mut held: Vec<u64> = Vec::new();
         let mut m: std::collections::HashMap<u64, u64> = Default::default();
