@@ -13,13 +13,13 @@
 //! pages, whose untouched tail is never resident.
 //!
 //! Finding a leaf rarely descends the tree. Each leaf knows the addresses it covers and its
-//! neighbours; the leaf used last is tried first (a growing heap), then a hint: a table, by a
-//! hash of the address's granule (the span of about 16 blocks of the average size, four entries
-//! a leaf), of the leaf that last took a block of that granule. A hint is checked against the
-//! leaf's range, then its neighbours'; only when all miss does the lookup descend (and fix the
-//! hint). So a free anywhere in a large heap costs about one miss to the hints (in the cache)
-//! and one to the leaf, and [`LiveSet::touch`] loads the leaves of a batch of events from their
-//! hints ahead of their inserts and removes, so that those misses overlap.
+//! neighbours; the leaf used last is tried first (a growing heap), then a hint: a table, by the
+//! address's granule (the span of about 16 blocks of the average size; direct-mapped, four
+//! entries a leaf), of the leaf that last took a block of that granule. A hint is checked
+//! against the leaf's range, then its neighbours'; only when all miss does the lookup descend
+//! (and fix the hint). So a free anywhere in a large heap costs about one miss to the hints (in
+//! the cache) and one to the leaf, and [`LiveSet::touch`] loads the leaves of a batch of events
+//! from their hints ahead of their inserts and removes, so that those misses overlap.
 //!
 //! A block, two words (the slot):
 //! - `[0]`: the address (48 bits; 0 is never a key) and `born`'s low 16 bits;
@@ -233,13 +233,15 @@ struct Tree {
     /// while the tree keeps its shape (a split or a merge ends it).
     path: [(u32, u32); MAX_HEIGHT],
     path_leaf: u32,
-    /// By a hash of its granule, the leaf that last took a block of an address, plus one (0:
+    /// By its granule (direct-mapped), the leaf that last took a block of an address, plus one (0:
     /// none; a hint: checked against the leaf's range, or its neighbours', before it is used);
     /// `1 << hint_bits` of them.
     hints: Vec<u32>,
     hint_bits: u32,
     /// Hints cover the address space in granules of `1 << granule_bits` bytes.
     granule_bits: u32,
+    /// The granule of the hint set last by an insert.
+    granule: u64,
 }
 
 /// A node of `pool` from its free list, or a new one (`empty`).
@@ -265,13 +267,6 @@ fn two<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &mut T) {
     }
 }
 
-#[inline]
-fn hash(x: u64) -> u64 {
-    // A folded multiply: the product's top bits depend on every bit of x.
-    let m = u128::from(x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (m as u64) ^ ((m >> 64) as u64)
-}
-
 /// The least hint table: 4,096 entries.
 const MIN_HINT_BITS: u32 = 12;
 
@@ -294,12 +289,16 @@ impl Tree {
             hints: vec![0; 1 << MIN_HINT_BITS],
             hint_bits: MIN_HINT_BITS,
             granule_bits: 10,
+            granule: u64::MAX,
         }
     }
 
     #[inline]
     fn hint_of(&self, addr: u64) -> usize {
-        (hash(addr >> self.granule_bits) >> (64 - self.hint_bits)) as usize
+        // Direct-mapped (a heap's granules take consecutive entries): a growing heap writes its
+        // hints in order, and a heap of up to `1 << (granule_bits + hint_bits)` bytes maps to
+        // distinct entries.
+        (addr >> self.granule_bits) as usize & ((1 << self.hint_bits) - 1)
     }
 
     /// Of leaf `i` and its neighbours, the one that covers `addr`.
@@ -419,6 +418,14 @@ impl Tree {
             self.split_leaf(li, i, addr, s);
         }
         self.len += 1;
+        // The block's granule leads to the leaf that took it (once a granule for a heap that
+        // grows: consecutive entries).
+        let g = addr >> self.granule_bits;
+        if g != self.granule {
+            self.granule = g;
+            let h = self.hint_of(addr);
+            self.hints[h] = self.last + 1;
+        }
         None
     }
 
@@ -430,6 +437,7 @@ impl Tree {
         let span = (self.bytes / self.len.max(1) as u64).max(16) * 16;
         self.granule_bits = 63 - span.leading_zeros();
         self.hints = vec![0; 1 << self.hint_bits];
+        self.granule = u64::MAX;
         for li in 0..self.leaves.len() {
             let mut g = u64::MAX;
             for j in 0..self.leaves[li].n() {
