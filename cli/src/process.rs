@@ -241,13 +241,14 @@ impl EarlyNops {
     }
 }
 
-/// In-order allocations and frees held back a few at a time, so that the live set's slots they
+/// In-order allocations and frees held back a few at a time, so that the live set's leaves they
 /// touch are loaded together ([`LiveSet::touch`]: their cache misses overlap instead of taking
-/// ~100 ns each in turn on a table of hundreds of MB). Only events that nothing can observe in
-/// between are held: in sequence order with nothing pending, no epoch boundary closing before
-/// the last of them, no orphan tracking (which reads the live set at each free), and a live set
-/// too large for the cache (a small one gains nothing); anything else applies what is held
-/// first, and so does the end of each record.
+/// ~100 ns each in turn on a live set of hundreds of MB). Only events that nothing can observe
+/// in between are held: in sequence order with nothing pending, no epoch boundary closing
+/// before the last of them, no orphan tracking (which reads the live set at each free), a live
+/// set too large for the cache (a small one gains nothing), and a block outside the leaf used
+/// last (a growing heap's next block is in the cache already); anything else applies what is
+/// held first, and so does the end of each record.
 struct Ahead {
     ops: [Op; AHEAD],
     n: usize,
