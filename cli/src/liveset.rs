@@ -351,12 +351,10 @@ impl Tree {
         }
         let h = self.hint_of(addr);
         let hinted = (self.hints[h] as usize).wrapping_sub(1);
-        let i = match self.leaves.get(hinted) {
-            Some(l) if l.covers(addr) => hinted,
-            _ => {
-                let i = self
-                    .around(hinted, addr)
-                    .unwrap_or_else(|| self.descend(addr));
+        let i = match self.around(hinted, addr) {
+            Some(i) if i == hinted => i,
+            near => {
+                let i = near.unwrap_or_else(|| self.descend(addr));
                 self.hints[h] = i as u32 + 1;
                 i
             }

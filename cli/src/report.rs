@@ -578,27 +578,28 @@ pub fn build_with(
         // Every block unfreed, none classified: their stacks and sizes are all it takes.
         p.live
             .for_each_stack_size(|stack, size| by_stack.add((Kind::Unfreed, stack), size, 0));
-    }
-    for (addr, l) in scan.iter().flat_map(|_| p.live.iter()) {
-        let (kind, indirect, heur) = kind_of(addr);
-        by_stack.add((kind, l.stack), l.size, indirect);
-        if let Some(r) = reach_summary.as_mut() {
-            let slot = match kind {
-                Kind::Definite => Some(&mut r.definitely_lost),
-                Kind::Indirect => Some(&mut r.indirectly_lost),
-                Kind::Possible => Some(&mut r.possibly_lost),
-                Kind::Reachable => Some(&mut r.still_reachable),
-                Kind::NotScanned => Some(&mut r.not_scanned),
-                Kind::Unfreed => None,
-            };
-            if let Some(slot) = slot {
-                slot.0 += l.size;
-                slot.1 += 1;
-            }
-            if let Some(h) = leakhunt_reach::Heuristic::ALL.get(heur as usize) {
-                let e = r.heuristics.entry(h.name()).or_default();
-                e.0 += l.size;
-                e.1 += 1;
+    } else {
+        for (addr, l) in p.live.iter() {
+            let (kind, indirect, heur) = kind_of(addr);
+            by_stack.add((kind, l.stack), l.size, indirect);
+            if let Some(r) = reach_summary.as_mut() {
+                let slot = match kind {
+                    Kind::Definite => Some(&mut r.definitely_lost),
+                    Kind::Indirect => Some(&mut r.indirectly_lost),
+                    Kind::Possible => Some(&mut r.possibly_lost),
+                    Kind::Reachable => Some(&mut r.still_reachable),
+                    Kind::NotScanned => Some(&mut r.not_scanned),
+                    Kind::Unfreed => None,
+                };
+                if let Some(slot) = slot {
+                    slot.0 += l.size;
+                    slot.1 += 1;
+                }
+                if let Some(h) = leakhunt_reach::Heuristic::ALL.get(heur as usize) {
+                    let e = r.heuristics.entry(h.name()).or_default();
+                    e.0 += l.size;
+                    e.1 += 1;
+                }
             }
         }
     }
