@@ -979,6 +979,22 @@ struct Remote<'m> {
 }
 
 impl Remote<'_> {
+    /// Zeroes the masked words of `words`, read from `addr` on.
+    fn mask(&self, addr: u64, words: &mut [u64]) {
+        let len = words.len();
+        let end = addr + len as u64 * 8;
+        let first = self.masked.partition_point(|m| m.1 <= addr);
+        for &(ms, me) in self.masked[first..].iter().take_while(|m| m.0 < end) {
+            let from = ms.max(addr);
+            let to = me.min(end);
+            let (i, j) = (
+                ((from - addr) / 8) as usize,
+                ((to - addr).div_ceil(8)) as usize,
+            );
+            words[i..j.min(len)].fill(0);
+        }
+    }
+
     /// Reads `buf[from..]` from the window at `base`: as much as is readable from there on.
     fn fill(&self, base: u64, buf: &mut [u8], from: usize) -> usize {
         let mut got = from;
@@ -1036,18 +1052,39 @@ impl Memory for Remote<'_> {
             done += avail;
         }
         drop(c);
-        // Masked words read as zeros.
-        let end = addr + done as u64 * 8;
-        let first = self.masked.partition_point(|m| m.1 <= addr);
-        for &(ms, me) in self.masked[first..].iter().take_while(|m| m.0 < end) {
-            let from = ms.max(addr);
-            let to = me.min(end);
-            let (i, j) = (
-                ((from - addr) / 8) as usize,
-                ((to - addr).div_ceil(8)) as usize,
-            );
-            out[i..j.min(done)].fill(0);
+        self.mask(addr, &mut out[..done]);
+        done
+    }
+
+    fn read_once(&self, addr: u64, out: &mut [u64]) -> usize {
+        // Straight into `out`, a page's worth at a time, not through the cache: a thread's
+        // stack or a data segment is scanned once, and hundreds of threads' stacks would each
+        // take a window of the cache (64 KiB) for the rest of the scan.
+        let mut done = 0;
+        let mut bytes = [0u8; 4096];
+        while done < out.len() {
+            let n = (out.len() - done).min(bytes.len() / 8);
+            let a = addr + done as u64 * 8;
+            let mut local = [std::io::IoSliceMut::new(&mut bytes[..n * 8])];
+            let remote = [nix::sys::uio::RemoteIoVec {
+                base: a as usize,
+                len: n * 8,
+            }];
+            let got = match nix::sys::uio::process_vm_readv(self.pid, &mut local, &remote) {
+                Ok(b) => b / 8,
+                Err(_) => 0,
+            };
+            for (o, w) in out[done..done + got].iter_mut().zip(bytes.chunks_exact(8)) {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(w);
+                *o = u64::from_le_bytes(b);
+            }
+            done += got;
+            if got < n {
+                break;
+            }
         }
+        self.mask(addr, &mut out[..done]);
         done
     }
 

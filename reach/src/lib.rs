@@ -159,6 +159,12 @@ pub trait Memory {
     /// there (the scan then skips to the next page).
     fn read(&self, addr: u64, out: &mut [u64]) -> usize;
 
+    /// As [`Memory::read`], for words read once and never again (a root range, scanned in
+    /// order): a reader that caches what it reads may leave these out.
+    fn read_once(&self, addr: u64, out: &mut [u64]) -> usize {
+        self.read(addr, out)
+    }
+
     /// The mapping that holds `addr`, if the caller knows it (only `multipleinheritance` asks).
     fn mapping(&self, addr: u64) -> Option<Mapping> {
         let _ = addr;
@@ -445,7 +451,7 @@ impl<'b> Scan<'b> {
 
     /// A root range `[start, end)`: .data, .bss, a thread's live stack, an anonymous mapping.
     pub fn root_range(&mut self, mem: &dyn Memory, start: u64, end: u64) {
-        self.scan_range(mem, start, end, |s, w, at| {
+        self.scan_range(mem, start, end, true, |s, w, at| {
             s.mark(mem, w, true, Via::Root(at))
         });
     }
@@ -460,12 +466,14 @@ impl<'b> Scan<'b> {
         self.mark(mem, w, true, Via::Root(at));
     }
 
-    /// Reads the aligned words of `[start, end)` and hands each to `f` with its address.
+    /// Reads the aligned words of `[start, end)` (`once`: a root range, read once) and hands each
+    /// to `f` with its address.
     fn scan_range(
         &mut self,
         mem: &dyn Memory,
         start: u64,
         end: u64,
+        once: bool,
         mut f: impl FnMut(&mut Self, u64, u64),
     ) {
         let mut at = start.saturating_add(WORD - 1) & !(WORD - 1);
@@ -473,7 +481,12 @@ impl<'b> Scan<'b> {
         let mut buf = [0u64; CHUNK];
         while at < end {
             let want = ((end - at) / WORD).min(CHUNK as u64) as usize;
-            let got = mem.read(at, &mut buf[..want]).min(want);
+            let got = if once {
+                mem.read_once(at, &mut buf[..want])
+            } else {
+                mem.read(at, &mut buf[..want])
+            }
+            .min(want);
             self.words += got as u64;
             for (i, &w) in buf[..got].iter().enumerate() {
                 f(self, w, at + i as u64 * WORD);
@@ -612,7 +625,7 @@ impl<'b> Scan<'b> {
             let b = self.blocks[i as usize];
             let definite = self.kind[i as usize] != Kind::Possible;
             let record = self.begin_edges(i);
-            self.scan_range(mem, b.start, b.start + b.size, |s, w, at| {
+            self.scan_range(mem, b.start, b.start + b.size, false, |s, w, at| {
                 if record {
                     if let Some(t) = s.target(w) {
                         s.edge(i, t, at);
@@ -629,7 +642,7 @@ impl<'b> Scan<'b> {
         while let Some(i) = self.stack.pop() {
             let b = self.blocks[i as usize];
             let record = self.begin_edges(i);
-            self.scan_range(mem, b.start, b.start + b.size, |s, w, at| {
+            self.scan_range(mem, b.start, b.start + b.size, false, |s, w, at| {
                 let Some(x) = s.target(w) else { return };
                 if record {
                     s.edge(i, x, at);
