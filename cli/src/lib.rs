@@ -16,6 +16,7 @@ pub mod orphans;
 pub mod outfile;
 pub mod pack;
 pub mod paths;
+mod pending;
 pub mod pprof;
 pub mod process;
 pub mod profile;

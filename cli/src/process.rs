@@ -1,13 +1,13 @@
 //! One traced process, rebuilt from its trace stream: events merged across threads in sequence
 //! order, the live set, the stack and module tables, and how the stream and the process ended.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::HashMap;
 
 use rustc_hash::FxHashMap;
 use std::io::Read;
 
 use crate::liveset::LiveSet;
+use crate::pending::Pending;
 use crate::series::Series;
 use leakhunt_format::compact;
 use leakhunt_format::encode::{Header, Module};
@@ -43,8 +43,8 @@ pub struct Stack {
     pub frames: Vec<u64>,
 }
 
-#[derive(Clone, Debug)]
-enum Ev {
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Ev {
     Alloc {
         addr: u64,
         size: u64,
@@ -64,98 +64,6 @@ enum Ev {
         count: u64,
         bytes: u64,
     },
-}
-
-/// Events waiting for a lower sequence number, one queue per thread (a thread's events come in
-/// its sequence order), merged through a min-heap of the queues' first sequence numbers: with
-/// threads whose events interleave finely (every batch of one waits for the other's), each waiting
-/// event costs a queue push and a heap step over the few threads, not an ordered-map insert.
-#[derive(Default)]
-struct Pending {
-    queues: Vec<VecDeque<(u64, Ev)>>,
-    by_tid: FxHashMap<u32, usize>,
-    /// (first sequence number, queue) for every non-empty queue, exactly one entry each.
-    heads: BinaryHeap<Reverse<(u64, usize)>>,
-    len: usize,
-}
-
-/// Waiting events a thread's queue keeps room for once empty.
-const SMALL_QUEUE: usize = 256;
-
-impl Pending {
-    #[inline]
-    fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    fn push(&mut self, tid: u32, seq: u64, ev: Ev) {
-        let queues = &mut self.queues;
-        let q = *self.by_tid.entry(tid).or_insert_with(|| {
-            queues.push(VecDeque::new());
-            queues.len() - 1
-        });
-        let queue = &mut self.queues[q];
-        self.len += 1;
-        match queue.back() {
-            None => {
-                queue.push_back((seq, ev));
-                self.heads.push(Reverse((seq, q)));
-            }
-            Some(&(last, _)) if last < seq => queue.push_back((seq, ev)),
-            Some(_) => {
-                // Out of order within a thread (a thread id reused by a later thread, a
-                // recovered ring): keep the queue sorted, and its heap entry right.
-                let at = queue.partition_point(|&(s, _)| s < seq);
-                queue.insert(at, (seq, ev));
-                if at == 0 {
-                    self.rebuild_heads();
-                }
-            }
-        }
-    }
-
-    fn rebuild_heads(&mut self) {
-        self.heads = self
-            .queues
-            .iter()
-            .enumerate()
-            .filter_map(|(q, queue)| queue.front().map(|&(s, _)| Reverse((s, q))))
-            .collect();
-    }
-
-    /// The lowest waiting sequence number.
-    #[inline]
-    fn first(&self) -> Option<u64> {
-        self.heads.peek().map(|Reverse((s, _))| *s)
-    }
-
-    /// Takes the event with the lowest sequence number.
-    fn pop(&mut self) -> Option<(u64, Ev)> {
-        let mut top = self.heads.peek_mut()?;
-        let Reverse((_, q)) = *top;
-        let queue = &mut self.queues[q];
-        let e = queue.pop_front()?;
-        match queue.front() {
-            Some(&(s, _)) => *top = Reverse((s, q)),
-            None => {
-                // Emptied: a queue that grew while one missing number held every thread's
-                // events back gives its room back, so that what stays is the most waiting at
-                // once, not the sum of each thread's most.
-                if queue.capacity() > SMALL_QUEUE {
-                    *queue = VecDeque::new();
-                }
-                std::collections::binary_heap::PeekMut::pop(top);
-            }
-        }
-        self.len -= 1;
-        Some(e)
-    }
-
-    fn contains(&self, seq: u64) -> bool {
-        self.queues
-            .iter()
-            .any(|q| q.binary_search_by_key(&seq, |&(s, _)| s).is_ok())
-    }
 }
 
 /// `NOP`s that came before their turn (what elided pairs leave, and with threads whose numbers
@@ -775,6 +683,8 @@ impl Process {
         let mut n = 0;
         // A `CONTENT` record goes with the `FREE` after it: both new, or both skipped.
         let mut content = None;
+        // The numbers waiting now, and those this batch adds (a ring may repeat a number).
+        let mut waiting = self.pending.seqs();
         for (i, s) in SlotIter::new(slots).enumerate() {
             let s = s.map_err(|e| format!("slot {i}: {}", e.what))?;
             let seq = match &s {
@@ -790,9 +700,7 @@ impl Process {
                 }
             };
             if seq.is_some_and(|q| {
-                q < self.next_seq
-                    || self.pending.contains(q)
-                    || self.early_nops.has(q, self.next_seq)
+                q < self.next_seq || waiting.contains(&q) || self.early_nops.has(q, self.next_seq)
             }) {
                 content = None;
                 continue;
@@ -801,7 +709,10 @@ impl Process {
                 self.slot(tid, c, 0).map_err(|e| e.to_string())?;
             }
             self.slot(tid, s, 0).map_err(|e| e.to_string())?;
-            n += u64::from(seq.is_some());
+            if let Some(q) = seq {
+                waiting.insert(q);
+                n += 1;
+            }
         }
         Ok(n)
     }
@@ -1830,24 +1741,6 @@ mod tests {
             encode::batch(*tid, &bytes, &mut out);
         }
         out
-    }
-
-    #[test]
-    fn waiting_queues_give_their_room_back_once_empty() {
-        // One missing number (0) holds 64 threads' 1,000 events each back; once it comes, they
-        // go out in order, and each emptied queue keeps no more room than a small one.
-        let mut p = Pending::default();
-        for k in 0..64_000u64 {
-            p.push((k % 64) as u32 + 1, k + 1, Ev::Free { addr: k });
-        }
-        p.push(100, 0, Ev::Nop);
-        let mut next = 0;
-        while let Some((seq, _)) = p.pop() {
-            assert_eq!(seq, next);
-            next += 1;
-        }
-        assert_eq!((next, p.is_empty()), (64_001, true));
-        assert!(p.queues.iter().all(|q| q.capacity() <= SMALL_QUEUE));
     }
 
     #[test]
