@@ -18,8 +18,9 @@ use crate::process::Ev;
 
 /// Bytes of one chunk of a queue.
 const CHUNK: usize = 4096;
-/// The most bytes one event takes encoded: a kind byte and four LEB128 values.
-const MAX_EVENT: usize = 1 + 4 * 10;
+/// The most bytes one event takes encoded (a kind byte, two length bytes, four 8-byte fields),
+/// and the 8 bytes past it that the 8-byte stores and loads may touch.
+const MAX_EVENT: usize = 3 + 4 * 8 + 8;
 
 const K_ALLOC: u8 = 0;
 const K_FREE: u8 = 1;
@@ -37,27 +38,62 @@ fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
+/// Bytes needed for `v` (0 for 0).
 #[inline]
-fn put(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+fn width(v: u64) -> usize {
+    (64 - v.leading_zeros() as usize).div_ceil(8)
 }
 
-#[inline]
-fn get(b: &[u8], at: &mut usize) -> u64 {
-    let (mut v, mut shift) = (0u64, 0);
-    loop {
-        let c = b[*at];
-        *at += 1;
-        v |= ((c & 0x7f) as u64) << shift;
-        if c < 0x80 {
-            return v;
-        }
-        shift += 7;
+/// A chunk of encoded events, written and read 8 bytes at a time (a kind byte, then per two
+/// values a length byte and each in as many bytes as it needs, as the trace's compact records);
+/// `END` follows the last event of a chunk that is not a queue's last.
+type Chunk = Box<[u8; CHUNK]>;
+
+/// Marks the end of a chunk's events (no kind byte reads so: kinds are below 8, functions 32).
+const END: u8 = 0xff;
+
+/// Writes into a chunk at `*len` (which has room for an event).
+struct Out<'a> {
+    buf: &'a mut [u8; CHUNK],
+    len: &'a mut usize,
+}
+
+impl Out<'_> {
+    #[inline]
+    fn byte(&mut self, b: u8) {
+        self.buf[*self.len] = b;
+        *self.len += 1;
     }
+
+    /// A length byte for `a` and `b`, then both.
+    #[inline]
+    fn pair(&mut self, a: u64, b: u64) {
+        let (la, lb) = (width(a), width(b));
+        self.byte((la | lb << 4) as u8);
+        let n = *self.len;
+        self.buf[n..n + 8].copy_from_slice(&a.to_le_bytes());
+        self.buf[n + la..n + la + 8].copy_from_slice(&b.to_le_bytes());
+        *self.len = n + la + lb;
+    }
+}
+
+/// The value of `len` bytes (0-8) at `buf[*at..]`.
+#[inline]
+fn field(buf: &[u8; CHUNK], at: &mut usize, len: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&buf[*at..*at + 8]);
+    *at += len;
+    u64::from_le_bytes(w) & u64::MAX.checked_shr(64 - 8 * len as u32).unwrap_or(0)
+}
+
+/// The two values after a length byte at `buf[*at..]`.
+#[inline]
+fn pair(buf: &[u8; CHUNK], at: &mut usize) -> (u64, u64) {
+    let l = buf[*at];
+    *at += 1;
+    let a = field(buf, at, (l & 15) as usize);
+    let b = field(buf, at, (l >> 4) as usize);
+    (a, b)
 }
 
 /// What an event is encoded against: the previous event's number, address and stack.
@@ -69,8 +105,9 @@ struct Prev {
 }
 
 impl Prev {
-    /// Encodes `ev`, numbered `seq` (above `self.seq`), after the event `self` describes.
-    fn encode(&mut self, seq: u64, ev: &Ev, out: &mut Vec<u8>) {
+    /// Encodes `ev`, numbered `seq` (above `self.seq`), after the event `self` describes, into
+    /// `c` (which has room).
+    fn encode(&mut self, seq: u64, ev: &Ev, mut c: Out) {
         let dseq = seq - self.seq;
         self.seq = seq;
         match *ev {
@@ -80,78 +117,64 @@ impl Prev {
                 stack,
                 func,
             } => {
-                out.push(K_ALLOC);
-                out.push(func);
-                put(out, dseq);
-                put(out, zigzag(addr.wrapping_sub(self.addr) as i64));
-                put(out, size);
-                put(out, zigzag(stack.wrapping_sub(self.stack) as i32 as i64));
+                c.byte(K_ALLOC | func << 3);
+                c.pair(dseq, zigzag(addr.wrapping_sub(self.addr) as i64));
+                c.pair(size, zigzag(stack.wrapping_sub(self.stack) as i32 as i64));
                 (self.addr, self.stack) = (addr, stack);
             }
             Ev::Free { addr } => {
-                out.push(K_FREE);
-                put(out, dseq);
-                put(out, zigzag(addr.wrapping_sub(self.addr) as i64));
+                c.byte(K_FREE);
+                c.pair(dseq, zigzag(addr.wrapping_sub(self.addr) as i64));
                 self.addr = addr;
             }
             Ev::Nop => {
-                out.push(K_NOP);
-                put(out, dseq);
+                c.byte(K_NOP);
+                c.pair(dseq, 0);
             }
             Ev::Fork { child } => {
-                out.push(K_FORK);
-                put(out, dseq);
-                put(out, child as u64);
+                c.byte(K_FORK);
+                c.pair(dseq, child as u64);
             }
             Ev::Pairs {
                 stack,
                 count,
                 bytes,
             } => {
-                out.push(K_PAIRS);
-                put(out, dseq);
-                put(out, zigzag(stack.wrapping_sub(self.stack) as i32 as i64));
-                put(out, count);
-                put(out, bytes);
+                c.byte(K_PAIRS);
+                c.pair(dseq, zigzag(stack.wrapping_sub(self.stack) as i32 as i64));
+                c.pair(count, bytes);
                 self.stack = stack;
             }
         }
     }
 
-    /// Decodes the event at `b[*at..]` (written by [`Prev::encode`] after `self`).
-    fn decode(&mut self, b: &[u8], at: &mut usize) -> (u64, Ev) {
-        let kind = b[*at];
+    /// Decodes the event at `buf[*at..]` (written by [`Prev::encode`] after `self`).
+    #[inline(always)]
+    fn decode(&mut self, buf: &[u8; CHUNK], at: &mut usize) -> (u64, Ev) {
+        let head = buf[*at];
         *at += 1;
-        let func = if kind == K_ALLOC {
-            *at += 1;
-            b[*at - 1]
-        } else {
-            0
-        };
-        self.seq = self.seq.wrapping_add(get(b, at));
-        let ev = match kind {
+        let (dseq, x) = pair(buf, at);
+        self.seq = self.seq.wrapping_add(dseq);
+        let ev = match head & 7 {
             K_ALLOC => {
-                self.addr = self.addr.wrapping_add(unzigzag(get(b, at)) as u64);
-                let size = get(b, at);
-                self.stack = self.stack.wrapping_add(unzigzag(get(b, at)) as u32);
+                let (size, dstack) = pair(buf, at);
+                self.addr = self.addr.wrapping_add(unzigzag(x) as u64);
+                self.stack = self.stack.wrapping_add(unzigzag(dstack) as u32);
                 Ev::Alloc {
                     addr: self.addr,
                     size,
                     stack: self.stack,
-                    func,
+                    func: head >> 3,
                 }
             }
             K_FREE => {
-                self.addr = self.addr.wrapping_add(unzigzag(get(b, at)) as u64);
+                self.addr = self.addr.wrapping_add(unzigzag(x) as u64);
                 Ev::Free { addr: self.addr }
             }
-            K_FORK => Ev::Fork {
-                child: get(b, at) as u32,
-            },
+            K_FORK => Ev::Fork { child: x as u32 },
             K_PAIRS => {
-                self.stack = self.stack.wrapping_add(unzigzag(get(b, at)) as u32);
-                let count = get(b, at);
-                let bytes = get(b, at);
+                let (count, bytes) = pair(buf, at);
+                self.stack = self.stack.wrapping_add(unzigzag(x) as u32);
                 Ev::Pairs {
                     stack: self.stack,
                     count,
@@ -164,36 +187,43 @@ impl Prev {
     }
 }
 
-/// One thread's waiting events: the first decoded, the rest encoded in chunks.
+/// One thread's waiting events, encoded in chunks (the first event's number is also the
+/// queue's key in the heap).
 #[derive(Default)]
 struct Queue {
-    head: Option<(u64, Ev)>,
-    chunks: VecDeque<Vec<u8>>,
-    /// Where the next event starts in `chunks[0]`.
+    chunks: VecDeque<Chunk>,
+    /// Where the next event starts in the first chunk, and where the next one goes in the last.
     read: usize,
-    /// The last event decoded (`head`'s) and the last event pushed.
+    write: usize,
+    /// The last event decoded and the last event pushed (equal when the queue is empty).
     r: Prev,
     w: Prev,
 }
 
 impl Queue {
-    fn push(&mut self, seq: u64, ev: Ev) {
-        if self.head.is_none() {
-            self.head = Some((seq, ev));
-            let mut p = Prev::default();
-            p.encode(seq, &ev, &mut Vec::new());
-            (self.r, self.w) = (p, p);
-            return;
-        }
-        if self
-            .chunks
-            .back()
-            .is_none_or(|c| c.len() + MAX_EVENT > CHUNK)
-        {
-            self.chunks.push_back(Vec::with_capacity(CHUNK));
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// Appends `ev` (numbered above every event pushed so far); `spare`: chunks to reuse.
+    fn push(&mut self, seq: u64, ev: Ev, spare: &mut Vec<Chunk>) {
+        if self.chunks.is_empty() || self.write + MAX_EVENT > CHUNK {
+            if let Some(c) = self.chunks.back_mut() {
+                c[self.write] = END;
+            }
+            self.chunks
+                .push_back(spare.pop().unwrap_or_else(|| Box::new([0; CHUNK])));
+            self.write = 0;
         }
         if let Some(c) = self.chunks.back_mut() {
-            self.w.encode(seq, &ev, c);
+            self.w.encode(
+                seq,
+                &ev,
+                Out {
+                    buf: c,
+                    len: &mut self.write,
+                },
+            );
         }
     }
 
@@ -202,16 +232,34 @@ impl Queue {
         self.w.seq
     }
 
-    fn pop(&mut self) -> Option<(u64, Ev)> {
-        let e = self.head.take()?;
-        if let Some(c) = self.chunks.front() {
-            let mut at = self.read;
-            self.head = Some(self.r.decode(c, &mut at));
-            if at == c.len() {
-                self.chunks.pop_front();
-                self.read = 0;
-            } else {
-                self.read = at;
+    /// The first event's number, without taking it.
+    fn first(&self) -> Option<u64> {
+        let c = self.chunks.front()?;
+        let mut at = self.read + 1;
+        Some(self.r.seq.wrapping_add(pair(c, &mut at).0))
+    }
+
+    /// Takes the first event; an emptied chunk goes to `spare`.
+    #[inline(always)]
+    fn pop(&mut self, spare: &mut Vec<Chunk>) -> Option<(u64, Ev)> {
+        let c = self.chunks.front()?;
+        let mut at = self.read;
+        let e = self.r.decode(c, &mut at);
+        self.read = at;
+        let done = if self.chunks.len() == 1 {
+            at == self.write
+        } else {
+            c[at] == END
+        };
+        if done {
+            if let Some(c) = self.chunks.pop_front() {
+                if spare.len() < SPARE {
+                    spare.push(c);
+                }
+            }
+            self.read = 0;
+            if self.chunks.is_empty() {
+                self.write = 0;
             }
         }
         Some(e)
@@ -220,7 +268,7 @@ impl Queue {
     /// Every event, in order (the queue is left empty).
     fn take_all(&mut self) -> Vec<(u64, Ev)> {
         let mut v = Vec::new();
-        while let Some(e) = self.pop() {
+        while let Some(e) = self.pop(&mut Vec::new()) {
             v.push(e);
         }
         v
@@ -228,19 +276,34 @@ impl Queue {
 
     /// Calls `f` with every waiting number.
     fn for_each_seq(&self, mut f: impl FnMut(u64)) {
-        let Some((s, _)) = self.head else { return };
-        f(s);
+        self.walk(|seq, _| f(seq));
+    }
+
+    /// Calls `f` with every waiting event's number and the bytes it takes encoded.
+    fn walk(&self, mut f: impl FnMut(u64, usize)) {
         let mut p = self.r;
-        let mut read = self.read;
-        for c in &self.chunks {
-            let mut at = read;
-            while at < c.len() {
-                f(p.decode(c, &mut at).0);
+        let mut at = self.read;
+        for (k, c) in self.chunks.iter().enumerate() {
+            let last = k + 1 == self.chunks.len();
+            while !(if last { at == self.write } else { c[at] == END }) {
+                let from = at;
+                f(p.decode(c, &mut at).0, at - from);
             }
-            read = 0;
+            at = 0;
         }
     }
+
+    /// Bytes of events held (for tests).
+    #[cfg(test)]
+    fn used(&self) -> usize {
+        let mut n = 0;
+        self.walk(|_, len| n += len);
+        n
+    }
 }
+
+/// Emptied chunks kept for reuse.
+const SPARE: usize = 16;
 
 #[derive(Default)]
 pub(crate) struct Pending {
@@ -249,6 +312,7 @@ pub(crate) struct Pending {
     /// (first sequence number, queue) for every non-empty queue, exactly one entry each.
     heads: BinaryHeap<Reverse<(u64, usize)>>,
     len: usize,
+    spare: Vec<Chunk>,
 }
 
 impl Pending {
@@ -265,11 +329,11 @@ impl Pending {
         });
         let queue = &mut self.queues[q];
         self.len += 1;
-        if queue.head.is_none() {
-            queue.push(seq, ev);
+        if queue.is_empty() {
+            queue.push(seq, ev, &mut self.spare);
             self.heads.push(Reverse((seq, q)));
         } else if queue.last() < seq {
-            queue.push(seq, ev);
+            queue.push(seq, ev, &mut self.spare);
         } else {
             // Out of order within a thread (a thread id reused by a later thread, a recovered
             // ring): the queue is rewritten in order, and its heap entry set right.
@@ -277,7 +341,7 @@ impl Pending {
             let at = all.partition_point(|&(s, _)| s < seq);
             all.insert(at, (seq, ev));
             for (s, e) in all {
-                queue.push(s, e);
+                queue.push(s, e, &mut self.spare);
             }
             if at == 0 {
                 self.rebuild_heads();
@@ -290,7 +354,7 @@ impl Pending {
             .queues
             .iter()
             .enumerate()
-            .filter_map(|(q, queue)| queue.head.map(|(s, _)| Reverse((s, q))))
+            .filter_map(|(q, queue)| queue.first().map(|s| Reverse((s, q))))
             .collect();
     }
 
@@ -301,13 +365,14 @@ impl Pending {
     }
 
     /// Takes the event with the lowest sequence number.
+    #[inline]
     pub(crate) fn pop(&mut self) -> Option<(u64, Ev)> {
         let mut top = self.heads.peek_mut()?;
         let Reverse((_, q)) = *top;
         let queue = &mut self.queues[q];
-        let e = queue.pop()?;
-        match queue.head {
-            Some((s, _)) => *top = Reverse((s, q)),
+        let e = queue.pop(&mut self.spare)?;
+        match queue.first() {
+            Some(s) => *top = Reverse((s, q)),
             None => {
                 std::collections::binary_heap::PeekMut::pop(top);
             }
@@ -330,10 +395,7 @@ impl Pending {
     /// Bytes the encoded events hold (chunks allocated), for tests.
     #[cfg(test)]
     fn chunk_bytes(&self) -> usize {
-        self.queues
-            .iter()
-            .map(|q| q.chunks.iter().map(|c| c.capacity()).sum::<usize>())
-            .sum()
+        self.queues.iter().map(|q| q.chunks.len() * CHUNK).sum()
     }
 }
 
@@ -429,14 +491,10 @@ mod tests {
             };
             p.push(t as u32 + 1, k + 1, ev);
         }
-        let used: usize = p
-            .queues
-            .iter()
-            .map(|q| q.chunks.iter().map(|c| c.len()).sum::<usize>())
-            .sum();
-        // An allocation: kind, function, number, address, size, stack; a free: kind, number,
-        // address; each queue's first (an allocation) is held decoded.
-        assert_eq!(used, 64 * (499 * 6 + 500 * 3));
+        let used: usize = p.queues.iter().map(Queue::used).sum();
+        // An allocation: kind, function, number, address, size, stack (1 byte each); a free:
+        // kind, number, address; each queue's first allocation's address is 7 bytes (from 0).
+        assert_eq!(used, 64 * (499 * 6 + 12 + 500 * 3));
         assert_eq!(p.chunk_bytes(), 64 * 2 * CHUNK);
         p.push(100, 0, Ev::Nop);
         assert_eq!(p.seqs().len(), 64_001);
@@ -446,5 +504,6 @@ mod tests {
             next += 1;
         }
         assert_eq!((next, p.is_empty(), p.chunk_bytes()), (64_001, true, 0));
+        assert_eq!(p.spare.len(), SPARE);
     }
 }
