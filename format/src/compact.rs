@@ -157,8 +157,8 @@ fn encode_with(runs: &[&[u8]], out: &mut [u8], pairs: Option<&Pairs>) -> Option<
     let mut o = Out { buf: out, n: 0 };
     let mut chunks = Slots::new(runs);
     let (mut next_seq, mut addr, mut stack, mut frame) = (0u64, 0u64, 0u32, 0u64);
-    // Where the last byte written is a `SKIP` that can take one more `NOP`.
-    let mut skip_at = usize::MAX;
+    // Just past the last `SKIP` written (none: `usize::MAX`).
+    let mut skip_end = usize::MAX;
     let mut i = 0usize; // slot index
     while let Some(mut s) = chunks.next() {
         let at = i;
@@ -168,32 +168,36 @@ fn encode_with(runs: &[&[u8]], out: &mut [u8], pairs: Option<&Pairs>) -> Option<
             return None;
         }
         o.room()?;
-        // An elided event: the `PAIRS` slot for its group at the group's last event, else a `NOP`.
+        // An elided event: the `PAIRS` slot for its group at the group's last event, else a `NOP`
+        // (most often one more of a run of `NOP`s: counted at once).
         let made: [u8; SLOT_LEN];
+        let mut nop = s[0] == slot::KIND_NOP;
         if let Some(p) = pairs {
             let m = p.marks.get(at).copied().unwrap_or(0);
             if m != 0 {
                 let g = p.groups.get(m as usize - 1)?;
                 let seq = u64_at(s, 8);
-                made = if g.last as usize == at {
-                    slot::pairs(g.stack, seq, g.count, g.bytes)
-                } else {
+                nop = g.last as usize != at;
+                made = if nop {
                     slot::nop(seq)
+                } else {
+                    slot::pairs(g.stack, seq, g.count, g.bytes)
                 };
                 s = &made;
             }
         }
-        let kind = s[0];
-        if kind == slot::KIND_NOP && u64_at(s, 8) == next_seq {
+        if nop && u64_at(s, 8) == next_seq {
             next_seq = next_seq.wrapping_add(1);
-            if o.n > 0 && skip_at == o.n - 1 && o.buf[skip_at] >> 3 < 31 {
-                o.buf[skip_at] += 1 << 3;
+            // One more `NOP` for the `SKIP` just written, if it has room for it.
+            if skip_end == o.n && o.buf[skip_end - 1] < CODE_SKIP | 31 << 3 {
+                o.buf[skip_end - 1] += 1 << 3;
             } else {
-                skip_at = o.n;
                 o.byte(CODE_SKIP);
+                skip_end = o.n;
             }
             continue;
         }
+        let kind = s[0];
         if kind == slot::KIND_STACK {
             let n = u16::from_le_bytes([s[2], s[3]]) as usize;
             o.byte(CODE_STACK | f << 3);
