@@ -15,6 +15,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::process::Ev;
+use leakhunt_format::compact::{unzigzag, width, zigzag};
 
 /// Bytes of one chunk of a queue.
 const CHUNK: usize = 4096;
@@ -27,22 +28,6 @@ const K_FREE: u8 = 1;
 const K_NOP: u8 = 2;
 const K_FORK: u8 = 3;
 const K_PAIRS: u8 = 4;
-
-#[inline]
-fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-#[inline]
-fn unzigzag(v: u64) -> i64 {
-    ((v >> 1) as i64) ^ -((v & 1) as i64)
-}
-
-/// Bytes needed for `v` (0 for 0).
-#[inline]
-fn width(v: u64) -> usize {
-    (64 - v.leading_zeros() as usize).div_ceil(8)
-}
 
 /// A chunk of encoded events, written and read 8 bytes at a time (a kind byte, then per two
 /// values a length byte and each in as many bytes as it needs, as the trace's compact records);

@@ -48,19 +48,21 @@ const NONE: u8 = 0xff;
 /// 8-byte fields), plus the 8 bytes of slack the encoder writes past its end.
 pub const MAX_SLOT_BYTES: usize = 35 + 8;
 
+/// A signed difference as an unsigned number that is small when the difference is small.
 #[inline]
-pub(crate) fn zigzag(v: i64) -> u64 {
+pub fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
+/// The inverse of [`zigzag`].
 #[inline]
-pub(crate) fn unzigzag(v: u64) -> i64 {
+pub fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
 /// Bytes needed for `v` (0 for 0).
 #[inline]
-fn width(v: u64) -> usize {
+pub fn width(v: u64) -> usize {
     (64 - v.leading_zeros() as usize).div_ceil(8)
 }
 
