@@ -93,7 +93,8 @@ impl Prev {
     /// Encodes `ev`, numbered `seq` (above `self.seq`), after the event `self` describes, into
     /// `c` (which has room).
     fn encode(&mut self, seq: u64, ev: &Ev, mut c: Out) {
-        let dseq = seq - self.seq;
+        // Wrapping: a queue rewritten in order (see `Pending::push`) starts again below its last.
+        let dseq = seq.wrapping_sub(self.seq);
         self.seq = seq;
         match *ev {
             Ev::Alloc {
