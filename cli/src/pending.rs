@@ -3,11 +3,12 @@
 //! threads whose events interleave finely (every batch of one waits for the other's), each waiting
 //! event costs a queue push and a heap step over the few threads, not an ordered-map insert.
 //!
-//! A queue keeps its events encoded (differences from the event before it, LEB128), about 6-9
-//! bytes an event instead of the 32 of a decoded one, in chunks of 4 KiB given back as they are
-//! read: with hundreds of threads on two cores, one number that a preempted thread holds keeps
-//! every other thread's events waiting, up to hundreds of thousands at once, and those are
-//! most of what the CLI holds then.
+//! A queue keeps its events encoded (differences from the event before it, each value in as
+//! many bytes as it needs behind a length nibble), 3-7 bytes an event of a heap's usual churn
+//! instead of the 32 of a decoded one, in chunks of 4 KiB given back as they are read: with
+//! hundreds of threads on two cores, one number that a preempted thread holds keeps every
+//! other thread's events waiting, up to hundreds of thousands at once, and those are most of
+//! what the CLI holds then.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
