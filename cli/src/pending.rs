@@ -233,12 +233,7 @@ impl Queue {
         let mut at = self.read;
         let e = self.r.decode(c, &mut at);
         self.read = at;
-        let done = if self.chunks.len() == 1 {
-            at == self.write
-        } else {
-            c[at] == END
-        };
-        if done {
+        if self.ends(0, at) {
             if let Some(c) = self.chunks.pop_front() {
                 if spare.len() < SPARE {
                     spare.push(c);
@@ -261,9 +256,15 @@ impl Queue {
         v
     }
 
-    /// Calls `f` with every waiting number.
-    fn for_each_seq(&self, mut f: impl FnMut(u64)) {
-        self.walk(|seq, _| f(seq));
+    /// Whether the events of chunk `k` end at `at`: where the last chunk is written up to, or
+    /// at the `END` after a full one's last event.
+    #[inline(always)]
+    fn ends(&self, k: usize, at: usize) -> bool {
+        if k + 1 == self.chunks.len() {
+            at == self.write
+        } else {
+            self.chunks[k][at] == END
+        }
     }
 
     /// Calls `f` with every waiting event's number and the bytes it takes encoded.
@@ -271,8 +272,7 @@ impl Queue {
         let mut p = self.r;
         let mut at = self.read;
         for (k, c) in self.chunks.iter().enumerate() {
-            let last = k + 1 == self.chunks.len();
-            while !(if last { at == self.write } else { c[at] == END }) {
+            while !self.ends(k, at) {
                 let from = at;
                 f(p.decode(c, &mut at).0, at - from);
             }
@@ -372,7 +372,7 @@ impl Pending {
     pub(crate) fn seqs(&self) -> FxHashSet<u64> {
         let mut set = FxHashSet::default();
         for q in &self.queues {
-            q.for_each_seq(|s| {
+            q.walk(|s, _| {
                 set.insert(s);
             });
         }
