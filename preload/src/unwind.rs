@@ -234,25 +234,30 @@ pub struct Scratch {
     pub reused: u64,
     pub walked: u64,
     pub repeated: u64,
+    /// Where each set of checks lies in `checks` (its place + 1; 0: none yet), given in the
+    /// order the sets are first used (see [`Scratch::check_set_of`]), and how many are given.
+    set_map: [u8; CHECK_SETS],
+    sets_used: u8,
     // Page by page (the mapping's pages, the ring's header first: see `PAGE_LAYOUT` below), so
-    // that a thread touches few: page 0 the header, the scalars, `prev`, and `py` (touched only
-    // for Python) up to `cache`, which fills page 1 (written whole when the rules change);
-    // `frames` and the start of `walk` share page 2; `head` starts in the last page of `checks`
-    // (a thread's captures use a set or two of them); then the pool.
+    // that a thread touches few, 5 for usual walks: page 0 the header, the scalars and the first
+    // frames of `frames` and `prev`; page 1 their rest and `py` (touched only for deep stacks
+    // and Python); page 2 `cache` (written whole when the rules change); page 3 the first steps
+    // of both walks; a page of `checks` for the first dozen sets used; a page of the pool for
+    // the first six walks' checks.
+    /// Where the current capture writes its frames.
+    pub frames: [u64; MAX_FRAMES_CAP],
     pub prev: [u64; MAX_FRAMES_CAP],
     /// This thread's Python frames at the current capture, and the stack with them spliced in
     /// (see `python::splice`).
     pub py: [crate::python::PyFrame; crate::python::MAX_PY],
     _pad: [u8; PAD],
     cache: [Entry; CACHE_SIZE],
-    /// Where the current capture writes its frames.
-    pub frames: [u64; MAX_FRAMES_CAP],
-    /// Every step of the previous walk (see [`capture`]): what suffix reuse validates against.
-    walk: [Step; WALK_CAP],
+    /// Every step of the previous walk (see [`capture`]: what suffix reuse validates against)
+    /// beside that of the current walk before it joins the previous one.
+    steps: [StepPair; WALK_CAP],
     /// Whole-walk checks (see [`repeats`]) of recent walks.
     checks: [Check; CHECKS],
-    /// Steps of the current walk before it joins the previous one.
-    head: [Step; WALK_CAP],
+    _pad2: [u8; PAD2],
     /// The checks' word lists, and how much of it is handed out.
     check_pool: [(u64, u64); CHECK_POOL],
     /// Shape memos (see [`shape_repeat`]): walks from one stack pointer through frames of the
@@ -269,15 +274,26 @@ pub struct Scratch {
 /// Bytes between `py` and `cache`, so that `cache` fills one page of the ring's mapping (the
 /// scratch follows the ring's header there). Changing the scalars above changes it: the assertion
 /// below fails until it is corrected.
-const PAD: usize = 88;
-/// The scratch's pages as laid out (see [`Scratch`]): `cache` alone in the mapping's second page.
+const PAD: usize = 2096;
+/// Bytes between `checks` and `check_pool`, so that the pool begins a page.
+const PAD2: usize = 768;
+/// The scratch's pages as laid out (see [`Scratch`]).
 const PAGE_LAYOUT: () = {
-    let at = core::mem::size_of::<crate::ring::Ring>() + core::mem::offset_of!(Scratch, cache);
+    use core::mem::{offset_of, size_of};
+    let ring = size_of::<crate::ring::Ring>();
     assert!(
-        at == 4096,
-        "Scratch::cache must begin the mapping's second page: correct PAD"
+        ring + offset_of!(Scratch, prev) + 64 * 8 <= 4096,
+        "the first 64 frames of `frames` and `prev` must lie in the mapping's first page"
     );
-    assert!(core::mem::size_of::<[Entry; CACHE_SIZE]>() == 4096);
+    assert!(
+        ring + offset_of!(Scratch, cache) == 2 * 4096,
+        "Scratch::cache must begin the mapping's third page: correct PAD"
+    );
+    assert!(size_of::<[Entry; CACHE_SIZE]>() == 4096);
+    assert!(
+        (ring + offset_of!(Scratch, check_pool)).is_multiple_of(4096),
+        "Scratch::check_pool must begin a page: correct PAD2"
+    );
 };
 #[allow(clippy::let_unit_value)]
 const _: () = PAGE_LAYOUT;
@@ -327,21 +343,44 @@ struct Check {
     used: u32,
 }
 
-/// The first check of the set for captures starting at stack pointer `sp`.
+/// The set of a stack pointer: the bits above 512 bytes are added in, so that a recursion whose
+/// frames are a multiple of 512 bytes still spreads over the sets.
 #[inline]
-/// The set of a stack pointer: nearby stack pointers (the call sites of one thread, a few frames
-/// apart) fall in nearby sets, so a thread touches a page or two of its checks, and the bits
-/// above 512 bytes are added in, so that a recursion whose frames are a multiple of 512 bytes
-/// still spreads over the sets.
 fn check_set(sp: u64) -> usize {
-    (((sp >> 4).wrapping_add(sp >> 9)) as usize % CHECK_SETS) * CHECK_WAYS
+    ((sp >> 4).wrapping_add(sp >> 9)) as usize % CHECK_SETS
 }
+
+impl Scratch {
+    /// The first check of the set for captures starting at stack pointer `sp`, if a walk from
+    /// its set was ever recorded. Sets take their place in `checks` in the order of their first
+    /// use ([`Scratch::set_map`]), so that a thread touches one page of them for its first
+    /// dozen sets, wherever its stack pointers fall.
+    #[inline]
+    fn check_set_of(&self, sp: u64) -> Option<usize> {
+        let at = self.set_map[check_set(sp)] as usize;
+        (at != 0).then(|| (at - 1) * CHECK_WAYS)
+    }
+
+    /// As [`Scratch::check_set_of`], giving the set its place if it has none.
+    #[inline]
+    fn check_set_for(&mut self, sp: u64) -> usize {
+        let logical = check_set(sp);
+        if self.set_map[logical] == 0 {
+            // Places are never taken back (a set keeps its place for the scratch's life, its
+            // checks voided by generation), so there is always one for a new set.
+            self.sets_used += 1;
+            self.set_map[logical] = self.sets_used;
+        }
+        (self.set_map[logical] as usize - 1) * CHECK_WAYS
+    }
+}
+const _: () = assert!(CHECK_SETS < u8::MAX as usize);
 
 /// The check a walk from stack pointer `sp` records itself in: one of its set not in use, else
 /// the set's least recently used.
 #[inline]
-fn check_victim(s: &Scratch, sp: u64) -> usize {
-    let set = check_set(sp);
+fn check_victim(s: &mut Scratch, sp: u64) -> usize {
+    let set = s.check_set_for(sp);
     let mut best = set;
     for i in set..set + CHECK_WAYS {
         let c = &s.checks[i];
@@ -360,6 +399,15 @@ const _: () = assert!(2 * WALK_CAP < CHECK_POOL);
 
 /// Steps a walk keeps: the recorded frames plus the library's own leading frames.
 const WALK_CAP: usize = MAX_FRAMES_CAP + 16;
+
+/// Step `i` of the previous walk and of the current one, side by side: a walk of 20 steps
+/// touches 1.6 KiB of them, in one page, instead of a page in each of two arrays.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct StepPair {
+    walk: Step,
+    head: Step,
+}
 
 /// One unwinding step: the caller frame it found and the two stack words it read to find it.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
@@ -401,8 +449,8 @@ impl Step {
 
 /// Marks which steps of a walk the rest of it needs rbp for; `need` says whether what follows
 /// the last of `steps` does.
-fn mark_bp_needs(steps: &mut [Step], mut need: bool) {
-    for st in steps.iter_mut().rev() {
+fn mark_bp_needs<'a>(steps: impl DoubleEndedIterator<Item = &'a mut Step>, mut need: bool) {
+    for st in steps.rev() {
         st.needs_bp = need;
         need = st.cfa_rbp || (st.rbp_off == 0 && need);
     }
@@ -787,8 +835,8 @@ pub fn capture(
             s.shape_hit = (id, 0);
             return (n, reason, false);
         }
-        let set = check_set(sp);
-        for slot in set..set + CHECK_WAYS {
+        let set = s.check_set_of(sp).unwrap_or(CHECKS);
+        for slot in set..(set + CHECK_WAYS).min(CHECKS) {
             if repeats(s, slot, sp, bp, stack_hi as u64, py_hash) {
                 s.repeated += 1;
                 s.last_check = slot;
@@ -948,7 +996,7 @@ pub fn capture(
         if k == WALK_CAP {
             may_reuse = false;
         } else {
-            s.head[k] = Step {
+            s.steps[k].head = Step {
                 cfa,
                 ra,
                 bp,
@@ -964,10 +1012,10 @@ pub fn capture(
         ntail = 0;
         if may_reuse {
             let len = s.walk_len as usize;
-            while j < len && s.walk[j].cfa < cfa {
+            while j < len && s.steps[j].walk.cfa < cfa {
                 j += 1;
             }
-            if j < len && j >= min_j && s.walk[j].joins(&s.head[k - 1]) {
+            if j < len && j >= min_j && s.steps[j].walk.joins(&s.steps[k - 1].head) {
                 match reuse_suffix(s, j, n, max) {
                     Ok((total, why, same)) => {
                         s.reused += 1;
@@ -987,10 +1035,16 @@ pub fn capture(
         // A walk that ended on a bad frame, or that stopped after reading the words of a step it
         // did not keep, may have computed that last step's CFA from rbp.
         let last_rbp = ntail > 0 && s.walk_tail_rbp;
-        mark_bp_needs(&mut s.head[..k], reason == StopReason::BadFrame || last_rbp);
-        s.walk[..k].copy_from_slice(&s.head[..k]);
+        let heads = s.steps[..k].iter_mut().map(|p| &mut p.head);
+        mark_bp_needs(heads, reason == StopReason::BadFrame || last_rbp);
+        for p in &mut s.steps[..k] {
+            p.walk = p.head;
+        }
         s.walk_len = k as u32;
-        s.walk_rec0 = s.head[..k].iter().position(|st| st.recorded).unwrap_or(k) as u32;
+        s.walk_rec0 = s.steps[..k]
+            .iter()
+            .position(|p| p.head.recorded)
+            .unwrap_or(k) as u32;
         s.walk_reason = reason as u8;
         s.walk_gen = s.cache_gen;
         s.walk_tail = tail;
@@ -1074,12 +1128,12 @@ fn keep_check(s: &mut Scratch, sp: u64, bp: u64, hi: u64, n: usize, reason: Stop
         s.checks[slot].room = need as u32;
         s.check_pool_len as usize - need
     };
-    let (walk, tail, ntail) = (&s.walk[..len], s.walk_tail[0], s.walk_ntail);
+    let (walk, tail, ntail) = (&s.steps[..len], s.walk_tail[0], s.walk_ntail);
     let list = &mut s.check_pool[start..start + need];
     let mut m = 0;
     // Saved rbp words count only where the rest of the walk uses them (`needs_bp`, which also
     // covers the step the walk stopped at).
-    for st in walk {
+    for st in walk.iter().map(|p| &p.walk) {
         list[m] = (st.cfa.wrapping_add(st.ra_off as i64 as u64), st.ra);
         m += 1;
         if st.rbp_off != 0 && st.needs_bp {
@@ -1098,7 +1152,7 @@ fn keep_check(s: &mut Scratch, sp: u64, bp: u64, hi: u64, n: usize, reason: Stop
     c.len = m as u32;
     // The walk uses the rbp it started with if its first step computes the CFA from it, or
     // carries it on to a step that needs it.
-    let w0 = walk[0];
+    let w0 = walk[0].walk;
     c.bp_needed = w0.cfa_rbp || (w0.rbp_off == 0 && w0.needs_bp);
     c.sp = sp;
     c.bp = bp;
@@ -1363,7 +1417,12 @@ fn reuse_suffix(
     max: usize,
 ) -> Result<(usize, StopReason, bool), usize> {
     let len = s.walk_len as usize;
-    for (i, st) in s.walk[..len].iter().enumerate().skip(j + 1) {
+    for (i, st) in s.steps[..len]
+        .iter()
+        .map(|p| &p.walk)
+        .enumerate()
+        .skip(j + 1)
+    {
         let ra_at = st.cfa.wrapping_add(st.ra_off as i64 as u64) as *const u64;
         let bp_at = st.cfa.wrapping_add(st.rbp_off as i64 as u64) as *const u64;
         // The saved rbp matters only where the rest of the walk uses it (`needs_bp`): a program
@@ -1383,7 +1442,7 @@ fn reuse_suffix(
     let why = StopReason::from_u8(s.walk_reason).unwrap_or(StopReason::BadFrame);
     if n + count > max {
         for m in 0..max - n {
-            s.frames[n + m] = s.walk[first + m].ra;
+            s.frames[n + m] = s.steps[first + m].walk.ra;
         }
         return Ok((max, StopReason::MaxDepth, false));
     }
@@ -1396,7 +1455,7 @@ fn reuse_suffix(
         return Ok((count, why, true));
     }
     for m in 0..count {
-        s.frames[n + m] = s.walk[first + m].ra;
+        s.frames[n + m] = s.steps[first + m].walk.ra;
     }
     Ok((n + count, why, false))
 }
@@ -1416,19 +1475,28 @@ fn join(s: &mut Scratch, k: usize, j: usize) {
         s.walk_len = 0;
         return;
     }
-    let need = s.walk[j].needs_bp;
-    s.head[k - 1].needs_bp = need;
-    let last = s.head[k - 1];
+    let need = s.steps[j].walk.needs_bp;
+    s.steps[k - 1].head.needs_bp = need;
+    let last = s.steps[k - 1].head;
     mark_bp_needs(
-        &mut s.head[..k - 1],
+        s.steps[..k - 1].iter_mut().map(|p| &mut p.head),
         last.cfa_rbp || (last.rbp_off == 0 && need),
     );
-    if k != j + 1 {
-        s.walk.copy_within(j + 1..len, k);
+    // The previous walk's steps after `j` move to `k` on (as `copy_within` would).
+    if k < j + 1 {
+        for i in 0..tail {
+            s.steps[k + i].walk = s.steps[j + 1 + i].walk;
+        }
+    } else if k > j + 1 {
+        for i in (0..tail).rev() {
+            s.steps[k + i].walk = s.steps[j + 1 + i].walk;
+        }
     }
-    s.walk[..k].copy_from_slice(&s.head[..k]);
+    for p in &mut s.steps[..k] {
+        p.walk = p.head;
+    }
     s.walk_len = (k + tail) as u32;
-    s.walk_rec0 = match s.head[..k].iter().position(|st| st.recorded) {
+    s.walk_rec0 = match s.steps[..k].iter().position(|p| p.head.recorded) {
         Some(i) => i,
         None => k + (s.walk_rec0 as usize).saturating_sub(j + 1),
     } as u32;
