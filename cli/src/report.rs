@@ -288,6 +288,9 @@ pub struct Captures {
     /// buffers; 0: not recorded), and the threads that recorded.
     pub tracer_resident_bytes: u64,
     pub threads: u64,
+    /// Times the pages of a thread's ring and unwind state went back to the system while the
+    /// thread recorded nothing (waiting for work, or exited).
+    pub rings_given_back: u64,
 }
 
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
@@ -815,6 +818,7 @@ pub fn build_with(
                 ring_waits: stat(stat::RING_WAITS),
                 tracer_resident_bytes: stat(stat::TRACER_RESIDENT),
                 threads: stat(stat::THREADS),
+                rings_given_back: stat(stat::RINGS_GIVEN_BACK),
             }
         },
         leaks,
@@ -1400,11 +1404,20 @@ pub fn render_text(r: &ProcReport, out: &mut String) {
     let c = &r.captures;
     if c.tracer_resident_bytes > 0 {
         line(&format!(
-            "TRACER MEMORY: {:.1} MiB resident in the process at its end (rings, unwind state, tables), {} thread{}: {} KiB a thread",
+            "TRACER MEMORY: {:.1} MiB resident in the process at its end (rings, unwind state, tables), {} thread{}: {} KiB a thread{}",
             c.tracer_resident_bytes as f64 / (1 << 20) as f64,
             thousands(c.threads),
             if c.threads == 1 { "" } else { "s" },
-            c.tracer_resident_bytes / 1024 / c.threads.max(1)
+            c.tracer_resident_bytes / 1024 / c.threads.max(1),
+            if c.rings_given_back > 0 {
+                format!(
+                    "; idle threads' rings given back {} time{}",
+                    thousands(c.rings_given_back),
+                    if c.rings_given_back == 1 { "" } else { "s" }
+                )
+            } else {
+                String::new()
+            }
         ));
     }
     match &s.recording_incomplete {

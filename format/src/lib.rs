@@ -160,6 +160,9 @@ pub mod stat {
     /// process when the statistics were written (at its end: the rings of threads that exited
     /// stay mapped for the next ones).
     pub const TRACER_RESIDENT: u32 = 12;
+    /// Times the pages of a ring (its slots and its thread's unwind state) were given back to
+    /// the system because its thread had not recorded anything for a while (or had exited).
+    pub const RINGS_GIVEN_BACK: u32 = 13;
 }
 
 /// How the process ended, as recorded by the tracer.

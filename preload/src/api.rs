@@ -86,11 +86,11 @@ unsafe fn realloc_shim(
     };
     // The free's number is taken before the real call: once realloc releases `p`, another
     // thread may get it back, and its allocation must sort after this free.
-    let seq = tracer::take_seq();
+    let (held, seq) = tracer::take_realloc_seq(&g);
     // With orphans on, the words the call may drop are read while the old block is still ours.
-    let dropped = tracer::before_realloc(&g, p, size);
+    let dropped = tracer::before_realloc(&held, p, size);
     let q = g.forwarding(call);
-    tracer::on_realloc(&g, seq, p, q, size, f, dropped);
+    tracer::on_realloc(&g, held, seq, p, q, size, f, dropped);
     q
 }
 
@@ -735,9 +735,9 @@ pub unsafe extern "C" fn xallocx(p: *mut c_void, size: usize, extra: usize, flag
     let got = g.forwarding(|| unsafe { x(p, size, extra, flags) });
     if got >= size {
         // Resized in place to at least `size`: a realloc that kept the address.
-        let seq = tracer::take_seq();
-        let dropped = tracer::before_realloc(&g, p, size);
-        tracer::on_realloc(&g, seq, p, p, size, AllocFn::Realloc, dropped);
+        let (held, seq) = tracer::take_realloc_seq(&g);
+        let dropped = tracer::before_realloc(&held, p, size);
+        tracer::on_realloc(&g, held, seq, p, p, size, AllocFn::Realloc, dropped);
     }
     got
 }

@@ -893,6 +893,16 @@ pub fn flush() {
     flush_locked();
 }
 
+/// The writer's pass: drains every ring, then gives back the pages of rings idle for a while
+/// (see [`ring::Ring::give_back_if_idle`]).
+pub fn flush_and_give_back(now: u64) {
+    let _l = LOCK.lock();
+    flush_locked();
+    if STATE.load(Ordering::Acquire) == OPEN {
+        ring::for_each(|r| r.give_back_if_idle(now));
+    }
+}
+
 fn flush_locked() {
     if STATE.load(Ordering::Acquire) == OFF {
         return;
@@ -950,7 +960,7 @@ fn push_stats() {
         walked += s.walked;
         repeated += s.repeated;
     });
-    const N: usize = 12;
+    const N: usize = 13;
     let pairs: [(u32, u64); N] = [
         (stat::EVENTS_LOST, EVENTS_LOST.load(Ordering::Relaxed)),
         (stat::RING_WAITS, RING_WAITS.load(Ordering::Relaxed)),
@@ -967,6 +977,10 @@ fn push_stats() {
         (stat::OUTPUT_RETAKEN, RETAKEN.load(Ordering::Relaxed)),
         (stat::ORPHANS, config::get().orphans as u64),
         (stat::TRACER_RESIDENT, sys::own_resident()),
+        (
+            stat::RINGS_GIVEN_BACK,
+            ring::GIVEN_BACK.load(Ordering::Relaxed),
+        ),
     ];
     let mut body = [0u8; 4 + N * 12];
     body[..4].copy_from_slice(&(pairs.len() as u32).to_le_bytes());

@@ -75,6 +75,22 @@ pub const OWNED: u32 = 1;
 pub const ORPHAN: u32 = 2;
 pub const FREE: u32 = 3;
 
+/// [`Ring::park`]: the ring is the owner's to use as it is.
+const PARK_NONE: u32 = 0;
+/// The writer is about to give the ring's pages back, unless the owner is using them: an owner
+/// that sees this waits for one of the other two values.
+const PARK_ASKED: u32 = 1;
+/// The ring's slots and its scratch past the first page were given back (they read as zeros):
+/// the owner forgets what its scratch kept there before it goes on.
+const PARK_GIVEN: u32 = 2;
+/// A ring whose head has not moved for this long while drained gives its pages back: the
+/// threads of a pool that wait for work (or a thread that has exited) keep ~1 page of the
+/// tracer's instead of 9 to 70. A thread that wakes touches them again (a fault a page, a few
+/// microseconds in all), at most once every this long.
+const IDLE_NS: u64 = 20_000_000;
+/// [`Ring::idle_head`] before the writer watches the ring (or after it gave its pages back).
+const NOT_WATCHED: u64 = u64::MAX;
+
 /// Invariants: `head` is written only by the owning thread, `tail` only under the output lock;
 /// slots in `[tail, head)` are published and immutable until `tail` passes them. `cap`, `slots`,
 /// `mirror` and `file_no` change only when the owning thread makes its ring large, under the
@@ -82,12 +98,20 @@ pub const FREE: u32 = 3;
 #[repr(C, align(64))]
 pub struct Ring {
     head: AtomicU64,
-    _p1: [u8; 56],
+    /// The owner is inside a hook that uses the ring or its scratch (see [`Ring::hold`]).
+    busy: AtomicU32,
+    _p1: [u8; 52],
     tail: AtomicU64,
     /// Where the writer's current pass cut this ring's batch (under the output lock; see
     /// [`Ring::cut`]).
     cut: AtomicU64,
-    _p2: [u8; 48],
+    /// [`PARK_NONE`], [`PARK_ASKED`] or [`PARK_GIVEN`] (see [`Ring::give_back_if_idle`]); in
+    /// the line the owner reads `tail` from at every event.
+    park: AtomicU32,
+    /// `head` when the writer last saw it move, and when (monotonic ns); under the output lock.
+    idle_head: AtomicU64,
+    idle_since: AtomicU64,
+    _p2: [u8; 20],
     pub tid: AtomicU32,
     pub state: AtomicU32,
     next: AtomicPtr<Ring>,
@@ -257,6 +281,16 @@ pub fn after_fork_child(trace: bool) {
     }
 }
 
+/// The scratch right after the ring's header, in the same page (the one page of the mapping
+/// never given back: see [`Ring::give_back_if_idle`]).
+const SCRATCH_AT: usize = core::mem::size_of::<Ring>();
+const _: () = assert!(SCRATCH_AT.is_multiple_of(core::mem::align_of::<Scratch>()));
+/// The header's mapping: the ring's header and its thread's scratch.
+const HEAD_LEN: usize = SCRATCH_AT + core::mem::size_of::<Scratch>();
+const PAGE: usize = 4096;
+const _: () = assert!((SMALL_SLOTS as usize * SLOT_LEN).is_multiple_of(PAGE));
+const _: () = assert!((RING_SLOTS as usize * SLOT_LEN).is_multiple_of(PAGE));
+
 /// Takes a free ring or maps a new one for thread `tid`. Null if memory is exhausted.
 pub fn acquire(tid: u32) -> *mut Ring {
     for r in rings() {
@@ -272,17 +306,13 @@ pub fn acquire(tid: u32) -> *mut Ring {
             return r as *const Ring as *mut Ring;
         }
     }
-    // The scratch right after the ring's header, in the same page.
-    const SCRATCH_AT: usize = core::mem::size_of::<Ring>();
-    const _: () = assert!(SCRATCH_AT.is_multiple_of(core::mem::align_of::<Scratch>()));
-    let head_len = SCRATCH_AT + core::mem::size_of::<Scratch>();
-    let base = sys::mmap_anon(head_len);
+    let base = sys::mmap_anon(HEAD_LEN);
     if base.is_null() {
         return core::ptr::null_mut();
     }
     let Some((mirror, file_no, slots)) = map_slots(tid, SMALL_SLOTS, 0) else {
         // SAFETY: unmaps the mapping made just above, which nothing else refers to.
-        unsafe { libc::munmap(base.cast(), head_len) };
+        unsafe { libc::munmap(base.cast(), HEAD_LEN) };
         return core::ptr::null_mut();
     };
     let ring = base as *mut Ring;
@@ -291,10 +321,14 @@ pub fn acquire(tid: u32) -> *mut Ring {
     unsafe {
         ring.write(Ring {
             head: AtomicU64::new(0),
-            _p1: [0; 56],
+            busy: AtomicU32::new(0),
+            _p1: [0; 52],
             tail: AtomicU64::new(0),
             cut: AtomicU64::new(0),
-            _p2: [0; 48],
+            park: AtomicU32::new(PARK_NONE),
+            idle_head: AtomicU64::new(NOT_WATCHED),
+            idle_since: AtomicU64::new(0),
+            _p2: [0; 20],
             tid: AtomicU32::new(tid),
             state: AtomicU32::new(OWNED),
             next: AtomicPtr::new(core::ptr::null_mut()),
@@ -396,17 +430,113 @@ impl Ring {
         };
         // SAFETY: the old slots (and file header page) are this ring's own mapping, which nothing
         // reads any more: the ring is empty and now points at its new slots.
-        unsafe {
-            if libc::madvise(start.cast(), len, libc::MADV_REMOVE) != 0 {
-                libc::madvise(start.cast(), len, libc::MADV_DONTNEED);
-            }
-        }
+        unsafe { discard(start, len) };
         let mut path = [0u8; 400];
         if !old_mirror.is_null() && ring_path(&mut path, old_no) {
             // SAFETY: `path` is NUL-terminated.
             unsafe { libc::unlink(path.as_ptr().cast()) };
         }
         true
+    }
+
+    /// The owner enters a hook that uses the ring or its scratch. Next it executes a locked
+    /// instruction (the hook's sequence number, or [`hold_fence`]) and [`Ring::check_park`],
+    /// before it touches the slots or the scratch past its first page; it leaves with
+    /// [`Ring::unhold`]. With the writer's side in [`Ring::give_back_if_idle`] this is Dekker's
+    /// handshake: on x86-64 a locked instruction drains the store buffer, so either the writer
+    /// sees `busy` set and leaves the pages alone, or the owner sees `park` set and waits.
+    #[inline]
+    pub fn hold(&self) {
+        self.busy.store(1, Ordering::Relaxed);
+    }
+
+    /// See [`Ring::hold`]: after the locked instruction.
+    #[inline]
+    pub fn check_park(&self) {
+        if self.park.load(Ordering::Relaxed) != PARK_NONE {
+            self.unpark();
+        }
+    }
+
+    /// The owner is done with the ring and its scratch for this hook.
+    #[inline]
+    pub fn unhold(&self) {
+        self.busy.store(0, Ordering::Release);
+    }
+
+    /// The writer is giving this ring's pages back, or has: wait until it is done, and forget
+    /// what the scratch kept in them.
+    #[cold]
+    #[inline(never)]
+    fn unpark(&self) {
+        let mut spins = 0u32;
+        loop {
+            match self.park.load(Ordering::Acquire) {
+                PARK_NONE => return,
+                PARK_GIVEN => {
+                    // SAFETY: the scratch is this ring's, which this thread owns and holds; the
+                    // writer is done with its pages (`PARK_GIVEN`, read with Acquire).
+                    unsafe { (*self.scratch).after_give_back() };
+                    self.park.store(PARK_NONE, Ordering::Release);
+                    return;
+                }
+                _ => {
+                    // Asked: the writer decides within a few instructions, or a madvise.
+                    spins += 1;
+                    if spins < 64 {
+                        core::hint::spin_loop();
+                    } else {
+                        sys::yield_now();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives the pages of a ring nobody uses back to the system: its slots, and its thread's
+    /// scratch past the first page (the header and the scratch's scalars stay), once the ring
+    /// has been drained and its head has not moved for [`IDLE_NS`] (its thread waits for work, or
+    /// has exited). Caller holds the output lock (so nothing drains, grows or hands the ring to
+    /// another thread meanwhile) and calls it at every pass of the writer.
+    pub fn give_back_if_idle(&self, now: u64) {
+        if self.state.load(Ordering::Acquire) == ORPHAN
+            || self.park.load(Ordering::Relaxed) != PARK_NONE
+        {
+            return;
+        }
+        let head = self.head.load(Ordering::Acquire);
+        if head != self.idle_head.load(Ordering::Relaxed) {
+            self.idle_head.store(head, Ordering::Relaxed);
+            self.idle_since.store(now, Ordering::Relaxed);
+            return;
+        }
+        if self.tail.load(Ordering::Relaxed) != head
+            || now.saturating_sub(self.idle_since.load(Ordering::Relaxed)) < IDLE_NS
+        {
+            return;
+        }
+        // The writer's half of the handshake (see `hold`): `swap` is a locked instruction.
+        self.park.swap(PARK_ASKED, Ordering::SeqCst);
+        if self.busy.load(Ordering::SeqCst) != 0 || self.head.load(Ordering::Acquire) != head {
+            // In use (or it published and left since the head was read): another time.
+            self.park.store(PARK_NONE, Ordering::Release);
+            return;
+        }
+        // From here until `PARK_GIVEN` the owner, if any, waits in `unpark` before it touches
+        // anything given back; what it published was drained (`tail == head`, unchanged).
+        let base = self as *const Ring as *mut u8;
+        let slots = self.slots.load(Ordering::Relaxed) as *mut u8;
+        // SAFETY: the pages after the first of the header's mapping (`HEAD_LEN` bytes from the
+        // ring's address) hold only the scratch, which nobody uses now (above); the slots (a
+        // whole number of pages, after a ring file's header page) are drained and nobody writes
+        // them now. Both are this ring's own mappings.
+        unsafe {
+            discard(base.add(PAGE), HEAD_LEN.next_multiple_of(PAGE) - PAGE);
+            discard(slots, self.cap() as usize * SLOT_LEN);
+        }
+        self.idle_head.store(NOT_WATCHED, Ordering::Relaxed);
+        GIVEN_BACK.fetch_add(1, Ordering::Relaxed);
+        self.park.store(PARK_GIVEN, Ordering::Release);
     }
 
     /// Everything drained so far reached the CLI: let the ring file say so.
@@ -507,6 +637,30 @@ impl Ring {
     pub fn clear(&self) {
         let head = self.head.load(Ordering::Relaxed);
         self.tail.store(head, Ordering::Release);
+    }
+}
+
+/// Times a ring gave its pages back (statistics for tests and benchmarks).
+pub static GIVEN_BACK: AtomicU64 = AtomicU64::new(0);
+
+/// The owner's locked instruction of [`Ring::hold`] where its hook takes no sequence number.
+#[inline]
+pub fn hold_fence() {
+    core::sync::atomic::fence(Ordering::SeqCst);
+}
+
+/// Gives the pages of `[start, start + len)` back: a ring file's are punched out of the file,
+/// anonymous memory's dropped; either reads as zeros after.
+///
+/// # Safety
+/// The range is page-aligned, part of one of the tracer's own mappings, and nobody reads or
+/// writes it meanwhile.
+unsafe fn discard(start: *mut u8, len: usize) {
+    // SAFETY: per the contract.
+    unsafe {
+        if libc::madvise(start.cast(), len, libc::MADV_REMOVE) != 0 {
+            libc::madvise(start.cast(), len, libc::MADV_DONTNEED);
+        }
     }
 }
 

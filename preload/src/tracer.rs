@@ -264,14 +264,47 @@ fn reserve(r: &ring::Ring, n: usize) {
     }
 }
 
+/// After a hook published: its hold ends first (an exiting thread's ring may pass to another
+/// thread at once, whose hold this one must not end).
 #[inline]
-fn after_publish(ts: &mut ThreadState) {
+fn after_publish(ts: &mut ThreadState, held: Held) {
+    drop(held);
     if ts.life == LIFE_EXITING {
         release_ring(ts);
     }
     if out::FINAL.load(Ordering::Relaxed) {
         out::flush();
     }
+}
+
+/// A hook's use of its thread's ring and scratch (see [`ring::Ring::hold`]), ended when dropped:
+/// meanwhile the writer gives none of their pages back.
+pub struct Held(&'static ring::Ring);
+
+impl Drop for Held {
+    #[inline]
+    fn drop(&mut self) {
+        self.0.unhold();
+    }
+}
+
+/// Holds the ring and takes the event's sequence number: its locked add is the handshake's
+/// fence (see [`ring::Ring::hold`]).
+#[inline]
+fn hold_numbered(r: &'static ring::Ring) -> (Held, u64) {
+    r.hold();
+    let seq = SEQ.0.fetch_add(1, Ordering::SeqCst);
+    r.check_park();
+    (Held(r), seq)
+}
+
+/// Holds the ring where the hook's number was taken before.
+#[inline]
+fn hold(r: &'static ring::Ring) -> Held {
+    r.hold();
+    ring::hold_fence();
+    r.check_park();
+    Held(r)
 }
 
 /// Captures the stack and interns it; returns (id, stack slots to send first: 0 if known).
@@ -374,10 +407,11 @@ pub fn on_alloc(g: &Guard, f: AllocFn, p: *mut c_void, size: usize) {
     }
     let ts = g.ts();
     let Some(r) = thread_ring(ts) else { return };
+    // Numbered before the capture (which uses the scratch), after the real allocation returned.
+    let (held, seq) = hold_numbered(r);
     let (id, stack_slots, n, reason) = stack_for(ts, r);
     let total = stack_slots + 1;
     reserve(r, total);
-    let seq = SEQ.0.fetch_add(1, Ordering::Relaxed);
     r.publish(total, |i, s| {
         if i < stack_slots {
             stack_slot(r, id, n, reason, i, s);
@@ -385,7 +419,7 @@ pub fn on_alloc(g: &Guard, f: AllocFn, p: *mut c_void, size: usize) {
             *s = slot::alloc(f, id, seq, p as u64, size as u64);
         }
     });
-    after_publish(ts);
+    after_publish(ts, held);
 }
 
 /// Records a free; called before the real free, so its sequence number precedes any reuse.
@@ -397,10 +431,10 @@ pub fn on_free(g: &Guard, f: FreeFn, p: *mut c_void, mallocs: bool) {
     }
     let ts = g.ts();
     let Some(r) = thread_ring(ts) else { return };
+    let (held, seq) = hold_numbered(r);
     reserve(r, 1);
-    let seq = SEQ.0.fetch_add(1, Ordering::Relaxed);
     r.publish(1, |_, s| *s = slot::free(f, seq, p as u64));
-    after_publish(ts);
+    after_publish(ts, held);
 }
 
 /// A free with orphans on: its stack, and a `CONTENT` record of the heap pointers the block still
@@ -409,13 +443,13 @@ pub fn on_free(g: &Guard, f: FreeFn, p: *mut c_void, mallocs: bool) {
 fn on_free_with_content(g: &Guard, f: FreeFn, p: *mut c_void, mallocs: bool) {
     let ts = g.ts();
     let Some(r) = thread_ring(ts) else { return };
+    let (held, seq) = hold_numbered(r);
     let (id, stack_slots, n, reason) = stack_for(ts, r);
     // A block of a C++ runtime's own pool is not measured (its words are not read).
     let words = if mallocs { read_content(r, p, 0).0 } else { 0 };
     let cslots = slot::content_slots(words);
     let total = stack_slots + cslots + 1;
     reserve(r, total);
-    let seq = SEQ.0.fetch_add(1, Ordering::Relaxed);
     r.publish(total, |i, s| {
         if i < stack_slots {
             stack_slot(r, id, n, reason, i, s);
@@ -425,7 +459,7 @@ fn on_free_with_content(g: &Guard, f: FreeFn, p: *mut c_void, mallocs: bool) {
             *s = slot::free(f, seq, p as u64);
         }
     });
-    after_publish(ts);
+    after_publish(ts, held);
 }
 
 // ---- orphan sites (`LEAKHUNT_ORPHANS=1`) ---------------------------------------------------
@@ -529,12 +563,12 @@ pub struct Dropped {
 }
 
 /// Before `realloc(p, size)` of a live block, with orphans on: reads the words it may drop into
-/// the thread's scratch, where `on_realloc` finds them.
-pub fn before_realloc(g: &Guard, p: *mut c_void, size: usize) -> Option<Dropped> {
+/// the thread's scratch (held since [`take_realloc_seq`]), where `on_realloc` finds them.
+pub fn before_realloc(held: &Option<Held>, p: *mut c_void, size: usize) -> Option<Dropped> {
     if !config::get().orphans {
         return None;
     }
-    let r = thread_ring(g.ts())?;
+    let r = held.as_ref()?.0;
     let (words, usable) = read_content(r, p, lost_from(size));
     Some(Dropped { words, usable })
 }
@@ -544,10 +578,17 @@ pub fn seq_next() -> u64 {
     SEQ.0.load(Ordering::Acquire)
 }
 
-/// A sequence number taken before a `realloc` of a live block; `on_realloc` uses it afterwards.
+/// A sequence number taken before a `realloc` of a live block, holding the thread's ring (if it
+/// has one) until `on_realloc`, which uses both afterwards.
 #[inline]
-pub fn take_seq() -> u64 {
-    SEQ.0.fetch_add(1, Ordering::Relaxed)
+pub fn take_realloc_seq(g: &Guard) -> (Option<Held>, u64) {
+    match thread_ring(g.ts()) {
+        Some(r) => {
+            let (h, seq) = hold_numbered(r);
+            (Some(h), seq)
+        }
+        None => (None, SEQ.0.fetch_add(1, Ordering::Relaxed)),
+    }
 }
 
 /// Records the outcome of `realloc(old, size) = new` whose free sequence number was taken before
@@ -557,8 +598,10 @@ pub fn take_seq() -> u64 {
 /// With orphans on (`dropped`), a realloc that moved or shrank the block, or freed it, sends the
 /// words it dropped (those past the new size) as a `CONTENT` record with the realloc's stack
 /// before its `FREE`; one that grew in place sends none.
+#[allow(clippy::too_many_arguments)]
 pub fn on_realloc(
     g: &Guard,
+    held: Option<Held>,
     free_seq: u64,
     old: *mut c_void,
     new: *mut c_void,
@@ -570,6 +613,11 @@ pub fn on_realloc(
     let Some(r) = thread_ring(ts) else {
         abandon_seq(free_seq);
         return;
+    };
+    // The ring taken before the call, or (none then) taken now.
+    let held = match held {
+        Some(h) if core::ptr::eq(h.0, r) => h,
+        _ => hold(r),
     };
     let freed = !new.is_null() || size == 0;
     let dropped = dropped.filter(|d| freed && (new != old || size < d.usable));
@@ -588,7 +636,7 @@ pub fn on_realloc(
                     *s = slot::free(FreeFn::Realloc, free_seq, old as u64);
                 }
             });
-            after_publish(ts);
+            after_publish(ts, held);
             return;
         }
     }
@@ -601,7 +649,7 @@ pub fn on_realloc(
                 slot::nop(free_seq)
             }
         });
-        after_publish(ts);
+        after_publish(ts, held);
         return;
     }
     if config::get().orphans {
@@ -625,7 +673,7 @@ pub fn on_realloc(
                 *s = slot::alloc(f, id, seq, new as u64, size as u64);
             }
         });
-        after_publish(ts);
+        after_publish(ts, held);
         return;
     }
     let total = stack_slots + 2;
@@ -640,7 +688,7 @@ pub fn on_realloc(
             *s = slot::alloc(f, id, seq, new as u64, size as u64);
         }
     });
-    after_publish(ts);
+    after_publish(ts, held);
 }
 
 /// Before `fork()` with forks followed: the sequence number that marks the fork point (the
@@ -676,6 +724,7 @@ pub fn after_fork_in_parent(seq: u64, child: i32) {
         abandon_seq(seq);
         return;
     };
+    let held = hold(r);
     reserve(r, 1);
     r.publish(1, |_, s| {
         *s = if child > 0 {
@@ -684,7 +733,7 @@ pub fn after_fork_in_parent(seq: u64, child: i32) {
             slot::nop(seq)
         }
     });
-    after_publish(ts);
+    after_publish(ts, held);
 }
 
 /// A realloc whose free number was taken but whose event cannot be published (no ring): the
@@ -752,7 +801,7 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
             // A boundary late by more than an interval (the machine stalled) is not doubled.
             next_epoch = (next_epoch + every).max(now + every / 2);
         } else {
-            out::flush();
+            out::flush_and_give_back(now);
         }
     }
 }

@@ -457,6 +457,8 @@ fn mark_bp_needs<'a>(steps: impl DoubleEndedIterator<Item = &'a mut Step>, mut n
 }
 
 impl Scratch {
+    /// Forgets the previous thread's walks. Writes only scalars (the mapping's first page; see
+    /// [`Scratch::after_give_back`]).
     pub fn reset_for_new_thread(&mut self) {
         self.walk_len = 0;
         // Checks, shapes and the walk were the old thread's (their stack addresses in its
@@ -469,6 +471,18 @@ impl Scratch {
         self.prev_len = 0;
         self.prev_id = 0;
         self.prev_meta = 0;
+    }
+
+    /// The scratch's pages after the mapping's first were given back (`ring::Ring::
+    /// give_back_if_idle`) and read as zeros: forget what the scalars (in the first page) say
+    /// of them. Zeroed checks, shapes and shape entries are unused ones; the rule cache is
+    /// filled again at the next capture.
+    pub fn after_give_back(&mut self) {
+        self.reset_for_new_thread();
+        self.cache_gen = 0;
+        self.check_pool_len = 0;
+        self.shape_next = 0;
+        self.walk_slot = 0;
     }
 
     fn sources() -> (u32, u32) {
