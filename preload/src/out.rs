@@ -894,12 +894,24 @@ pub fn flush() {
 }
 
 /// The writer's pass: drains every ring, then gives back the pages of rings idle for a while
-/// (see [`ring::Ring::give_back_if_idle`]).
+/// (see [`ring::Ring::ask_give_back`]), up to 64 a pass, their system calls after the lock.
 pub fn flush_and_give_back(now: u64) {
-    let _l = LOCK.lock();
-    flush_locked();
-    if STATE.load(Ordering::Acquire) == OPEN {
-        ring::for_each(|r| r.give_back_if_idle(now));
+    let mut asked: [Option<&'static ring::Ring>; 64] = [None; 64];
+    let mut n = 0;
+    {
+        let _l = LOCK.lock();
+        flush_locked();
+        if STATE.load(Ordering::Acquire) == OPEN {
+            ring::for_each(|r| {
+                if n < asked.len() && r.ask_give_back(now) {
+                    asked[n] = Some(r);
+                    n += 1;
+                }
+            });
+        }
+    }
+    for r in asked[..n].iter().flatten() {
+        r.give_back();
     }
 }
 

@@ -253,6 +253,12 @@ fn map_ring_file(at: *mut u8, tid: u32, head: u64, no: u32, cap: u64) -> Option<
 /// anything touches the slots. The rings were emptied by the output's fork handler.
 pub fn after_fork_child(trace: bool) {
     for r in rings() {
+        // The parent's writer may have been giving this ring's pages back when it forked (it
+        // does so without the output lock): in this copy some are, some not; the owner forgets
+        // them all.
+        if r.park.load(Ordering::Relaxed) == PARK_ASKED {
+            r.park.store(PARK_GIVEN, Ordering::Relaxed);
+        }
         let mirror = r.mirror.load(Ordering::Relaxed);
         if mirror.is_null() {
             continue;
@@ -430,7 +436,7 @@ impl Ring {
         };
         // SAFETY: the old slots (and file header page) are this ring's own mapping, which nothing
         // reads any more: the ring is empty and now points at its new slots.
-        unsafe { discard(start, len) };
+        unsafe { discard(start, len, !old_mirror.is_null()) };
         let mut path = [0u8; 400];
         if !old_mirror.is_null() && ring_path(&mut path, old_no) {
             // SAFETY: `path` is NUL-terminated.
@@ -493,48 +499,63 @@ impl Ring {
         }
     }
 
-    /// Gives the pages of a ring nobody uses back to the system: its slots, and its thread's
-    /// scratch past the first page (the header and the scratch's scalars stay), once the ring
-    /// has been drained and its head has not moved for [`IDLE_NS`] (its thread waits for work, or
-    /// has exited). Caller holds the output lock (so nothing drains, grows or hands the ring to
-    /// another thread meanwhile) and calls it at every pass of the writer.
-    pub fn give_back_if_idle(&self, now: u64) {
+    /// The first half of giving the pages of a ring nobody uses back to the system (its slots,
+    /// and its thread's scratch past the first page: the header and the scratch's scalars
+    /// stay): true when the ring has been drained, its head has not moved for [`IDLE_NS`] (its
+    /// thread waits for work, or has exited) and it is not in use; from then on nobody touches
+    /// those pages until [`Ring::give_back`]. Caller holds the output lock (nothing drains,
+    /// grows or hands the ring to another thread meanwhile) and calls it at every pass of the
+    /// writer.
+    pub fn ask_give_back(&self, now: u64) -> bool {
         if self.state.load(Ordering::Acquire) == ORPHAN
             || self.park.load(Ordering::Relaxed) != PARK_NONE
         {
-            return;
+            return false;
         }
         let head = self.head.load(Ordering::Acquire);
         if head != self.idle_head.load(Ordering::Relaxed) {
             self.idle_head.store(head, Ordering::Relaxed);
             self.idle_since.store(now, Ordering::Relaxed);
-            return;
+            return false;
         }
         if self.tail.load(Ordering::Relaxed) != head
             || now.saturating_sub(self.idle_since.load(Ordering::Relaxed)) < IDLE_NS
         {
-            return;
+            return false;
         }
         // The writer's half of the handshake (see `hold`): `swap` is a locked instruction.
         self.park.swap(PARK_ASKED, Ordering::SeqCst);
         if self.busy.load(Ordering::SeqCst) != 0 || self.head.load(Ordering::Acquire) != head {
             // In use (or it published and left since the head was read): another time.
             self.park.store(PARK_NONE, Ordering::Release);
-            return;
+            return false;
         }
-        // From here until `PARK_GIVEN` the owner, if any, waits in `unpark` before it touches
-        // anything given back; what it published was drained (`tail == head`, unchanged).
+        // From here until `PARK_GIVEN` the owner, if any, and any thread that takes the ring
+        // wait in `unpark` before they touch the pages given back; what the ring held was
+        // drained (`tail == head`, and the head cannot move), so a drain reads none of them.
+        self.idle_head.store(NOT_WATCHED, Ordering::Relaxed);
+        true
+    }
+
+    /// The second half, after [`Ring::ask_give_back`] said yes, without the output lock (a hook
+    /// that needs it to drain its own full ring does not wait for these system calls).
+    pub fn give_back(&self) {
+        debug_assert_eq!(self.park.load(Ordering::Relaxed), PARK_ASKED);
         let base = self as *const Ring as *mut u8;
         let slots = self.slots.load(Ordering::Relaxed) as *mut u8;
+        let file = !self.mirror.load(Ordering::Relaxed).is_null();
         // SAFETY: the pages after the first of the header's mapping (`HEAD_LEN` bytes from the
-        // ring's address) hold only the scratch, which nobody uses now (above); the slots (a
-        // whole number of pages, after a ring file's header page) are drained and nobody writes
-        // them now. Both are this ring's own mappings.
+        // ring's address) hold only the scratch; the slots are a whole number of pages (after a
+        // ring file's header page). Both are this ring's own mappings, which nobody uses until
+        // `PARK_GIVEN` (see `ask_give_back`).
         unsafe {
-            discard(base.add(PAGE), HEAD_LEN.next_multiple_of(PAGE) - PAGE);
-            discard(slots, self.cap() as usize * SLOT_LEN);
+            discard(
+                base.add(PAGE),
+                HEAD_LEN.next_multiple_of(PAGE) - PAGE,
+                false,
+            );
+            discard(slots, self.cap() as usize * SLOT_LEN, file);
         }
-        self.idle_head.store(NOT_WATCHED, Ordering::Relaxed);
         GIVEN_BACK.fetch_add(1, Ordering::Relaxed);
         self.park.store(PARK_GIVEN, Ordering::Release);
     }
@@ -649,16 +670,16 @@ pub fn hold_fence() {
     core::sync::atomic::fence(Ordering::SeqCst);
 }
 
-/// Gives the pages of `[start, start + len)` back: a ring file's are punched out of the file,
-/// anonymous memory's dropped; either reads as zeros after.
+/// Gives the pages of `[start, start + len)` back: a ring file's (`file`) are punched out of
+/// the file, anonymous memory's dropped; either reads as zeros after.
 ///
 /// # Safety
 /// The range is page-aligned, part of one of the tracer's own mappings, and nobody reads or
 /// writes it meanwhile.
-unsafe fn discard(start: *mut u8, len: usize) {
+unsafe fn discard(start: *mut u8, len: usize, file: bool) {
     // SAFETY: per the contract.
     unsafe {
-        if libc::madvise(start.cast(), len, libc::MADV_REMOVE) != 0 {
+        if !file || libc::madvise(start.cast(), len, libc::MADV_REMOVE) != 0 {
             libc::madvise(start.cast(), len, libc::MADV_DONTNEED);
         }
     }
@@ -673,7 +694,7 @@ pub fn wake_writer() {
 }
 
 /// Visits every ring (under the output lock).
-pub fn for_each(mut f: impl FnMut(&Ring)) {
+pub fn for_each(mut f: impl FnMut(&'static Ring)) {
     for r in rings() {
         f(r);
     }
