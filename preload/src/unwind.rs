@@ -239,11 +239,11 @@ pub struct Scratch {
     set_map: [u8; CHECK_SETS],
     sets_used: u8,
     // Page by page (the mapping's pages, the ring's header first: see `PAGE_LAYOUT` below), so
-    // that a thread touches few, 5 for usual walks: page 0 the header, the scalars and the first
+    // that a thread touches few, 4 for usual walks: page 0 the header, the scalars and the first
     // frames of `frames` and `prev`; page 1 their rest and `py` (touched only for deep stacks
     // and Python); page 2 `cache` (written whole when the rules change); page 3 the first steps
-    // of both walks; a page of `checks` for the first dozen sets used; a page of the pool for
-    // the first six walks' checks.
+    // of both walks; one page the end of the pool (handed out from its end) and the first sets
+    // of `checks` (placed in the order of their first use): four walks' words and four sets.
     /// Where the current capture writes its frames.
     pub frames: [u64; MAX_FRAMES_CAP],
     pub prev: [u64; MAX_FRAMES_CAP],
@@ -255,11 +255,11 @@ pub struct Scratch {
     /// Every step of the previous walk (see [`capture`]: what suffix reuse validates against)
     /// beside that of the current walk before it joins the previous one.
     steps: [StepPair; WALK_CAP],
+    _pad2: [u8; PAD2],
+    /// The checks' word lists, and how much of it is handed out (from its end down).
+    check_pool: [(u64, u64); CHECK_POOL],
     /// Whole-walk checks (see [`repeats`]) of recent walks.
     checks: [Check; CHECKS],
-    _pad2: [u8; PAD2],
-    /// The checks' word lists, and how much of it is handed out.
-    check_pool: [(u64, u64); CHECK_POOL],
     /// Shape memos (see [`shape_repeat`]): walks from one stack pointer through frames of the
     /// same shape, and the stacks seen through them.
     shapes: [Shape; SHAPES],
@@ -275,8 +275,10 @@ pub struct Scratch {
 /// scratch follows the ring's header there). Changing the scalars above changes it: the assertion
 /// below fails until it is corrected.
 const PAD: usize = 2096;
-/// Bytes between `checks` and `check_pool`, so that the pool begins a page.
-const PAD2: usize = 768;
+/// Bytes between `steps` and `check_pool`, so that the pool ends (and `checks` begins) at
+/// [`POOL_END`] into a page.
+const PAD2: usize = 1280;
+const POOL_END: usize = 2560;
 /// The scratch's pages as laid out (see [`Scratch`]).
 const PAGE_LAYOUT: () = {
     use core::mem::{offset_of, size_of};
@@ -291,8 +293,8 @@ const PAGE_LAYOUT: () = {
     );
     assert!(size_of::<[Entry; CACHE_SIZE]>() == 4096);
     assert!(
-        (ring + offset_of!(Scratch, check_pool)).is_multiple_of(4096),
-        "Scratch::check_pool must begin a page: correct PAD2"
+        (ring + offset_of!(Scratch, checks)) % 4096 == POOL_END,
+        "Scratch::checks must begin POOL_END into a page: correct PAD2"
     );
 };
 #[allow(clippy::let_unit_value)]
@@ -309,8 +311,9 @@ const CHECK_SETS: usize = 32;
 const CHECKS: usize = CHECK_SETS * CHECK_WAYS;
 
 /// Room for the checks' word lists (address, value), shared by the thread's checks and handed out
-/// in order; when it runs out every check is dropped and it starts over. Pages are touched as they
-/// are handed out (64 KiB a thread once checks have churned through all of it).
+/// in order from its end down; when it runs out every check is dropped and it starts over. Pages
+/// are touched as they are handed out (64 KiB a thread once checks have churned through all of
+/// it).
 const CHECK_POOL: usize = 4096;
 
 /// What a later capture must find unchanged to repeat a walk whole: every stack word the walk
@@ -1140,7 +1143,7 @@ fn keep_check(s: &mut Scratch, sp: u64, bp: u64, hi: u64, n: usize, reason: Stop
         }
         s.check_pool_len += need as u32;
         s.checks[slot].room = need as u32;
-        s.check_pool_len as usize - need
+        CHECK_POOL - s.check_pool_len as usize
     };
     let (walk, tail, ntail) = (&s.steps[..len], s.walk_tail[0], s.walk_ntail);
     let list = &mut s.check_pool[start..start + need];
