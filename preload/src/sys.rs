@@ -376,6 +376,36 @@ pub fn mapping_bounds(addr: usize) -> (usize, usize) {
     found
 }
 
+/// Zeroes this thread's stack below the caller, as far down as it is mapped (at most 64 KiB),
+/// once: at the end of the library's constructor. The tracer's start-up runs deep on the main
+/// thread's stack before `main` (module tables, call-frame rules, the trace's header) and
+/// leaves words there, the address of a block its own allocations had and freed among them;
+/// the program's frames later come to lie over that memory, and a heap scan reading an
+/// uninitialised local of theirs would find a block of the program's, one that chunk became,
+/// reachable where memcheck finds it lost. Zeroed in frames of a page each, below the stack
+/// pointer as the ABI allows (a signal arriving meanwhile finds its frame below them).
+pub fn scrub_stack() {
+    let sp = stack_pointer() as usize;
+    let (lo, hi) = mapping_bounds(sp);
+    if lo == 0 || sp < lo || sp >= hi {
+        return;
+    }
+    // One page of room kept: the last frame's own saved words and a signal frame.
+    let pages = ((sp - lo) / 4096).saturating_sub(2).min(16);
+    scrub_pages(pages);
+}
+
+#[inline(never)]
+fn scrub_pages(n: usize) {
+    if n == 0 {
+        return;
+    }
+    let mut page = [0u64; 500];
+    core::hint::black_box(&mut page);
+    scrub_pages(n - 1);
+    core::hint::black_box(&page);
+}
+
 /// Reads up to `buf.len()` bytes of a small file (under /proc); returns how many. Through the
 /// side thread where it runs (its opens never take a number the program expects), else here.
 pub fn read_small(path: &core::ffi::CStr, buf: &mut [u8]) -> usize {

@@ -891,6 +891,13 @@ fn become_child() {
 /// The library constructor: initialise (if no hook did yet), open the output, start the writer,
 /// hook fork and the fatal signals, and keep children untraced unless asked.
 pub extern "C" fn constructor() {
+    start();
+    // What the start-up's frames left on this stack (a block's address the tracer's own
+    // allocations once had among them) would lie under the program's uninitialised locals.
+    sys::scrub_stack();
+}
+
+fn start() {
     if STATE.load(Ordering::Acquire) == UNINIT {
         drop(enter_slow());
     }
