@@ -936,9 +936,13 @@ pub fn grow_ring(r: &ring::Ring) -> bool {
     r.grow_locked()
 }
 
-/// Called by a hook whose ring lacks space: flush if the lock is free, else let the holder work.
-pub fn make_room() {
+/// Called by a hook whose ring `r` lacks space: drain it if the lock is free (that ring alone:
+/// the lock is held for one ring's encoding, not every thread's), else let the holder work.
+pub fn make_room(r: &ring::Ring) {
     RING_WAITS.fetch_add(1, Ordering::Relaxed);
+    if drain_own(r) {
+        return;
+    }
     match LOCK.try_lock_for(1) {
         Some(_l) => flush_locked(),
         None => {

@@ -260,7 +260,7 @@ fn release_ring(ts: &mut ThreadState) {
 #[inline]
 fn reserve(r: &ring::Ring, n: usize) {
     while r.space() < n as u64 {
-        out::make_room();
+        out::make_room(r);
     }
 }
 
