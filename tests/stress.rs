@@ -3,6 +3,7 @@
 //! and no event is lost.
 
 use leakhunt_tests::*;
+use std::path::Path;
 use std::process::Command;
 
 fn counts(stdout: &str) -> (u64, u64, u64) {
@@ -90,18 +91,28 @@ fn three_hundred_threads_exact_and_small() {
     let r = run(&exe, &["300", "3000"], &[]);
     assert_eq!(r.stdout(), "300 threads done\n");
     check(r.main());
-    let trace = scratch("many_threads.trace");
-    let out = Command::new(&exe)
-        .args(["300", "3000"])
+    let (stdout, p) = preload_to_file(&exe, &["300", "3000"], "many_threads.trace");
+    assert_eq!(stdout, "300 threads done\n");
+    check(&p);
+}
+
+/// `exe args` with the preload writing a trace file, then `leakhunt report` of it: the
+/// program's stdout and the report's first process.
+fn preload_to_file(exe: &Path, args: &[&str], name: &str) -> (String, Value) {
+    let trace = scratch(name);
+    let out = Command::new(exe)
+        .args(args)
         .env("LD_PRELOAD", preload())
         .env("LEAKHUNT_OUT", &trace)
         .env("LEAKHUNT_CLI", leakhunt())
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "300 threads done\n");
     let (_, rep) = report(&[&trace]);
-    check(&rep["processes"][0]);
     let _ = std::fs::remove_file(&trace);
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        rep["processes"][0].clone(),
+    )
 }
 
 /// Threads that fall idle give their rings and unwind state back, and are traced exactly when
@@ -153,18 +164,9 @@ fn idle_threads_give_their_rings_back_and_stay_exact() {
     let r = run(&exe, &args, &[]);
     assert_eq!(r.stdout(), "8 threads done\n");
     check(r.main());
-    let trace = scratch("idle_threads.trace");
-    let out = Command::new(&exe)
-        .args(args)
-        .env("LD_PRELOAD", preload())
-        .env("LEAKHUNT_OUT", &trace)
-        .env("LEAKHUNT_CLI", leakhunt())
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "8 threads done\n");
-    let (_, rep) = report(&[&trace]);
-    check(&rep["processes"][0]);
-    let _ = std::fs::remove_file(&trace);
+    let (stdout, p) = preload_to_file(&exe, &args, "idle_threads.trace");
+    assert_eq!(stdout, "8 threads done\n");
+    check(&p);
     let vg: Vec<Leak> = valgrind_definite(&exe, &args)
         .into_iter()
         .filter(|l| l.frames.first().is_some_and(|f| f.2 == lines[0]))
