@@ -936,11 +936,15 @@ pub fn grow_ring(r: &ring::Ring) -> bool {
     r.grow_locked()
 }
 
-/// Called by a hook whose ring `r` lacks space: drain it if the lock is free (that ring alone:
-/// the lock is held for one ring's encoding, not every thread's), else let the holder work.
+/// Called by a hook whose ring `r` lacks space: flush if the lock is free, else let the holder
+/// work. With more rings than may be large (threads that share the cores), the hook drains its
+/// own ring alone: the lock is then held for one ring's encoding instead of every thread's, by
+/// a thread that may be preempted holding it. Not with few: a lone ring's batch is paired
+/// without the view of the other threads' frees, and every drain raises the number below which
+/// the next batches elide nothing, so with two busy threads it would elide a third fewer.
 pub fn make_room(r: &ring::Ring) {
     RING_WAITS.fetch_add(1, Ordering::Relaxed);
-    if drain_own(r) {
+    if ring::RING_COUNT.load(Ordering::Relaxed) > ring::big_max() && drain_own(r) {
         return;
     }
     match LOCK.try_lock_for(1) {
