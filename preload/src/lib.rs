@@ -6,6 +6,12 @@
 //! `tracer` for the hot-path contract.
 
 #![cfg_attr(test, allow(dead_code, non_snake_case))] // unit tests build the shims unexported, so unused
+
+// The unwinder reads x86-64 registers, and the rings' give-back handshake relies on x86-64's
+// locked instructions ordering a store before a later load (see `ring::Ring::hold`).
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("libleakhunt is built for x86-64 only");
+
 mod api;
 mod config;
 mod control;

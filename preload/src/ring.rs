@@ -105,7 +105,7 @@ pub struct Ring {
     /// Where the writer's current pass cut this ring's batch (under the output lock; see
     /// [`Ring::cut`]).
     cut: AtomicU64,
-    /// [`PARK_NONE`], [`PARK_ASKED`] or [`PARK_GIVEN`] (see [`Ring::give_back_if_idle`]); in
+    /// [`PARK_NONE`], [`PARK_ASKED`] or [`PARK_GIVEN`] (see [`Ring::ask_give_back`]); in
     /// the line the owner reads `tail` from at every event.
     park: AtomicU32,
     /// `head` when the writer last saw it move, and when (monotonic ns); under the output lock.
@@ -254,9 +254,12 @@ fn map_ring_file(at: *mut u8, tid: u32, head: u64, no: u32, cap: u64) -> Option<
 pub fn after_fork_child(trace: bool) {
     for r in rings() {
         // The parent's writer may have been giving this ring's pages back when it forked (it
-        // does so without the output lock): in this copy some are, some not; the owner forgets
-        // them all.
+        // does so without the output lock): in this copy some of the scratch's may be, some
+        // not. Given back here whole, so that what its owner forgets reads as zeros (the slots
+        // hold nothing: the ring was drained).
         if r.park.load(Ordering::Relaxed) == PARK_ASKED {
+            // SAFETY: the child has one thread, this one, which is not inside a hook.
+            unsafe { r.discard_scratch() };
             r.park.store(PARK_GIVEN, Ordering::Relaxed);
         }
         let mirror = r.mirror.load(Ordering::Relaxed);
@@ -288,7 +291,7 @@ pub fn after_fork_child(trace: bool) {
 }
 
 /// The scratch right after the ring's header, in the same page (the one page of the mapping
-/// never given back: see [`Ring::give_back_if_idle`]).
+/// never given back: see [`Ring::ask_give_back`]).
 const SCRATCH_AT: usize = core::mem::size_of::<Ring>();
 const _: () = assert!(SCRATCH_AT.is_multiple_of(core::mem::align_of::<Scratch>()));
 /// The header's mapping: the ring's header and its thread's scratch.
@@ -448,9 +451,11 @@ impl Ring {
     /// The owner enters a hook that uses the ring or its scratch. Next it executes a locked
     /// instruction (the hook's sequence number, or [`hold_fence`]) and [`Ring::check_park`],
     /// before it touches the slots or the scratch past its first page; it leaves with
-    /// [`Ring::unhold`]. With the writer's side in [`Ring::give_back_if_idle`] this is Dekker's
+    /// [`Ring::unhold`]. With the writer's side in [`Ring::ask_give_back`] this is Dekker's
     /// handshake: on x86-64 a locked instruction drains the store buffer, so either the writer
-    /// sees `busy` set and leaves the pages alone, or the owner sees `park` set and waits.
+    /// sees `busy` set and leaves the pages alone, or the owner sees `park` set and waits. (A
+    /// guarantee of the hardware's, not of the language's memory model, which would want
+    /// sequentially consistent fences on both sides: the library builds for x86-64 only.)
     #[inline]
     pub fn hold(&self) {
         self.busy.store(1, Ordering::Relaxed);
@@ -471,7 +476,9 @@ impl Ring {
     }
 
     /// The writer is giving this ring's pages back, or has: wait until it is done, and forget
-    /// what the scratch kept in them.
+    /// what the scratch kept in them. The wait sleeps on the park word (the writer wakes it),
+    /// so that a thread of a higher real-time priority does not spin while the writer, on its
+    /// CPU, cannot run.
     #[cold]
     #[inline(never)]
     fn unpark(&self) {
@@ -492,7 +499,7 @@ impl Ring {
                     if spins < 64 {
                         core::hint::spin_loop();
                     } else {
-                        sys::yield_now();
+                        sys::futex_wait(&self.park, PARK_ASKED, 10);
                     }
                 }
             }
@@ -503,9 +510,10 @@ impl Ring {
     /// and its thread's scratch past the first page: the header and the scratch's scalars
     /// stay): true when the ring has been drained, its head has not moved for [`IDLE_NS`] (its
     /// thread waits for work, or has exited) and it is not in use; from then on nobody touches
-    /// those pages until [`Ring::give_back`]. Caller holds the output lock (nothing drains,
-    /// grows or hands the ring to another thread meanwhile) and calls it at every pass of the
-    /// writer.
+    /// those pages until [`Ring::give_back`]. Caller holds the output lock (nothing drains or
+    /// grows the ring meanwhile) and calls it at every pass of the writer. A new thread may
+    /// take a free ring without the lock ([`acquire`]): that writes only the first page, and
+    /// the thread's first hook waits on `park` like the owner's.
     pub fn ask_give_back(&self, now: u64) -> bool {
         if self.state.load(Ordering::Acquire) == ORPHAN
             || self.park.load(Ordering::Relaxed) != PARK_NONE
@@ -528,6 +536,7 @@ impl Ring {
         if self.busy.load(Ordering::SeqCst) != 0 || self.head.load(Ordering::Acquire) != head {
             // In use (or it published and left since the head was read): another time.
             self.park.store(PARK_NONE, Ordering::Release);
+            sys::futex_wake(&self.park);
             return false;
         }
         // From here until `PARK_GIVEN` the owner, if any, and any thread that takes the ring
@@ -541,23 +550,35 @@ impl Ring {
     /// that needs it to drain its own full ring does not wait for these system calls).
     pub fn give_back(&self) {
         debug_assert_eq!(self.park.load(Ordering::Relaxed), PARK_ASKED);
-        let base = self as *const Ring as *mut u8;
         let slots = self.slots.load(Ordering::Relaxed) as *mut u8;
         let file = !self.mirror.load(Ordering::Relaxed).is_null();
+        // SAFETY: the scratch and the slots (a whole number of pages, after a ring file's header
+        // page) are this ring's own mappings, which nobody uses until `PARK_GIVEN` (see
+        // `ask_give_back`).
+        unsafe {
+            self.discard_scratch();
+            discard(slots, self.cap() as usize * SLOT_LEN, file);
+        }
+        GIVEN_BACK.fetch_add(1, Ordering::Relaxed);
+        self.park.store(PARK_GIVEN, Ordering::Release);
+        sys::futex_wake(&self.park);
+    }
+
+    /// The scratch's pages after the mapping's first (see [`Ring::give_back`]).
+    ///
+    /// # Safety
+    /// Nobody uses the scratch meanwhile.
+    unsafe fn discard_scratch(&self) {
+        let base = self as *const Ring as *mut u8;
         // SAFETY: the pages after the first of the header's mapping (`HEAD_LEN` bytes from the
-        // ring's address) hold only the scratch; the slots are a whole number of pages (after a
-        // ring file's header page). Both are this ring's own mappings, which nobody uses until
-        // `PARK_GIVEN` (see `ask_give_back`).
+        // ring's address) hold only the scratch, which nobody uses (the contract).
         unsafe {
             discard(
                 base.add(PAGE),
                 HEAD_LEN.next_multiple_of(PAGE) - PAGE,
                 false,
-            );
-            discard(slots, self.cap() as usize * SLOT_LEN, file);
-        }
-        GIVEN_BACK.fetch_add(1, Ordering::Relaxed);
-        self.park.store(PARK_GIVEN, Ordering::Release);
+            )
+        };
     }
 
     /// Everything drained so far reached the CLI: let the ring file say so.
@@ -671,7 +692,9 @@ pub fn hold_fence() {
 }
 
 /// Gives the pages of `[start, start + len)` back: a ring file's (`file`) are punched out of
-/// the file, anonymous memory's dropped; either reads as zeros after.
+/// the file, anonymous memory's dropped; either reads as zeros after. (Where a file system
+/// cannot punch holes, a ring file's pages stay in the file and read as before: only its
+/// slots are ever given back that way, and they hold nothing by then.)
 ///
 /// # Safety
 /// The range is page-aligned, part of one of the tracer's own mappings, and nobody reads or

@@ -385,6 +385,11 @@ pub fn mapping_bounds(addr: usize) -> (usize, usize) {
 /// reachable where memcheck finds it lost. Zeroed in frames of a page each, below the stack
 /// pointer as the ABI allows (a signal arriving meanwhile finds its frame below them).
 pub fn scrub_stack() {
+    // Only the main thread's stack: the library loaded by `dlopen` on another thread, whose
+    // stack may lie in a mapping shared with live memory, leaves it alone.
+    if gettid() != getpid() {
+        return;
+    }
     let sp = stack_pointer() as usize;
     let (lo, hi) = mapping_bounds(sp);
     if lo == 0 || sp < lo || sp >= hi {

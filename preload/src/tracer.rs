@@ -617,7 +617,11 @@ pub fn on_realloc(
     // The ring taken before the call, or (none then) taken now.
     let held = match held {
         Some(h) if core::ptr::eq(h.0, r) => h,
-        _ => hold(r),
+        other => {
+            // (Not today's case: the ring cannot change during the call.)
+            drop(other);
+            hold(r)
+        }
     };
     let freed = !new.is_null() || size == 0;
     let dropped = dropped.filter(|d| freed && (new != old || size < d.usable));

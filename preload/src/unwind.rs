@@ -477,12 +477,14 @@ impl Scratch {
     }
 
     /// The scratch's pages after the mapping's first were given back (`ring::Ring::
-    /// give_back_if_idle`) and read as zeros: forget what the scalars (in the first page) say
-    /// of them. Zeroed checks, shapes and shape entries are unused ones; the rule cache is
-    /// filled again at the next capture.
+    /// give_back`) and read as zeros: forget what the scalars (in the first page) say of them.
+    /// Zeroed checks, shapes and shape entries are unused ones; the rule cache is filled again
+    /// at the next capture, under a later generation.
     pub fn after_give_back(&mut self) {
         self.reset_for_new_thread();
-        self.cache_gen = 0;
+        // (0, 0) is no source (its modules' part is 0 only after 2^32 changes of the module
+        // table): the next capture refills.
+        self.cache_src = (0, 0);
         self.check_pool_len = 0;
         self.shape_next = 0;
         self.walk_slot = 0;
