@@ -449,7 +449,7 @@ impl Ring {
     }
 
     /// The owner enters a hook that uses the ring or its scratch. Next it executes a locked
-    /// instruction (the hook's sequence number, or [`hold_fence`]) and [`Ring::check_park`],
+    /// instruction (the hook's sequence number, or a `SeqCst` fence) and [`Ring::check_park`],
     /// before it touches the slots or the scratch past its first page; it leaves with
     /// [`Ring::unhold`]. With the writer's side in [`Ring::ask_give_back`] this is Dekker's
     /// handshake: on x86-64 a locked instruction drains the store buffer, so either the writer
@@ -685,12 +685,6 @@ impl Ring {
 /// Times a ring gave its pages back (statistics for tests and benchmarks).
 pub static GIVEN_BACK: AtomicU64 = AtomicU64::new(0);
 
-/// The owner's locked instruction of [`Ring::hold`] where its hook takes no sequence number.
-#[inline]
-pub fn hold_fence() {
-    core::sync::atomic::fence(Ordering::SeqCst);
-}
-
 /// Gives the pages of `[start, start + len)` back: a ring file's (`file`) are punched out of
 /// the file, anonymous memory's dropped; either reads as zeros after. (Where a file system
 /// cannot punch holes, a ring file's pages stay in the file and read as before: only its
@@ -700,7 +694,9 @@ pub fn hold_fence() {
 /// The range is page-aligned, part of one of the tracer's own mappings, and nobody reads or
 /// writes it meanwhile.
 unsafe fn discard(start: *mut u8, len: usize, file: bool) {
-    // SAFETY: per the contract.
+    // SAFETY: madvise on the range the caller names (page-aligned, one of the tracer's own
+    // mappings, used by nobody meanwhile: the contract); it drops or punches out those pages
+    // and touches no other memory.
     unsafe {
         if !file || libc::madvise(start.cast(), len, libc::MADV_REMOVE) != 0 {
             libc::madvise(start.cast(), len, libc::MADV_DONTNEED);

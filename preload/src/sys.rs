@@ -395,7 +395,8 @@ pub fn scrub_stack() {
     if lo == 0 || sp < lo || sp >= hi {
         return;
     }
-    // One page of room kept: the last frame's own saved words and a signal frame.
+    // Two pages of the mapping kept unwritten: the deepest frame's own saved words and a signal
+    // frame's room stay inside it.
     let pages = ((sp - lo) / 4096).saturating_sub(2).min(16);
     scrub_pages(pages);
 }

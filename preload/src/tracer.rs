@@ -302,7 +302,8 @@ fn hold_numbered(r: &'static ring::Ring) -> (Held, u64) {
 #[inline]
 fn hold(r: &'static ring::Ring) -> Held {
     r.hold();
-    ring::hold_fence();
+    // The handshake's locked instruction (`mfence` on x86-64), where no number is taken.
+    core::sync::atomic::fence(Ordering::SeqCst);
     r.check_park();
     Held(r)
 }
