@@ -91,6 +91,18 @@ impl Out<'_> {
         self.n += len;
     }
 
+    /// One more `NOP`: counted in the `SKIP` that ends at `skip_end` if it is the last byte
+    /// written and has room, else a new `SKIP`. Returns where the `SKIP` that counts it ends.
+    #[inline]
+    fn skip(&mut self, skip_end: usize) -> usize {
+        if skip_end == self.n && self.buf[skip_end - 1] < CODE_SKIP | 31 << 3 {
+            self.buf[skip_end - 1] += 1 << 3;
+        } else {
+            self.byte(CODE_SKIP);
+        }
+        self.n
+    }
+
     /// A length byte for two values, then both.
     #[inline]
     fn pair(&mut self, a: u64, b: u64) {
@@ -180,6 +192,12 @@ fn encode_with(runs: &[&[u8]], out: &mut [u8], pairs: Option<&Pairs>) -> Option<
                 let g = p.groups.get(m as usize - 1)?;
                 let seq = u64_at(s, 8);
                 nop = g.last as usize != at;
+                if nop && seq == next_seq {
+                    // The common case, first: one more `NOP` of a run, no slot made for it.
+                    next_seq = seq.wrapping_add(1);
+                    skip_end = o.skip(skip_end);
+                    continue;
+                }
                 made = if nop {
                     slot::nop(seq)
                 } else {
@@ -190,13 +208,7 @@ fn encode_with(runs: &[&[u8]], out: &mut [u8], pairs: Option<&Pairs>) -> Option<
         }
         if nop && u64_at(s, 8) == next_seq {
             next_seq = next_seq.wrapping_add(1);
-            // One more `NOP` for the `SKIP` just written, if it has room for it.
-            if skip_end == o.n && o.buf[skip_end - 1] < CODE_SKIP | 31 << 3 {
-                o.buf[skip_end - 1] += 1 << 3;
-            } else {
-                o.byte(CODE_SKIP);
-                skip_end = o.n;
-            }
+            skip_end = o.skip(skip_end);
             continue;
         }
         let kind = s[0];
