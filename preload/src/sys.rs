@@ -397,8 +397,31 @@ pub fn scrub_stack() {
     }
     // Two pages of the mapping kept unwritten: the deepest frame's own saved words and a signal
     // frame's room stay inside it.
-    let pages = ((sp - lo) / 4096).saturating_sub(2).min(16);
-    scrub_pages(pages);
+    let room = ((sp - lo) / 4096).saturating_sub(2).min(MAX_SCRUB);
+    scrub_pages(resident_below(sp, room));
+}
+
+/// Pages the stack scrub may zero at most.
+const MAX_SCRUB: usize = 16;
+
+/// How many whole pages right below the page of `sp` are resident, at most `max`: only those
+/// can hold words the start-up left (a page never touched reads as zeros when it is), and
+/// zeroing the others would only make them resident.
+fn resident_below(sp: usize, max: usize) -> usize {
+    let top = sp & !4095;
+    let max = max.min(MAX_SCRUB);
+    if max == 0 || top < max * 4096 {
+        return 0;
+    }
+    let from = top - max * 4096;
+    let mut vec = [0u8; MAX_SCRUB];
+    // SAFETY: `[from, top)` lies in the stack mapping (`max` pages above its low end at most)
+    // and `vec` has a byte for each of its `max` pages; mincore only writes `vec`.
+    let r = unsafe { libc::mincore(from as *mut libc::c_void, max * 4096, vec.as_mut_ptr()) };
+    if r != 0 {
+        return 0;
+    }
+    vec[..max].iter().rev().take_while(|&&b| b & 1 != 0).count()
 }
 
 #[inline(never)]
