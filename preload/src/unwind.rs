@@ -622,7 +622,8 @@ fn in_loader_entry(addr: u64) -> bool {
 }
 
 /// Rules known to the process: what one thread computed, every other finds (a thread's first
-/// allocations then walk without parsing CFI, on a shallow stack). 128 KiB, direct-mapped, read
+/// allocations then walk without parsing CFI, on a shallow stack), once a second thread records
+/// (see [`share_rule`]). 128 KiB, direct-mapped, read
 /// and written without a lock: an entry is the rule and its address mixed with the rule and the
 /// rules' sources (module and JIT generations), so a read that meets two writes half each, or
 /// an entry of other sources, fails the check (a false pass needs a 64-bit hash collision).
@@ -680,6 +681,11 @@ fn shared_rule(addr: u64, src: (u32, u32)) -> Option<Rule> {
 }
 
 fn share_rule(addr: u64, src: (u32, u32), r: Rule) {
+    // While one thread records there is no other to find it: the table's pages stay untouched
+    // (its entries lie all over its 32 pages), and a program of one thread keeps 128 KiB.
+    if crate::ring::RING_COUNT.load(Ordering::Relaxed) < 2 {
+        return;
+    }
     let e = shared_slot(addr);
     let bits = r.to_bits();
     e.rule.store(bits, Ordering::Relaxed);
