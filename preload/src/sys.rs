@@ -398,30 +398,39 @@ pub fn scrub_stack() {
     // Two pages of the mapping kept unwritten: the deepest frame's own saved words and a signal
     // frame's room stay inside it.
     let room = ((sp - lo) / 4096).saturating_sub(2).min(MAX_SCRUB);
-    scrub_pages(resident_below(sp, room));
+    // Frames down to the deepest resident page: only resident pages can hold words the
+    // start-up left (a page never touched reads as zeros when it is), and zeroing the pages
+    // below them would only make them resident. Each frame zeroes `SCRUB_FRAME` bytes and takes
+    // a little more; one more frame covers the rounding.
+    let depth = deepest_resident(sp, room).map_or(0, |at| sp - at);
+    scrub_pages((depth.div_ceil(SCRUB_FRAME) + 1).min(room));
 }
 
-/// Pages the stack scrub may zero at most.
+/// Frames (of a little over a page each) the stack scrub makes at most.
 const MAX_SCRUB: usize = 16;
 
-/// How many whole pages right below the page of `sp` are resident, at most `max`: only those
-/// can hold words the start-up left (a page never touched reads as zeros when it is), and
-/// zeroing the others would only make them resident.
-fn resident_below(sp: usize, max: usize) -> usize {
+/// The bytes each frame of [`scrub_pages`] zeroes.
+const SCRUB_FRAME: usize = 500 * 8;
+
+/// The start of the lowest resident page among the `max` pages right below the page of `sp`
+/// (`None`: none is).
+fn deepest_resident(sp: usize, max: usize) -> Option<usize> {
     let top = sp & !4095;
     let max = max.min(MAX_SCRUB);
     if max == 0 || top < max * 4096 {
-        return 0;
+        return None;
     }
     let from = top - max * 4096;
     let mut vec = [0u8; MAX_SCRUB];
-    // SAFETY: `[from, top)` lies in the stack mapping (`max` pages above its low end at most)
-    // and `vec` has a byte for each of its `max` pages; mincore only writes `vec`.
+    // SAFETY: mincore writes one byte per page of `[from, from + max * 4096)` into `vec`, which
+    // has `MAX_SCRUB >= max` bytes; on a range not wholly mapped it fails (ENOMEM) and the
+    // result is not used.
     let r = unsafe { libc::mincore(from as *mut libc::c_void, max * 4096, vec.as_mut_ptr()) };
     if r != 0 {
-        return 0;
+        return None;
     }
-    vec[..max].iter().rev().take_while(|&&b| b & 1 != 0).count()
+    let i = vec[..max].iter().position(|&b| b & 1 != 0)?;
+    Some(from + i * 4096)
 }
 
 #[inline(never)]
@@ -429,7 +438,7 @@ fn scrub_pages(n: usize) {
     if n == 0 {
         return;
     }
-    let mut page = [0u64; 500];
+    let mut page = [0u64; SCRUB_FRAME / 8];
     core::hint::black_box(&mut page);
     scrub_pages(n - 1);
     core::hint::black_box(&page);

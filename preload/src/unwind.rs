@@ -623,10 +623,10 @@ fn in_loader_entry(addr: u64) -> bool {
 
 /// Rules known to the process: what one thread computed, every other finds (a thread's first
 /// allocations then walk without parsing CFI, on a shallow stack), once a second thread records
-/// (see [`share_rule`]). 128 KiB, direct-mapped, read
-/// and written without a lock: an entry is the rule and its address mixed with the rule and the
-/// rules' sources (module and JIT generations), so a read that meets two writes half each, or
-/// an entry of other sources, fails the check (a false pass needs a 64-bit hash collision).
+/// (see [`share_rule`]). 128 KiB, direct-mapped, read and written without a lock: an entry is
+/// the rule and its address mixed with the rule and the rules' sources (module and JIT
+/// generations), so a read that meets two writes half each, or an entry of other sources, fails
+/// the check (a false pass needs a 64-bit hash collision).
 const SHARED_RULES: usize = 8192;
 
 struct SharedRule {
@@ -682,7 +682,8 @@ fn shared_rule(addr: u64, src: (u32, u32)) -> Option<Rule> {
 
 fn share_rule(addr: u64, src: (u32, u32), r: Rule) {
     // While one thread records there is no other to find it: the table's pages stay untouched
-    // (its entries lie all over its 32 pages), and a program of one thread keeps 128 KiB.
+    // (its entries lie all over its 32 pages), 128 KiB a program of one thread does not keep.
+    // The second thread to record computes the first one's rules again (a CFI parse each).
     if crate::ring::RING_COUNT.load(Ordering::Relaxed) < 2 {
         return;
     }
