@@ -496,17 +496,24 @@ const POISON: u32 = 1 << 15;
 /// consecutive sequence numbers in the high 16.
 const SLOT_BITS: u32 = 0xffff;
 
-/// An allocation function and a free function that belong together (a mismatch stays visible).
+/// An allocation function and a free function that belong together (a mismatch stays visible):
+/// `new` with `delete`, `new[]` with `delete[]`, every other allocation function with `free` or
+/// `realloc`. One load and a bit test: the writer asks it for every pair it finds.
 #[inline]
 fn same_family(alloc: u8, free: u8) -> bool {
-    use crate::{AllocFn as A, FreeFn as F};
-    match (A::from_u8(alloc), F::from_u8(free)) {
-        (Some(A::New), Some(F::Delete)) | (Some(A::NewArray), Some(F::DeleteArray)) => true,
-        (Some(A::New | A::NewArray), _) | (_, Some(F::Delete | F::DeleteArray)) => false,
-        (Some(_), Some(_)) => true,
-        _ => false,
-    }
+    FAMILY
+        .get(alloc as usize)
+        .is_some_and(|&frees| free < 8 && frees & 1 << free != 0)
 }
+
+/// Per allocation function (`AllocFn` as `u8`), the free functions (`FreeFn` bits) that match it.
+const FAMILY: [u8; 11] = {
+    const FREE_OR_REALLOC: u8 = 1 << crate::FreeFn::Free as u8 | 1 << crate::FreeFn::Realloc as u8;
+    let mut t = [FREE_OR_REALLOC; 11];
+    t[crate::AllocFn::New as usize] = 1 << crate::FreeFn::Delete as u8;
+    t[crate::AllocFn::NewArray as usize] = 1 << crate::FreeFn::DeleteArray as u8;
+    t
+};
 
 /// **Elided pairs.** Finds, in the slots of `runs` (one drained batch of one thread, as for
 /// [`encode`]), every allocation freed again later in the same batch by the matching kind of free,
@@ -989,6 +996,31 @@ pub fn expand(body: &[u8], count: usize, slots: &mut Vec<u8>) -> Result<(), Expa
 
 #[cfg(test)]
 mod tests {
+    /// [`super::same_family`] as the enums say it, for every byte pair.
+    #[test]
+    fn same_family_is_the_enums_pairing() {
+        use crate::{AllocFn as A, FreeFn as F};
+        let by_enums = |alloc: u8, free: u8| match (A::from_u8(alloc), F::from_u8(free)) {
+            (Some(A::New), Some(F::Delete)) | (Some(A::NewArray), Some(F::DeleteArray)) => true,
+            (Some(A::New | A::NewArray), _) | (_, Some(F::Delete | F::DeleteArray)) => false,
+            (Some(_), Some(_)) => true,
+            _ => false,
+        };
+        let mut matches = 0;
+        for alloc in 0..=255u8 {
+            for free in 0..=255u8 {
+                assert_eq!(
+                    super::same_family(alloc, free),
+                    by_enums(alloc, free),
+                    "{alloc} {free}"
+                );
+                matches += by_enums(alloc, free) as u32;
+            }
+        }
+        // 9 functions with free and realloc, new with delete, new[] with delete[].
+        assert_eq!(matches, 20);
+    }
+
     use super::*;
     use crate::{AllocFn, FreeFn, StopReason};
 
