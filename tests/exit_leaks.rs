@@ -210,6 +210,38 @@ fn cxx_new_new_array_and_container_members() {
     assert_eq!(leaks(p).len(), 5, "{:#?}", leaks(p));
 }
 
+/// A `std::bad_alloc` the real operator new throws reaches the program's handler through the
+/// preload's operator shims (their frames unwind), under `leakhunt run` and with the preload
+/// alone: the program prints and exits as it does untraced, and its one leak is reported.
+#[test]
+fn bad_alloc_unwinds_through_the_operator_shims() {
+    let exe = fixture("bad_alloc.cpp");
+    let alone = plain(&exe, &[]);
+    assert_eq!(String::from_utf8_lossy(&alone.stdout), "caught 6 null 3\n");
+    assert!(alone.status.success());
+    let r = run(&exe, &[], &[]);
+    assert_eq!(r.stdout(), "caught 6 null 3\n", "{}", r.stderr());
+    assert!(r.out.status.success(), "{}", r.stderr());
+    let check = |p: &serde_json::Value| {
+        let l = expect_leak(p, "bad_alloc.cpp", "BA_LEAK", 64, 1);
+        assert_eq!(l.frames[0].0, "main", "{l:#?}");
+        assert_eq!(leaks(p).len(), 1, "{:#?}", leaks(p));
+    };
+    check(r.main());
+    let trace = scratch("bad_alloc.lh");
+    let out = Command::new(&exe)
+        .env("LD_PRELOAD", preload())
+        .env("LEAKHUNT_OUT", &trace)
+        .env("LEAKHUNT_CLI", leakhunt())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "caught 6 null 3\n");
+    assert!(out.status.success());
+    let (_, rep) = report(&[&trace]);
+    let _ = std::fs::remove_file(&trace);
+    check(&rep["processes"][0]);
+}
+
 #[test]
 fn rust_box_leak_and_mem_forget() {
     let exe = fixture("rust_leak.rs");
