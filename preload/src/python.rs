@@ -175,11 +175,18 @@ unsafe fn word(addr: u64) -> u64 {
     unsafe { (addr as *const u64).read_unaligned() }
 }
 
-/// This thread's interpreter frames, innermost first, into `out`; how many.
+/// This thread's interpreter frames, innermost first, into `out`; how many. Without CPython
+/// in the process, a load and a branch in the hook (no call).
+#[inline]
 pub fn frames(out: &mut [PyFrame; MAX_PY]) -> usize {
     if !present() {
         return 0;
     }
+    interpreter_frames(out)
+}
+
+#[inline(never)]
+fn interpreter_frames(out: &mut [PyFrame; MAX_PY]) -> usize {
     // SAFETY: both are CPython's exported functions of these signatures (probed above); they
     // take no lock and allocate nothing.
     let tstate = unsafe {
