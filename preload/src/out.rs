@@ -719,6 +719,9 @@ fn send_frame_names() {
 }
 
 /// Drains every ring into the output. Caller holds LOCK.
+/// Slots the last pass over every ring found (see [`ring::POLLING`]).
+pub static LAST_PASS_SLOTS: AtomicU64 = AtomicU64::new(0);
+
 fn drain_all() {
     let open = STATE.load(Ordering::Relaxed) == OPEN;
     // Every ring's batch is cut first; then, where more than one thread has events waiting,
@@ -734,6 +737,7 @@ fn drain_all() {
             total += n;
         }
     });
+    LAST_PASS_SLOTS.store(total, Ordering::Relaxed);
     // Every event cut was published, so numbered, before this read.
     let cut_seq = tracer::seq_next();
     let o = out();

@@ -204,9 +204,14 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 
 /// Sleeps until `word` is woken or no longer `expected`, at most `timeout_ms`.
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout_ms: u64) {
+    futex_wait_ns(word, expected, timeout_ms.saturating_mul(1_000_000));
+}
+
+/// As [`futex_wait`], at most `timeout_ns`.
+pub fn futex_wait_ns(word: &AtomicU32, expected: u32, timeout_ns: u64) {
     let ts = libc::timespec {
-        tv_sec: (timeout_ms / 1000) as libc::time_t,
-        tv_nsec: ((timeout_ms % 1000) * 1_000_000) as libc::c_long,
+        tv_sec: (timeout_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (timeout_ns % 1_000_000_000) as libc::c_long,
     };
     // SAFETY: `word` is a live, aligned u32 for the duration of the call; `ts` is valid.
     unsafe {

@@ -768,15 +768,21 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
     let mut next_snap = start.saturating_add(snap_every);
     let mut snaps = 0u64;
     loop {
-        let wait_ms = if every == 0 {
-            20
+        let polling = ring::POLLING.load(Ordering::Relaxed) != 0;
+        if polling {
+            sys::futex_wait_ns(&ring::WAKE, 0, ring::POLL_NS);
         } else {
-            (next_epoch.saturating_sub(sys::monotonic_ns()) / 1_000_000).clamp(1, 20)
-        };
-        sys::futex_wait(&ring::WAKE, 0, wait_ms);
+            let wait_ms = if every == 0 {
+                20
+            } else {
+                (next_epoch.saturating_sub(sys::monotonic_ns()) / 1_000_000).clamp(1, 20)
+            };
+            sys::futex_wait(&ring::WAKE, 0, wait_ms);
+        }
         ring::WAKE.store(0, Ordering::Release);
         if out::is_off() {
             // Nothing to write to any more; keep draining so producers never wait forever.
+            ring::POLLING.store(0, Ordering::SeqCst);
             out::flush();
             sys::futex_wait(&ring::WAKE, 0, 200);
             continue;
@@ -807,6 +813,15 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
             next_epoch = (next_epoch + every).max(now + every / 2);
         } else {
             out::flush_and_give_back(now);
+        }
+        // Poll while the program keeps rings busy, unless more threads record than may have
+        // large rings (the cores are the program's: a timer every POLL_NS would take from
+        // them); else wait to be woken. The store clearing it comes before the next futex wait
+        // reads `WAKE` (see `ring::wake_writer`).
+        let busy = out::LAST_PASS_SLOTS.load(Ordering::Relaxed) >= ring::POLL_BUSY_SLOTS
+            && ring::RING_COUNT.load(Ordering::Relaxed) <= ring::big_max();
+        if busy != polling {
+            ring::POLLING.store(busy as u32, Ordering::SeqCst);
         }
     }
 }
@@ -868,6 +883,8 @@ fn become_child() {
     crate::python::LOCK.reset();
     crate::jit::after_fork_child();
     crate::unwind::after_fork_child();
+    // The parent's writer was polling; this process's (if it gets one) starts waiting.
+    ring::POLLING.store(0, Ordering::SeqCst);
     // The parent's control socket is the parent's (a traced child opens its own).
     crate::control::close(false);
     crate::side::after_fork_child();
