@@ -501,12 +501,6 @@ fn ensure_open() -> bool {
 const ADOPTED_NOTE: &str = "this process was made without fork handlers (a raw clone or _Fork): \
 the blocks it inherited from its parent are unknown to leakhunt, and only its own are reported";
 
-/// This image was made without fork handlers: its trace will say so (see `ADOPTED_NOTE`).
-pub fn note_adopted() {
-    let _l = LOCK.lock();
-    out().adopted = true;
-}
-
 /// The file `fd` names, as the kernel sees it (`/proc/self/fd/N`), into `path` (NUL-terminated);
 /// left as it is when the link cannot be read (the name given, relative to where we are).
 fn absolute_name(fd: i32, path: &mut [u8; PATH_LEN]) {
@@ -718,10 +712,10 @@ fn send_frame_names() {
     }
 }
 
-/// Drains every ring into the output. Caller holds LOCK.
 /// Slots the last pass over every ring found (see [`ring::POLLING`]).
 pub static LAST_PASS_SLOTS: AtomicU64 = AtomicU64::new(0);
 
+/// Drains every ring into the output. Caller holds LOCK.
 fn drain_all() {
     let open = STATE.load(Ordering::Relaxed) == OPEN;
     // Every ring's batch is cut first; then, where more than one thread has events waiting,
@@ -1665,7 +1659,7 @@ pub fn finish(exit: Option<ExitKind>, in_signal: bool) {
 /// In a fork child: forget the parent's output and unsent events; open a new trace lazily if
 /// children are traced, else stop for good. The child has one thread; LOCK was taken by the
 /// prepare handler in the parent and is reset here.
-pub fn after_fork_child(trace: bool) {
+pub fn after_fork_child(trace: bool, adopted: bool) {
     let o = out();
     // The inherited copy of our descriptor, if the child has not taken the number for itself.
     fds::close_own(o.fd, o.id);
@@ -1686,7 +1680,8 @@ pub fn after_fork_child(trace: bool) {
     }
     o.fd = -1;
     o.forked = None;
-    o.adopted = false;
+    // Made without fork handlers: its trace will say so (see `ADOPTED_NOTE`).
+    o.adopted = adopted && trace;
     o.child = trace;
     REACH_ASKS.store(0, Ordering::Relaxed);
     o.sent = 0;

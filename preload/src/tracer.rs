@@ -761,6 +761,10 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, core::ptr::null_mut());
     }
+    // This thread's timers fire when asked (the default 50 µs of slack nearly doubles a poll's
+    // 100 µs on a virtual machine); the program's threads keep theirs.
+    // SAFETY: prctl with an integer argument; it changes only the calling thread's timer slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
     let every = config::get().epoch_ns;
     let snap_every = config::get().snapshot_ns;
     let start = sys::monotonic_ns();
@@ -814,10 +818,11 @@ extern "C" fn writer_main(_: *mut c_void) -> *mut c_void {
         } else {
             out::flush_and_give_back(now);
         }
-        // Poll while the program keeps rings busy, unless more threads record than may have
-        // large rings (the cores are the program's: a timer every POLL_NS would take from
-        // them); else wait to be woken. The store clearing it comes before the next futex wait
-        // reads `WAKE` (see `ring::wake_writer`).
+        // Poll while the program keeps rings busy, unless more rings were ever made than may be
+        // large (many threads share the cores: a timer every POLL_NS would take from them; a
+        // process that once had that many threads, and its forks, keep waiting); else wait to
+        // be woken. The store clearing it comes before the next futex wait reads `WAKE` (see
+        // `ring::wake_writer`).
         let busy = out::LAST_PASS_SLOTS.load(Ordering::Relaxed) >= ring::POLL_BUSY_SLOTS
             && ring::RING_COUNT.load(Ordering::Relaxed) <= ring::big_max();
         if busy != polling {
@@ -858,7 +863,7 @@ extern "C" fn fork_parent() {
 }
 
 extern "C" fn fork_child() {
-    become_child();
+    become_child(false);
     // SAFETY: this thread's own TLS; undoes the guard taken in prepare.
     unsafe { (*crate::tls::state()).depth = 0 };
 }
@@ -866,30 +871,29 @@ extern "C" fn fork_child() {
 /// A process made without fork handlers, found at its first call: a child like a fork's, whose
 /// trace says that its inherited blocks are unknown (no fork point was marked for it).
 fn become_adopted_child() {
-    become_child();
-    if STATE.load(Ordering::Acquire) == READY {
-        out::note_adopted();
-    }
+    become_child(true);
 }
 
 /// In a new process (a fork child, or one made without fork handlers), with one thread, guarded:
 /// forget the parent's output, control socket and unsent events; with children traced, start
 /// this process's own trace, else stop recording for good. Whatever the parent's other threads
 /// held (locks) is gone with them.
-fn become_child() {
+fn become_child(adopted: bool) {
     // SAFETY: the proc word's page, zeroed in this process: mark it as this process's.
     unsafe { (*PROC_WORD.load(Ordering::Relaxed)).store(1, Ordering::Relaxed) };
     modules::LOCK.reset();
     crate::python::LOCK.reset();
     crate::jit::after_fork_child();
     crate::unwind::after_fork_child();
-    // The parent's writer was polling; this process's (if it gets one) starts waiting.
+    // The parent's writer was polling or woken; this process's (if it gets one) starts waiting.
     ring::POLLING.store(0, Ordering::SeqCst);
+    ring::WAKE.store(0, Ordering::Relaxed);
     // The parent's control socket is the parent's (a traced child opens its own).
     crate::control::close(false);
     crate::side::after_fork_child();
     let trace = config::get().follow_forks && STATE.load(Ordering::Acquire) == READY;
-    out::after_fork_child(trace);
+    // Whether it was made without fork handlers is known before its writer can write a header.
+    out::after_fork_child(trace, adopted);
     let ts = crate::tls::state();
     // SAFETY: the child has one thread; its TLS is ours to reset.
     unsafe {
