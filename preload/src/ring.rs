@@ -708,9 +708,10 @@ unsafe fn discard(start: *mut u8, len: usize, file: bool) {
 /// before it drains).
 pub fn wake_writer() {
     // With `POLLING` set the writer wakes on its own within `POLL_NS`: no system call here. The
-    // swap and the load against the writer's store to `POLLING` and its futex wait's read of
-    // `WAKE` (see `tracer::writer_main`): either the writer's wait finds `WAKE` set and returns,
-    // or this load finds `POLLING` clear and wakes it.
+    // swap and the load are sequentially consistent, as are the writer's store clearing
+    // `POLLING` and (a system call later) its futex wait's read of `WAKE` (see
+    // `tracer::writer_main`): either that wait finds `WAKE` set and returns at once, or this
+    // load finds `POLLING` clear and wakes it.
     if WAKE.swap(1, Ordering::SeqCst) == 0 && POLLING.load(Ordering::SeqCst) == 0 {
         sys::futex_wake(&WAKE);
     }
@@ -721,8 +722,11 @@ pub fn wake_writer() {
 /// no system call (a futex wake, and on a virtual machine an interrupt between its CPUs).
 pub static POLLING: AtomicU32 = AtomicU32::new(0);
 
-/// The writer's interval while [`POLLING`]: a large ring at half full has room for some 4,000
-/// more slots, a few hundred µs of the fastest single-threaded program measured.
+/// The writer's interval while [`POLLING`] (its thread's timer slack set to 1 ns, else a wait
+/// of 100 µs takes ~180 on a virtual machine). A large ring at half full has room for 4,096 more
+/// slots: ~130 µs of a loop that does nothing but malloc and free, whose ring then fills now and
+/// then (its own thread drains it: `out::make_room`); a program doing anything between its
+/// allocations takes longer.
 pub const POLL_NS: u64 = 100_000;
 
 /// A pass that moved at least this many slots keeps the writer polling (while few threads
