@@ -721,7 +721,7 @@ pub fn build_with(
     }
     if p.totals.unknown_frees > 0 {
         warnings.push(format!(
-            "{} frees of blocks allocated before tracing began (for a fork child: inherited from the parent)",
+            "{} frees of blocks never seen allocated: made before tracing began (in a fork child: by its parent) or inside an allocator's own call (a C++ exception thrown by operator new)",
             p.totals.unknown_frees
         ));
     }
