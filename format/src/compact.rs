@@ -507,9 +507,9 @@ fn same_family(alloc: u8, free: u8) -> bool {
 }
 
 /// Per allocation function (`AllocFn` as `u8`), the free functions (`FreeFn` bits) that match it.
-const FAMILY: [u8; 11] = {
+const FAMILY: [u8; crate::AllocFn::Reallocarray as usize + 1] = {
     const FREE_OR_REALLOC: u8 = 1 << crate::FreeFn::Free as u8 | 1 << crate::FreeFn::Realloc as u8;
-    let mut t = [FREE_OR_REALLOC; 11];
+    let mut t = [FREE_OR_REALLOC; crate::AllocFn::Reallocarray as usize + 1];
     t[crate::AllocFn::New as usize] = 1 << crate::FreeFn::Delete as u8;
     t[crate::AllocFn::NewArray as usize] = 1 << crate::FreeFn::DeleteArray as u8;
     t
@@ -996,10 +996,14 @@ pub fn expand(body: &[u8], count: usize, slots: &mut Vec<u8>) -> Result<(), Expa
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::{AllocFn, FreeFn, StopReason};
+
     /// [`super::same_family`] as the enums say it, for every byte pair.
     #[test]
     fn same_family_is_the_enums_pairing() {
-        use crate::{AllocFn as A, FreeFn as F};
+        use AllocFn as A;
+        use FreeFn as F;
         let by_enums = |alloc: u8, free: u8| match (A::from_u8(alloc), F::from_u8(free)) {
             (Some(A::New), Some(F::Delete)) | (Some(A::NewArray), Some(F::DeleteArray)) => true,
             (Some(A::New | A::NewArray), _) | (_, Some(F::Delete | F::DeleteArray)) => false,
@@ -1020,9 +1024,6 @@ mod tests {
         // 9 functions with free and realloc, new with delete, new[] with delete[].
         assert_eq!(matches, 20);
     }
-
-    use super::*;
-    use crate::{AllocFn, FreeFn, StopReason};
 
     fn sample() -> Vec<u8> {
         let mut v = Vec::new();
